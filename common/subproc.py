@@ -1,0 +1,196 @@
+"""One simulator per worker process, driven over pipes with deadlines.
+
+Used by the env wrappers whose simulators cannot batch on the CPU (ManiSkill's `physx_cpu`, LIBERO / robosuite).
+A worker builds its env from a factory (a module-level function, so `forkserver` / `spawn` can import it), then
+serves method calls until told to close. Every wait on a worker has a deadline, a worker that dies is reported with
+its exit code, and a worker whose parent dies exits on its own.
+These pipes connect our own processes on one machine; nothing here goes over a network.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+import traceback
+from typing import Any, Callable, Sequence
+
+
+class WorkerError(RuntimeError):
+    """A simulator worker failed, died, or did not answer before its deadline."""
+
+
+def _worker_main(conn, factory: Callable[..., Any], kwargs: dict, parent_pid: int) -> None:
+    try:
+        env = factory(**kwargs)
+    except BaseException as exc:  # report construction errors (bad task, missing asset) to the parent verbatim
+        conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+        conn.close()
+        return
+    conn.send(("ok", None))
+    while True:
+        # A worker never outlives the process that drives it: its death closes the pipe (EOF below), and as a
+        # second check the worker looks for it once a second (with forkserver, getppid() is the server, not it).
+        if not conn.poll(1.0):
+            try:
+                os.kill(parent_pid, 0)
+            except ProcessLookupError:
+                break
+            continue
+        try:
+            method, args = conn.recv()
+        except (EOFError, OSError):
+            break
+        if method == "__close__":
+            try:
+                env.close()
+            finally:
+                conn.send(("ok", None))
+            break
+        try:
+            conn.send(("ok", getattr(env, method)(*args)))
+        except BaseException as exc:
+            conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+    conn.close()
+
+
+class WorkerPool:
+    """`n` worker processes, each owning one env built by `factory(**kwargs_i)`.
+
+    `call(ids, method, args_per_id)` sends the calls to all addressed workers first and then collects the answers,
+    so the workers run in parallel. `timeout` bounds every answer; `start_timeout` bounds env construction.
+    """
+
+    def __init__(
+        self,
+        factory: Callable[..., Any],
+        kwargs_per_worker: Sequence[dict],
+        start_method: str = "forkserver",
+        timeout: float = 120.0,
+        start_timeout: float = 600.0,
+        name: str = "env",
+    ):
+        ctx = mp.get_context(start_method)
+        self.name, self.timeout = name, timeout
+        self.conns, self.procs = [], []
+        for i, kwargs in enumerate(kwargs_per_worker):
+            parent_conn, child_conn = ctx.Pipe()
+            proc = ctx.Process(
+                target=_worker_main, args=(child_conn, factory, kwargs, os.getpid()), daemon=True,
+                name=f"{name}-worker-{i}",
+            )
+            proc.start()
+            child_conn.close()
+            self.conns.append(parent_conn)
+            self.procs.append(proc)
+        try:
+            self._collect(range(len(self.conns)), "construct", start_timeout)
+        except BaseException:
+            self.close(timeout=5.0)
+            raise
+
+    def __len__(self) -> int:
+        return len(self.conns)
+
+    def call(self, ids: Sequence[int], method: str, args_per_id: Sequence[tuple] | None = None) -> list:
+        ids = list(ids)
+        for j, i in enumerate(ids):
+            args = args_per_id[j] if args_per_id is not None else ()
+            try:
+                self.conns[i].send((method, tuple(args)))
+            except (BrokenPipeError, OSError) as exc:
+                raise WorkerError(self._death_message(i, method)) from exc
+        return self._collect(ids, method, self.timeout)
+
+    def _collect(self, ids, method: str, timeout: float) -> list:
+        deadline = time.monotonic() + timeout
+        results, errors = [], []
+        for i in ids:
+            conn = self.conns[i]
+            while not conn.poll(min(1.0, max(0.0, deadline - time.monotonic()))):
+                if not self.procs[i].is_alive():
+                    raise WorkerError(self._death_message(i, method))
+                if time.monotonic() >= deadline:
+                    raise WorkerError(f"{self.name} worker {i} did not answer '{method}' within {timeout:.0f} s")
+            try:
+                status, payload = conn.recv()
+            except (EOFError, OSError) as exc:
+                raise WorkerError(self._death_message(i, method)) from exc
+            if status == "error":
+                errors.append(f"{self.name} worker {i}, '{method}': {payload}")
+            results.append(payload)
+        if errors:
+            raise WorkerError("\n".join(errors))
+        return results
+
+    def _death_message(self, i: int, method: str) -> str:
+        self.procs[i].join(timeout=1.0)
+        return f"{self.name} worker {i} died during '{method}' (exit code {self.procs[i].exitcode})"
+
+    def close(self, timeout: float = 30.0) -> None:
+        for conn, proc in zip(self.conns, self.procs):
+            if proc.is_alive():
+                try:
+                    conn.send(("__close__", ()))
+                except (BrokenPipeError, OSError):
+                    pass
+        deadline = time.monotonic() + timeout
+        for conn, proc in zip(self.conns, self.procs):
+            proc.join(timeout=max(0.1, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=5.0)
+            conn.close()
+        self.conns, self.procs = [], []
+
+
+def stack_observations(per_env: Sequence[dict], device) -> dict[str, Any]:
+    """Per-env numpy observations (state, images {cam: HxWx3 uint8}, task_description) -> one batched dict of tensors."""
+    import numpy as np
+    import torch
+
+    first = per_env[0]
+    out: dict[str, Any] = {"state": torch.from_numpy(np.stack([o["state"] for o in per_env])).to(device)}
+    if "images" in first:
+        out["images"] = {
+            cam: torch.from_numpy(np.stack([o["images"][cam] for o in per_env])).to(device) for cam in first["images"]
+        }
+    out["task_description"] = [o["task_description"] for o in per_env]
+    return out
+
+
+class SubprocBackend:
+    """A `common.vec_env.Backend` over a `WorkerPool` whose envs expose
+    `reset(reset_id) -> obs` and `step(action) -> (obs, reward, terminated, success)` with numpy observations."""
+
+    def __init__(self, pool: WorkerPool, action_dim: int, device="cpu"):
+        import torch
+
+        self.pool, self.num_envs, self.action_dim = pool, len(pool), action_dim
+        self.device = torch.device(device)
+        self._obs: list[dict | None] = [None] * self.num_envs
+
+    def reset(self, env_ids, reset_ids) -> None:
+        for i, obs in zip(env_ids, self.pool.call(env_ids, "reset", [(int(r),) for r in reset_ids])):
+            self._obs[i] = obs
+
+    def step(self, actions, active):
+        import torch
+
+        ids = [i for i in range(self.num_envs) if active[i]]
+        acts = actions.detach().cpu().numpy()
+        reward = torch.zeros(self.num_envs)
+        terminated = torch.zeros(self.num_envs, dtype=torch.bool)
+        success = torch.zeros(self.num_envs, dtype=torch.bool)
+        for i, (obs, r, term, succ) in zip(ids, self.pool.call(ids, "step", [(acts[i],) for i in ids])):
+            self._obs[i] = obs
+            reward[i], terminated[i], success[i] = float(r), bool(term), bool(succ)
+        return reward, terminated, success
+
+    def observation(self) -> dict[str, Any]:
+        if any(o is None for o in self._obs):
+            raise RuntimeError("call reset() before step() or observation()")
+        return stack_observations(self._obs, self.device)
+
+    def close(self) -> None:
+        self.pool.close()

@@ -1,0 +1,253 @@
+"""The batched env API that every simulator wrapper in `common/` shares.
+
+    env = make_maniskill_env(...) or make_libero_env(...)      # both return a `BatchedEnv`
+    obs = env.reset()                                          # dict: state [N, D] float32, images {cam: [N, H, W, 3]
+                                                               #       uint8} (if any), task_description list[str]
+    obs, reward, terminated, truncated, info = env.step(actions)
+
+`actions` is [N, A] (one step, `reward` is [N]) or [N, k, A] (a chunk of k actions from one policy call, `reward` is
+[N, k]). Within a chunk an env that terminates or hits its time limit stops executing the rest of its chunk (those
+rewards are 0); `terminated` / `truncated` are collapsed onto the chunk. All outputs are torch tensors on `device`.
+
+Auto-reset happens at the chunk boundary. For every env that finished, `info["done"]` is True and
+`info["final_observation"]` holds its last observation (for value bootstrapping), `info["episode"]` its return, length,
+`success_once` (success at any step), `success_at_end` (success at its last step) and the reset id it ran. The returned
+`obs` is already the first observation of the next episode.
+
+Reset ids select initial states (ManiSkill: the episode seed; LIBERO: a (task, init state) pair). Training draws them
+at random from a seeded generator; `eval_mode` deals 0..num_eval_episodes-1 round-robin to the envs, each exactly once,
+and an env whose share is used up stops (`info["executed_steps"] == 0`, `env.eval_complete` once all have).
+
+The simulator-specific part is a `Backend` (see the class below); everything about episodes lives here, once.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+
+class Backend:
+    """What a simulator wrapper implements. All batch dimensions are `num_envs`."""
+
+    num_envs: int
+    action_dim: int
+    device: torch.device
+
+    def reset(self, env_ids: Sequence[int], reset_ids: Sequence[int]) -> None:
+        """Start new episodes in `env_ids` from the initial states named by `reset_ids`."""
+        raise NotImplementedError
+
+    def step(self, actions: torch.Tensor, active: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Apply actions [N, A] to the envs where `active` is True; return reward, terminated, success (each [N]).
+        Rows of inactive envs are ignored by the caller (a batched simulator may step them anyway)."""
+        raise NotImplementedError
+
+    def observation(self) -> dict[str, Any]:
+        """The latest observation of every env, batched."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+def _clone_obs(obs: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, value in obs.items():
+        if isinstance(value, torch.Tensor):
+            out[key] = value.clone()
+        elif isinstance(value, dict):
+            out[key] = _clone_obs(value)
+        else:
+            out[key] = list(value)
+    return out
+
+
+def _merge_obs(dst: dict[str, Any], src: dict[str, Any], mask: torch.Tensor) -> dict[str, Any]:
+    """Rows of `src` where `mask`, rows of `dst` elsewhere."""
+    out = {}
+    for key, value in dst.items():
+        if isinstance(value, torch.Tensor):
+            out[key] = torch.where(mask.view(-1, *([1] * (value.dim() - 1))), src[key], value)
+        elif isinstance(value, dict):
+            out[key] = _merge_obs(value, src[key], mask)
+        else:
+            out[key] = [s if m else d for d, s, m in zip(value, src[key], mask.tolist())]
+    return out
+
+
+class BatchedEnv:
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        max_episode_steps: int,
+        num_reset_ids: int,
+        auto_reset: bool = True,
+        ignore_terminations: bool = False,
+        relative_reward: bool = False,
+        eval_mode: bool = False,
+        num_eval_episodes: int | None = None,
+        seed: int = 0,
+        action_low: float | np.ndarray | None = None,
+        action_high: float | np.ndarray | None = None,
+    ):
+        if max_episode_steps < 1:
+            raise ValueError(f"max_episode_steps must be >= 1, got {max_episode_steps}")
+        self.backend = backend
+        self.num_envs, self.action_dim, self.device = backend.num_envs, backend.action_dim, backend.device
+        self.max_episode_steps = max_episode_steps
+        self.num_reset_ids = num_reset_ids
+        self.auto_reset, self.ignore_terminations, self.relative_reward = auto_reset, ignore_terminations, relative_reward
+        self.eval_mode = eval_mode
+        self.num_eval_episodes = num_reset_ids if num_eval_episodes is None else num_eval_episodes
+        if eval_mode and not 1 <= self.num_eval_episodes <= num_reset_ids:
+            raise ValueError(f"num_eval_episodes must be in [1, {num_reset_ids}], got {self.num_eval_episodes}")
+        self.action_low, self.action_high = action_low, action_high
+        self._rng = np.random.default_rng(seed)
+        n, dev = self.num_envs, self.device
+        self.returns = torch.zeros(n, device=dev)
+        self.lengths = torch.zeros(n, dtype=torch.long, device=dev)
+        self.success_once = torch.zeros(n, dtype=torch.bool, device=dev)
+        self.last_success = torch.zeros(n, dtype=torch.bool, device=dev)
+        self._prev_level = torch.zeros(n, device=dev)
+        self.reset_ids = np.full(n, -1, dtype=np.int64)
+        self.stopped = np.ones(n, dtype=bool)  # done without auto-reset, or eval share used up
+        self._eval_next = np.zeros(n, dtype=np.int64)
+
+    # ---------------------------------------------------------------- reset ids
+    def _next_reset_id(self, env_id: int) -> int | None:
+        if not self.eval_mode:
+            return int(self._rng.integers(self.num_reset_ids))
+        rid = env_id + self._eval_next[env_id] * self.num_envs
+        if rid >= self.num_eval_episodes:
+            return None
+        self._eval_next[env_id] += 1
+        return int(rid)
+
+    @property
+    def eval_complete(self) -> bool:
+        return bool(self.eval_mode and self.stopped.all())
+
+    def _start_episodes(self, env_ids: Sequence[int], reset_ids: Sequence[int] | None = None) -> None:
+        run_ids, run_resets = [], []
+        for j, i in enumerate(env_ids):
+            rid = self._next_reset_id(i) if reset_ids is None else int(reset_ids[j])
+            if rid is None:
+                self.stopped[i] = True
+                continue
+            if not 0 <= rid < self.num_reset_ids:
+                raise ValueError(f"reset id {rid} is out of range [0, {self.num_reset_ids})")
+            run_ids.append(i)
+            run_resets.append(rid)
+        if run_ids:
+            self.backend.reset(run_ids, run_resets)
+            idx = torch.as_tensor(run_ids, device=self.device)
+            for t in (self.returns, self.lengths, self.success_once, self.last_success, self._prev_level):
+                t[idx] = 0
+            self.reset_ids[run_ids] = run_resets
+            self.stopped[run_ids] = False
+
+    def reset(self, seed: int | None = None, reset_ids: Sequence[int] | None = None) -> dict[str, Any]:
+        """Reset every env. `reset_ids` (one per env) pins the initial states; otherwise they are drawn (training) or
+        the eval walk restarts from the beginning (eval_mode). `seed` reseeds the draw."""
+        if seed is not None:
+            self._rng = np.random.default_rng(seed)
+        if reset_ids is not None and len(reset_ids) != self.num_envs:
+            raise ValueError(f"reset_ids needs one id per env ({self.num_envs}), got {len(reset_ids)}")
+        self._eval_next[:] = 0
+        self.stopped[:] = True
+        self._start_episodes(range(self.num_envs), reset_ids)
+        return self.backend.observation()
+
+    # ---------------------------------------------------------------- step
+    def _check_actions(self, actions) -> torch.Tensor:
+        if isinstance(actions, np.ndarray):
+            if not np.issubdtype(actions.dtype, np.floating):
+                raise TypeError(f"actions must be a floating-point array (float32 or float64), got dtype {actions.dtype}")
+            actions = torch.from_numpy(actions)
+        elif not isinstance(actions, torch.Tensor):
+            raise TypeError(f"actions must be a torch.Tensor or numpy array, got {type(actions).__name__}")
+        if not actions.is_floating_point():
+            raise TypeError(f"actions must be a floating-point tensor (float32 or float64), got dtype {actions.dtype}")
+        shape = tuple(actions.shape)
+        if actions.dim() not in (2, 3) or shape[0] != self.num_envs or shape[-1] != self.action_dim:
+            raise ValueError(
+                f"actions must have shape (num_envs={self.num_envs}, {self.action_dim}) for one step or "
+                f"(num_envs={self.num_envs}, k, {self.action_dim}) for a chunk of k steps; got {shape}"
+            )
+        if actions.dim() == 3 and shape[1] < 1:
+            raise ValueError("an action chunk needs at least one step (k >= 1)")
+        if not torch.isfinite(actions).all():
+            raise ValueError("actions contain NaN or inf")
+        actions = actions.to(device=self.device, dtype=torch.float32)
+        if self.action_low is not None:
+            actions = torch.clamp(
+                actions,
+                torch.as_tensor(self.action_low, dtype=torch.float32, device=self.device),
+                torch.as_tensor(self.action_high, dtype=torch.float32, device=self.device),
+            )
+        return actions if actions.dim() == 3 else actions.unsqueeze(1)
+
+    def step(self, actions):
+        chunked = isinstance(actions, (torch.Tensor, np.ndarray)) and actions.ndim == 3
+        actions = self._check_actions(actions)
+        n, k, dev = self.num_envs, actions.shape[1], self.device
+        rewards = torch.zeros(n, k, device=dev)
+        terminated = torch.zeros(n, dtype=torch.bool, device=dev)
+        truncated = torch.zeros(n, dtype=torch.bool, device=dev)
+        executed = torch.zeros(n, dtype=torch.long, device=dev)
+        active = ~self.stopped.copy()
+        for j in range(k):
+            if not active.any():
+                break
+            reward, term, success = self.backend.step(actions[:, j], active)
+            mask = torch.as_tensor(active, device=dev)
+            reward, term, success = reward.to(dev).float(), term.to(dev).bool(), success.to(dev).bool()
+            if self.relative_reward:  # the env reports a level; pay out its change so an episode sums to the final level
+                reward, level = reward - self._prev_level, reward
+                self._prev_level = torch.where(mask, level, self._prev_level)
+            reward = torch.where(mask, reward, torch.zeros_like(reward))
+            rewards[:, j] = reward
+            self.returns += reward
+            self.lengths += mask.long()
+            executed += mask.long()
+            self.success_once |= success & mask
+            self.last_success = torch.where(mask, success, self.last_success)
+            if self.ignore_terminations:
+                term = torch.zeros_like(term)
+            term = term & mask
+            trunc = mask & ~term & (self.lengths >= self.max_episode_steps)
+            terminated |= term
+            truncated |= trunc
+            active &= ~(term | trunc).cpu().numpy()
+
+        done = terminated | truncated
+        obs = self.backend.observation()
+        info: dict[str, Any] = {"success": self.last_success.clone(), "executed_steps": executed, "done": done}
+        if done.any():
+            done_ids = torch.nonzero(done).flatten().tolist()
+            info["final_observation"] = _clone_obs(obs)
+            info["episode"] = {
+                "return": self.returns.clone(),
+                "length": self.lengths.clone(),
+                "success_once": self.success_once.clone(),
+                "success_at_end": self.last_success.clone(),
+                "reset_id": torch.as_tensor(self.reset_ids.copy(), device=dev),
+            }
+            self.stopped[done_ids] = True
+            if self.auto_reset:
+                self._start_episodes(done_ids)
+                obs = _merge_obs(obs, self.backend.observation(), done)
+        return obs, (rewards if chunked else rewards[:, 0]), terminated, truncated, info
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

