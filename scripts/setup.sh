@@ -10,6 +10,7 @@ PYTHON=${PYTHON:-python3}
 # ManiSkill's SAPIEN needs a Vulkan device even for state observations; on a CPU machine that is Mesa's lavapipe,
 # and only Mesa >= 24 (Debian's bookworm-backports) has the extensions SAPIEN asks for. LIBERO renders with EGL/OSMesa.
 apt_ok=1
+[ "${SKIP_APT:-0}" = 1 ] && echo "[setup] SKIP_APT=1: not checking system packages"
 for pkg in libvulkan1 libegl1 libgl1 libosmesa6 mesa-vulkan-drivers; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || apt_ok=0
 done
@@ -22,17 +23,21 @@ echo "deb $mirror bookworm-backports main" > /etc/apt/sources.list.d/backports.l
 apt-get update
 DEBIAN_FRONTEND=noninteractive apt-get install -y libvulkan1 libegl1 libgl1 libosmesa6
 DEBIAN_FRONTEND=noninteractive apt-get install -y -t bookworm-backports mesa-vulkan-drivers'
-if [ $apt_ok = 0 ]; then
+if [ $apt_ok = 0 ] && [ "${SKIP_APT:-0}" != 1 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "[setup] installing Vulkan (Mesa from bookworm-backports), EGL and OSMesa"
     bash -ec "$APT_CMDS"
   else
     echo "[setup] missing system packages: ManiSkill needs Mesa >= 24 Vulkan (lavapipe), LIBERO needs EGL/OSMesa." >&2
-    echo "[setup] run these as root (Debian 12), then run this command again:" >&2
-    echo "$APT_CMDS" | sed 's/^/    sudo /' >&2
+    echo "[setup] install them as root, then run this command again:" >&2
+    echo "    sudo bash scripts/setup.sh --system-only" >&2
+    echo "[setup] which runs (Debian 12):" >&2
+    echo "$APT_CMDS" | sed 's/^/    /' >&2
     exit 1
   fi
 fi
+
+[ "${1:-}" = "--system-only" ] && { echo "[setup] system packages are in place"; exit 0; }
 
 # ---- virtual environment ----------------------------------------------------------------------------------------
 if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then

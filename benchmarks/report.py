@@ -1,0 +1,79 @@
+"""Writes a benchmark's results: benchmarks/results/<name>.md (table + machine, date, command, seeds),
+<name>.json (the same figures) and, when the benchmark draws one, <name>.png."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import sys
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def machine_info() -> dict:
+    import psutil
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "os": platform.platform(),
+    }
+
+
+def markdown_table(columns: list[str], rows: list[dict]) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:,.1f}" if abs(v) >= 10 else f"{v:.3g}"
+        return "" if v is None else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_results(name: str, title: str, columns: list[str], rows: list[dict], *, seeds, notes: str = "",
+                  out_dir: Path | str = RESULTS_DIR, figure=None) -> Path:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "name": name,
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "seeds": list(seeds),
+        "machine": machine_info(),
+    }
+    m = meta["machine"]
+    md = [
+        f"# {title}", "",
+        markdown_table(columns, rows), "",
+        f"- Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, GPU: {m['gpu'] or 'none'}; "
+        f"Python {m['python']}, torch {m['torch']}",
+        f"- Date: {meta['date']}",
+        f"- Command: `{meta['command']}`",
+        f"- Seeds: {', '.join(map(str, meta['seeds']))}",
+    ]
+    if notes:
+        md += ["", notes.strip()]
+    if figure is not None:
+        figure.savefig(out_dir / f"{name}.png", dpi=120, bbox_inches="tight")
+        md += ["", f"![{name}]({name}.png)"]
+    (out_dir / f"{name}.md").write_text("\n".join(md) + "\n")
+    (out_dir / f"{name}.json").write_text(json.dumps({**meta, "columns": columns, "rows": rows}, indent=2) + "\n")
+    return out_dir / f"{name}.md"
