@@ -1,0 +1,624 @@
+"""ZMQ transport: framing without pickle, and the three patterns the async scripts use.
+
+Framing. A message is a multipart ZMQ message: frame 0 is a msgpack header
+    {"v": protocol version, "t": message type, "s": sequence id, "m": small metadata (msgpack types),
+     "a": [[name, dtype, shape], ...]}
+followed by one raw frame per array (sent zero-copy from numpy / CPU torch memory). `decode` checks everything (version,
+frame count, dtype allow-list, shape, byte counts, size cap) and raises `FrameError`; receivers log a bad frame, count
+it and keep serving.
+
+Patterns (the robot side always connects, the learner side binds, so a robot behind NAT needs no inbound port):
+1. `DataSender` (DEALER) -> `DataReceiver` (ROUTER): items with (session, sequence id), acknowledged by the receiver and
+   resent by the sender until acknowledged (also after either side restarts). The receiver drops duplicates, so
+   delivery is at-least-once made idempotent. The receiver acknowledges when the consumer says an item is stored
+   (`ack`), and a restarted consumer hands back what it had stored (`delivered=`), so nothing is delivered twice.
+   An optional spool directory keeps a sender's unacknowledged items across its own restarts.
+2. `Publisher` (PUB) -> `Subscriber` (SUB): versioned, latest-only broadcast (weights). `Subscriber.latest()` drains
+   everything waiting and returns only the newest; the receiver applies it at a boundary it chooses.
+3. `RpcServer` (ROUTER) <- `RpcClient` (DEALER): request/reply with deadlines, a hello handshake that compares the
+   protocol version and a hash of the obs/action spec (a mismatch is refused with what differs), and heartbeats.
+
+Security: pass `curve=CurveConfig(...)` to both sides to use CurveZMQ; the server accepts only the client public keys
+in its allow-list directory. Make keys with `python -m common.transport keygen DIR NAME`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import msgpack
+import numpy as np
+import zmq
+
+log = logging.getLogger("transport")
+
+PROTOCOL_VERSION = 1
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 2**20
+ALLOWED_DTYPES = {
+    np.dtype(t).str: np.dtype(t)
+    for t in ("bool", "uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64",
+              "float16", "float32", "float64")
+}
+BFLOAT16 = "bfloat16"  # torch bf16 tensors travel as their raw 16-bit words
+
+
+class TransportError(RuntimeError):
+    """Base class of transport errors."""
+
+
+class FrameError(TransportError):
+    """A message that does not decode: truncated, wrong version, wrong dtype or shape, oversized, garbage."""
+
+
+class TransportTimeout(TransportError):
+    """A blocking call ran past its deadline."""
+
+
+class HandshakeError(TransportError):
+    """The peer speaks another protocol version or another obs/action spec."""
+
+
+@dataclass
+class Message:
+    type: str
+    seq: int = 0
+    meta: dict = field(default_factory=dict)
+    arrays: dict[str, Any] = field(default_factory=dict)
+    peer: bytes | None = None  # ROUTER routing id of the sender, where there is one
+
+
+# ------------------------------------------------------------------------------------------------------------ framing
+def _as_frame(value) -> tuple[str, tuple, Any]:
+    """(dtype name, shape, buffer) for a numpy array or CPU torch tensor, without copying when it is contiguous."""
+    if type(value).__module__.startswith("torch"):
+        import torch
+
+        t = value.detach()
+        if t.device.type != "cpu":
+            raise TypeError("only CPU tensors can be framed; copy to the host first (see common.weight_sync)")
+        t = t.contiguous()
+        if t.dtype == torch.bfloat16:
+            return BFLOAT16, tuple(t.shape), t.view(torch.int16).numpy()
+        value = t.numpy()
+    arr = np.ascontiguousarray(value)
+    if arr.dtype.str not in ALLOWED_DTYPES:
+        raise TypeError(f"dtype {arr.dtype} cannot be framed; allowed: {sorted(ALLOWED_DTYPES)} and bfloat16")
+    return arr.dtype.str, arr.shape, arr
+
+
+def encode(msg_type: str, meta: dict | None = None, arrays: dict | None = None, seq: int = 0) -> list:
+    """Message -> list of frames (header bytes, then array buffers, zero-copy)."""
+    specs, frames = [], []
+    for name, value in (arrays or {}).items():
+        dtype, shape, buf = _as_frame(value)
+        specs.append([name, dtype, list(shape)])
+        frames.append(buf)
+    header = msgpack.packb({"v": PROTOCOL_VERSION, "t": msg_type, "s": int(seq), "m": meta or {}, "a": specs},
+                           use_bin_type=True)
+    return [header, *frames]
+
+
+def decode(frames: list, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, as_torch: bool = False) -> Message:
+    """Frames -> Message, validating every field. Raises FrameError with the reason."""
+    if not frames:
+        raise FrameError("empty message")
+    raw = [f.buffer if isinstance(f, zmq.Frame) else f for f in frames]
+    total = sum(memoryview(f).nbytes for f in raw)
+    if total > max_bytes:
+        raise FrameError(f"message of {total} bytes exceeds the {max_bytes}-byte limit")
+    try:
+        header = msgpack.unpackb(bytes(raw[0]), raw=False, strict_map_key=True, max_bin_len=1 << 20,
+                                 max_str_len=1 << 20, max_array_len=1 << 16, max_map_len=1 << 16)
+    except Exception as exc:
+        raise FrameError(f"header is not valid msgpack ({type(exc).__name__})") from None
+    if not isinstance(header, dict) or not {"v", "t", "s", "m", "a"} <= header.keys():
+        raise FrameError("header lacks the fields v, t, s, m, a")
+    if header["v"] != PROTOCOL_VERSION:
+        raise FrameError(f"protocol version {header['v']!r}, expected {PROTOCOL_VERSION}")
+    if not isinstance(header["t"], str) or not isinstance(header["s"], int) or not isinstance(header["m"], dict):
+        raise FrameError("header fields have the wrong types")
+    specs = header["a"]
+    if not isinstance(specs, list) or len(specs) != len(raw) - 1:
+        raise FrameError(f"header names {len(specs) if isinstance(specs, list) else '?'} arrays but "
+                         f"{len(raw) - 1} array frames follow")
+    arrays = {}
+    for spec, buf in zip(specs, raw[1:]):
+        if not (isinstance(spec, list) and len(spec) == 3 and isinstance(spec[0], str) and isinstance(spec[1], str)
+                and isinstance(spec[2], list) and all(isinstance(d, int) and d >= 0 for d in spec[2])):
+            raise FrameError(f"bad array spec {spec!r}")
+        name, dtype_name, shape = spec
+        if dtype_name == BFLOAT16:
+            dtype = np.dtype("int16")
+        elif dtype_name in ALLOWED_DTYPES:
+            dtype = ALLOWED_DTYPES[dtype_name]
+        else:
+            raise FrameError(f"array {name!r}: dtype {dtype_name!r} is not allowed")
+        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        nbytes = memoryview(buf).nbytes
+        if count * dtype.itemsize != nbytes:
+            raise FrameError(f"array {name!r}: shape {shape} of {dtype_name} needs {count * dtype.itemsize} bytes, "
+                             f"frame has {nbytes}")
+        arr = np.frombuffer(buf, dtype=dtype).reshape(shape)
+        if dtype_name == BFLOAT16 or as_torch:
+            import torch
+
+            t = torch.from_numpy(arr.copy() if not arr.flags.writeable else arr)
+            arr = t.view(torch.bfloat16) if dtype_name == BFLOAT16 else t
+        arrays[name] = arr
+    return Message(header["t"], header["s"], header["m"], arrays)
+
+
+def spec_hash(spec: dict) -> str:
+    """A short, order-independent hash of an obs/action spec (a JSON-able dict)."""
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------------------ security
+@dataclass
+class CurveConfig:
+    """CurveZMQ keys. Server: `secret_key_file` (its own) and `allowed_clients_dir` (public keys it accepts).
+    Client: `secret_key_file` (its own) and `server_public_key_file`."""
+
+    secret_key_file: str
+    server_public_key_file: str | None = None
+    allowed_clients_dir: str | None = None
+
+
+_authenticators: dict[int, Any] = {}
+
+
+def _secure(sock: zmq.Socket, curve: CurveConfig | None, server: bool) -> None:
+    if curve is None:
+        return
+    import zmq.auth
+    from zmq.auth.thread import ThreadAuthenticator
+
+    public, secret = zmq.auth.load_certificate(curve.secret_key_file)
+    if secret is None:
+        raise ValueError(f"{curve.secret_key_file} holds no secret key (use the *.key_secret file)")
+    sock.curve_publickey, sock.curve_secretkey = public, secret
+    if server:
+        if not curve.allowed_clients_dir:
+            raise ValueError("a CurveZMQ server needs allowed_clients_dir (the client public keys it accepts)")
+        ctx = sock.context
+        if id(ctx) not in _authenticators:  # one ZAP handler per context
+            auth = ThreadAuthenticator(ctx, log=logging.getLogger("transport.auth"))
+            auth.start()
+            auth.configure_curve(domain="*", location=curve.allowed_clients_dir)
+            _authenticators[id(ctx)] = auth
+        sock.curve_server = True
+    else:
+        if not curve.server_public_key_file:
+            raise ValueError("a CurveZMQ client needs server_public_key_file")
+        sock.curve_serverkey, _ = zmq.auth.load_certificate(curve.server_public_key_file)
+
+
+def make_keypair(directory: str | Path, name: str) -> tuple[Path, Path]:
+    """Writes NAME.key (public, share it) and NAME.key_secret (keep it) into `directory`."""
+    import zmq.auth
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    public, secret = zmq.auth.create_certificates(str(directory), name)
+    os.chmod(secret, 0o600)
+    return Path(public), Path(secret)
+
+
+def _socket(kind: int, endpoint: str, bind: bool, curve: CurveConfig | None, ctx: zmq.Context | None = None,
+            **opts) -> zmq.Socket:
+    sock = (ctx or zmq.Context.instance()).socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RECONNECT_IVL, 100)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+    for key, value in opts.items():
+        sock.setsockopt(getattr(zmq, key), value)
+    _secure(sock, curve, server=bind)
+    (sock.bind if bind else sock.connect)(endpoint)
+    return sock
+
+
+class _Counters:
+    def __init__(self, *names):
+        self.__dict__.update({n: 0 for n in names})
+
+    def as_dict(self, prefix: str = "transport/") -> dict[str, float]:
+        return {prefix + k: v for k, v in self.__dict__.items()}
+
+
+# ------------------------------------------------------------------------------------------------ 1. data channel
+class DataSender:
+    """Sends items (meta + arrays) to a `DataReceiver`, keeps each until it is acknowledged, resends after
+    `resend_after` seconds (also across reconnects). `max_pending` bounds the outbox; `send` waits at most `timeout`
+    for room. With `spool_dir`, pending items and the session survive a restart of this process."""
+
+    def __init__(self, endpoint: str, *, sender_id: str = "robot", max_pending: int = 1024, resend_after: float = 2.0,
+                 peer_timeout: float = 10.0, spool_dir: str | Path | None = None, curve: CurveConfig | None = None,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+        self.sock = _socket(zmq.DEALER, endpoint, bind=False, curve=curve, SNDHWM=max_pending + 16)
+        self.sender_id, self.max_pending, self.resend_after = sender_id, max_pending, resend_after
+        self.peer_timeout, self.max_message_bytes = peer_timeout, max_message_bytes
+        self.pending: dict[int, tuple[float, list]] = {}
+        self.stats = _Counters("sent", "resent", "acked", "outages")
+        self.last_ack = time.monotonic()
+        self._in_outage = False
+        self.spool = Path(spool_dir) if spool_dir else None
+        self.session, self.next_seq = uuid.uuid4().hex, 0
+        if self.spool:
+            self._load_spool()
+
+    # spool: one file per pending item plus session.json, each written atomically
+    def _load_spool(self) -> None:
+        self.spool.mkdir(parents=True, exist_ok=True)
+        state = self.spool / "session.json"
+        if state.exists():
+            saved = json.loads(state.read_text())
+            self.session, self.next_seq = saved["session"], saved["next_seq"]
+        else:
+            _atomic_write(state, json.dumps({"session": self.session, "next_seq": 0}).encode())
+        for path in sorted(self.spool.glob("*.msg")):
+            frames = msgpack.unpackb(path.read_bytes(), raw=False)
+            self.pending[int(path.stem)] = (0.0, frames)
+        for path in self.spool.glob("*.tmp"):
+            path.unlink()
+
+    def send(self, meta: dict | None = None, arrays: dict | None = None, timeout: float = 10.0) -> int:
+        """Queue one item and send it; returns its sequence id. Raises TransportTimeout if the outbox stays full."""
+        deadline = time.monotonic() + timeout
+        while len(self.pending) >= self.max_pending:
+            self.poll(min(0.05, max(0.0, deadline - time.monotonic())))
+            if time.monotonic() >= deadline and len(self.pending) >= self.max_pending:
+                raise TransportTimeout(f"{len(self.pending)} items unacknowledged for {timeout:.1f} s "
+                                       f"(receiver down or slow)")
+        seq = self.next_seq
+        self.next_seq += 1
+        frames = encode("data", {"session": self.session, "sender": self.sender_id, **(meta or {})}, arrays, seq)
+        # One copy, so the caller may reuse its arrays while the item waits for its acknowledgement.
+        frames = [bytes(memoryview(f).cast("B")) for f in frames]
+        size = sum(memoryview(f).nbytes for f in frames)
+        if size > self.max_message_bytes:
+            raise ValueError(f"item of {size} bytes exceeds max_message_bytes={self.max_message_bytes}")
+        if self.spool:
+            blob = msgpack.packb(frames, use_bin_type=True)
+            _atomic_write(self.spool / f"{seq:012d}.msg", blob)
+            _atomic_write(self.spool / "session.json",
+                          json.dumps({"session": self.session, "next_seq": self.next_seq}).encode())
+        self.pending[seq] = (time.monotonic(), frames)
+        if self._room():  # else it goes out with the resends
+            self.sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+        self.stats.sent += 1
+        self.poll(0)
+        return seq
+
+    def _room(self) -> bool:
+        return bool(self.sock.getsockopt(zmq.EVENTS) & zmq.POLLOUT)
+
+    def poll(self, timeout: float = 0.0) -> None:
+        """Read acknowledgements (waiting up to `timeout`), resend what is overdue, track outages."""
+        if self.sock.poll(int(timeout * 1000), zmq.POLLIN):
+            while self.sock.poll(0, zmq.POLLIN):
+                try:
+                    msg = decode(self.sock.recv_multipart(copy=False))
+                except FrameError as exc:
+                    log.warning("bad ack frame dropped: %s", exc)
+                    continue
+                if msg.type == "ack" and msg.meta.get("session") == self.session:
+                    for seq in msg.meta.get("seqs", []):
+                        if self.pending.pop(seq, None) is not None:
+                            self.stats.acked += 1
+                            if self.spool:
+                                (self.spool / f"{seq:012d}.msg").unlink(missing_ok=True)
+                    self.last_ack = time.monotonic()
+                    if self._in_outage:
+                        log.warning("receiver is back after %.1f s", time.monotonic() - self._outage_start)
+                        self._in_outage = False
+        now = time.monotonic()
+        if self.pending and now - self.last_ack > self.peer_timeout and not self._in_outage:
+            self._in_outage, self._outage_start = True, self.last_ack
+            self.stats.outages += 1
+            log.warning("no acknowledgement for %.1f s: receiver unreachable, %d items pending",
+                        now - self.last_ack, len(self.pending))
+        for seq, (sent_at, frames) in list(self.pending.items()):
+            if now - sent_at >= self.resend_after and self._room():
+                self.sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+                self.pending[seq] = (now, frames)
+                self.stats.resent += 1
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every item is acknowledged (True) or the deadline passes (False)."""
+        deadline = time.monotonic() + timeout
+        while self.pending and time.monotonic() < deadline:
+            self.poll(min(0.05, max(0.0, deadline - time.monotonic())))
+        return not self.pending
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
+class DataReceiver:
+    """Receives items from any number of `DataSender`s. `recv` returns each item once; call `ack(msg)` once the
+    consumer has stored it (or use `auto_ack=True` when losing an unstored item on a crash is acceptable).
+    `delivered` lists (session, seq) pairs a restarted consumer already stored, so resends of them are dropped."""
+
+    def __init__(self, endpoint: str, *, auto_ack: bool = False, delivered=(), curve: CurveConfig | None = None,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, as_torch: bool = False):
+        self.sock = _socket(zmq.ROUTER, endpoint, bind=True, curve=curve, ROUTER_HANDOVER=1)
+        self.auto_ack, self.max_message_bytes, self.as_torch = auto_ack, max_message_bytes, as_torch
+        self.seen: dict[str, set[int]] = {}
+        for session, seq in delivered:
+            self.seen.setdefault(session, set()).add(int(seq))
+        self.stats = _Counters("received", "duplicates", "bad_frames")
+
+    def recv(self, timeout: float = 1.0) -> Message | None:
+        """The next new item, or None after `timeout` seconds. Bad frames are logged, counted and skipped."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if not self.sock.poll(max(0, int(remaining * 1000)), zmq.POLLIN):
+                return None
+            parts = self.sock.recv_multipart(copy=False)
+            peer, frames = parts[0].bytes, parts[1:]
+            try:
+                msg = decode(frames, self.max_message_bytes, as_torch=self.as_torch)
+                session = msg.meta.get("session")
+                if msg.type != "data" or not isinstance(session, str):
+                    raise FrameError(f"expected a data item with a session, got type {msg.type!r}")
+            except FrameError as exc:
+                self.stats.bad_frames += 1
+                log.warning("bad frame from peer %s dropped: %s", peer.hex(), exc)
+                continue
+            msg.peer = peer
+            seen = self.seen.setdefault(session, set())
+            if msg.seq in seen:  # already stored: tell the sender again, deliver nothing
+                self.stats.duplicates += 1
+                self._send_ack(peer, session, [msg.seq])
+                continue
+            self.stats.received += 1
+            if self.auto_ack:
+                self.ack(msg)
+            return msg
+
+    def ack(self, msg: Message) -> None:
+        session = msg.meta["session"]
+        self.seen.setdefault(session, set()).add(msg.seq)
+        self._send_ack(msg.peer, session, [msg.seq])
+
+    def _send_ack(self, peer: bytes, session: str, seqs: list[int]) -> None:
+        try:
+            self.sock.send_multipart([peer, *encode("ack", {"session": session, "seqs": seqs})], flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # the sender resends, and we ack again then
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
+# ------------------------------------------------------------------------------------------------ 2. latest-only broadcast
+class Publisher:
+    """Broadcasts versioned messages; a slow subscriber skips to the newest (small high-water marks + `latest()`)."""
+
+    def __init__(self, endpoint: str, *, curve: CurveConfig | None = None, ctx: zmq.Context | None = None):
+        self.sock = _socket(zmq.PUB, endpoint, bind=True, curve=curve, ctx=ctx, SNDHWM=2)
+        self.published = 0
+
+    def publish(self, version: int, meta: dict | None = None, arrays: dict | None = None, copy: bool = False) -> None:
+        self.sock.send_multipart(encode("update", {"version": int(version), **(meta or {})}, arrays, version),
+                                 copy=copy)
+        self.published += 1
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
+class Subscriber:
+    def __init__(self, endpoint: str, *, curve: CurveConfig | None = None, ctx: zmq.Context | None = None,
+                 max_message_bytes: int = 16 * 2**30, as_torch: bool = False):
+        self.sock = _socket(zmq.SUB, endpoint, bind=False, curve=curve, ctx=ctx, RCVHWM=2, SUBSCRIBE=b"")
+        self.max_message_bytes, self.as_torch = max_message_bytes, as_torch
+        self.stats = _Counters("received", "superseded", "bad_frames")
+        self.last_version = -1
+
+    def latest(self, timeout: float = 0.0) -> Message | None:
+        """Drain what has arrived (waiting up to `timeout` for the first) and return the newest, or None."""
+        newest = None
+        wait_ms = int(timeout * 1000)
+        while self.sock.poll(wait_ms, zmq.POLLIN):
+            wait_ms = 0
+            try:
+                msg = decode(self.sock.recv_multipart(copy=False), self.max_message_bytes, as_torch=self.as_torch)
+            except FrameError as exc:
+                self.stats.bad_frames += 1
+                log.warning("bad broadcast frame dropped: %s", exc)
+                continue
+            self.stats.received += 1
+            if newest is not None:
+                self.stats.superseded += 1
+            newest = msg
+        if newest is not None and newest.seq <= self.last_version:
+            return None  # an old version (e.g. a restarted publisher replaying): ignore
+        if newest is not None:
+            self.last_version = newest.seq
+        return newest
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
+# ------------------------------------------------------------------------------------------------ 3. control RPC
+class RpcServer:
+    """Serves `handlers[name](msg) -> (meta, arrays) | meta | None` to `RpcClient`s. Built in: `hello` (protocol and
+    spec check) and `heartbeat`. `peers()` lists clients heard from within `peer_timeout` seconds."""
+
+    def __init__(self, endpoint: str, spec: dict, handlers: dict[str, Callable] | None = None, *,
+                 peer_timeout: float = 10.0, curve: CurveConfig | None = None,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+        self.sock = _socket(zmq.ROUTER, endpoint, bind=True, curve=curve, ROUTER_HANDOVER=1)
+        self.spec, self.spec_hash = spec, spec_hash(spec)
+        self.handlers = dict(handlers or {})
+        self.peer_timeout, self.max_message_bytes = peer_timeout, max_message_bytes
+        self.last_seen: dict[str, float] = {}
+        self.stats = _Counters("requests", "bad_frames", "refused", "peers_dropped")
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _hello(self, msg: Message):
+        theirs = msg.meta
+        if theirs.get("protocol") != PROTOCOL_VERSION or theirs.get("spec_hash") != self.spec_hash:
+            diff = {}
+            if theirs.get("protocol") != PROTOCOL_VERSION:
+                diff["protocol"] = {"server": PROTOCOL_VERSION, "client": theirs.get("protocol")}
+            their_spec = theirs.get("spec") or {}
+            for key in sorted(set(self.spec) | set(their_spec)):
+                if json.dumps(self.spec.get(key), sort_keys=True, default=str) != \
+                        json.dumps(their_spec.get(key), sort_keys=True, default=str):
+                    diff[key] = {"server": self.spec.get(key), "client": their_spec.get(key)}
+            self.stats.refused += 1
+            raise HandshakeError(f"refused: protocol/spec mismatch: {json.dumps(diff, default=str)}")
+        return {"protocol": PROTOCOL_VERSION, "spec_hash": self.spec_hash}
+
+    def serve_once(self, timeout: float = 0.1) -> bool:
+        """Handle at most one request; returns whether one was handled."""
+        self._drop_dead_peers()
+        if not self.sock.poll(int(timeout * 1000), zmq.POLLIN):
+            return False
+        parts = self.sock.recv_multipart(copy=False)
+        peer = parts[0].bytes
+        try:
+            msg = decode(parts[1:], self.max_message_bytes)
+        except FrameError as exc:
+            self.stats.bad_frames += 1
+            log.warning("bad RPC frame from %s dropped: %s", peer.hex(), exc)
+            return True
+        client = str(msg.meta.get("client", peer.hex()))
+        if client not in self.last_seen:
+            log.info("peer %s connected", client)
+        self.last_seen[client] = time.monotonic()
+        self.stats.requests += 1
+        try:
+            if msg.type == "hello":
+                result = self._hello(msg)
+            elif msg.type == "heartbeat":
+                result = {"time": time.time()}
+            elif msg.type in self.handlers:
+                result = self.handlers[msg.type](msg)
+            else:
+                raise TransportError(f"unknown method {msg.type!r}; known: {['hello', 'heartbeat', *self.handlers]}")
+            meta, arrays = result if isinstance(result, tuple) else (result or {}, {})
+            reply = encode("ok", meta, arrays, msg.seq)
+        except Exception as exc:
+            reply = encode("error", {"error": f"{type(exc).__name__}: {exc}"}, None, msg.seq)
+        self.sock.send_multipart([peer, *reply], copy=False)
+        return True
+
+    def _drop_dead_peers(self) -> None:
+        now = time.monotonic()
+        for client, seen in list(self.last_seen.items()):
+            if now - seen > self.peer_timeout:
+                log.warning("peer %s silent for %.1f s: dropped", client, now - seen)
+                del self.last_seen[client]
+                self.stats.peers_dropped += 1
+
+    def peers(self) -> list[str]:
+        self._drop_dead_peers()
+        return list(self.last_seen)
+
+    def start(self) -> "RpcServer":
+        """Serve in a background thread until `close()`."""
+        def loop():
+            while not self._stop.is_set():
+                self.serve_once(0.05)
+
+        self._thread = threading.Thread(target=loop, name="rpc-server", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=5)
+        self.sock.close(linger=0)
+
+
+class RpcClient:
+    """Calls an `RpcServer` with a deadline per call. `hello()` runs the handshake; `heartbeat()` keeps the
+    server's view of this client alive and measures the round trip."""
+
+    def __init__(self, endpoint: str, spec: dict, *, client_id: str | None = None, curve: CurveConfig | None = None,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+        self.sock = _socket(zmq.DEALER, endpoint, bind=False, curve=curve)
+        self.spec, self.client_id = spec, client_id or uuid.uuid4().hex[:8]
+        self.max_message_bytes = max_message_bytes
+        self._seq = 0
+        self.stats = _Counters("calls", "timeouts", "stale_replies")
+
+    def call(self, method: str, meta: dict | None = None, arrays: dict | None = None, timeout: float = 5.0) -> Message:
+        self._seq += 1
+        seq = self._seq
+        self.stats.calls += 1
+        self.sock.send_multipart(encode(method, {"client": self.client_id, **(meta or {})}, arrays, seq), copy=False)
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self.sock.poll(int(remaining * 1000), zmq.POLLIN):
+                self.stats.timeouts += 1
+                raise TransportTimeout(f"RPC {method!r} got no reply within {timeout:.1f} s (server down?)")
+            try:
+                reply = decode(self.sock.recv_multipart(copy=False), self.max_message_bytes)
+            except FrameError as exc:
+                log.warning("bad RPC reply dropped: %s", exc)
+                continue
+            if reply.seq != seq:  # the late answer to a call that already timed out
+                self.stats.stale_replies += 1
+                continue
+            if reply.type == "error":
+                err = reply.meta.get("error", "")
+                raise (HandshakeError if "HandshakeError" in err else TransportError)(f"{method}: {err}")
+            return reply
+
+    def hello(self, timeout: float = 5.0) -> dict:
+        return self.call("hello", {"protocol": PROTOCOL_VERSION, "spec_hash": spec_hash(self.spec),
+                                   "spec": self.spec}, timeout=timeout).meta
+
+    def heartbeat(self, timeout: float = 2.0) -> float:
+        start = time.monotonic()
+        self.call("heartbeat", timeout=timeout)
+        return time.monotonic() - start
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m common.transport", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    keygen = sub.add_parser("keygen", help="create a CurveZMQ key pair: DIR/NAME.key (public), DIR/NAME.key_secret")
+    keygen.add_argument("directory")
+    keygen.add_argument("name")
+    args = parser.parse_args(argv)
+    public, secret = make_keypair(args.directory, args.name)
+    print(f"public key (share it; servers list it in their allowed_clients_dir): {public}")
+    print(f"secret key (keep it on this machine, mode 600): {secret}")
+
+
+if __name__ == "__main__":
+    main()
