@@ -89,7 +89,9 @@ def _as_frame(value) -> tuple[str, tuple, Any]:
         if t.dtype == torch.bfloat16:
             return BFLOAT16, tuple(t.shape), t.view(torch.int16).numpy()
         value = t.numpy()
-    arr = np.ascontiguousarray(value)
+    arr = np.asarray(value)
+    if not arr.flags.c_contiguous:
+        arr = np.ascontiguousarray(arr)
     if arr.dtype.str not in ALLOWED_DTYPES:
         raise TypeError(f"dtype {arr.dtype} cannot be framed; allowed: {sorted(ALLOWED_DTYPES)} and bfloat16")
     return arr.dtype.str, arr.shape, arr
@@ -155,6 +157,59 @@ def decode(frames: list, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, as_torch: b
             arr = t.view(torch.bfloat16) if dtype_name == BFLOAT16 else t
         arrays[name] = arr
     return Message(header["t"], header["s"], header["m"], arrays)
+
+
+_ALIGN = 64
+
+
+def _raw(frame) -> memoryview:
+    """A flat byte view of a frame (numpy array, bytes, memoryview), empty and 0-d arrays included."""
+    if isinstance(frame, np.ndarray):
+        return memoryview(frame.reshape(-1).view(np.uint8))
+    view = memoryview(frame)
+    return view.cast("B") if view.nbytes else memoryview(b"")
+
+
+def pack_frames(frames: list) -> bytearray:
+    """Frames -> one buffer: [u32 count][u64 length x count][frames, each 64-byte aligned]. For latest-only
+    broadcast, where ZMQ can conflate only single-frame messages."""
+    lengths = [memoryview(f).nbytes for f in frames]
+    pos = 4 + 8 * len(frames)
+    offsets = []
+    for n in lengths:
+        pos = -(-pos // _ALIGN) * _ALIGN
+        offsets.append(pos)
+        pos += n
+    buf = bytearray(pos)
+    buf[:4] = len(frames).to_bytes(4, "little")
+    for i, n in enumerate(lengths):
+        buf[4 + 8 * i:12 + 8 * i] = n.to_bytes(8, "little")
+    view = memoryview(buf)
+    for f, off, n in zip(frames, offsets, lengths):
+        view[off:off + n] = _raw(f)
+    return buf
+
+
+def unpack_frames(buf) -> list[memoryview]:
+    """Inverse of pack_frames, as views into `buf` (no copy). Raises FrameError on inconsistent lengths."""
+    view = memoryview(buf).cast("B")
+    if view.nbytes < 4:
+        raise FrameError("packed message shorter than its count field")
+    count = int.from_bytes(view[:4], "little")
+    pos = 4 + 8 * count
+    if count == 0 or count > 1 << 16 or pos > view.nbytes:
+        raise FrameError(f"packed message claims {count} frames")
+    frames = []
+    for i in range(count):
+        n = int.from_bytes(view[4 + 8 * i:12 + 8 * i], "little")
+        pos = -(-pos // _ALIGN) * _ALIGN
+        if pos + n > view.nbytes:
+            raise FrameError("packed message is truncated")
+        frames.append(view[pos:pos + n])
+        pos += n
+    if pos != view.nbytes:
+        raise FrameError("packed message has trailing bytes")
+    return frames
 
 
 def spec_hash(spec: dict) -> str:
@@ -282,7 +337,7 @@ class DataSender:
         self.next_seq += 1
         frames = encode("data", {"session": self.session, "sender": self.sender_id, **(meta or {})}, arrays, seq)
         # One copy, so the caller may reuse its arrays while the item waits for its acknowledgement.
-        frames = [bytes(memoryview(f).cast("B")) for f in frames]
+        frames = [bytes(_raw(f)) for f in frames]
         size = sum(memoryview(f).nbytes for f in frames)
         if size > self.max_message_bytes:
             raise ValueError(f"item of {size} bytes exceeds max_message_bytes={self.max_message_bytes}")
@@ -352,7 +407,8 @@ class DataReceiver:
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, as_torch: bool = False):
         self.sock = _socket(zmq.ROUTER, endpoint, bind=True, curve=curve, ROUTER_HANDOVER=1)
         self.auto_ack, self.max_message_bytes, self.as_torch = auto_ack, max_message_bytes, as_torch
-        self.seen: dict[str, set[int]] = {}
+        self.seen: dict[str, set[int]] = {}  # delivered to the consumer (stored, or being stored)
+        self._unacked: set[tuple[str, int]] = set()
         for session, seq in delivered:
             self.seen.setdefault(session, set()).add(int(seq))
         self.stats = _Counters("received", "duplicates", "bad_frames")
@@ -377,18 +433,22 @@ class DataReceiver:
                 continue
             msg.peer = peer
             seen = self.seen.setdefault(session, set())
-            if msg.seq in seen:  # already stored: tell the sender again, deliver nothing
+            if msg.seq in seen:  # delivered before: deliver nothing; if already stored, tell the sender again
                 self.stats.duplicates += 1
-                self._send_ack(peer, session, [msg.seq])
+                if (session, msg.seq) not in self._unacked:
+                    self._send_ack(peer, session, [msg.seq])
                 continue
+            seen.add(msg.seq)
+            self._unacked.add((session, msg.seq))
             self.stats.received += 1
             if self.auto_ack:
                 self.ack(msg)
             return msg
 
     def ack(self, msg: Message) -> None:
+        """The consumer has stored `msg`: acknowledge it to its sender."""
         session = msg.meta["session"]
-        self.seen.setdefault(session, set()).add(msg.seq)
+        self._unacked.discard((session, msg.seq))
         self._send_ack(msg.peer, session, [msg.seq])
 
     def _send_ack(self, peer: bytes, session: str, seqs: list[int]) -> None:
@@ -403,15 +463,17 @@ class DataReceiver:
 
 # ------------------------------------------------------------------------------------------------ 2. latest-only broadcast
 class Publisher:
-    """Broadcasts versioned messages; a slow subscriber skips to the newest (small high-water marks + `latest()`)."""
+    """Broadcasts versioned messages, latest only: each message is packed into one frame (one copy, which is also the
+    snapshot of the arrays) and ZMQ's CONFLATE keeps only the newest in every queue, so a slow subscriber never
+    works through a backlog."""
 
     def __init__(self, endpoint: str, *, curve: CurveConfig | None = None, ctx: zmq.Context | None = None):
-        self.sock = _socket(zmq.PUB, endpoint, bind=True, curve=curve, ctx=ctx, SNDHWM=2)
+        self.sock = _socket(zmq.PUB, endpoint, bind=True, curve=curve, ctx=ctx, CONFLATE=1)
         self.published = 0
 
-    def publish(self, version: int, meta: dict | None = None, arrays: dict | None = None, copy: bool = False) -> None:
-        self.sock.send_multipart(encode("update", {"version": int(version), **(meta or {})}, arrays, version),
-                                 copy=copy)
+    def publish(self, version: int, meta: dict | None = None, arrays: dict | None = None) -> None:
+        packed = pack_frames(encode("update", {"version": int(version), **(meta or {})}, arrays, version))
+        self.sock.send(packed, copy=False)
         self.published += 1
 
     def close(self) -> None:
@@ -421,9 +483,9 @@ class Publisher:
 class Subscriber:
     def __init__(self, endpoint: str, *, curve: CurveConfig | None = None, ctx: zmq.Context | None = None,
                  max_message_bytes: int = 16 * 2**30, as_torch: bool = False):
-        self.sock = _socket(zmq.SUB, endpoint, bind=False, curve=curve, ctx=ctx, RCVHWM=2, SUBSCRIBE=b"")
+        self.sock = _socket(zmq.SUB, endpoint, bind=False, curve=curve, ctx=ctx, CONFLATE=1, SUBSCRIBE=b"")
         self.max_message_bytes, self.as_torch = max_message_bytes, as_torch
-        self.stats = _Counters("received", "superseded", "bad_frames")
+        self.stats = _Counters("received", "superseded", "skipped_versions", "bad_frames")
         self.last_version = -1
 
     def latest(self, timeout: float = 0.0) -> Message | None:
@@ -433,7 +495,8 @@ class Subscriber:
         while self.sock.poll(wait_ms, zmq.POLLIN):
             wait_ms = 0
             try:
-                msg = decode(self.sock.recv_multipart(copy=False), self.max_message_bytes, as_torch=self.as_torch)
+                frame = self.sock.recv(copy=False)
+                msg = decode(unpack_frames(frame.buffer), self.max_message_bytes, as_torch=self.as_torch)
             except FrameError as exc:
                 self.stats.bad_frames += 1
                 log.warning("bad broadcast frame dropped: %s", exc)
@@ -445,6 +508,8 @@ class Subscriber:
         if newest is not None and newest.seq <= self.last_version:
             return None  # an old version (e.g. a restarted publisher replaying): ignore
         if newest is not None:
+            if self.last_version >= 0:  # versions that never reached us: conflated away in a queue
+                self.stats.skipped_versions += max(0, newest.seq - self.last_version - 1)
             self.last_version = newest.seq
         return newest
 

@@ -1,0 +1,253 @@
+"""common.transport: framing, the three patterns, recovery from kill -9 on either side, CurveZMQ."""
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+import torch
+import zmq
+
+from common.transport import (
+    PROTOCOL_VERSION, CurveConfig, DataReceiver, DataSender, FrameError, HandshakeError, Message, Publisher,
+    RpcClient, RpcServer, Subscriber, TransportTimeout, decode, encode, make_keypair, pack_frames, unpack_frames,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+DTYPES = ["bool", "uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64", "float16", "float32",
+          "float64"]
+SHAPES = [(), (0,), (1,), (7,), (3, 0), (2, 3), (4, 5, 6), (2, 128, 128, 3)]
+
+
+def free_endpoint() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_round_trip_every_dtype_and_shape(dtype):
+    rng = np.random.default_rng(0)
+    arrays = {f"a{i}": (rng.random(shape) * 100).astype(dtype) for i, shape in enumerate(SHAPES)}
+    arrays["strided"] = (rng.random((6, 8)) * 100).astype(dtype)[::2, ::3]
+    for frames in (encode("t", {"k": [1, "x"]}, arrays, seq=42),
+                   unpack_frames(pack_frames(encode("t", {"k": [1, "x"]}, arrays, seq=42)))):
+        msg = decode(frames)
+        assert (msg.type, msg.seq, msg.meta) == ("t", 42, {"k": [1, "x"]})
+        for name, value in arrays.items():
+            assert msg.arrays[name].dtype == value.dtype and msg.arrays[name].shape == value.shape
+            assert np.array_equal(msg.arrays[name], value)
+
+
+def test_round_trip_torch_tensors_including_bfloat16():
+    tensors = {"w": torch.randn(3, 4), "b": torch.randn(5).to(torch.bfloat16), "i": torch.arange(4)}
+    msg = decode(encode("w", {}, tensors), as_torch=True)
+    for name, t in tensors.items():
+        assert msg.arrays[name].dtype == t.dtype and torch.equal(msg.arrays[name], t)
+
+
+def malformed_messages(rng: random.Random, count: int) -> list[list[bytes]]:
+    good = encode("data", {"session": "s", "sender": "r"}, {"img": np.zeros((4, 4, 3), np.uint8),
+                                                             "x": np.zeros(3, np.float32)}, seq=1)
+    header = msgpack.unpackb(good[0])
+    body = [bytes(memoryview(f)) for f in good[1:]]
+
+    def with_header(**changes):
+        h = {**header, **changes}
+        return [msgpack.packb(h)] + body
+
+    makers = [
+        lambda: [good[0], body[0][: rng.randrange(len(body[0]))], body[1]],  # truncated array frame
+        lambda: [good[0], body[0]],  # missing frame
+        lambda: [good[0], *body, b"extra"],  # extra frame
+        lambda: with_header(a=[["img", "<c16", [4, 4, 3]], header["a"][1]]),  # dtype not allowed
+        lambda: with_header(a=[["img", "|O", [4, 4, 3]], header["a"][1]]),  # object dtype
+        lambda: with_header(a=[["img", "|u1", [4, 4, rng.randint(4, 9)]], header["a"][1]]),  # wrong shape
+        lambda: with_header(a=[["img", "|u1", [-1, 4, 3]], header["a"][1]]),  # negative dim
+        lambda: with_header(a=[["img", "|u1"], header["a"][1]]),  # spec too short
+        lambda: with_header(v=PROTOCOL_VERSION + rng.randint(1, 9)),  # wrong schema version
+        lambda: with_header(s="seven"),  # wrong field type
+        lambda: [msgpack.packb({"v": PROTOCOL_VERSION, "t": "data"})] + body,  # missing fields
+        lambda: [bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 64)))] + body,  # random header bytes
+        lambda: [bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 256)))],  # random bytes only
+        lambda: [msgpack.packb([1, 2, 3])] + body,  # header not a map
+        lambda: [good[0], np.zeros(2 * 2**20, np.uint8).tobytes(), body[1]],  # oversized
+        lambda: with_header(t="ack"),  # valid frame, wrong message type for a data channel
+    ]
+    return [makers[i % len(makers)]() for i in range(count)]
+
+
+def test_decode_rejects_every_malformed_message_with_frame_error():
+    for frames in malformed_messages(random.Random(0), 1000):
+        with pytest.raises(FrameError):
+            msg = decode(frames, max_bytes=2**20)
+            if msg.type != "data":
+                raise FrameError("wrong type")  # the data channel's own check, exercised live below
+
+
+def test_receiver_rejects_1000_malformed_frames_and_keeps_serving():
+    endpoint = free_endpoint()
+    rx = DataReceiver(endpoint, max_message_bytes=2**20, auto_ack=True)
+    raw = zmq.Context.instance().socket(zmq.DEALER)
+    raw.connect(endpoint)
+    try:
+        for frames in malformed_messages(random.Random(1), 1000):
+            raw.send_multipart(frames)
+        raw.send_multipart(encode("data", {"session": "raw", "hello": 1}, {"x": np.arange(3)}, seq=5))
+        msg = rx.recv(timeout=20)  # one peer's messages arrive in order: the good one comes after all the bad ones
+        assert msg is not None and msg.seq == 5 and msg.meta["hello"] == 1
+        assert rx.stats.bad_frames == 1000 and rx.stats.received == 1
+        tx = DataSender(endpoint)
+        seq = tx.send({"hello": 2}, {"x": np.arange(3)})
+        assert rx.recv(timeout=5).seq == seq and tx.flush(5)
+        tx.close()
+    finally:
+        raw.close(linger=0)
+        rx.close()
+
+
+def test_duplicates_are_acknowledged_but_delivered_once():
+    endpoint = free_endpoint()
+    rx = DataReceiver(endpoint)
+    tx = DataSender(endpoint, resend_after=0.05)
+    tx.send({}, {"x": np.arange(3)})
+    first = rx.recv(5)
+    time.sleep(0.2)
+    tx.poll(0)  # resends: the item is not acknowledged yet
+    assert rx.recv(0.5) is None and rx.stats.duplicates == 1  # being stored: the resend is dropped, not acked
+    assert tx.pending
+    rx.ack(first)  # stored: acknowledged now, and any later copy is acknowledged again
+    time.sleep(0.2)
+    tx.poll(0.2)
+    assert not tx.pending
+    tx.close()
+    rx.close()
+
+
+def _peer(*args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "tests.helpers.transport_peer", *map(str, args)], cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def _check_delivery(log: Path, acked_path: Path, n: int) -> None:
+    lines = [l.split() for l in log.read_text().splitlines() if l.endswith(" ok")]
+    seqs = [int(p[1]) for p in lines]
+    assert len(seqs) == len(set(seqs)), f"{len(seqs) - len(set(seqs))} items delivered twice"
+    assert len({p[0] for p in lines}) == 1  # one sender session, resumed from its spool
+    acked = {int(l) for l in acked_path.read_text().split()}
+    assert acked <= set(seqs), "an acknowledged item is missing"
+    assert set(seqs) == set(range(n))
+
+
+@pytest.mark.parametrize("victim", ["receiver", "sender"])
+def test_kill_9_either_side_loses_no_acked_item_and_duplicates_none(tmp_path, victim):
+    endpoint, n = free_endpoint(), 400
+    log, acked, spool = tmp_path / "consumer.log", tmp_path / "acked.txt", tmp_path / "spool"
+    rx = _peer("receiver", endpoint, log)
+    tx = _peer("sender", endpoint, spool, acked, n)
+    try:
+        rng = random.Random(victim)
+        for _ in range(3):
+            time.sleep(rng.uniform(0.4, 0.9))
+            proc = rx if victim == "receiver" else tx
+            if proc.poll() is not None:
+                break
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            time.sleep(0.3)
+            if victim == "receiver":
+                rx = _peer("receiver", endpoint, log)
+            else:
+                tx = _peer("sender", endpoint, spool, acked, n)
+        assert tx.wait(timeout=120) == 0
+    finally:
+        for p in (rx, tx):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    _check_delivery(log, acked, n)
+
+
+def test_latest_only_broadcast():
+    endpoint = free_endpoint()
+    pub, sub = Publisher(endpoint), Subscriber(endpoint)
+    try:
+        time.sleep(0.3)  # let the subscription reach the publisher
+        for version in range(1, 51):
+            pub.publish(version, {"note": "w"}, {"w": np.full(1000, version, np.float32)})
+        time.sleep(0.3)
+        msg = sub.latest(timeout=2)
+        assert msg.seq == 50 and msg.meta["version"] == 50 and msg.arrays["w"][0] == 50
+        assert sub.latest(0.1) is None  # nothing newer
+        pub.publish(51, {}, {"w": np.zeros(2, np.float32)})
+        assert sub.latest(2).seq == 51 and sub.stats.skipped_versions == 0
+        pub.publish(49, {}, {"w": np.zeros(2, np.float32)})  # an older version (e.g. a restarted publisher)
+        assert sub.latest(0.5) is None
+    finally:
+        pub.close()
+        sub.close()
+
+
+SPEC = {"obs": {"state": [8], "main": [128, 128, 3]}, "action": [7], "control_hz": 10}
+
+
+def test_rpc_handshake_calls_deadlines_and_heartbeats():
+    endpoint = free_endpoint()
+    server = RpcServer(endpoint, SPEC, {"double": lambda m: ({"y": m.meta["x"] * 2}, {"a": m.arrays["a"] * 2})},
+                       peer_timeout=0.5).start()
+    try:
+        client = RpcClient(endpoint, SPEC, client_id="robot-1")
+        assert client.hello()["protocol"] == PROTOCOL_VERSION
+        reply = client.call("double", {"x": 3}, {"a": np.arange(3)})
+        assert reply.meta["y"] == 6 and reply.arrays["a"].tolist() == [0, 2, 4]
+        assert client.heartbeat() < 1.0 and server.peers() == ["robot-1"]
+        with pytest.raises(Exception, match="unknown method 'nope'"):
+            client.call("nope")
+        other = RpcClient(endpoint, {**SPEC, "action": [6]}, client_id="robot-2")
+        with pytest.raises(HandshakeError, match=r'"action": \{"server": \[7\], "client": \[6\]\}'):
+            other.hello()
+        time.sleep(0.8)
+        assert server.peers() == [] and server.stats.peers_dropped >= 1  # silent peers are dropped
+    finally:
+        server.close()
+    start = time.monotonic()
+    with pytest.raises(TransportTimeout, match="no reply within 0.5 s"):
+        client.call("double", {"x": 1}, {"a": np.arange(1)}, timeout=0.5)
+    assert time.monotonic() - start < 1.5
+
+
+def test_curve_rejects_unknown_clients_and_accepts_known_ones(tmp_path):
+    make_keypair(tmp_path / "server", "learner")
+    make_keypair(tmp_path / "allowed", "robot")
+    make_keypair(tmp_path / "strangers", "intruder")
+    endpoint = free_endpoint()
+    server = RpcServer(endpoint, SPEC, curve=CurveConfig(
+        secret_key_file=str(tmp_path / "server/learner.key_secret"), allowed_clients_dir=str(tmp_path / "allowed")),
+    ).start()
+    try:
+        def client(keydir, name):
+            return RpcClient(endpoint, SPEC, curve=CurveConfig(
+                secret_key_file=str(tmp_path / keydir / f"{name}.key_secret"),
+                server_public_key_file=str(tmp_path / "server/learner.key")))
+
+        with pytest.raises(TransportTimeout):
+            client("strangers", "intruder").hello(timeout=1.0)
+        assert client("allowed", "robot").hello(timeout=5.0)["protocol"] == PROTOCOL_VERSION
+        with pytest.raises(TransportTimeout):  # no keys at all: plain TCP to a Curve server goes nowhere
+            RpcClient(endpoint, SPEC).hello(timeout=1.0)
+    finally:
+        server.close()
+
+
+def test_keygen_cli(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "common.transport", "keygen", str(tmp_path), "robot1"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    assert (tmp_path / "robot1.key").exists() and (tmp_path / "robot1.key_secret").stat().st_mode & 0o777 == 0o600
+    assert "public key" in out
