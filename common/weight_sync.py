@@ -1,0 +1,199 @@
+"""Versioned weight sync from a learner to actors over `common.transport`'s latest-only broadcast.
+
+    pub = WeightPublisher("tcp://*:5556", learner_model, mode="trainable")   # learner side (binds)
+    pub.publish()                      # after an update, at a point where the weights are consistent; non-blocking
+    sub = WeightSubscriber("tcp://learner:5556", actor_model)               # actor side (connects)
+    sub.poll(); sub.apply()            # between control steps, where the actor chooses
+
+What travels: `mode="full"` sends the whole state dict (buffers included); `mode="trainable"` only parameters with
+`requires_grad` (e.g. a VLA's action expert, not its frozen VLM); `only_changed=True` further drops tensors equal to
+what was last sent.
+
+Cost control, our analogue of RLinf's SM-aware sync: `publish` takes one snapshot (a copy into the send buffer; on
+CUDA first a device-to-host copy into pinned memory on a side stream) and hands it to one background sender thread.
+A publish while a send is in flight replaces the waiting snapshot (counted as coalesced), so a slow link never builds a
+backlog and never blocks training. `max_bytes_per_s` caps the average bandwidth; the publisher waits between sends so
+that a sync never takes more than its share of a shared link or core.
+Counters: publisher `requested / sent / coalesced / bytes`; subscriber `received / applied / coalesced` (versions that
+arrived or were published but were superseded before being applied).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import warnings
+from typing import Iterable
+
+import numpy as np
+import torch
+import zmq
+
+from common.transport import CurveConfig, Publisher, Subscriber, encode, pack_frames
+
+MODES = ("full", "trainable")
+
+
+def _tensors_to_send(model: torch.nn.Module, mode: str) -> dict[str, torch.Tensor]:
+    if mode == "full":
+        return {k: v for k, v in model.state_dict(keep_vars=True).items()}
+    if mode == "trainable":
+        return {k: p for k, p in model.named_parameters() if p.requires_grad}
+    raise ValueError(f"unknown weight-sync mode {mode!r}; choose one of {MODES}")
+
+
+class WeightPublisher:
+    def __init__(self, endpoint: str, model: torch.nn.Module, *, mode: str = "full", only_changed: bool = False,
+                 max_bytes_per_s: float | None = None, curve: CurveConfig | None = None,
+                 ctx: zmq.Context | None = None):
+        if mode not in MODES:
+            raise ValueError(f"unknown weight-sync mode {mode!r}; choose one of {MODES}")
+        self.model, self.mode, self.only_changed, self.max_bytes_per_s = model, mode, only_changed, max_bytes_per_s
+        self.pub = Publisher(endpoint, curve=curve, ctx=ctx)
+        self.version = 0
+        self.stats = {"requested": 0, "sent": 0, "coalesced": 0, "bytes": 0, "last_publish_s": 0.0}
+        self._last_sent: dict[str, torch.Tensor] = {}
+        self._pinned: dict[str, torch.Tensor] = {}
+        self._stream = torch.cuda.Stream() if torch.cuda.is_available() else None
+        self._pending: tuple | None = None
+        self._cond = threading.Condition()
+        self._closed = False
+        self._busy = False
+        self._thread = threading.Thread(target=self._sender, name="weight-sender", daemon=True)
+        self._thread.start()
+
+    # -------------------------------------------------------------------------------------------- snapshot
+    @torch.no_grad()
+    def _host_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = _tensors_to_send(self.model, self.mode)
+        cuda = {k: t for k, t in tensors.items() if t.is_cuda}
+        if cuda:
+            # D2H on a side stream into reusable pinned buffers; training's stream waits only for these copies.
+            main = torch.cuda.current_stream()
+            self._stream.wait_stream(main)
+            with torch.cuda.stream(self._stream):
+                for k, t in cuda.items():
+                    buf = self._pinned.get(k)
+                    if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+                        buf = self._pinned[k] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                    buf.copy_(t.detach(), non_blocking=True)
+                    tensors[k] = buf
+            done = self._stream.record_event()
+            main.wait_event(done)
+            done.synchronize()
+        tensors = {k: t.detach() for k, t in tensors.items()}
+        if self.only_changed:
+            tensors = {k: t for k, t in tensors.items()
+                       if k not in self._last_sent or not torch.equal(self._last_sent[k], t)}
+            for k, t in tensors.items():
+                self._last_sent[k] = t.clone()
+        return tensors
+
+    def publish(self, version: int | None = None) -> int:
+        """Snapshot the weights now and send them in the background; returns the version. Non-blocking."""
+        start = time.perf_counter()
+        self.version = self.version + 1 if version is None else int(version)
+        tensors = self._host_tensors()
+        # pack_frames is the one host copy: the snapshot, taken here while the weights are consistent.
+        packed = pack_frames(encode("update", {"version": self.version, "mode": self.mode}, tensors, self.version))
+        with self._cond:
+            self.stats["requested"] += 1
+            if self._pending is not None:
+                self.stats["coalesced"] += 1
+            self._pending = (self.version, packed)
+            self._cond.notify()
+        self.stats["last_publish_s"] = time.perf_counter() - start
+        return self.version
+
+    def _sender(self) -> None:
+        next_allowed = 0.0
+        while True:
+            with self._cond:
+                while self._pending is None and not self._closed:
+                    self._cond.wait()
+                if self._closed and self._pending is None:
+                    return
+                version, packed = self._pending
+                self._pending = None
+                self._busy = True
+            wait = next_allowed - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            self.pub.sock.send(packed, copy=False)
+            with self._cond:
+                self.stats["sent"] += 1
+                self.stats["bytes"] += len(packed)
+                self._busy = False
+                self._cond.notify_all()
+            if self.max_bytes_per_s:
+                next_allowed = time.monotonic() + len(packed) / self.max_bytes_per_s
+
+    def wait_sent(self, timeout: float = 10.0) -> bool:
+        """Block until nothing is waiting or being sent (tests, shutdown)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._pending is not None or self._busy:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+        return True
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout=10)
+        self.pub.close()
+
+
+class WeightSubscriber:
+    def __init__(self, endpoint: str, model: torch.nn.Module, *, curve: CurveConfig | None = None,
+                 ctx: zmq.Context | None = None):
+        self.model = model
+        self.sub = Subscriber(endpoint, curve=curve, ctx=ctx)
+        self.version = 0  # applied
+        self._pending = None
+        self.stats = {"received": 0, "applied": 0, "coalesced": 0}
+        self._targets = dict(model.state_dict(keep_vars=True))
+
+    def poll(self, timeout: float = 0.0) -> bool:
+        """Take in what has arrived; keep only the newest. Returns whether an update is waiting to be applied."""
+        msg = self.sub.latest(timeout)
+        if msg is not None and msg.seq > self.version:
+            self.stats["received"] += 1
+            self._pending = msg
+        return self._pending is not None
+
+    @torch.no_grad()
+    def apply(self) -> int | None:
+        """Copy the waiting update into the model (at a boundary the caller chose); returns its version."""
+        msg, self._pending = self._pending, None
+        if msg is None:
+            return None
+        problems = [k for k, v in msg.arrays.items()
+                    if k not in self._targets or tuple(self._targets[k].shape) != tuple(v.shape)]
+        if problems:
+            raise ValueError(f"weight update v{msg.seq} does not fit this model: {problems[:5]} "
+                             f"(unknown names or other shapes)")
+        with warnings.catch_warnings():  # the arrays are read-only views of the received frame; we only read them
+            warnings.simplefilter("ignore", UserWarning)
+            for name, value in msg.arrays.items():
+                target = self._targets[name]
+                src = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.asarray(value))
+                target.copy_(src)
+        if self.version > 0:  # published versions never applied here: superseded in a queue or while waiting
+            self.stats["coalesced"] += max(0, msg.seq - self.version - 1)
+        self.stats["applied"] += 1
+        self.version = msg.seq
+        return msg.seq
+
+    def maybe_apply(self, timeout: float = 0.0) -> int | None:
+        return self.apply() if self.poll(timeout) else None
+
+    def close(self) -> None:
+        self.sub.close()
+
+
+def parameter_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)

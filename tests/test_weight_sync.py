@@ -1,0 +1,148 @@
+"""common.weight_sync: versions, coalescing, what travels in each mode, bandwidth cap."""
+
+import time
+
+import pytest
+import torch
+
+from common.weight_sync import WeightPublisher, WeightSubscriber
+from tests.test_transport import free_endpoint
+
+
+class Policy(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.vlm = torch.nn.Linear(16, 16)  # frozen in "trainable" mode tests
+        self.expert = torch.nn.Linear(16, 4)
+        self.register_buffer("steps", torch.zeros(1))
+
+
+def pair(**kw):
+    endpoint = free_endpoint()
+    learner, actor = Policy(), Policy()
+    pub = WeightPublisher(endpoint, learner, **kw)
+    sub = WeightSubscriber(endpoint, actor)
+    time.sleep(0.3)  # subscription handshake
+    return learner, actor, pub, sub
+
+
+def perturb(model, value):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(value)
+        model.steps.fill_(value)
+
+
+def test_full_sync_applies_exactly_and_versions_increase():
+    learner, actor, pub, sub = pair()
+    try:
+        for v in (1, 2, 3):
+            perturb(learner, float(v))
+            assert pub.publish() == v
+            assert pub.wait_sent()
+            assert sub.poll(timeout=2) and sub.apply() == v
+            for (k, a), b in zip(actor.state_dict().items(), learner.state_dict().values()):
+                assert torch.equal(a, b), k
+        pub.publish(version=2)  # an old version is never applied over a newer one
+        pub.wait_sent()
+        assert not sub.poll(timeout=0.3) and sub.version == 3
+    finally:
+        pub.close()
+        sub.close()
+
+
+def test_coalescing_counts():
+    learner, actor, pub, sub = pair()
+    try:
+        perturb(learner, 1.0)
+        pub.publish()
+        pub.wait_sent()
+        sub.poll(2)
+        sub.apply()
+        for v in range(2, 12):  # ten versions while the actor is busy
+            perturb(learner, float(v))
+            pub.publish()
+        pub.wait_sent()
+        time.sleep(0.2)
+        assert sub.poll(2) and sub.apply() == 11
+        assert torch.equal(actor.expert.weight, learner.expert.weight)
+        s = pub.stats
+        assert s["requested"] == 11 and s["sent"] + s["coalesced"] == 11
+        assert sub.stats["applied"] == 2 and sub.stats["coalesced"] == 9  # versions 2..10 were never applied
+    finally:
+        pub.close()
+        sub.close()
+
+
+def test_trainable_mode_sends_only_trainable_tensors():
+    learner, actor, pub, sub = pair(mode="trainable")
+    try:
+        learner.vlm.requires_grad_(False)
+        perturb(learner, 5.0)
+        frozen_before = actor.vlm.weight.clone()
+        pub.publish()
+        pub.wait_sent()
+        sub.poll(2)
+        msg_keys = set(sub._pending.arrays)
+        sub.apply()
+        assert msg_keys == {"expert.weight", "expert.bias"}
+        assert torch.equal(actor.expert.weight, learner.expert.weight)
+        assert torch.equal(actor.vlm.weight, frozen_before) and actor.steps.item() == 0
+    finally:
+        pub.close()
+        sub.close()
+
+
+def test_only_changed_sends_changed_tensors():
+    learner, actor, pub, sub = pair(only_changed=True)
+    try:
+        pub.publish()
+        pub.wait_sent()
+        sub.poll(2)
+        assert len(sub._pending.arrays) == 5
+        sub.apply()
+        with torch.no_grad():
+            learner.expert.bias.add_(1.0)
+        pub.publish()
+        pub.wait_sent()
+        sub.poll(2)
+        assert set(sub._pending.arrays) == {"expert.bias"}
+        sub.apply()
+        assert torch.equal(actor.expert.bias, learner.expert.bias)
+    finally:
+        pub.close()
+        sub.close()
+
+
+def test_bandwidth_cap_spaces_sends():
+    learner, actor, pub, sub = pair(max_bytes_per_s=20_000)  # each message is ~1.5 kB -> ~75 ms apart
+    try:
+        start = time.monotonic()
+        for _ in range(4):
+            pub.publish()
+            pub.wait_sent()
+        assert time.monotonic() - start > 0.15
+    finally:
+        pub.close()
+        sub.close()
+
+
+def test_mismatched_model_is_refused():
+    endpoint = free_endpoint()
+    pub = WeightPublisher(endpoint, Policy())
+    sub = WeightSubscriber(endpoint, torch.nn.Linear(3, 3))
+    time.sleep(0.3)
+    try:
+        pub.publish()
+        pub.wait_sent()
+        assert sub.poll(2)
+        with pytest.raises(ValueError, match="does not fit this model"):
+            sub.apply()
+    finally:
+        pub.close()
+        sub.close()
+
+
+def test_bad_mode():
+    with pytest.raises(ValueError, match="trainable"):
+        WeightPublisher(free_endpoint(), Policy(), mode="delta-ish")
