@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import platform
 import shlex
 import sys
@@ -15,22 +14,16 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def machine_info() -> dict:
-    import psutil
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from common.hardware import cpu_info, gpu_info, memory_info
+
+    gpus = [g["name"] for g in gpu_info() if "name" in g]
     return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "cpu": cpu_info()["model"],
+        "cores": cpu_info()["usable_cores"],
+        "ram_gib": memory_info()["total_gib"],
+        "gpu": ", ".join(gpus) or None,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "os": platform.platform(),

@@ -27,10 +27,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -144,7 +146,7 @@ def decode(frames: list, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, as_torch: b
             dtype = ALLOWED_DTYPES[dtype_name]
         else:
             raise FrameError(f"array {name!r}: dtype {dtype_name!r} is not allowed")
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        count = math.prod(shape)
         nbytes = memoryview(buf).nbytes
         if count * dtype.itemsize != nbytes:
             raise FrameError(f"array {name!r}: shape {shape} of {dtype_name} needs {count * dtype.itemsize} bytes, "
@@ -170,9 +172,9 @@ def _raw(frame) -> memoryview:
     return view.cast("B") if view.nbytes else memoryview(b"")
 
 
-def pack_frames(frames: list) -> bytearray:
-    """Frames -> one buffer: [u32 count][u64 length x count][frames, each 64-byte aligned]. For latest-only
-    broadcast, where ZMQ can conflate only single-frame messages."""
+def pack_frames(frames: list) -> np.ndarray:
+    """Frames -> one uint8 buffer: [u32 count][u64 length x count][frames, each 64-byte aligned]. Used where one ZMQ
+    frame per message is better: latest-only broadcast (ZMQ conflates only single frames) and the data channel."""
     lengths = [memoryview(f).nbytes for f in frames]
     pos = 4 + 8 * len(frames)
     offsets = []
@@ -180,13 +182,14 @@ def pack_frames(frames: list) -> bytearray:
         pos = -(-pos // _ALIGN) * _ALIGN
         offsets.append(pos)
         pos += n
-    buf = bytearray(pos)
-    buf[:4] = len(frames).to_bytes(4, "little")
-    for i, n in enumerate(lengths):
-        buf[4 + 8 * i:12 + 8 * i] = n.to_bytes(8, "little")
-    view = memoryview(buf)
+    buf = np.empty(pos, np.uint8)  # not zero-filled: every byte is written below
+    buf[:4] = np.frombuffer(len(frames).to_bytes(4, "little"), np.uint8)
+    buf[4:4 + 8 * len(frames)] = np.frombuffer(np.asarray(lengths, "<u8").tobytes(), np.uint8)
+    end = 4 + 8 * len(frames)
     for f, off, n in zip(frames, offsets, lengths):
-        view[off:off + n] = _raw(f)
+        buf[end:off] = 0  # alignment padding
+        buf[off:off + n] = np.frombuffer(_raw(f), np.uint8)
+        end = off + n
     return buf
 
 
@@ -292,17 +295,27 @@ class _Counters:
 # ------------------------------------------------------------------------------------------------ 1. data channel
 class DataSender:
     """Sends items (meta + arrays) to a `DataReceiver`, keeps each until it is acknowledged, resends after
-    `resend_after` seconds (also across reconnects). `max_pending` bounds the outbox; `send` waits at most `timeout`
-    for room. With `spool_dir`, pending items and the session survive a restart of this process."""
+    `resend_after` seconds (also across reconnects). `max_pending` bounds the unacknowledged items; `send` waits at
+    most `timeout` for room. With `spool_dir`, pending items and the session survive a restart of this process.
+
+    Batching (Nagle-style, no timers): an item goes out at once when nothing sent is still unacknowledged; otherwise
+    it joins a batch that leaves when it holds `max_batch` items, when acknowledgements come back, when it is older
+    than `linger` seconds, or on `poll` / `flush`. Under load this packs many items into one ZMQ message; when idle,
+    latency stays one round trip."""
 
     def __init__(self, endpoint: str, *, sender_id: str = "robot", max_pending: int = 1024, resend_after: float = 2.0,
                  peer_timeout: float = 10.0, spool_dir: str | Path | None = None, curve: CurveConfig | None = None,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, max_batch: int = 64, linger: float = 0.002):
         self.sock = _socket(zmq.DEALER, endpoint, bind=False, curve=curve, SNDHWM=max_pending + 16)
         self.sender_id, self.max_pending, self.resend_after = sender_id, max_pending, resend_after
         self.peer_timeout, self.max_message_bytes = peer_timeout, max_message_bytes
-        self.pending: dict[int, tuple[float, list]] = {}
-        self.stats = _Counters("sent", "resent", "acked", "outages")
+        self.max_batch, self.linger = max_batch, linger
+        self.pending: dict[int, int] = {}  # unacknowledged item seq -> its batch id
+        self._batches: OrderedDict[int, list] = OrderedDict()  # batch id -> [sent_at, packed, unacked seqs]
+        self._open: list[tuple[int, dict, dict]] = []  # items waiting to form a batch
+        self._open_since = 0.0
+        self._last_poll = 0.0
+        self.stats = _Counters("sent", "batches", "resent", "acked", "outages")
         self.last_ack = time.monotonic()
         self._in_outage = False
         self.spool = Path(spool_dir) if spool_dir else None
@@ -310,7 +323,7 @@ class DataSender:
         if self.spool:
             self._load_spool()
 
-    # spool: one file per pending item plus session.json, each written atomically
+    # spool: one file per unacknowledged batch plus session.json, each written atomically
     def _load_spool(self) -> None:
         self.spool.mkdir(parents=True, exist_ok=True)
         state = self.spool / "session.json"
@@ -319,45 +332,79 @@ class DataSender:
             self.session, self.next_seq = saved["session"], saved["next_seq"]
         else:
             _atomic_write(state, json.dumps({"session": self.session, "next_seq": 0}).encode())
-        for path in sorted(self.spool.glob("*.msg")):
-            frames = msgpack.unpackb(path.read_bytes(), raw=False)
-            self.pending[int(path.stem)] = (0.0, frames)
         for path in self.spool.glob("*.tmp"):
             path.unlink()
+        for path in sorted(self.spool.glob("*.msg")):  # zero-padded names: sorted = oldest first
+            frames = [bytes(f) for f in unpack_frames(path.read_bytes())]
+            seqs = {int(item[0]) for item in decode(frames).meta["items"]}
+            self._batches[int(path.stem)] = [0.0, frames, seqs]
+            self.pending.update({seq: int(path.stem) for seq in seqs})
 
     def send(self, meta: dict | None = None, arrays: dict | None = None, timeout: float = 10.0) -> int:
-        """Queue one item and send it; returns its sequence id. Raises TransportTimeout if the outbox stays full."""
+        """Queue one item; returns its sequence id. Raises TransportTimeout if the outbox stays full."""
         deadline = time.monotonic() + timeout
-        while len(self.pending) >= self.max_pending:
+        while len(self.pending) + len(self._open) >= self.max_pending:
             self.poll(min(0.05, max(0.0, deadline - time.monotonic())))
-            if time.monotonic() >= deadline and len(self.pending) >= self.max_pending:
+            if time.monotonic() >= deadline and len(self.pending) + len(self._open) >= self.max_pending:
                 raise TransportTimeout(f"{len(self.pending)} items unacknowledged for {timeout:.1f} s "
                                        f"(receiver down or slow)")
         seq = self.next_seq
         self.next_seq += 1
-        frames = encode("data", {"session": self.session, "sender": self.sender_id, **(meta or {})}, arrays, seq)
-        # One copy, so the caller may reuse its arrays while the item waits for its acknowledgement.
-        frames = [bytes(_raw(f)) for f in frames]
+        if not self._open:
+            self._open_since = time.monotonic()
+        self._open.append((seq, meta or {}, arrays or {}))
+        self.stats.sent += 1
+        if not self.pending or len(self._open) >= self.max_batch or \
+                time.monotonic() - self._open_since >= self.linger:
+            self._send_batch()
+        if time.monotonic() - self._last_poll > 0.001:  # read acks now and then, not after every item
+            self.poll(0)
+        return seq
+
+    def _send_batch(self) -> None:
+        if not self._open:
+            return
+        items, self._open = self._open, []
+        meta = {"session": self.session, "sender": self.sender_id, "items": [[seq, m] for seq, m, _ in items]}
+        first = {k: np.asarray(v) for k, v in items[0][2].items()}
+        if all(arrs.keys() == first.keys() and all(np.shape(arrs[k]) == first[k].shape and
+                                                   np.asarray(arrs[k]).dtype == first[k].dtype for k in first)
+               for _, _, arrs in items[1:]):
+            # The usual case: same arrays in every item, stacked along a new first axis. np.stack is the one copy
+            # that lets the caller reuse its arrays while the items wait for acknowledgement.
+            meta["stacked"] = True
+            arrays = {k: np.stack([np.asarray(arrs[k]) for _, _, arrs in items]) for k in first}
+        else:
+            arrays = {f"{j}.{name}": np.array(value, copy=True) for j, (_, _, arrs) in enumerate(items)
+                      for name, value in arrs.items()}
+        frames = encode("data", meta, arrays, items[0][0])
         size = sum(memoryview(f).nbytes for f in frames)
         if size > self.max_message_bytes:
+            if len(items) > 1:  # too big together: send them one by one
+                for item in items:
+                    self._open = [item]
+                    self._send_batch()
+                return
             raise ValueError(f"item of {size} bytes exceeds max_message_bytes={self.max_message_bytes}")
+        batch_id = items[0][0]
         if self.spool:
-            blob = msgpack.packb(frames, use_bin_type=True)
-            _atomic_write(self.spool / f"{seq:012d}.msg", blob)
+            _atomic_write(self.spool / f"{batch_id:012d}.msg", pack_frames(frames))
             _atomic_write(self.spool / "session.json",
                           json.dumps({"session": self.session, "next_seq": self.next_seq}).encode())
-        self.pending[seq] = (time.monotonic(), frames)
+        self._batches[batch_id] = [time.monotonic(), frames, {seq for seq, _, _ in items}]
+        self.pending.update({seq: batch_id for seq, _, _ in items})
+        self.stats.batches += 1
         if self._room():  # else it goes out with the resends
             self.sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
-        self.stats.sent += 1
-        self.poll(0)
-        return seq
 
     def _room(self) -> bool:
         return bool(self.sock.getsockopt(zmq.EVENTS) & zmq.POLLOUT)
 
     def poll(self, timeout: float = 0.0) -> None:
-        """Read acknowledgements (waiting up to `timeout`), resend what is overdue, track outages."""
+        """Read acknowledgements (waiting up to `timeout`), send the open batch, resend what is overdue, and track
+        outages."""
+        self._last_poll = time.monotonic()
+        got_ack = False
         if self.sock.poll(int(timeout * 1000), zmq.POLLIN):
             while self.sock.poll(0, zmq.POLLIN):
                 try:
@@ -366,30 +413,43 @@ class DataSender:
                     log.warning("bad ack frame dropped: %s", exc)
                     continue
                 if msg.type == "ack" and msg.meta.get("session") == self.session:
+                    got_ack = True
                     for seq in msg.meta.get("seqs", []):
-                        if self.pending.pop(seq, None) is not None:
-                            self.stats.acked += 1
+                        batch_id = self.pending.pop(seq, None)
+                        if batch_id is None:
+                            continue
+                        self.stats.acked += 1
+                        batch = self._batches[batch_id]
+                        batch[2].discard(seq)
+                        if not batch[2]:
+                            del self._batches[batch_id]
                             if self.spool:
-                                (self.spool / f"{seq:012d}.msg").unlink(missing_ok=True)
+                                (self.spool / f"{batch_id:012d}.msg").unlink(missing_ok=True)
                     self.last_ack = time.monotonic()
                     if self._in_outage:
                         log.warning("receiver is back after %.1f s", time.monotonic() - self._outage_start)
                         self._in_outage = False
+        if self._open and (got_ack or timeout > 0 or time.monotonic() - self._open_since >= self.linger):
+            self._send_batch()
         now = time.monotonic()
         if self.pending and now - self.last_ack > self.peer_timeout and not self._in_outage:
             self._in_outage, self._outage_start = True, self.last_ack
             self.stats.outages += 1
             log.warning("no acknowledgement for %.1f s: receiver unreachable, %d items pending",
                         now - self.last_ack, len(self.pending))
-        for seq, (sent_at, frames) in list(self.pending.items()):
-            if now - sent_at >= self.resend_after and self._room():
-                self.sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
-                self.pending[seq] = (now, frames)
-                self.stats.resent += 1
+        while self._batches and self._room():  # oldest first; stop at the first that is not overdue
+            batch_id, batch = next(iter(self._batches.items()))
+            if now - batch[0] < self.resend_after:
+                break
+            self.sock.send_multipart(batch[1], copy=False, flags=zmq.NOBLOCK)
+            batch[0] = now
+            self._batches.move_to_end(batch_id)
+            self.stats.resent += 1
 
     def flush(self, timeout: float = 10.0) -> bool:
-        """Wait until every item is acknowledged (True) or the deadline passes (False)."""
+        """Send what is queued and wait until every item is acknowledged (True) or the deadline passes (False)."""
         deadline = time.monotonic() + timeout
+        self._send_batch()
         while self.pending and time.monotonic() < deadline:
             self.poll(min(0.05, max(0.0, deadline - time.monotonic())))
         return not self.pending
@@ -401,7 +461,8 @@ class DataSender:
 class DataReceiver:
     """Receives items from any number of `DataSender`s. `recv` returns each item once; call `ack(msg)` once the
     consumer has stored it (or use `auto_ack=True` when losing an unstored item on a crash is acceptable).
-    `delivered` lists (session, seq) pairs a restarted consumer already stored, so resends of them are dropped."""
+    `delivered` lists (session, seq) pairs a restarted consumer already stored, so resends of them are dropped.
+    Acknowledgements are batched while more items are waiting, and sent at once otherwise."""
 
     def __init__(self, endpoint: str, *, auto_ack: bool = False, delivered=(), curve: CurveConfig | None = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, as_torch: bool = False):
@@ -409,41 +470,76 @@ class DataReceiver:
         self.auto_ack, self.max_message_bytes, self.as_torch = auto_ack, max_message_bytes, as_torch
         self.seen: dict[str, set[int]] = {}  # delivered to the consumer (stored, or being stored)
         self._unacked: set[tuple[str, int]] = set()
+        self._acks: dict[tuple[bytes, str], list[int]] = {}
+        self._n_acks, self._acks_since = 0, 0.0
+        self._ready: list[Message] = []  # items of a received batch not yet handed out
         for session, seq in delivered:
             self.seen.setdefault(session, set()).add(int(seq))
         self.stats = _Counters("received", "duplicates", "bad_frames")
+
+    def _split(self, msg: Message, peer: bytes) -> list[Message]:
+        session, items = msg.meta.get("session"), msg.meta.get("items")
+        if msg.type != "data" or not isinstance(session, str) or not isinstance(items, list) or not items:
+            raise FrameError(f"expected a data batch with a session and items, got type {msg.type!r}")
+        out, names = [], set(msg.arrays)
+        stacked = msg.meta.get("stacked") is True
+        if stacked and any(v.ndim == 0 or v.shape[0] != len(items) for v in msg.arrays.values()):
+            raise FrameError(f"stacked arrays must have {len(items)} rows, one per item")
+        for j, item in enumerate(items):
+            if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], int)
+                    and isinstance(item[1], dict)):
+                raise FrameError(f"bad item entry {item!r}")
+            if stacked:
+                arrays = {k: v[j] for k, v in msg.arrays.items()}
+                names = set()
+            else:
+                prefix = f"{j}."
+                arrays = {k[len(prefix):]: v for k, v in msg.arrays.items() if k.startswith(prefix)}
+                names -= {prefix + k for k in arrays}
+            out.append(Message("data", item[0], {**item[1], "session": session, "sender": msg.meta.get("sender")},
+                               arrays, peer))
+        if names:
+            raise FrameError(f"arrays that belong to no item: {sorted(names)[:5]}")
+        return out
 
     def recv(self, timeout: float = 1.0) -> Message | None:
         """The next new item, or None after `timeout` seconds. Bad frames are logged, counted and skipped."""
         deadline = time.monotonic() + timeout
         while True:
+            while self._ready:
+                msg = self._ready.pop(0)
+                session = msg.meta["session"]
+                seen = self.seen.setdefault(session, set())
+                if msg.seq in seen:  # delivered before: deliver nothing; if already stored, tell the sender again
+                    self.stats.duplicates += 1
+                    if (session, msg.seq) not in self._unacked:
+                        self._send_ack(msg.peer, session, [msg.seq])
+                    continue
+                seen.add(msg.seq)
+                self._unacked.add((session, msg.seq))
+                self.stats.received += 1
+                if self.auto_ack:
+                    self.ack(msg)
+                return msg
+            if self._acks and (not self.sock.poll(0, zmq.POLLIN) or self._n_acks >= 256
+                               or time.monotonic() - self._acks_since > 0.01):
+                self.flush_acks()
             remaining = deadline - time.monotonic()
             if not self.sock.poll(max(0, int(remaining * 1000)), zmq.POLLIN):
+                self.flush_acks()
                 return None
             parts = self.sock.recv_multipart(copy=False)
             peer, frames = parts[0].bytes, parts[1:]
             try:
-                msg = decode(frames, self.max_message_bytes, as_torch=self.as_torch)
-                session = msg.meta.get("session")
-                if msg.type != "data" or not isinstance(session, str):
-                    raise FrameError(f"expected a data item with a session, got type {msg.type!r}")
+                if len(frames) == 1:  # a packed batch (what DataSender sends)
+                    if frames[0].buffer.nbytes > self.max_message_bytes:
+                        raise FrameError(f"message of {frames[0].buffer.nbytes} bytes exceeds the "
+                                         f"{self.max_message_bytes}-byte limit")
+                    frames = unpack_frames(frames[0].buffer)
+                self._ready = self._split(decode(frames, self.max_message_bytes, as_torch=self.as_torch), peer)
             except FrameError as exc:
                 self.stats.bad_frames += 1
                 log.warning("bad frame from peer %s dropped: %s", peer.hex(), exc)
-                continue
-            msg.peer = peer
-            seen = self.seen.setdefault(session, set())
-            if msg.seq in seen:  # delivered before: deliver nothing; if already stored, tell the sender again
-                self.stats.duplicates += 1
-                if (session, msg.seq) not in self._unacked:
-                    self._send_ack(peer, session, [msg.seq])
-                continue
-            seen.add(msg.seq)
-            self._unacked.add((session, msg.seq))
-            self.stats.received += 1
-            if self.auto_ack:
-                self.ack(msg)
-            return msg
 
     def ack(self, msg: Message) -> None:
         """The consumer has stored `msg`: acknowledge it to its sender."""
@@ -452,12 +548,26 @@ class DataReceiver:
         self._send_ack(msg.peer, session, [msg.seq])
 
     def _send_ack(self, peer: bytes, session: str, seqs: list[int]) -> None:
-        try:
-            self.sock.send_multipart([peer, *encode("ack", {"session": session, "seqs": seqs})], flags=zmq.NOBLOCK)
-        except zmq.Again:
-            pass  # the sender resends, and we ack again then
+        if not self._acks:
+            self._acks_since = time.monotonic()
+        self._acks.setdefault((peer, session), []).extend(seqs)
+        self._n_acks += len(seqs)
+        # While more items are waiting (in this batch or on the socket), batch; otherwise send at once.
+        if self._n_acks >= 256 or time.monotonic() - self._acks_since > 0.01 or \
+                (not self._ready and not self.sock.poll(0, zmq.POLLIN)):
+            self.flush_acks()
+
+    def flush_acks(self) -> None:
+        for (peer, session), seqs in self._acks.items():
+            try:
+                self.sock.send_multipart([peer, *encode("ack", {"session": session, "seqs": seqs})],
+                                         flags=zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # the sender resends, and we acknowledge again then
+        self._acks, self._n_acks = {}, 0
 
     def close(self) -> None:
+        self.flush_acks()
         self.sock.close(linger=0)
 
 

@@ -1,0 +1,140 @@
+"""Hardware discovery: CPUs, memory, GPUs (torch.cuda, plus NVML when installed) and robots.
+
+    python -m common.hardware           # a table
+    python -m common.hardware --json    # for scripts
+
+Robots are found through discoverers that other packages register (`register_robot_discoverer`); the robot registry
+in `robot_io` plugs in here, so this module never imports `robot_io` (dependencies point one way).
+A discoverer returns a list of dicts with at least `type` and `name`; one that raises is reported, not fatal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from typing import Callable
+
+_robot_discoverers: dict[str, Callable[[], list[dict]]] = {}
+
+
+def register_robot_discoverer(name: str, discover: Callable[[], list[dict]]) -> None:
+    _robot_discoverers[name] = discover
+
+
+def cpu_info() -> dict:
+    import psutil
+
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"model": model, "logical_cores": os.cpu_count(), "physical_cores": psutil.cpu_count(logical=False),
+            "usable_cores": usable, "arch": platform.machine()}
+
+
+def memory_info() -> dict:
+    import psutil
+
+    vm = psutil.virtual_memory()
+    return {"total_gib": round(vm.total / 2**30, 1), "available_gib": round(vm.available / 2**30, 1)}
+
+
+def gpu_info() -> list[dict]:
+    gpus: list[dict] = []
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            for i in range(torch.cuda.device_count()):
+                p = torch.cuda.get_device_properties(i)
+                gpus.append({"index": i, "name": p.name, "memory_gib": round(p.total_memory / 2**30, 1),
+                             "compute_capability": f"{p.major}.{p.minor}", "sm_count": p.multi_processor_count,
+                             "source": "torch.cuda"})
+    except Exception as exc:  # a broken CUDA install should not hide the rest
+        gpus.append({"error": f"torch.cuda: {exc}"})
+    try:
+        import pynvml  # from nvidia-ml-py, optional
+    except ImportError:
+        return gpus
+    try:
+        pynvml.nvmlInit()
+    except Exception:
+        return gpus  # no NVIDIA driver: nothing to add
+    try:
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandle_by_index(i) if hasattr(pynvml, "nvmlDeviceGetHandle_by_index") \
+                else pynvml.nvmlDeviceGetHandleByIndex(i)
+            mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+            util = pynvml.nvmlDeviceGetUtilizationRates(h)
+            entry = next((g for g in gpus if g.get("index") == i), None)
+            if entry is None:
+                entry = {"index": i, "name": pynvml.nvmlDeviceGetName(h), "source": "nvml"}
+                gpus.append(entry)
+            entry.update(memory_used_gib=round(mem.used / 2**30, 1), utilization_pct=util.gpu,
+                         driver=pynvml.nvmlSystemGetDriverVersion())
+    finally:
+        pynvml.nvmlShutdown()
+    return gpus
+
+
+def robot_info() -> list[dict]:
+    robots: list[dict] = []
+    for name, discover in _robot_discoverers.items():
+        try:
+            robots += [{"discoverer": name, **r} for r in discover()]
+        except Exception as exc:
+            robots.append({"discoverer": name, "error": f"{type(exc).__name__}: {exc}"})
+    return robots
+
+
+def discover() -> dict:
+    return {"cpu": cpu_info(), "memory": memory_info(), "gpus": gpu_info(), "robots": robot_info()}
+
+
+def _print_table(info: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="Hardware on this machine")
+    table.add_column("kind")
+    table.add_column("what")
+    table.add_column("details")
+    c = info["cpu"]
+    table.add_row("cpu", c["model"], f"{c['usable_cores']} usable / {c['logical_cores']} logical cores, {c['arch']}")
+    m = info["memory"]
+    table.add_row("memory", f"{m['total_gib']} GiB", f"{m['available_gib']} GiB available")
+    for g in info["gpus"] or [{"name": "none"}]:
+        details = ", ".join(f"{k}={v}" for k, v in g.items() if k not in ("name",))
+        table.add_row("gpu", str(g.get("name", g.get("error", "?"))), details)
+    for r in info["robots"] or [{"name": "none (no robot discoverer registered or none found)"}]:
+        details = ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("name",))
+        table.add_row("robot", str(r.get("name", r.get("error", "?"))), details)
+    Console().print(table)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m common.hardware", description="List CPUs, memory, GPUs, robots.")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args(argv)
+    try:  # robot_io registers its discoverer on import, when it is there
+        import robot_io  # noqa: F401
+    except ImportError:
+        pass
+    info = discover()
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        _print_table(info)
+
+
+if __name__ == "__main__":
+    main()
