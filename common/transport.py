@@ -301,7 +301,8 @@ class DataSender:
     Batching (Nagle-style, no timers): an item goes out at once when nothing sent is still unacknowledged; otherwise
     it joins a batch that leaves when it holds `max_batch` items, when acknowledgements come back, when it is older
     than `linger` seconds, or on `poll` / `flush`. Under load this packs many items into one ZMQ message; when idle,
-    latency stays one round trip."""
+    latency stays one round trip. The sender has no thread of its own: call `poll()` once per loop iteration (e.g.
+    each control step) so that acknowledgements, resends and a lingering batch are handled."""
 
     def __init__(self, endpoint: str, *, sender_id: str = "robot", max_pending: int = 1024, resend_after: float = 2.0,
                  peer_timeout: float = 10.0, spool_dir: str | Path | None = None, curve: CurveConfig | None = None,
