@@ -120,6 +120,7 @@ class ReplayBuffer:
         self.total_added = 0  # transitions ever added (durable), across restarts
         self._cache: dict[str, np.ndarray] = {}
         self._cached: OrderedDict[int, int] = OrderedDict()  # id -> first ring row
+        self._window_cache = None
         self._ring_pos = 0
         self.stats = {"cache_hits": 0, "cache_misses": 0, "files_read": 0}
         if self.dir is not None:
@@ -234,6 +235,7 @@ class ReplayBuffer:
             self._write_file(seg_id, flat, T, meta)  # the slow part, outside the lock: sampling goes on
             self._append_index({"id": seg_id, "length": T, "meta": meta})
         with self._lock:
+            self._window_cache = None
             self.ids.append(seg_id)
             self.lengths[seg_id] = T
             self.seg_meta[seg_id] = meta
@@ -297,27 +299,27 @@ class ReplayBuffer:
         plus segment_id and step of each row."""
         rng = rng or self.rng
         with self._lock:
-            ids = self.ids[-self.sample_window:] if self.sample_window else list(self.ids)
-            if not ids:
-                raise BufferError("cannot sample from an empty buffer")
-            lengths = np.array([self.lengths[i] for i in ids])
-            cum = np.cumsum(lengths)
+            ids, lengths, cum, cache_starts = self._window_arrays()
             draws = rng.integers(cum[-1], size=batch_size)
             which = np.searchsorted(cum, draws, side="right")
-            seg_ids = np.asarray(ids)[which]
+            seg_ids = ids[which]
             steps = draws - (cum[which] - lengths[which])
-            starts = np.array([self._cached.get(int(i), -1) for i in seg_ids])
+            starts = cache_starts[which]
             hit = starts >= 0
-            out = {key: np.empty((batch_size, *shape), dtype=np.dtype(dtype))
-                   for key, (dtype, shape) in self.schema.items()}
-            nxt = {key: np.empty((batch_size, *shape), dtype=np.dtype(dtype))
-                   for key, (dtype, shape) in self.schema.items() if key.startswith("obs/")}
-            if hit.any():
-                rows = starts[hit] + steps[hit]
-                for key, arr in self._cache.items():
-                    out[key][hit] = arr[rows]
-                    if key in nxt:
-                        nxt[key][hit] = arr[rows + 1]
+            rows = starts + steps
+            if hit.all():  # the common case: one fancy index per key, no masks
+                out = {key: arr[rows] for key, arr in self._cache.items()}
+                nxt = {key: arr[rows + 1] for key, arr in self._cache.items() if key.startswith("obs/")}
+            else:
+                out = {key: np.empty((batch_size, *shape), dtype=np.dtype(dtype))
+                       for key, (dtype, shape) in self.schema.items()}
+                nxt = {key: np.empty((batch_size, *shape), dtype=np.dtype(dtype))
+                       for key, (dtype, shape) in self.schema.items() if key.startswith("obs/")}
+                if hit.any():
+                    for key, arr in self._cache.items():
+                        out[key][hit] = arr[rows[hit]]
+                        if key in nxt:
+                            nxt[key][hit] = arr[rows[hit] + 1]
             self.stats["cache_hits"] += int(hit.sum())
             self.stats["cache_misses"] += int((~hit).sum())
             if (~hit).any():  # read from files under the lock, so an eviction cannot delete a file mid-read
@@ -337,15 +339,25 @@ class ReplayBuffer:
 
     def _read_rows(self, seg_id, steps, sel, out, nxt) -> None:
         self.stats["files_read"] += 1
-        need = np.unique(np.concatenate([steps, steps + 1]))
+        lo, hi = int(steps.min()), int(steps.max()) + 2  # one contiguous read per key (h5py point reads are slow)
         with h5py.File(self._path(seg_id), "r") as f:
             for key in out:
-                ds = f[key]
-                rows = need if key in nxt else np.unique(steps)
-                data = ds[rows] if len(rows) < len(ds) // 2 else ds[:][rows]
-                out[key][sel] = data[np.searchsorted(rows, steps)]
+                data = f[key][lo:hi if key in nxt else hi - 1]
+                out[key][sel] = data[steps - lo]
                 if key in nxt:
-                    nxt[key][sel] = data[np.searchsorted(rows, steps + 1)]
+                    nxt[key][sel] = data[steps + 1 - lo]
+
+    def _window_arrays(self):
+        """(ids, lengths, cumulative lengths, cache start row or -1) of the sampling window; rebuilt only after a
+        change (an add, an eviction, or a segment falling out of the RAM cache)."""
+        if self._window_cache is None:
+            ids = self.ids[-self.sample_window:] if self.sample_window else self.ids
+            if not ids:
+                raise BufferError("cannot sample from an empty buffer")
+            lengths = np.array([self.lengths[i] for i in ids])
+            starts = np.array([self._cached.get(i, -1) for i in ids])
+            self._window_cache = (np.asarray(ids), lengths, np.cumsum(lengths), starts)
+        return self._window_cache
 
     def read_segment(self, seg_id: int) -> dict[str, Any]:
         """A whole segment back in the shape it was added (for SFT datasets, checks, export)."""

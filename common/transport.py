@@ -32,6 +32,7 @@ import os
 import threading
 import time
 import uuid
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,9 +173,10 @@ def _raw(frame) -> memoryview:
     return view.cast("B") if view.nbytes else memoryview(b"")
 
 
-def pack_frames(frames: list) -> np.ndarray:
+def pack_frames(frames: list, out: np.ndarray | None = None) -> np.ndarray:
     """Frames -> one uint8 buffer: [u32 count][u64 length x count][frames, each 64-byte aligned]. Used where one ZMQ
-    frame per message is better: latest-only broadcast (ZMQ conflates only single frames) and the data channel."""
+    frame per message is needed: latest-only broadcast (ZMQ conflates only single frames), spooled batches.
+    `out`, when it has exactly the right size, is reused (warm memory copies several times faster than fresh)."""
     lengths = [memoryview(f).nbytes for f in frames]
     pos = 4 + 8 * len(frames)
     offsets = []
@@ -182,15 +184,30 @@ def pack_frames(frames: list) -> np.ndarray:
         pos = -(-pos // _ALIGN) * _ALIGN
         offsets.append(pos)
         pos += n
-    buf = np.empty(pos, np.uint8)  # not zero-filled: every byte is written below
+    buf = out if out is not None and out.shape == (pos,) else np.empty(pos, np.uint8)  # every byte is written
     buf[:4] = np.frombuffer(len(frames).to_bytes(4, "little"), np.uint8)
     buf[4:4 + 8 * len(frames)] = np.frombuffer(np.asarray(lengths, "<u8").tobytes(), np.uint8)
     end = 4 + 8 * len(frames)
     for f, off, n in zip(frames, offsets, lengths):
         buf[end:off] = 0  # alignment padding
-        buf[off:off + n] = np.frombuffer(_raw(f), np.uint8)
+        src = np.frombuffer(_raw(f), np.uint8)
+        if n >= 1 << 20 and _torch_copy(buf[off:off + n], src):
+            pass  # large frames: torch's multi-threaded copy
+        else:
+            buf[off:off + n] = src
         end = off + n
     return buf
+
+
+def _torch_copy(dst: np.ndarray, src: np.ndarray) -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    with warnings.catch_warnings():  # src may be a read-only view; it is only read
+        warnings.simplefilter("ignore", UserWarning)
+        torch.from_numpy(dst).copy_(torch.from_numpy(src))
+    return True
 
 
 def unpack_frames(buf) -> list[memoryview]:

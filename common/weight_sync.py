@@ -9,11 +9,11 @@ What travels: `mode="full"` sends the whole state dict (buffers included); `mode
 `requires_grad` (e.g. a VLA's action expert, not its frozen VLM); `only_changed=True` further drops tensors equal to
 what was last sent.
 
-Cost control, our analogue of RLinf's SM-aware sync: `publish` takes one snapshot (a copy into the send buffer; on
-CUDA first a device-to-host copy into pinned memory on a side stream) and hands it to one background sender thread.
-A publish while a send is in flight replaces the waiting snapshot (counted as coalesced), so a slow link never builds a
-backlog and never blocks training. `max_bytes_per_s` caps the average bandwidth; the publisher waits between sends so
-that a sync never takes more than its share of a shared link or core.
+Cost control, our analogue of RLinf's SM-aware sync: `publish` takes one snapshot (a copy into a reused send buffer;
+on CUDA first a device-to-host copy into pinned memory on a side stream) and returns. ZMQ sends the buffer zero-copy
+from its own I/O thread, and its queues conflate: only the newest version waits for a slow link, so a backlog never
+builds and training is never blocked. `max_bytes_per_s` caps the average bandwidth: then one sender thread paces the
+sends, and a publish during a wait replaces the waiting snapshot (counted as coalesced).
 Counters: publisher `requested / sent / coalesced / bytes`; subscriber `received / applied / coalesced` (versions that
 arrived or were published but were superseded before being applied).
 """
@@ -59,6 +59,7 @@ class WeightPublisher:
         self._cond = threading.Condition()
         self._closed = False
         self._busy = False
+        self._buffers: list[tuple] = []  # (send buffer, zmq MessageTracker) of past sends
         self._thread = threading.Thread(target=self._sender, name="weight-sender", daemon=True)
         self._thread.start()
 
@@ -94,14 +95,23 @@ class WeightPublisher:
         start = time.perf_counter()
         self.version = self.version + 1 if version is None else int(version)
         tensors = self._host_tensors()
-        # pack_frames is the one host copy: the snapshot, taken here while the weights are consistent.
-        packed = pack_frames(encode("update", {"version": self.version, "mode": self.mode}, tensors, self.version))
+        # pack_frames is the one host copy: the snapshot, taken here while the weights are consistent. It goes into a
+        # send buffer that no receiver still holds (ZMQ tracks zero-copy sends), reused when the size fits.
+        frames = encode("update", {"version": self.version, "mode": self.mode}, tensors, self.version)
+        with self._cond:
+            spare = next((i for i, (buf, tracker) in enumerate(self._buffers)
+                          if (tracker is None or tracker.done) and buf is not (self._pending or (0, None))[1]), None)
+            reuse = self._buffers.pop(spare)[0] if spare is not None else None
+        packed = pack_frames(frames, out=reuse)
         with self._cond:
             self.stats["requested"] += 1
-            if self._pending is not None:
-                self.stats["coalesced"] += 1
-            self._pending = (self.version, packed)
-            self._cond.notify()
+            if self.max_bytes_per_s is None and self._pending is None and not self._busy:
+                self._send(packed)  # ZMQ sends zero-copy from its own I/O thread: no need to wake ours
+            else:
+                if self._pending is not None:
+                    self.stats["coalesced"] += 1
+                self._pending = (self.version, packed)
+                self._cond.notify()
         self.stats["last_publish_s"] = time.perf_counter() - start
         return self.version
 
@@ -119,14 +129,18 @@ class WeightPublisher:
             wait = next_allowed - time.monotonic()
             if wait > 0:
                 time.sleep(wait)
-            self.pub.sock.send(packed, copy=False)
             with self._cond:
-                self.stats["sent"] += 1
-                self.stats["bytes"] += len(packed)
+                self._send(packed)
                 self._busy = False
                 self._cond.notify_all()
             if self.max_bytes_per_s:
                 next_allowed = time.monotonic() + len(packed) / self.max_bytes_per_s
+
+    def _send(self, packed) -> None:  # under self._cond
+        tracker = self.pub.sock.send(packed, copy=False, track=True)
+        self._buffers = (self._buffers + [(packed, tracker)])[-2:]  # keep two send buffers for reuse
+        self.stats["sent"] += 1
+        self.stats["bytes"] += len(packed)
 
     def wait_sent(self, timeout: float = 10.0) -> bool:
         """Block until nothing is waiting or being sent (tests, shutdown)."""

@@ -1,0 +1,135 @@
+"""Weight-sync benchmark: publish + apply time for 1M / 10M / 100M float32 parameters vs a plain memcpy of the
+same bytes.
+
+One publish+apply = `WeightPublisher.publish()` (snapshot into the send buffer) -> transport -> `WeightSubscriber`
+receives -> `apply()` copies into the actor's parameters. Measured within one process over `inproc://` (learner and
+actor threads sharing a process: the transport passes a pointer) and over TCP loopback (the bytes cross the kernel).
+The reference is `torch.Tensor.copy_` of one flat tensor of the same size, preallocated. Median of `repeats`.
+
+    python benchmarks/weight_sync.py        # writes benchmarks/results/weight_sync.{md,json,png}
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+import tyro
+import zmq
+
+from benchmarks.report import RESULTS_DIR, write_results
+from common.weight_sync import WeightPublisher, WeightSubscriber
+
+
+@dataclass
+class Args:
+    sizes: list[int] = field(default_factory=lambda: [1_000_000, 10_000_000, 100_000_000])
+    """parameter counts (float32)"""
+    tensors: int = 10
+    """the parameters are split over this many tensors"""
+    repeats: int = 5
+    """timed repetitions per setting (median reported)"""
+    seed: int = 0
+    """seed of the parameter values"""
+    out_dir: Path = RESULTS_DIR
+    """where weight_sync.{md,json,png} go"""
+
+
+def make_model(n: int, parts: int, seed: int) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    model = torch.nn.Module()
+    for i in range(parts):
+        model.register_parameter(f"w{i}", torch.nn.Parameter(torch.randn(n // parts, generator=g)))
+    return model
+
+
+def time_memcpy(n: int, repeats: int) -> float:
+    src, dst = torch.randn(n), torch.empty(n)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def time_sync(n: int, parts: int, endpoint: str, repeats: int, seed: int) -> tuple[float, float]:
+    """(median publish+apply seconds, median seconds that publish() blocked the learner)."""
+    ctx = zmq.Context()
+    learner, actor = make_model(n, parts, seed), make_model(n, parts, seed + 1)
+    pub = WeightPublisher(endpoint, learner, ctx=ctx)
+    sub = WeightSubscriber(endpoint, actor, ctx=ctx)
+    time.sleep(0.3)
+    totals, blocks = [], []
+    for r in range(repeats + 1):
+        with torch.no_grad():
+            learner.w0.add_(1.0)
+        start = time.perf_counter()
+        pub.publish()
+        blocked = time.perf_counter() - start
+        while not sub.poll(timeout=0.001):
+            if time.perf_counter() - start > 120:
+                raise TimeoutError("weights never arrived")
+        sub.apply()
+        total = time.perf_counter() - start
+        if r:  # the first round warms allocations up
+            totals.append(total)
+            blocks.append(blocked)
+    assert torch.equal(actor.w0, learner.w0) and torch.equal(actor.w9 if parts == 10 else actor.w0, learner.w9
+                                                            if parts == 10 else learner.w0)
+    pub.close()
+    sub.close()
+    ctx.term()
+    return float(np.median(totals)), float(np.median(blocks))
+
+
+def main(args: Args) -> None:
+    rows, port = [], 5850
+    for n in args.sizes:
+        copy_s = time_memcpy(n, args.repeats)
+        row = {"params": f"{n / 1e6:g}M", "MB": round(n * 4 / 1e6, 1), "memcpy_ms": round(copy_s * 1e3, 2)}
+        for name, endpoint in (("inproc", f"inproc://weights-{n}"), ("tcp", f"tcp://127.0.0.1:{port}")):
+            port += 1
+            total, blocked = time_sync(n, args.tensors, endpoint, args.repeats, args.seed)
+            row[f"{name}_publish_apply_ms"] = round(total * 1e3, 2)
+            row[f"{name}_vs_memcpy"] = round(total / copy_s, 2)
+            row[f"{name}_publish_blocks_ms"] = round(blocked * 1e3, 2)
+        rows.append(row)
+        print(row, flush=True)
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    x = np.arange(len(rows))
+    for off, key, label in ((-0.25, "memcpy_ms", "memcpy"), (0.0, "inproc_publish_apply_ms", "ours, inproc"),
+                            (0.25, "tcp_publish_apply_ms", "ours, TCP loopback")):
+        ax.bar(x + off, [r[key] for r in rows], 0.25, label=label)
+    ax.set_xticks(x, [r["params"] + " fp32" for r in rows])
+    ax.set_yscale("log")
+    ax.set_ylabel("ms (log)")
+    ax.set_title("weight sync: publish + apply vs memcpy")
+    ax.legend()
+    notes = ("publish+apply: from `publish()` on the learner to the end of `apply()` on the actor (snapshot copy, "
+             "transport, copy into the actor's parameters: at least two copies of the bytes, so 2x memcpy is the "
+             "floor for any sync that snapshots). `publish_blocks_ms` is how long `publish()` held the learner. "
+             f"{args.tensors} tensors per model, median of {args.repeats} after one warm-up. Target: <= 2x memcpy.")
+    path = write_results("weight_sync", "Weight sync vs memcpy",
+                         ["params", "MB", "memcpy_ms", "inproc_publish_apply_ms", "inproc_vs_memcpy",
+                          "inproc_publish_blocks_ms", "tcp_publish_apply_ms", "tcp_vs_memcpy",
+                          "tcp_publish_blocks_ms"], rows, seeds=[args.seed], notes=notes, out_dir=args.out_dir,
+                         figure=fig)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
