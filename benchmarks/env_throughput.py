@@ -27,7 +27,7 @@ import torch
 import tyro
 from tqdm import tqdm
 
-from benchmarks.report import RESULTS_DIR, write_results
+from benchmarks.report import RESULTS_DIR, pyplot, write_results
 
 
 @dataclass
@@ -146,11 +146,7 @@ def main(args: Args) -> None:
                          "vs_bare": round(sps / bare, 2), "make_reset_s": round(make_s, 1)})
         tqdm.write(f"{name:40s} {rows[-1]['runner']:28s} workers={rows[-1]['workers']}: {rows[-1]['steps_per_s']:8.1f} steps/s")
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 4.5))
     labels = [f"{r['setting']}\n{'bare' if r['runner'].startswith('bare') else str(r['workers']) + ' worker(s)'}"
               for r in rows]

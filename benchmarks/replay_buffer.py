@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 import tyro
 
-from benchmarks.report import RESULTS_DIR, write_results
+from benchmarks.report import RESULTS_DIR, pyplot, write_results
 from common.replay_buffer import ReplayBuffer
 
 
@@ -126,11 +126,7 @@ def main(args: Args) -> None:
                      "files_hit_share": round(hit_share, 3)})
         print(rows[-1], flush=True)
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
     x = np.arange(len(rows))
     a.bar(x - 0.2, [r["durable_append_per_s"] for r in rows], 0.4, label="ours, durable (fsync)")

@@ -30,6 +30,16 @@ def machine_info() -> dict:
     }
 
 
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (benchmarks run headless)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def markdown_table(columns: list[str], rows: list[dict]) -> str:
     def fmt(v):
         if isinstance(v, float):

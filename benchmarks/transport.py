@@ -24,13 +24,13 @@ import numpy as np
 import tyro
 import zmq
 
-from benchmarks.report import RESULTS_DIR, write_results
+from benchmarks.report import RESULTS_DIR, pyplot, write_results
 
 
 @dataclass
 class Args:
-    items: int = 5000
-    """items in the throughput run (a multiple of 64)"""
+    items: int = 5120
+    """items in the throughput run"""
     latency_items: int = 1000
     """items in the paced latency run"""
     latency_rate: float = 200.0
@@ -75,7 +75,7 @@ def raw_sender(endpoint, n, rate, seed, batch=1):
     rng = np.random.default_rng(seed)
     item = payload(rng)
     time.sleep(0.3)
-    for _ in range(n // batch):
+    for _ in range(-(-n // batch)):  # ceil: at least n items
         ts = np.full(batch, time.monotonic(), np.float64)
         if batch == 1:
             arrays = [item["image"], item["state"], item["action"], np.atleast_1d(item["reward"])]
@@ -164,11 +164,7 @@ def main(args: Args) -> None:
     for r in rows:
         r["vs_raw"] = round(r["items_per_s"] / rows[0]["items_per_s"], 2)
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
     names = ["raw, 1/msg", f"raw, {BATCH}/msg", "ours"]
     a.bar(names, [r["items_per_s"] for r in rows], color=["tab:gray", "silver", "tab:blue"])

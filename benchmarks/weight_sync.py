@@ -23,7 +23,7 @@ import torch
 import tyro
 import zmq
 
-from benchmarks.report import RESULTS_DIR, write_results
+from benchmarks.report import RESULTS_DIR, pyplot, write_results
 from common.weight_sync import WeightPublisher, WeightSubscriber
 
 
@@ -60,12 +60,13 @@ def time_memcpy(n: int, repeats: int) -> float:
     return float(np.median(times))
 
 
-def time_sync(n: int, parts: int, endpoint: str, repeats: int, seed: int) -> tuple[float, float]:
+def time_sync(n: int, parts: int, endpoint: str, repeats: int, seed: int,
+              zero_copy: bool = False) -> tuple[float, float]:
     """(median publish+apply seconds, median seconds that publish() blocked the learner)."""
     ctx = zmq.Context()
     learner, actor = make_model(n, parts, seed), make_model(n, parts, seed + 1)
     pub = WeightPublisher(endpoint, learner, ctx=ctx)
-    sub = WeightSubscriber(endpoint, actor, ctx=ctx)
+    sub = WeightSubscriber(endpoint, actor, ctx=ctx, zero_copy=zero_copy)
     time.sleep(0.3)
     totals, blocks = [], []
     for r in range(repeats + 1):
@@ -95,25 +96,25 @@ def main(args: Args) -> None:
     for n in args.sizes:
         copy_s = time_memcpy(n, args.repeats)
         row = {"params": f"{n / 1e6:g}M", "MB": round(n * 4 / 1e6, 1), "memcpy_ms": round(copy_s * 1e3, 2)}
-        for name, endpoint in (("inproc", f"inproc://weights-{n}"), ("tcp", f"tcp://127.0.0.1:{port}")):
+        for name, endpoint, zero_copy in (("inproc", f"inproc://weights-{n}", False),
+                                          ("inproc_zero_copy", f"inproc://weights-zc-{n}", True),
+                                          ("tcp", f"tcp://127.0.0.1:{port}", False)):
             port += 1
-            total, blocked = time_sync(n, args.tensors, endpoint, args.repeats, args.seed)
+            total, blocked = time_sync(n, args.tensors, endpoint, args.repeats, args.seed, zero_copy)
             row[f"{name}_publish_apply_ms"] = round(total * 1e3, 2)
             row[f"{name}_vs_memcpy"] = round(total / copy_s, 2)
-            row[f"{name}_publish_blocks_ms"] = round(blocked * 1e3, 2)
+            if name != "inproc_zero_copy":
+                row[f"{name}_publish_blocks_ms"] = round(blocked * 1e3, 2)
         rows.append(row)
         print(row, flush=True)
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     x = np.arange(len(rows))
-    for off, key, label in ((-0.25, "memcpy_ms", "memcpy"), (0.0, "inproc_publish_apply_ms", "ours, inproc"),
-                            (0.25, "tcp_publish_apply_ms", "ours, TCP loopback")):
-        ax.bar(x + off, [r[key] for r in rows], 0.25, label=label)
+    for off, key, label in ((-0.3, "memcpy_ms", "memcpy"), (-0.1, "inproc_publish_apply_ms", "ours, inproc"),
+                            (0.1, "inproc_zero_copy_publish_apply_ms", "ours, inproc, zero-copy apply"),
+                            (0.3, "tcp_publish_apply_ms", "ours, TCP loopback")):
+        ax.bar(x + off, [r[key] for r in rows], 0.2, label=label)
     ax.set_xticks(x, [r["params"] + " fp32" for r in rows])
     ax.set_yscale("log")
     ax.set_ylabel("ms (log)")
@@ -121,11 +122,15 @@ def main(args: Args) -> None:
     ax.legend()
     notes = ("publish+apply: from `publish()` on the learner to the end of `apply()` on the actor (snapshot copy, "
              "transport, copy into the actor's parameters: at least two copies of the bytes, so 2x memcpy is the "
-             "floor for any sync that snapshots). `publish_blocks_ms` is how long `publish()` held the learner. "
+             "floor for any sync that snapshots and then copies). `zero_copy`: the actor's `WeightSubscriber("
+             "zero_copy=True)` points its CPU parameters at the received buffer instead of copying (inference-only "
+             "CPU actors), leaving one copy, the snapshot. `publish_blocks_ms` is how long `publish()` held the "
+             "learner. "
              f"{args.tensors} tensors per model, median of {args.repeats} after one warm-up. Target: <= 2x memcpy.")
     path = write_results("weight_sync", "Weight sync vs memcpy",
                          ["params", "MB", "memcpy_ms", "inproc_publish_apply_ms", "inproc_vs_memcpy",
-                          "inproc_publish_blocks_ms", "tcp_publish_apply_ms", "tcp_vs_memcpy",
+                          "inproc_publish_blocks_ms", "inproc_zero_copy_publish_apply_ms",
+                          "inproc_zero_copy_vs_memcpy", "tcp_publish_apply_ms", "tcp_vs_memcpy",
                           "tcp_publish_blocks_ms"], rows, seeds=[args.seed], notes=notes, out_dir=args.out_dir,
                          figure=fig)
     print(f"wrote {path}")

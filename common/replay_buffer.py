@@ -39,6 +39,8 @@ from typing import Any, Iterator
 import h5py
 import numpy as np
 
+from common.fsutil import atomic_write, fsync_path
+
 log = logging.getLogger("replay_buffer")
 
 FORMAT_VERSION = 1
@@ -49,24 +51,6 @@ STEP_DTYPES = {"rewards": np.float32, "terminated": np.bool_, "truncated": np.bo
 
 class BufferError(RuntimeError):
     """A malformed segment, a schema mismatch, or a buffer directory that cannot be used."""
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def _flatten(segment: dict) -> tuple[dict[str, np.ndarray], int]:
@@ -196,7 +180,7 @@ class ReplayBuffer:
         if self.schema is None:
             self.schema = schema
             if self.dir is not None:
-                _atomic_write_text(self.dir / "meta.json", json.dumps({
+                atomic_write(self.dir / "meta.json", json.dumps({
                     "format": FORMAT_VERSION, "schema": {k: [d, list(s)] for k, (d, s) in schema.items()},
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=1))
         elif schema != self.schema:
@@ -213,13 +197,9 @@ class ReplayBuffer:
                 chunk_rows = max(1, min(len(value), max(1, (1 << 16) // max(1, value[0].nbytes))))
                 f.create_dataset(key, data=value, chunks=(chunk_rows, *value.shape[1:]),
                                  compression=self.compression if value.nbytes > 4096 else None)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(tmp)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_path(path.parent)
 
     def add(self, segment: dict, meta: dict | None = None) -> int:
         """Store one segment; returns its id once it is durable (or in RAM, for a buffer without a directory)."""

@@ -42,6 +42,8 @@ import msgpack
 import numpy as np
 import zmq
 
+from common.fsutil import atomic_write
+
 log = logging.getLogger("transport")
 
 PROTOCOL_VERSION = 1
@@ -349,7 +351,7 @@ class DataSender:
             saved = json.loads(state.read_text())
             self.session, self.next_seq = saved["session"], saved["next_seq"]
         else:
-            _atomic_write(state, json.dumps({"session": self.session, "next_seq": 0}).encode())
+            atomic_write(state, json.dumps({"session": self.session, "next_seq": 0}).encode())
         for path in self.spool.glob("*.tmp"):
             path.unlink()
         for path in sorted(self.spool.glob("*.msg")):  # zero-padded names: sorted = oldest first
@@ -406,8 +408,8 @@ class DataSender:
             raise ValueError(f"item of {size} bytes exceeds max_message_bytes={self.max_message_bytes}")
         batch_id = items[0][0]
         if self.spool:
-            _atomic_write(self.spool / f"{batch_id:012d}.msg", pack_frames(frames))
-            _atomic_write(self.spool / "session.json",
+            atomic_write(self.spool / f"{batch_id:012d}.msg", pack_frames(frames))
+            atomic_write(self.spool / "session.json",
                           json.dumps({"session": self.session, "next_seq": self.next_seq}).encode())
         self._batches[batch_id] = [time.monotonic(), frames, {seq for seq, _, _ in items}]
         self.pending.update({seq: batch_id for seq, _, _ in items})
@@ -790,15 +792,6 @@ class RpcClient:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> None:
     import argparse
 

@@ -162,9 +162,11 @@ class WeightPublisher:
 
 
 class WeightSubscriber:
-    def __init__(self, endpoint: str, model: torch.nn.Module, *, curve: CurveConfig | None = None,
-                 ctx: zmq.Context | None = None):
-        self.model = model
+    def __init__(self, endpoint: str, model: torch.nn.Module, *, zero_copy: bool = False,
+                 curve: CurveConfig | None = None, ctx: zmq.Context | None = None):
+        """`zero_copy=True` (CPU, inference-only actors): `apply` points the parameters at the received buffer
+        instead of copying into them. The publisher never reuses a buffer that a receiver still holds."""
+        self.model, self.zero_copy = model, zero_copy
         self.sub = Subscriber(endpoint, curve=curve, ctx=ctx)
         self.version = 0  # applied
         self._pending = None
@@ -195,7 +197,10 @@ class WeightSubscriber:
             for name, value in msg.arrays.items():
                 target = self._targets[name]
                 src = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.asarray(value))
-                target.copy_(src)
+                if self.zero_copy and target.device.type == "cpu" and target.dtype == src.dtype:
+                    target.data = src  # the parameter now lives in the received buffer: no copy at all
+                else:
+                    target.copy_(src)
         if self.version > 0:  # published versions never applied here: superseded in a queue or while waiting
             self.stats["coalesced"] += max(0, msg.seq - self.version - 1)
         self.stats["applied"] += 1

@@ -146,3 +146,27 @@ def test_mismatched_model_is_refused():
 def test_bad_mode():
     with pytest.raises(ValueError, match="trainable"):
         WeightPublisher(free_endpoint(), Policy(), mode="delta-ish")
+
+
+def test_zero_copy_apply_points_parameters_at_the_received_buffer():
+    endpoint = free_endpoint()
+    learner, actor = Policy(), Policy()
+    pub = WeightPublisher(endpoint, learner)
+    sub = WeightSubscriber(endpoint, actor, zero_copy=True)
+    time.sleep(0.3)
+    try:
+        for v in (1.0, 2.0, 3.0):  # the publisher must not overwrite a buffer the actor still uses
+            perturb(learner, v)
+            pub.publish()
+            pub.wait_sent()
+            assert sub.poll(2) and sub.apply()
+            assert torch.equal(actor.expert.weight, learner.expert.weight) and actor.expert.weight[0, 0] == v
+        held = actor.expert.weight.clone()
+        perturb(learner, 9.0)
+        pub.publish()  # a new snapshot goes into another buffer: the actor's weights stay as applied
+        pub.wait_sent()
+        assert torch.equal(actor.expert.weight, held)
+        assert actor.expert(actor.vlm(torch.ones(1, 16))).shape == (1, 4)  # still runs on the swapped tensors
+    finally:
+        pub.close()
+        sub.close()
