@@ -193,7 +193,7 @@ def pack_frames(frames: list, out: np.ndarray | None = None) -> np.ndarray:
     for f, off, n in zip(frames, offsets, lengths):
         buf[end:off] = 0  # alignment padding
         src = np.frombuffer(_raw(f), np.uint8)
-        if n >= 1 << 20 and _torch_copy(buf[off:off + n], src):
+        if n >= 1 << 16 and _torch_copy(buf[off:off + n], src):
             pass  # large frames: torch's multi-threaded copy
         else:
             buf[off:off + n] = src
