@@ -118,8 +118,14 @@ class LiberoSingle:
         try:
             yield
         finally:
+            # Re-enabling resets an observable's sampling clock. robosuite samples every observable at the first
+            # substep of each control step; give the cameras the clock of an observable that never stopped, so the
+            # next frame is taken at exactly the substep it would have been (bit-identical to never skipping).
+            clock = next(o for o in inner._observables.values() if o.modality != "image" and o.is_enabled())
             for name in names:
                 inner.modify_observable(name, "enabled", True)
+                cam = inner._observables[name]
+                cam._time_since_last_sample, cam._sampled = clock._time_since_last_sample, clock._sampled
 
     def _fresh_observation(self) -> dict:
         self._env.env._update_observables(force=True)
@@ -128,14 +134,16 @@ class LiberoSingle:
     def _process(self, raw: dict) -> dict[str, Any]:
         from robosuite.utils.transform_utils import quat2axisangle
 
-        self._raw = raw
         state = np.concatenate(
             [raw["robot0_eef_pos"], quat2axisangle(np.array(raw["robot0_eef_quat"], dtype=np.float64)),
              raw["robot0_gripper_qpos"]]
         ).astype(np.float32)
         out: dict[str, Any] = {"state": state, "task_description": self.description}
-        if self.cameras:  # rotate 180 degrees: flip both image axes
-            out["images"] = {
+        if self.cameras and "agentview_image" not in raw:  # a step that was not rendered: keep the last frames
+            out["images"] = self._images
+        elif self.cameras:  # rotate 180 degrees: flip both image axes
+            self._raw = raw
+            out["images"] = self._images = {
                 "main": np.ascontiguousarray(raw["agentview_image"][::-1, ::-1]),
                 "wrist": np.ascontiguousarray(raw["robot0_eye_in_hand_image"][::-1, ::-1]),
             }
@@ -160,8 +168,18 @@ class LiberoSingle:
                 self._env.step(SETTLE_ACTION)
         return self._process(self._fresh_observation())
 
-    def step(self, action: np.ndarray):
-        raw, _, done, _ = self._env.step(np.asarray(action, dtype=np.float64))
+    def step(self, action: np.ndarray, observe: bool = True):
+        """One env step. `observe=False` (a step inside a chunk) skips rendering the cameras, the dominant cost on a
+        CPU; the images returned are then the last rendered ones, unless the step succeeds (the episode may end
+        here), which renders a fresh observation."""
+        action = np.asarray(action, dtype=np.float64)
+        if observe or not self.cameras:
+            raw, _, done, _ = self._env.step(action)
+        else:
+            with self._cameras_off():
+                raw, _, done, _ = self._env.step(action)
+            if done:  # the episode may end here: render its last observation now (at the end of the step)
+                raw = self._fresh_observation()
         success = bool(done)  # LIBERO's done is its BDDL goal check
         return self._process(raw), self.reward_coef * float(success), success, success
 

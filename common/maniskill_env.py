@@ -137,7 +137,7 @@ class ManiSkillSingle:
         raw, _ = self.env.reset(seed=int(reset_id))
         return self._numpy(raw)
 
-    def step(self, action: np.ndarray):
+    def step(self, action: np.ndarray, observe: bool = True):  # ManiSkill always renders its sensors in step
         raw, reward, terminated, _, info = self.env.step(torch.as_tensor(action, dtype=torch.float32)[None])
         return self._numpy(raw), float(reward[0]), bool(terminated[0]), bool(info["success"][0])
 
@@ -166,7 +166,7 @@ class ManiSkillBatchedBackend:
         raw, _ = self.env.reset(seed=[int(r) for r in reset_ids], options=dict(env_idx=idx))
         self._obs = _extract_obs(raw, self.obs_mode)
 
-    def step(self, actions, active):
+    def step(self, actions, active, observe=None):
         raw, reward, terminated, _, info = self.env.step(actions.to(self.device))
         self._obs = _extract_obs(raw, self.obs_mode)
         return reward, terminated, info["success"]

@@ -15,6 +15,8 @@ import time
 import traceback
 from typing import Any, Callable, Sequence
 
+import numpy as np
+
 
 class WorkerError(RuntimeError):
     """A simulator worker failed, died, or did not answer before its deadline."""
@@ -146,7 +148,6 @@ class WorkerPool:
 
 def stack_observations(per_env: Sequence[dict], device) -> dict[str, Any]:
     """Per-env numpy observations (state, images {cam: HxWx3 uint8}, task_description) -> one batched dict of tensors."""
-    import numpy as np
     import torch
 
     first = per_env[0]
@@ -161,7 +162,8 @@ def stack_observations(per_env: Sequence[dict], device) -> dict[str, Any]:
 
 class SubprocBackend:
     """A `common.vec_env.Backend` over a `WorkerPool` whose envs expose
-    `reset(reset_id) -> obs` and `step(action) -> (obs, reward, terminated, success)` with numpy observations."""
+    `reset(reset_id) -> obs` and `step(action, observe) -> (obs, reward, terminated, success)` with numpy
+    observations (`observe=False`: the observation may be stale, nobody looks at it)."""
 
     def __init__(self, pool: WorkerPool, action_dim: int, device="cpu"):
         import torch
@@ -174,15 +176,17 @@ class SubprocBackend:
         for i, obs in zip(env_ids, self.pool.call(env_ids, "reset", [(int(r),) for r in reset_ids])):
             self._obs[i] = obs
 
-    def step(self, actions, active):
+    def step(self, actions, active, observe=None):
         import torch
 
         ids = [i for i in range(self.num_envs) if active[i]]
+        observe = np.ones(self.num_envs, bool) if observe is None else observe
         acts = actions.detach().cpu().numpy()
         reward = torch.zeros(self.num_envs)
         terminated = torch.zeros(self.num_envs, dtype=torch.bool)
         success = torch.zeros(self.num_envs, dtype=torch.bool)
-        for i, (obs, r, term, succ) in zip(ids, self.pool.call(ids, "step", [(acts[i],) for i in ids])):
+        calls = [(acts[i], bool(observe[i])) for i in ids]
+        for i, (obs, r, term, succ) in zip(ids, self.pool.call(ids, "step", calls)):
             self._obs[i] = obs
             reward[i], terminated[i], success[i] = float(r), bool(term), bool(succ)
         return reward, terminated, success

@@ -40,9 +40,12 @@ class Backend:
         """Start new episodes in `env_ids` from the initial states named by `reset_ids`."""
         raise NotImplementedError
 
-    def step(self, actions: torch.Tensor, active: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def step(self, actions: torch.Tensor, active: np.ndarray,
+             observe: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Apply actions [N, A] to the envs where `active` is True; return reward, terminated, success (each [N]).
-        Rows of inactive envs are ignored by the caller (a batched simulator may step them anyway)."""
+        Rows of inactive envs are ignored by the caller (a batched simulator may step them anyway). Where `observe` is
+        False nobody will look at the observation after this step (a step inside a chunk), so a backend may skip
+        rendering it; a step that terminates must still leave a fresh observation."""
         raise NotImplementedError
 
     def observation(self) -> dict[str, Any]:
@@ -203,7 +206,9 @@ class BatchedEnv:
         for j in range(k):
             if not active.any():
                 break
-            reward, term, success = self.backend.step(actions[:, j], active)
+            # Observations inside a chunk are never seen: only the last step's, and that of an episode's last step.
+            observe = np.full(n, j == k - 1) | (self.lengths + 1 >= self.max_episode_steps).cpu().numpy()
+            reward, term, success = self.backend.step(actions[:, j], active, observe)
             mask = torch.as_tensor(active, device=dev)
             reward, term, success = reward.to(dev).float(), term.to(dev).bool(), success.to(dev).bool()
             if self.relative_reward:  # the env reports a level; pay out its change so an episode sums to the final level

@@ -65,6 +65,19 @@ def test_success_from_the_goal_predicate(single):
     assert success and terminated and reward == 1.0
 
 
+def test_steps_inside_a_chunk_skip_rendering_without_changing_anything(single):
+    actions = np.random.default_rng(0).uniform(-1, 1, (4, 7))
+    single.reset(5)
+    for a in actions:
+        full = single.step(a, observe=True)[0]
+    single.reset(5)
+    for j, a in enumerate(actions):
+        skipped = single.step(a, observe=j == len(actions) - 1)[0]
+    assert np.array_equal(full["state"], skipped["state"])
+    for cam in ("main", "wrist"):
+        assert np.array_equal(full["images"][cam], skipped["images"][cam])
+
+
 @pytest.fixture(scope="module")
 def batched():
     env = make_libero_env("libero_object", 2, task_ids=[0, 1], image_size=64, shadows=False, max_episode_steps=5)

@@ -17,14 +17,16 @@ class CountingBackend(Backend):
         self.state = np.zeros((num_envs, 2), np.float32)
         self.step_calls = np.zeros(num_envs, int)
         self.reset_log = []
+        self.observe_log = []
 
     def reset(self, env_ids, reset_ids):
         for i, r in zip(env_ids, reset_ids):
             self.state[i] = (r, 0)
             self.reset_log.append((i, r))
 
-    def step(self, actions, active):
+    def step(self, actions, active, observe):
         assert actions.shape == (self.num_envs, 2)
+        self.observe_log.append(observe.copy())
         self.state[active, 1] += 1
         self.step_calls[active] += 1
         success = torch.tensor([t > 0 and s >= t for s, t in zip(self.state[:, 1], self.term_after)])
@@ -158,6 +160,16 @@ def test_actions_are_clipped_to_the_action_space():
     env.reset()
     seen = {}
     original = backend.step
-    backend.step = lambda a, m: (seen.setdefault("a", a.clone()), original(a, m))[1]
+    backend.step = lambda a, m, o: (seen.setdefault("a", a.clone()), original(a, m, o))[1]
     env.step(torch.tensor([[5.0, -5.0], [0.5, 0.0]], dtype=torch.float64))
     assert seen["a"].tolist() == [[1.0, -1.0], [0.5, 0.0]] and seen["a"].dtype == torch.float32
+
+
+def test_only_observations_someone_sees_are_requested():
+    env, backend = make(term_after=(0, 0), max_steps=5)
+    env.reset()
+    env.step(torch.zeros(2, 3, 2))
+    assert [o.tolist() for o in backend.observe_log] == [[False, False], [False, False], [True, True]]
+    backend.observe_log.clear()
+    env.step(torch.zeros(2, 3, 2))  # the episode's last step (5) falls inside the chunk: it is observed
+    assert [o.tolist() for o in backend.observe_log] == [[False, False], [True, True]]
