@@ -203,6 +203,9 @@ class BatchedEnv:
         truncated = torch.zeros(n, dtype=torch.bool, device=dev)
         executed = torch.zeros(n, dtype=torch.long, device=dev)
         active = ~self.stopped.copy()
+        # A batched simulator keeps stepping an env that finished inside the chunk, so its terminal observation is
+        # taken when it finishes, not at the end of the chunk.
+        captured, captured_mask = None, torch.zeros(n, dtype=torch.bool, device=dev)
         for j in range(k):
             if not active.any():
                 break
@@ -227,14 +230,20 @@ class BatchedEnv:
             trunc = mask & ~term & (self.lengths >= self.max_episode_steps)
             terminated |= term
             truncated |= trunc
-            active &= ~(term | trunc).cpu().numpy()
+            finished = term | trunc
+            active &= ~finished.cpu().numpy()
+            if j < k - 1 and finished.any() and active.any():
+                now = _clone_obs(self.backend.observation())
+                captured = now if captured is None else _merge_obs(captured, now, finished)
+                captured_mask |= finished
 
         done = terminated | truncated
         obs = self.backend.observation()
         info: dict[str, Any] = {"success": self.last_success.clone(), "executed_steps": executed, "done": done}
         if done.any():
             done_ids = torch.nonzero(done).flatten().tolist()
-            info["final_observation"] = _clone_obs(obs)
+            final = _clone_obs(obs)
+            info["final_observation"] = final if captured is None else _merge_obs(final, captured, captured_mask)
             info["episode"] = {
                 "return": self.returns.clone(),
                 "length": self.lengths.clone(),

@@ -11,9 +11,10 @@ class CountingBackend(Backend):
     """state = [reset_id, steps taken]; reward 1 per step (or the success level); terminates with success after
     `term_after[i]` steps (0 = never)."""
 
-    def __init__(self, num_envs, term_after, level_reward=False):
+    def __init__(self, num_envs, term_after, level_reward=False, step_inactive=False):
         self.num_envs, self.action_dim, self.device = num_envs, 2, torch.device("cpu")
         self.term_after, self.level_reward = list(term_after), level_reward
+        self.step_inactive = step_inactive  # like a GPU batch simulator, which cannot leave an env out
         self.state = np.zeros((num_envs, 2), np.float32)
         self.step_calls = np.zeros(num_envs, int)
         self.reset_log = []
@@ -27,7 +28,7 @@ class CountingBackend(Backend):
     def step(self, actions, active, observe):
         assert actions.shape == (self.num_envs, 2)
         self.observe_log.append(observe.copy())
-        self.state[active, 1] += 1
+        self.state[np.ones_like(active) if self.step_inactive else active, 1] += 1
         self.step_calls[active] += 1
         success = torch.tensor([t > 0 and s >= t for s, t in zip(self.state[:, 1], self.term_after)])
         reward = success.float() if self.level_reward else torch.ones(self.num_envs)
@@ -39,7 +40,8 @@ class CountingBackend(Backend):
 
 
 def make(term_after=(0, 0), max_steps=10, **kw):
-    backend = CountingBackend(len(term_after), term_after, level_reward=kw.pop("level_reward", False))
+    backend = CountingBackend(len(term_after), term_after, level_reward=kw.pop("level_reward", False),
+                              step_inactive=kw.pop("step_inactive", False))
     return BatchedEnv(backend, max_episode_steps=max_steps, num_reset_ids=kw.pop("num_reset_ids", 100), **kw), backend
 
 
@@ -173,3 +175,11 @@ def test_only_observations_someone_sees_are_requested():
     backend.observe_log.clear()
     env.step(torch.zeros(2, 3, 2))  # the episode's last step (5) falls inside the chunk: it is observed
     assert [o.tolist() for o in backend.observe_log] == [[False, False], [True, True]]
+
+
+def test_final_observation_is_the_terminal_one_even_when_the_simulator_keeps_stepping():
+    env, backend = make(term_after=(2, 0), max_steps=10, step_inactive=True)
+    env.reset(reset_ids=[1, 2])
+    _, r, term, _, info = env.step(torch.zeros(2, 5, 2))
+    assert term.tolist() == [True, False] and r[0].tolist() == [1, 1, 0, 0, 0]
+    assert info["final_observation"]["state"][0].tolist() == [1, 2]  # taken at its 2nd step, not after 5
