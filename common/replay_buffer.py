@@ -163,7 +163,7 @@ class ReplayBuffer:
                 self._append_index(entry)
         present = sorted(i for i in index if i in on_disk)
         self.next_id = max(list(index) + list(on_disk) + [-1]) + 1
-        self.total_added = sum(index[i]["length"] for i in present)
+        self.total_added = sum(entry["length"] for entry in index.values())  # evicted segments count too
         self.ids = present[-self.capacity_segments:]
         self.lengths = {i: index[i]["length"] for i in self.ids}
         self.seg_meta = {i: index[i].get("meta", {}) for i in self.ids}
@@ -194,6 +194,9 @@ class ReplayBuffer:
         with h5py.File(tmp, "w") as f:
             f.attrs.update(id=seg_id, length=T, meta=json.dumps(meta), format=FORMAT_VERSION)
             for key, value in flat.items():
+                if value[0].size == 0:  # a zero-width dimension cannot be chunked
+                    f.create_dataset(key, data=value)
+                    continue
                 chunk_rows = max(1, min(len(value), max(1, (1 << 16) // max(1, value[0].nbytes))))
                 f.create_dataset(key, data=value, chunks=(chunk_rows, *value.shape[1:]),
                                  compression=self.compression if value.nbytes > 4096 else None)
@@ -207,6 +210,9 @@ class ReplayBuffer:
             raise BufferError("this buffer was opened read-only")
         flat, T = _flatten(segment)
         meta = dict(meta or {})
+        if self.dir is None and T + 1 > self.cache_transitions:  # refuse before any state changes
+            raise BufferError(f"a segment of {T} steps does not fit cache_transitions={self.cache_transitions}, "
+                              f"and this buffer has no directory to keep it in")
         with self._lock:
             self._check_schema(flat)
             seg_id = self.next_id

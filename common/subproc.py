@@ -74,6 +74,7 @@ class WorkerPool:
     ):
         ctx = mp.get_context(start_method)
         self.name, self.timeout = name, timeout
+        self.broken: str | None = None
         self.conns, self.procs = [], []
         for i, kwargs in enumerate(kwargs_per_worker):
             parent_conn, child_conn = ctx.Pipe()
@@ -95,13 +96,16 @@ class WorkerPool:
         return len(self.conns)
 
     def call(self, ids: Sequence[int], method: str, args_per_id: Sequence[tuple] | None = None) -> list:
+        if self.broken:  # after a timeout or a death the pipes may hold late answers: refuse rather than mix them up
+            raise WorkerError(f"{self.name} workers unusable after an earlier failure: {self.broken}")
         ids = list(ids)
         for j, i in enumerate(ids):
             args = args_per_id[j] if args_per_id is not None else ()
             try:
                 self.conns[i].send((method, tuple(args)))
             except (BrokenPipeError, OSError) as exc:
-                raise WorkerError(self._death_message(i, method)) from exc
+                self.broken = self._death_message(i, method)
+                raise WorkerError(self.broken) from exc
         return self._collect(ids, method, self.timeout)
 
     def _collect(self, ids, method: str, timeout: float) -> list:
@@ -111,13 +115,16 @@ class WorkerPool:
             conn = self.conns[i]
             while not conn.poll(min(1.0, max(0.0, deadline - time.monotonic()))):
                 if not self.procs[i].is_alive():
-                    raise WorkerError(self._death_message(i, method))
+                    self.broken = self._death_message(i, method)
+                    raise WorkerError(self.broken)
                 if time.monotonic() >= deadline:
-                    raise WorkerError(f"{self.name} worker {i} did not answer '{method}' within {timeout:.0f} s")
+                    self.broken = f"{self.name} worker {i} did not answer '{method}' within {timeout:.0f} s"
+                    raise WorkerError(self.broken)
             try:
                 status, payload = conn.recv()
             except (EOFError, OSError) as exc:
-                raise WorkerError(self._death_message(i, method)) from exc
+                self.broken = self._death_message(i, method)
+                raise WorkerError(self.broken) from exc
             if status == "error":
                 errors.append(f"{self.name} worker {i}, '{method}': {payload}")
             results.append(payload)

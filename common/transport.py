@@ -102,6 +102,16 @@ def _as_frame(value) -> tuple[str, tuple, Any]:
     return arr.dtype.str, arr.shape, arr
 
 
+def _frameable(value):
+    """A numpy array (or a CPU bfloat16 tensor) that `encode` accepts; raises TypeError with the reason otherwise."""
+    dtype, _, _ = _as_frame(value)
+    if dtype == BFLOAT16:
+        return value.detach().contiguous()
+    if type(value).__module__.startswith("torch"):
+        return value.detach().contiguous().numpy()
+    return np.asarray(value)
+
+
 def encode(msg_type: str, meta: dict | None = None, arrays: dict | None = None, seq: int = 0) -> list:
     """Message -> list of frames (header bytes, then array buffers, zero-copy)."""
     specs, frames = [], []
@@ -154,7 +164,10 @@ def decode(frames: list, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, as_torch: b
         if count * dtype.itemsize != nbytes:
             raise FrameError(f"array {name!r}: shape {shape} of {dtype_name} needs {count * dtype.itemsize} bytes, "
                              f"frame has {nbytes}")
-        arr = np.frombuffer(buf, dtype=dtype).reshape(shape)
+        try:
+            arr = np.frombuffer(buf, dtype=dtype).reshape(shape)
+        except (ValueError, TypeError, OverflowError) as exc:  # e.g. a dimension too large for the platform
+            raise FrameError(f"array {name!r}: shape {shape} cannot be used ({exc})") from None
         if dtype_name == BFLOAT16 or as_torch:
             import torch
 
@@ -359,6 +372,7 @@ class DataSender:
             seqs = {int(item[0]) for item in decode(frames).meta["items"]}
             self._batches[int(path.stem)] = [0.0, frames, seqs]
             self.pending.update({seq: int(path.stem) for seq in seqs})
+        self.next_seq = max([self.next_seq, *[seq + 1 for seq in self.pending]])
 
     def send(self, meta: dict | None = None, arrays: dict | None = None, timeout: float = 10.0) -> int:
         """Queue one item; returns its sequence id. Raises TransportTimeout if the outbox stays full."""
@@ -368,11 +382,15 @@ class DataSender:
             if time.monotonic() >= deadline and len(self.pending) + len(self._open) >= self.max_pending:
                 raise TransportTimeout(f"{len(self.pending)} items unacknowledged for {timeout:.1f} s "
                                        f"(receiver down or slow)")
+        arrays = {k: _frameable(v) for k, v in (arrays or {}).items()}  # bad dtypes fail here, not in a later call
+        size = sum(v.numel() * v.element_size() if hasattr(v, "numel") else v.nbytes for v in arrays.values())
+        if size + (1 << 16) > self.max_message_bytes:
+            raise ValueError(f"item of {size} bytes exceeds max_message_bytes={self.max_message_bytes}")
         seq = self.next_seq
         self.next_seq += 1
         if not self._open:
             self._open_since = time.monotonic()
-        self._open.append((seq, meta or {}, arrays or {}))
+        self._open.append((seq, meta or {}, arrays))
         self.stats.sent += 1
         if not self.pending or len(self._open) >= self.max_batch or \
                 time.monotonic() - self._open_since >= self.linger:
@@ -384,33 +402,34 @@ class DataSender:
     def _send_batch(self) -> None:
         if not self._open:
             return
-        items, self._open = self._open, []
+        items = self._open
         meta = {"session": self.session, "sender": self.sender_id, "items": [[seq, m] for seq, m, _ in items]}
-        first = {k: np.asarray(v) for k, v in items[0][2].items()}
-        if all(arrs.keys() == first.keys() and all(np.shape(arrs[k]) == first[k].shape and
-                                                   np.asarray(arrs[k]).dtype == first[k].dtype for k in first)
-               for _, _, arrs in items[1:]):
+        first = items[0][2]
+        if all(isinstance(v, np.ndarray) for _, _, arrs in items for v in arrs.values()) and all(
+                arrs.keys() == first.keys() and all(arrs[k].shape == first[k].shape and
+                                                    arrs[k].dtype == first[k].dtype for k in first)
+                for _, _, arrs in items[1:]):
             # The usual case: same arrays in every item, stacked along a new first axis. np.stack is the one copy
             # that lets the caller reuse its arrays while the items wait for acknowledgement.
             meta["stacked"] = True
             arrays = {k: np.stack([np.asarray(arrs[k]) for _, _, arrs in items]) for k in first}
         else:
-            arrays = {f"{j}.{name}": np.array(value, copy=True) for j, (_, _, arrs) in enumerate(items)
-                      for name, value in arrs.items()}
+            arrays = {f"{j}.{name}": value.clone() if hasattr(value, "clone") else np.array(value, copy=True)
+                      for j, (_, _, arrs) in enumerate(items) for name, value in arrs.items()}
         frames = encode("data", meta, arrays, items[0][0])
         size = sum(memoryview(f).nbytes for f in frames)
-        if size > self.max_message_bytes:
-            if len(items) > 1:  # too big together: send them one by one
-                for item in items:
-                    self._open = [item]
-                    self._send_batch()
-                return
-            raise ValueError(f"item of {size} bytes exceeds max_message_bytes={self.max_message_bytes}")
+        if size > self.max_message_bytes and len(items) > 1:  # too big together: one by one (each fits, see send)
+            self._open = []
+            for item in items:
+                self._open = [item]
+                self._send_batch()
+            return
+        self._open = []
         batch_id = items[0][0]
-        if self.spool:
+        if self.spool:  # the batch, then the session's next_seq (a reload also takes it from the spooled batches)
             atomic_write(self.spool / f"{batch_id:012d}.msg", pack_frames(frames))
             atomic_write(self.spool / "session.json",
-                          json.dumps({"session": self.session, "next_seq": self.next_seq}).encode())
+                         json.dumps({"session": self.session, "next_seq": self.next_seq}).encode())
         self._batches[batch_id] = [time.monotonic(), frames, {seq for seq, _, _ in items}]
         self.pending.update({seq: batch_id for seq, _, _ in items})
         self.stats.batches += 1
@@ -475,7 +494,27 @@ class DataSender:
         return not self.pending
 
     def close(self) -> None:
+        """Send the open batch (without waiting for acknowledgements; with a spool they survive) and close."""
+        self._send_batch()
         self.sock.close(linger=0)
+
+
+class _SeqSet:
+    """The sequence ids seen from one sender session, in bounded memory: every id below `low` plus the few above it
+    (a sender numbers its items 0, 1, 2, ..., so the set stays small)."""
+
+    def __init__(self):
+        self.low, self.above = 0, set()
+
+    def __contains__(self, seq: int) -> bool:
+        return seq < self.low or seq in self.above
+
+    def add(self, seq: int) -> None:
+        if seq >= self.low:
+            self.above.add(seq)
+            while self.low in self.above:
+                self.above.remove(self.low)
+                self.low += 1
 
 
 class DataReceiver:
@@ -488,13 +527,13 @@ class DataReceiver:
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, as_torch: bool = False):
         self.sock = _socket(zmq.ROUTER, endpoint, bind=True, curve=curve, ROUTER_HANDOVER=1)
         self.auto_ack, self.max_message_bytes, self.as_torch = auto_ack, max_message_bytes, as_torch
-        self.seen: dict[str, set[int]] = {}  # delivered to the consumer (stored, or being stored)
+        self.seen: dict[str, _SeqSet] = {}  # delivered to the consumer (stored, or being stored)
         self._unacked: set[tuple[str, int]] = set()
         self._acks: dict[tuple[bytes, str], list[int]] = {}
         self._n_acks, self._acks_since = 0, 0.0
         self._ready: list[Message] = []  # items of a received batch not yet handed out
         for session, seq in delivered:
-            self.seen.setdefault(session, set()).add(int(seq))
+            self.seen.setdefault(session, _SeqSet()).add(int(seq))
         self.stats = _Counters("received", "duplicates", "bad_frames")
 
     def _split(self, msg: Message, peer: bytes) -> list[Message]:
@@ -529,7 +568,7 @@ class DataReceiver:
             while self._ready:
                 msg = self._ready.pop(0)
                 session = msg.meta["session"]
-                seen = self.seen.setdefault(session, set())
+                seen = self.seen.setdefault(session, _SeqSet())
                 if msg.seq in seen:  # delivered before: deliver nothing; if already stored, tell the sender again
                     self.stats.duplicates += 1
                     if (session, msg.seq) not in self._unacked:
@@ -545,6 +584,9 @@ class DataReceiver:
                                or time.monotonic() - self._acks_since > 0.01):
                 self.flush_acks()
             remaining = deadline - time.monotonic()
+            if remaining <= 0 and not self._ready and not self.sock.poll(0, zmq.POLLIN) or remaining < -0.05:
+                self.flush_acks()  # past the deadline (a flood of duplicates or junk cannot hold us past it)
+                return None
             if not self.sock.poll(max(0, int(remaining * 1000)), zmq.POLLIN):
                 self.flush_acks()
                 return None
@@ -622,7 +664,8 @@ class Subscriber:
         """Drain what has arrived (waiting up to `timeout` for the first) and return the newest, or None."""
         newest = None
         wait_ms = int(timeout * 1000)
-        while self.sock.poll(wait_ms, zmq.POLLIN):
+        deadline = time.monotonic() + timeout + 0.05
+        while self.sock.poll(wait_ms, zmq.POLLIN) and time.monotonic() < deadline:
             wait_ms = 0
             try:
                 frame = self.sock.recv(copy=False)
@@ -729,7 +772,10 @@ class RpcServer:
         """Serve in a background thread until `close()`."""
         def loop():
             while not self._stop.is_set():
-                self.serve_once(0.05)
+                try:
+                    self.serve_once(0.05)
+                except Exception:  # never let one request end the service
+                    log.exception("RPC server: request handling failed; still serving")
 
         self._thread = threading.Thread(target=loop, name="rpc-server", daemon=True)
         self._thread.start()
@@ -748,7 +794,9 @@ class RpcClient:
 
     def __init__(self, endpoint: str, spec: dict, *, client_id: str | None = None, curve: CurveConfig | None = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
-        self.sock = _socket(zmq.DEALER, endpoint, bind=False, curve=curve)
+        # IMMEDIATE: requests are not queued for a server that is not connected, so an outage cannot pile them up
+        # (and then block a later send); call() retries the send until its own deadline.
+        self.sock = _socket(zmq.DEALER, endpoint, bind=False, curve=curve, IMMEDIATE=1, SNDHWM=64)
         self.spec, self.client_id = spec, client_id or uuid.uuid4().hex[:8]
         self.max_message_bytes = max_message_bytes
         self._seq = 0
@@ -758,8 +806,17 @@ class RpcClient:
         self._seq += 1
         seq = self._seq
         self.stats.calls += 1
-        self.sock.send_multipart(encode(method, {"client": self.client_id, **(meta or {})}, arrays, seq), copy=False)
+        frames = encode(method, {"client": self.client_id, **(meta or {})}, arrays, seq)
         deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+                break
+            except zmq.Again:
+                if time.monotonic() >= deadline:
+                    self.stats.timeouts += 1
+                    raise TransportTimeout(f"RPC {method!r} could not be sent within {timeout:.1f} s (no server)")
+                time.sleep(0.005)
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not self.sock.poll(int(remaining * 1000), zmq.POLLIN):

@@ -7,7 +7,8 @@
 
 What travels: `mode="full"` sends the whole state dict (buffers included); `mode="trainable"` only parameters with
 `requires_grad` (e.g. a VLA's action expert, not its frozen VLM); `only_changed=True` further drops tensors equal to
-what was last sent.
+the last keyframe (a full message every `keyframe_every` publishes), so every message is complete on its own even
+when latest-only delivery drops the ones before it.
 
 Cost control, our analogue of RLinf's SM-aware sync: `publish` takes one snapshot (a copy into a reused send buffer;
 on CUDA first a device-to-host copy into pinned memory on a side stream) and returns. ZMQ sends the buffer zero-copy
@@ -44,7 +45,7 @@ def _tensors_to_send(model: torch.nn.Module, mode: str) -> dict[str, torch.Tenso
 
 class WeightPublisher:
     def __init__(self, endpoint: str, model: torch.nn.Module, *, mode: str = "full", only_changed: bool = False,
-                 max_bytes_per_s: float | None = None, curve: CurveConfig | None = None,
+                 keyframe_every: int = 20, max_bytes_per_s: float | None = None, curve: CurveConfig | None = None,
                  ctx: zmq.Context | None = None):
         if mode not in MODES:
             raise ValueError(f"unknown weight-sync mode {mode!r}; choose one of {MODES}")
@@ -52,7 +53,9 @@ class WeightPublisher:
         self.pub = Publisher(endpoint, curve=curve, ctx=ctx)
         self.version = 0
         self.stats = {"requested": 0, "sent": 0, "coalesced": 0, "bytes": 0, "last_publish_s": 0.0}
-        self._last_sent: dict[str, torch.Tensor] = {}
+        self.keyframe_every = keyframe_every
+        self._base: dict[str, torch.Tensor] = {}  # what the last keyframe sent (only_changed)
+        self._keyframe, self._since_keyframe = 0, 0
         self._pinned: dict[str, torch.Tensor] = {}
         self._stream = torch.cuda.Stream() if torch.cuda.is_available() else None
         self._pending: tuple | None = None
@@ -83,21 +86,26 @@ class WeightPublisher:
             main.wait_event(done)
             done.synchronize()
         tensors = {k: t.detach() for k, t in tensors.items()}
-        if self.only_changed:
-            tensors = {k: t for k, t in tensors.items()
-                       if k not in self._last_sent or not torch.equal(self._last_sent[k], t)}
-            for k, t in tensors.items():
-                self._last_sent[k] = t.clone()
-        return tensors
+        if not self.only_changed:
+            return tensors, {}
+        # Deltas are taken against the last keyframe, not the last message: latest-only delivery may drop any
+        # message, and each delta must be complete on its own. A receiver that missed the keyframe waits for the next.
+        if not self._base or self._since_keyframe >= self.keyframe_every:
+            self._base = {k: t.clone() for k, t in tensors.items()}
+            self._keyframe, self._since_keyframe = self.version, 0
+            return tensors, {"keyframe": True}
+        self._since_keyframe += 1
+        return ({k: t for k, t in tensors.items() if k not in self._base or not torch.equal(self._base[k], t)},
+                {"base": self._keyframe})
 
     def publish(self, version: int | None = None) -> int:
         """Snapshot the weights now and send them in the background; returns the version. Non-blocking."""
         start = time.perf_counter()
         self.version = self.version + 1 if version is None else int(version)
-        tensors = self._host_tensors()
+        tensors, delta_meta = self._host_tensors()
         # pack_frames is the one host copy: the snapshot, taken here while the weights are consistent. It goes into a
         # send buffer that no receiver still holds (ZMQ tracks zero-copy sends), reused when the size fits.
-        frames = encode("update", {"version": self.version, "mode": self.mode}, tensors, self.version)
+        frames = encode("update", {"version": self.version, "mode": self.mode, **delta_meta}, tensors, self.version)
         with self._cond:
             spare = next((i for i, (buf, tracker) in enumerate(self._buffers)
                           if (tracker is None or tracker.done) and buf is not (self._pending or (0, None))[1]), None)
@@ -170,7 +178,8 @@ class WeightSubscriber:
         self.sub = Subscriber(endpoint, curve=curve, ctx=ctx)
         self.version = 0  # applied
         self._pending = None
-        self.stats = {"received": 0, "applied": 0, "coalesced": 0}
+        self.stats = {"received": 0, "applied": 0, "coalesced": 0, "waiting_keyframe": 0}
+        self._keyframe = None  # version of the last keyframe applied (only_changed publishers)
         self._targets = dict(model.state_dict(keep_vars=True))
 
     def poll(self, timeout: float = 0.0) -> bool:
@@ -178,7 +187,11 @@ class WeightSubscriber:
         msg = self.sub.latest(timeout)
         if msg is not None and msg.seq > self.version:
             self.stats["received"] += 1
-            self._pending = msg
+            base = msg.meta.get("base")
+            if base is not None and base != self._keyframe:  # a delta against a keyframe we never applied
+                self.stats["waiting_keyframe"] += 1
+            else:
+                self._pending = msg
         return self._pending is not None
 
     @torch.no_grad()
@@ -205,6 +218,8 @@ class WeightSubscriber:
             self.stats["coalesced"] += max(0, msg.seq - self.version - 1)
         self.stats["applied"] += 1
         self.version = msg.seq
+        if msg.meta.get("keyframe"):
+            self._keyframe = msg.seq
         return msg.seq
 
     def maybe_apply(self, timeout: float = 0.0) -> int | None:

@@ -182,6 +182,20 @@ def test_mixed_batches_and_prefetch(tmp_path):
     it.close()
 
 
+def test_counters_and_edge_cases(tmp_path):
+    buf = ReplayBuffer(tmp_path, capacity_segments=2, eviction="delete")
+    total = sum(buf.lengths[buf.add(make_segment(s))] for s in range(4))
+    assert buf.total_added == total and ReplayBuffer.open(tmp_path).total_added == total  # evicted ones count too
+    ram = ReplayBuffer(None, cache_transitions=10)
+    with pytest.raises(BufferError, match="does not fit"):
+        ram.add(make_segment(0))
+    assert ram.ids == [] and ram.total_added == 0  # refused before any state changed
+    seg = {"obs": {"x": np.zeros((4, 2), np.float32)}, "actions": np.zeros((3, 0), np.float32)}
+    zero = ReplayBuffer(tmp_path / "zero")
+    zero.add(seg)  # zero-width arrays are stored too
+    assert zero.read_segment(0)["actions"].shape == (3, 0)
+
+
 def test_ram_only_buffer():
     buf = ReplayBuffer(None, cache_transitions=100)
     for s in range(10):

@@ -54,12 +54,19 @@ def test_errors_in_construction_and_calls_are_reported():
 def test_dead_worker_and_deadline():
     pool = WorkerPool(Echo, [{}, {}], timeout=2)
     try:
-        with pytest.raises(WorkerError, match="did not answer 'sleep' within 2 s"):
-            pool.call([0], "sleep", [(30,)])
         os.kill(pool.call([1], "pid")[0], signal.SIGKILL)
         start = time.monotonic()
         with pytest.raises(WorkerError, match="worker 1 died"):
             pool.call([1], "echo", [(1,)])
         assert time.monotonic() - start < 5
+    finally:
+        pool.close(timeout=2)
+    pool = WorkerPool(Echo, [{}, {}], timeout=2)
+    try:
+        with pytest.raises(WorkerError, match="did not answer 'sleep' within 2 s"):
+            pool.call([0, 1], "sleep", [(30,), (0,)])
+        # the late answers are still in the pipes: the pool refuses further calls instead of returning them
+        with pytest.raises(WorkerError, match="unusable after an earlier failure"):
+            pool.call([0, 1], "echo", [(1,), (2,)])
     finally:
         pool.close(timeout=2)

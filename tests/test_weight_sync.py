@@ -4,6 +4,7 @@ import time
 
 import pytest
 import torch
+import zmq
 
 from common.weight_sync import WeightPublisher, WeightSubscriber
 from tests.test_transport import free_endpoint
@@ -167,6 +168,41 @@ def test_zero_copy_apply_points_parameters_at_the_received_buffer():
         pub.wait_sent()
         assert torch.equal(actor.expert.weight, held)
         assert actor.expert(actor.vlm(torch.ones(1, 16))).shape == (1, 4)  # still runs on the swapped tensors
+    finally:
+        pub.close()
+        sub.close()
+
+
+def test_only_changed_survives_dropped_messages_and_late_subscribers():
+    learner, actor, pub, sub = pair(only_changed=True, keyframe_every=3)
+    try:
+        pub.publish()  # v1: keyframe
+        pub.wait_sent()
+        sub.poll(2)
+        sub.apply()
+        with torch.no_grad():
+            learner.expert.weight.add_(1.0)
+        pub.publish()  # v2: never read by the actor (dropped by latest-only delivery)
+        with torch.no_grad():
+            learner.expert.bias.add_(1.0)
+        pub.publish()  # v3: a delta against the keyframe, so it carries the weight change too
+        pub.wait_sent()
+        time.sleep(0.2)
+        assert sub.poll(2) and sub.apply() == 3
+        assert torch.equal(actor.expert.weight, learner.expert.weight)
+        assert torch.equal(actor.expert.bias, learner.expert.bias)
+
+        late = WeightSubscriber(pub.pub.sock.getsockopt_string(zmq.LAST_ENDPOINT), Policy())
+        time.sleep(0.3)
+        pub.publish()  # v4: a delta; the late subscriber has no keyframe to apply it to
+        pub.wait_sent()
+        assert not late.poll(1) and late.stats["waiting_keyframe"] == 1
+        pub.publish()  # v5: the next keyframe (every 3rd publish)
+        pub.wait_sent()
+        assert late.poll(2) and late.apply() == 5
+        for a, b in zip(late.model.state_dict().values(), learner.state_dict().values()):
+            assert torch.equal(a, b)
+        late.close()
     finally:
         pub.close()
         sub.close()
