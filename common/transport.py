@@ -644,9 +644,14 @@ class Publisher:
         self.published = 0
 
     def publish(self, version: int, meta: dict | None = None, arrays: dict | None = None) -> None:
-        packed = pack_frames(encode("update", {"version": int(version), **(meta or {})}, arrays, version))
-        self.sock.send(packed, copy=False)
+        self.send_packed(pack_frames(encode("update", {"version": int(version), **(meta or {})}, arrays, version)))
+
+    def send_packed(self, packed) -> zmq.MessageTracker:
+        """Send an already packed update zero-copy; the tracker says when ZMQ (and, in-process, every receiver)
+        has let go of `packed`, so the caller may reuse it."""
+        tracker = self.sock.send(packed, copy=False, track=True)
         self.published += 1
+        return tracker
 
     def close(self) -> None:
         self.sock.close(linger=0)

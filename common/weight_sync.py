@@ -24,8 +24,6 @@ from __future__ import annotations
 import threading
 import time
 import warnings
-from typing import Iterable
-
 import numpy as np
 import torch
 import zmq
@@ -145,7 +143,7 @@ class WeightPublisher:
                 next_allowed = time.monotonic() + len(packed) / self.max_bytes_per_s
 
     def _send(self, packed) -> None:  # under self._cond
-        tracker = self.pub.sock.send(packed, copy=False, track=True)
+        tracker = self.pub.send_packed(packed)
         self._buffers = (self._buffers + [(packed, tracker)])[-2:]  # keep two send buffers for reuse
         self.stats["sent"] += 1
         self.stats["bytes"] += len(packed)
@@ -227,7 +225,3 @@ class WeightSubscriber:
 
     def close(self) -> None:
         self.sub.close()
-
-
-def parameter_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
