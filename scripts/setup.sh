@@ -58,3 +58,15 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
 else
   echo "[setup] $VENV is up to date"
 fi
+
+# ---- numpy 1 side directory for ManiSkill motion planning ----------------------------------------------------------
+# mplib 0.1.1 (ManiSkill's motion planner) segfaults under numpy 2. `common.maniskill_demos` runs the planner in a
+# subprocess with this directory first on PYTHONPATH, so numpy 1.26.4 shadows the venv's numpy 2 there only.
+NUMPY1="$VENV/numpy1"
+if [ -f "$NUMPY1/numpy-1.26.4.dist-info/METADATA" ]; then
+  echo "[setup] $NUMPY1 (numpy 1.26.4 for the motion planner) is in place"
+else
+  echo "[setup] installing numpy 1.26.4 into $NUMPY1 (used only by the ManiSkill motion planner)"
+  rm -rf "$NUMPY1"
+  "$VENV/bin/python" -m pip install -q --no-deps --target "$NUMPY1" numpy==1.26.4
+fi

@@ -1,0 +1,347 @@
+"""Few-shot flow-matching SFT of π0 / π0.5 from demonstrations: the starting point of πRL.
+
+Papers: π0 (Black et al., 2024, arXiv 2410.24164) for the flow-matching objective; πRL (Chen et al., 2025,
+arXiv 2510.25889), whose RL runs start from few-shot SFT checkpoints ("few-shot SFT" rows of its tables).
+Reproduces, at CPU scale with the tiny config: SFT success after N demos on ManiSkill PushCube-v1 (state) and on a
+LIBERO-Object task (images), in the few-shot band (20-60%) that πRL starts from.
+
+    python algos/sft_pi0.py --env maniskill --task PushCube-v1 --num-demos 10
+    python algos/sft_pi0.py --env libero --task libero_object/0 --num-demos 10
+
+Demos come from `common.maniskill_demos` (motion planning) or `common.libero_expert` (scripted expert); missing demos
+are generated first, from seeds / init states disjoint from the eval ones (the script refuses to evaluate on a demo's
+initial state). The model is `common.pi0.Pi0Model` (openpi conventions), trained with the per-element flow-matching
+MSE on normalised, zero-padded action chunks (openpi: chunks running past an episode's end repeat its last action).
+Eval runs the deterministic Euler sampler and executes `action_chunk` actions per policy call. The checkpoint
+(`runs/<run>/checkpoint`, our format with norm stats) is what `algos/flow_sde_pi0.py` / `flow_noise_pi0.py` start
+from; `--resume` continues an interrupted run from it (model, optimiser, step, RNG).
+"""
+
+import io
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from common.demos import load_demos
+from common.fsutil import atomic_write
+from common.pi0 import Pi0Config, Pi0Model
+from common.pi0_io import NormStats, Pi0Processor, load_pi0, make_tokenizer, save_pi0
+
+
+@dataclass
+class Args:
+    exp_name: str = "sft_pi0"
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment (data order, noise, eval)"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """use CUDA when available"""
+    track: bool = False
+    """track the run with Weights and Biases (offline unless WANDB_MODE says otherwise)"""
+    wandb_project_name: str = "rlinf-hackable"
+    """the W&B project"""
+    run_dir: str = "runs"
+    """where runs (TensorBoard logs, checkpoint, videos) go"""
+    resume: bool = False
+    """continue the run named by --exp-name/--seed/--task from its checkpoint"""
+    capture_video: bool = True
+    """write an mp4 of the first eval episode (image observations only)"""
+
+    # Task and data
+    env: str = "maniskill"
+    """maniskill or libero"""
+    task: str = "PushCube-v1"
+    """ManiSkill env id, or "<suite>/<task id>" for LIBERO (e.g. libero_object/0)"""
+    demos: str = ""
+    """demo dataset directory (default data/demos/<task>); generated when missing"""
+    num_demos: int = 10
+    """demonstrations used (per task): the few-shot knob"""
+    obs_mode: str = "state"
+    """ManiSkill observation mode: state or rgb (LIBERO always uses images)"""
+    control_mode: str = "pd_joint_pos"
+    """ManiSkill controller the demos were recorded in (motion-planning demos: pd_joint_pos)"""
+    image_size: int = 64
+    """camera resolution of demos and eval env"""
+    max_episode_steps: int = 0
+    """episode limit at eval (0: 100 for ManiSkill, the suite's limit for LIBERO)"""
+
+    # Model
+    model: str = "tiny"
+    """model preset: tiny, pi0 or pi05 (real sizes need a GPU)"""
+    variant: str = "pi0"
+    """pi0 (state token) or pi05 (adaptive-norm time conditioning, no state unless --discrete-state)"""
+    discrete_state: bool = False
+    """π0.5 only: the state as 256 bins in the prompt"""
+    init_from: str = ""
+    """start from a checkpoint (ours or openpi's PyTorch format) instead of random weights"""
+    tokenizer: str = "bytes"
+    """bytes, or the path of PaliGemma's SentencePiece model (needed for real weights)"""
+    horizon: int = 8
+    """action chunk length the model predicts"""
+    action_dim: int = 0
+    """padded action/state width (0: max(32, state dim), as openpi pads to 32)"""
+    train_expert_only: bool = False
+    """freeze SigLIP + the Gemma VLM (πRL's train_expert_only)"""
+
+    # Training
+    total_steps: int = 3000
+    """gradient steps"""
+    batch_size: int = 64
+    """samples (observation, action chunk) per step"""
+    learning_rate: float = 3e-4
+    """peak AdamW learning rate (cosine decay to 10% after warmup)"""
+    warmup_steps: int = 100
+    """linear warmup steps"""
+    weight_decay: float = 1e-4
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping"""
+    checkpoint_every: int = 500
+    """steps between checkpoints (resume points)"""
+    log_every: int = 50
+    """steps between loss logs"""
+
+    # Evaluation
+    eval_every: int = 1000
+    """steps between evaluations (and at the end)"""
+    eval_episodes: int = 50
+    """episodes per evaluation (initial states 0..N-1)"""
+    num_eval_envs: int = 2
+    """parallel eval envs (worker processes)"""
+    action_chunk: int = 8
+    """actions executed per policy call (<= horizon)"""
+    num_denoise_steps: int = 5
+    """Euler steps of the sampler"""
+
+
+def make_eval_env(args: Args, num_envs: int, num_episodes: int):
+    if args.env == "maniskill":
+        from common.maniskill_env import make_maniskill_env
+
+        return make_maniskill_env(args.task, num_envs=num_envs, obs_mode=args.obs_mode, control_mode=args.control_mode,
+                                  image_size=args.image_size, max_episode_steps=args.max_episode_steps or 100,
+                                  sim_backend="cpu", eval_mode=True, num_eval_episodes=num_episodes, seed=args.seed)
+    from common.libero_env import MAX_EPISODE_STEPS, make_libero_env
+
+    suite, task_id = args.task.split("/")
+    return make_libero_env(suite, num_envs=num_envs, task_ids=[int(task_id)], image_size=args.image_size,
+                           max_episode_steps=args.max_episode_steps or MAX_EPISODE_STEPS[suite], eval_mode=True,
+                           num_eval_episodes=num_episodes, seed=args.seed)
+
+
+def ensure_demos(args: Args) -> Path:
+    path = Path(args.demos or f"data/demos/{args.task.replace('/', '_')}")
+    if (path / "segments").is_dir():
+        return path
+    print(f"no demos at {path}: generating {args.num_demos} (disjoint from the eval initial states)")
+    if args.env == "maniskill":
+        from common.maniskill_demos import generate_demos
+
+        generate_demos(args.task, args.num_demos, path, obs_mode=args.obs_mode, image_size=args.image_size)
+    else:
+        from common.libero_expert import generate_libero_demos
+
+        suite, task_id = args.task.split("/")
+        generate_libero_demos(suite, [int(task_id)], list(range(50 - args.num_demos, 50)), path,
+                              cameras=True, image_size=args.image_size)
+    return path
+
+
+def demo_initial_states(episodes) -> set[int]:
+    return {int(e["meta"].get("init_index", e["meta"].get("reset_id", -1))) for e in episodes}
+
+
+def build_dataset(episodes, horizon: int, camera_keys):
+    """Flatten episodes into per-step samples: obs row t and the chunk actions[t : t+H] (last action repeated)."""
+    states, chunks, images, texts = [], [], {k: [] for k in camera_keys}, []
+    for ep in episodes:
+        acts = ep["actions"]
+        T = len(acts)
+        idx = np.minimum(np.arange(T)[:, None] + np.arange(horizon)[None], T - 1)
+        chunks.append(acts[idx])
+        states.append(ep["obs"]["state"][:T])
+        for k in camera_keys:
+            images[k].append(ep["obs"][k][:T])
+        texts += [ep["meta"]["task_description"]] * T
+    return (torch.from_numpy(np.concatenate(states)), torch.from_numpy(np.concatenate(chunks)),
+            {k: torch.from_numpy(np.concatenate(v)) for k, v in images.items()}, texts)
+
+
+def evaluate(model, processor, args: Args, device, video_path: Path | None = None) -> dict:
+    """Deterministic-sampler success over eval episodes 0..N-1 (fixed noise seed)."""
+    env = make_eval_env(args, min(args.num_eval_envs, args.eval_episodes), args.eval_episodes)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    successes, returns, lengths, frames = [], [], [], []
+    model.eval()
+    try:
+        obs = env.reset()
+        while not env.eval_complete:
+            with torch.no_grad():
+                batch = processor.batch(obs["state"], obs.get("images"), obs["task_description"], device)
+                prefix = model.encode_prefix(batch["images"], batch["img_masks"], batch["tokens"], batch["tok_masks"])
+                noise = torch.randn(len(obs["state"]), model.cfg.horizon, model.cfg.action_dim, generator=gen,
+                                    device=device)
+                sample = model.sample(prefix, batch["state"], noise, args.num_denoise_steps)
+            actions = processor.actions_to_env(sample.actions[:, : args.action_chunk]).cpu()
+            if video_path is not None and "images" in obs and not env.stopped[0]:
+                frames.append(obs["images"]["main"][0].cpu().numpy())
+            obs, _, _, _, info = env.step(actions)
+            if "episode" in info:
+                for i in torch.nonzero(info["done"]).flatten().tolist():
+                    successes.append(float(info["episode"]["success_once"][i]))
+                    returns.append(float(info["episode"]["return"][i]))
+                    lengths.append(float(info["episode"]["length"][i]))
+    finally:
+        env.close()
+        model.train()
+    if video_path is not None and frames:
+        import imageio
+
+        imageio.mimsave(video_path, frames, fps=10)
+    return {"success_rate": float(np.mean(successes)), "episodic_return": float(np.mean(returns)),
+            "episode_length": float(np.mean(lengths)), "episodes": len(successes)}
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    if args.env not in ("maniskill", "libero"):
+        raise SystemExit(f"--env must be maniskill or libero, got {args.env!r}")
+    if args.env == "libero" and (args.task.count("/") != 1 or not args.task.split("/")[1].isdigit()):
+        raise SystemExit(f"--task for LIBERO is <suite>/<task id>, e.g. libero_object/0; got {args.task!r}")
+    if not 1 <= args.action_chunk <= args.horizon:
+        raise SystemExit(f"--action-chunk must be in [1, --horizon={args.horizon}], got {args.action_chunk}")
+    run_name = f"{args.task.replace('/', '_')}__{args.exp_name}__{args.seed}"
+    run_dir = Path(args.run_dir) / run_name
+    ckpt_dir = run_dir / "checkpoint"
+    if run_dir.exists() and not args.resume and (ckpt_dir.exists() or (run_dir / "final").exists()):
+        raise SystemExit(f"{run_dir} exists; pass --resume to continue it or choose another --exp-name")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, sync_tensorboard=True, config=vars(args), name=run_name,
+                   mode=os.environ.get("WANDB_MODE", "offline"))
+    writer = SummaryWriter(str(run_dir))
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+
+    # TRY NOT TO MODIFY: seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    # Demonstrations -> dataset
+    demo_dir = ensure_demos(args)
+    episodes = load_demos(demo_dir, per_task=args.num_demos)
+    if len(episodes) < args.num_demos:
+        raise SystemExit(f"{demo_dir} holds {len(episodes)} successful demos, --num-demos asks for {args.num_demos}")
+    overlap = demo_initial_states(episodes) & set(range(args.eval_episodes))
+    if overlap:
+        raise SystemExit(f"eval initial states 0..{args.eval_episodes - 1} include demo initial states "
+                         f"{sorted(overlap)[:10]}: regenerate the demos from other seeds / init states")
+    camera_keys = tuple(k for k in ("main", "wrist") if k in episodes[0]["obs"])
+    states, chunks, images, texts = build_dataset(episodes, args.horizon, camera_keys)
+    state_dim, env_action_dim = states.shape[1], chunks.shape[2]
+    norm_stats = NormStats.from_data({"state": states.numpy(), "actions": chunks[:, 0].numpy()})
+    print(f"{len(episodes)} demos, {len(states)} samples, state {state_dim}-D, actions {env_action_dim}-D, "
+          f"cameras {camera_keys or 'none'}")
+
+    # Model
+    tokenizer = make_tokenizer(args.tokenizer)
+    start_step, trainer_state = 0, None
+    if args.resume and (ckpt_dir.exists() or ckpt_dir.with_name("checkpoint.old").exists()):
+        model, norm_stats, meta = load_pi0(ckpt_dir, device)
+        trainer_state = torch.load(io.BytesIO((ckpt_dir / "trainer.pt").read_bytes()), weights_only=True)
+        start_step = meta["extra"]["step"]
+        print(f"resuming {run_name} at step {start_step}")
+    elif args.init_from:
+        model, loaded_stats, _ = load_pi0(args.init_from, device)
+        norm_stats = loaded_stats or norm_stats
+    else:
+        width = args.action_dim or max(32, state_dim, env_action_dim)
+        preset = {"tiny": Pi0Config.tiny, "pi0": Pi0Config.pi0, "pi05": Pi0Config.pi05}[args.model]
+        overrides = dict(action_dim=width, horizon=args.horizon, discrete_state_input=args.discrete_state)
+        if args.model == "tiny":
+            overrides.update(num_cameras=len(camera_keys), variant=args.variant, image_size=args.image_size)
+        model = Pi0Model(preset(**overrides)).to(device)
+    cfg = model.cfg
+    processor = Pi0Processor(cfg, tokenizer, norm_stats, env_action_dim, camera_keys)
+    if args.train_expert_only:
+        model.freeze_vlm()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / args.warmup_steps) * (
+        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, args.total_steps))))))
+    data_rng = np.random.default_rng(args.seed)
+    if trainer_state is not None:
+        optimizer.load_state_dict(trainer_state["optimizer"])
+        schedule.load_state_dict(trainer_state["schedule"])
+        data_rng.bit_generator.state = trainer_state["data_rng"]
+        torch.set_rng_state(trainer_state["torch_rng"])
+    print(f"model {cfg.variant} {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
+          f"({sum(p.numel() for p in params) / 1e6:.2f}M trained), device {device}")
+
+    def save(step: int, directory: Path) -> None:
+        state = io.BytesIO()
+        torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                    "data_rng": data_rng.bit_generator.state, "torch_rng": torch.get_rng_state()}, state)
+        save_pi0(directory, model, norm_stats, tokenizer.name, extra={"step": step, "args": asdict(args)},
+                 extra_files={"trainer.pt": state.getvalue()})
+
+    # Training loop
+    model.train()
+    results = []
+    start_time, loss_sum, loss_n = time.time(), 0.0, 0
+    bar = tqdm(range(start_step, args.total_steps), initial=start_step, total=args.total_steps, desc="sft", mininterval=2.0)
+    for step in bar:
+        idx = torch.from_numpy(data_rng.integers(0, len(states), args.batch_size))
+        batch = processor.batch(states[idx], {k: v[idx] for k, v in images.items()}, [texts[i] for i in idx], device)
+        target = processor.actions_to_model(chunks[idx]).to(device)
+        loss = model.flow_loss(batch["images"], batch["img_masks"], batch["tokens"], batch["tok_masks"],
+                               batch["state"], target).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        optimizer.step()
+        schedule.step()
+        loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
+        done = step + 1
+        if done % args.log_every == 0 or done == args.total_steps:
+            writer.add_scalar("losses/flow_loss", loss_sum / loss_n, done)
+            writer.add_scalar("losses/grad_norm", float(grad_norm), done)
+            writer.add_scalar("charts/learning_rate", schedule.get_last_lr()[0], done)
+            writer.add_scalar("charts/SPS", int((done - start_step) * args.batch_size / (time.time() - start_time)),
+                              done)
+            bar.set_postfix(loss=f"{loss_sum / loss_n:.4f}")
+            loss_sum, loss_n = 0.0, 0
+        if done % args.checkpoint_every == 0 and done < args.total_steps:
+            save(done, ckpt_dir)
+        if done % args.eval_every == 0 or done == args.total_steps:
+            t0 = time.time()
+            video = run_dir / f"eval_{done}.mp4" if args.capture_video else None
+            stats = evaluate(model, processor, args, device, video)
+            for k in ("success_rate", "episodic_return", "episode_length"):
+                writer.add_scalar(f"eval/{k}", stats[k], done)
+            writer.add_scalar("time/eval", time.time() - t0, done)
+            results.append({"step": done, **stats})
+            tqdm.write(f"step {done}: eval success {stats['success_rate']:.2f} over {stats['episodes']} episodes "
+                       f"({time.time() - t0:.0f} s)")
+    save(args.total_steps, ckpt_dir)
+    final = run_dir / "final"
+    save(args.total_steps, final)
+    atomic_write(run_dir / "eval.json", json.dumps(results, indent=1))
+    print(f"checkpoint for RL: {final}")
+    writer.close()

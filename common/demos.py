@@ -1,0 +1,85 @@
+"""Demonstration datasets: the project's HDF5 replay-buffer format (`common.replay_buffer`), one segment per episode.
+
+A demo dataset is a buffer directory. Each segment is one expert episode, stored exactly as our env wrappers observe
+it, so a policy trained on it sees at eval time the same keys, shapes and conventions:
+
+    obs/state   [T+1, D] float32      the wrapper's `state` observation (row t is seen before action t)
+    obs/main    [T+1, H, W, 3] uint8  optional camera images (the wrappers' `images` dict, flattened)
+    obs/wrist   [T+1, H, W, 3] uint8  optional
+    actions     [T, A] float32        the env action at each step (the env's own action space)
+    rewards [T], terminated [T] (True on the success step), truncated [T]
+
+and the segment meta (JSON) holds at least:
+
+    source            "maniskill_motionplanning" | "libero_scripted" | ...
+    env               "maniskill" | "libero"
+    task              ManiSkill env id, or "<suite>/<task_id>" for LIBERO
+    task_description  the language instruction the env reports
+    reset_id          the env reset id the episode started from (ManiSkill seed; LIBERO (task, init) index)
+    success           whether the expert succeeded (only successful episodes are stored unless asked otherwise)
+    control_mode      the controller the actions are for (ManiSkill; LIBERO is always OSC_POSE delta)
+
+Generators: `python -m common.maniskill_demos` (motion planning) and `python -m common.libero_expert` (scripted
+expert with privileged state). Reader: `load_demos` below (used by `algos/sft_pi0.py`).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.replay_buffer import BufferError, ReplayBuffer
+
+IMAGE_KEYS = ("main", "wrist")
+
+
+def open_demo_writer(directory: str | Path) -> ReplayBuffer:
+    """A buffer that keeps every episode (no eviction), appending to an existing dataset if there is one."""
+    return ReplayBuffer(directory, eviction="keep", cache_transitions=0, compression="lzf")
+
+
+def episode_segment(observations: list[dict[str, Any]], actions: list[np.ndarray], success_step: int | None,
+                    rewards: list[float] | None = None) -> dict[str, Any]:
+    """Build a buffer segment from T+1 wrapper observations (dicts with `state` and optionally `images`) and T
+    actions. `success_step` is the index of the action after which the task succeeded (None: never)."""
+    T = len(actions)
+    if len(observations) != T + 1:
+        raise ValueError(f"an episode of {T} actions needs {T + 1} observations, got {len(observations)}")
+    obs: dict[str, np.ndarray] = {"state": np.stack([np.asarray(o["state"], np.float32) for o in observations])}
+    if "images" in observations[0]:
+        for key in observations[0]["images"]:
+            obs[key] = np.stack([np.asarray(o["images"][key], np.uint8) for o in observations])
+    terminated = np.zeros(T, bool)
+    if success_step is not None:
+        terminated[success_step] = True
+    reward = np.asarray(rewards, np.float32) if rewards is not None else terminated.astype(np.float32)
+    return {"obs": obs, "actions": np.stack([np.asarray(a, np.float32) for a in actions]), "rewards": reward,
+            "terminated": terminated, "truncated": np.zeros(T, bool)}
+
+
+def load_demos(directory: str | Path, per_task: int | None = None, only_success: bool = True,
+               tasks: list[str] | None = None) -> list[dict[str, Any]]:
+    """Read a demo dataset into memory: a list of episodes {obs, actions, meta}, oldest first. `per_task` keeps the
+    first N episodes of each task (the few-shot knob); `tasks` filters by the meta's task."""
+    if not (Path(directory) / "segments").is_dir():
+        raise BufferError(f"{directory} is not a demo dataset (no segments/ folder); generate one with "
+                          "`python -m common.maniskill_demos` or `python -m common.libero_expert`")
+    buf = ReplayBuffer.open(directory, readonly=True, cache_transitions=0, eviction="keep")
+    counts: dict[str, int] = defaultdict(int)
+    episodes = []
+    for seg_id in buf.ids:
+        meta = buf.seg_meta.get(seg_id, {})
+        task = meta.get("task", "")
+        if (only_success and not meta.get("success", True)) or (tasks is not None and task not in tasks):
+            continue
+        if per_task is not None and counts[task] >= per_task:
+            continue
+        counts[task] += 1
+        seg = buf.read_segment(seg_id)
+        episodes.append({"obs": seg["obs"], "actions": seg["actions"].astype(np.float32), "meta": seg["meta"]})
+    if not episodes:
+        raise BufferError(f"{directory}: no episodes match (tasks={tasks}, only_success={only_success})")
+    return episodes

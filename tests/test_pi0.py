@@ -1,0 +1,330 @@
+"""π0 / π0.5 module: shapes, masks, prefix cache, flow matching, sampling hooks, tokenizers, norm stats, checkpoints."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from common.pi0 import (Pi0Config, Pi0Model, euler_step, gaussian_log_prob, make_att_2d_masks, rope, sincos_time)
+from common.pi0_io import (ByteTokenizer, NormStats, Pi0Processor, SentencePieceTokenizer, check_tokenizer,
+                           discretize_state, load_openpi, load_pi0, rename_openpi, save_openpi, save_pi0,
+                           to_openpi_names, tokenize_prompt)
+
+
+def randomised(cfg: Pi0Config, seed: int = 0) -> Pi0Model:
+    """A model whose zero-initialised pieces (norm weights, adaptive-norm denses) are random, so tests can fail."""
+    torch.manual_seed(seed)
+    model = Pi0Model(cfg)
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            torch.nn.init.normal_(p, std=0.2)
+    return model.eval()
+
+
+def inputs(cfg: Pi0Config, B: int = 3, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (B, cfg.num_cameras, 48, 64, 3), generator=g, dtype=torch.uint8)
+    img_masks = torch.ones(B, cfg.num_cameras, dtype=torch.bool)
+    img_masks[1, -1] = False  # a missing camera
+    lengths = torch.tensor([5, 12, cfg.max_tokens])[:B]
+    tokens = torch.randint(4, cfg.vocab, (B, cfg.max_tokens), generator=g)
+    tok_masks = torch.arange(cfg.max_tokens)[None] < lengths[:, None]
+    state = torch.randn(B, cfg.action_dim, generator=g)
+    x_t = torch.randn(B, cfg.horizon, cfg.action_dim, generator=g)
+    t = torch.rand(B, generator=g)
+    return images, img_masks, tokens, tok_masks, state, x_t, t
+
+
+VARIANTS = [Pi0Config.tiny(), Pi0Config.tiny(variant="pi05")]
+
+
+def test_mask_blocks_match_openpi():
+    H = 4  # π0 suffix: [state] + H actions, ar = [1, 1, 0, 0, 0] after a 3-token prefix (one padded)
+    pad = torch.tensor([[True, True, False] + [True] * (1 + H)])
+    ar = torch.tensor([[0, 0, 0, 1, 1, 0, 0, 0]])
+    m = make_att_2d_masks(pad, ar)[0]
+    assert m[:2, :2].all() and not m[:3, 3:].any()  # prefix bidirectional, never sees the suffix
+    assert not m[:, 2].any() and not m[2, :].any()  # padding masked both ways
+    assert m[3, :2].all() and m[3, 3] and not m[3, 4:].any()  # the state token sees prefix + itself only
+    assert m[4:, 3:].all() and m[4:, :2].all()  # action tokens: one bidirectional block (not causal)
+
+
+def test_rope_and_time_embedding():
+    x = torch.randn(1, 5, 2, 8)
+    pos = torch.arange(5)[None]
+    y = rope(x, pos, 10_000.0)
+    assert torch.allclose(y.norm(dim=-1), x.norm(dim=-1), atol=1e-5)  # a rotation
+    assert torch.allclose(y[:, 0], x[:, 0])  # position 0 unchanged
+    # relative: <rope(q, m), rope(k, n)> depends on m - n only
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+    dot = lambda m, n: (rope(q, torch.tensor([[m]]), 1e4) * rope(k, torch.tensor([[n]]), 1e4)).sum()  # noqa: E731
+    assert torch.allclose(dot(7, 3), dot(14, 10), atol=1e-5)
+    emb = sincos_time(torch.tensor([0.0, 1.0]), 8, 4e-3, 4.0)
+    assert emb.shape == (2, 8) and torch.allclose(emb[0], torch.tensor([0.0] * 4 + [1.0] * 4))
+    assert math.isclose(emb[1, 0].item(), math.sin(2 * math.pi / 4e-3), abs_tol=1e-5)
+
+
+@pytest.mark.parametrize("cfg", VARIANTS, ids=["pi0", "pi05"])
+def test_cached_denoising_equals_joint_forward(cfg):
+    model = randomised(cfg)
+    images, img_masks, tokens, tok_masks, state, x_t, t = inputs(cfg)
+    with torch.no_grad():
+        joint = model.forward_joint(images, img_masks, tokens, tok_masks, state, x_t, t)
+        prefix = model.encode_prefix(images, img_masks, tokens, tok_masks)
+        kv_before = [k.clone() for k, _ in prefix.kv]
+        v, h = model.velocity(prefix, state, x_t, t)
+        model.velocity(prefix, state, x_t, t * 0.5)  # a second step must not grow or change the cache
+    assert v.shape == (3, cfg.horizon, cfg.action_dim) and h.shape == (3, cfg.horizon, cfg.expert_width)
+    assert torch.allclose(v, joint, atol=1e-5)
+    assert all(k.shape[2] == cfg.prefix_len and torch.equal(k, k0) for (k, _), k0 in zip(prefix.kv, kv_before))
+    assert prefix.hidden.shape == (3, cfg.prefix_len, cfg.vlm_width)
+
+
+@pytest.mark.parametrize("cfg", VARIANTS, ids=["pi0", "pi05"])
+def test_padding_and_masked_camera_do_not_leak(cfg):
+    model = randomised(cfg)
+    images, img_masks, tokens, tok_masks, state, x_t, t = inputs(cfg)
+    images2, tokens2 = images.clone(), tokens.clone()
+    images2[1, -1] = 255 - images2[1, -1]  # the masked camera of sample 1
+    tokens2[0, 5:] = 7  # the padding of sample 0
+    with torch.no_grad():
+        a = model.forward_joint(images, img_masks, tokens, tok_masks, state, x_t, t)
+        b = model.forward_joint(images2, img_masks, tokens2, tok_masks, state, x_t, t)
+        images2[0, 0] = 255 - images2[0, 0]  # a visible camera does matter
+        c = model.forward_joint(images2, img_masks, tokens2, tok_masks, state, x_t, t)
+    assert torch.allclose(a, b, atol=1e-6)
+    assert not torch.allclose(a[0], c[0], atol=1e-4)
+
+
+def test_pi0_state_token_and_pi05_conditioning():
+    cfg = Pi0Config.tiny()
+    model = randomised(cfg)
+    images, img_masks, tokens, tok_masks, state, x_t, t = inputs(cfg)
+    with torch.no_grad():
+        a = model.forward_joint(images, img_masks, tokens, tok_masks, state, x_t, t)
+        b = model.forward_joint(images, img_masks, tokens, tok_masks, state + 1, x_t, t)
+    assert not torch.allclose(a, b)  # π0 sees the state
+    cfg5 = Pi0Config.tiny(variant="pi05")
+    model5 = randomised(cfg5)
+    names = dict(model5.named_parameters())
+    assert "expert.layers.0.input_layernorm.dense.weight" in names and "expert.norm.dense.bias" in names
+    assert "expert.layers.0.input_layernorm.weight" not in names and "state_proj.weight" not in names
+    assert "vlm.layers.0.input_layernorm.weight" in names  # the VLM's norms stay standard
+    fresh = Pi0Model(cfg5)  # zero-initialised adaptive denses: scale = shift = gate = 0 at init
+    assert all((p == 0).all() for n, p in fresh.named_parameters() if ".dense." in n)
+    with torch.no_grad():
+        a5 = model5.forward_joint(images, img_masks, tokens, tok_masks, state, x_t, t)
+        b5 = model5.forward_joint(images, img_masks, tokens, tok_masks, state + 1, x_t, t)
+        c5 = model5.forward_joint(images, img_masks, tokens, tok_masks, state, x_t, t * 0.3)
+    assert torch.allclose(a5, b5)  # π0.5 (pi05_libero default) has no state input
+    assert not torch.allclose(a5, c5)  # time enters through the adaptive norms
+
+
+def test_flow_loss_follows_openpi():
+    cfg = Pi0Config.tiny()
+    model = randomised(cfg)
+    images, img_masks, tokens, tok_masks, state, actions, t = inputs(cfg)
+    noise = torch.randn_like(actions)
+    loss = model.flow_loss(images, img_masks, tokens, tok_masks, state, actions, noise=noise, t=t)
+    x_t = t[:, None, None] * noise + (1 - t[:, None, None]) * actions
+    v = model.forward_joint(images, img_masks, tokens, tok_masks, state, x_t, t)
+    assert loss.shape == actions.shape and torch.allclose(loss, (v - (noise - actions)) ** 2, atol=1e-6)
+    torch.manual_seed(0)  # the default time draw: Beta(1.5, 1) * 0.999 + 0.001, in [0.001, 1]
+    ts = torch.distributions.Beta(1.5, 1.0).sample((20000,)) * 0.999 + 0.001
+    assert ts.min() >= 0.001 and abs(ts.mean().item() - (0.6 * 0.999 + 0.001)) < 0.01
+
+
+def test_sampling_is_euler_from_noise_to_data_with_a_hook():
+    cfg = Pi0Config.tiny()
+    model = randomised(cfg)
+    images, img_masks, tokens, tok_masks, state, x_t, _ = inputs(cfg)
+    with torch.no_grad():
+        prefix = model.encode_prefix(images, img_masks, tokens, tok_masks)
+        out = model.sample(prefix, state, x_t, num_steps=4)
+        x, t = x_t.clone(), 1.0  # openpi's loop: while t >= -dt/2: x += dt * v(x, t)
+        while t >= 0.25 / 2:
+            x = x - 0.25 * model.velocity(prefix, state, x, torch.tensor(t))[0]
+            t -= 0.25
+    assert torch.allclose(out.actions, x, atol=1e-5) and torch.equal(out.chain[:, 0], x_t)
+    assert out.chain.shape == (3, 5, cfg.horizon, cfg.action_dim) and (out.stds == 0).all()
+    seen = []
+
+    def noisy(i, x_t, v, h, t, d):  # where RL injects noise: a fixed std on step 2 only
+        seen.append((i, float(t), float(d), h.shape))
+        mean, _ = euler_step(i, x_t, v, h, t, d)
+        return mean, torch.full_like(mean, 0.1 if i == 2 else 0.0)
+
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        out = model.sample(prefix, state, x_t, num_steps=4, step_fn=noisy, generator=g)
+    assert [s[0] for s in seen] == [0, 1, 2, 3] and [s[1] for s in seen] == [1.0, 0.75, 0.5, 0.25]
+    assert all(math.isclose(s[2], 0.25, abs_tol=1e-6) for s in seen)
+    logp = gaussian_log_prob(out.chain[:, 3], out.means[:, 2], out.stds[:, 2])
+    assert torch.isfinite(logp).all() and (gaussian_log_prob(out.chain[:, 2], out.means[:, 1], out.stds[:, 1]) == 0).all()
+    # recompute the recorded transition with gradients (what PPO does)
+    mean, std, _ = model.transition(prefix, state, out.chain[:, 2], 2, 4, noisy)
+    assert torch.allclose(mean, out.means[:, 2], atol=1e-5)
+    lp = gaussian_log_prob(out.chain[:, 3], mean, std).sum()
+    lp.backward()
+    assert model.expert.layers[0].mlp.up_proj.weight.grad is not None
+
+
+def test_invalid_configs_are_refused():
+    for bad in (dict(heads=3, kv_heads=2), dict(image_size=60, patch=8), dict(depth=0), dict(variant="pi1"),
+                dict(discrete_state_input=True), dict(head_dim=7), dict(max_tokens=1)):
+        with pytest.raises(ValueError):
+            Pi0Config.tiny(**bad)
+
+
+def test_real_presets_build_on_meta_device():
+    with torch.device("meta"):
+        counts = Pi0Model(Pi0Config.pi0()).num_parameters()
+        counts5 = Pi0Model(Pi0Config.pi05()).num_parameters()
+    assert 3.2e9 < counts["total"] < 3.45e9, counts  # ≈3.3B: SigLIP 0.4B, Gemma-2B 2.5B, expert 0.3B
+    assert 0.40e9 < counts["vision"] < 0.42e9 and 2.50e9 < counts["vlm"] < 2.52e9 and 0.30e9 < counts["expert"] < 0.32e9
+    assert counts5["expert"] > counts["expert"]  # adaptive-norm denses (1024 -> 3072) per norm
+    assert Pi0Config.pi0().prefix_len == 816 and Pi0Config.pi05().prefix_len == 968
+    assert Pi0Config.pi05().horizon == 10
+
+
+def test_byte_tokenizer_and_openpi_prompts():
+    tok = ByteTokenizer()
+    ids, mask = tokenize_prompt(tok, " pick_up the\ncube ", 32)
+    text_ids = tok.encode("pick up the cube", add_bos=True) + tok.encode("\n")
+    assert ids[: len(text_ids)].tolist() == text_ids and mask.sum() == len(text_ids) and (ids[~mask] == 0).all()
+    assert tok.decode(ids[mask]) == "pick up the cube\n"
+    ids, mask = tokenize_prompt(tok, "x" * 100, 16)
+    assert mask.all() and len(ids) == 16  # truncated
+    assert discretize_state(np.array([-1.0, 0.0, 0.999, 1.0])).tolist() == [0, 128, 255, 255]
+    ids, mask = tokenize_prompt(tok, "push", 64, state=np.array([-1.0, 0.0]))
+    assert tok.decode(ids[mask]) == "Task: push, State: 0 128;\nAction: "
+
+
+def test_sentencepiece_tokenizer_and_vocabulary_check(tmp_path):
+    spm = pytest.importorskip("sentencepiece")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(["pick up the alphabet soup and place it in the basket", "push the cube to the goal",
+                                 "put the bowl on the plate", "open the top drawer"] * 50))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=300,
+                                   byte_fallback=True, model_type="bpe", minloglevel=2)
+    tok = SentencePieceTokenizer(tmp_path / "sp.model")
+    ids, mask = tokenize_prompt(tok, "push the cube", 16)
+    assert ids[0] == tok.bos_id and tok.decode(ids[mask][1:]).strip() == "push the cube"
+    check_tokenizer(Pi0Config.tiny(vocab=300), tok)
+    with pytest.raises(ValueError, match="ids"):
+        check_tokenizer(Pi0Config.tiny(), tok)  # 300 ids do not fit a 260-row embedding
+    with pytest.raises(ValueError, match="PaliGemma"):
+        check_tokenizer(Pi0Config.tiny(vocab=257_152), ByteTokenizer())  # real weights, wrong vocabulary
+    with pytest.raises(FileNotFoundError):
+        SentencePieceTokenizer(tmp_path / "missing.model")
+
+
+def test_norm_stats_round_trip():
+    rng = np.random.default_rng(0)
+    data = {"state": rng.normal(3, 2, (500, 5)), "actions": rng.uniform(-4, 9, (500, 7))}
+    stats = NormStats.from_json(NormStats.from_data(data).to_json())
+    x = torch.as_tensor(data["actions"][:10], dtype=torch.float32)
+    padded = torch.nn.functional.pad(x, (0, 3), value=0.5)  # stats shorter than the vector: first dims only
+    for quantile in (False, True):
+        y = stats.normalize("actions", padded, quantile)
+        assert torch.equal(y[:, 7:], padded[:, 7:])
+        assert torch.allclose(stats.unnormalize("actions", y, quantile), padded, atol=1e-4)
+    z = stats.normalize("state", torch.as_tensor(data["state"], dtype=torch.float32), False)
+    assert torch.allclose(z.mean(0), torch.zeros(5), atol=1e-4) and torch.allclose(z.std(0), torch.ones(5), atol=1e-2)
+    q = stats.normalize("actions", torch.as_tensor(data["actions"], dtype=torch.float32), True)
+    assert abs(torch.quantile(q[:, 0], 0.01).item() + 1) < 1e-3 and abs(torch.quantile(q[:, 0], 0.99).item() - 1) < 1e-3
+    raw = json.loads(stats.to_json())
+    assert set(raw["norm_stats"]["state"]) == {"mean", "std", "q01", "q99"}
+
+
+@pytest.mark.parametrize("cfg", VARIANTS, ids=["pi0", "pi05"])
+def test_openpi_checkpoint_round_trip_is_strict(tmp_path, cfg):
+    model = randomised(cfg)
+    stats = NormStats.from_data({"state": np.random.randn(50, 5), "actions": np.random.randn(50, 7)})
+    save_openpi(tmp_path / "ckpt", model, stats)
+    from safetensors.torch import load_file, save_file
+
+    names = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
+    assert "paligemma_with_expert.paligemma.lm_head.weight" in names  # the tied embedding, stored as lm_head
+    assert "paligemma_with_expert.paligemma.model.language_model.embed_tokens.weight" not in names
+    assert any(k.startswith("paligemma_with_expert.paligemma.model.vision_tower.vision_model.encoder.layers.0.")
+               for k in names)
+    assert any(k.startswith("paligemma_with_expert.gemma_expert.model.layers.1.") for k in names)
+    # the unused expert lm_head that openpi files carry is dropped, and reported
+    names["paligemma_with_expert.gemma_expert.lm_head.weight"] = torch.zeros(cfg.vocab, cfg.expert_width)
+    save_file(names, str(tmp_path / "ckpt" / "model.safetensors"))
+    loaded, loaded_stats, report = load_openpi(tmp_path / "ckpt")
+    assert report.dropped == ["paligemma_with_expert.gemma_expert.lm_head.weight"] and not report.missing
+    sd, sd2 = model.state_dict(), loaded.state_dict()
+    assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
+    assert np.allclose(loaded_stats.stats["state"]["mean"], stats.stats["state"]["mean"])
+    # a missing key is an error with a report (strict), not a silently random weight
+    del names["action_out_proj.bias"]
+    save_file(names, str(tmp_path / "ckpt" / "model.safetensors"))
+    with pytest.raises(ValueError, match="missing.*action_out_proj.bias"):
+        load_openpi(tmp_path / "ckpt")
+    _, _, report = load_openpi(tmp_path / "ckpt", strict=False)
+    assert report.missing == ["action_out_proj.bias"]
+
+
+def test_rename_table_covers_lerobot_and_hf5_layouts():
+    keys = {
+        "model.paligemma_with_expert.paligemma.model.vision_tower.encoder.layers.0.mlp.fc1.weight":
+            "vision.encoder.layers.0.mlp.fc1.weight",  # lerobot prefix, transformers-5 vision tower (no vision_model.)
+        "paligemma_with_expert.paligemma.model.language_model.embed_tokens.weight": "vlm.embed_tokens.weight",
+        "model.action_in_proj.weight": "action_in_proj.weight",
+        "paligemma_with_expert.gemma_expert.model.norm.weight": "expert.norm.weight",
+    }
+    out, dropped = rename_openpi({k: torch.zeros(1) for k in keys})
+    assert sorted(out) == sorted(keys.values()) and not dropped
+    both = {"paligemma_with_expert.paligemma.model.language_model.embed_tokens.weight": torch.ones(2),
+            "paligemma_with_expert.paligemma.lm_head.weight": torch.zeros(2)}
+    out, dropped = rename_openpi(both)
+    assert torch.equal(out["vlm.embed_tokens.weight"], torch.ones(2)) and len(dropped) == 1
+    assert to_openpi_names({"vlm.embed_tokens.weight": 1}, tie_lm_head=False) == {
+        "paligemma_with_expert.paligemma.model.language_model.embed_tokens.weight": 1}
+
+
+def test_our_checkpoint_round_trip_and_crash_safety(tmp_path):
+    model = randomised(Pi0Config.tiny(variant="pi05", discrete_state_input=True))
+    save_pi0(tmp_path / "sft", model, None, extra={"step": 3})
+    save_pi0(tmp_path / "sft", model, None, extra={"step": 4})  # replaces the old one
+    loaded, stats, meta = load_pi0(tmp_path / "sft")
+    assert meta["extra"] == {"step": 4} and loaded.cfg == model.cfg and stats is None
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    # a crash between the two renames of a replace leaves only the aside copy: it is still loadable
+    (tmp_path / "sft").rename(tmp_path / "sft.old")
+    assert load_pi0(tmp_path / "sft")[2]["extra"] == {"step": 4}
+    with pytest.raises(FileNotFoundError):
+        load_pi0(tmp_path / "nothing")
+
+
+def test_processor_pads_masks_and_round_trips_actions():
+    cfg = Pi0Config.tiny(num_cameras=3)
+    rng = np.random.default_rng(0)
+    stats = NormStats.from_data({"state": rng.normal(size=(100, 5)), "actions": rng.normal(2, 3, size=(100, 7))})
+    proc = Pi0Processor(cfg, ByteTokenizer(), stats, env_action_dim=7)
+    images = {"main": rng.integers(0, 255, (2, 32, 32, 3), dtype=np.uint8)}  # wrist and a third slot missing
+    b = proc.batch(rng.normal(size=(2, 5)), images, ["push the cube", "push the cube"])
+    assert b["images"].shape == (2, 3, 32, 32, 3) and b["img_masks"].tolist() == [[True, False, False]] * 2
+    assert b["state"].shape == (2, cfg.action_dim) and (b["state"][:, 5:] == 0).all()
+    actions = torch.as_tensor(rng.normal(2, 3, size=(2, cfg.horizon, 7)), dtype=torch.float32)
+    model_actions = proc.actions_to_model(actions)
+    assert model_actions.shape == (2, cfg.horizon, cfg.action_dim)
+    assert torch.allclose(proc.actions_to_env(model_actions), actions, atol=1e-4)
+    with pytest.raises(ValueError, match="action_dim"):
+        Pi0Processor(cfg, ByteTokenizer(), stats, env_action_dim=9)
+
+
+def test_mixed_precision_keeps_openpi_fp32_params():
+    model = Pi0Model(Pi0Config.tiny()).to_mixed_bf16()
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert dtypes["vision.embeddings.patch_embedding.weight"] == torch.float32
+    assert dtypes["vlm.layers.0.input_layernorm.weight"] == torch.float32
+    assert dtypes["expert.layers.0.mlp.up_proj.weight"] == torch.bfloat16
+    images, img_masks, tokens, tok_masks, state, x_t, t = inputs(model.cfg)
+    with torch.no_grad():
+        v = model.forward_joint(images, img_masks, tokens, tok_masks, state, x_t, t)
+    assert v.dtype == torch.float32 and torch.isfinite(v).all()
