@@ -48,6 +48,9 @@ class Args:
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
     """use CUDA when available"""
+    torch_threads: int = 1
+    """CPU threads for torch (0: torch's default). 1 suits tiny models: with 2 threads on a busy 2-core machine,
+    OpenMP barriers made each step ~50x slower"""
     track: bool = False
     """track the run with Weights and Biases (offline unless WANDB_MODE says otherwise)"""
     wandb_project_name: str = "rlinf-hackable"
@@ -153,9 +156,9 @@ def ensure_demos(args: Args) -> Path:
     else:
         from common.libero_expert import generate_libero_demos
 
-        suite, task_id = args.task.split("/")
-        generate_libero_demos(suite, [int(task_id)], list(range(50 - args.num_demos, 50)), path,
-                              cameras=True, image_size=args.image_size)
+        suite, task_id = args.task.split("/")  # demos from init states 25..49; eval uses 0..eval_episodes-1
+        generate_libero_demos(suite, [int(task_id)], list(range(25, 50)), path, cameras=True,
+                              image_size=args.image_size)
     return path
 
 
@@ -241,6 +244,8 @@ if __name__ == "__main__":
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     # Demonstrations -> dataset
@@ -298,7 +303,7 @@ if __name__ == "__main__":
         state = io.BytesIO()
         torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                     "data_rng": data_rng.bit_generator.state, "torch_rng": torch.get_rng_state()}, state)
-        save_pi0(directory, model, norm_stats, tokenizer.name, extra={"step": step, "args": asdict(args)},
+        save_pi0(directory, model, norm_stats, tokenizer.name, extra={"step": step, "args": asdict(args), "camera_keys": list(camera_keys)},
                  extra_files={"trainer.pt": state.getvalue()})
 
     # Training loop

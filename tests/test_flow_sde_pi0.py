@@ -1,0 +1,150 @@
+"""algos/flow_sde_pi0.py: the Flow-SDE math and RLinf's behaviours (pirl.md §8), and short runs of the script."""
+
+import importlib.util
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.pi0 import Pi0Config, Pi0Model
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("flow_sde_pi0", ROOT / "algos" / "flow_sde_pi0.py")
+fs = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(fs)
+
+
+def test_sigma_schedule_edge_case_and_first_step_std():
+    sig = fs.sde_sigmas(4, 0.5)
+    assert sig.shape == (4,) and sig[0].item() == pytest.approx(1.0)  # a*sqrt(K) at t = 1
+    ts = Pi0Model.timesteps(4)
+    assert torch.allclose(sig[1:], 0.5 * torch.sqrt(ts[1:4] / (1 - ts[1:4])))
+    _, std = fs.sde_transition(torch.zeros(1, 2, 3), torch.zeros(1, 2, 3), ts[0], ts[0] - ts[1], sig[0])
+    assert torch.allclose(std, torch.full_like(std, 0.5))  # K = 4, a = 0.5: first-step std 0.5
+
+
+def test_zero_noise_sde_is_the_euler_ode_step():
+    x, v = torch.randn(2, 4, 3), torch.randn(2, 4, 3)
+    mean, std = fs.sde_transition(x, v, torch.tensor(0.75), torch.tensor(0.25), torch.tensor(0.0))
+    assert torch.allclose(mean, x - 0.25 * v, atol=1e-6) and (std == 0).all()
+
+
+def gaussian_velocity(x, t, m, s):
+    """Exact flow velocity E[noise - a | x_t = x] for data a ~ N(m, s^2), x_t = t*noise + (1-t)*a."""
+    cov = t - (1 - t) * s ** 2
+    var = t ** 2 + (1 - t) ** 2 * s ** 2
+    return -m + cov / var * (x - (1 - t) * m)
+
+
+def test_sde_preserves_the_ode_marginals_on_a_toy_field():
+    torch.manual_seed(0)
+    m, s, K, n = 1.5, 0.3, 200, 200_000
+    sig = fs.sde_sigmas(K, 0.5)
+    ts = Pi0Model.timesteps(K)
+    x = torch.randn(n, dtype=torch.float64)
+    for i in range(K):
+        t, d = ts[i].double(), (ts[i] - ts[i + 1]).double()
+        mean, std = fs.sde_transition(x, gaussian_velocity(x, t, m, s), t, d, sig[i].double())
+        x = mean + std * torch.randn(n, dtype=torch.float64)
+        if i + 1 in (K // 4, K // 2):  # the marginal at t must be the flow's: N((1-t) m, t^2 + (1-t)^2 s^2)
+            tn = float(ts[i + 1])
+            assert x.mean().item() == pytest.approx((1 - tn) * m, abs=0.02)
+            assert x.std().item() == pytest.approx((tn ** 2 + (1 - tn) ** 2 * s ** 2) ** 0.5, rel=0.03)
+    assert x.mean().item() == pytest.approx(m, abs=0.02) and x.std().item() == pytest.approx(s, rel=0.05)
+
+
+def tiny_policy():
+    torch.manual_seed(0)
+    cfg = Pi0Config.tiny(num_cameras=0)
+    model = Pi0Model(cfg).eval()
+    tokens = torch.randint(4, cfg.vocab, (6, cfg.max_tokens))
+    prefix = model.encode_prefix(torch.zeros(6, 0, 64, 64, 3, dtype=torch.uint8), torch.zeros(6, 0, dtype=torch.bool),
+                                 tokens, torch.ones_like(tokens, dtype=torch.bool))
+    return model, prefix, torch.randn(6, cfg.action_dim), torch.randn(6, cfg.horizon, cfg.action_dim)
+
+
+def test_one_shared_stochastic_step_and_its_log_prob_recomputes_exactly():
+    model, prefix, state, noise = tiny_policy()
+    K, sig = 4, fs.sde_sigmas(4, 0.5)
+    draws = [fs.draw_stochastic_steps(random.Random(7), K, False, False) for _ in range(2)]
+    assert draws[0] == draws[1] and len(draws[0]) == 1  # seedable, one step per call
+    rng = random.Random(0)
+    seen = {next(iter(fs.draw_stochastic_steps(rng, K, False, True))) for _ in range(200)}
+    assert seen == {0, 1, 2}  # ignore_last: {0..K-2}
+    stochastic = {2}
+    with torch.no_grad():
+        out = model.sample(prefix, state, noise, K, fs.make_step_fn(stochastic, sig))
+        logp = fs.chain_log_prob(out, stochastic, K, joint=False)
+    assert (out.stds[:, 2] > 0).all() and (out.stds[:, [0, 1, 3]] == 0).all()  # shared by all 6 samples
+    k = torch.full((6,), 2)
+    with torch.no_grad():
+        again, _ = fs.recompute_log_prob(model, prefix, state, out.chain, k, sig, joint=False)
+    assert torch.allclose(again, logp, atol=1e-5)  # PPO's first ratio is 1
+
+
+def test_joint_log_prob_is_the_mean_over_k_plus_1_terms():
+    model, prefix, state, noise = tiny_policy()
+    K, sig = 4, fs.sde_sigmas(4, 0.5)
+    stochastic = fs.draw_stochastic_steps(random.Random(0), K, True, False)
+    with torch.no_grad():
+        out = model.sample(prefix, state, noise, K, fs.make_step_fn(stochastic, sig))
+        logp = fs.chain_log_prob(out, stochastic, K, joint=True)
+        total = fs.gaussian_log_prob(out.chain[:, 0], torch.zeros_like(noise), torch.ones_like(noise))
+        for i in range(K):
+            total = total + fs.gaussian_log_prob(out.chain[:, i + 1], out.means[:, i], out.stds[:, i])
+        again, hidden = fs.recompute_log_prob(model, prefix, state, out.chain, torch.full((6,), -1), sig, joint=True)
+    assert torch.allclose(logp, total / (K + 1), atol=1e-5) and torch.allclose(again, logp, atol=1e-5)
+    assert hidden.shape[1] == K
+
+
+def test_expert_value_is_averaged_over_steps_and_no_dual_clip():
+    head = fs.ValueHead(8, (16,))
+    hidden = torch.randn(3, 4, 5, 8)
+    per_step = head(hidden.mean(2))
+    assert torch.allclose(fs.expert_value(head, hidden, True), per_step.mean(1))
+    # A < 0 with a large ratio: the plain clipped surrogate, not RLinf's dual clip at 3.0
+    logratio, adv = torch.log(torch.tensor([[10.0]])), torch.tensor([[-1.0]])
+    assert fs.actor_loss(logratio, adv, 0.2).item() == pytest.approx(10.0)
+    assert not hasattr(fs.Args, "clip_ratio_c") and not hasattr(fs.Args, "double_layer")
+
+
+def run(args, tmp_path, timeout=600):
+    out = subprocess.run([sys.executable, str(ROOT / "algos" / "flow_sde_pi0.py"), "--run-dir", str(tmp_path), *args],
+                         cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def test_few_iterations_on_maniskill_with_exact_first_ratio(tmp_path):
+    out = run(["--env", "maniskill", "--init", "scratch", "--num-envs", "2", "--num-steps", "4", "--total-iterations",
+               "2", "--eval-episodes", "2", "--num-eval-envs", "1", "--eval-every", "2", "--minibatch-size", "4",
+               "--max-episode-steps", "24"], tmp_path)
+    run_dir = tmp_path / "PushCube-v1__flow_sde_pi0__1"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [h["iteration"] for h in summary["history"]] == [0, 2] and summary["env_steps"] == 2 * 2 * 4 * 8
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    assert all(e.value < 1e-5 for e in acc.Scalars("losses/first_ratio_error"))
+    assert "eval success" in out.stdout
+
+
+def test_few_iterations_on_libero_grpo_with_images(tmp_path):
+    run(["--env", "libero", "--init", "scratch", "--num-envs", "2", "--group-size", "2", "--adv-type", "grpo",
+         "--total-iterations", "1", "--eval-episodes", "1", "--num-eval-envs", "1", "--max-episode-steps", "16",
+         "--minibatch-size", "4", "--image-size", "32", "--no-capture-video"], tmp_path)
+    summary = json.loads((tmp_path / "libero_object_0__flow_sde_pi0__1" / "summary.json").read_text())
+    assert summary["env"] == "libero" and len(summary["history"]) == 2
+
+
+def test_bad_flags_are_refused(tmp_path):
+    for flags, msg in [(["--env", "gym"], "--env"), (["--init", "foo"], "--init"), (["--bootstrap", "x"], "--bootstrap"),
+                       (["--adv-type", "grpo", "--num-envs", "3"], "multiple")]:
+        out = subprocess.run([sys.executable, str(ROOT / "algos" / "flow_sde_pi0.py"), "--run-dir", str(tmp_path),
+                              "--env", "maniskill", *flags], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert out.returncode != 0 and msg in out.stderr, (flags, out.stderr[-400:])
