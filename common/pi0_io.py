@@ -116,12 +116,16 @@ class NormStats:
     stats: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
     @classmethod
-    def from_data(cls, data: dict[str, np.ndarray]) -> "NormStats":
+    def from_data(cls, data: dict[str, np.ndarray], min_scale: float = 1e-2) -> "NormStats":
+        """Stats of arrays (..., D). `min_scale` floors std and (q99 - q01)/2: a dim that is (nearly) constant in a
+        few demos would otherwise turn eval-time jitter into inputs of size 1e6 (openpi's formula divides by
+        std + 1e-6). 0 reproduces openpi's raw stats."""
         out = {}
         for key, x in data.items():
             x = np.asarray(x, np.float64).reshape(-1, np.asarray(x).shape[-1])
-            out[key] = {"mean": x.mean(0), "std": x.std(0), "q01": np.quantile(x, 0.01, axis=0),
-                        "q99": np.quantile(x, 0.99, axis=0)}
+            q01, q99 = np.quantile(x, 0.01, axis=0), np.quantile(x, 0.99, axis=0)
+            mid, half = (q01 + q99) / 2, np.maximum((q99 - q01) / 2, min_scale)
+            out[key] = {"mean": x.mean(0), "std": np.maximum(x.std(0), min_scale), "q01": mid - half, "q99": mid + half}
         return cls(out)
 
     def to_json(self) -> str:
