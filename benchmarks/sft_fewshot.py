@@ -30,9 +30,9 @@ from benchmarks.report import RESULTS_DIR, pyplot, write_results
 
 @dataclass
 class Args:
-    pushcube_demos: list[int] = field(default_factory=lambda: [2, 5, 10])
+    pushcube_demos: list[int] = field(default_factory=lambda: [10, 20])
     """numbers of PushCube-v1 demos to try"""
-    pushcube_steps: int = 2000
+    pushcube_steps: int = 1500
     """SFT steps per PushCube run"""
     pushcube_eval_episodes: int = 100
     """eval episodes per PushCube run"""
@@ -95,11 +95,13 @@ def main(args: Args) -> None:
     ax.set_ylabel("SFT success rate")
     ax.set_ylim(0, 1)
     ax.legend()
-    notes = ("Tiny π0 (`Pi0Config.tiny`, ~0.5M parameters), flow-matching SFT with `algos/sft_pi0.py` defaults "
-             "(batch 64, AdamW 3e-4 cosine, horizon 8, 8 actions executed per call, 5 Euler steps at eval). "
+    notes = ("Tiny π0 (`Pi0Config.tiny` with the SFT script's defaults: 4 layers, 128-wide expert, ~1.4M "
+             "parameters), flow-matching SFT with `algos/sft_pi0.py` defaults (batch 64, AdamW 3e-4 cosine, "
+             "horizon 8, 8 actions executed per call, 5 Euler steps at eval, raw (identity-normalised) state). "
              "PushCube demos: ManiSkill motion planning (seeds from 1,000,000; eval seeds 0..E-1). LIBERO demos: "
              "`common.libero_expert` from init states 25..49 (the first N successes), eval on init states 0..E-1. One eval per run, at the "
-             "end of training, deterministic sampler with a fixed noise seed.")
+             "end of training, deterministic sampler with a fixed noise seed. Runs already in `--run-dir` are reused "
+             "(delete it to rerun).")
     path = write_results("sft_fewshot", "Few-shot SFT success of the tiny π0 (CPU scale)",
                          ["task", "obs", "demos", "sft_steps", "eval_episodes_per_seed", "success_per_seed",
                           "success_mean", "few_shot_band"], rows, seeds=args.seeds, notes=notes, out_dir=args.out_dir,

@@ -79,6 +79,8 @@ class Pi0Config:
             raise ValueError(f"Pi0Config: vit_width {self.vit_width} is not divisible by vit_heads {self.vit_heads}")
         if self.heads % self.kv_heads:
             raise ValueError(f"Pi0Config: heads {self.heads} is not a multiple of kv_heads {self.kv_heads}")
+        if self.expert_width % 2:
+            raise ValueError(f"Pi0Config: expert_width {self.expert_width} must be even (sine-cosine time embedding)")
         if self.head_dim % 2:
             raise ValueError(f"Pi0Config: head_dim {self.head_dim} must be even (RoPE rotates pairs)")
         if self.variant not in ("pi0", "pi05"):
@@ -379,7 +381,13 @@ class Pi0Model(nn.Module):
     # ------------------------------------------------------------------------------------------------ helpers
     @property
     def dtype(self) -> torch.dtype:
+        """dtype of the action/state/time heads (openpi keeps them fp32 under mixed precision)."""
         return self.action_in_proj.weight.dtype
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """dtype of the transformer blocks (bf16 under `to_mixed_bf16`)."""
+        return self.vlm.layers[0].self_attn.q_proj.weight.dtype
 
     def freeze_vlm(self) -> None:
         """πRL's train_expert_only: SigLIP, projector and the Gemma VLM get no gradients."""
@@ -387,10 +395,11 @@ class Pi0Model(nn.Module):
             module.requires_grad_(False)
 
     def to_mixed_bf16(self) -> "Pi0Model":
-        """openpi's precision: bf16 weights, except the patch/position embeddings and every RMSNorm stay fp32."""
-        self.to(torch.bfloat16)
-        keep = [self.vision.embeddings] + [m for m in self.modules() if isinstance(m, RMSNorm) and m.dense is None]
-        for module in keep:
+        """openpi's precision: SigLIP, projector, VLM and expert in bf16, except the patch/position embeddings and
+        every RMSNorm (adaptive ones included) in fp32; the action/state/time heads stay fp32."""
+        for module in (self.vision, self.projector, self.vlm, self.expert):
+            module.to(torch.bfloat16)
+        for module in [self.vision.embeddings] + [m for m in self.modules() if isinstance(m, RMSNorm)]:
             module.float()
         return self
 
@@ -417,7 +426,7 @@ class Pi0Model(nn.Module):
         lang = self.vlm.embed_tokens(tokens)
         embs.append(lang * math.sqrt(lang.shape[-1]))  # the one place text embeddings are scaled
         pads.append(tok_masks.bool())
-        return torch.cat([e.to(self.dtype) for e in embs], dim=1), torch.cat(pads, dim=1)
+        return torch.cat([e.to(self.compute_dtype) for e in embs], dim=1), torch.cat(pads, dim=1)
 
     def embed_suffix(self, state, x_t, t):
         """-> tokens (B, S, we), pad (B, S), ar (B, S), adarms_cond (B, we) or None."""
@@ -435,7 +444,7 @@ class Pi0Model(nn.Module):
             tokens = torch.cat([self.state_proj(state.to(self.dtype))[:, None], at], dim=1)
             ar = [1, 1] + [0] * (H - 1)  # state token its own block; the action chunk one bidirectional block
         pad = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
-        return tokens, pad, torch.tensor(ar, device=tokens.device).expand(B, -1), cond
+        return tokens.to(self.compute_dtype), pad, torch.tensor(ar, device=tokens.device).expand(B, -1), cond
 
     def _check_inputs(self, images, img_masks, tokens):
         cfg = self.cfg
@@ -459,9 +468,15 @@ class Pi0Model(nn.Module):
             kv.append(layer_kv)
         return Prefix(kv, pad, self.vlm.norm(x)[0])
 
+    def _check_actions(self, x_t):
+        if tuple(x_t.shape[1:]) != (self.cfg.horizon, self.cfg.action_dim):
+            raise ValueError(f"noisy actions have shape {tuple(x_t.shape)}, the model wants (B, horizon="
+                             f"{self.cfg.horizon}, action_dim={self.cfg.action_dim})")
+
     def velocity(self, prefix: Prefix, state, x_t, t):
         """v (B, H, A) fp32 and the expert's final hidden states of the action tokens (B, H, we) fp32."""
         cfg = self.cfg
+        self._check_actions(x_t)
         t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device).expand(x_t.shape[0])
         x, pad, ar, cond = self.embed_suffix(state, x_t, t)
         B, S, P = x.shape[0], x.shape[1], prefix.pad_mask.shape[1]
@@ -471,12 +486,13 @@ class Pi0Model(nn.Module):
             (_, x), _ = joint_layer(cfg, [self.vlm.layers[i], self.expert.layers[i]], [None, x], [None, cond], mask,
                                     pos, past_kv=prefix.kv[i])
         h = self.expert.norm(x, cond)[0][:, -cfg.horizon:]
-        return self.action_out_proj(h).float(), h.float()
+        return self.action_out_proj(h.to(self.dtype)).float(), h.float()
 
     def forward_joint(self, images, img_masks, tokens, tok_masks, state, x_t, t):
         """The training forward: one pass over [prefix; suffix] with both experts. Returns v (B, H, A) fp32."""
         cfg = self.cfg
         self._check_inputs(images, img_masks, tokens)
+        self._check_actions(x_t)
         px, ppad = self.embed_prefix(images, img_masks, tokens, tok_masks)
         sx, spad, sar, cond = self.embed_suffix(state, x_t, t)
         pad = torch.cat([ppad, spad], dim=1)
@@ -486,7 +502,7 @@ class Pi0Model(nn.Module):
             (px, sx), _ = joint_layer(cfg, [self.vlm.layers[i], self.expert.layers[i]], [px, sx], [None, cond],
                                       mask, pos)
         h = self.expert.norm(sx, cond)[0][:, -cfg.horizon:]
-        return self.action_out_proj(h).float()
+        return self.action_out_proj(h.to(self.dtype)).float()
 
     def flow_loss(self, images, img_masks, tokens, tok_masks, state, actions, noise=None, t=None):
         """Per-element flow-matching loss (B, H, A), openpi conventions (the trainer averages)."""

@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,7 +103,9 @@ def tokenize_prompt(tokenizer, text: str, max_len: int, state: np.ndarray | None
         ids = tokenizer.encode(f"Task: {clean}, State: {bins};\nAction: ", add_bos=True)
     else:
         ids = tokenizer.encode(clean, add_bos=True) + tokenizer.encode("\n")
-    ids = ids[:max_len]  # openpi truncates (with a warning); so do we
+    if len(ids) > max_len:  # openpi truncates with a warning; so do we
+        warnings.warn(f"prompt of {len(ids)} tokens truncated to max_tokens={max_len}: {text[:60]!r}", stacklevel=2)
+    ids = ids[:max_len]
     out = np.full(max_len, tokenizer.pad_id, np.int64)
     out[: len(ids)] = ids
     return out, np.arange(max_len) < len(ids)

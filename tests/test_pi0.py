@@ -195,7 +195,8 @@ def test_byte_tokenizer_and_openpi_prompts():
     text_ids = tok.encode("pick up the cube", add_bos=True) + tok.encode("\n")
     assert ids[: len(text_ids)].tolist() == text_ids and mask.sum() == len(text_ids) and (ids[~mask] == 0).all()
     assert tok.decode(ids[mask]) == "pick up the cube\n"
-    ids, mask = tokenize_prompt(tok, "x" * 100, 16)
+    with pytest.warns(UserWarning, match="truncated"):
+        ids, mask = tokenize_prompt(tok, "x" * 100, 16)
     assert mask.all() and len(ids) == 16  # truncated
     assert discretize_state(np.array([-1.0, 0.0, 0.999, 1.0])).tolist() == [0, 128, 255, 255]
     ids, mask = tokenize_prompt(tok, "push", 64, state=np.array([-1.0, 0.0]))
@@ -318,13 +319,19 @@ def test_processor_pads_masks_and_round_trips_actions():
         Pi0Processor(cfg, ByteTokenizer(), stats, env_action_dim=9)
 
 
-def test_mixed_precision_keeps_openpi_fp32_params():
-    model = Pi0Model(Pi0Config.tiny()).to_mixed_bf16()
+@pytest.mark.parametrize("cfg", VARIANTS, ids=["pi0", "pi05"])
+def test_mixed_precision_keeps_openpi_fp32_params(cfg):
+    model = Pi0Model(cfg).to_mixed_bf16()
     dtypes = {n: p.dtype for n, p in model.named_parameters()}
     assert dtypes["vision.embeddings.patch_embedding.weight"] == torch.float32
     assert dtypes["vlm.layers.0.input_layernorm.weight"] == torch.float32
     assert dtypes["expert.layers.0.mlp.up_proj.weight"] == torch.bfloat16
+    assert dtypes["action_in_proj.weight"] == dtypes["action_out_proj.weight"] == torch.float32  # heads stay fp32
+    if cfg.is_pi05:
+        assert dtypes["expert.layers.0.input_layernorm.dense.weight"] == torch.float32
     images, img_masks, tokens, tok_masks, state, x_t, t = inputs(model.cfg)
     with torch.no_grad():
         v = model.forward_joint(images, img_masks, tokens, tok_masks, state, x_t, t)
-    assert v.dtype == torch.float32 and torch.isfinite(v).all()
+        prefix = model.encode_prefix(images, img_masks, tokens, tok_masks)
+        v2, _ = model.velocity(prefix, state, x_t, t)
+    assert v.dtype == torch.float32 and torch.isfinite(v).all() and torch.allclose(v, v2, atol=0.05)
