@@ -1,0 +1,654 @@
+"""πRL Flow-Noise: PPO for flow-matching VLAs (π0 / π0.5) with a learned denoising noise, on LIBERO and ManiSkill.
+
+Paper: Chen et al., "πRL: Online RL Fine-tuning for Flow-based Vision-Language-Action Models" (arXiv 2510.25889),
+as RLinf implements it (`noise_method: flow_noise`, `joint_logprob: True`). Reproduces the "few-shot SFT ->
+Flow-Noise PPO" rows of the πRL tables; at CPU scale with the tiny π0 (`--preset cpu`, the default), with RLinf's
+hyper-parameters on GPUs (`--preset paper`).
+
+    python algos/flow_noise_pi0.py --env libero          # LIBERO-Object task 0, tiny π0, CPU
+    python algos/flow_noise_pi0.py --env maniskill       # PushCube-v1 (state)
+
+The denoising chain x_1 -> x_0 (K Euler steps) becomes a Gaussian Markov chain: every step's mean is the ODE step
+x_t - d*v and its std comes from a noise network on the action expert's hidden states (not detached, as RLinf),
+    l = tanh(MLP(h)),  logvar = logvar_min + (logvar_max - logvar_min) * (l + 1) / 2,  std = exp(logvar / 2)
+bounded in [0.08, 0.16]. The chain's log-likelihood is exact; RLinf averages its K+1 terms (N(0, I) of x_1, then each
+transition) instead of summing them, sliced to the executed [chunk, env action dims]. An entropy bonus (0.005) on
+0.5*log(2*pi*e*std^2) pushes the std up. Eval runs the plain ODE (the noise network is not called).
+PPO as in flow_sde_pi0.py: chunk-level GAE (γ 0.99, λ 0.95), clip 0.2, Huber value loss with value clipping, no KL;
+critic on the expert (π0, detached) or the VLM prefix (π0.5); the noise head trains with the actor.
+"""
+
+import io
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from common.fsutil import atomic_write
+from common.pi0 import Pi0Config, Pi0Model, gaussian_log_prob
+from common.pi0_io import Pi0Processor, load_openpi, load_pi0, make_tokenizer, save_pi0
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Args:
+    exp_name: str = "flow_noise_pi0"
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """use CUDA when available"""
+    torch_threads: int = 1
+    """CPU threads for torch (0: torch's default); 1 suits the tiny model on a small shared CPU"""
+    track: bool = False
+    """track with Weights and Biases (offline unless WANDB_MODE says otherwise)"""
+    wandb_project_name: str = "rlinf-hackable"
+    """the W&B project"""
+    run_dir: str = "runs"
+    """where runs (logs, checkpoints, videos) go"""
+    resume: bool = False
+    """continue this run (same --exp-name/--seed/--task) from its checkpoint"""
+    capture_video: bool = True
+    """write an mp4 of the first eval episode (image observations only)"""
+    preset: str = "cpu"
+    """cpu (tiny model, few envs) or paper (RLinf's πRL yaml values for this env; needs GPUs and real weights)"""
+
+    # Environment
+    env: str = "libero"
+    """libero or maniskill"""
+    task: str = ""
+    """LIBERO "<suite>/<task id>" or a ManiSkill env id (default: libero_object/0, PushCube-v1)"""
+    obs_mode: str = "state"
+    """ManiSkill observation mode (state or rgb); LIBERO always uses images"""
+    control_mode: str = "pd_joint_pos"
+    """ManiSkill controller (the motion-planning demos' one)"""
+    image_size: int = 64
+    """camera resolution"""
+    max_episode_steps: int = 0
+    """0: 100 for ManiSkill (its registered 50 is too short), the suite's limit for LIBERO"""
+    num_envs: int = 4
+    """parallel training envs (worker processes on CPU)"""
+    bootstrap: str = "truncation"
+    """add γ·V(final obs) to a chunk's reward when it ends in: truncation (correct), always (RLinf's ManiSkill), none"""
+
+    # Model and initialisation
+    init: str = "sft:auto"
+    """sft:PATH (our SFT checkpoint), sft:auto (runs/sft/..., made by algos/sft_pi0.py if missing), openpi:PATH, scratch"""
+    model: str = "tiny"
+    """preset for --init scratch: tiny, pi0 or pi05"""
+    tokenizer: str = "bytes"
+    """bytes, or PaliGemma's SentencePiece model (real weights)"""
+    sft_demos: int = 0
+    """demos for sft:auto (0: 5 on ManiSkill PushCube, 20 on LIBERO)"""
+    train_expert_only: bool = True
+    """freeze SigLIP and the Gemma VLM (πRL's default)"""
+
+    # Flow-Noise
+    num_denoise_steps: int = 4
+    """K, Euler steps per policy call (all stochastic in training)"""
+    noise_std_min: float = 0.08
+    """lower bound of the learned std (RLinf's noise_logvar_range, which holds stds)"""
+    noise_std_max: float = 0.16
+    """upper bound of the learned std"""
+    entropy_bonus: float = 0.005
+    """weight of the mean entropy 0.5*log(2*pi*e*std^2) of the chain's transitions (and of x_1)"""
+    action_chunk: int = 8
+    """actions executed per policy call (<= the model's horizon)"""
+
+    # PPO
+    total_iterations: int = 20
+    """RL iterations (rollout + update)"""
+    total_minutes: float = 0.0
+    """stop after this wall-clock budget (0: no limit)"""
+    num_steps: int = 16
+    """chunk steps per env per iteration (GAE mode)"""
+    update_epochs: int = 2
+    """PPO epochs per iteration"""
+    minibatch_size: int = 64
+    """chunk steps per minibatch"""
+    learning_rate: float = 3e-5
+    """actor learning rate (expert + projections)"""
+    value_lr: float = 1e-3
+    """critic (value head) learning rate"""
+    weight_decay: float = 0.01
+    """AdamW weight decay (betas 0.9, 0.95 as RLinf)"""
+    gamma: float = 0.99
+    """discount over chunk steps"""
+    gae_lambda: float = 0.95
+    """GAE λ"""
+    clip_coef: float = 0.2
+    """PPO ratio clip"""
+    value_clip: float = 0.2
+    """value clipping around the rollout values"""
+    huber_delta: float = 10.0
+    """Huber δ of the value loss"""
+    max_grad_norm: float = 1.0
+    """gradient clipping"""
+    norm_adv: bool = True
+    """normalise advantages per minibatch"""
+    logprob_type: str = "chunk"
+    """chunk (one ratio per sample: log-probs summed) or token (one ratio per executed action element)"""
+    critic: str = "auto"
+    """expert (π0: mean of the expert's action-token states), vlm (π0.5: mean of the prefix states), auto"""
+    detach_critic_input: bool = True
+    """stop critic gradients at the expert (πRL's π0 configs)"""
+    adv_type: str = "gae"
+    """gae (PPO with a critic) or grpo (group-relative, no critic)"""
+    group_size: int = 4
+    """GRPO: envs per group sharing one initial state (num_envs must be a multiple)"""
+    filter_rewards: bool = True
+    """GRPO: drop groups whose mean success is outside [0.1, 0.9]"""
+
+    # Evaluation
+    eval_every: int = 10
+    """iterations between evaluations (also at the start and the end)"""
+    eval_episodes: int = 50
+    """deterministic (ODE) eval episodes, initial states 0..N-1"""
+    num_eval_envs: int = 2
+    """parallel eval envs"""
+    checkpoint_every: int = 5
+    """iterations between checkpoints (resume points)"""
+
+
+PAPER = {  # RLinf's πRL yaml values (pirl.md §3.5): π0 ManiSkill (flow_noise); LIBERO's configs are flow_sde ones
+    "libero": dict(num_envs=64, num_denoise_steps=4, action_chunk=5, update_epochs=4,
+                   learning_rate=5e-6, value_lr=1e-4, minibatch_size=2048, logprob_type="chunk", image_size=224,
+                   bootstrap="none", num_steps=48),
+    "maniskill": dict(num_envs=320, num_denoise_steps=4, action_chunk=5, update_epochs=4, learning_rate=7.91e-6,
+                      value_lr=1.55e-4, minibatch_size=5120, logprob_type="token", bootstrap="always",
+                      max_episode_steps=80, num_steps=16, image_size=224),
+}
+
+
+class ValueHead(nn.Module):
+    """RLinf's critic MLP: ReLU hidden layers (Kaiming init), last layer N(0, 0.02) with bias."""
+
+    def __init__(self, width: int, hidden: tuple[int, ...]):
+        super().__init__()
+        layers, d = [], width
+        for h in hidden:
+            layers += [nn.Linear(d, h), nn.ReLU()]
+            nn.init.kaiming_normal_(layers[-2].weight, nonlinearity="relu")
+            nn.init.zeros_(layers[-2].bias)
+            d = h
+        self.net = nn.Sequential(*layers, nn.Linear(d, 1))
+        nn.init.normal_(self.net[-1].weight, std=0.02)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, x):
+        return self.net(x).squeeze(-1)
+
+
+class NoiseHead(nn.Module):
+    """RLinf's ExploreNoiseNet: expert hidden (we) -> 128 -> 64 (tanh) -> A, mapped to a std in [min, max] through a
+    bounded log-variance."""
+
+    def __init__(self, width: int, action_dim: int, std_min: float, std_max: float):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(width, 128), nn.Tanh(), nn.Linear(128, 64), nn.Tanh(),
+                                 nn.Linear(64, action_dim))
+        self.logvar_min, self.logvar_max = 2 * math.log(std_min), 2 * math.log(std_max)
+
+    def forward(self, h):
+        level = torch.tanh(self.net(h.float()))
+        return torch.exp(0.5 * (self.logvar_min + (self.logvar_max - self.logvar_min) * (level + 1) / 2))
+
+
+def make_step_fn(noise_head, stochastic: bool):
+    """The sampler hook: the ODE mean x_t - d*v, with the learned std (training) or std 0 (eval: pure ODE)."""
+
+    def step_fn(i, x_t, v, h, t, d):
+        mean = x_t - d * v
+        return mean, noise_head(h) if stochastic else torch.zeros_like(mean)
+
+    return step_fn
+
+
+def chain_log_prob(chain, means, stds) -> torch.Tensor:
+    """Element-wise (B, H, A) mean over the K+1 terms [log N(x_1 | 0, I)] + [log N(x_{i+1} | mean_i, std_i)]
+    (RLinf's joint_logprob: the exact chain log-density divided by K+1)."""
+    x1 = chain[:, 0]
+    terms = [gaussian_log_prob(x1, torch.zeros_like(x1), torch.ones_like(x1))]
+    terms += [gaussian_log_prob(chain[:, i + 1], means[:, i], stds[:, i]) for i in range(means.shape[1])]
+    return torch.stack(terms, 1).mean(1)
+
+
+def chain_entropy(stds, chunk: int, action_dim: int) -> torch.Tensor:
+    """Mean Gaussian entropy 0.5*log(2*pi*e*std^2) over the K transitions and x_1 (std 1, a constant RLinf keeps),
+    over the executed chunk and dims -> (B,)."""
+    B = stds.shape[0]
+    init = torch.ones(B, 1, *stds.shape[2:], device=stds.device)
+    all_stds = torch.cat([init, stds], 1)[:, :, :chunk, :action_dim]
+    return (0.5 * torch.log(2 * math.pi * math.e * all_stds ** 2)).mean(dim=(1, 2, 3))
+
+
+def recompute_chain(model, noise_head, prefix, state, chain):
+    """Means, stds and expert hidden states of every stored transition under the current parameters (K forwards)."""
+    K = chain.shape[1] - 1
+    ts = Pi0Model.timesteps(K, chain.device)
+    means, stds, hidden = [], [], []
+    for i in range(K):
+        v, h = model.velocity(prefix, state, chain[:, i], ts[i])
+        means.append(chain[:, i] - (ts[i] - ts[i + 1]) * v)
+        stds.append(noise_head(h))
+        hidden.append(h)
+    return torch.stack(means, 1), torch.stack(stds, 1), torch.stack(hidden, 1)
+
+
+def expert_value(value_head, hidden, detach: bool):
+    """π0 critic: mean over the action tokens of the expert states, a value per visited denoising step, then the mean
+    over those steps (all K, at rollout and in training)."""
+    feats = hidden.mean(2)
+    return value_head(feats.detach() if detach else feats).mean(1)
+
+
+def actor_loss(logratio, advantages, clip: float):
+    """PPO clipped surrogate; no dual clip (RLinf does not pass clip_ratio_c for openpi policies)."""
+    ratio = logratio.exp()
+    return torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip)).mean()
+
+
+def value_loss(new_value, old_value, returns, clip: float, delta: float):
+    """Huber loss with value clipping around the rollout values (max of the clipped and unclipped losses)."""
+    clipped = old_value + (new_value - old_value).clamp(-clip, clip)
+    return torch.max(F.huber_loss(new_value, returns, delta=delta, reduction="none"),
+                     F.huber_loss(clipped, returns, delta=delta, reduction="none")).mean()
+
+
+def make_env(args: Args, num_envs: int, eval_mode: bool = False, num_episodes: int | None = None,
+             auto_reset: bool = True):
+    if args.env == "maniskill":
+        from common.maniskill_env import make_maniskill_env
+
+        return make_maniskill_env(args.task, num_envs=num_envs, obs_mode=args.obs_mode, control_mode=args.control_mode,
+                                  image_size=args.image_size, max_episode_steps=args.max_episode_steps,
+                                  eval_mode=eval_mode, num_eval_episodes=num_episodes, auto_reset=auto_reset,
+                                  seed=args.seed)
+    from common.libero_env import make_libero_env
+
+    suite, task_id = args.task.split("/")
+    return make_libero_env(suite, num_envs=num_envs, task_ids=[int(task_id)], image_size=args.image_size,
+                           max_episode_steps=args.max_episode_steps, eval_mode=eval_mode,
+                           num_eval_episodes=num_episodes, auto_reset=auto_reset, seed=args.seed)
+
+
+def sft_auto_path(args: Args) -> Path:
+    return ROOT / "runs" / "sft" / f"{args.task.replace('/', '_')}__sft_pi0__1" / "final"
+
+
+def make_sft_checkpoint(args: Args, path: Path) -> None:
+    """Run algos/sft_pi0.py (demos are generated if missing) to make the few-shot SFT start."""
+    demos = args.sft_demos or (20 if args.env == "libero" else 5)
+    cmd = [sys.executable, str(ROOT / "algos" / "sft_pi0.py"), "--env", args.env, "--task", args.task,
+           "--num-demos", str(demos), "--run-dir", str(path.parent.parent), "--exp-name", "sft_pi0", "--seed", "1",
+           "--obs-mode", args.obs_mode, "--image-size", str(args.image_size), "--eval-episodes", "10",
+           "--total-steps", "3000" if args.env == "libero" else "2000", "--eval-every", "100000"]
+    print(f"no SFT checkpoint at {path}: making one ({demos} demos):\n  {' '.join(cmd)}", flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+def load_policy(args: Args, device):
+    kind, _, path = args.init.partition(":")
+    if kind == "sft":
+        ckpt = sft_auto_path(args) if path in ("", "auto") else Path(path)
+        if not (ckpt / "pi0_config.json").exists():
+            if path not in ("", "auto"):
+                raise SystemExit(f"no SFT checkpoint at {ckpt}. Make one with: python algos/sft_pi0.py --env "
+                                 f"{args.env} --task {args.task} --num-demos 10 (it prints the final checkpoint path)")
+            make_sft_checkpoint(args, ckpt)
+        model, stats, meta = load_pi0(ckpt, device)
+        env_dim = len(stats.stats["actions"]["mean"]) if stats else model.cfg.action_dim
+        cams = tuple(k for k in ("main", "wrist") if k in meta["extra"].get("camera_keys", ("main", "wrist")))
+        return model, stats, env_dim, cams[: model.cfg.num_cameras]
+    if kind == "openpi":
+        model, stats, report = load_openpi(path, device=device)
+        print(f"loaded openpi checkpoint {path}: {report}")
+        return model, stats, 7, ("main", "wrist")
+    if kind == "scratch":
+        preset = {"tiny": Pi0Config.tiny, "pi0": Pi0Config.pi0, "pi05": Pi0Config.pi05}[args.model]
+        extra = dict(action_dim=35, num_cameras=0) if args.env == "maniskill" and args.obs_mode == "state" else {}
+        model = Pi0Model(preset(**extra) if args.model == "tiny" else preset()).to(device)
+        return model, None, 8 if args.env == "maniskill" else 7, ("main", "wrist")
+    raise SystemExit(f"--init must be sft:PATH, sft:auto, openpi:PATH or scratch; got {args.init!r}")
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    # TRY NOT TO MODIFY: argument checks and defaults
+    if args.env not in ("libero", "maniskill"):
+        raise SystemExit(f"--env must be libero or maniskill, got {args.env!r}")
+    if args.preset not in ("cpu", "paper"):
+        raise SystemExit(f"--preset must be cpu or paper, got {args.preset!r}")
+    if args.preset == "paper":
+        for key, value in PAPER[args.env].items():
+            setattr(args, key, value)
+    args.task = args.task or ("libero_object/0" if args.env == "libero" else "PushCube-v1")
+    if args.env == "libero" and (args.task.count("/") != 1 or not args.task.split("/")[1].isdigit()):
+        raise SystemExit(f"--task for LIBERO is <suite>/<task id>, e.g. libero_object/0; got {args.task!r}")
+    if not args.max_episode_steps:
+        from common.libero_env import MAX_EPISODE_STEPS
+
+        args.max_episode_steps = MAX_EPISODE_STEPS[args.task.split("/")[0]] if args.env == "libero" else 100
+    for name, choices in (("bootstrap", ("truncation", "always", "none")), ("logprob_type", ("chunk", "token")),
+                          ("critic", ("auto", "expert", "vlm")), ("adv_type", ("gae", "grpo"))):
+        if getattr(args, name) not in choices:
+            raise SystemExit(f"--{name.replace('_', '-')} must be one of {choices}, got {getattr(args, name)!r}")
+    if args.adv_type == "grpo" and args.num_envs % args.group_size:
+        raise SystemExit(f"--num-envs {args.num_envs} must be a multiple of --group-size {args.group_size}")
+    K = args.num_denoise_steps
+    if K < 1 or not 0 < args.noise_std_min <= args.noise_std_max:
+        raise SystemExit(f"need --num-denoise-steps >= 1 and 0 < --noise-std-min <= --noise-std-max")
+
+    run_name = f"{args.task.replace('/', '_')}__{args.exp_name}__{args.seed}"
+    run_dir = Path(args.run_dir) / run_name
+    ckpt_dir = run_dir / "checkpoint"
+    if (ckpt_dir.exists() or (run_dir / "summary.json").exists()) and not args.resume:
+        raise SystemExit(f"{run_dir} exists; pass --resume to continue it or choose another --exp-name")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, sync_tensorboard=True, config=vars(args), name=run_name,
+                   mode=os.environ.get("WANDB_MODE", "offline"))
+    writer = SummaryWriter(str(run_dir))
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+
+    # TRY NOT TO MODIFY: seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    # Policy, critic, optimiser
+    model, norm_stats, env_action_dim, camera_keys = load_policy(args, device)
+    cfg = model.cfg
+    if not 1 <= args.action_chunk <= cfg.horizon:
+        raise SystemExit(f"--action-chunk must be in [1, horizon={cfg.horizon}], got {args.action_chunk}")
+    processor = Pi0Processor(cfg, make_tokenizer(args.tokenizer), norm_stats, env_action_dim, camera_keys)
+    if args.train_expert_only:
+        model.freeze_vlm()
+    critic_on = ("vlm" if cfg.is_pi05 else "expert") if args.critic == "auto" else args.critic
+    critic_width = cfg.vlm_width if critic_on == "vlm" else cfg.expert_width
+    value_head = ValueHead(critic_width, (1024, 512, 256) if critic_on == "vlm" else (512, 256, 128)).to(device)
+    noise_head = NoiseHead(cfg.expert_width, cfg.action_dim, args.noise_std_min, args.noise_std_max).to(device)
+    actor_params = [p for p in model.parameters() if p.requires_grad] + list(noise_head.parameters())
+    optimizer = torch.optim.AdamW([{"params": actor_params, "lr": args.learning_rate},
+                                   {"params": list(value_head.parameters()), "lr": args.value_lr}],
+                                  betas=(0.9, 0.95), eps=1e-8, weight_decay=args.weight_decay)
+    ts = Pi0Model.timesteps(K).to(device)
+    chunk, A = args.action_chunk, env_action_dim
+    start_iter, global_step, history = 0, 0, []
+    if args.resume and ckpt_dir.exists():
+        model, norm_stats, meta = load_pi0(ckpt_dir, device)
+        if args.train_expert_only:
+            model.freeze_vlm()
+        actor_params = [p for p in model.parameters() if p.requires_grad] + list(noise_head.parameters())
+        optimizer.param_groups[0]["params"] = actor_params
+        state = torch.load(io.BytesIO((ckpt_dir / "trainer.pt").read_bytes()), weights_only=True)
+        value_head.load_state_dict(state["value_head"])
+        noise_head.load_state_dict(state["noise_head"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        start_iter, global_step, history = meta["extra"]["iteration"], meta["extra"]["global_step"], meta["extra"]["history"]
+        print(f"resuming {run_name} at iteration {start_iter}")
+
+    def prefix_and_value(batch, grad: bool):
+        """The VLM prefix (cached K/V) and, for the VLM critic, the value from the mean of the valid prefix states."""
+        with torch.set_grad_enabled(grad and not args.train_expert_only):
+            prefix = model.encode_prefix(batch["images"], batch["img_masks"], batch["tokens"], batch["tok_masks"])
+        value = None
+        if critic_on == "vlm":
+            m = prefix.pad_mask.float()[..., None]
+            value = value_head(((prefix.hidden.float() * m).sum(1) / m.sum(1).clamp(min=1)).detach())
+        return prefix, value
+
+    def act(obs, deterministic: bool, generator=None):
+        """One policy call -> env actions (B, chunk, A) and the rollout record."""
+        batch = processor.batch(obs["state"], obs.get("images"), obs["task_description"], device)
+        with torch.no_grad():
+            prefix, value = prefix_and_value(batch, grad=False)
+            B = batch["state"].shape[0]
+            noise = torch.randn(B, cfg.horizon, cfg.action_dim, device=device, generator=generator)
+            out = model.sample(prefix, batch["state"], noise, K, make_step_fn(noise_head, not deterministic),
+                               generator)
+            if critic_on == "expert":
+                value = expert_value(value_head, out.hidden, args.detach_critic_input)
+            logp = chain_log_prob(out.chain, out.means, out.stds) if not deterministic else torch.zeros_like(noise)
+        actions = processor.actions_to_env(out.actions[:, :chunk])
+        record = {"batch": batch, "chain": out.chain, "k": torch.zeros(B, dtype=torch.long, device=device),
+                  "logp": logp[:, :chunk, :A].reshape(B, -1), "value": value}
+        return actions, record
+
+    def recompute(batch, chain, k):
+        """Log-probs (B, chunk*A), values (B,) and entropies (B,) of stored chains under the current parameters."""
+        prefix, value = prefix_and_value(batch, grad=True)
+        means, stds, hidden = recompute_chain(model, noise_head, prefix, batch["state"], chain)
+        logp = chain_log_prob(chain, means, stds)
+        if critic_on == "expert":
+            value = expert_value(value_head, hidden, args.detach_critic_input)
+        recompute.entropy = chain_entropy(stds, chunk, A)
+        return logp[:, :chunk, :A].reshape(chain.shape[0], -1), value
+
+    eval_seconds = [0.0]  # eval time, kept out of SPS and of the training wall clock
+
+    def evaluate(step: int) -> dict:
+        t0 = time.time()
+        env = make_env(args, min(args.num_eval_envs, args.eval_episodes), eval_mode=True,
+                       num_episodes=args.eval_episodes)
+        successes, returns, frames = [], [], []
+        gen = torch.Generator(device=device).manual_seed(args.seed)  # the same noise every eval: deterministic
+        model.eval()
+        try:
+            obs = env.reset()
+            while not env.eval_complete:
+                actions, _ = act(obs, deterministic=True, generator=gen)
+                if args.capture_video and "images" in obs and not env.stopped[0]:
+                    frames.append(obs["images"]["main"][0].cpu().numpy())
+                obs, _, _, _, info = env.step(actions.cpu())
+                for i in torch.nonzero(info["done"]).flatten().tolist():
+                    successes.append(float(info["episode"]["success_once"][i]))
+                    returns.append(float(info["episode"]["return"][i]))
+        finally:
+            env.close()
+            model.train()
+        if frames:
+            import imageio
+
+            imageio.mimsave(run_dir / f"eval_{step}.mp4", frames, fps=10)
+        eval_seconds[0] += time.time() - t0
+        return {"success_rate": float(np.mean(successes)), "episodic_return": float(np.mean(returns)),
+                "episodes": len(successes)}
+
+    def save(iteration: int) -> None:
+        buf = io.BytesIO()
+        torch.save({"value_head": value_head.state_dict(), "noise_head": noise_head.state_dict(),
+                    "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, buf)
+        save_pi0(ckpt_dir, model, norm_stats, processor.tokenizer.name,
+                 extra={"iteration": iteration, "global_step": global_step, "history": history,
+                        "camera_keys": list(camera_keys), "args": asdict(args)},
+                 extra_files={"trainer.pt": buf.getvalue()})
+
+    # TRY NOT TO MODIFY: start the game
+    print(f"{args.env} {args.task}: π0 {cfg.variant} ({sum(p.numel() for p in actor_params) / 1e6:.2f}M trained), "
+          f"Flow-Noise K={K} std in [{args.noise_std_min}, {args.noise_std_max}], critic on {critic_on}, "
+          f"{args.num_envs} envs, device {device}")
+    start_time = time.time()
+    if start_iter == 0:
+        stats = evaluate(0)
+        history.append({"iteration": 0, "global_step": 0, "minutes": 0.0, **stats})
+        writer.add_scalar("eval/success_rate", stats["success_rate"], 0)
+        print(f"SFT start: eval success {stats['success_rate']:.2f} over {stats['episodes']} episodes")
+    envs = make_env(args, args.num_envs, auto_reset=args.adv_type == "gae")
+    obs = envs.reset(seed=args.seed)
+    bar = tqdm(range(start_iter, args.total_iterations), initial=start_iter, total=args.total_iterations,
+               desc="flow-noise", mininterval=2.0)
+    for iteration in bar:
+        it_start = time.time()
+        # ---------------------------------------------------------------- ALGO LOGIC: rollout in action chunks
+        records, rewards, dones, masks, episode_stats = [], [], [], [], []
+        if args.adv_type == "grpo":  # one episode per env; groups of envs share an initial state
+            group_ids = np.random.randint(0, envs.num_reset_ids, args.num_envs // args.group_size)
+            obs = envs.reset(reset_ids=np.repeat(group_ids, args.group_size).tolist())
+        alive = torch.ones(args.num_envs, dtype=torch.bool)
+        max_calls = args.num_steps if args.adv_type == "gae" else math.ceil(args.max_episode_steps / chunk)
+        for step in range(max_calls):
+            actions, rec = act(obs, deterministic=False)
+            obs, reward, terminated, truncated, info = envs.step(actions.cpu())
+            done = (terminated | truncated).cpu()
+            reward = reward.sum(1).cpu()  # chunk-level reward: the executed steps' sum
+            global_step += int(info["executed_steps"].sum())
+            if args.adv_type == "gae" and done.any() and args.bootstrap != "none":
+                boot = truncated.cpu() if args.bootstrap == "truncation" else done
+                if boot.any():
+                    final = info["final_observation"]
+                    idx = torch.nonzero(boot).flatten()
+                    sub = {"state": final["state"][idx], "task_description": [final["task_description"][i] for i in idx]}
+                    if "images" in final:
+                        sub["images"] = {key: val[idx] for key, val in final["images"].items()}
+                    with torch.no_grad():
+                        _, rec_final = act(sub, deterministic=True)
+                    reward[idx] += args.gamma * rec_final["value"].cpu()
+            records.append(rec)
+            rewards.append(reward)
+            dones.append(done)
+            masks.append(alive.clone())
+            alive &= ~done
+            if "episode" in info:
+                for i in torch.nonzero(info["done"]).flatten().tolist():
+                    episode_stats.append((float(info["episode"]["return"][i]), float(info["episode"]["success_once"][i])))
+            if args.adv_type == "grpo" and not alive.any():
+                break
+        T = len(records)
+        rewards_t, dones_t, masks_t = torch.stack(rewards), torch.stack(dones).float(), torch.stack(masks).float()
+
+        # ---------------------------------------------------------------- ALGO LOGIC: advantages
+        with torch.no_grad():
+            if args.adv_type == "gae":
+                values = torch.stack([r["value"].cpu() for r in records])
+                _, last = act(obs, deterministic=True)
+                next_value = last["value"].cpu()
+                advantages = torch.zeros(T, args.num_envs)
+                lastgaelam = torch.zeros(args.num_envs)
+                for t in reversed(range(T)):
+                    nv = next_value if t == T - 1 else values[t + 1]
+                    nonterminal = 1.0 - dones_t[t]  # an auto-reset env's next value belongs to a new episode
+                    delta = rewards_t[t] + args.gamma * nv * nonterminal - values[t]
+                    lastgaelam = delta + args.gamma * args.gae_lambda * nonterminal * lastgaelam
+                    advantages[t] = lastgaelam
+                returns = advantages + values
+            else:
+                values = torch.zeros(T, args.num_envs)
+                episode_return = (rewards_t * masks_t).sum(0).view(-1, args.group_size)
+                mean, std = episode_return.mean(1, keepdim=True), episode_return.std(1, keepdim=True)
+                group_adv = ((episode_return - mean) / (std + 1e-6)).view(-1)
+                advantages = group_adv[None].expand(T, -1).clone()
+                if args.filter_rewards:  # success in [0.1, 0.9]: groups that all fail or all succeed teach nothing
+                    success = (episode_return > 0).float().mean(1)
+                    keep = ((success >= 0.1) & (success <= 0.9)).repeat_interleave(args.group_size)
+                    masks_t = masks_t * keep[None].float()
+                returns = advantages
+
+        # flatten the rollout: (T, N) -> T*N samples, only masked-in ones
+        flat_mask = masks_t.reshape(-1).bool()
+        def cat(key):
+            return torch.cat([r[key] for r in records])
+        batch_keys = records[0]["batch"].keys()
+        data = {k: torch.cat([r["batch"][k] for r in records])[flat_mask.to(device)] for k in batch_keys}
+        chains, ks, logp_old = cat("chain")[flat_mask.to(device)], cat("k")[flat_mask.to(device)], cat("logp")[flat_mask.to(device)]
+        adv_flat, ret_flat = advantages.reshape(-1)[flat_mask].to(device), returns.reshape(-1)[flat_mask].to(device)
+        val_flat = values.reshape(-1)[flat_mask].to(device)
+        n_samples = int(flat_mask.sum())
+        rollout_time = time.time() - it_start
+
+        # ---------------------------------------------------------------- ALGO LOGIC: PPO update
+        clipfracs, approx_kls, pg_losses, v_losses, entropies, first_ratio_err = [], [], [], [], [], None
+        for epoch in range(args.update_epochs if n_samples else 0):
+            perm = torch.randperm(n_samples, device=device)
+            for start in range(0, n_samples, args.minibatch_size):
+                mb = perm[start:start + args.minibatch_size]
+                mb_batch = {k: v[mb] for k, v in data.items()}
+                k_mb = ks[mb].clamp(min=0)
+                new_logp, new_value = recompute(mb_batch, chains[mb], k_mb)
+                logratio = new_logp - logp_old[mb]
+                if args.logprob_type == "chunk":
+                    logratio = logratio.sum(-1, keepdim=True)
+                ratio = logratio.exp()
+                if epoch == 0 and start == 0:
+                    first_ratio_err = float((ratio.detach() - 1).abs().max())
+                mb_adv = adv_flat[mb]
+                if args.norm_adv and len(mb) > 1:
+                    mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
+                mb_adv = mb_adv[:, None]
+                pg_loss = actor_loss(logratio, mb_adv, args.clip_coef)
+                entropy = recompute.entropy.mean()
+                loss = pg_loss - args.entropy_bonus * entropy
+                entropies.append(float(entropy))
+                if args.adv_type == "gae":
+                    v_loss = value_loss(new_value, val_flat[mb], ret_flat[mb], args.value_clip, args.huber_delta)
+                    loss = loss + v_loss
+                    v_losses.append(float(v_loss))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(actor_params + list(value_head.parameters()), args.max_grad_norm)
+                optimizer.step()
+                with torch.no_grad():
+                    approx_kls.append(float(((ratio - 1) - logratio).mean()))
+                    clipfracs.append(float(((ratio - 1).abs() > args.clip_coef).float().mean()))
+                pg_losses.append(float(pg_loss))
+
+        # TRY NOT TO MODIFY: record rewards for plotting purposes
+        elapsed = time.time() - start_time - eval_seconds[0]  # training wall clock
+        if episode_stats:
+            writer.add_scalar("charts/episodic_return", np.mean([e[0] for e in episode_stats]), global_step)
+            writer.add_scalar("charts/success_rate", np.mean([e[1] for e in episode_stats]), global_step)
+        writer.add_scalar("charts/SPS", int(global_step / max(elapsed, 1e-6)), global_step)
+        writer.add_scalar("losses/policy_loss", np.mean(pg_losses) if pg_losses else 0.0, global_step)
+        writer.add_scalar("losses/value_loss", np.mean(v_losses) if v_losses else 0.0, global_step)
+        writer.add_scalar("losses/entropy", np.mean(entropies) if entropies else 0.0, global_step)
+        writer.add_scalar("losses/approx_kl", np.mean(approx_kls) if approx_kls else 0.0, global_step)
+        writer.add_scalar("losses/clipfrac", np.mean(clipfracs) if clipfracs else 0.0, global_step)
+        writer.add_scalar("losses/first_ratio_error", first_ratio_err or 0.0, global_step)
+        writer.add_scalar("time/rollout", rollout_time, global_step)
+        writer.add_scalar("time/update", time.time() - it_start - rollout_time, global_step)
+        bar.set_postfix(success=f"{np.mean([e[1] for e in episode_stats]) if episode_stats else float('nan'):.2f}",
+                        steps=global_step)
+        done_iters = iteration + 1
+        out_of_time = args.total_minutes and elapsed / 60 >= args.total_minutes
+        if done_iters % args.eval_every == 0 or done_iters == args.total_iterations or out_of_time:
+            stats = evaluate(done_iters)
+            history.append({"iteration": done_iters, "global_step": global_step, "minutes": elapsed / 60, **stats})
+            writer.add_scalar("eval/success_rate", stats["success_rate"], global_step)
+            tqdm.write(f"iteration {done_iters}: eval success {stats['success_rate']:.2f} ({global_step} env steps, "
+                       f"{elapsed / 60:.1f} min)")
+        if done_iters % args.checkpoint_every == 0 or done_iters == args.total_iterations or out_of_time:
+            save(done_iters)
+        if out_of_time:
+            break
+    envs.close()
+    summary = {"task": args.task, "env": args.env, "algorithm": "flow_noise",
+               "start_success": history[0]["success_rate"], "final_success": history[-1]["success_rate"],
+               "env_steps": global_step, "minutes": (time.time() - start_time - eval_seconds[0]) / 60,
+               "history": history}
+    atomic_write(run_dir / "summary.json", json.dumps(summary, indent=1))
+    print(f"\n{args.task}: eval success {summary['start_success']:.2f} (SFT start) -> {summary['final_success']:.2f} "
+          f"after {global_step} env steps in {summary['minutes']:.1f} min. Checkpoint: {ckpt_dir}")
+    writer.close()

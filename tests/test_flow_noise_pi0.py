@@ -1,0 +1,86 @@
+"""algos/flow_noise_pi0.py: the learned-noise chain and RLinf's behaviours (pirl.md §1, §8), and a short run."""
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.pi0 import Pi0Config, Pi0Model
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("flow_noise_pi0", ROOT / "algos" / "flow_noise_pi0.py")
+fn = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(fn)
+
+
+def test_noise_std_is_bounded_for_any_input():
+    head = fn.NoiseHead(16, 8, 0.08, 0.16)
+    for scale in (0.0, 1.0, 1e3, -1e3):
+        std = head(torch.randn(4, 5, 16) * scale + scale)
+        assert std.shape == (4, 5, 8) and (std >= 0.08 - 1e-6).all() and (std <= 0.16 + 1e-6).all()
+
+
+def policy():
+    torch.manual_seed(0)
+    cfg = Pi0Config.tiny(num_cameras=0)
+    model = Pi0Model(cfg).eval()
+    tokens = torch.randint(4, cfg.vocab, (5, cfg.max_tokens))
+    prefix = model.encode_prefix(torch.zeros(5, 0, 64, 64, 3, dtype=torch.uint8), torch.zeros(5, 0, dtype=torch.bool),
+                                 tokens, torch.ones_like(tokens, dtype=torch.bool))
+    head = fn.NoiseHead(cfg.expert_width, cfg.action_dim, 0.08, 0.16)
+    return model, head, prefix, torch.randn(5, cfg.action_dim), torch.randn(5, cfg.horizon, cfg.action_dim)
+
+
+def test_every_step_is_stochastic_and_the_log_prob_is_a_mean_over_k_plus_1_terms():
+    model, head, prefix, state, noise = policy()
+    K = 4
+    with torch.no_grad():
+        out = model.sample(prefix, state, noise, K, fn.make_step_fn(head, True))
+        logp = fn.chain_log_prob(out.chain, out.means, out.stds)
+        means, stds, hidden = fn.recompute_chain(model, head, prefix, state, out.chain)
+    assert (out.stds > 0).all()  # all K steps, the last one included
+    total = fn.gaussian_log_prob(out.chain[:, 0], torch.zeros_like(noise), torch.ones_like(noise))
+    for i in range(K):
+        total = total + fn.gaussian_log_prob(out.chain[:, i + 1], out.means[:, i], out.stds[:, i])
+    assert torch.allclose(logp, total / (K + 1), atol=1e-5)
+    assert torch.allclose(fn.chain_log_prob(out.chain, means, stds), logp, atol=1e-5)  # first PPO ratio is 1
+    assert hidden.shape[1] == K
+
+
+def test_eval_is_the_plain_ode_and_never_calls_the_noise_head():
+    model, head, prefix, state, noise = policy()
+    calls = []
+    head.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        out = model.sample(prefix, state, noise, 4, fn.make_step_fn(head, False))
+        ode = model.sample(prefix, state, noise, 4)
+    assert not calls and (out.stds == 0).all() and torch.equal(out.actions, ode.actions)
+
+
+def test_entropy_includes_the_unit_initial_term_and_is_averaged():
+    stds = torch.full((2, 4, 8, 6), 0.1)
+    ent = fn.chain_entropy(stds, chunk=5, action_dim=3)
+    one, tenth = 0.5 * math.log(2 * math.pi * math.e), 0.5 * math.log(2 * math.pi * math.e * 0.01)
+    assert ent.shape == (2,) and torch.allclose(ent, torch.full((2,), (one + 4 * tenth) / 5))
+
+
+def test_a_few_iterations_run_with_an_exact_first_ratio(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "algos" / "flow_noise_pi0.py"), "--run-dir", str(tmp_path),
+                          "--env", "maniskill", "--init", "scratch", "--num-envs", "2", "--num-steps", "4",
+                          "--total-iterations", "2", "--eval-episodes", "2", "--num-eval-envs", "1", "--eval-every", "2",
+                          "--minibatch-size", "4", "--max-episode-steps", "24"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run_dir = tmp_path / "PushCube-v1__flow_noise_pi0__1"
+    assert json.loads((run_dir / "summary.json").read_text())["algorithm"] == "flow_noise"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    assert all(e.value < 1e-5 for e in acc.Scalars("losses/first_ratio_error"))
+    assert all(-2.0 < e.value < 1.5 for e in acc.Scalars("losses/entropy"))
