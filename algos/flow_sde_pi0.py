@@ -98,7 +98,7 @@ class Args:
     tokenizer: str = "bytes"
     """bytes, or PaliGemma's SentencePiece model (real weights)"""
     sft_demos: int = 0
-    """demos for sft:auto (0: 5 on ManiSkill PushCube, 20 on LIBERO)"""
+    """demos for sft:auto (0: 10 on ManiSkill PushCube, 20 on LIBERO)"""
     train_expert_only: bool = True
     """freeze SigLIP and the Gemma VLM (πRL's default)"""
 
@@ -310,11 +310,11 @@ def sft_auto_path(args: Args) -> Path:
 
 def make_sft_checkpoint(args: Args, path: Path) -> None:
     """Run algos/sft_pi0.py (demos are generated if missing) to make the few-shot SFT start."""
-    demos = args.sft_demos or (20 if args.env == "libero" else 5)
+    demos = args.sft_demos or (20 if args.env == "libero" else 10)  # the in-band recipes of benchmarks/sft_fewshot
     cmd = [sys.executable, str(ROOT / "algos" / "sft_pi0.py"), "--env", args.env, "--task", args.task,
            "--num-demos", str(demos), "--run-dir", str(path.parent.parent), "--exp-name", "sft_pi0", "--seed", "1",
            "--obs-mode", args.obs_mode, "--image-size", str(args.image_size), "--eval-episodes", "10",
-           "--total-steps", "3000" if args.env == "libero" else "2000", "--eval-every", "100000"]
+           "--total-steps", "2000" if args.env == "libero" else "1500", "--eval-every", "100000"]
     print(f"no SFT checkpoint at {path}: making one ({demos} demos):\n  {' '.join(cmd)}", flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
 
@@ -620,7 +620,7 @@ if __name__ == "__main__":
                 if args.adv_type == "gae":
                     v_loss = value_loss(new_value, val_flat[mb], ret_flat[mb], args.value_clip, args.huber_delta)
                     loss = loss + v_loss
-                    v_losses.append(float(v_loss))
+                    v_losses.append(v_loss.item())
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 nn.utils.clip_grad_norm_(actor_params + list(value_head.parameters()), args.max_grad_norm)
@@ -628,7 +628,7 @@ if __name__ == "__main__":
                 with torch.no_grad():
                     approx_kls.append(float(((ratio - 1) - logratio).mean()))
                     clipfracs.append(float(((ratio - 1).abs() > args.clip_coef).float().mean()))
-                pg_losses.append(float(pg_loss))
+                pg_losses.append(pg_loss.item())
 
         # TRY NOT TO MODIFY: record rewards for plotting purposes
         elapsed = time.time() - start_time - eval_seconds[0]  # training wall clock
