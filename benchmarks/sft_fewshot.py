@@ -98,7 +98,7 @@ def main(args: Args) -> None:
     ax.set_ylabel("SFT success rate")
     ax.set_ylim(0, 1)
     ax.legend()
-    notes = ("Tiny π0 (`Pi0Config.tiny` with the SFT script's defaults: 4 layers, 128-wide expert, ~1.4M "
+    notes = ("Tiny π0 (`Pi0Config.tiny` with the SFT script's defaults: 4 layers, 128-wide expert; 1.17M "
              "parameters), flow-matching SFT with `algos/sft_pi0.py` defaults (batch 64, AdamW 3e-4 cosine, "
              "horizon 8, 8 actions executed per call, 5 Euler steps at eval, raw (identity-normalised) state). "
              "PushCube demos: ManiSkill motion planning (seeds from 1,000,000; eval seeds 0..E-1). LIBERO demos: "
