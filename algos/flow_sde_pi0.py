@@ -40,9 +40,10 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from common.envs import make_task_env
 from common.fsutil import atomic_write
-from common.pi0 import Pi0Config, Pi0Model, gaussian_log_prob
-from common.pi0_io import Pi0Processor, load_openpi, load_pi0, make_tokenizer, save_pi0
+from common.pi0 import Pi0Model, gaussian_log_prob
+from common.pi0_io import Pi0Processor, load_pi0, load_pi0_policy, make_tokenizer, save_pi0
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -289,19 +290,9 @@ def value_loss(new_value, old_value, returns, clip: float, delta: float):
 
 def make_env(args: Args, num_envs: int, eval_mode: bool = False, num_episodes: int | None = None,
              auto_reset: bool = True):
-    if args.env == "maniskill":
-        from common.maniskill_env import make_maniskill_env
-
-        return make_maniskill_env(args.task, num_envs=num_envs, obs_mode=args.obs_mode, control_mode=args.control_mode,
-                                  image_size=args.image_size, max_episode_steps=args.max_episode_steps,
-                                  eval_mode=eval_mode, num_eval_episodes=num_episodes, auto_reset=auto_reset,
-                                  seed=args.seed)
-    from common.libero_env import make_libero_env
-
-    suite, task_id = args.task.split("/")
-    return make_libero_env(suite, num_envs=num_envs, task_ids=[int(task_id)], image_size=args.image_size,
-                           max_episode_steps=args.max_episode_steps, eval_mode=eval_mode,
-                           num_eval_episodes=num_episodes, auto_reset=auto_reset, seed=args.seed)
+    return make_task_env(args.env, args.task, num_envs, obs_mode=args.obs_mode, control_mode=args.control_mode,
+                         image_size=args.image_size, max_episode_steps=args.max_episode_steps, eval_mode=eval_mode,
+                         num_eval_episodes=num_episodes, auto_reset=auto_reset, seed=args.seed)
 
 
 def sft_auto_path(args: Args) -> Path:
@@ -321,27 +312,16 @@ def make_sft_checkpoint(args: Args, path: Path) -> None:
 
 def load_policy(args: Args, device):
     kind, _, path = args.init.partition(":")
-    if kind == "sft":
-        ckpt = sft_auto_path(args) if path in ("", "auto") else Path(path)
-        if not (ckpt / "pi0_config.json").exists():
-            if path not in ("", "auto"):
-                raise SystemExit(f"no SFT checkpoint at {ckpt}. Make one with: python algos/sft_pi0.py --env "
-                                 f"{args.env} --task {args.task} --num-demos 10 (it prints the final checkpoint path)")
-            make_sft_checkpoint(args, ckpt)
-        model, stats, meta = load_pi0(ckpt, device)
-        env_dim = len(stats.stats["actions"]["mean"]) if stats else model.cfg.action_dim
-        cams = tuple(k for k in ("main", "wrist") if k in meta["extra"].get("camera_keys", ("main", "wrist")))
-        return model, stats, env_dim, cams[: model.cfg.num_cameras]
-    if kind == "openpi":
-        model, stats, report = load_openpi(path, device=device)
-        print(f"loaded openpi checkpoint {path}: {report}")
-        return model, stats, 7, ("main", "wrist")
-    if kind == "scratch":
-        preset = {"tiny": Pi0Config.tiny, "pi0": Pi0Config.pi0, "pi05": Pi0Config.pi05}[args.model]
-        extra = dict(action_dim=35, num_cameras=0) if args.env == "maniskill" and args.obs_mode == "state" else {}
-        model = Pi0Model(preset(**extra) if args.model == "tiny" else preset()).to(device)
-        return model, None, 8 if args.env == "maniskill" else 7, ("main", "wrist")
-    raise SystemExit(f"--init must be sft:PATH, sft:auto, openpi:PATH or scratch; got {args.init!r}")
+    if kind == "sft" and path in ("", "auto"):
+        path = str(sft_auto_path(args))
+        if not (Path(path) / "pi0_config.json").exists():
+            make_sft_checkpoint(args, Path(path))
+    try:
+        return load_pi0_policy(f"{kind}:{path}" if kind != "scratch" else kind, env=args.env, obs_mode=args.obs_mode,
+                               preset=args.model, device=device)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"{e}. Make an SFT checkpoint with: python algos/sft_pi0.py --env {args.env} --task "
+                         f"{args.task} (it prints its path), or pass --init sft:auto")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from common.demos import load_demos
+from common.envs import make_task_env
 from common.fsutil import atomic_write
 from common.pi0 import Pi0Config, Pi0Model
 from common.pi0_io import NormStats, Pi0Processor, load_pi0, make_tokenizer, save_pi0
@@ -139,18 +140,9 @@ class Args:
 
 
 def make_eval_env(args: Args, num_envs: int, num_episodes: int):
-    if args.env == "maniskill":
-        from common.maniskill_env import make_maniskill_env
-
-        return make_maniskill_env(args.task, num_envs=num_envs, obs_mode=args.obs_mode, control_mode=args.control_mode,
-                                  image_size=args.image_size, max_episode_steps=args.max_episode_steps or 100,
-                                  sim_backend="cpu", eval_mode=True, num_eval_episodes=num_episodes, seed=args.seed)
-    from common.libero_env import MAX_EPISODE_STEPS, make_libero_env
-
-    suite, task_id = args.task.split("/")
-    return make_libero_env(suite, num_envs=num_envs, task_ids=[int(task_id)], image_size=args.image_size,
-                           max_episode_steps=args.max_episode_steps or MAX_EPISODE_STEPS[suite], eval_mode=True,
-                           num_eval_episodes=num_episodes, seed=args.seed)
+    return make_task_env(args.env, args.task, num_envs, obs_mode=args.obs_mode, control_mode=args.control_mode,
+                         image_size=args.image_size, max_episode_steps=args.max_episode_steps or None,
+                         eval_mode=True, num_eval_episodes=num_episodes, seed=args.seed)
 
 
 def ensure_demos(args: Args) -> Path:

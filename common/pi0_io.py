@@ -431,3 +431,28 @@ class Pi0Processor:
 
     def actions_to_env(self, actions: torch.Tensor) -> torch.Tensor:
         return self._norm("actions", actions[..., : self.env_action_dim].float(), inverse=True)
+
+
+def load_pi0_policy(init: str, *, env: str, obs_mode: str = "state", preset: str = "tiny", device="cpu"):
+    """A policy to start RL from: "sft:PATH" (our checkpoint), "openpi:PATH" or "scratch" (a `preset` model sized for
+    the env). -> (model, norm stats or None, env action dim, camera keys in slot order)."""
+    kind, _, path = init.partition(":")
+    if kind == "sft":
+        if not (Path(path) / "pi0_config.json").exists() and not Path(path + ".old").exists():
+            raise FileNotFoundError(f"no SFT checkpoint at {path}")
+        model, stats, meta = load_pi0(path, device)
+        env_dim = len(stats.stats["actions"]["mean"]) if stats else model.cfg.action_dim
+        cams = tuple(meta["extra"].get("camera_keys", ("main", "wrist")))
+        return model, stats, env_dim, cams[: model.cfg.num_cameras]
+    if kind == "openpi":
+        model, stats, report = load_openpi(path, device=device)
+        print(f"loaded openpi checkpoint {path}: {report}")
+        return model, stats, 7, ("main", "wrist")
+    if kind == "scratch":
+        presets = {"tiny": Pi0Config.tiny, "pi0": Pi0Config.pi0, "pi05": Pi0Config.pi05}
+        if preset not in presets:
+            raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(presets)}")
+        state_only = env == "maniskill" and obs_mode == "state"
+        cfg = presets[preset](**(dict(action_dim=35, num_cameras=0) if state_only and preset == "tiny" else {}))
+        return Pi0Model(cfg).to(device), None, 8 if env == "maniskill" else 7, ("main", "wrist")
+    raise ValueError(f"--init must be sft:PATH, sft:auto, openpi:PATH or scratch; got {init!r}")

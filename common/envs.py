@@ -1,0 +1,41 @@
+"""One factory for the simulators the algorithm scripts train and evaluate on (`--env maniskill|libero`).
+
+`make_task_env("maniskill", "PushCube-v1", ...)` or `make_task_env("libero", "libero_object/0", ...)` returns the shared
+`BatchedEnv` (see `common.vec_env`). LIBERO tasks are "<suite>/<task id>"; their reset ids are that task's init states.
+"""
+
+from __future__ import annotations
+
+from common.vec_env import BatchedEnv
+
+ENVS = ("maniskill", "libero")
+
+
+def check_task(env: str, task: str) -> None:
+    """Raise ValueError with the expected form for an unknown env or a malformed LIBERO task."""
+    if env not in ENVS:
+        raise ValueError(f"env must be one of {ENVS}, got {env!r}")
+    if env == "libero" and (task.count("/") != 1 or not task.split("/")[1].isdigit()):
+        raise ValueError(f"a LIBERO task is <suite>/<task id>, e.g. libero_object/0; got {task!r}")
+
+
+def make_task_env(env: str, task: str, num_envs: int, *, obs_mode: str = "state", control_mode: str = "pd_joint_pos",
+                  image_size: int = 64, max_episode_steps: int | None = None, eval_mode: bool = False,
+                  num_eval_episodes: int | None = None, auto_reset: bool = True, seed: int = 0) -> BatchedEnv:
+    """ManiSkill on CPU workers (or the GPU simulator when CUDA is there) with `obs_mode` / `control_mode`; LIBERO with
+    two cameras at `image_size`. `max_episode_steps=None`: 100 for ManiSkill (its registered 50 is shorter than the
+    motion-planning demos), the suite's limit for LIBERO."""
+    check_task(env, task)
+    if env == "maniskill":
+        from common.maniskill_env import make_maniskill_env
+
+        return make_maniskill_env(task, num_envs=num_envs, obs_mode=obs_mode, control_mode=control_mode,
+                                  image_size=image_size, max_episode_steps=max_episode_steps or 100,
+                                  eval_mode=eval_mode, num_eval_episodes=num_eval_episodes, auto_reset=auto_reset,
+                                  seed=seed)
+    from common.libero_env import MAX_EPISODE_STEPS, make_libero_env
+
+    suite, task_id = task.split("/")
+    return make_libero_env(suite, num_envs=num_envs, task_ids=[int(task_id)], image_size=image_size,
+                           max_episode_steps=max_episode_steps or MAX_EPISODE_STEPS[suite], eval_mode=eval_mode,
+                           num_eval_episodes=num_eval_episodes, auto_reset=auto_reset, seed=seed)
