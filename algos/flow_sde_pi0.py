@@ -40,7 +40,7 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from common.envs import make_task_env
+from common.envs import make_task_env, run_eval_episodes
 from common.fsutil import atomic_write
 from common.pi0 import Pi0Model, gaussian_log_prob
 from common.pi0_io import Pi0Processor, load_pi0, load_pi0_policy, make_tokenizer, save_pi0
@@ -450,29 +450,15 @@ if __name__ == "__main__":
         t0 = time.time()
         env = make_env(args, min(args.num_eval_envs, args.eval_episodes), eval_mode=True,
                        num_episodes=args.eval_episodes)
-        successes, returns, frames = [], [], []
         gen = torch.Generator(device=device).manual_seed(args.seed)  # the same noise every eval: deterministic
         model.eval()
         try:
-            obs = env.reset()
-            while not env.eval_complete:
-                actions, _ = act(obs, deterministic=True, generator=gen)
-                if args.capture_video and "images" in obs and not env.stopped[0]:
-                    frames.append(obs["images"]["main"][0].cpu().numpy())
-                obs, _, _, _, info = env.step(actions.cpu())
-                for i in torch.nonzero(info["done"]).flatten().tolist():
-                    successes.append(float(info["episode"]["success_once"][i]))
-                    returns.append(float(info["episode"]["return"][i]))
+            stats = run_eval_episodes(env, lambda obs: act(obs, deterministic=True, generator=gen)[0],
+                                      run_dir / f"eval_{step}.mp4" if args.capture_video else None)
         finally:
-            env.close()
             model.train()
-        if frames:
-            import imageio
-
-            imageio.mimsave(run_dir / f"eval_{step}.mp4", frames, fps=10)
         eval_seconds[0] += time.time() - t0
-        return {"success_rate": float(np.mean(successes)), "episodic_return": float(np.mean(returns)),
-                "episodes": len(successes)}
+        return stats
 
     def save(iteration: int) -> None:
         buf = io.BytesIO()

@@ -33,7 +33,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from common.demos import load_demos
-from common.envs import make_task_env
+from common.envs import make_task_env, run_eval_episodes
 from common.fsutil import atomic_write
 from common.pi0 import Pi0Config, Pi0Model
 from common.pi0_io import NormStats, Pi0Processor, load_pi0, make_tokenizer, save_pi0
@@ -188,35 +188,21 @@ def evaluate(model, processor, args: Args, device, video_path: Path | None = Non
     """Deterministic-sampler success over eval episodes 0..N-1 (fixed noise seed)."""
     env = make_eval_env(args, min(args.num_eval_envs, args.eval_episodes), args.eval_episodes)
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    successes, returns, lengths, frames = [], [], [], []
+
+    def act(obs):
+        with torch.no_grad():
+            batch = processor.batch(obs["state"], obs.get("images"), obs["task_description"], device)
+            prefix = model.encode_prefix(batch["images"], batch["img_masks"], batch["tokens"], batch["tok_masks"])
+            noise = torch.randn(len(obs["state"]), model.cfg.horizon, model.cfg.action_dim, generator=gen,
+                                device=device)
+            sample = model.sample(prefix, batch["state"], noise, args.num_denoise_steps)
+        return processor.actions_to_env(sample.actions[:, : args.action_chunk])
+
     model.eval()
     try:
-        obs = env.reset()
-        while not env.eval_complete:
-            with torch.no_grad():
-                batch = processor.batch(obs["state"], obs.get("images"), obs["task_description"], device)
-                prefix = model.encode_prefix(batch["images"], batch["img_masks"], batch["tokens"], batch["tok_masks"])
-                noise = torch.randn(len(obs["state"]), model.cfg.horizon, model.cfg.action_dim, generator=gen,
-                                    device=device)
-                sample = model.sample(prefix, batch["state"], noise, args.num_denoise_steps)
-            actions = processor.actions_to_env(sample.actions[:, : args.action_chunk]).cpu()
-            if video_path is not None and "images" in obs and not env.stopped[0]:
-                frames.append(obs["images"]["main"][0].cpu().numpy())
-            obs, _, _, _, info = env.step(actions)
-            if "episode" in info:
-                for i in torch.nonzero(info["done"]).flatten().tolist():
-                    successes.append(float(info["episode"]["success_once"][i]))
-                    returns.append(float(info["episode"]["return"][i]))
-                    lengths.append(float(info["episode"]["length"][i]))
+        return run_eval_episodes(env, act, video_path)
     finally:
-        env.close()
         model.train()
-    if video_path is not None and frames:
-        import imageio
-
-        imageio.mimsave(video_path, frames, fps=10)
-    return {"success_rate": float(np.mean(successes)), "episodic_return": float(np.mean(returns)),
-            "episode_length": float(np.mean(lengths)), "episodes": len(successes)}
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@
 
 from __future__ import annotations
 
+import numpy as np
+import torch
+
 from common.vec_env import BatchedEnv
 
 ENVS = ("maniskill", "libero")
@@ -39,3 +42,28 @@ def make_task_env(env: str, task: str, num_envs: int, *, obs_mode: str = "state"
     return make_libero_env(suite, num_envs=num_envs, task_ids=[int(task_id)], image_size=image_size,
                            max_episode_steps=max_episode_steps or MAX_EPISODE_STEPS[suite], eval_mode=eval_mode,
                            num_eval_episodes=num_eval_episodes, auto_reset=auto_reset, seed=seed)
+
+
+def run_eval_episodes(env: BatchedEnv, act, video_path=None) -> dict:
+    """Run an eval-mode env to completion with `act(obs) -> actions` (N, k, A); closes the env. Returns the mean
+    success (success_once), return and length over the finished episodes; `video_path` gets env 0's main camera."""
+    successes, returns, lengths, frames = [], [], [], []
+    try:
+        obs = env.reset()
+        while not env.eval_complete:
+            actions = act(obs)
+            if video_path is not None and "images" in obs and not env.stopped[0]:
+                frames.append(obs["images"]["main"][0].cpu().numpy())
+            obs, _, _, _, info = env.step(actions.cpu())
+            for i in torch.nonzero(info["done"]).flatten().tolist():
+                successes.append(float(info["episode"]["success_once"][i]))
+                returns.append(float(info["episode"]["return"][i]))
+                lengths.append(float(info["episode"]["length"][i]))
+    finally:
+        env.close()
+    if frames:
+        import imageio
+
+        imageio.mimsave(video_path, frames, fps=10)
+    return {"success_rate": float(np.mean(successes)), "episodic_return": float(np.mean(returns)),
+            "episode_length": float(np.mean(lengths)), "episodes": len(successes)}

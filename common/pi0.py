@@ -281,7 +281,12 @@ def rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
-def joint_layer(cfg: Pi0Config, layers: list[GemmaLayer], xs: list[torch.Tensor | None], conds: list, mask, pos,
+def attention_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean (B, Q, K) mask -> openpi's additive bias (B, 1, Q, K); built once per forward, shared by all layers."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, MASK_VALUE)[:, None]
+
+
+def joint_layer(cfg: Pi0Config, layers: list[GemmaLayer], xs: list[torch.Tensor | None], conds: list, bias, pos,
                 past_kv: tuple[torch.Tensor, torch.Tensor] | None = None):
     """One layer of shared attention over the experts' concatenated tokens. `xs[i] is None` skips expert i; with
     `past_kv` (cached prefix keys/values, after RoPE) the keys are [past; new]. Returns the new hidden states and this
@@ -304,7 +309,6 @@ def joint_layer(cfg: Pi0Config, layers: list[GemmaLayer], xs: list[torch.Tensor 
     new_kv = (k, v)
     if past_kv is not None:
         k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)
-    bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, MASK_VALUE)[:, None]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=cfg.head_dim ** -0.5,
                                          enable_gqa=cfg.kv_heads != cfg.heads)
     out = out.transpose(1, 2).reshape(out.shape[0], -1, cfg.heads * cfg.head_dim)
@@ -459,12 +463,12 @@ class Pi0Model(nn.Module):
         """Run the VLM once over images + prompt; the K/V it returns serve every denoising step."""
         self._check_inputs(images, img_masks, tokens)
         x, pad = self.embed_prefix(images, img_masks, tokens, tok_masks)
-        mask = make_att_2d_masks(pad, torch.zeros_like(pad))
+        bias = attention_bias(make_att_2d_masks(pad, torch.zeros_like(pad)), self.compute_dtype)
         pos = torch.cumsum(pad.long(), dim=1) - 1
         kv = []
         for i in range(self.cfg.depth):
             (x, _), layer_kv = joint_layer(self.cfg, [self.vlm.layers[i], self.expert.layers[i]], [x, None],
-                                           [None, None], mask, pos)
+                                           [None, None], bias, pos)
             kv.append(layer_kv)
         return Prefix(kv, pad, self.vlm.norm(x)[0])
 
@@ -480,10 +484,11 @@ class Pi0Model(nn.Module):
         t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device).expand(x_t.shape[0])
         x, pad, ar, cond = self.embed_suffix(state, x_t, t)
         B, S, P = x.shape[0], x.shape[1], prefix.pad_mask.shape[1]
-        mask = torch.cat([prefix.pad_mask[:, None, :].expand(B, S, P), make_att_2d_masks(pad, ar)], dim=2)
+        bias = attention_bias(torch.cat([prefix.pad_mask[:, None, :].expand(B, S, P), make_att_2d_masks(pad, ar)],
+                                        dim=2), self.compute_dtype)
         pos = prefix.pad_mask.long().sum(-1, keepdim=True) + torch.cumsum(pad.long(), dim=1) - 1
         for i in range(cfg.depth):
-            (_, x), _ = joint_layer(cfg, [self.vlm.layers[i], self.expert.layers[i]], [None, x], [None, cond], mask,
+            (_, x), _ = joint_layer(cfg, [self.vlm.layers[i], self.expert.layers[i]], [None, x], [None, cond], bias,
                                     pos, past_kv=prefix.kv[i])
         h = self.expert.norm(x, cond)[0][:, -cfg.horizon:]
         return self.action_out_proj(h.to(self.dtype)).float(), h.float()
@@ -496,11 +501,12 @@ class Pi0Model(nn.Module):
         px, ppad = self.embed_prefix(images, img_masks, tokens, tok_masks)
         sx, spad, sar, cond = self.embed_suffix(state, x_t, t)
         pad = torch.cat([ppad, spad], dim=1)
-        mask = make_att_2d_masks(pad, torch.cat([torch.zeros_like(ppad, dtype=torch.long), sar], dim=1))
+        ar = torch.cat([torch.zeros_like(ppad, dtype=torch.long), sar], dim=1)
+        bias = attention_bias(make_att_2d_masks(pad, ar), self.compute_dtype)
         pos = torch.cumsum(pad.long(), dim=1) - 1
         for i in range(cfg.depth):
             (px, sx), _ = joint_layer(cfg, [self.vlm.layers[i], self.expert.layers[i]], [px, sx], [None, cond],
-                                      mask, pos)
+                                      bias, pos)
         h = self.expert.norm(sx, cond)[0][:, -cfg.horizon:]
         return self.action_out_proj(h.to(self.dtype)).float()
 
