@@ -130,6 +130,9 @@ class Args:
     """actor learning rate (expert + projections)"""
     value_lr: float = 1e-3
     """critic (value head) learning rate"""
+    actor_warmup: int = 0
+    """RL iterations over which the actor lr ramps linearly from 0 (the critic learns first, and Adam's first
+    full-size steps on a tiny batch do not throw the SFT policy away)"""
     weight_decay: float = 0.01
     """AdamW weight decay (betas 0.9, 0.95 as RLinf)"""
     gamma: float = 0.99
@@ -514,7 +517,8 @@ if __name__ == "__main__":
             rewards.append(reward)
             dones.append(done)
             masks.append(alive.clone())
-            alive &= ~done
+            if args.adv_type == "grpo":  # one episode per env: its chunk steps after the first done are padding
+                alive &= ~done
             if "episode" in info:
                 for i in torch.nonzero(info["done"]).flatten().tolist():
                     episode_stats.append((float(info["episode"]["return"][i]), float(info["episode"]["success_once"][i])))
@@ -563,6 +567,8 @@ if __name__ == "__main__":
         rollout_time = time.time() - it_start
 
         # ---------------------------------------------------------------- ALGO LOGIC: PPO update
+        optimizer.param_groups[0]["lr"] = args.learning_rate * min(1.0, iteration / args.actor_warmup) \
+            if args.actor_warmup else args.learning_rate
         clipfracs, approx_kls, pg_losses, v_losses, first_ratio_err = [], [], [], [], None
         for epoch in range(args.update_epochs if n_samples else 0):
             perm = torch.randperm(n_samples, device=device)
@@ -602,6 +608,7 @@ if __name__ == "__main__":
             writer.add_scalar("charts/episodic_return", np.mean([e[0] for e in episode_stats]), global_step)
             writer.add_scalar("charts/success_rate", np.mean([e[1] for e in episode_stats]), global_step)
         writer.add_scalar("charts/SPS", int(global_step / max(elapsed, 1e-6)), global_step)
+        writer.add_scalar("charts/train_samples", n_samples, global_step)
         writer.add_scalar("losses/policy_loss", np.mean(pg_losses) if pg_losses else 0.0, global_step)
         writer.add_scalar("losses/value_loss", np.mean(v_losses) if v_losses else 0.0, global_step)
         writer.add_scalar("losses/approx_kl", np.mean(approx_kls) if approx_kls else 0.0, global_step)

@@ -83,4 +83,5 @@ def test_a_few_iterations_run_with_an_exact_first_ratio(tmp_path):
     acc = EventAccumulator(str(run_dir))
     acc.Reload()
     assert all(e.value < 1e-5 for e in acc.Scalars("losses/first_ratio_error"))
+    assert [e.value for e in acc.Scalars("charts/train_samples")] == [2 * 4, 2 * 4]  # nothing masked after a done
     assert all(-2.0 < e.value < 1.5 for e in acc.Scalars("losses/entropy"))

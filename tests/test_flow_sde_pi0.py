@@ -131,6 +131,8 @@ def test_few_iterations_on_maniskill_with_exact_first_ratio(tmp_path):
     acc = EventAccumulator(str(run_dir))
     acc.Reload()
     assert all(e.value < 1e-5 for e in acc.Scalars("losses/first_ratio_error"))
+    # auto-reset (GAE) rollouts: every chunk step trains, also those after an episode ended (24-step episodes)
+    assert [e.value for e in acc.Scalars("charts/train_samples")] == [2 * 4, 2 * 4]
     assert "eval success" in out.stdout
 
 
