@@ -152,7 +152,9 @@ class Args:
     logprob_type: str = "chunk"
     """chunk (one ratio per sample: log-probs summed) or token (one ratio per executed action element)"""
     critic: str = "auto"
-    """expert (π0: mean of the expert's action-token states), vlm (π0.5: mean of the prefix states), auto"""
+    """expert (RLinf's π0: mean of the expert's action-token states; they see the sampled chain, so the "value"
+    leaks the action), vlm (RLinf's π0.5: mean of the prefix states), obs (prefix mean + state: action-free),
+    auto (RLinf's choice for the variant)"""
     detach_critic_input: bool = True
     """stop critic gradients at the expert (πRL's π0 configs)"""
     adv_type: str = "gae"
@@ -345,7 +347,7 @@ if __name__ == "__main__":
 
         args.max_episode_steps = MAX_EPISODE_STEPS[args.task.split("/")[0]] if args.env == "libero" else 100
     for name, choices in (("bootstrap", ("truncation", "always", "none")), ("logprob_type", ("chunk", "token")),
-                          ("critic", ("auto", "expert", "vlm")), ("adv_type", ("gae", "grpo"))):
+                          ("critic", ("auto", "expert", "vlm", "obs")), ("adv_type", ("gae", "grpo"))):
         if getattr(args, name) not in choices:
             raise SystemExit(f"--{name.replace('_', '-')} must be one of {choices}, got {getattr(args, name)!r}")
     if args.adv_type == "grpo" and args.num_envs % args.group_size:
@@ -387,8 +389,8 @@ if __name__ == "__main__":
     if args.train_expert_only:
         model.freeze_vlm()
     critic_on = ("vlm" if cfg.is_pi05 else "expert") if args.critic == "auto" else args.critic
-    critic_width = cfg.vlm_width if critic_on == "vlm" else cfg.expert_width
-    value_head = ValueHead(critic_width, (1024, 512, 256) if critic_on == "vlm" else (512, 256, 128)).to(device)
+    critic_width = {"vlm": cfg.vlm_width, "obs": cfg.vlm_width + cfg.action_dim}.get(critic_on, cfg.expert_width)
+    value_head = ValueHead(critic_width, (512, 256, 128) if critic_on == "expert" else (1024, 512, 256)).to(device)
     actor_params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([{"params": actor_params, "lr": args.learning_rate},
                                    {"params": list(value_head.parameters()), "lr": args.value_lr}],
@@ -416,9 +418,12 @@ if __name__ == "__main__":
         with torch.set_grad_enabled(grad and not args.train_expert_only):
             prefix = model.encode_prefix(batch["images"], batch["img_masks"], batch["tokens"], batch["tok_masks"])
         value = None
-        if critic_on == "vlm":
+        if critic_on in ("vlm", "obs"):
             m = prefix.pad_mask.float()[..., None]
-            value = value_head(((prefix.hidden.float() * m).sum(1) / m.sum(1).clamp(min=1)).detach())
+            feats = ((prefix.hidden.float() * m).sum(1) / m.sum(1).clamp(min=1)).detach()
+            if critic_on == "obs":  # π0 keeps the state out of the prefix: give it to the critic directly
+                feats = torch.cat([feats, batch["state"].float()], -1)
+            value = value_head(feats)
         return prefix, value
 
     def act(obs, deterministic: bool, generator=None):
@@ -634,7 +639,7 @@ if __name__ == "__main__":
     summary = {"task": args.task, "env": args.env, "algorithm": "flow_sde" + ("_joint" if args.joint else ""),
                "start_success": history[0]["success_rate"], "final_success": history[-1]["success_rate"],
                "env_steps": global_step, "minutes": (time.time() - start_time - eval_seconds[0]) / 60,
-               "history": history}
+               "history": history, "args": asdict(args)}
     atomic_write(run_dir / "summary.json", json.dumps(summary, indent=1))
     print(f"\n{args.task}: eval success {summary['start_success']:.2f} (SFT start) -> {summary['final_success']:.2f} "
           f"after {global_step} env steps in {summary['minutes']:.1f} min. Checkpoint: {ckpt_dir}")

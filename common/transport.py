@@ -82,14 +82,21 @@ class Message:
 
 
 # ------------------------------------------------------------------------------------------------------------ framing
-def _as_frame(value) -> tuple[str, tuple, Any]:
-    """(dtype name, shape, buffer) for a numpy array or CPU torch tensor, without copying when it is contiguous."""
+def _as_frame(value, device_ok: bool = False) -> tuple[str, tuple, Any]:
+    """(dtype name, shape, buffer) for a numpy array or CPU torch tensor, without copying when it is contiguous.
+    With `device_ok` a GPU tensor stays a tensor: only `pack_frames` can take it (it copies it into the packed
+    buffer, device to host)."""
     if type(value).__module__.startswith("torch"):
         import torch
 
         t = value.detach()
         if t.device.type != "cpu":
-            raise TypeError("only CPU tensors can be framed; copy to the host first (see common.weight_sync)")
+            if not device_ok:
+                raise TypeError("only CPU tensors can be framed; copy to the host first (see common.weight_sync)")
+            name = BFLOAT16 if t.dtype == torch.bfloat16 else torch.empty(0, dtype=t.dtype).numpy().dtype.str
+            if name != BFLOAT16 and name not in ALLOWED_DTYPES:
+                raise TypeError(f"dtype {t.dtype} cannot be framed")
+            return name, tuple(t.shape), t.contiguous()
         t = t.contiguous()
         if t.dtype == torch.bfloat16:
             return BFLOAT16, tuple(t.shape), t.view(torch.int16).numpy()
@@ -112,11 +119,13 @@ def _frameable(value):
     return np.asarray(value)
 
 
-def encode(msg_type: str, meta: dict | None = None, arrays: dict | None = None, seq: int = 0) -> list:
-    """Message -> list of frames (header bytes, then array buffers, zero-copy)."""
+def encode(msg_type: str, meta: dict | None = None, arrays: dict | None = None, seq: int = 0,
+           device_frames: bool = False) -> list:
+    """Message -> list of frames (header bytes, then array buffers, zero-copy). `device_frames`: GPU tensors stay
+    on the GPU as frames for `pack_frames`, which copies them straight into the packed host buffer."""
     specs, frames = [], []
     for name, value in (arrays or {}).items():
-        dtype, shape, buf = _as_frame(value)
+        dtype, shape, buf = _as_frame(value, device_ok=device_frames)
         specs.append([name, dtype, list(shape)])
         frames.append(buf)
     header = msgpack.packb({"v": PROTOCOL_VERSION, "t": msg_type, "s": int(seq), "m": meta or {}, "a": specs},
@@ -188,23 +197,45 @@ def _raw(frame) -> memoryview:
     return view.cast("B") if view.nbytes else memoryview(b"")
 
 
-def pack_frames(frames: list, out: np.ndarray | None = None) -> np.ndarray:
+def _nbytes(frame) -> int:
+    if type(frame).__module__.startswith("torch"):
+        return frame.numel() * frame.element_size()
+    return memoryview(frame).nbytes
+
+
+def pack_frames(frames: list, out: np.ndarray | None = None, pinned: bool = False) -> np.ndarray:
     """Frames -> one uint8 buffer: [u32 count][u64 length x count][frames, each 64-byte aligned]. Used where one ZMQ
     frame per message is needed: latest-only broadcast (ZMQ conflates only single frames), spooled batches.
-    `out`, when it has exactly the right size, is reused (warm memory copies several times faster than fresh)."""
-    lengths = [memoryview(f).nbytes for f in frames]
+    `out`, when it has exactly the right size, is reused (warm memory copies several times faster than fresh).
+    GPU tensor frames (`encode(..., device_frames=True)`) are copied device-to-host straight into their slot,
+    asynchronously on the current CUDA stream: synchronise it before sending. `pinned` allocates a new buffer in
+    page-locked memory (fast, truly asynchronous D2H copies)."""
+    lengths = [_nbytes(f) for f in frames]
     pos = 4 + 8 * len(frames)
     offsets = []
     for n in lengths:
         pos = -(-pos // _ALIGN) * _ALIGN
         offsets.append(pos)
         pos += n
-    buf = out if out is not None and out.shape == (pos,) else np.empty(pos, np.uint8)  # every byte is written
+    if out is not None and out.shape == (pos,):
+        buf = out
+    elif pinned:
+        import torch
+
+        buf = torch.empty(pos, dtype=torch.uint8, pin_memory=True).numpy()  # the array keeps the tensor alive
+    else:
+        buf = np.empty(pos, np.uint8)  # every byte is written
     buf[:4] = np.frombuffer(len(frames).to_bytes(4, "little"), np.uint8)
     buf[4:4 + 8 * len(frames)] = np.frombuffer(np.asarray(lengths, "<u8").tobytes(), np.uint8)
     end = 4 + 8 * len(frames)
     for f, off, n in zip(frames, offsets, lengths):
         buf[end:off] = 0  # alignment padding
+        if type(f).__module__.startswith("torch") and f.device.type != "cpu":
+            import torch
+
+            torch.from_numpy(buf[off:off + n]).view(f.dtype).view(f.shape).copy_(f, non_blocking=True)
+            end = off + n
+            continue
         src = np.frombuffer(_raw(f), np.uint8)
         if n >= 1 << 16 and _torch_copy(buf[off:off + n], src):
             pass  # large frames: torch's multi-threaded copy

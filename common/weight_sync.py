@@ -11,7 +11,7 @@ the last keyframe (a full message every `keyframe_every` publishes), so every me
 when latest-only delivery drops the ones before it.
 
 Cost control, our analogue of RLinf's SM-aware sync: `publish` takes one snapshot (a copy into a reused send buffer;
-on CUDA first a device-to-host copy into pinned memory on a side stream) and returns. ZMQ sends the buffer zero-copy
+on CUDA that copy is the device-to-host one, on a side stream, straight into a pinned send buffer) and returns. ZMQ sends the buffer zero-copy
 from its own I/O thread, and its queues conflate: only the newest version waits for a slow link, so a backlog never
 builds and training is never blocked. `max_bytes_per_s` caps the average bandwidth: then one sender thread paces the
 sends, and a publish during a wait replaces the waiting snapshot (counted as coalesced).
@@ -69,6 +69,8 @@ class WeightPublisher:
     def _host_tensors(self) -> dict[str, torch.Tensor]:
         tensors = _tensors_to_send(self.model, self.mode)
         cuda = {k: t for k, t in tensors.items() if t.is_cuda}
+        if cuda and not self.only_changed:
+            return {k: t.detach() for k, t in tensors.items()}, {}  # publish copies D2H straight into the send buffer
         if cuda:
             # D2H on a side stream into reusable pinned buffers; training's stream waits only for these copies.
             main = torch.cuda.current_stream()
@@ -103,12 +105,25 @@ class WeightPublisher:
         tensors, delta_meta = self._host_tensors()
         # pack_frames is the one host copy: the snapshot, taken here while the weights are consistent. It goes into a
         # send buffer that no receiver still holds (ZMQ tracks zero-copy sends), reused when the size fits.
-        frames = encode("update", {"version": self.version, "mode": self.mode, **delta_meta}, tensors, self.version)
+        on_gpu = any(t.is_cuda for t in tensors.values())
+        frames = encode("update", {"version": self.version, "mode": self.mode, **delta_meta}, tensors, self.version,
+                        device_frames=on_gpu)
         with self._cond:
             spare = next((i for i, (buf, tracker) in enumerate(self._buffers)
                           if (tracker is None or tracker.done) and buf is not (self._pending or (0, None))[1]), None)
             reuse = self._buffers.pop(spare)[0] if spare is not None else None
-        packed = pack_frames(frames, out=reuse)
+        if on_gpu:
+            # One copy in all: device-to-host straight into the (pinned) send buffer, on a side stream that waits for
+            # training's pending work; training's stream then waits only for these copies.
+            main = torch.cuda.current_stream()
+            self._stream.wait_stream(main)
+            with torch.cuda.stream(self._stream):
+                packed = pack_frames(frames, out=reuse, pinned=True)
+            done = self._stream.record_event()
+            main.wait_event(done)
+            done.synchronize()
+        else:
+            packed = pack_frames(frames, out=reuse)
         with self._cond:
             self.stats["requested"] += 1
             if self.max_bytes_per_s is None and self._pending is None and not self._busy:

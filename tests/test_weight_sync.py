@@ -206,3 +206,28 @@ def test_only_changed_survives_dropped_messages_and_late_subscribers():
     finally:
         pub.close()
         sub.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (checked on the lent H100)")
+def test_cuda_learner_publishes_straight_from_the_gpu_to_a_cpu_actor():
+    ctx = zmq.Context()
+    endpoint = free_endpoint()
+    learner = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 8)).cuda()
+    learner[1].to(torch.bfloat16)  # mixed precision travels as is
+    actor = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 8))
+    actor[1].to(torch.bfloat16)
+    pub, sub = WeightPublisher(endpoint, learner, ctx=ctx), WeightSubscriber(endpoint, actor, ctx=ctx)
+    try:
+        time.sleep(0.2)
+        for v in (1, 2, 3):
+            with torch.no_grad():
+                for p in learner.parameters():
+                    p.add_(torch.randn_like(p))  # queued on the default stream, not yet finished: publish must wait
+            assert pub.publish() == v and pub.wait_sent()
+            assert sub.poll(timeout=2) and sub.apply() == v
+            for (k, a), b in zip(actor.state_dict().items(), learner.state_dict().values()):
+                assert a.dtype == b.dtype and torch.equal(a, b.cpu()), k
+    finally:
+        pub.close()
+        sub.close()
+        ctx.term()

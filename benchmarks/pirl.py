@@ -1,0 +1,204 @@
+"""The πRL table at CPU scale: few-shot SFT vs Flow-SDE vs Flow-Noise success, with the tiny π0.
+
+Per seed: `algos/sft_pi0.py` makes the few-shot SFT start (motion-planning demos for ManiSkill, scripted-expert demos
+for LIBERO), then `algos/flow_sde_pi0.py` and `algos/flow_noise_pi0.py` fine-tune it for a wall-clock budget. Every
+number is a real run of those scripts (subprocesses). Success is the deterministic (ODE) policy's over the eval
+episodes (fixed initial states 0..E-1, the same for every row); the SFT row is the RL scripts' eval at iteration 0.
+95% intervals: Wilson per run; over seeds, mean ± t-interval of the per-seed rates. Throughput: training env-steps/s
+(eval excluded) over the raw simulator speed measured in this same run (same env, same worker count, same chunking,
+random actions).
+
+    python benchmarks/pirl.py                                     # PushCube-v1: writes benchmarks/results/pirl_maniskill.*
+    python benchmarks/pirl.py --env libero --seeds 1 --minutes 20 # LIBERO-Object task 0: pirl_libero.*
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np
+import torch
+import tyro
+
+from benchmarks.report import RESULTS_DIR, pyplot, write_results
+
+ALGORITHMS = ("flow_sde", "flow_noise")
+
+
+@dataclass
+class Args:
+    env: str = "maniskill"
+    """maniskill (PushCube-v1, state) or libero (a LIBERO-Object task, two 64 px cameras)"""
+    task: str = ""
+    """default: PushCube-v1 / libero_object/0"""
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    """seeds (each: its own SFT start and one RL run per algorithm)"""
+    algorithms: list[str] = field(default_factory=lambda: list(ALGORITHMS))
+    """which RL scripts to run"""
+    minutes: float = 10.0
+    """RL wall-clock budget per run (eval time excluded)"""
+    eval_every: int = 10
+    """RL iterations between evals"""
+    eval_episodes: int = 100
+    """eval episodes per evaluation"""
+    sft_demos: int = 0
+    """demos for the SFT start (0: 10 for PushCube, 20 for LIBERO)"""
+    sft_steps: int = 0
+    """SFT steps (0: 1500 for PushCube, 2000 for LIBERO)"""
+    rl_flags: list[str] = field(default_factory=list)
+    """extra flags for both RL scripts (e.g. --learning-rate 3e-6)"""
+    throughput_seconds: float = 20.0
+    """timed seconds of the raw-simulator throughput measurement"""
+    run_dir: Path = ROOT / "runs" / "bench_pirl"
+    """where the SFT and RL runs go (finished runs are reused)"""
+    demo_dir: Path = ROOT / "data" / "demos"
+    """demo datasets (generated when missing)"""
+    out_dir: Path = RESULTS_DIR
+    """where pirl_<env>.{md,json,png} go"""
+
+
+def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a success rate over n episodes."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def seed_interval(values: list[float]) -> float:
+    """Half-width of the 95% t-interval of the mean over seeds (0 with one seed)."""
+    if len(values) < 2:
+        return 0.0
+    t = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78}.get(len(values), 2.0)
+    return t * float(np.std(values, ddof=1)) / math.sqrt(len(values))
+
+
+def run(cmd: list[str]) -> None:
+    print("+", " ".join(cmd), flush=True)
+    t0 = time.time()
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    print(f"  {time.time() - t0:.0f} s", flush=True)
+
+
+def sft_start(args: Args, seed: int) -> Path:
+    name = f"sft_n{args.sft_demos}"
+    final = args.run_dir / f"{args.task.replace('/', '_')}__{name}__{seed}" / "final"
+    if not (final / "pi0_config.json").exists():
+        demos = args.demo_dir / (args.task if args.env == "maniskill" else f"{args.task.replace('/', '_')}_n{args.sft_demos}")
+        run([sys.executable, str(ROOT / "algos" / "sft_pi0.py"), "--env", args.env, "--task", args.task,
+             "--num-demos", str(args.sft_demos), "--demos", str(demos), "--total-steps", str(args.sft_steps),
+             "--eval-episodes", "0", "--seed", str(seed), "--exp-name", name, "--run-dir", str(args.run_dir)])
+    return final
+
+
+def rl_run(args: Args, algorithm: str, seed: int, init: Path) -> dict:
+    name = f"{algorithm}_{args.minutes:g}min"
+    summary = args.run_dir / f"{args.task.replace('/', '_')}__{name}__{seed}" / "summary.json"
+    if not summary.exists():
+        run([sys.executable, str(ROOT / "algos" / f"{algorithm}_pi0.py"), "--env", args.env, "--task", args.task,
+             "--init", f"sft:{init}", "--seed", str(seed), "--exp-name", name, "--run-dir", str(args.run_dir),
+             "--total-minutes", str(args.minutes), "--total-iterations", "1000000", "--eval-every",
+             str(args.eval_every), "--eval-episodes", str(args.eval_episodes), "--no-capture-video", *args.rl_flags])
+    return json.loads(summary.read_text())
+
+
+def raw_throughput(args: Args, num_envs: int, chunk: int, action_dim: int) -> float:
+    """Env-steps/s of the same env (same workers, same chunking) under random actions: the simulator's limit here."""
+    from common.envs import make_task_env
+    from common.libero_env import MAX_EPISODE_STEPS
+
+    max_steps = 100 if args.env == "maniskill" else MAX_EPISODE_STEPS[args.task.split("/")[0]]
+    env = make_task_env(args.env, args.task, num_envs, max_episode_steps=max_steps, seed=0)
+    try:
+        env.reset(seed=0)
+        g = torch.Generator().manual_seed(0)
+        env.step(torch.rand(num_envs, chunk, action_dim, generator=g) * 0.2 - 0.1)  # warm-up
+        steps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < args.throughput_seconds:
+            _, _, _, _, info = env.step(torch.rand(num_envs, chunk, action_dim, generator=g) * 0.2 - 0.1)
+            steps += int(info["executed_steps"].sum())
+        return steps / (time.perf_counter() - t0)
+    finally:
+        env.close()
+
+
+def main(args: Args) -> None:
+    if args.env not in ("maniskill", "libero"):
+        raise SystemExit(f"--env must be maniskill or libero, got {args.env!r}")
+    bad = [a for a in args.algorithms if a not in ALGORITHMS]
+    if bad:
+        raise SystemExit(f"unknown algorithms {bad}; choose from {ALGORITHMS}")
+    args.task = args.task or ("PushCube-v1" if args.env == "maniskill" else "libero_object/0")
+    args.sft_demos = args.sft_demos or (10 if args.env == "maniskill" else 20)
+    args.sft_steps = args.sft_steps or (1500 if args.env == "maniskill" else 2000)
+    runs = []
+    for seed in args.seeds:
+        init = sft_start(args, seed)
+        for algorithm in args.algorithms:
+            summary = rl_run(args, algorithm, seed, init)
+            runs.append({"algorithm": algorithm, "seed": seed, **summary})
+    run_args = runs[0]["args"]  # the same env workers and chunking as training
+    raw = raw_throughput(args, num_envs=run_args["num_envs"], chunk=run_args["action_chunk"],
+                         action_dim=8 if args.env == "maniskill" else 7)
+
+    rows = []
+    for r in runs:
+        h0, h1 = r["history"][0], r["history"][-1]
+        n = h1["episodes"]
+        lo, hi = wilson(h1["success_rate"] * n, n)
+        sps = r["env_steps"] / max(r["minutes"] * 60, 1e-9)
+        rows.append({"algorithm": r["algorithm"], "seed": r["seed"], "sft_success": h0["success_rate"],
+                     "rl_success": h1["success_rate"], "ci95": f"[{lo:.2f}, {hi:.2f}]",
+                     "gain_points": 100 * (h1["success_rate"] - h0["success_rate"]), "minutes": r["minutes"],
+                     "env_steps": r["env_steps"], "train_sps": sps, "raw_sps": raw, "sps_ratio": sps / raw})
+    for algorithm in args.algorithms:
+        sel = [row for row in rows if row["algorithm"] == algorithm and isinstance(row["seed"], int)]
+        if not sel:
+            continue
+        sft, rl = [row["sft_success"] for row in sel], [row["rl_success"] for row in sel]
+        gains = [row["gain_points"] for row in sel]
+        rows.append({"algorithm": algorithm, "seed": "mean", "sft_success": float(np.mean(sft)),
+                     "rl_success": float(np.mean(rl)), "ci95": f"± {seed_interval(rl):.2f} (seeds)",
+                     "gain_points": float(np.mean(gains)), "minutes": float(np.mean([row["minutes"] for row in sel])),
+                     "env_steps": int(np.mean([row["env_steps"] for row in sel])),
+                     "train_sps": float(np.mean([row["train_sps"] for row in sel])), "raw_sps": raw,
+                     "sps_ratio": float(np.mean([row["sps_ratio"] for row in sel]))})
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    colors = {"flow_sde": "tab:blue", "flow_noise": "tab:orange"}
+    for r in runs:
+        ax.plot([h["minutes"] for h in r["history"]], [h["success_rate"] for h in r["history"]], marker="o",
+                color=colors[r["algorithm"]], alpha=0.8, label=f"{r['algorithm']} seed {r['seed']}")
+    ax.set_xlabel("RL wall-clock minutes (eval excluded)")
+    ax.set_ylabel(f"eval success ({args.eval_episodes} episodes, ODE)")
+    ax.set_title(f"πRL on {args.task}, tiny π0 from few-shot SFT")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    notes = (f"Few-shot SFT start: {args.sft_demos} demos, {args.sft_steps} steps (`algos/sft_pi0.py`, one per seed). "
+             f"RL: `algos/flow_sde_pi0.py` / `algos/flow_noise_pi0.py` with their CPU defaults"
+             f"{' plus ' + ' '.join(args.rl_flags) if args.rl_flags else ''}, {args.minutes:g} minutes of training each "
+             f"(eval excluded), eval every {args.eval_every} iterations on {args.eval_episodes} fixed initial states. "
+             "`sft_success` is the iteration-0 eval of the same run, `rl_success` the last eval. `raw_sps`: the same "
+             f"worker envs ({run_args['num_envs']}) stepping chunks of {run_args['action_chunk']} random actions for "
+             f"{args.throughput_seconds:g} s in this run; `sps_ratio` = "
+             "training env-steps/s over it (target >= 0.8). Target gain: >= +30 points on PushCube-v1 within 30 min.")
+    write_results(f"pirl_{args.env}", f"πRL at CPU scale: {args.task}, few-shot SFT vs Flow-SDE vs Flow-Noise",
+                  ["algorithm", "seed", "sft_success", "rl_success", "ci95", "gain_points", "minutes", "env_steps",
+                   "train_sps", "raw_sps", "sps_ratio"], rows, seeds=args.seeds, notes=notes, out_dir=args.out_dir,
+                  figure=fig)
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
