@@ -5,13 +5,18 @@ PY := $(VENV)/bin/python
 TEST_ENV := WANDB_MODE=disabled MUJOCO_GL=egl PYOPENGL_PLATFORM=egl HF_HUB_OFFLINE=1 MS_SKIP_ASSET_DOWNLOAD_PROMPT=1 \
 	MS_ASSET_DIR=$$(mktemp -d) LIBERO_CONFIG_PATH=$$(mktemp -d)
 
-.PHONY: setup run test test-fast bench-env clean
+.PHONY: setup run test test-fast bench-env pirl-quickstart clean
 
 setup:
 	bash scripts/setup.sh
 
-# The project's main job. Until algos/flow_sde_pi0.py lands, that is the env throughput benchmark.
-run: setup bench-env
+# The project's main job: the πRL pipeline at CPU scale, end to end (PushCube-v1 motion-planning demos -> few-shot SFT
+# of the tiny π0 -> Flow-SDE PPO for 8 minutes -> eval table), about 15 minutes on 2 cores.
+run: setup pirl-quickstart
+
+pirl-quickstart:
+	$(TEST_ENV) $(PY) benchmarks/pirl.py --seeds 1 --algorithms flow_sde --minutes 8 --eval-every 40 \
+		--run-dir runs/quickstart --out-dir runs/quickstart
 
 bench-env:
 	$(TEST_ENV) $(PY) benchmarks/env_throughput.py

@@ -16,9 +16,12 @@ with x0_hat = x_t - t*v and x1_hat = x_t + (1 - t)*v; all other steps are determ
 log-prob is that transition's Gaussian, sliced to the executed [chunk, env action dims]. `--joint` makes every step
 stochastic and uses the mean over the K+1 terms (N(0, I) of x_1, then each transition), RLinf's joint_logprob.
 PPO: samples are chunk steps (rewards summed over the chunk), GAE (γ 0.99, λ 0.95) over chunk steps, clip 0.2,
-Huber value loss (δ 10) with value clipping 0.2, no KL, no dual clip. Critic: on the action expert's hidden states
-(π0, detached, averaged over the visited denoising steps) or on the VLM prefix (π0.5). Only the action expert and
-the heads train. `--adv-type grpo`: groups of envs share an initial state, one episode each, group-normalised returns.
+Huber value loss (δ 10) with value clipping 0.2, no KL, no dual clip. Critic (`--critic`): by default on what the
+policy observes (the VLM prefix mean + the state), never on the sampled chain; RLinf's placements are kept as options
+(`expert`: the action expert's hidden states, detached, averaged over the visited denoising steps, for π0; `vlm`:
+the prefix, for π0.5) and used by `--preset paper`. The expert's states see x_t, so that "value" is partly a value of
+the sampled action, a biased baseline; at CPU scale it collapsed PPO. Only the action expert and the heads train.
+`--adv-type grpo`: groups of envs share an initial state, one episode each, group-normalised returns.
 """
 
 import io
@@ -151,10 +154,11 @@ class Args:
     """normalise advantages per minibatch"""
     logprob_type: str = "chunk"
     """chunk (one ratio per sample: log-probs summed) or token (one ratio per executed action element)"""
-    critic: str = "auto"
+    critic: str = "obs"
     """expert (RLinf's π0: mean of the expert's action-token states; they see the sampled chain, so the "value"
     leaks the action), vlm (RLinf's π0.5: mean of the prefix states), obs (prefix mean + state: action-free),
-    auto (RLinf's choice for the variant)"""
+    auto (RLinf's choice for the variant; --preset paper). With the expert critic PushCube PPO collapsed (0.56 -> 0.16
+    in 10 iterations) where the obs critic held (0.64): the value of a sampled action is not a baseline"""
     detach_critic_input: bool = True
     """stop critic gradients at the expert (πRL's π0 configs)"""
     adv_type: str = "gae"
@@ -176,12 +180,12 @@ class Args:
 
 
 PAPER = {  # RLinf's πRL yaml values (pirl.md §3.5), π0 on LIBERO (flow_sde) and ManiSkill
-    "libero": dict(num_envs=64, num_denoise_steps=4, noise_level=0.5, action_chunk=5, update_epochs=4,
+    "libero": dict(critic="auto", num_envs=64, num_denoise_steps=4, noise_level=0.5, action_chunk=5, update_epochs=4,
                    learning_rate=5e-6, value_lr=1e-4, minibatch_size=2048, logprob_type="chunk", image_size=224,
                    bootstrap="none", num_steps=48),
-    "maniskill": dict(num_envs=320, num_denoise_steps=4, action_chunk=5, update_epochs=4, learning_rate=7.91e-6,
-                      value_lr=1.55e-4, minibatch_size=5120, logprob_type="token", bootstrap="always",
-                      max_episode_steps=80, num_steps=16, image_size=224),
+    "maniskill": dict(critic="auto", num_envs=320, num_denoise_steps=4, action_chunk=5, update_epochs=4,
+                      learning_rate=7.91e-6, value_lr=1.55e-4, minibatch_size=5120, logprob_type="token",
+                      bootstrap="always", max_episode_steps=80, num_steps=16, image_size=224),
 }
 
 
