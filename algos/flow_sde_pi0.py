@@ -117,6 +117,9 @@ class Args:
     """draw the stochastic step from {0..K-2} instead of {0..K-1}"""
     action_chunk: int = 8
     """actions executed per policy call (<= the model's horizon)"""
+    noise_on: str = "executed"
+    """executed (SDE noise only on the executed chunk steps and env action dims; the padded dims' noise would move the
+    executed actions through the later denoising steps without entering the log-prob) or all (RLinf)"""
 
     # PPO
     total_iterations: int = 20
@@ -180,11 +183,11 @@ class Args:
 
 
 PAPER = {  # RLinf's πRL yaml values (pirl.md §3.5), π0 on LIBERO (flow_sde) and ManiSkill
-    "libero": dict(critic="auto", num_envs=64, num_denoise_steps=4, noise_level=0.5, action_chunk=5, update_epochs=4,
-                   learning_rate=5e-6, value_lr=1e-4, minibatch_size=2048, logprob_type="chunk", image_size=224,
+    "libero": dict(critic="auto", noise_on="all", num_envs=64, num_denoise_steps=4, noise_level=0.5, action_chunk=5,
+                   update_epochs=4, learning_rate=5e-6, value_lr=1e-4, minibatch_size=2048, logprob_type="chunk", image_size=224,
                    bootstrap="none", num_steps=48),
-    "maniskill": dict(critic="auto", num_envs=320, num_denoise_steps=4, action_chunk=5, update_epochs=4,
-                      learning_rate=7.91e-6, value_lr=1.55e-4, minibatch_size=5120, logprob_type="token",
+    "maniskill": dict(critic="auto", noise_on="all", num_envs=320, num_denoise_steps=4, action_chunk=5,
+                      update_epochs=4, learning_rate=7.91e-6, value_lr=1.55e-4, minibatch_size=5120, logprob_type="token",
                       bootstrap="always", max_episode_steps=80, num_steps=16, image_size=224),
 }
 
@@ -222,13 +225,18 @@ def sde_transition(x_t, v, t, d, sigma):
     return mean, torch.sqrt(d) * sigma * torch.ones_like(mean)
 
 
-def make_step_fn(stochastic: set[int], sigmas: torch.Tensor):
-    """The sampler hook: SDE on the steps in `stochastic`, ODE (std 0) elsewhere."""
+def make_step_fn(stochastic: set[int], sigmas: torch.Tensor, noise_mask: torch.Tensor | None = None):
+    """The sampler hook: SDE on the steps in `stochastic`, ODE (std 0) elsewhere; with `noise_mask` (bool, broadcast
+    to x) the SDE applies only where it is True and the rest of x follows the ODE."""
 
     def step_fn(i, x_t, v, h, t, d):
-        if i in stochastic:
-            return sde_transition(x_t, v, t, d, sigmas[i].to(x_t.device))
-        return x_t - d * v, torch.zeros_like(x_t)
+        ode = x_t - d * v
+        if i not in stochastic:
+            return ode, torch.zeros_like(x_t)
+        mean, std = sde_transition(x_t, v, t, d, sigmas[i].to(x_t.device))
+        if noise_mask is None:
+            return mean, std
+        return torch.where(noise_mask, mean, ode), std * noise_mask
 
     return step_fn
 
@@ -351,6 +359,7 @@ if __name__ == "__main__":
 
         args.max_episode_steps = MAX_EPISODE_STEPS[args.task.split("/")[0]] if args.env == "libero" else 100
     for name, choices in (("bootstrap", ("truncation", "always", "none")), ("logprob_type", ("chunk", "token")),
+                          ("noise_on", ("executed", "all")),
                           ("critic", ("auto", "expert", "vlm", "obs")), ("adv_type", ("gae", "grpo"))):
         if getattr(args, name) not in choices:
             raise SystemExit(f"--{name.replace('_', '-')} must be one of {choices}, got {getattr(args, name)!r}")
@@ -402,6 +411,10 @@ if __name__ == "__main__":
     sigmas = sde_sigmas(K, args.noise_level)
     ts = Pi0Model.timesteps(K).to(device)
     chunk, A = args.action_chunk, env_action_dim
+    noise_mask = None
+    if args.noise_on == "executed":
+        noise_mask = torch.zeros(1, cfg.horizon, cfg.action_dim, dtype=torch.bool, device=device)
+        noise_mask[:, :chunk, :A] = True
     start_iter, global_step, history = 0, 0, []
     if args.resume and ckpt_dir.exists():
         model, norm_stats, meta = load_pi0(ckpt_dir, device)
@@ -438,7 +451,7 @@ if __name__ == "__main__":
             B = batch["state"].shape[0]
             noise = torch.randn(B, cfg.horizon, cfg.action_dim, device=device, generator=generator)
             stochastic = set() if deterministic else draw_stochastic_steps(rng, K, args.joint, args.ignore_last)
-            out = model.sample(prefix, batch["state"], noise, K, make_step_fn(stochastic, sigmas), generator)
+            out = model.sample(prefix, batch["state"], noise, K, make_step_fn(stochastic, sigmas, noise_mask), generator)
             if critic_on == "expert":
                 value = expert_value(value_head, out.hidden, args.detach_critic_input)
             logp = chain_log_prob(out, stochastic, K, args.joint) if stochastic else torch.zeros_like(noise)

@@ -98,7 +98,7 @@ def discover() -> dict:
     return {"cpu": cpu_info(), "memory": memory_info(), "gpus": gpu_info(), "robots": robot_info()}
 
 
-def _print_table(info: dict) -> None:
+def print_table(info: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -113,7 +113,7 @@ def _print_table(info: dict) -> None:
     for g in info["gpus"] or [{"name": "none"}]:
         details = ", ".join(f"{k}={v}" for k, v in g.items() if k not in ("name",))
         table.add_row("gpu", str(g.get("name", g.get("error", "?"))), details)
-    for r in info["robots"] or [{"name": "none (no robot discoverer registered or none found)"}]:
+    for r in info["robots"] or [{"name": "none registered here (robots: python -m robot_io.discover)"}]:
         details = ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("name",))
         table.add_row("robot", str(r.get("name", r.get("error", "?"))), details)
     Console().print(table)
@@ -125,15 +125,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m common.hardware", description="List CPUs, memory, GPUs, robots.")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
-    try:  # robot_io registers its discoverer on import, when it is there
-        import robot_io  # noqa: F401
-    except ImportError:
-        pass
     info = discover()
     if args.json:
         print(json.dumps(info, indent=2))
     else:
-        _print_table(info)
+        print_table(info)
 
 
 if __name__ == "__main__":

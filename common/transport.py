@@ -283,6 +283,18 @@ def spec_hash(spec: dict) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def spec_diff(ours: dict, theirs: dict, their_protocol=PROTOCOL_VERSION) -> dict:
+    """What differs between two specs (and protocol versions), key by key: {key: {"server": ..., "client": ...}}."""
+    diff = {}
+    if their_protocol != PROTOCOL_VERSION:
+        diff["protocol"] = {"server": PROTOCOL_VERSION, "client": their_protocol}
+    for key in sorted(set(ours) | set(theirs)):
+        if json.dumps(ours.get(key), sort_keys=True, default=str) != json.dumps(theirs.get(key), sort_keys=True,
+                                                                                default=str):
+            diff[key] = {"server": ours.get(key), "client": theirs.get(key)}
+    return diff
+
+
 # ------------------------------------------------------------------------------------------------------------ security
 @dataclass
 class CurveConfig:
@@ -334,7 +346,7 @@ def make_keypair(directory: str | Path, name: str) -> tuple[Path, Path]:
     return Path(public), Path(secret)
 
 
-def _socket(kind: int, endpoint: str, bind: bool, curve: CurveConfig | None, ctx: zmq.Context | None = None,
+def make_socket(kind: int, endpoint: str, bind: bool, curve: CurveConfig | None, ctx: zmq.Context | None = None,
             **opts) -> zmq.Socket:
     sock = (ctx or zmq.Context.instance()).socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
@@ -370,7 +382,7 @@ class DataSender:
     def __init__(self, endpoint: str, *, sender_id: str = "robot", max_pending: int = 1024, resend_after: float = 2.0,
                  peer_timeout: float = 10.0, spool_dir: str | Path | None = None, curve: CurveConfig | None = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, max_batch: int = 64, linger: float = 0.002):
-        self.sock = _socket(zmq.DEALER, endpoint, bind=False, curve=curve, SNDHWM=max_pending + 16)
+        self.sock = make_socket(zmq.DEALER, endpoint, bind=False, curve=curve, SNDHWM=max_pending + 16)
         self.sender_id, self.max_pending, self.resend_after = sender_id, max_pending, resend_after
         self.peer_timeout, self.max_message_bytes = peer_timeout, max_message_bytes
         self.max_batch, self.linger = max_batch, linger
@@ -556,7 +568,7 @@ class DataReceiver:
 
     def __init__(self, endpoint: str, *, auto_ack: bool = False, delivered=(), curve: CurveConfig | None = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, as_torch: bool = False):
-        self.sock = _socket(zmq.ROUTER, endpoint, bind=True, curve=curve, ROUTER_HANDOVER=1)
+        self.sock = make_socket(zmq.ROUTER, endpoint, bind=True, curve=curve, ROUTER_HANDOVER=1)
         self.auto_ack, self.max_message_bytes, self.as_torch = auto_ack, max_message_bytes, as_torch
         self.seen: dict[str, _SeqSet] = {}  # delivered to the consumer (stored, or being stored)
         self._unacked: set[tuple[str, int]] = set()
@@ -671,7 +683,7 @@ class Publisher:
     works through a backlog."""
 
     def __init__(self, endpoint: str, *, curve: CurveConfig | None = None, ctx: zmq.Context | None = None):
-        self.sock = _socket(zmq.PUB, endpoint, bind=True, curve=curve, ctx=ctx, CONFLATE=1)
+        self.sock = make_socket(zmq.PUB, endpoint, bind=True, curve=curve, ctx=ctx, CONFLATE=1)
         self.published = 0
 
     def publish(self, version: int, meta: dict | None = None, arrays: dict | None = None) -> None:
@@ -691,7 +703,7 @@ class Publisher:
 class Subscriber:
     def __init__(self, endpoint: str, *, curve: CurveConfig | None = None, ctx: zmq.Context | None = None,
                  max_message_bytes: int = 16 * 2**30, as_torch: bool = False):
-        self.sock = _socket(zmq.SUB, endpoint, bind=False, curve=curve, ctx=ctx, CONFLATE=1, SUBSCRIBE=b"")
+        self.sock = make_socket(zmq.SUB, endpoint, bind=False, curve=curve, ctx=ctx, CONFLATE=1, SUBSCRIBE=b"")
         self.max_message_bytes, self.as_torch = max_message_bytes, as_torch
         self.stats = _Counters("received", "superseded", "skipped_versions", "bad_frames")
         self.last_version = -1
@@ -734,7 +746,7 @@ class RpcServer:
     def __init__(self, endpoint: str, spec: dict, handlers: dict[str, Callable] | None = None, *,
                  peer_timeout: float = 10.0, curve: CurveConfig | None = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
-        self.sock = _socket(zmq.ROUTER, endpoint, bind=True, curve=curve, ROUTER_HANDOVER=1)
+        self.sock = make_socket(zmq.ROUTER, endpoint, bind=True, curve=curve, ROUTER_HANDOVER=1)
         self.spec, self.spec_hash = spec, spec_hash(spec)
         self.handlers = dict(handlers or {})
         self.peer_timeout, self.max_message_bytes = peer_timeout, max_message_bytes
@@ -746,14 +758,7 @@ class RpcServer:
     def _hello(self, msg: Message):
         theirs = msg.meta
         if theirs.get("protocol") != PROTOCOL_VERSION or theirs.get("spec_hash") != self.spec_hash:
-            diff = {}
-            if theirs.get("protocol") != PROTOCOL_VERSION:
-                diff["protocol"] = {"server": PROTOCOL_VERSION, "client": theirs.get("protocol")}
-            their_spec = theirs.get("spec") or {}
-            for key in sorted(set(self.spec) | set(their_spec)):
-                if json.dumps(self.spec.get(key), sort_keys=True, default=str) != \
-                        json.dumps(their_spec.get(key), sort_keys=True, default=str):
-                    diff[key] = {"server": self.spec.get(key), "client": their_spec.get(key)}
+            diff = spec_diff(self.spec, theirs.get("spec") or {}, theirs.get("protocol"))
             self.stats.refused += 1
             raise HandshakeError(f"refused: protocol/spec mismatch: {json.dumps(diff, default=str)}")
         return {"protocol": PROTOCOL_VERSION, "spec_hash": self.spec_hash}
@@ -832,7 +837,7 @@ class RpcClient:
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
         # IMMEDIATE: requests are not queued for a server that is not connected, so an outage cannot pile them up
         # (and then block a later send); call() retries the send until its own deadline.
-        self.sock = _socket(zmq.DEALER, endpoint, bind=False, curve=curve, IMMEDIATE=1, SNDHWM=64)
+        self.sock = make_socket(zmq.DEALER, endpoint, bind=False, curve=curve, IMMEDIATE=1, SNDHWM=64)
         self.spec, self.client_id = spec, client_id or uuid.uuid4().hex[:8]
         self.max_message_bytes = max_message_bytes
         self._seq = 0

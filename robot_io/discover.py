@@ -1,0 +1,82 @@
+"""One table of resources, USER's "robots alongside GPUs": CPUs, memory and GPUs (common.hardware), the robots
+configured on this node (registry + enumerate, from ROBOT_IP / CAMERA_SERIALS / ... or --robot), and the robot
+servers on the network (UDP beacons, or robots dialling a hub you bind with --listen).
+
+    python -m robot_io.discover                          # local + beacons for 2 s
+    python -m robot_io.discover --robot sim:PickCube --robot dummy
+    python -m robot_io.discover --listen tcp://*:5600    # robots pointed at this address
+    python -m robot_io.discover --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from common import hardware
+from robot_io.registry import enumerate_all, fill_from_env, parse_robot
+from robot_io.remote import BEACON_PORT, RobotHub, listen_beacons
+
+
+def discover(robots: list[str] | None = None, wait: float = 2.0, port: int = BEACON_PORT,
+             listen: str | None = None) -> dict:
+    configs: dict[str, list] | None = None
+    if robots:
+        configs = {}
+        for text in robots:
+            rtype, config = parse_robot(text)
+            configs.setdefault(rtype.name, []).append(fill_from_env(config))
+    local = enumerate_all(configs)
+    hardware.register_robot_discoverer("local", lambda: local)
+    info = hardware.discover()
+    network = [{"via": "beacon", **b} for b in listen_beacons(wait, port)] if wait > 0 else []
+    if listen:
+        hub = RobotHub(listen)
+        try:
+            import time
+
+            time.sleep(max(wait, 1.5))
+            network += [{"via": f"hub {listen}", "name": r.name, "type": r.spec.get("type"),
+                         "control_hz": r.spec.get("control_hz"), "spec": r.spec} for r in hub.robots()]
+        finally:
+            hub.close()
+    info["network_robots"] = network
+    return info
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m robot_io.discover", description=__doc__.split("\n")[0])
+    parser.add_argument("--robot", action="append", help="a robot to validate, e.g. sim:PickCube (repeatable)")
+    parser.add_argument("--wait", type=float, default=2.0, help="seconds to listen for beacons (0: none)")
+    parser.add_argument("--port", type=int, default=BEACON_PORT, help="UDP beacon port")
+    parser.add_argument("--listen", help="also bind a hub here and list the robots that connect")
+    parser.add_argument("--json", action="store_true", help="JSON instead of a table")
+    args = parser.parse_args(argv)
+    for text in args.robot or []:
+        try:
+            parse_robot(text)
+        except (KeyError, ValueError) as exc:
+            parser.error(str(exc))
+    info = discover(args.robot, args.wait, args.port, args.listen)
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    info_local = {k: v for k, v in info.items() if k != "network_robots"}
+    hardware.print_table(info_local)
+    table = Table(title="Robot servers on the network")
+    for col in ("name", "type", "host", "via", "details"):
+        table.add_column(col)
+    for r in info["network_robots"]:
+        details = ", ".join(f"{k}={v}" for k, v in r.items() if k in ("learner", "control_hz", "connected", "spec_hash"))
+        table.add_row(str(r.get("name")), str(r.get("type")), str(r.get("host", r.get("address", ""))),
+                      str(r.get("via")), details)
+    if not info["network_robots"]:
+        table.add_row("none heard", "", "", "", "start one with python -m robot_io.serve")
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()

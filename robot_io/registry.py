@@ -1,0 +1,200 @@
+"""The registry of robot types: robots described, discovered and validated like GPUs (RLinf-USER's hardware layer).
+
+A robot type registers a config dataclass and a class with
+    enumerate(configs) -> list[RobotInfo]   discover what is attached and validate it (raises RobotValidationError)
+    make(config) -> RobotBackend            open the robot
+Config fields left unset (None) fill from upper-cased environment variables (`ROBOT_IP`, `CAMERA_SERIALS`, ...).
+Several robots on one node: comma-separated values (`ROBOT_IP=10.0.0.2,10.0.0.3`); for a list field such as camera
+serials, robots are separated by `;` and items by `,` (`CAMERA_SERIALS=111,222;333,444`). With no configs at all,
+`configs_from_env` makes one robot per value of the type's `count_var` (e.g. `ROBOT_IP`).
+
+`parse_robot("sim:PickCube")`, `parse_robot("dummy")`, `parse_robot("franka:ip=172.16.0.2")` turn a command-line
+robot string into (type, config): `type[:target][,key=value...]` where target is the type's main field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable
+
+
+class RobotValidationError(RuntimeError):
+    """A configured robot is not usable as configured; the message says what is missing and how to fix it."""
+
+
+class MissingDependencyError(ImportError):
+    """An optional package a back-end needs is not installed; the message names it and the install command."""
+
+
+def require(module: str, package: str, purpose: str):
+    """Import an optional dependency or raise MissingDependencyError naming the pip package."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"{purpose} needs the optional package {package!r} (import {module!r} failed: {exc}). "
+            f"Install it with: pip install {package}") from exc
+
+
+@dataclass
+class RobotInfo:
+    """What `enumerate` found: one usable robot."""
+
+    type: str
+    name: str
+    config: Any
+    details: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"type": self.type, "name": self.name, **self.details}
+
+
+@dataclass
+class RobotType:
+    name: str
+    config_cls: type
+    enumerate: Callable[[list], list[RobotInfo]]
+    make: Callable[[Any], Any]
+    target_field: str | None = None  # the field `type:target` sets (sim: task, franka: robot_ip)
+    count_var: str | None = None  # the env var whose comma list sets how many robots a node has
+    help: str = ""
+
+
+ROBOT_TYPES: dict[str, RobotType] = {}
+
+
+def register(name: str, config_cls: type, *, target_field: str | None = None, count_var: str | None = None,
+             help: str = ""):
+    """Class decorator: `@register("franka", FrankaConfig)` on a class with classmethods enumerate and make."""
+
+    def wrap(cls):
+        ROBOT_TYPES[name] = RobotType(name, config_cls, cls.enumerate, cls.make, target_field, count_var,
+                                      help or (cls.__doc__ or "").strip().split("\n")[0])
+        return cls
+
+    return wrap
+
+
+def get_type(name: str) -> RobotType:
+    _load_builtin_types()
+    if name not in ROBOT_TYPES:
+        raise KeyError(f"unknown robot type {name!r}; registered: {sorted(ROBOT_TYPES)}")
+    return ROBOT_TYPES[name]
+
+
+def _load_builtin_types() -> None:
+    # importing a back-end module registers it; the real-hardware SDKs are imported lazily inside, so this is cheap
+    from robot_io import dummy, franka, sim  # noqa: F401
+
+
+# ------------------------------------------------------------------------------------------------ env-var autofill
+def _field_kind(cls, f) -> str:
+    hint = typing.get_type_hints(cls).get(f.name, str)
+    text = str(hint)
+    if "list" in text:
+        return "list"
+    if "bool" in text:
+        return "bool"
+    if "float" in text:
+        return "float"
+    if "int" in text:
+        return "int"
+    return "str"
+
+
+def _convert(kind: str, text: str, name: str):
+    text = text.strip()
+    try:
+        if kind == "list":
+            return [item.strip() for item in text.split(",") if item.strip()]
+        if kind == "bool":
+            if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError(text)
+            return text.lower() in ("1", "true", "yes")
+        if kind == "float":
+            return float(text)
+        if kind == "int":
+            return int(text)
+        return text
+    except ValueError:
+        raise RobotValidationError(f"environment variable {name.upper()}={text!r} is not a valid {kind}") from None
+
+
+def fill_from_env(config, index: int = 0, environ: dict | None = None):
+    """Fill every field that is None from the environment variable of its upper-cased name. Robot `index` of a node
+    takes the index-th comma item (list fields: the index-th `;` group). Returns the config."""
+    environ = os.environ if environ is None else environ
+    for f in fields(config):
+        if getattr(config, f.name) is not None or f.name.upper() not in environ:
+            continue
+        kind = _field_kind(type(config), f)
+        raw = environ[f.name.upper()]
+        groups = raw.split(";") if kind == "list" else raw.split(",")
+        if len(groups) == 1:
+            value = groups[0]
+        elif index < len(groups):
+            value = groups[index]
+        else:
+            raise RobotValidationError(
+                f"{f.name.upper()}={raw!r} lists {len(groups)} robots' values, but robot #{index} was asked for; "
+                f"give one value per robot ({'; between robots, commas between items' if kind == 'list' else 'comma-separated'})")
+        setattr(config, f.name, _convert(kind, value, f.name))
+    return config
+
+
+def configs_from_env(type_name: str, environ: dict | None = None) -> list:
+    """One config per robot the environment describes (the count is the number of values in the type's count_var)."""
+    rtype = get_type(type_name)
+    environ = os.environ if environ is None else environ
+    count = 1
+    if rtype.count_var and rtype.count_var in environ:
+        count = len([v for v in environ[rtype.count_var].split(",") if v.strip()])
+    return [fill_from_env(rtype.config_cls(), i, environ) for i in range(count)]
+
+
+# ------------------------------------------------------------------------------------------------ robot strings
+def parse_robot(text: str):
+    """'sim:PickCube,obs_mode=rgb' -> (RobotType, config). Unknown keys and bad values are refused with the choices."""
+    head, _, rest = text.partition(",")
+    type_name, _, target = head.partition(":")
+    rtype = get_type(type_name)
+    kwargs: dict[str, Any] = {}
+    if target:
+        if not rtype.target_field:
+            raise ValueError(f"robot type {type_name!r} takes no ':{target}' (use key=value options)")
+        kwargs[rtype.target_field] = target
+    names = {f.name: f for f in fields(rtype.config_cls)}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or key not in names:
+            raise ValueError(f"bad robot option {item!r} for {type_name!r}; options: {sorted(names)}")
+        kwargs[key] = _convert(_field_kind(rtype.config_cls, names[key]), value.replace(";", ","), key)
+    return rtype, rtype.config_cls(**kwargs)
+
+
+def config_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def enumerate_all(configs_by_type: dict[str, list] | None = None, environ: dict | None = None) -> list[dict]:
+    """Every registered type's enumerate, on the given configs or on what the environment describes. A type with
+    nothing configured finds nothing; a validation failure is reported as an entry with `error`, not raised."""
+    _load_builtin_types()
+    environ = os.environ if environ is None else environ
+    found: list[dict] = []
+    for name, rtype in sorted(ROBOT_TYPES.items()):
+        configs = (configs_by_type or {}).get(name)
+        if configs is None:
+            if not (rtype.count_var and rtype.count_var in environ):
+                continue
+            configs = configs_from_env(name, environ)
+        try:
+            found += [info.as_dict() for info in rtype.enumerate(configs)]
+        except (RobotValidationError, MissingDependencyError) as exc:
+            found.append({"type": name, "name": "?", "error": str(exc)})
+    return found

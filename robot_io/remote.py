@@ -1,0 +1,433 @@
+"""Robots over the network: a robot server dials out to the learner, the learner drives it as a gymnasium env.
+
+Topology (NAT friendly): the learner side binds one `RobotHub` (ZMQ ROUTER); every `RobotServer` (DEALER, routing id =
+robot name) connects to it, so a robot needs no inbound port (over the internet: an SSH tunnel, see the README).
+
+    robot -> hub   announce {name, session, spec, protocol} every `heartbeat` s (the handshake, repeated, so a
+                   restarted hub learns every robot again within one heartbeat); replies to requests (same seq)
+    hub -> robot   ack | refuse {reason}; requests: reset {seed}, step [action], hold, estop, stats
+
+Safety: a robot server that hears nothing from its hub (no request, no ack) for `hold_after` seconds while the arm
+moves calls `env.hold()` and logs it: a silent learner never leaves the arm moving. A hub with an `expected_spec`
+refuses robots whose obs/action spec or protocol differs, saying what differs, and the robot server exits.
+
+Outages: `RemoteRobotEnv.step` waits at most `step_timeout`; past it, it raises `RobotUnavailable`, counts the outage
+and logs it; `reset()` waits (up to `reconnect_timeout`) for the robot to announce again, then starts a new episode.
+A robot that restarted (new session) also raises `RobotUnavailable` on step: its episode is gone, reset.
+Frames are `common.transport` messages (msgpack header + raw arrays; no pickle); bad frames are logged and dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import gymnasium as gym
+import msgpack
+import numpy as np
+import zmq
+
+from common.transport import (PROTOCOL_VERSION, CurveConfig, FrameError, HandshakeError, Message, TransportError,
+                              decode, encode, make_socket, spec_diff, spec_hash)
+from robot_io.env import RobotEnv, flatten_obs, spaces_from_spec, unflatten_obs
+
+log = logging.getLogger("robot_io.remote")
+BEACON_PORT = 50555
+BEACON_MAGIC = "robot_io/1"
+
+
+class RobotUnavailable(TransportError):
+    """The robot did not answer within the deadline, is not connected, or restarted (its episode is gone)."""
+
+
+class RemoteRobotError(RuntimeError):
+    """The robot answered with an error (e.g. it is emergency-stopped)."""
+
+
+# ------------------------------------------------------------------------------------------------ robot side
+class RobotServer:
+    """Exposes a RobotEnv to a learner's RobotHub. `serve()` runs until `stop()` (or `max_seconds`)."""
+
+    def __init__(self, env: RobotEnv, learner: str, *, name: str | None = None, heartbeat: float = 1.0,
+                 hold_after: float = 2.0, curve: CurveConfig | None = None, beacon: str | None = None):
+        self.env, self.learner = env, learner
+        self.name = name or env.name
+        self.heartbeat, self.hold_after = heartbeat, hold_after
+        self.session = uuid.uuid4().hex[:12]
+        self.spec = env.spec()
+        self.spec["name"] = self.name
+        self.sock = make_socket(zmq.DEALER, learner, bind=False, curve=curve, IMMEDIATE=1, SNDHWM=16,
+                                ROUTING_ID=self.name.encode())
+        self.beacon = _beacon_socket(beacon) if beacon else None
+        self.connected, self.moving, self.last_heard = False, False, time.monotonic()
+        self.stats = {"requests": 0, "bad_frames": 0, "holds": 0, "outages": 0, "announces": 0}
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _send(self, frames) -> bool:
+        try:
+            self.sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+            return True
+        except zmq.Again:  # not connected (IMMEDIATE): drop; announces repeat, the hub times out on replies
+            return False
+
+    def _announce(self) -> None:
+        meta = {"name": self.name, "session": self.session, "protocol": PROTOCOL_VERSION, "spec": self.spec,
+                "spec_hash": spec_hash(self.spec), "moving": self.moving, "stats": dict(self.env.stats)}
+        self.stats["announces"] += int(self._send(encode("announce", meta)))
+        if self.beacon is not None:
+            sock, addr = self.beacon
+            payload = {"magic": BEACON_MAGIC, "name": self.name, "type": self.spec.get("type"), "learner": self.learner,
+                       "host": socket.gethostname(), "pid": os.getpid(), "spec_hash": spec_hash(self.spec),
+                       "connected": self.connected, "control_hz": self.spec.get("control_hz")}
+            try:
+                sock.sendto(msgpack.packb(payload), addr)
+            except OSError as exc:
+                log.debug("beacon to %s failed: %s", addr, exc)
+
+    def _handle(self, msg: Message):
+        if msg.type == "reset":
+            obs, info = self.env.reset(seed=msg.meta.get("seed"))
+            self.moving = False
+            return {"info": info}, flatten_obs(obs)
+        if msg.type == "step":
+            if "action" not in msg.arrays:
+                raise ValueError("step needs an 'action' array")
+            obs, reward, terminated, truncated, info = self.env.step(msg.arrays["action"])
+            self.moving = not (terminated or truncated)
+            meta = {"reward": reward, "terminated": terminated, "truncated": truncated,
+                    **{k: v for k, v in info.items() if k != "executed_action"}}
+            return meta, {**flatten_obs(obs), "executed_action": info["executed_action"]}
+        if msg.type == "hold":
+            self.env.hold()
+            self.moving = False
+            return {}, {}
+        if msg.type == "estop":
+            self.env.emergency_stop()
+            self.moving = False
+            return {}, {}
+        if msg.type == "stats":
+            return {"env": dict(self.env.stats), "server": dict(self.stats)}, {}
+        raise ValueError(f"unknown request {msg.type!r}; known: reset, step, hold, estop, stats")
+
+    def serve_once(self, timeout: float = 0.05) -> None:
+        now = time.monotonic()
+        if now >= getattr(self, "_next_announce", 0.0):
+            self._announce()
+            self._next_announce = now + self.heartbeat
+        silent = now - self.last_heard
+        if self.connected and silent > self.hold_after:
+            log.warning("%s: learner silent for %.1f s: %s; waiting for it to come back", self.name, silent,
+                        "holding the arm" if self.moving else "idle")
+            self.stats["outages"] += 1
+            self.connected = False
+            if self.moving:
+                self.env.hold()
+                self.stats["holds"] += 1
+                self.moving = False
+        wait = max(0.0, min(timeout, self._next_announce - time.monotonic()))
+        if not self.sock.poll(int(wait * 1000), zmq.POLLIN):
+            return
+        try:
+            msg = decode(self.sock.recv_multipart(copy=False))
+        except FrameError as exc:
+            self.stats["bad_frames"] += 1
+            log.warning("%s: bad frame from the learner dropped: %s", self.name, exc)
+            return
+        self.last_heard = time.monotonic()
+        if not self.connected:
+            log.info("%s: connected to the learner at %s", self.name, self.learner)
+            self.connected = True
+        if msg.type == "ack":
+            return
+        if msg.type == "refuse":
+            raise HandshakeError(f"{self.name}: the learner refused this robot: {msg.meta.get('reason')}")
+        self.stats["requests"] += 1
+        try:
+            meta, arrays = self._handle(msg)
+            reply = encode("ok", meta, arrays, msg.seq)
+        except Exception as exc:
+            log.warning("%s: request %s failed: %s", self.name, msg.type, exc)
+            reply = encode("error", {"error": f"{type(exc).__name__}: {exc}"}, None, msg.seq)
+        self._send(reply)
+
+    def serve(self, max_seconds: float | None = None) -> None:
+        end = None if max_seconds is None else time.monotonic() + max_seconds
+        log.info("%s: serving to %s (session %s)", self.name, self.learner, self.session)
+        try:
+            while not self._stop.is_set() and (end is None or time.monotonic() < end):
+                self.serve_once()
+        finally:
+            if self.moving:
+                self.env.hold()
+            self.sock.close(linger=0)
+            if self.beacon is not None:
+                self.beacon[0].close()
+
+
+def _beacon_socket(target: str):
+    host, _, port = target.rpartition(":")
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+    return sock, (host or "255.255.255.255", int(port or BEACON_PORT))
+
+
+def listen_beacons(seconds: float, port: int = BEACON_PORT) -> list[dict]:
+    """Robot servers that announced themselves by UDP beacon within `seconds` (latest beacon per name)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("", port))
+    sock.settimeout(0.1)
+    found: dict[str, dict] = {}
+    end = time.monotonic() + seconds
+    try:
+        while time.monotonic() < end:
+            try:
+                data, addr = sock.recvfrom(65536)
+                beacon = msgpack.unpackb(data, raw=False)
+            except socket.timeout:
+                continue
+            except (ValueError, msgpack.UnpackException):
+                continue  # not ours, or garbage
+            if isinstance(beacon, dict) and beacon.get("magic") == BEACON_MAGIC and "name" in beacon:
+                found[str(beacon["name"])] = {**beacon, "address": addr[0]}
+    finally:
+        sock.close()
+    return list(found.values())
+
+
+# ------------------------------------------------------------------------------------------------ learner side
+@dataclass
+class RobotRecord:
+    name: str
+    session: str
+    spec: dict
+    last_seen: float
+    online: bool = True
+    outage_start: float | None = None
+    stats: dict = field(default_factory=dict)
+
+
+class _Pending:
+    def __init__(self):
+        self.event, self.reply = threading.Event(), None
+
+
+class RobotHub:
+    """Binds `endpoint`; robot servers connect and announce. Thread-safe `request()`; a background thread owns the
+    socket. `expected_spec` (optional): robots with a different spec or protocol are refused with the difference."""
+
+    def __init__(self, endpoint: str, *, expected_spec: dict | None = None, peer_timeout: float = 3.0,
+                 curve: CurveConfig | None = None):
+        self.sock = make_socket(zmq.ROUTER, endpoint, bind=True, curve=curve, ROUTER_HANDOVER=1, ROUTER_MANDATORY=1)
+        self.endpoint = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.expected_spec, self.peer_timeout = expected_spec, peer_timeout
+        self.records: dict[str, RobotRecord] = {}
+        self.stats = {"bad_frames": 0, "refused": 0, "outages": 0, "reconnects": 0, "restarts": 0}
+        self._outbox: queue.Queue = queue.Queue()
+        self._pending: dict[int, _Pending] = {}
+        self._lock = threading.Lock()
+        self._seq = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="robot-hub", daemon=True)
+        self._thread.start()
+
+    # -- the socket thread
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._pump()
+            except Exception:  # one bad message must never end the hub
+                log.exception("robot hub: handling failed; still serving")
+
+    def _pump(self) -> None:
+        while True:
+            try:
+                address, frames, pending = self._outbox.get_nowait()
+            except queue.Empty:
+                break
+            try:
+                self.sock.send_multipart([address, *frames], copy=False)
+            except zmq.ZMQError:  # ROUTER_MANDATORY: that robot is not connected
+                if pending is not None:
+                    pending.event.set()
+        self._check_outages()
+        if not self.sock.poll(5, zmq.POLLIN):
+            return
+        address, *frames = self.sock.recv_multipart(copy=False)
+        try:
+            msg = decode(frames)
+        except FrameError as exc:
+            self.stats["bad_frames"] += 1
+            log.warning("robot hub: bad frame from %r dropped: %s", address.bytes, exc)
+            return
+        if msg.type == "announce":
+            self._on_announce(address.bytes, msg)
+        else:
+            with self._lock:
+                pending = self._pending.pop(msg.seq, None)
+            if pending is not None:
+                pending.reply = msg
+                pending.event.set()
+            name = address.bytes.decode(errors="replace")
+            if name in self.records:
+                self.records[name].last_seen = time.monotonic()
+
+    def _on_announce(self, address: bytes, msg: Message) -> None:
+        meta = msg.meta
+        name, session = str(meta.get("name")), str(meta.get("session"))
+        if self.expected_spec is not None:
+            diff = spec_diff(self.expected_spec, meta.get("spec") or {}, meta.get("protocol"))
+            diff.pop("name", None)
+            if diff:
+                self.stats["refused"] += 1
+                reason = f"spec/protocol differs from what this learner expects: {diff}"
+                log.warning("robot hub: refused %s: %s", name, reason)
+                self.sock.send_multipart([address, *encode("refuse", {"reason": reason})], copy=False)
+                return
+        elif meta.get("protocol") != PROTOCOL_VERSION:
+            self.stats["refused"] += 1
+            reason = f"protocol {meta.get('protocol')} != {PROTOCOL_VERSION}"
+            self.sock.send_multipart([address, *encode("refuse", {"reason": reason})], copy=False)
+            return
+        now = time.monotonic()
+        rec = self.records.get(name)
+        if rec is None:
+            log.info("robot hub: robot %s connected (%s)", name, meta.get("spec", {}).get("type"))
+            self.records[name] = RobotRecord(name, session, meta.get("spec") or {}, now)
+        else:
+            if rec.session != session:
+                log.warning("robot hub: robot %s restarted (new session)", name)
+                self.stats["restarts"] += 1
+            if not rec.online:
+                log.info("robot hub: robot %s back after %.1f s", name, now - (rec.outage_start or now))
+                self.stats["reconnects"] += 1
+            rec.session, rec.spec, rec.last_seen, rec.online, rec.outage_start = session, meta.get("spec") or {}, \
+                now, True, None
+        self.records[name].stats = meta.get("stats") or {}
+        self.sock.send_multipart([address, *encode("ack", {"time": time.time()})], copy=False)
+
+    def _check_outages(self) -> None:
+        now = time.monotonic()
+        for rec in self.records.values():
+            if rec.online and now - rec.last_seen > self.peer_timeout:
+                rec.online, rec.outage_start = False, rec.last_seen
+                self.stats["outages"] += 1
+                log.warning("robot hub: robot %s silent for %.1f s: outage", rec.name, now - rec.last_seen)
+
+    # -- callers (any thread)
+    def robots(self, online_only: bool = True) -> list[RobotRecord]:
+        return [r for r in list(self.records.values()) if r.online or not online_only]
+
+    def wait_for(self, name: str | None = None, timeout: float = 30.0) -> RobotRecord:
+        """The named robot (or the first one to connect) once it is online; RobotUnavailable past the deadline."""
+        deadline = time.monotonic() + timeout
+        while True:
+            live = [r for r in self.robots() if name is None or r.name == name]
+            if live:
+                return live[0]
+            if time.monotonic() >= deadline:
+                known = ", ".join(r.name for r in self.robots()) or "none"
+                raise RobotUnavailable(f"robot {name or '(any)'} did not connect to {self.endpoint} within "
+                                       f"{timeout:.1f} s (online: {known}); is `python -m robot_io.serve --learner "
+                                       f"tcp://<this host>:<port>` running on the robot?")
+            time.sleep(0.02)
+
+    def request(self, name: str, method: str, meta: dict | None = None, arrays: dict | None = None,
+                timeout: float = 5.0) -> Message:
+        rec = self.records.get(name)
+        if rec is None or not rec.online:
+            raise RobotUnavailable(f"robot {name} is not connected")
+        with self._lock:
+            self._seq += 1
+            seq, pending = self._seq, _Pending()
+            self._pending[seq] = pending
+        self._outbox.put((name.encode(), encode(method, meta, arrays, seq), pending))
+        if not pending.event.wait(timeout) or pending.reply is None:
+            with self._lock:
+                self._pending.pop(seq, None)
+            raise RobotUnavailable(f"robot {name}: no reply to {method!r} within {timeout:.1f} s")
+        reply = pending.reply
+        if reply.type == "error":
+            raise RemoteRobotError(f"robot {name}: {reply.meta.get('error')}")
+        return reply
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self.sock.close(linger=0)
+
+
+class RemoteRobotEnv(gym.Env):
+    """A robot on the network as a gymnasium env. `hub` is a RobotHub or an endpoint to bind (e.g. tcp://*:5600)."""
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, hub: RobotHub | str, name: str | None = None, *, connect_timeout: float = 30.0,
+                 reconnect_timeout: float = 30.0, step_timeout: float | None = None, reset_timeout: float = 60.0):
+        self.owns_hub = isinstance(hub, str)
+        self.hub = RobotHub(hub) if isinstance(hub, str) else hub
+        rec = self.hub.wait_for(name, connect_timeout)
+        self.name, self.spec = rec.name, rec.spec
+        self.observation_space = spaces_from_spec(rec.spec["observation"])
+        self.action_space = spaces_from_spec(rec.spec["action"])
+        hz = float(rec.spec.get("control_hz") or 0)
+        self.step_timeout = step_timeout or max(2.0, 5.0 / hz if hz else 0.0)
+        self.reconnect_timeout, self.reset_timeout = reconnect_timeout, reset_timeout
+        self.session: str | None = None
+        self.stats = {"outages": 0, "outage_seconds": 0.0, "steps": 0}
+        self._outage_since: float | None = None
+
+    def _outage(self, exc: Exception) -> None:
+        if self._outage_since is None:
+            self._outage_since = time.monotonic()
+            self.stats["outages"] += 1
+            log.warning("robot %s: outage: %s", self.name, exc)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        rec = self.hub.wait_for(self.name, self.reconnect_timeout)
+        reply = self.hub.request(self.name, "reset", {"seed": seed}, timeout=self.reset_timeout)
+        if self._outage_since is not None:
+            self.stats["outage_seconds"] += time.monotonic() - self._outage_since
+            log.info("robot %s: back after %.1f s", self.name, time.monotonic() - self._outage_since)
+            self._outage_since = None
+        self.session = rec.session
+        return unflatten_obs(reply.arrays), dict(reply.meta.get("info") or {})
+
+    def step(self, action):
+        rec = self.hub.records.get(self.name)
+        if rec is None or rec.session != self.session:
+            exc = RobotUnavailable(f"robot {self.name} restarted since the last reset: call reset()")
+            self._outage(exc)
+            raise exc
+        try:
+            reply = self.hub.request(self.name, "step", arrays={"action": np.asarray(action, np.float32)},
+                                     timeout=self.step_timeout)
+        except RobotUnavailable as exc:
+            self._outage(exc)
+            raise
+        arrays = dict(reply.arrays)
+        info = dict(reply.meta)
+        info["executed_action"] = arrays.pop("executed_action")
+        reward, terminated, truncated = info.pop("reward"), info.pop("terminated"), info.pop("truncated")
+        self.stats["steps"] += 1
+        return unflatten_obs(arrays), float(reward), bool(terminated), bool(truncated), info
+
+    def hold(self) -> None:
+        self.hub.request(self.name, "hold", timeout=self.step_timeout)
+
+    def emergency_stop(self) -> None:
+        self.hub.request(self.name, "estop", timeout=self.step_timeout)
+
+    def close(self) -> None:
+        if self.owns_hub:
+            self.hub.close()

@@ -1,0 +1,65 @@
+"""Expose a robot to a learner over the network (the robot dials out; the learner binds).
+
+    python -m robot_io.serve --robot sim:PickCube --learner tcp://LEARNER_HOST:5600
+    python -m robot_io.serve --robot franka:172.16.0.2 --learner tcp://localhost:5600   # through an SSH tunnel
+    python -m robot_io.serve --robot dummy --learner tcp://127.0.0.1:5600 --control-hz 50
+
+The server announces its spec every --heartbeat seconds, answers reset/step/hold/estop, reconnects by itself after
+an outage, and holds the arm when the learner is silent for --hold-after seconds. It also sends a UDP beacon
+(--beacon, default LAN broadcast) so that `python -m robot_io.discover` finds it. Ctrl-C holds the arm and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+from common.transport import CurveConfig, HandshakeError
+from robot_io.env import make_robot_env
+from robot_io.registry import MissingDependencyError, RobotValidationError
+from robot_io.remote import BEACON_PORT, RobotServer
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m robot_io.serve", description=__doc__.split("\n")[0])
+    parser.add_argument("--robot", required=True, help="dummy | sim:TASK | franka:IP, with ,key=value options")
+    parser.add_argument("--learner", required=True, help="the learner's RobotHub endpoint, e.g. tcp://HOST:5600")
+    parser.add_argument("--name", help="robot name (default from the robot)")
+    parser.add_argument("--control-hz", type=float, help="override the robot's control frequency (0: unpaced)")
+    parser.add_argument("--max-episode-steps", type=int, help="override the episode cap")
+    parser.add_argument("--heartbeat", type=float, default=1.0, help="seconds between announces")
+    parser.add_argument("--hold-after", type=float, default=2.0, help="hold the arm after this much learner silence")
+    parser.add_argument("--beacon", default=f"255.255.255.255:{BEACON_PORT}",
+                        help="UDP HOST:PORT for discovery beacons ('' disables)")
+    parser.add_argument("--curve-secret", help="this robot's CurveZMQ secret key file (see common.transport keygen)")
+    parser.add_argument("--curve-server-key", help="the learner's CurveZMQ public key file")
+    parser.add_argument("--max-seconds", type=float, help="stop after this long (tests)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if bool(args.curve_secret) != bool(args.curve_server_key):
+        parser.error("CurveZMQ needs both --curve-secret and --curve-server-key")
+    try:
+        env = make_robot_env(args.robot, control_hz=args.control_hz, max_episode_steps=args.max_episode_steps)
+    except (RobotValidationError, MissingDependencyError, KeyError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    curve = CurveConfig(args.curve_secret, args.curve_server_key) if args.curve_secret else None
+    server = RobotServer(env, args.learner, name=args.name, heartbeat=args.heartbeat, hold_after=args.hold_after,
+                         curve=curve, beacon=args.beacon or None)
+    signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    try:
+        server.serve(args.max_seconds)
+    except HandshakeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        pass
+    finally:
+        env.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
