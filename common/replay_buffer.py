@@ -110,6 +110,7 @@ class ReplayBuffer:
         if self.dir is not None:
             (self.dir / "segments").mkdir(parents=True, exist_ok=True)
             self._recover()
+            self._warm_cache()
 
     @classmethod
     def open(cls, directory: str | Path, **kwargs) -> "ReplayBuffer":
@@ -167,6 +168,27 @@ class ReplayBuffer:
         self.ids = present[-self.capacity_segments:]
         self.lengths = {i: index[i]["length"] for i in self.ids}
         self.seg_meta = {i: index[i].get("meta", {}) for i in self.ids}
+
+    def _warm_cache(self) -> None:
+        """Load the newest segments that fit into the RAM ring, so a reopened buffer samples at cache speed."""
+        if not self.ids or self.schema is None:
+            return
+        budget, chosen = self.cache_transitions, []
+        for seg_id in reversed(self.ids):
+            rows = self.lengths[seg_id] + 1
+            if rows > budget:
+                break
+            budget -= rows
+            chosen.append(seg_id)
+        for seg_id in reversed(chosen):
+            self._cache_put(seg_id, self._read_flat(seg_id), self.lengths[seg_id])
+
+    def _read_flat(self, seg_id: int) -> dict[str, np.ndarray]:
+        """Every dataset of a segment file under its flat key ("obs/images/main", "actions", ...)."""
+        flat: dict[str, np.ndarray] = {}
+        with h5py.File(self._path(seg_id), "r") as f:
+            f.visititems(lambda name, obj: flat.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+        return flat
 
     def _append_index(self, entry: dict) -> None:
         with open(self.dir / "index.jsonl", "a") as f:
@@ -347,14 +369,14 @@ class ReplayBuffer:
 
     def read_segment(self, seg_id: int) -> dict[str, Any]:
         """A whole segment back in the shape it was added (for SFT datasets, checks, export)."""
+        seg: dict[str, Any] = {"obs": {}, "extras": {}}
+        for key, value in self._read_flat(seg_id).items():
+            group, _, sub = key.partition("/")
+            if sub and group in seg:  # obs/images/main -> seg["obs"]["images/main"], as it was added
+                seg[group][sub] = value
+            else:
+                seg[key] = value
         with h5py.File(self._path(seg_id), "r") as f:
-            seg: dict[str, Any] = {"obs": {}, "extras": {}}
-            for key in f:
-                if isinstance(f[key], h5py.Group):
-                    for sub in f[key]:
-                        seg[key][sub] = f[key][sub][:]
-                else:
-                    seg[key] = f[key][:]
             seg["meta"] = json.loads(f.attrs["meta"])
         return seg
 

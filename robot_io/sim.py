@@ -67,7 +67,7 @@ class SimBackend(RobotBackend):
         self.action_space = gym.spaces.Box(space.low.astype(np.float32), space.high.astype(np.float32),
                                            space.shape, np.float32)
         self.position_scale = 0.1 if config.control_mode.startswith("pd_ee_delta_pos") else None
-        self._obs, self._reward, self._success = first, 0.0, False
+        self._obs, self._reward, self._success, self.episode_step = first, 0.0, False, 0
 
     @property
     def raw_env(self):
@@ -80,11 +80,12 @@ class SimBackend(RobotBackend):
 
     def reset(self, seed=None):
         self._obs = self.sim.reset(0 if seed is None else int(seed))
-        self._reward, self._success = 0.0, False
+        self._reward, self._success, self.episode_step = 0.0, False, 0
         return self._strip(self._obs)
 
     def send_action(self, action):
         self._obs, self._reward, _, self._success = self.sim.step(np.asarray(action, np.float32))
+        self.episode_step += 1
 
     def observe(self):
         return self._strip(self._obs)
@@ -97,6 +98,61 @@ class SimBackend(RobotBackend):
 
     def close(self):
         self.sim.close()
+
+
+class SimExpert:
+    """A scripted teleoperator for sim robots (privileged simulator state), PickCube and PushCube: the stand-in for a
+    human with a SpaceMouse. As an intervention device (`RobotEnv(..., intervention=SimExpert(backend))`) it takes over
+    whole episodes with probability `takeover` (decided at each reset), so its segments are demonstrations."""
+
+    TASKS = ("PickCube-v1", "PushCube-v1")
+
+    def __init__(self, backend: SimBackend, takeover: float = 1.0, seed: int = 0):
+        if backend.task not in self.TASKS or not backend.config.control_mode.startswith("pd_ee_delta_pos"):
+            raise ValueError(f"the scripted expert knows {self.TASKS} with pd_ee_delta_pos(e) control, not "
+                             f"{backend.task} / {backend.config.control_mode}")
+        self.backend, self.takeover = backend, takeover
+        self.rng = np.random.default_rng(seed)
+        self.estop_requested, self.active, self.phase, self.closing, self.episode_step = False, True, 0, 0, -1
+
+    def action(self) -> np.ndarray:
+        raw = self.backend.raw_env
+        cube_actor = raw.obj if self.backend.task == "PushCube-v1" else raw.cube
+        tcp, cube = raw.agent.tcp.pose.p[0].numpy(), cube_actor.pose.p[0].numpy()
+        action = np.zeros(self.backend.action_space.shape, np.float32)
+        action[-1] = 1.0  # gripper open
+        if self.backend.task == "PushCube-v1":  # behind the cube, low, then push through it to the goal
+            goal = raw.goal_region.pose.p[0].numpy()
+            direction = (goal - cube)[:2] / max(np.linalg.norm((goal - cube)[:2]), 1e-6)
+            behind = np.array([*(cube[:2] - direction * 0.05), 0.02])
+            if self.phase == 0 and np.linalg.norm(behind[:2] - tcp[:2]) < 0.01:
+                self.phase = 1
+            target = np.array([*behind[:2], 0.08]) if self.phase == 0 and tcp[2] > 0.05 and \
+                np.linalg.norm(behind[:2] - tcp[:2]) > 0.02 else behind
+            if self.phase == 1:
+                target = np.array([*(goal[:2] + direction * 0.02), 0.02])
+            action[-1] = -1.0
+        else:  # PickCube: above the cube, down, close, carry to the goal
+            goal = raw.goal_site.pose.p[0].numpy()
+            if self.phase == 0:
+                target = cube + [0, 0, 0.05]
+                self.phase = 1 if np.linalg.norm(target - tcp) < 0.01 else 0
+            if self.phase == 1:
+                target = cube
+                self.phase = 2 if np.linalg.norm(target - tcp) < 0.005 else 1
+            if self.phase >= 2:
+                self.closing += 1
+                target, action[-1] = (cube if self.closing <= 5 else goal), -1.0
+        action[:3] = np.clip((target - tcp) * 20, -1, 1)
+        return action
+
+    def poll(self) -> np.ndarray | None:
+        step = self.backend.episode_step
+        if step == 0 or step < self.episode_step:  # a new episode: reset the script, decide whether to take over
+            self.phase, self.closing = 0, 0
+            self.active = bool(self.rng.random() < self.takeover)
+        self.episode_step = step
+        return self.action() if self.active else None
 
 
 @register("sim", SimConfig, target_field="task", help="a ManiSkill task behind the robot interface")

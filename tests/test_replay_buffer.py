@@ -202,3 +202,25 @@ def test_ram_only_buffer():
         buf.add(make_segment(s))
     assert sum(buf.lengths[i] + 1 for i in buf.ids) <= 100 and buf.ids[-1] == 9
     assert buf.sample(8)["actions"].shape == (8, 3)
+
+
+def test_reopened_buffer_samples_from_a_warm_cache_and_nested_keys_read_back(tmp_path):
+    rng = np.random.default_rng(0)
+    segments = []
+    buf = ReplayBuffer(tmp_path / "b", cache_transitions=1000)
+    for _ in range(5):
+        seg = {"obs": {"state": rng.normal(size=(11, 3)).astype(np.float32),
+                       "images/main": rng.integers(0, 255, (11, 8, 8, 3), dtype=np.uint8)},
+               "actions": rng.normal(size=(10, 2)).astype(np.float32), "rewards": np.ones(10, np.float32)}
+        segments.append(seg)
+        buf.add(seg)
+    reopened = ReplayBuffer.open(tmp_path / "b", cache_transitions=1000)
+    batch = reopened.sample(64)
+    assert reopened.stats["files_read"] == 0  # every row came from the RAM ring, warmed at open
+    assert batch["obs"]["images/main"].shape == (64, 8, 8, 3)
+    got = reopened.read_segment(3)
+    assert_segment_equal(got, {**segments[3], "extras": {}, "terminated": np.zeros(10, bool),
+                               "truncated": np.zeros(10, bool), "policy_version": np.zeros(10, np.int64),
+                               "intervention": np.zeros(10, bool)})
+    small = ReplayBuffer.open(tmp_path / "b", cache_transitions=25)  # only the newest two fit
+    assert list(small._cached) == [3, 4]

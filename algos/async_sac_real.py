@@ -1,0 +1,746 @@
+"""Asynchronous SAC / RLPD for real robots: actors on robots, a learner on a GPU box.
+
+Reproduces the real-world learning system of RLinf-USER (Zang et al., 2026: "RLinf-USER: a unified and extensible
+system for real-world online policy learning") at CleanRL scale: fully asynchronous actors and learner, a persistent
+crash-safe replay buffer, versioned weight sync, human interventions routed to the demo buffer, with the SAC / RLPD
+learner of SERL / HIL-SERL (Luo et al., 2024) and RLPD (Ball et al., 2023: 50/50 demo batches, a LayerNorm Q
+ensemble with a subsampled min, high UTD).
+
+    python algos/async_sac_real.py --robot sim:PickCube --num-robots 2           # learner + 2 local sim actors
+    python algos/async_sac_real.py --role learner --bind-host 0.0.0.0            # a learner for remote robots
+    python algos/async_sac_real.py --role actor --robot franka:172.16.0.2 --learner-host LEARNER   # on a robot
+    python algos/async_sac_real.py --mode sync --robot sim:PickCube              # baseline: collect, then train
+    python algos/async_sac_real.py --resume runs/<run name>                      # after a crash (even kill -9)
+
+Ports on the learner: data `--port`, weights `--port`+1, handshake RPC `--port`+2; actors dial out (NAT friendly;
+over the internet forward the three ports through one SSH tunnel). Every transition carries the policy version that
+produced it; actors never wait for the learner (they act with their last weights and hold unsent transitions, spooled
+to disk, until it is back); the learner stores each segment durably (HDF5, fsync) before acknowledging it, so a
+`kill -9` loses no acknowledged transition, and `--resume` restores networks, optimisers, targets, temperature,
+counters, RNG state and the buffers.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common.fsutil import atomic_write  # noqa: E402
+from common.replay_buffer import ReplayBuffer, sample_mixed  # noqa: E402
+from common.transport import (DataReceiver, DataSender, HandshakeError, RpcClient, RpcServer,  # noqa: E402
+                              TransportError, TransportTimeout, spec_diff)
+from common.weight_sync import WeightPublisher, WeightSubscriber  # noqa: E402
+from robot_io.env import RobotEnv, flatten_obs, make_robot_env, spaces_from_spec  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Args:
+    exp_name: str = "async_sac_real"
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """torch.backends.cudnn.deterministic"""
+    torch_threads: int = 1
+    """torch CPU threads per process (0: torch's default)"""
+    cuda: bool = True
+    """train on CUDA when available (the learner; actors run on CPU)"""
+    track: bool = False
+    """log to Weights & Biases (offline unless WANDB_MODE says otherwise)"""
+    wandb_project_name: str = "rlinf-hackable"
+    """W&B project"""
+    run_dir: str = "runs"
+    """where runs go: <run_dir>/<task>__<exp_name>__<seed>/ (buffer/, demo_buffer/, learner.pt, logs)"""
+    resume: str = ""
+    """a run directory to continue (learner: checkpoint + buffers; its saved args are reused)"""
+
+    # System
+    role: str = "all"
+    """all (learner + --num-robots local actor processes), learner, or actor"""
+    mode: str = "async"
+    """async, or sync (one process: collect --sync-steps, then train, alternately: the baseline)"""
+    robot: str = "sim:PickCube"
+    """robot_io robot string: sim:TASK, dummy, franka:IP (with ,key=value options)"""
+    num_robots: int = 1
+    """actor processes --role all starts (robots may differ in name, not in spec)"""
+    robot_index: int = 0
+    """this actor's index (seeds and names)"""
+    control_hz: float = -1.0
+    """override the robot's control rate (-1: the robot's own; 0: unpaced)"""
+    max_episode_steps: int = 100
+    """episode cap"""
+    learner_host: str = "127.0.0.1"
+    """where actors find the learner"""
+    bind_host: str = "127.0.0.1"
+    """interface the learner binds (0.0.0.0 for remote robots)"""
+    port: int = 5600
+    """data port; weights port+1, handshake port+2"""
+    total_env_steps: int = 20_000
+    """stop after this many transitions have reached the learner"""
+    total_minutes: float = 0.0
+    """stop after this wall-clock budget (0: none)"""
+    segment_steps: int = 25
+    """transitions per data item (an episode is cut into segments so data flows before it ends)"""
+
+    # Demonstrations and interventions
+    demos: str = ""
+    """a replay-buffer directory of demonstrations (RLPD's prior data; e.g. an earlier run's demo_buffer)"""
+    expert_episodes: int = 10
+    """sim robots: episodes per actor driven by the scripted expert at the start (interventions -> demo buffer)"""
+    expert_takeover: float = 0.0
+    """sim robots: afterwards, the probability that the expert takes over an episode (HIL-SERL style)"""
+    reward_model: str = ""
+    """optional learned reward: a safetensors image success classifier (see RewardClassifier); replaces the reward"""
+
+    # SAC / RLPD (RLinf's realworld RLPD config, real_world_system.md §6)
+    gamma: float = 0.96
+    """discount"""
+    tau: float = 0.005
+    """target network Polyak rate"""
+    batch_size: int = 256
+    """transitions per update (half from demos when there are any)"""
+    demo_fraction: float = 0.5
+    """share of every batch drawn from the demo buffer (RLPD)"""
+    learning_rate: float = 3e-4
+    """actor, critic and temperature learning rate"""
+    num_q: int = 10
+    """Q ensemble size"""
+    critic_subsample: int = 2
+    """heads whose min forms the target"""
+    critic_actor_ratio: int = 4
+    """critic updates per actor update"""
+    utd: float = 1.0
+    """cap on critic updates per received transition (the learner idles above it)"""
+    layer_norm: bool = True
+    """LayerNorm in the critics (RLPD)"""
+    initial_alpha: float = 0.01
+    """initial entropy temperature"""
+    target_entropy: float = -3.0
+    """automatic entropy tuning target"""
+    max_grad_norm: float = 10.0
+    """gradient clipping"""
+    hidden: int = 256
+    """MLP width"""
+    learning_starts: int = 500
+    """transitions in the buffer before the first update"""
+    sync_every: int = 20
+    """critic updates between weight pushes"""
+    checkpoint_every: int = 500
+    """critic updates between learner checkpoints"""
+    sync_steps: int = 200
+    """--mode sync: env steps per collection phase"""
+    eval_every: int = 5
+    """every N-th actor episode is deterministic (eval/success_rate)"""
+
+
+# ------------------------------------------------------------------------------------------------ networks
+class Encoder(nn.Module):
+    """Images: one small CNN per camera (DrQ / SERL style, LayerNorm + tanh features); state: passed through."""
+
+    def __init__(self, spec: dict, channels: int = 32, feature_dim: int = 50):
+        super().__init__()
+        obs = spec["observation"]["dict"]
+        self.cameras = sorted(obs["images"]["dict"]) if "images" in obs else []
+        self.state_dim = obs["state"]["box"][0]
+        self.cnns = nn.ModuleDict()
+        for cam in self.cameras:
+            h = obs["images"]["dict"][cam]["box"][0]
+            conv = nn.Sequential(nn.Conv2d(3, channels, 3, 2), nn.ReLU(), nn.Conv2d(channels, channels, 3, 1),
+                                 nn.ReLU(), nn.Conv2d(channels, channels, 3, 1), nn.ReLU(), nn.Flatten())
+            n = conv(torch.zeros(1, 3, h, h)).shape[1]
+            self.cnns[cam] = nn.Sequential(conv, nn.Linear(n, feature_dim), nn.LayerNorm(feature_dim), nn.Tanh())
+        self.out_dim = feature_dim * len(self.cameras) + self.state_dim
+
+    def forward(self, obs: dict) -> torch.Tensor:
+        feats = [self.cnns[c](obs[f"images/{c}"].permute(0, 3, 1, 2).float() / 255.0) for c in self.cameras]
+        return torch.cat([*feats, obs["state"].float()], -1)
+
+
+class EnsembleLinear(nn.Module):
+    """E independent linear layers applied in one batched matmul: (E, B, in) -> (E, B, out)."""
+
+    def __init__(self, num: int, d_in: int, d_out: int):
+        super().__init__()
+        bound = 1 / math.sqrt(d_in)
+        self.weight = nn.Parameter(torch.empty(num, d_in, d_out).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(num, 1, d_out).uniform_(-bound, bound))
+
+    def forward(self, x):
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class Critic(nn.Module):
+    def __init__(self, d_in: int, action_dim: int, num_q: int, hidden: int, layer_norm: bool):
+        super().__init__()
+        self.num_q, layers, d = num_q, [], d_in + action_dim
+        for _ in range(2):
+            layers += [EnsembleLinear(num_q, d, hidden), nn.LayerNorm(hidden) if layer_norm else nn.Identity(),
+                       nn.ReLU()]
+            d = hidden
+        self.net = nn.Sequential(*layers, EnsembleLinear(num_q, d, 1))
+
+    def forward(self, feats, actions):  # -> (E, B)
+        x = torch.cat([feats, actions], -1)
+        return self.net(x.unsqueeze(0).expand(self.num_q, -1, -1)).squeeze(-1)
+
+
+class Policy(nn.Module):
+    """What actors run and what the learner broadcasts: the encoder and a tanh-Gaussian actor head."""
+
+    def __init__(self, spec: dict, hidden: int):
+        super().__init__()
+        self.encoder = Encoder(spec)
+        action = spec["action"]
+        self.action_dim = action["box"][0]
+        low = np.broadcast_to(np.asarray(action["low"], np.float32), (self.action_dim,))
+        high = np.broadcast_to(np.asarray(action["high"], np.float32), (self.action_dim,))
+        self.register_buffer("scale", torch.tensor((high - low) / 2))
+        self.register_buffer("offset", torch.tensor((high + low) / 2))
+        self.trunk = nn.Sequential(nn.Linear(self.encoder.out_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
+                                   nn.ReLU())
+        self.mean, self.log_std = nn.Linear(hidden, self.action_dim), nn.Linear(hidden, self.action_dim)
+
+    def head(self, feats, deterministic: bool = False):
+        h = self.trunk(feats)
+        mean, log_std = self.mean(h), self.log_std(h).clamp(-5, 2)
+        u = mean if deterministic else mean + log_std.exp() * torch.randn_like(mean)
+        log_prob = (-0.5 * ((u - mean) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+        log_prob = log_prob - (2 * (math.log(2) - u - F.softplus(-2 * u))).sum(-1)  # tanh change of variables
+        return torch.tanh(u) * self.scale + self.offset, log_prob
+
+    @torch.no_grad()
+    def act(self, obs: dict, deterministic: bool = False) -> np.ndarray:
+        device = self.scale.device
+        batch = {k: torch.as_tensor(np.asarray(v), device=device)[None] for k, v in flatten_obs(obs).items()}
+        return self.head(self.encoder(batch), deterministic)[0][0].cpu().numpy()
+
+
+def random_shift(images: torch.Tensor, pad: int = 4) -> torch.Tensor:
+    """DrQ's augmentation: pad by replication, crop back at a random offset per sample. images (B, H, W, C) uint8."""
+    B, H, W, _ = images.shape
+    padded = F.pad(images.permute(0, 3, 1, 2).float(), (pad,) * 4, mode="replicate")
+    dx, dy = torch.randint(0, 2 * pad + 1, (2, B))
+    rows = (torch.arange(H)[None] + dy[:, None])[:, :, None].expand(B, H, W)
+    cols = (torch.arange(W)[None] + dx[:, None])[:, None, :].expand(B, H, W)
+    out = padded[torch.arange(B)[:, None, None], :, rows, cols]  # (B, H, W, C)
+    return out.to(images.dtype)
+
+
+class RewardClassifier(nn.Module):
+    """The learned-reward hook (SERL's success classifier): the Encoder plus a linear head on the images; reward 1
+    where sigmoid(logit) > 0.5. Load with --reward-model FILE (safetensors of this module's state dict)."""
+
+    def __init__(self, spec: dict):
+        super().__init__()
+        self.encoder = Encoder(spec)
+        self.head = nn.Linear(self.encoder.out_dim, 1)
+
+    @torch.no_grad()
+    def reward(self, obs: dict) -> float:
+        batch = {k: torch.as_tensor(np.asarray(v))[None] for k, v in flatten_obs(obs).items()}
+        return float(torch.sigmoid(self.head(self.encoder(batch)))[0, 0] > 0.5)
+
+
+# ------------------------------------------------------------------------------------------------ learner pieces
+class Learner:
+    """Networks, optimisers and the SAC / RLPD update; checkpoints everything (atomically) to learner.pt."""
+
+    def __init__(self, args: Args, spec: dict, device: torch.device):
+        self.args, self.spec, self.device = args, spec, device
+        self.policy = Policy(spec, args.hidden).to(device)
+        self.critic = Critic(self.policy.encoder.out_dim, self.policy.action_dim, args.num_q, args.hidden,
+                             args.layer_norm).to(device)
+        self.critic_target, self.encoder_target = copy.deepcopy(self.critic), copy.deepcopy(self.policy.encoder)
+        self.log_alpha = torch.tensor(math.log(args.initial_alpha), device=device, requires_grad=True)
+        actor_params = [p for n, p in self.policy.named_parameters() if not n.startswith("encoder.")]
+        self.critic_opt = torch.optim.Adam([*self.critic.parameters(), *self.policy.encoder.parameters()],
+                                           lr=args.learning_rate)
+        self.actor_opt = torch.optim.Adam(actor_params, lr=args.learning_rate)
+        self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=args.learning_rate)
+        self.updates, self.version, self.metrics = 0, 0, {}
+
+    def to_batch(self, sample: dict) -> tuple[dict, dict, torch.Tensor, torch.Tensor, torch.Tensor]:
+        dev = self.device
+
+        def obs(d):
+            out = {k: torch.as_tensor(v, device=dev) for k, v in d.items()}
+            for k in out:
+                if k.startswith("images/"):
+                    out[k] = random_shift(out[k])
+            return out
+
+        return (obs(sample["obs"]), obs(sample["next_obs"]), torch.as_tensor(sample["actions"], device=dev).float(),
+                torch.as_tensor(sample["rewards"], device=dev).float(),
+                torch.as_tensor(sample["terminated"], device=dev).float())
+
+    def update(self, sample: dict) -> None:
+        a = self.args
+        obs, next_obs, actions, rewards, terminated = self.to_batch(sample)
+        alpha = self.log_alpha.exp().detach()
+        with torch.no_grad():  # RLPD target: min over a random subset of the target ensemble, entropy backup
+            next_feats = self.encoder_target(next_obs)
+            next_actions, next_logp = self.policy.head(next_feats)
+            heads = torch.randperm(a.num_q, device=self.device)[:a.critic_subsample]
+            next_q = self.critic_target(next_feats, next_actions)[heads].min(0).values
+            target = rewards + a.gamma * (1 - terminated) * (next_q - alpha * next_logp)
+        q = self.critic(self.policy.encoder(obs), actions)
+        critic_loss = F.mse_loss(q, target.expand_as(q))
+        self.critic_opt.zero_grad(set_to_none=True)
+        critic_loss.backward()
+        nn.utils.clip_grad_norm_([*self.critic.parameters(), *self.policy.encoder.parameters()], a.max_grad_norm)
+        self.critic_opt.step()
+        self.metrics.update({"losses/critic_loss": critic_loss.item(), "losses/q_mean": q.mean().item()})
+        if self.updates % a.critic_actor_ratio == 0:
+            feats = self.policy.encoder(obs).detach()  # the actor does not shape the encoder (DrQ / SERL)
+            new_actions, logp = self.policy.head(feats)
+            actor_loss = (alpha * logp - self.critic(feats, new_actions).mean(0)).mean()
+            self.actor_opt.zero_grad(set_to_none=True)
+            actor_loss.backward()
+            nn.utils.clip_grad_norm_(self.policy.parameters(), a.max_grad_norm)
+            self.actor_opt.step()
+            alpha_loss = -(self.log_alpha * (logp.detach() + a.target_entropy)).mean()
+            self.alpha_opt.zero_grad(set_to_none=True)
+            alpha_loss.backward()
+            self.alpha_opt.step()
+            self.metrics.update({"losses/actor_loss": actor_loss.item(), "losses/alpha": alpha.item(),
+                                 "losses/entropy": -logp.mean().item()})
+        with torch.no_grad():
+            for net, tgt in ((self.critic, self.critic_target), (self.policy.encoder, self.encoder_target)):
+                for p, tp in zip(net.parameters(), tgt.parameters()):
+                    tp.lerp_(p, a.tau)
+        self.updates += 1
+
+    def state_dict(self) -> dict:
+        return {"policy": self.policy.state_dict(), "critic": self.critic.state_dict(),
+                "critic_target": self.critic_target.state_dict(), "encoder_target": self.encoder_target.state_dict(),
+                "log_alpha": self.log_alpha.detach().cpu(), "critic_opt": self.critic_opt.state_dict(),
+                "actor_opt": self.actor_opt.state_dict(), "alpha_opt": self.alpha_opt.state_dict(),
+                "updates": self.updates, "version": self.version}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name in ("policy", "critic", "critic_target", "encoder_target", "critic_opt", "actor_opt", "alpha_opt"):
+            getattr(self, name).load_state_dict(state[name])
+        with torch.no_grad():
+            self.log_alpha.copy_(state["log_alpha"])
+        self.updates, self.version = int(state["updates"]), int(state["version"])
+
+
+def save_checkpoint(path: Path, learner: Learner, counters: dict) -> None:
+    """Everything but the buffers (they are durable on their own) in one file, written atomically."""
+    buf = io.BytesIO()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    torch.save({"learner": learner.state_dict(), "counters": counters, "spec": learner.spec,
+                "torch_rng": torch.get_rng_state(), "numpy_rng": [name, keys.tolist(), pos, has_gauss, cached],
+                "py_rng": json.dumps(random.getstate())}, buf)
+    atomic_write(path, buf.getvalue())
+
+
+def segment_from_message(arrays: dict) -> dict:
+    return {"obs": {k[4:]: v for k, v in arrays.items() if k.startswith("obs.")},
+            **{k: arrays[k] for k in ("actions", "rewards", "terminated", "truncated", "policy_version",
+                                      "intervention")}}
+
+
+# ------------------------------------------------------------------------------------------------ actor pieces
+class SegmentWriter:
+    """Cuts an actor's stream into segments (every --segment-steps, at episode ends and where the intervention flag
+    changes, so a segment is all-human or all-policy) and keeps what the learner has not taken yet."""
+
+    def __init__(self, first_obs: dict):
+        self.reset(first_obs)
+
+    def reset(self, obs: dict) -> None:
+        self.obs, self.steps = [flatten_obs(obs)], {k: [] for k in ("actions", "rewards", "terminated", "truncated",
+                                                                     "policy_version", "intervention")}
+
+    def add(self, action, reward, terminated, truncated, version, intervened, next_obs) -> None:
+        for key, value in zip(self.steps, (action, reward, terminated, truncated, version, intervened)):
+            self.steps[key].append(value)
+        self.obs.append(flatten_obs(next_obs))
+
+    def __len__(self) -> int:
+        return len(self.steps["actions"])
+
+    def take(self) -> dict[str, np.ndarray]:
+        arrays = {f"obs.{k}": np.stack([o[k] for o in self.obs]) for k in self.obs[0]}
+        dtypes = {"actions": np.float32, "rewards": np.float32, "terminated": bool, "truncated": bool,
+                  "policy_version": np.int64, "intervention": bool}
+        arrays.update({k: np.asarray(v, dtypes[k]) for k, v in self.steps.items()})
+        last = self.obs[-1]
+        self.obs, self.steps = [last], {k: [] for k in self.steps}
+        return arrays
+
+
+def robot_string(args: Args) -> str:
+    return args.robot if "name=" in args.robot or args.robot.startswith("franka") or args.num_robots == 1 \
+        else f"{args.robot},name={args.robot.split(',')[0].replace(':', '-')}-{args.robot_index}"
+
+
+def make_actor_env(args: Args) -> RobotEnv:
+    env = make_robot_env(robot_string(args), control_hz=None if args.control_hz < 0 else args.control_hz,
+                         max_episode_steps=args.max_episode_steps)
+    from robot_io.sim import SimBackend, SimExpert
+
+    if isinstance(env.backend, SimBackend) and (args.expert_episodes or args.expert_takeover):
+        if env.backend.task in SimExpert.TASKS:
+            env.intervention = SimExpert(env.backend, takeover=1.0, seed=args.seed * 1000 + args.robot_index)
+        else:
+            print(f"no scripted expert for {env.backend.task}: no expert episodes (give --demos)", flush=True)
+    return env
+
+
+def run_actor(args: Args, run_dir: Path) -> None:
+    """One robot: act at its control rate with the newest weights, stream segments to the learner, never wait."""
+    torch.manual_seed(args.seed * 1000 + args.robot_index)
+    env = make_actor_env(args)
+    spec = env.spec()
+    spec.pop("name", None)
+    endpoint = f"tcp://{args.learner_host}:{args.port}"
+    rpc = RpcClient(f"tcp://{args.learner_host}:{args.port + 2}", {"protocol": 1}, client_id=env.name)
+    deadline = time.monotonic() + 120
+    while True:  # the handshake: the learner compares our obs / action spec with its own
+        try:
+            rpc.call("register", {"spec": spec, "robot": env.name}, timeout=5.0)
+            break
+        except HandshakeError as exc:
+            raise SystemExit(f"{env.name}: {exc}") from None
+        except TransportError:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{env.name}: no learner at {endpoint} for 120 s (is it running?)") from None
+    policy = Policy(spec, args.hidden)
+    policy.eval()
+    weights = WeightSubscriber(f"tcp://{args.learner_host}:{args.port + 1}", policy)
+    spool = run_dir.parent / "actor_spool" / f"{run_dir.name}__{env.name}"  # unsent items survive a restart
+    sender = DataSender(endpoint, sender_id=env.name, spool_dir=spool, max_pending=4096, resend_after=2.0)
+    reward_model = None
+    if args.reward_model:
+        from safetensors.torch import load_file
+
+        reward_model = RewardClassifier(spec)
+        reward_model.load_state_dict(load_file(args.reward_model))
+    backlog: list[tuple[dict, dict]] = []  # items the sender had no room for (learner gone for long)
+    episode = 0
+    print(f"[actor {env.name}] acting at {env.control_hz or 'unpaced'} Hz, sending to {endpoint}", flush=True)
+    while True:
+        takeover = env.intervention is not None and (episode < args.expert_episodes
+                                                     or random.random() < args.expert_takeover)
+        if env.intervention is not None:
+            env.intervention.takeover = 1.0 if takeover else 0.0
+        deterministic = args.eval_every > 0 and episode % args.eval_every == args.eval_every - 1 and not takeover
+        obs, _ = env.reset(seed=args.seed * 100_000 + args.robot_index * 10_000 + episode)
+        writer, done, ret, ep_start = SegmentWriter(obs), False, 0.0, time.monotonic()
+        while not done:
+            if weights.poll():  # swap weights in between steps, never inside one
+                weights.apply()
+            action = policy.act(obs, deterministic)
+            obs, reward, terminated, truncated, info = env.step(action)
+            if reward_model is not None:
+                reward = reward_model.reward(obs)
+            ret += reward
+            done = terminated or truncated
+            intervened = bool(info["intervened"])
+            if len(writer) and intervened != bool(writer.steps["intervention"][-1]):
+                backlog.append(({"intervened": not intervened}, writer.take()))
+            writer.add(info["executed_action"], reward, terminated, truncated, weights.version, intervened, obs)
+            if done or len(writer) >= args.segment_steps:
+                meta = {"intervened": intervened}
+                if done:
+                    meta.update(episode_done=True, success=float(info["success"]), episodic_return=ret,
+                                length=env.steps, deterministic=deterministic, human=takeover,
+                                episode_seconds=time.monotonic() - ep_start)
+                backlog.append((meta, writer.take()))
+            while backlog:
+                meta, arrays = backlog[0]
+                meta.update(sent_at=time.time(), control_hz=info["control_hz"], weights_version=weights.version,
+                            weights_applied=weights.stats["applied"], robot=env.name)
+                try:
+                    sender.send(meta, arrays, timeout=0.0)
+                except TransportTimeout:
+                    break  # keep it; the learner is away. Acting goes on.
+                backlog.pop(0)
+            sender.poll()
+        episode += 1
+
+
+# ------------------------------------------------------------------------------------------------ main
+def main(args: Args) -> None:
+    for name, choices in (("role", ("all", "learner", "actor")), ("mode", ("async", "sync"))):
+        if getattr(args, name) not in choices:
+            raise SystemExit(f"--{name} must be one of {choices}, got {getattr(args, name)!r}")
+    if not 0 <= args.demo_fraction < 1 or args.critic_subsample > args.num_q:
+        raise SystemExit("--demo-fraction must be in [0, 1) and --critic-subsample <= --num-q")
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    resumed = bool(args.resume)
+    if resumed:
+        run_dir = Path(args.resume)
+        if not (run_dir / "args.json").exists():
+            raise SystemExit(f"--resume {run_dir}: no args.json there; not a run directory of this script")
+        saved = json.loads((run_dir / "args.json").read_text())
+        keep = {"resume": args.resume, "role": args.role, "robot_index": args.robot_index}
+        for key in ("total_env_steps", "total_minutes"):  # new budgets may be given; otherwise the saved ones
+            if getattr(args, key) != getattr(Args, key):
+                keep[key] = getattr(args, key)
+        args = Args(**{**saved, **keep})
+    else:
+        task = args.robot.split(",")[0].replace(":", "-")
+        run_dir = Path(args.run_dir) / f"{task}__{args.exp_name}__{args.seed}"
+    if args.role == "actor":
+        run_actor(args, run_dir)
+        return
+    if not resumed and run_dir.exists():
+        raise SystemExit(f"run directory {run_dir} exists: continue it with --resume {run_dir}, or pick another "
+                         f"--exp-name / --seed (nothing was overwritten)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resumed:
+        atomic_write(run_dir / "args.json", json.dumps(asdict(args), indent=1))
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    writer = SummaryWriter(str(run_dir))
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, sync_tensorboard=True, config=vars(args), name=run_dir.name,
+                   mode=os.environ.get("WANDB_MODE", "offline"))
+
+    # Buffers: durable before acknowledged; on resume they come back with their counters
+    online = ReplayBuffer(run_dir / "buffer", cache_transitions=200_000, seed=args.seed)
+    demo = ReplayBuffer(run_dir / "demo_buffer", cache_transitions=100_000, seed=args.seed + 1)
+    prior = ReplayBuffer.open(args.demos, readonly=True) if args.demos else None
+    counters = {"episodes": 0, "successes": 0.0, "minutes": 0.0}
+    learner: Learner | None = None
+    ckpt = run_dir / "learner.pt"
+    if resumed and ckpt.exists():
+        state = torch.load(io.BytesIO(ckpt.read_bytes()), weights_only=False)
+        learner = Learner(args, state["spec"], device)
+        learner.load_state_dict(state["learner"])
+        counters = state["counters"]
+        torch.set_rng_state(state["torch_rng"])
+        name, keys, pos, has_gauss, cached = state["numpy_rng"]
+        np.random.set_state((name, np.asarray(keys, np.uint32), pos, has_gauss, cached))
+        version, internal, gauss = json.loads(state["py_rng"])
+        random.setstate((version, tuple(internal), gauss))
+        print(f"resumed {run_dir}: {learner.updates} updates, policy v{learner.version}, "
+              f"{online.total_added} + {demo.total_added} (demo) transitions in the buffers", flush=True)
+
+    # Handshake: the first robot fixes the spec (or the checkpoint does); others must match it
+    spec_box: dict = {"spec": learner.spec if learner else None}
+
+    def register(msg):
+        theirs = msg.meta.get("spec") or {}
+        if spec_box["spec"] is None:
+            spec_box["spec"] = theirs
+        diff = spec_diff({k: v for k, v in spec_box["spec"].items() if k not in ("task_description",)},
+                         {k: v for k, v in theirs.items() if k not in ("task_description",)})
+        diff.pop("type", None)
+        if diff:
+            raise HandshakeError(f"robot {msg.meta.get('robot')} differs from this learner's robots: {diff} "
+                                 f"(heterogeneous robots need one learner per obs/action spec)")
+        return {"version": learner.version if learner else 0}
+
+    rpc = RpcServer(f"tcp://{args.bind_host}:{args.port + 2}", {"protocol": 1}, {"register": register},
+                    peer_timeout=float("inf")).start()  # handshakes only: liveness is the data channel's job
+    actors: list[subprocess.Popen] = []
+    if args.role == "all" and args.mode == "async":  # local robots: actors read this run's args.json
+        for i in range(args.num_robots):
+            actors.append(subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--role", "actor",
+                                            "--resume", str(run_dir), "--robot-index", str(i)]))
+    if args.mode == "sync":
+        spec_envs = [make_actor_env(Args(**{**asdict(args), "robot_index": i})) for i in range(args.num_robots)]
+        spec_box["spec"] = spec_box["spec"] or {k: v for k, v in spec_envs[0].spec().items() if k != "name"}
+    print(f"learner at tcp://{args.bind_host}:{args.port} (weights +1, handshake +2); run dir {run_dir}; waiting for "
+          f"a robot" if spec_box["spec"] is None else f"learner ready; run dir {run_dir}", flush=True)
+    while spec_box["spec"] is None:
+        time.sleep(0.05)
+    if learner is None:
+        learner = Learner(args, spec_box["spec"], device)
+    publisher = WeightPublisher(f"tcp://{args.bind_host}:{args.port + 1}", learner.policy)
+    learner.version = max(learner.version, 1)
+    publisher.publish(learner.version)
+
+    # The receiver thread: drain arriving segments into the buffers, durably, then acknowledge
+    delivered = [(m["session"], m["seq"]) for b in (online, demo) for m in b.seg_meta.values() if "session" in m]
+    stats = {"lag": [], "latency_ms": [], "control_hz": [], "applied": {}, "episodes": [], "gen_seconds": []}
+    stop = threading.Event()
+    lock = threading.Lock()
+
+    def store(arrays: dict, meta: dict) -> None:
+        segment = segment_from_message(arrays)
+        (demo if meta.get("intervened") else online).add(segment, meta)
+        if meta.get("intervened"):  # human segments teach through both buffers (HIL-SERL)
+            online.add(segment, {k: v for k, v in meta.items() if k not in ("session", "seq")})
+        with lock:
+            stats["lag"].append(learner.version - float(np.mean(arrays["policy_version"])))
+            if "sent_at" in meta:
+                stats["latency_ms"].append(1000 * (time.time() - meta["sent_at"]))
+            stats["control_hz"].append(meta.get("control_hz", 0.0))
+            stats["applied"][meta.get("robot", "?")] = meta.get("weights_applied", 0)
+            if meta.get("episode_done"):
+                stats["episodes"].append(meta)
+
+    def receive_loop(receiver: DataReceiver) -> None:
+        while not stop.is_set():
+            msg = receiver.recv(timeout=0.2)
+            if msg is None:
+                continue
+            try:
+                store(msg.arrays, {**{k: v for k, v in msg.meta.items() if k != "sender"}, "seq": msg.seq})
+            except Exception as exc:  # a malformed segment: report it, keep serving (it stays unacknowledged)
+                print(f"[learner] segment from {msg.meta.get('robot')} not stored: {exc}", flush=True)
+                continue
+            receiver.ack(msg)
+
+    receiver, receive_thread = None, None
+    if args.mode == "async":
+        receiver = DataReceiver(f"tcp://{args.bind_host}:{args.port}", delivered=delivered)
+        receive_thread = threading.Thread(target=receive_loop, args=(receiver,), daemon=True)
+        receive_thread.start()
+
+    # TRY NOT TO MODIFY: the training loop
+    start_time, minutes_before = time.time(), counters["minutes"]
+    last_log, updates_at_log, train_seconds = time.time(), learner.updates, 0.0
+    sync_obs = [None] * args.num_robots
+    sync_writers, sync_version = [None] * args.num_robots, learner.version
+    sync_ep, sync_ret, sync_t0 = [0] * args.num_robots, [0.0] * args.num_robots, [0.0] * args.num_robots
+    while True:
+        received = online.total_added
+        elapsed_min = minutes_before + (time.time() - start_time) / 60
+        finished = received >= args.total_env_steps or bool(args.total_minutes and elapsed_min >= args.total_minutes)
+        if finished:
+            n_updates = 0
+        elif args.mode == "sync":  # collect --sync-steps with the current weights, then train on them
+            t0 = time.time()
+            for _ in range(math.ceil(args.sync_steps / args.num_robots)):
+                for i, env in enumerate(spec_envs):
+                    if sync_obs[i] is None:
+                        sync_obs[i], _ = env.reset(seed=args.seed * 100_000 + i * 10_000 + sync_ep[i])
+                        sync_writers[i], sync_ret[i], sync_t0[i] = SegmentWriter(sync_obs[i]), 0.0, time.monotonic()
+                    takeover = env.intervention is not None and sync_ep[i] < args.expert_episodes
+                    if env.intervention is not None:
+                        env.intervention.takeover = 1.0 if takeover else 0.0
+                    action = learner.policy.act(sync_obs[i])
+                    obs, reward, term, trunc, info = env.step(action)
+                    w = sync_writers[i]
+                    sync_ret[i] += reward
+                    if len(w) and bool(info["intervened"]) != bool(w.steps["intervention"][-1]):
+                        store(w.take(), {"intervened": not info["intervened"]})
+                    w.add(info["executed_action"], reward, term, trunc, sync_version, info["intervened"], obs)
+                    sync_obs[i] = obs
+                    if term or trunc or len(w) >= args.segment_steps:
+                        meta = {"intervened": bool(info["intervened"]), "control_hz": info["control_hz"],
+                                "robot": env.name}
+                        if term or trunc:
+                            meta.update(episode_done=True, success=float(info["success"]), episodic_return=sync_ret[i],
+                                        length=env.steps, deterministic=False, human=takeover,
+                                        episode_seconds=time.monotonic() - sync_t0[i])
+                            sync_obs[i], sync_ep[i] = None, sync_ep[i] + 1
+                        store(w.take(), meta)
+            stats["gen_seconds"].append(time.time() - t0)
+            n_updates = int(args.utd * args.sync_steps) if online.total_added >= args.learning_starts else 0
+        else:
+            n_updates = 1
+            if received < args.learning_starts or learner.updates >= args.utd * received:
+                time.sleep(0.01)  # wait for data (the cap keeps the UTD at --utd)
+                n_updates = 0
+        t0 = time.time()
+        for _ in range(n_updates):
+            sources = [(online, 1 - args.demo_fraction)] + [(b, args.demo_fraction / (1 + (prior is not None)))
+                                                              for b in (demo, prior) if b is not None and len(b)]
+            sample = sample_mixed(sources if len(sources) > 1 else [(online, 1.0)], args.batch_size)
+            learner.update(sample)
+            if learner.updates % args.sync_every == 0:
+                learner.version += 1
+                sync_version = learner.version
+                publisher.publish(learner.version)
+            if learner.updates % args.checkpoint_every == 0:
+                counters["minutes"] = minutes_before + (time.time() - start_time) / 60
+                save_checkpoint(ckpt, learner, counters)
+        train_seconds += time.time() - t0
+
+        if finished or time.time() - last_log >= 5.0:  # TRY NOT TO MODIFY: record rewards for plotting purposes
+            now, step = time.time(), online.total_added
+            with lock:
+                episodes, stats["episodes"] = stats["episodes"], []
+                lag, latency, hz = stats["lag"], stats["latency_ms"], stats["control_hz"]
+                stats["lag"], stats["latency_ms"], stats["control_hz"] = [], [], []
+            train_eps = [e for e in episodes if not e.get("deterministic") and not e.get("human")]
+            eval_eps = [e for e in episodes if e.get("deterministic")]
+            counters["episodes"] += len(episodes)
+            if train_eps:
+                writer.add_scalar("charts/success_rate", np.mean([e["success"] for e in train_eps]), step)
+                writer.add_scalar("charts/episodic_return", np.mean([e["episodic_return"] for e in train_eps]), step)
+                writer.add_scalar("time/episode_seconds", np.mean([e["episode_seconds"] for e in train_eps]), step)
+            if eval_eps:
+                writer.add_scalar("eval/success_rate", np.mean([e["success"] for e in eval_eps]), step)
+            ups = (learner.updates - updates_at_log) / max(now - last_log, 1e-6)
+            writer.add_scalar("learner/updates_per_s", ups, step)
+            writer.add_scalar("learner/utd_achieved", learner.updates / max(step, 1), step)
+            writer.add_scalar("learner/train_seconds_per_update", train_seconds / max(learner.updates, 1), step)
+            writer.add_scalar("sync/policy_lag", float(np.mean(lag)) if lag else 0.0, step)
+            writer.add_scalar("sync/weights_applied", float(sum(stats["applied"].values())), step)
+            writer.add_scalar("sync/version", learner.version, step)
+            writer.add_scalar("actor/control_hz", float(np.mean(hz)) if hz else 0.0, step)
+            writer.add_scalar("transport/latency_ms", float(np.median(latency)) if latency else 0.0, step)
+            writer.add_scalar("buffer/size", len(online), step)
+            writer.add_scalar("buffer/durable_size", online.total_added, step)
+            writer.add_scalar("buffer/demo_size", demo.total_added, step)
+            writer.add_scalar("charts/SPS", int(step / max(now - start_time, 1e-6)), step)
+            for key, value in learner.metrics.items():
+                writer.add_scalar(key, value, step)
+            succ = f"{np.mean([e['success'] for e in train_eps]):.2f}" if train_eps else "-"
+            print(f"[learner] {step} transitions (+{demo.total_added} demo), {learner.updates} updates "
+                  f"({ups:.1f}/s), v{learner.version}, success {succ}, actors' control "
+                  f"{np.mean(hz) if hz else 0:.1f} Hz", flush=True)
+            last_log, updates_at_log = now, learner.updates
+        if finished:
+            break
+    counters["minutes"] = minutes_before + (time.time() - start_time) / 60
+    save_checkpoint(ckpt, learner, counters)
+    stop.set()
+    if receive_thread is not None:
+        receive_thread.join(timeout=5)
+    for proc in actors:
+        proc.terminate()
+    for proc in actors:
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    summary = {"transitions": online.total_added, "demo_transitions": demo.total_added, "updates": learner.updates,
+               "version": learner.version, "minutes": counters["minutes"], "episodes": counters["episodes"],
+               "args": asdict(args)}
+    atomic_write(run_dir / "summary.json", json.dumps(summary, indent=1))
+    print(f"done: {summary['transitions']} transitions, {learner.updates} updates, policy v{learner.version}, "
+          f"{summary['minutes']:.1f} min; run dir {run_dir}", flush=True)
+    publisher.close()
+    rpc.close()
+    if receiver is not None:
+        receiver.close()
+    writer.close()
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

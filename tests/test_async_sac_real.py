@@ -1,0 +1,179 @@
+"""algos/async_sac_real.py: learner and actors as subprocesses on loopback (dummy and sim robots), kill -9 of the
+learner and --resume (buffer, counters and policy version continue, no acknowledged transition lost), sync mode,
+the handshake refusing a different robot, a run directory never overwritten."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = str(ROOT / "algos" / "async_sac_real.py")
+SMALL = ["--hidden", "32", "--num-q", "4", "--batch-size", "32", "--learning-starts", "60", "--sync-every", "5",
+         "--checkpoint-every", "10", "--segment-steps", "10", "--max-episode-steps", "30"]
+
+
+def free_port() -> int:
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port < 60000:
+            ok = True
+            for p in (port + 1, port + 2):
+                with socket.socket() as s:
+                    try:
+                        s.bind(("127.0.0.1", p))
+                    except OSError:
+                        ok = False
+            if ok:
+                return port
+    raise RuntimeError("no free port triple")
+
+
+def run(args, timeout=240):
+    out = subprocess.run([sys.executable, SCRIPT, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    return out
+
+
+def scalars(run_dir: Path) -> dict[str, list[float]]:
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def stored_seqs(buffer_dir: Path) -> dict[str, list[int]]:
+    seqs: dict[str, list[int]] = {}
+    for line in (buffer_dir / "index.jsonl").read_text().splitlines():
+        meta = json.loads(line)["meta"]
+        if "session" in meta:
+            seqs.setdefault(meta["session"], []).append(meta["seq"])
+    return seqs
+
+
+def run_dirs(root: Path) -> list[Path]:
+    return [p for p in root.iterdir() if p.name != "actor_spool"]
+
+
+def test_help():
+    out = run(["--help"], timeout=120)
+    assert "--role" in out.stdout and "--resume" in out.stdout and "--demo-fraction" in out.stdout
+
+
+def test_two_dummy_robots_async(tmp_path):
+    port = free_port()
+    run(["--robot", "dummy,cameras=main,image_size=16,control_hz=50", "--num-robots", "2", "--run-dir",
+         str(tmp_path), "--total-env-steps", "500", "--port", str(port), *SMALL])
+    (run_dir,) = run_dirs(tmp_path)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["transitions"] >= 500 and summary["updates"] > 0 and summary["version"] >= 2
+    logs = scalars(run_dir)
+    for tag in ("sync/policy_lag", "sync/weights_applied", "learner/updates_per_s", "learner/utd_achieved",
+                "actor/control_hz", "transport/latency_ms", "buffer/size", "buffer/durable_size"):
+        assert tag in logs, tag
+    assert max(logs["sync/weights_applied"]) >= 2  # the actors' weights version advanced
+    assert abs(np.median(logs["actor/control_hz"][1:] or logs["actor/control_hz"]) - 50) < 2.5
+    with h5py.File(sorted((run_dir / "buffer" / "segments").iterdir())[-1]) as f:  # plain h5py reads it
+        assert f["obs/images/main"].shape[1:] == (16, 16, 3) and f["obs/images/main"].dtype == np.uint8
+        assert f["policy_version"][:].min() >= 0
+    robots = {json.loads(line)["meta"]["robot"] for line in (run_dir / "buffer" / "index.jsonl").read_text().splitlines()}
+    assert robots == {"dummy-0", "dummy-1"}
+
+
+def test_sim_robot_expert_segments_go_to_the_demo_buffer(tmp_path):
+    port = free_port()
+    run(["--robot", "sim:PickCube", "--run-dir", str(tmp_path), "--total-env-steps", "150", "--port", str(port),
+         "--expert-episodes", "2", *SMALL])
+    (run_dir,) = run_dirs(tmp_path)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["demo_transitions"] >= 20
+    with h5py.File(sorted((run_dir / "demo_buffer" / "segments").iterdir())[0]) as f:
+        assert f["intervention"][:].all() and f["obs/state"].shape[1] > 20
+    assert summary["updates"] > 0
+
+
+def test_sync_mode(tmp_path):
+    run(["--mode", "sync", "--robot", "dummy,cameras=,control_hz=0", "--run-dir", str(tmp_path),
+         "--total-env-steps", "150", "--sync-steps", "50", "--port", str(free_port()), *SMALL])
+    (run_dir,) = run_dirs(tmp_path)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["transitions"] >= 150 and summary["updates"] >= 50
+
+
+def test_kill_9_learner_then_resume_loses_nothing(tmp_path):
+    port = free_port()
+    robot = "dummy,cameras=,control_hz=100"
+    common = ["--run-dir", str(tmp_path), "--port", str(port), "--robot", robot, *SMALL]
+    learner = subprocess.Popen([sys.executable, SCRIPT, "--role", "learner", "--total-env-steps", "100000", *common],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    actor = subprocess.Popen([sys.executable, SCRIPT, "--role", "actor", *common], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        run_dir = tmp_path / "dummy__async_sac_real__1"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            ckpt = run_dir / "learner.pt"
+            if ckpt.exists() and (run_dir / "buffer" / "index.jsonl").exists() and \
+                    sum(1 for _ in (run_dir / "buffer" / "index.jsonl").open()) >= 30:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the learner did not get going")
+        learner.send_signal(signal.SIGKILL)  # kill -9 mid-run
+        learner.wait()
+        import torch
+
+        before = torch.load(run_dir / "learner.pt", weights_only=False)
+        stored_before = stored_seqs(run_dir / "buffer")
+        time.sleep(2.0)  # the actor keeps acting meanwhile, holding what it cannot send
+        assert actor.poll() is None
+        out = run(["--resume", str(run_dir), "--role", "learner", "--total-env-steps",
+                   str(sum(len(v) for v in stored_before.values()) * 10 + 400)], timeout=240)
+        assert "resumed" in out.stdout
+        after = torch.load(run_dir / "learner.pt", weights_only=False)
+        assert after["learner"]["updates"] > before["learner"]["updates"]
+        assert after["learner"]["version"] > before["learner"]["version"]
+        stored_after = stored_seqs(run_dir / "buffer")
+        for session, seqs in stored_before.items():  # everything durable before the kill is still there
+            assert set(seqs) <= set(stored_after[session])
+        for session, seqs in stored_after.items():  # and the actor's stream has no hole and no duplicate
+            assert sorted(seqs) == list(range(len(seqs))), session
+        assert sum(map(len, stored_after.values())) > sum(map(len, stored_before.values()))
+    finally:
+        os.killpg(actor.pid, signal.SIGKILL)
+        actor.wait()
+        if learner.poll() is None:
+            learner.kill()
+
+
+def test_refusals(tmp_path):
+    port = free_port()
+    common = ["--run-dir", str(tmp_path), "--port", str(port), *SMALL]
+    learner = subprocess.Popen([sys.executable, SCRIPT, "--role", "learner", "--robot", "dummy,cameras=,control_hz=50",
+                                "--total-env-steps", "100000", *common], cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    first = subprocess.Popen([sys.executable, SCRIPT, "--role", "actor", "--robot", "dummy,cameras=,control_hz=50",
+                              *common], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1.0)
+        other = subprocess.run([sys.executable, SCRIPT, "--role", "actor", "--robot",
+                                "dummy,cameras=,control_hz=50,action_dim=4,name=odd", *common], cwd=ROOT,
+                               capture_output=True, text=True, timeout=120)
+        assert other.returncode != 0 and "differs" in other.stderr and "action" in other.stderr
+    finally:
+        for proc in (first, learner):
+            proc.kill()
+            proc.wait()
+    again = subprocess.run([sys.executable, SCRIPT, "--role", "learner", "--robot", "dummy", *common], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode != 0 and "--resume" in again.stderr and "nothing was overwritten" in again.stderr
