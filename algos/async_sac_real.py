@@ -147,6 +147,8 @@ class Args:
     """critic updates between weight pushes"""
     checkpoint_every: int = 500
     """critic updates between learner checkpoints"""
+    checkpoint_seconds: float = 60.0
+    """and at least this often (wall-clock)"""
     sync_steps: int = 200
     """--mode sync: env steps per collection phase"""
     eval_every: int = 5
@@ -545,9 +547,14 @@ def main(args: Args) -> None:
         random.setstate((version, tuple(internal), gauss))
         print(f"resumed {run_dir}: {learner.updates} updates, policy v{learner.version}, "
               f"{online.total_added} + {demo.total_added} (demo) transitions in the buffers", flush=True)
+    elif resumed:
+        print(f"resumed {run_dir}: 0 updates (no learner checkpoint yet: fresh networks), "
+              f"{online.total_added} + {demo.total_added} (demo) transitions in the buffers", flush=True)
 
-    # Handshake: the first robot fixes the spec (or the checkpoint does); others must match it
-    spec_box: dict = {"spec": learner.spec if learner else None}
+    # Handshake: the first robot fixes the spec (kept in spec.json; or the checkpoint has it); others must match it
+    spec_path = run_dir / "spec.json"
+    spec_box: dict = {"spec": learner.spec if learner else
+                      (json.loads(spec_path.read_text()) if spec_path.exists() else None)}
 
     def register(msg):
         theirs = msg.meta.get("spec") or {}
@@ -575,8 +582,13 @@ def main(args: Args) -> None:
           f"a robot" if spec_box["spec"] is None else f"learner ready; run dir {run_dir}", flush=True)
     while spec_box["spec"] is None:
         time.sleep(0.05)
+    if not spec_path.exists():
+        atomic_write(spec_path, json.dumps(spec_box["spec"], indent=1))
     if learner is None:
         learner = Learner(args, spec_box["spec"], device)
+    if resumed:  # actors ignore versions they are past: continue above any version published before the crash
+        seen = [m.get("weights_version", 0) for b in (online, demo) for m in b.seg_meta.values()]
+        learner.version = max([learner.version, *seen]) + 1
     publisher = WeightPublisher(f"tcp://{args.bind_host}:{args.port + 1}", learner.policy)
     learner.version = max(learner.version, 1)
     publisher.publish(learner.version)
@@ -622,6 +634,7 @@ def main(args: Args) -> None:
     # TRY NOT TO MODIFY: the training loop
     start_time, minutes_before = time.time(), counters["minutes"]
     last_log, updates_at_log, train_seconds = time.time(), learner.updates, 0.0
+    updates_at_start, last_ckpt = learner.updates, time.time()
     sync_obs = [None] * args.num_robots
     sync_writers, sync_version = [None] * args.num_robots, learner.version
     sync_ep, sync_ret, sync_t0 = [0] * args.num_robots, [0.0] * args.num_robots, [0.0] * args.num_robots
@@ -665,6 +678,8 @@ def main(args: Args) -> None:
             if received < args.learning_starts or learner.updates >= args.utd * received:
                 time.sleep(0.01)  # wait for data (the cap keeps the UTD at --utd)
                 n_updates = 0
+        if n_updates and learner.updates == updates_at_start:
+            print(f"[learner] first update after start, {time.time() - start_time:.1f} s in", flush=True)
         t0 = time.time()
         for _ in range(n_updates):
             sources = [(online, 1 - args.demo_fraction)] + [(b, args.demo_fraction / (1 + (prior is not None)))
@@ -675,9 +690,10 @@ def main(args: Args) -> None:
                 learner.version += 1
                 sync_version = learner.version
                 publisher.publish(learner.version)
-            if learner.updates % args.checkpoint_every == 0:
+            if learner.updates % args.checkpoint_every == 0 or time.time() - last_ckpt > args.checkpoint_seconds:
                 counters["minutes"] = minutes_before + (time.time() - start_time) / 60
                 save_checkpoint(ckpt, learner, counters)
+                last_ckpt = time.time()
         train_seconds += time.time() - t0
 
         if finished or time.time() - last_log >= 5.0:  # TRY NOT TO MODIFY: record rewards for plotting purposes

@@ -112,6 +112,9 @@ class Args:
     """weight of the mean entropy 0.5*log(2*pi*e*std^2) of the chain's transitions (and of x_1)"""
     action_chunk: int = 8
     """actions executed per policy call (<= the model's horizon)"""
+    noise_on: str = "executed"
+    """executed (noise only on the executed chunk steps and env action dims; noise on the padded dims would move the
+    executed actions through the later denoising steps without entering the log-prob) or all (RLinf)"""
 
     # PPO
     total_iterations: int = 20
@@ -175,10 +178,10 @@ class Args:
 
 
 PAPER = {  # RLinf's πRL yaml values (pirl.md §3.5): π0 ManiSkill (flow_noise); LIBERO's configs are flow_sde ones
-    "libero": dict(critic="auto", num_envs=64, num_denoise_steps=4, action_chunk=5, update_epochs=4,
+    "libero": dict(critic="auto", noise_on="all", num_envs=64, num_denoise_steps=4, action_chunk=5, update_epochs=4,
                    learning_rate=5e-6, value_lr=1e-4, minibatch_size=2048, logprob_type="chunk", image_size=224,
                    bootstrap="none", num_steps=48),
-    "maniskill": dict(critic="auto", num_envs=320, num_denoise_steps=4, action_chunk=5, update_epochs=4,
+    "maniskill": dict(critic="auto", noise_on="all", num_envs=320, num_denoise_steps=4, action_chunk=5, update_epochs=4,
                       learning_rate=7.91e-6, value_lr=1.55e-4, minibatch_size=5120, logprob_type="token",
                       bootstrap="always", max_episode_steps=80, num_steps=16, image_size=224),
 }
@@ -218,12 +221,16 @@ class NoiseHead(nn.Module):
         return torch.exp(0.5 * (self.logvar_min + (self.logvar_max - self.logvar_min) * (level + 1) / 2))
 
 
-def make_step_fn(noise_head, stochastic: bool):
-    """The sampler hook: the ODE mean x_t - d*v, with the learned std (training) or std 0 (eval: pure ODE)."""
+def make_step_fn(noise_head, stochastic: bool, noise_mask: torch.Tensor | None = None):
+    """The sampler hook: the ODE mean x_t - d*v, with the learned std (training; only where `noise_mask` is True)
+    or std 0 (eval: pure ODE)."""
 
     def step_fn(i, x_t, v, h, t, d):
         mean = x_t - d * v
-        return mean, noise_head(h) if stochastic else torch.zeros_like(mean)
+        if not stochastic:
+            return mean, torch.zeros_like(mean)
+        std = noise_head(h)
+        return mean, std if noise_mask is None else std * noise_mask
 
     return step_fn
 
@@ -333,6 +340,7 @@ if __name__ == "__main__":
 
         args.max_episode_steps = MAX_EPISODE_STEPS[args.task.split("/")[0]] if args.env == "libero" else 100
     for name, choices in (("bootstrap", ("truncation", "always", "none")), ("logprob_type", ("chunk", "token")),
+                          ("noise_on", ("executed", "all")),
                           ("critic", ("auto", "expert", "vlm", "obs")), ("adv_type", ("gae", "grpo"))):
         if getattr(args, name) not in choices:
             raise SystemExit(f"--{name.replace('_', '-')} must be one of {choices}, got {getattr(args, name)!r}")
@@ -383,6 +391,10 @@ if __name__ == "__main__":
                                   betas=(0.9, 0.95), eps=1e-8, weight_decay=args.weight_decay)
     ts = Pi0Model.timesteps(K).to(device)
     chunk, A = args.action_chunk, env_action_dim
+    noise_mask = None
+    if args.noise_on == "executed":
+        noise_mask = torch.zeros(1, cfg.horizon, cfg.action_dim, dtype=torch.bool, device=device)
+        noise_mask[:, :chunk, :A] = True
     start_iter, global_step, history = 0, 0, []
     if args.resume and ckpt_dir.exists():
         model, norm_stats, meta = load_pi0(ckpt_dir, device)
@@ -418,7 +430,7 @@ if __name__ == "__main__":
             prefix, value = prefix_and_value(batch, grad=False)
             B = batch["state"].shape[0]
             noise = torch.randn(B, cfg.horizon, cfg.action_dim, device=device, generator=generator)
-            out = model.sample(prefix, batch["state"], noise, K, make_step_fn(noise_head, not deterministic),
+            out = model.sample(prefix, batch["state"], noise, K, make_step_fn(noise_head, not deterministic, noise_mask),
                                generator)
             if critic_on == "expert":
                 value = expert_value(value_head, out.hidden, args.detach_critic_input)

@@ -110,10 +110,12 @@ def test_sync_mode(tmp_path):
     assert summary["transitions"] >= 150 and summary["updates"] >= 50
 
 
-def test_kill_9_learner_then_resume_loses_nothing(tmp_path):
+@pytest.mark.parametrize("checkpointed", [True, False])
+def test_kill_9_learner_then_resume_loses_nothing(tmp_path, checkpointed):
     port = free_port()
     robot = "dummy,cameras=,control_hz=100"
-    common = ["--run-dir", str(tmp_path), "--port", str(port), "--robot", robot, *SMALL]
+    never = [] if checkpointed else ["--checkpoint-every", "1000000", "--checkpoint-seconds", "1000000"]
+    common = ["--run-dir", str(tmp_path), "--port", str(port), "--robot", robot, *SMALL, *never]
     learner = subprocess.Popen([sys.executable, SCRIPT, "--role", "learner", "--total-env-steps", "100000", *common],
                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     actor = subprocess.Popen([sys.executable, SCRIPT, "--role", "actor", *common], cwd=ROOT,
@@ -123,7 +125,7 @@ def test_kill_9_learner_then_resume_loses_nothing(tmp_path):
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             ckpt = run_dir / "learner.pt"
-            if ckpt.exists() and (run_dir / "buffer" / "index.jsonl").exists() and \
+            if (ckpt.exists() or not checkpointed) and (run_dir / "buffer" / "index.jsonl").exists() and \
                     sum(1 for _ in (run_dir / "buffer" / "index.jsonl").open()) >= 30:
                 break
             time.sleep(0.2)
@@ -133,7 +135,11 @@ def test_kill_9_learner_then_resume_loses_nothing(tmp_path):
         learner.wait()
         import torch
 
-        before = torch.load(run_dir / "learner.pt", weights_only=False)
+        before = torch.load(run_dir / "learner.pt", weights_only=False) if checkpointed else \
+            {"learner": {"updates": 0, "version": 0}}
+        assert (run_dir / "learner.pt").exists() == checkpointed
+        seen_versions = [json.loads(line)["meta"].get("weights_version", 0)
+                         for line in (run_dir / "buffer" / "index.jsonl").read_text().splitlines()]
         stored_before = stored_seqs(run_dir / "buffer")
         time.sleep(2.0)  # the actor keeps acting meanwhile, holding what it cannot send
         assert actor.poll() is None
@@ -142,7 +148,7 @@ def test_kill_9_learner_then_resume_loses_nothing(tmp_path):
         assert "resumed" in out.stdout
         after = torch.load(run_dir / "learner.pt", weights_only=False)
         assert after["learner"]["updates"] > before["learner"]["updates"]
-        assert after["learner"]["version"] > before["learner"]["version"]
+        assert after["learner"]["version"] > max([before["learner"]["version"], *seen_versions])
         stored_after = stored_seqs(run_dir / "buffer")
         for session, seqs in stored_before.items():  # everything durable before the kill is still there
             assert set(seqs) <= set(stored_after[session])

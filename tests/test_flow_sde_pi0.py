@@ -150,3 +150,21 @@ def test_bad_flags_are_refused(tmp_path):
         out = subprocess.run([sys.executable, str(ROOT / "algos" / "flow_sde_pi0.py"), "--run-dir", str(tmp_path),
                               "--env", "maniskill", *flags], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert out.returncode != 0 and msg in out.stderr, (flags, out.stderr[-400:])
+
+
+def test_noise_only_on_the_executed_entries():
+    """--noise-on executed: outside the executed chunk steps and env dims the SDE step is the plain ODE step (std 0),
+    inside it is the full Flow-SDE transition."""
+    torch.manual_seed(0)
+    sigmas = fs.sde_sigmas(4, 0.5)
+    mask = torch.zeros(1, 8, 6, dtype=torch.bool)
+    mask[:, :5, :3] = True
+    x, v = torch.randn(2, 8, 6), torch.randn(2, 8, 6)
+    t, d = torch.tensor(0.75), torch.tensor(0.25)
+    mean, std = fs.make_step_fn({1}, sigmas, mask)(1, x, v, None, t, d)
+    sde_mean, sde_std = fs.sde_transition(x, v, t, d, sigmas[1])
+    assert torch.allclose(mean[:, :5, :3], sde_mean[:, :5, :3]) and torch.allclose(std[:, :5, :3], sde_std[:, :5, :3])
+    assert torch.allclose(mean[:, 5:], x[:, 5:] - d * v[:, 5:]) and torch.allclose(mean[:, :, 3:], x[:, :, 3:] - d * v[:, :, 3:])
+    assert (std[:, 5:] == 0).all() and (std[:, :, 3:] == 0).all() and (std[:, :5, :3] > 0).all()
+    ode_mean, ode_std = fs.make_step_fn({1}, sigmas, mask)(0, x, v, None, t, d)  # not the stochastic step
+    assert torch.allclose(ode_mean, x - d * v) and (ode_std == 0).all()

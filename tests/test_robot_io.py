@@ -438,3 +438,41 @@ def test_serve_cli_bad_robot_is_a_clear_error():
     out = subprocess.run([sys.executable, "-m", "robot_io.serve", "--robot", "dummy,speed=3", "--learner",
                           "tcp://127.0.0.1:1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "bad robot option" in out.stderr
+
+
+@pytest.mark.parametrize("task", ["PickCube", "PegInsertionSide"])
+def test_sim_robots_with_images_behind_the_same_interface(task):
+    env = make_robot_env(f"sim:{task},obs_mode=rgb,image_size=32")
+    obs, info = env.reset(seed=0)
+    assert obs["images"]["main"].shape == (32, 32, 3) and obs["images"]["main"].dtype == np.uint8
+    assert env.observation_space.contains(obs) and info["task_description"]
+    obs, reward, terminated, truncated, info = env.step(env.action_space.sample())
+    assert obs["state"].dtype == np.float32 and np.isfinite(obs["state"]).all()
+    assert env.spec()["observation"]["dict"]["images"]["dict"]["main"]["box"] == [32, 32, 3]
+    env.close()
+
+
+def test_latest_frame_camera_keeps_only_the_newest_frame():
+    from robot_io.cameras import LatestFrameCamera
+
+    class Counter(LatestFrameCamera):
+        def __init__(self):
+            super().__init__("fake", image_size=16)
+            self.n = 0
+
+        def grab(self):
+            time.sleep(0.002)
+            self.n += 1
+            return np.full((48, 64, 3), self.n % 256, np.uint8)
+
+    cam = Counter().start()
+    try:
+        first = cam.read(timeout=2.0)
+        time.sleep(0.05)
+        later = cam.read(timeout=2.0)
+        assert first.shape == (16, 16, 3) and later[0, 0, 0] > first[0, 0, 0]  # newest, center-cropped and resized
+        assert cam.frames >= 10
+    finally:
+        cam.close()
+    with pytest.raises(TimeoutError):
+        LatestFrameCamera("silent").read(timeout=0.1)  # never started: no frame, a clear timeout

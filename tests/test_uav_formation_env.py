@@ -1,0 +1,131 @@
+"""common.uav_formation_env: hover, formation cost invariances, the 9-distance summary, ball aiming, masks,
+termination flags, presets and throughput (spec §3.7)."""
+
+import math
+import time
+
+import pytest
+import torch
+
+from common.uav_formation_env import (FormationConfig, FormationEnv, formation_cost, formation_offsets, laplacian,
+                                      sdf9)
+
+
+def test_hover_is_stable():
+    env = FormationEnv(FormationConfig.preset("free", num_envs=4))
+    env.reset()
+    start = env.p.clone()
+    for _ in range(50):  # 1 s
+        _, _, terminated, _, _ = env.step(env.hover_action())
+    assert (env.p - start).norm(dim=-1).max() < 0.01 and not terminated.any()
+
+
+def test_formation_cost_invariances():
+    target = formation_offsets(3, 1.0)
+    assert formation_cost(target, target) < 1e-6
+    rot = torch.tensor([[math.cos(0.7), -math.sin(0.7), 0.0], [math.sin(0.7), math.cos(0.7), 0.0], [0, 0, 1.0]])
+    moved = (target @ rot.T) * 2.5 + torch.tensor([3.0, -1.0, 0.4])
+    assert formation_cost(moved, target) < 1e-5  # translation, rotation and scale
+    bent = target.clone()
+    bent[0, 0] = 0.2
+    assert formation_cost(bent, target) > 0.05
+    assert laplacian(target, normalized=False).sum(-1).abs().max() < 1e-6  # rows of a Laplacian sum to 0
+
+
+def test_sdf9_equals_brute_force():
+    g = torch.Generator().manual_seed(0)
+    p = torch.rand(2, 3, 2, generator=g) * 4
+    cols = torch.rand(2, 5, 2, generator=g) * 4
+    active = torch.tensor([[True, True, False, True, True], [True, False, False, False, True]])
+    got = sdf9(p, cols, active, far=10.0)
+    for e in range(2):
+        for i in range(3):
+            k = 0
+            for dx in (-0.1, 0.0, 0.1):
+                for dy in (-0.1, 0.0, 0.1):
+                    pt = p[e, i] + torch.tensor([dx, dy])
+                    want = min(float((pt - cols[e, s]).norm()) for s in range(5) if active[e, s])
+                    assert abs(float(got[e, i, k]) - want) < 1e-5
+                    k += 1
+
+
+def test_a_thrown_ball_passes_near_its_aim_point():
+    env = FormationEnv(FormationConfig.preset("dynamic", num_envs=64, dynamics="pointmass", throw_threshold=10_000))
+    env.reset()
+    fly = torch.zeros(64, 3, 4)
+    fly[..., 1] = math.atanh(2 / 3)  # 2 m/s along y in point-mass mode
+    for _ in range(60):  # reach the cruise speed
+        env.step(fly)
+    aim = env.launch_ball(torch.arange(64), 0)
+    best = torch.full((64,), 1e9)
+    for _ in range(100):
+        env.step(fly)
+        best = torch.minimum(best, (env.ball_p[:, 0] - aim).norm(dim=-1))
+    assert (best < 0.3).float().mean() > 0.95, best.max()
+
+
+def test_masks_hide_unlaunched_and_landed_balls_and_far_columns():
+    env = FormationEnv(FormationConfig.preset("mixed", num_envs=8, static_mode="tokens", obs_range=3.0))
+    obs = env.reset()
+    assert obs["ball_mask"].all() and (obs["balls"] == 0).all()  # nothing thrown yet
+    env.launch_ball(torch.arange(8), 1)
+    obs, *_ = env.step(env.hover_action())
+    assert not obs["ball_mask"][:, :, 1].all() and obs["ball_mask"][:, :, 0].all()
+    env.ball_p[:, 1, 2], env.ball_v[:, 1] = 0.1, 0.0  # landed
+    obs, *_ = env.step(env.hover_action())
+    assert obs["ball_mask"].all()
+    far = obs["static"][..., 0] > 3.0
+    assert not far.any()  # masked tokens are zeroed; visible ones are within range
+    assert obs["static_mask"].shape == (8, 3, 10) and obs["static"].shape == (8, 3, 10, 10)
+
+
+def test_termination_flags_fire_on_scripted_collisions():
+    env = FormationEnv(FormationConfig.preset("mixed", num_envs=4, dynamics="pointmass"))
+    env.reset()
+    env.p[0, 0, 2] = 0.1  # crash
+    env.p[1, 1] = env.p[1, 0] + torch.tensor([0.05, 0.0, 0.0])  # too close
+    env.columns[2, 0] = env.p[2, 0, :2]  # a column through drone 0
+    env.ball_active[3, 0], env.ball_p[3, 0], env.ball_v[3, 0] = True, env.p[3, 2], torch.zeros(3)
+    _, reward, terminated, truncated, info = env.step(torch.zeros(4, 3, 4))
+    assert terminated.tolist() == [True, True, True, True] and not truncated.any()
+    assert info["crash"].tolist() == [True, False, False, False]
+    assert info["too_close"][1] and info["hit_column"][2] and info["hit_ball"][3]
+    assert (info["episode"]["collision_free"] == 0).all() and (reward[..., 1] < -10).any()
+    assert (env.t == 0).all()  # auto-reset
+
+
+def test_truncation_metrics_and_reward_shape():
+    env = FormationEnv(FormationConfig.preset("free", num_envs=6, dynamics="pointmass", max_steps=20))
+    obs = env.reset()
+    fly = torch.zeros(6, 3, 4)
+    fly[..., 1] = math.atanh(2 / 3)
+    for t in range(20):
+        obs, reward, terminated, truncated, info = env.step(fly)
+    assert truncated.all() and not terminated.any() and reward.shape == (6, 3, 4)
+    ep = info["episode"]
+    assert ep["collision_free"].all() and (ep["formation_error"] < 0.05).all() and ep["returns"].shape == (6, 4)
+    assert not ep["arrival"].any()  # 20 steps are far from the goal
+    assert obs["self"].shape[:2] == (6, 3) and obs["others"].shape == (6, 3, 2, 7) and obs["state"].shape[0] == 6
+
+
+@pytest.mark.parametrize("preset", ["free", "static", "dynamic", "mixed"])
+def test_presets_run(preset):
+    env = FormationEnv(FormationConfig.preset(preset, num_envs=16))
+    obs = env.reset()
+    for _ in range(5):
+        obs, reward, *_ = env.step(torch.randn(16, 3, 4) * 0.1 + env.hover_action())
+    assert torch.isfinite(reward).all() and all(torch.isfinite(v.float()).all() for v in obs.values())
+
+
+def test_throughput_smoke():
+    torch.set_num_threads(1)
+    env = FormationEnv(FormationConfig.preset("mixed", num_envs=512))
+    env.reset()
+    a = env.hover_action()
+    for _ in range(5):
+        env.step(a)
+    start, steps = time.perf_counter(), 40
+    for _ in range(steps):
+        env.step(a)
+    rate = 512 * steps / (time.perf_counter() - start)
+    assert rate > 20_000, rate
