@@ -129,3 +129,16 @@ def test_throughput_smoke():
         env.step(a)
     rate = 512 * steps / (time.perf_counter() - start)
     assert rate > 20_000, rate
+
+
+def test_apf_baseline_flies_the_free_scenario_in_formation():
+    from common.uav_apf import APFController
+
+    env = FormationEnv(FormationConfig.preset("free", num_envs=8))
+    env.reset()
+    ctrl = APFController(env)
+    for _ in range(900):
+        _, _, terminated, truncated, info = env.step(ctrl.act())
+        assert not terminated.any()
+    ep = info["episode"]
+    assert ep["collision_free"].all() and ep["arrival"].all() and (ep["formation_error"] < 0.05).all()
