@@ -48,7 +48,7 @@ from common.replay_buffer import ReplayBuffer, sample_mixed  # noqa: E402
 from common.transport import (DataReceiver, DataSender, HandshakeError, RpcClient, RpcServer,  # noqa: E402
                               TransportError, TransportTimeout, spec_diff)
 from common.weight_sync import WeightPublisher, WeightSubscriber  # noqa: E402
-from robot_io.env import RobotEnv, flatten_obs, make_robot_env, spaces_from_spec  # noqa: E402
+from robot_io.env import RobotEnv, flatten_obs, make_robot_env  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

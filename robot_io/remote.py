@@ -66,6 +66,7 @@ class RobotServer:
                                 ROUTING_ID=self.name.encode())
         self.beacon = _beacon_socket(beacon) if beacon else None
         self.connected, self.moving, self.last_heard = False, False, time.monotonic()
+        self._next_announce = 0.0
         self.stats = {"requests": 0, "bad_frames": 0, "holds": 0, "outages": 0, "announces": 0}
         self._stop = threading.Event()
 
@@ -120,7 +121,7 @@ class RobotServer:
 
     def serve_once(self, timeout: float = 0.05) -> None:
         now = time.monotonic()
-        if now >= getattr(self, "_next_announce", 0.0):
+        if now >= self._next_announce:
             self._announce()
             self._next_announce = now + self.heartbeat
         silent = now - self.last_heard
