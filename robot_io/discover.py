@@ -71,6 +71,11 @@ def main(argv: list[str] | None = None) -> None:
         table.add_column(col)
     for r in info["network_robots"]:
         details = ", ".join(f"{k}={v}" for k, v in r.items() if k in ("learner", "control_hz", "connected", "spec_hash"))
+        spec = r.get("spec") or {}
+        if spec.get("action"):
+            obs = spec.get("observation", {}).get("dict", {})
+            cams = ",".join(obs.get("images", {}).get("dict", {})) or "none"
+            details += f", action {spec['action']['box']}, state {obs.get('state', {}).get('box')}, cameras {cams}"
         table.add_row(str(r.get("name")), str(r.get("type")), str(r.get("host", r.get("address", ""))),
                       str(r.get("via")), details)
     if not info["network_robots"]:

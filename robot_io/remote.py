@@ -88,7 +88,7 @@ class RobotServer:
             sock, addr = self.beacon
             payload = {"magic": BEACON_MAGIC, "name": self.name, "type": self.spec.get("type"), "learner": self.learner,
                        "host": socket.gethostname(), "pid": os.getpid(), "spec_hash": spec_hash(self.spec),
-                       "connected": self.connected, "control_hz": self.spec.get("control_hz")}
+                       "connected": self.connected, "control_hz": self.spec.get("control_hz"), "spec": self.spec}
             try:
                 sock.sendto(msgpack.packb(payload), addr)
             except OSError as exc:

@@ -415,6 +415,7 @@ def test_discover_lists_beaconing_servers_and_local_robots():
         hub.wait_for("dummy0", 60)
         beacons = listen_beacons(1.5, udp)
         assert [b["name"] for b in beacons] == ["dummy0"] and beacons[0]["learner"] == f"tcp://127.0.0.1:{port}"
+        assert beacons[0]["spec"]["action"]["box"] == [7]  # the spec travels with the announcement
         out = subprocess.run([sys.executable, "-m", "robot_io.discover", "--robot", "dummy", "--wait", "1.5",
                               "--port", str(udp), "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
