@@ -100,6 +100,9 @@ class Args:
     """demos for sft:auto (0: 10 on ManiSkill PushCube, 20 on LIBERO)"""
     train_expert_only: bool = True
     """freeze SigLIP and the Gemma VLM (πRL's default)"""
+    train_head_only: bool = False
+    """train only the action output projection (and the critic): on CPU with the tiny model, training the whole
+    expert drifts the policy away within 20-40 iterations; the head alone holds (see the README)"""
 
     # Flow-Noise
     num_denoise_steps: int = 4
@@ -286,6 +289,12 @@ def value_loss(new_value, old_value, returns, clip: float, delta: float):
                      F.huber_loss(clipped, returns, delta=delta, reduction="none")).mean()
 
 
+def freeze_all_but_head(model) -> None:
+    """Only `action_out_proj` (expert hidden -> velocity) keeps gradients."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith("action_out_proj."))
+
+
 def make_env(args: Args, num_envs: int, eval_mode: bool = False, num_episodes: int | None = None,
              auto_reset: bool = True):
     return make_task_env(args.env, args.task, num_envs, obs_mode=args.obs_mode, control_mode=args.control_mode,
@@ -381,6 +390,8 @@ if __name__ == "__main__":
     processor = Pi0Processor(cfg, make_tokenizer(args.tokenizer), norm_stats, env_action_dim, camera_keys)
     if args.train_expert_only:
         model.freeze_vlm()
+    if args.train_head_only:
+        freeze_all_but_head(model)
     critic_on = ("vlm" if cfg.is_pi05 else "expert") if args.critic == "auto" else args.critic
     critic_width = {"vlm": cfg.vlm_width, "obs": cfg.vlm_width + cfg.action_dim}.get(critic_on, cfg.expert_width)
     value_head = ValueHead(critic_width, (512, 256, 128) if critic_on == "expert" else (1024, 512, 256)).to(device)
@@ -400,6 +411,8 @@ if __name__ == "__main__":
         model, norm_stats, meta = load_pi0(ckpt_dir, device)
         if args.train_expert_only:
             model.freeze_vlm()
+        if args.train_head_only:
+            freeze_all_but_head(model)
         actor_params = [p for p in model.parameters() if p.requires_grad] + list(noise_head.parameters())
         optimizer.param_groups[0]["params"] = actor_params
         state = torch.load(io.BytesIO((ckpt_dir / "trainer.pt").read_bytes()), weights_only=True)
