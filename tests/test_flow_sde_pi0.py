@@ -168,3 +168,10 @@ def test_noise_only_on_the_executed_entries():
     assert (std[:, 5:] == 0).all() and (std[:, :, 3:] == 0).all() and (std[:, :5, :3] > 0).all()
     ode_mean, ode_std = fs.make_step_fn({1}, sigmas, mask)(0, x, v, None, t, d)  # not the stochastic step
     assert torch.allclose(ode_mean, x - d * v) and (ode_std == 0).all()
+
+
+def test_train_head_only_leaves_only_the_action_output_projection():
+    model = Pi0Model(Pi0Config.tiny())
+    fs.freeze_all_but_head(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"action_out_proj.weight", "action_out_proj.bias"}
