@@ -105,9 +105,10 @@ class Args:
     """demos for sft:auto (0: 10 on ManiSkill PushCube, 20 on LIBERO)"""
     train_expert_only: bool = True
     """freeze SigLIP and the Gemma VLM (πRL's default)"""
-    train_head_only: bool = False
+    train_head_only: bool = True
     """train only the action output projection (and the critic): on CPU with the tiny model, training the whole
-    expert drifts the policy away within 20-40 iterations; the head alone holds (see the README)"""
+    expert drifts the policy away within 20-40 iterations; the head alone holds (see the README). --preset paper
+    trains the whole expert, as πRL"""
 
     # Flow-SDE
     num_denoise_steps: int = 4
@@ -186,12 +187,12 @@ class Args:
 
 
 PAPER = {  # RLinf's πRL yaml values (pirl.md §3.5), π0 on LIBERO (flow_sde) and ManiSkill
-    "libero": dict(critic="auto", noise_on="all", num_envs=64, num_denoise_steps=4, noise_level=0.5, action_chunk=5,
-                   update_epochs=4, learning_rate=5e-6, value_lr=1e-4, minibatch_size=2048, logprob_type="chunk", image_size=224,
-                   bootstrap="none", num_steps=48),
-    "maniskill": dict(critic="auto", noise_on="all", num_envs=320, num_denoise_steps=4, action_chunk=5,
-                      update_epochs=4, learning_rate=7.91e-6, value_lr=1.55e-4, minibatch_size=5120, logprob_type="token",
-                      bootstrap="always", max_episode_steps=80, num_steps=16, image_size=224),
+    "libero": dict(critic='auto', noise_on='all', train_head_only=False, num_envs=64, num_denoise_steps=4,
+                   noise_level=0.5, action_chunk=5, update_epochs=4, learning_rate=5e-06, value_lr=0.0001,
+                   minibatch_size=2048, logprob_type='chunk', image_size=224, bootstrap='none', num_steps=48),
+    "maniskill": dict(critic='auto', noise_on='all', train_head_only=False, num_envs=320, num_denoise_steps=4,
+                      action_chunk=5, update_epochs=4, learning_rate=7.91e-06, value_lr=0.000155, minibatch_size=5120,
+                      logprob_type='token', bootstrap='always', max_episode_steps=80, num_steps=16, image_size=224),
 }
 
 
