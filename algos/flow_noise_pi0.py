@@ -490,7 +490,7 @@ if __name__ == "__main__":
                  extra_files={"trainer.pt": buf.getvalue()})
 
     # TRY NOT TO MODIFY: start the game
-    print(f"{args.env} {args.task}: π0 {cfg.variant} ({sum(p.numel() for p in actor_params) / 1e6:.2f}M trained), "
+    print(f"{args.env} {args.task}: π0 {cfg.variant} ({sum(p.numel() for p in actor_params):,} parameters trained), "
           f"Flow-Noise K={K} std in [{args.noise_std_min}, {args.noise_std_max}], critic on {critic_on}, "
           f"{args.num_envs} envs, device {device}")
     start_time = time.time()

@@ -510,7 +510,7 @@ if __name__ == "__main__":
                  extra_files={"trainer.pt": buf.getvalue()})
 
     # TRY NOT TO MODIFY: start the game
-    print(f"{args.env} {args.task}: π0 {cfg.variant} ({sum(p.numel() for p in actor_params) / 1e6:.2f}M trained), "
+    print(f"{args.env} {args.task}: π0 {cfg.variant} ({sum(p.numel() for p in actor_params):,} parameters trained), "
           f"Flow-SDE K={K} a={args.noise_level}{' joint' if args.joint else ''}, critic on {critic_on}, "
           f"{args.num_envs} envs, device {device}")
     start_time = time.time()
