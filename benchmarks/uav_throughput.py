@@ -44,22 +44,6 @@ class Args:
     """where the result files go"""
 
 
-def physics_only(env: FormationEnv, actions: torch.Tensor) -> None:
-    """The dynamics part of FormationEnv.step, nothing else (the raw-simulator limit)."""
-    from common.uav_formation_env import _skew_exp
-
-    cfg, dt = env.cfg, env.cfg.dt
-    u = torch.tanh(actions)
-    w_cmd, T_cmd = u[..., :3] * np.pi, ((u[..., 3] + 1) / 2).clamp(0, 0.9)
-    env.w = env.w + (w_cmd - env.w) * (dt / cfg.tau_rate)
-    env.T = env.T + (T_cmd - env.T) * (dt / cfg.tau_thrust)
-    env.R = env.R @ _skew_exp(env.w * dt)
-    acc = env.R[..., 2] * (env.T * env.thrust_gain)[..., None] - cfg.drag * env.v
-    acc[..., 2] -= 9.81
-    env.v = env.v + acc * dt
-    env.p = env.p + env.v * dt
-
-
 def rate(fn, n_envs: int, steps: int, repeats: int) -> float:
     out = []
     for _ in range(repeats):
@@ -82,7 +66,8 @@ def main(args: Args) -> None:
         full = rate(lambda: env.step(a), E, args.steps, args.repeats)
         raw_env = FormationEnv(FormationConfig.preset("mixed", num_envs=E))
         raw_env.reset()
-        raw = rate(lambda: physics_only(raw_env, a), E, args.steps, args.repeats)
+        ua = torch.tanh(a)
+        raw = rate(lambda: raw_env.integrate_drones(ua), E, args.steps, args.repeats)
         rows.append({"what": "env alone, 1 core", "envs": E, "env-steps/s": full, "agent-steps/s": full * env.N,
                      "physics only env-steps/s": raw, "env / physics only": full / raw})
         print(rows[-1], flush=True)

@@ -231,10 +231,9 @@ class FormationEnv:
         return aim
 
     # ---------------------------------------------------------------------------------------------- step
-    def step(self, actions: torch.Tensor):
+    def integrate_drones(self, u: torch.Tensor) -> None:
+        """The drones' dynamics for one dt from squashed actions u = tanh(a) [E, N, 4] (no balls, no events)."""
         cfg, dt = self.cfg, self.cfg.dt
-        actions = actions.to(self.device, torch.float32)
-        u = torch.tanh(actions)
         self.T_prev = self.T
         if cfg.dynamics == "ctbr":
             w_cmd, T_cmd = u[..., :3] * math.pi, ((u[..., 3] + 1) / 2).clamp(0, 0.9)
@@ -250,6 +249,12 @@ class FormationEnv:
             acc = (u[..., :3] * 3.0 - self.v) / 0.1
         self.v = self.v + acc * dt
         self.p = self.p + self.v * dt
+
+    def step(self, actions: torch.Tensor):
+        cfg, dt = self.cfg, self.cfg.dt
+        actions = actions.to(self.device, torch.float32)
+        u = torch.tanh(actions)
+        self.integrate_drones(u)
         if cfg.num_balls:  # launches, ballistic flight, landing
             for b in range(cfg.num_balls):
                 due = torch.nonzero((self.t == self.ball_launch[:, b]) & ~self.ball_active[:, b]).flatten()

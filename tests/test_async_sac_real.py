@@ -5,7 +5,6 @@ the handshake refusing a different robot, a run directory never overwritten."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,28 +15,12 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from tests.helpers.ports import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "algos" / "async_sac_real.py")
 SMALL = ["--hidden", "32", "--num-q", "4", "--batch-size", "32", "--learning-starts", "60", "--sync-every", "5",
          "--checkpoint-every", "10", "--segment-steps", "10", "--max-episode-steps", "30"]
-
-
-def free_port() -> int:
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port < 60000:
-            ok = True
-            for p in (port + 1, port + 2):
-                with socket.socket() as s:
-                    try:
-                        s.bind(("127.0.0.1", p))
-                    except OSError:
-                        ok = False
-            if ok:
-                return port
-    raise RuntimeError("no free port triple")
 
 
 def run(args, timeout=240):
@@ -71,7 +54,7 @@ def test_help():
 
 
 def test_two_dummy_robots_async(tmp_path):
-    port = free_port()
+    port = free_port(3)
     run(["--robot", "dummy,cameras=main,image_size=16,control_hz=50", "--num-robots", "2", "--run-dir",
          str(tmp_path), "--total-env-steps", "500", "--port", str(port), *SMALL])
     (run_dir,) = run_dirs(tmp_path)
@@ -91,7 +74,7 @@ def test_two_dummy_robots_async(tmp_path):
 
 
 def test_sim_robot_expert_segments_go_to_the_demo_buffer(tmp_path):
-    port = free_port()
+    port = free_port(3)
     run(["--robot", "sim:PickCube", "--run-dir", str(tmp_path), "--total-env-steps", "150", "--port", str(port),
          "--expert-episodes", "2", *SMALL])
     (run_dir,) = run_dirs(tmp_path)
@@ -104,7 +87,7 @@ def test_sim_robot_expert_segments_go_to_the_demo_buffer(tmp_path):
 
 def test_sync_mode(tmp_path):
     run(["--mode", "sync", "--robot", "dummy,cameras=,control_hz=0", "--run-dir", str(tmp_path),
-         "--total-env-steps", "150", "--sync-steps", "50", "--port", str(free_port()), *SMALL])
+         "--total-env-steps", "150", "--sync-steps", "50", "--port", str(free_port(3)), *SMALL])
     (run_dir,) = run_dirs(tmp_path)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["transitions"] >= 150 and summary["updates"] >= 50
@@ -112,7 +95,7 @@ def test_sync_mode(tmp_path):
 
 @pytest.mark.parametrize("checkpointed", [True, False])
 def test_kill_9_learner_then_resume_loses_nothing(tmp_path, checkpointed):
-    port = free_port()
+    port = free_port(3)
     robot = "dummy,cameras=,control_hz=100"
     never = [] if checkpointed else ["--checkpoint-every", "1000000", "--checkpoint-seconds", "1000000"]
     common = ["--run-dir", str(tmp_path), "--port", str(port), "--robot", robot, *SMALL, *never]
@@ -163,7 +146,7 @@ def test_kill_9_learner_then_resume_loses_nothing(tmp_path, checkpointed):
 
 
 def test_refusals(tmp_path):
-    port = free_port()
+    port = free_port(3)
     common = ["--run-dir", str(tmp_path), "--port", str(port), *SMALL]
     learner = subprocess.Popen([sys.executable, SCRIPT, "--role", "learner", "--robot", "dummy,cameras=,control_hz=50",
                                 "--total-env-steps", "100000", *common], cwd=ROOT, stdout=subprocess.DEVNULL,

@@ -3,7 +3,6 @@ against a fake franky, a sim robot under a scripted controller, and robot server
 and reconnect, hold on learner silence, spec refusal, bad frames, discovery)."""
 
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -22,14 +21,9 @@ from robot_io.env import RobotBackend, RobotEnv, SafetyBox, make_robot_env
 from robot_io.franka import FrankaConfig
 from robot_io.remote import RemoteRobotEnv, RobotHub, RobotServer, RobotUnavailable, listen_beacons
 from robot_io.teleop import KeyboardIntervention
+from tests.helpers.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------------------------ registry
