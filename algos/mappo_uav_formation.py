@@ -143,6 +143,12 @@ def ffn(dim: int) -> nn.Sequential:
     return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """One-head scaled dot-product attention; `bias` is 0 or -inf (masked key), [B, 1, Tk]. Written out because the
+    tokens are few (6 with sdf9): torch's fused CPU kernel costs more than these three small batched matmuls."""
+    return torch.softmax(q @ k.transpose(1, 2) * q.shape[-1] ** -0.5 + bias, -1) @ v
+
+
 class AttentionEncoder(nn.Module):
     """The paper's PartialAttentionEncoder: per-type Linear -> 32, masked self-attention over all tokens (pre-LN, one
     head, FFN), cross-attention from the self token over the others, [self, attended] -> FFN -> 64."""
@@ -150,28 +156,27 @@ class AttentionEncoder(nn.Module):
     def __init__(self, dims: dict, d: int = 32):
         super().__init__()
         self.embed = nn.ModuleDict({k: nn.Linear(n, d) for k, n in dims.items()})
-        self.norm1, self.self_attn = nn.LayerNorm(d), nn.MultiheadAttention(d, 1, batch_first=True)
+        self.norm1, self.qkv1, self.proj1 = nn.LayerNorm(d), nn.Linear(d, 3 * d), nn.Linear(d, d)
         self.ffn1 = ffn(d)
-        self.norm2, self.cross_attn = nn.LayerNorm(d), nn.MultiheadAttention(d, 1, batch_first=True)
+        self.norm2, self.q2, self.kv2 = nn.LayerNorm(d), nn.Linear(d, d), nn.Linear(d, 2 * d)
+        self.proj2 = nn.Linear(d, d)
         self.out = ffn(2 * d)
         self.out_dim = 2 * d
 
     def forward(self, obs: dict) -> torch.Tensor:  # obs tensors [B, ...] -> [B, 64]
-        B = obs["self"].shape[0]
-        toks = [self.embed["self"](obs["self"])[:, None], self.embed["others"](obs["others"]),
-                self.embed["balls"](obs["balls"]), self.embed["static"](obs["static"])]
-        masks = [torch.zeros(B, 1, dtype=torch.bool, device=obs["self"].device),
-                 torch.zeros(obs["others"].shape[:2], dtype=torch.bool, device=obs["self"].device),
-                 obs["ball_mask"], obs["static_mask"]]
-        x, mask = torch.cat(toks, 1), torch.cat(masks, 1)
+        B, others = obs["self"].shape[0], obs["others"].shape[1]
+        x = torch.cat([self.embed["self"](obs["self"])[:, None], self.embed["others"](obs["others"]),
+                       self.embed["balls"](obs["balls"]), self.embed["static"](obs["static"])], 1)
+        # the self and other-drone tokens are always visible, so no row is fully masked
+        mask = torch.cat([obs["ball_mask"].new_zeros(B, 1 + others), obs["ball_mask"], obs["static_mask"]], 1)
         x = x.masked_fill(mask[..., None], 0.0)
-        h = self.norm1(x)
-        x = x + self.self_attn(h, h, h, key_padding_mask=mask, need_weights=False)[0]
+        bias = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill(mask, float("-inf"))[:, None]
+        q, k, v = self.qkv1(self.norm1(x)).chunk(3, -1)
+        x = x + self.proj1(attend(q, k, v, bias))
         x = x + self.ffn1(x)
-        q, kv, kv_mask = x[:, :1], x[:, 1:], mask[:, 1:]
-        h = self.norm2(kv)
-        att = self.cross_attn(self.norm2(q), h, h, key_padding_mask=kv_mask, need_weights=False)[0]
-        att = torch.nan_to_num(att)  # an all-masked row (impossible here: other drones are always visible)
+        q, kv = x[:, :1], self.norm2(x[:, 1:])
+        k, v = self.kv2(kv).chunk(2, -1)
+        att = self.proj2(attend(self.q2(self.norm2(q)), k, v, bias[..., 1:]))
         y = torch.cat([q, q + att], -1)[:, 0]
         return y + self.out(y)
 
@@ -291,19 +296,27 @@ def pad_like(obs: dict, ref: dict) -> dict:
     return out
 
 
+def policy_actions(agent):
+    """The deterministic policy as `evaluate`'s `act(env, obs)`: the Gaussian's mean."""
+    return lambda env, obs: agent.dist(flat_obs(obs)).mean.view(env.E, env.N, 4)
+
+
 @torch.no_grad()
-def evaluate(agent, args: Args, preset: str, weights, ref_obs, device, seed: int, plot_path: Path | None = None):
-    """One batched round of `eval_envs` deterministic episodes on `preset`: collision-free rate, formation error,
-    arrival, success, the four discounted objective returns."""
+def evaluate(act, args: Args, preset: str, weights, ref_obs, device, seed: int, plot_path: Path | None = None):
+    """One batched round of `eval_envs` episodes on `preset` with `act(env, obs) -> actions [E, N, 4]` (the policy,
+    or a controller such as the APF baseline): collision-free rate, formation error, arrival, success, the four
+    discounted objective returns."""
     env = make_env(args, preset, args.eval_envs, seed, device)
     obs = pad_like(env.reset(), ref_obs)
     done = torch.zeros(env.E, dtype=torch.bool, device=device)
     stats: dict[str, torch.Tensor] = {}
     track = []
     for _ in range(args.max_steps):
-        action = agent.dist(flat_obs(obs)).mean.view(env.E, env.N, 4)
+        action = act(env, obs)
         if plot_path is not None:
-            track.append(env.p[:args.plot_episodes].cpu().clone())
+            # an episode that has ended is not drawn further (the env auto-resets it)
+            shown = args.plot_episodes
+            track.append(env.p[:shown].masked_fill(done[:shown, None, None], float("nan")).cpu())
         obs, _, _, _, info = env.step(action)
         obs = pad_like(obs, ref_obs)
         if "episode" in info:
@@ -554,7 +567,7 @@ def main(args: Args) -> None:
             train(args, agent, optimizer, vnorm, w, args.search_scenario, args.search_frames, ref_obs, device,
                   writer, f"search{k}", state)
             row = {"candidate": k, **{f"w_{o}": float(x) for o, x in zip(OBJECTIVES, w)},
-                   **evaluate(agent, args, args.search_scenario, w, ref_obs, device, seed=10_000 + k)}
+                   **evaluate(policy_actions(agent), args, args.search_scenario, w, ref_obs, device, seed=10_000 + k)}
             state["search_rows"].append(row)
             state["candidate"] += 1
             print(f"stage 1 candidate {k}: w={np.round(w, 3).tolist()} collision-free {row['collision_free']:.2f}",
@@ -591,7 +604,7 @@ def main(args: Args) -> None:
     # ---------------------------------------------------------------- evaluation
     results = {}
     for preset in args.eval_presets.split(","):
-        res = evaluate(agent, args, preset, state["weights"], ref_obs, device, seed=20_000,
+        res = evaluate(policy_actions(agent), args, preset, state["weights"], ref_obs, device, seed=20_000,
                        plot_path=run_dir / f"eval_{preset}.png")
         results[preset] = res
         for key, value in res.items():

@@ -30,6 +30,17 @@ def machine_info() -> dict:
     }
 
 
+def load_algo(name: str):
+    """Import `algos/<name>.py` as a module (scripts are not a package: CleanRL style)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "algos" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def pyplot():
     """matplotlib's pyplot on the file-only Agg backend (benchmarks run headless)."""
     import matplotlib

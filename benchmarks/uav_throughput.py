@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import tyro
 
-from benchmarks.report import RESULTS_DIR, pyplot, write_results
+from benchmarks.report import RESULTS_DIR, load_algo, pyplot, write_results
 from common.uav_formation_env import FormationConfig, FormationEnv
 
 
@@ -40,55 +40,59 @@ class Args:
     """envs of the end-to-end measurement"""
     train_iterations: int = 3
     """PPO iterations timed end to end (after one warm-up iteration)"""
+    device: str = "cpu"
+    """cpu, or cuda (results go to uav_throughput_cuda; the env and the networks on the GPU)"""
     out_dir: str = str(RESULTS_DIR)
     """where the result files go"""
 
 
 def rate(fn, n_envs: int, steps: int, repeats: int) -> float:
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     out = []
     for _ in range(repeats):
         for _ in range(5):
             fn()
+        sync()
         start = time.perf_counter()
         for _ in range(steps):
             fn()
+        sync()
         out.append(n_envs * steps / (time.perf_counter() - start))
     return float(np.median(out))
 
 
 def main(args: Args) -> None:
+    if args.device not in ("cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
+        raise SystemExit(f"--device must be cpu or cuda (with a GPU), got {args.device!r}")
+    cuda = args.device == "cuda"
+    where = "GPU" if cuda else "1 core"
     rows = []
     torch.set_num_threads(1)
     for E in args.envs:
-        env = FormationEnv(FormationConfig.preset("mixed", num_envs=E))
+        env = FormationEnv(FormationConfig.preset("mixed", num_envs=E, device=args.device))
         env.reset()
         a = env.hover_action()
         full = rate(lambda: env.step(a), E, args.steps, args.repeats)
-        raw_env = FormationEnv(FormationConfig.preset("mixed", num_envs=E))
+        raw_env = FormationEnv(FormationConfig.preset("mixed", num_envs=E, device=args.device))
         raw_env.reset()
         ua = torch.tanh(a)
         raw = rate(lambda: raw_env.integrate_drones(ua), E, args.steps, args.repeats)
-        rows.append({"what": "env alone, 1 core", "envs": E, "env-steps/s": full, "agent-steps/s": full * env.N,
+        rows.append({"what": f"env alone, {where}", "envs": E, "env-steps/s": full, "agent-steps/s": full * env.N,
                      "physics only env-steps/s": raw, "env / physics only": full / raw})
         print(rows[-1], flush=True)
 
     # end to end: the script's own rollout + update loop
-    import importlib.util
-
     torch.set_num_threads(2)
-    spec = importlib.util.spec_from_file_location("mappo_uav_formation", ROOT / "algos" / "mappo_uav_formation.py")
-    mu = importlib.util.module_from_spec(spec)
-    sys.modules["mappo_uav_formation"] = mu
-    spec.loader.exec_module(mu)
+    mu = load_algo("mappo_uav_formation")
     from torch.utils.tensorboard import SummaryWriter
     import tempfile
 
     targs = mu.Args(num_envs=args.train_envs, torch_threads=2)
-    device = torch.device("cpu")
+    device = torch.device(args.device)
     ref_obs = mu.make_env(targs, "mixed", 2, 0, device).reset()
-    agent = mu.Agent(targs, mu.flat_obs(ref_obs), ref_obs["state"].shape[-1], targs.num_drones)
+    agent = mu.Agent(targs, mu.flat_obs(ref_obs), ref_obs["state"].shape[-1], targs.num_drones).to(device)
     opt = torch.optim.Adam(agent.parameters(), lr=targs.learning_rate, eps=1e-5)
-    vnorm = mu.ValueNorm(targs.value_norm_beta)
+    vnorm = mu.ValueNorm(targs.value_norm_beta).to(device)
     frames = args.train_envs * targs.num_steps / 1e6
     with tempfile.TemporaryDirectory() as tmp:
         writer = SummaryWriter(tmp)
@@ -99,7 +103,7 @@ def main(args: Args) -> None:
                  device, writer, "timed", state)
         seconds = time.perf_counter() - start
     e2e = args.train_envs * targs.num_steps * args.train_iterations / seconds
-    rows.append({"what": "MAPPO end to end, 2 cores (rollout + PPO update)", "envs": args.train_envs,
+    rows.append({"what": f"MAPPO end to end, {'GPU' if cuda else '2 cores'} (rollout + PPO update)", "envs": args.train_envs,
                  "env-steps/s": e2e, "agent-steps/s": e2e * targs.num_drones})
     print(rows[-1], flush=True)
 
@@ -112,7 +116,7 @@ def main(args: Args) -> None:
     ax.axhline(50_000, ls="--", c="gray", label="target at E=1024")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("envs")
-    ax.set_ylabel("env-steps/s (1 core)")
+    ax.set_ylabel(f"env-steps/s ({where})")
     ax.legend()
     notes = ("Preset mixed (3 drones, 10 columns, 2 balls), CTBR dynamics, sdf9 static token, hover actions; median "
              f"of {args.repeats} runs of {args.steps} steps. 'Physics only' is the dynamics update alone (the raw "
@@ -120,7 +124,8 @@ def main(args: Args) -> None:
              f"(attention encoder, {targs.num_steps}-step rollouts, 4 epochs x 16 minibatches) after one warm-up "
              "iteration. Targets (issue 8): >= 50k env-steps/s at E = 1024 on one core, >= 10k end to end.")
     cols = ["what", "envs", "env-steps/s", "agent-steps/s", "physics only env-steps/s", "env / physics only"]
-    write_results("uav_throughput", "UAV formation env and MAPPO throughput", cols, rows, seeds=[0], notes=notes,
+    write_results("uav_throughput_cuda" if cuda else "uav_throughput",
+                  "UAV formation env and MAPPO throughput" + (" on a GPU" if cuda else ""), cols, rows, seeds=[0], notes=notes,
                   out_dir=args.out_dir, figure=fig)
 
 

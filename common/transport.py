@@ -236,7 +236,8 @@ def pack_frames(frames: list, out: np.ndarray | None = None, pinned: bool = Fals
             torch.from_numpy(buf[off:off + n]).view(f.dtype).view(f.shape).copy_(f, non_blocking=True)
             end = off + n
             continue
-        src = np.frombuffer(_raw(f), np.uint8)
+        # a numpy frame is viewed as bytes directly (writable stays writable: no read-only warning to suppress)
+        src = f.reshape(-1).view(np.uint8) if isinstance(f, np.ndarray) else np.frombuffer(_raw(f), np.uint8)
         if n >= 1 << 16 and _torch_copy(buf[off:off + n], src):
             pass  # large frames: torch's multi-threaded copy
         else:
@@ -250,7 +251,10 @@ def _torch_copy(dst: np.ndarray, src: np.ndarray) -> bool:
         import torch
     except ImportError:
         return False
-    with warnings.catch_warnings():  # src may be a read-only view; it is only read
+    if src.flags.writeable:
+        torch.from_numpy(dst).copy_(torch.from_numpy(src))
+        return True
+    with warnings.catch_warnings():  # src is a read-only view; it is only read
         warnings.simplefilter("ignore", UserWarning)
         torch.from_numpy(dst).copy_(torch.from_numpy(src))
     return True

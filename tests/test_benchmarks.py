@@ -30,3 +30,29 @@ def test_bad_flag_is_a_clear_error():
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks/env_throughput.py"), "--no-such-flag"],
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert res.returncode != 0 and "no-such-flag" in (res.stderr + res.stdout)
+
+
+def test_uav_formation_table_runs_resumes_and_writes_its_results(tmp_path):
+    """Tiny budget (point-mass drones): the learned rows come from real runs of the script, APF from the same
+    evaluation; a second call reads the finished runs back instead of training again."""
+    cmd = [sys.executable, str(ROOT / "benchmarks/uav_formation.py"), "--seeds", "1", "--variants", "ours",
+           "MLP encoder", "--frames", "0.001,0.001,0.001", "--num-envs", "16", "--eval-envs", "8", "--dynamics",
+           "pointmass", "--threads", "1", "--run-dir", str(tmp_path / "runs"), "--out-dir", str(tmp_path / "out")]
+    first = subprocess.run(cmd, check=True, timeout=900, cwd=ROOT, capture_output=True, text=True).stdout
+    assert first.count("mappo_uav_formation.py --weights paper") == 2
+    data = json.loads((tmp_path / "out/uav_formation.json").read_text())
+    assert [(r["preset"], r["method"]) for r in data["rows"]] == [
+        (p, m) for p in ("static", "dynamic", "mixed") for m in ("APF", "ours", "MLP encoder")]
+    for row in data["rows"]:
+        assert 0.0 <= row["collision_free_mean"] <= 1.0 and row["formation_error_mean"] >= 0.0
+        assert (row.get("env_steps_M", 0) > 0) == (row["method"] != "APF")
+    md = (tmp_path / "out/uav_formation.md").read_text()
+    assert "Targets:" in md and "static: ours collision-free" in md and "Seeds: 1" in md
+    assert (tmp_path / "out/uav_formation.png").stat().st_size > 1000
+    again = subprocess.run(cmd, check=True, timeout=600, cwd=ROOT, capture_output=True, text=True).stdout
+    assert "mappo_uav_formation.py --weights paper" not in again  # read back, not retrained
+    other = [a if a != "0.001,0.001,0.001" else "0.002,0.001,0.001" for a in cmd]
+    stale = subprocess.run(other, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert stale.returncode != 0 and "was trained with" in stale.stderr + stale.stdout  # never mixes budgets
+    bad = subprocess.run(cmd[:2] + ["--variants", "transformer"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert bad.returncode != 0 and "unknown variants" in bad.stderr + bad.stdout

@@ -92,10 +92,10 @@ def test_short_training_improves_the_forward_return(tmp_path):
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
     vnorm = mu.ValueNorm(args.value_norm_beta)
     weights = (0.1, 0.1, 0.7, 0.1)
-    before = mu.evaluate(agent, args, "free", weights, ref_obs, device, seed=5)
+    before = mu.evaluate(mu.policy_actions(agent), args, "free", weights, ref_obs, device, seed=5)
     from torch.utils.tensorboard import SummaryWriter
 
     mu.train(args, agent, optimizer, vnorm, weights, "free", 0.1, ref_obs, device, SummaryWriter(str(tmp_path)),
              "free", {"global_step": 0, "iterations": 0})
-    after = mu.evaluate(agent, args, "free", weights, ref_obs, device, seed=5)
+    after = mu.evaluate(mu.policy_actions(agent), args, "free", weights, ref_obs, device, seed=5)
     assert after["return_forward"] > before["return_forward"] + 1.0, (before, after)
