@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from common.envs import make_task_env, run_eval_episodes
 from common.fsutil import atomic_write
-from common.pi0 import Pi0Model, gaussian_log_prob
+from common.pi0 import Pi0Model, PromptPrefixCache, gaussian_log_prob
 from common.pi0_io import Pi0Processor, load_pi0, load_pi0_policy, make_tokenizer, save_pi0
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -424,10 +424,16 @@ if __name__ == "__main__":
         start_iter, global_step, history = meta["extra"]["iteration"], meta["extra"]["global_step"], meta["extra"]["history"]
         print(f"resuming {run_name} at iteration {start_iter}")
 
+    prompt_prefixes = PromptPrefixCache(model)  # state-only tasks: the frozen VLM sees only the prompt
+
     def prefix_and_value(batch, grad: bool):
         """The VLM prefix (cached K/V) and, for the VLM critic, the value from the mean of the valid prefix states."""
-        with torch.set_grad_enabled(grad and not args.train_expert_only):
-            prefix = model.encode_prefix(batch["images"], batch["img_masks"], batch["tokens"], batch["tok_masks"])
+        inputs = (batch["images"], batch["img_masks"], batch["tokens"], batch["tok_masks"])
+        if args.train_expert_only:
+            prefix = prompt_prefixes(*inputs)
+        else:
+            with torch.set_grad_enabled(grad):
+                prefix = model.encode_prefix(*inputs)
         value = None
         if critic_on in ("vlm", "obs"):
             m = prefix.pad_mask.float()[..., None]

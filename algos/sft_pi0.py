@@ -99,6 +99,9 @@ class Args:
     PushCube from 13% to 36% with 20 demos (sft_fewshot benchmark notes)"""
     expert_width: int = 128
     """tiny preset only: action-expert width, its MLP is 2x (0: the preset's 64)"""
+    expert: str = "gemma"
+    """tiny preset only: gemma (π0's action expert) or mlp (a 3-layer MLP velocity net, πRL's CPU-calibration flow
+    policy; --expert-width 256 matches it)"""
     action_dim: int = 0
     """padded action/state width (0: max(32, state dim), as openpi pads to 32)"""
     normalize_state: bool = False
@@ -222,6 +225,8 @@ if __name__ == "__main__":
         raise SystemExit(f"these must be >= 1: {', '.join(bad)}")
     if args.model not in ("tiny", "pi0", "pi05"):
         raise SystemExit(f"--model must be tiny, pi0 or pi05, got {args.model!r}")
+    if args.expert not in ("gemma", "mlp") or (args.expert == "mlp" and args.model != "tiny"):
+        raise SystemExit(f"--expert must be gemma or mlp (mlp with --model tiny only), got {args.expert!r}")
     if args.discrete_state and not args.normalize_state:
         raise SystemExit("--discrete-state bins the state over [-1, 1]: it needs --normalize-state")
     run_name = f"{args.task.replace('/', '_')}__{args.exp_name}__{args.seed}"
@@ -299,6 +304,7 @@ if __name__ == "__main__":
                 overrides.update(depth=args.depth)
             if args.expert_width:
                 overrides.update(expert_width=args.expert_width, expert_mlp=2 * args.expert_width)
+            overrides.update(expert=args.expert)
         model = Pi0Model(preset(**overrides)).to(device)
     cfg = model.cfg
     if not 1 <= args.action_chunk <= cfg.horizon:

@@ -40,6 +40,8 @@ class Pi0Config:
     """Sizes and variant. The defaults are the real π0 (PaliGemma 3B + Gemma-300M expert); see the presets."""
 
     variant: str = "pi0"  # "pi0" (state token, action-time MLP) or "pi05" (adaptive-norm time conditioning)
+    expert: str = "gemma"  # "gemma" (π0's action expert) or "mlp" (an MLP velocity net over [pooled prefix, state,
+    # x_t, time]: the small flow policy of πRL's CPU calibration, to tell the algorithm from the tiny transformer)
     discrete_state_input: bool = False  # π0.5 only: state as 256 bins in the prompt instead of no state at all
     image_size: int = 224
     patch: int = 14
@@ -85,6 +87,10 @@ class Pi0Config:
             raise ValueError(f"Pi0Config: head_dim {self.head_dim} must be even (RoPE rotates pairs)")
         if self.variant not in ("pi0", "pi05"):
             raise ValueError(f"Pi0Config: variant must be 'pi0' or 'pi05', got {self.variant!r}")
+        if self.expert not in ("gemma", "mlp"):
+            raise ValueError(f"Pi0Config: expert must be 'gemma' or 'mlp', got {self.expert!r}")
+        if self.expert == "mlp" and self.variant != "pi0":
+            raise ValueError("Pi0Config: the MLP expert takes the state as an input (variant pi0 only)")
         if self.discrete_state_input and not self.is_pi05:
             raise ValueError("Pi0Config: discrete_state_input is a π0.5 option (π0 has a state token)")
         if self.max_tokens < 2:
@@ -365,6 +371,59 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) ->
     return torch.where(std > 0, logp, torch.zeros_like(logp))
 
 
+class PromptPrefixCache:
+    """Without cameras (state-only tasks) a prefix is a function of the prompt alone: encode each distinct prompt
+    once and hand out views of it. Valid only while the VLM is frozen (πRL's train_expert_only) and gradients through
+    the prefix are not needed; `clear()` after loading other weights. With cameras it just calls `encode_prefix`."""
+
+    def __init__(self, model: "Pi0Model"):
+        self.model, self.rows = model, {}
+
+    def clear(self) -> None:
+        self.rows.clear()
+
+    def __call__(self, images, img_masks, tokens, tok_masks) -> Prefix:
+        if self.model.cfg.num_cameras:
+            with torch.no_grad():
+                return self.model.encode_prefix(images, img_masks, tokens, tok_masks)
+        keys = [bytes(t) + bytes(m) for t, m in zip(tokens.cpu().numpy(), tok_masks.cpu().numpy())]
+        new = list({key: i for i, key in reversed(list(enumerate(keys))) if key not in self.rows}.values())
+        if new:
+            idx = torch.tensor(new, device=tokens.device)
+            with torch.no_grad():
+                p = self.model.encode_prefix(images[idx], img_masks[idx], tokens[idx], tok_masks[idx])
+            for j, i in enumerate(new):
+                self.rows[keys[i]] = Prefix([(k[j:j + 1], v[j:j + 1]) for k, v in p.kv], p.pad_mask[j:j + 1],
+                                            p.hidden[j:j + 1])
+        B = len(keys)
+        if len(set(keys)) == 1:  # the usual case: one task, one prompt -> broadcast views, no copies
+            p = self.rows[keys[0]]
+            return Prefix([(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in p.kv],
+                          p.pad_mask.expand(B, -1), p.hidden.expand(B, -1, -1))
+        ps = [self.rows[key] for key in keys]
+        return Prefix([(torch.cat([q.kv[i][0] for q in ps]), torch.cat([q.kv[i][1] for q in ps]))
+                       for i in range(len(ps[0].kv))], torch.cat([q.pad_mask for q in ps]),
+                      torch.cat([q.hidden for q in ps]))
+
+
+class MLPExpert(nn.Module):
+    """`expert="mlp"`: three SiLU layers over [masked mean of the prefix states, state, flattened x_t, sincos(t)]; the
+    whole chunk in one vector, as the MLP flow policy of πRL's CPU calibration. `norm` keeps the Gemma expert's
+    interface (hidden states -> action_out_proj)."""
+
+    def __init__(self, cfg: Pi0Config):
+        super().__init__()
+        we = cfg.expert_width
+        d_in = cfg.vlm_width + cfg.action_dim * (1 + cfg.horizon) + we
+        self.net = nn.Sequential(nn.Linear(d_in, we), nn.SiLU(), nn.Linear(we, we), nn.SiLU(), nn.Linear(we, we),
+                                 nn.SiLU())
+
+    def forward(self, prefix_hidden, pad_mask, state, x_t, temb):
+        m = pad_mask.float()[..., None]
+        pooled = (prefix_hidden.float() * m).sum(1) / m.sum(1).clamp(min=1)
+        return self.net(torch.cat([pooled, state.float(), x_t.flatten(1).float(), temb], -1))
+
+
 class Pi0Model(nn.Module):
     def __init__(self, cfg: Pi0Config):
         super().__init__()
@@ -373,6 +432,10 @@ class Pi0Model(nn.Module):
         self.vision = SiglipViT(cfg)
         self.projector = Projector(cfg)
         self.vlm = GemmaStack(cfg.vlm_width, cfg.vlm_mlp, cfg, vocab=cfg.vocab)
+        if cfg.expert == "mlp":
+            self.expert = MLPExpert(cfg)
+            self.action_out_proj = nn.Linear(we, cfg.horizon * cfg.action_dim)
+            return
         self.expert = GemmaStack(we, cfg.expert_mlp, cfg, cond_dim=we if cfg.is_pi05 else None)
         self.action_in_proj = nn.Linear(cfg.action_dim, we)
         self.action_out_proj = nn.Linear(we, cfg.action_dim)
@@ -386,7 +449,7 @@ class Pi0Model(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         """dtype of the action/state/time heads (openpi keeps them fp32 under mixed precision)."""
-        return self.action_in_proj.weight.dtype
+        return self.action_out_proj.weight.dtype
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -401,7 +464,7 @@ class Pi0Model(nn.Module):
     def to_mixed_bf16(self) -> "Pi0Model":
         """openpi's precision: SigLIP, projector, VLM and expert in bf16, except the patch/position embeddings and
         every RMSNorm (adaptive ones included) in fp32; the action/state/time heads stay fp32."""
-        for module in (self.vision, self.projector, self.vlm, self.expert):
+        for module in (self.vision, self.projector, self.vlm) + ((self.expert,) if self.cfg.expert == "gemma" else ()):
             module.to(torch.bfloat16)
         for module in [self.vision.embeddings] + [m for m in self.modules() if isinstance(m, RMSNorm)]:
             module.float()
@@ -466,9 +529,8 @@ class Pi0Model(nn.Module):
         bias = attention_bias(make_att_2d_masks(pad, torch.zeros_like(pad)), self.compute_dtype)
         pos = torch.cumsum(pad.long(), dim=1) - 1
         kv = []
-        for i in range(self.cfg.depth):
-            (x, _), layer_kv = joint_layer(self.cfg, [self.vlm.layers[i], self.expert.layers[i]], [x, None],
-                                           [None, None], bias, pos)
+        for i in range(self.cfg.depth):  # the expert's slot is empty here (None): only the VLM runs
+            (x, *_), layer_kv = joint_layer(self.cfg, [self.vlm.layers[i]], [x], [None], bias, pos)
             kv.append(layer_kv)
         return Prefix(kv, pad, self.vlm.norm(x)[0])
 
@@ -482,6 +544,11 @@ class Pi0Model(nn.Module):
         cfg = self.cfg
         self._check_actions(x_t)
         t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device).expand(x_t.shape[0])
+        if cfg.expert == "mlp":
+            temb = sincos_time(t, cfg.expert_width, cfg.min_period, cfg.max_period)
+            h = self.expert(prefix.hidden, prefix.pad_mask, state, x_t, temb)
+            v = self.action_out_proj(h).view(x_t.shape).float()
+            return v, h[:, None].expand(-1, cfg.horizon, -1).float()
         x, pad, ar, cond = self.embed_suffix(state, x_t, t)
         B, S, P = x.shape[0], x.shape[1], prefix.pad_mask.shape[1]
         bias = attention_bias(torch.cat([prefix.pad_mask[:, None, :].expand(B, S, P), make_att_2d_masks(pad, ar)],
@@ -498,6 +565,8 @@ class Pi0Model(nn.Module):
         cfg = self.cfg
         self._check_inputs(images, img_masks, tokens)
         self._check_actions(x_t)
+        if cfg.expert == "mlp":
+            return self.velocity(self.encode_prefix(images, img_masks, tokens, tok_masks), state, x_t, t)[0]
         px, ppad = self.embed_prefix(images, img_masks, tokens, tok_masks)
         sx, spad, sar, cond = self.embed_suffix(state, x_t, t)
         pad = torch.cat([ppad, spad], dim=1)

@@ -308,6 +308,8 @@ def save_openpi(directory: str | Path, model: Pi0Model, norm_stats: NormStats | 
     from safetensors.torch import save
 
     cfg, target = model.cfg, Path(directory)
+    if cfg.expert != "gemma":
+        raise ValueError(f"openpi has no {cfg.expert!r} action expert; save this model with save_pi0")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=target.parent))
     state = to_openpi_names({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tie_lm_head)

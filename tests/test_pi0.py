@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.pi0 import (Pi0Config, Pi0Model, euler_step, gaussian_log_prob, make_att_2d_masks, rope, sincos_time)
+from common.pi0 import (Pi0Config, Pi0Model, PromptPrefixCache, euler_step, gaussian_log_prob, make_att_2d_masks, rope, sincos_time)
 from common.pi0_io import (ByteTokenizer, NormStats, Pi0Processor, SentencePieceTokenizer, check_tokenizer,
                            discretize_state, load_openpi, load_pi0, rename_openpi, save_openpi, save_pi0,
                            to_openpi_names, tokenize_prompt)
@@ -27,7 +27,8 @@ def inputs(cfg: Pi0Config, B: int = 3, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (B, cfg.num_cameras, 48, 64, 3), generator=g, dtype=torch.uint8)
     img_masks = torch.ones(B, cfg.num_cameras, dtype=torch.bool)
-    img_masks[1, -1] = False  # a missing camera
+    if cfg.num_cameras:
+        img_masks[1, -1] = False  # a missing camera
     lengths = torch.tensor([5, 12, cfg.max_tokens])[:B]
     tokens = torch.randint(4, cfg.vocab, (B, cfg.max_tokens), generator=g)
     tok_masks = torch.arange(cfg.max_tokens)[None] < lengths[:, None]
@@ -171,9 +172,63 @@ def test_sampling_is_euler_from_noise_to_data_with_a_hook():
     assert model.expert.layers[0].mlp.up_proj.weight.grad is not None
 
 
+def test_mlp_expert_conditions_on_state_noise_time_and_visible_prefix(tmp_path):
+    cfg = Pi0Config.tiny(expert="mlp", expert_width=96)
+    model = randomised(cfg)
+    images, img_masks, tokens, tok_masks, state, x_t, t = inputs(cfg)
+    with torch.no_grad():
+        joint = model.forward_joint(images, img_masks, tokens, tok_masks, state, x_t, t)
+        prefix = model.encode_prefix(images, img_masks, tokens, tok_masks)
+        v, h = model.velocity(prefix, state, x_t, t)
+        images2, tokens2 = images.clone(), tokens.clone()
+        images2[1, -1] = 255 - images2[1, -1]  # masked camera and padding: no effect
+        tokens2[0, 5:] = 7
+        v_masked = model.forward_joint(images2, img_masks, tokens2, tok_masks, state, x_t, t)
+        changed = [model.forward_joint(images, img_masks, tokens, tok_masks, *args) for args in
+                   ((state + 1, x_t, t), (state, x_t.flip(1), t), (state, x_t, 1 - t))]
+    assert v.shape == (3, cfg.horizon, cfg.action_dim) and h.shape == (3, cfg.horizon, cfg.expert_width)
+    assert torch.allclose(v, joint, atol=1e-6) and torch.allclose(v, v_masked, atol=1e-6)
+    assert all(not torch.allclose(v, c, atol=1e-4) for c in changed)  # state, the whole noisy chunk and t all matter
+    loss = model.flow_loss(images, img_masks, tokens, tok_masks, state, x_t)
+    loss.mean().backward()
+    assert model.expert.net[0].weight.grad.abs().sum() > 0 and model.action_out_proj.weight.grad is not None
+    save_pi0(tmp_path / "mlp", model, None)
+    loaded = load_pi0(tmp_path / "mlp")[0]
+    assert loaded.cfg.expert == "mlp" and all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                                                 loaded.state_dict().values()))
+    with pytest.raises(ValueError, match="openpi has no 'mlp'"):
+        save_openpi(tmp_path / "openpi", model)
+    bf16 = Pi0Model(cfg).to_mixed_bf16()  # the MLP expert stays fp32 (it is the "head")
+    assert bf16.expert.net[0].weight.dtype == torch.float32
+
+
+def test_prompt_prefix_cache_equals_encoding_each_batch():
+    cfg = Pi0Config.tiny(num_cameras=0)
+    model = randomised(cfg)
+    cache = PromptPrefixCache(model)
+    images, img_masks, tokens, tok_masks, state, x_t, t = inputs(cfg, B=3)
+    calls = []
+    model.encode_prefix = lambda *a, f=model.encode_prefix: calls.append(a[2].shape[0]) or f(*a)
+    for rows in ([0, 0, 0, 0], [1, 0, 2], [2, 2], [0, 1, 2, 1]):  # one prompt broadcast, mixed prompts
+        idx = torch.tensor(rows)
+        got = cache(images[idx], img_masks[idx], tokens[idx], tok_masks[idx])
+        with torch.no_grad():
+            want = model.encode_prefix(images[idx], img_masks[idx], tokens[idx], tok_masks[idx])
+        assert torch.equal(got.pad_mask, want.pad_mask) and torch.allclose(got.hidden, want.hidden, atol=1e-6)
+        assert all(torch.allclose(a, b, atol=1e-6) for (ka, va), (kb, vb) in zip(got.kv, want.kv)
+                   for a, b in ((ka, kb), (va, vb)))
+        v1 = model.velocity(got, state[:1].expand(len(rows), -1), x_t[:1].expand(len(rows), -1, -1), 0.5)[0]
+        v2 = model.velocity(want, state[:1].expand(len(rows), -1), x_t[:1].expand(len(rows), -1, -1), 0.5)[0]
+        assert torch.allclose(v1, v2, atol=1e-5)
+    # batch sizes encoded, cache and reference alternating: the cache encoded prompt 0, then prompts 1 and 2, then
+    # nothing new (the reference encodes every batch whole)
+    assert calls == [1, 4, 2, 3, 2, 4] and len(cache.rows) == 3
+
+
 def test_invalid_configs_are_refused():
     for bad in (dict(heads=3, kv_heads=2), dict(image_size=60, patch=8), dict(depth=0), dict(variant="pi1"),
-                dict(discrete_state_input=True), dict(head_dim=7), dict(max_tokens=1)):
+                dict(discrete_state_input=True), dict(head_dim=7), dict(max_tokens=1), dict(expert="lstm"),
+                dict(expert="mlp", variant="pi05")):
         with pytest.raises(ValueError):
             Pi0Config.tiny(**bad)
 
