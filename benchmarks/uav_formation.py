@@ -164,12 +164,15 @@ def main(args: Args) -> None:
         if ours is None:
             continue
         cf, fe = np.mean(ours["collision_free"]), np.mean(ours["formation_error"])
-        others = [m for m in per_method[preset] if m != "ours"]
-        beats = all((cf > np.mean(per_method[preset][m]["collision_free"]) or cf == 1.0) and
-                    fe < np.mean(per_method[preset][m]["formation_error"]) for m in others)
+        verdicts = []
+        for m in (m for m in per_method[preset] if m != "ours"):
+            m_cf = np.mean(per_method[preset][m]["collision_free"])
+            m_fe = np.mean(per_method[preset][m]["formation_error"])
+            lost = ([f"collision-free {cf:.2f} vs {m_cf:.2f}"] if not (cf > m_cf or cf == 1.0) else []) + \
+                   ([f"formation error {fe:.2f} vs {m_fe:.2f} m"] if not fe < m_fe else [])
+            verdicts.append(f"beats {m} on both" if not lost else f"not {m} ({', '.join(lost)})")
         checks.append(f"{preset}: ours collision-free {cf:.2f} ({'meets' if cf >= 0.9 else 'misses'} >= 0.90); "
-                      f"{'better' if beats else 'not better'} than {', '.join(others)} on both collision-free rate "
-                      "and formation error")
+                      + "; ".join(verdicts))
 
     plt = pyplot()
     methods = list(per_method[presets[0]])
