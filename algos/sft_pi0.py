@@ -225,8 +225,8 @@ if __name__ == "__main__":
         raise SystemExit(f"these must be >= 1: {', '.join(bad)}")
     if args.model not in ("tiny", "pi0", "pi05"):
         raise SystemExit(f"--model must be tiny, pi0 or pi05, got {args.model!r}")
-    if args.expert not in ("gemma", "mlp") or (args.expert == "mlp" and args.model != "tiny"):
-        raise SystemExit(f"--expert must be gemma or mlp (mlp with --model tiny only), got {args.expert!r}")
+    if args.expert not in ("gemma", "mlp") or (args.expert == "mlp" and (args.model, args.variant) != ("tiny", "pi0")):
+        raise SystemExit(f"--expert must be gemma or mlp (mlp with --model tiny --variant pi0 only), got {args.expert!r}")
     if args.discrete_state and not args.normalize_state:
         raise SystemExit("--discrete-state bins the state over [-1, 1]: it needs --normalize-state")
     run_name = f"{args.task.replace('/', '_')}__{args.exp_name}__{args.seed}"
