@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from common.envs import make_task_env, run_eval_episodes
 from common.fsutil import atomic_write
-from common.pi0 import Pi0Model, PromptPrefixCache, gaussian_log_prob
+from common.pi0 import Pi0Model, PromptPrefixCache, gaussian_log_prob, pooled_prefix
 from common.pi0_io import Pi0Processor, load_pi0, load_pi0_policy, make_tokenizer, save_pi0
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -456,8 +456,7 @@ if __name__ == "__main__":
                 prefix = model.encode_prefix(*inputs)
         value = None
         if critic_on in ("vlm", "obs"):
-            m = prefix.pad_mask.float()[..., None]
-            feats = ((prefix.hidden.float() * m).sum(1) / m.sum(1).clamp(min=1)).detach()
+            feats = pooled_prefix(prefix).detach()
             if critic_on == "obs":  # π0 keeps the state out of the prefix: give it to the critic directly
                 feats = torch.cat([feats, batch["state"].float()], -1)
             value = value_head(feats)

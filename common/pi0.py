@@ -387,7 +387,11 @@ class PromptPrefixCache:
             with torch.no_grad():
                 return self.model.encode_prefix(images, img_masks, tokens, tok_masks)
         keys = [bytes(t) + bytes(m) for t, m in zip(tokens.cpu().numpy(), tok_masks.cpu().numpy())]
-        new = list({key: i for i, key in reversed(list(enumerate(keys))) if key not in self.rows}.values())
+        first_row: dict[bytes, int] = {}  # one row per prompt not seen before
+        for i, key in enumerate(keys):
+            if key not in self.rows:
+                first_row.setdefault(key, i)
+        new = list(first_row.values())
         if new:
             idx = torch.tensor(new, device=tokens.device)
             with torch.no_grad():
@@ -406,10 +410,16 @@ class PromptPrefixCache:
                       torch.cat([q.hidden for q in ps]))
 
 
+def pooled_prefix(prefix: Prefix) -> torch.Tensor:
+    """Mean of the valid (unpadded) prefix hidden states, fp32 (B, vlm_width): πRL's critic-after-VLM feature."""
+    m = prefix.pad_mask.float()[..., None]
+    return (prefix.hidden.float() * m).sum(1) / m.sum(1).clamp(min=1)
+
+
 class MLPExpert(nn.Module):
     """`expert="mlp"`: three SiLU layers over [masked mean of the prefix states, state, flattened x_t, sincos(t)]; the
-    whole chunk in one vector, as the MLP flow policy of πRL's CPU calibration. `norm` keeps the Gemma expert's
-    interface (hidden states -> action_out_proj)."""
+    whole chunk in one vector, as the MLP flow policy of πRL's CPU calibration. Its last hidden layer feeds the
+    model's `action_out_proj`, as the Gemma expert's final states do."""
 
     def __init__(self, cfg: Pi0Config):
         super().__init__()
@@ -418,10 +428,8 @@ class MLPExpert(nn.Module):
         self.net = nn.Sequential(nn.Linear(d_in, we), nn.SiLU(), nn.Linear(we, we), nn.SiLU(), nn.Linear(we, we),
                                  nn.SiLU())
 
-    def forward(self, prefix_hidden, pad_mask, state, x_t, temb):
-        m = pad_mask.float()[..., None]
-        pooled = (prefix_hidden.float() * m).sum(1) / m.sum(1).clamp(min=1)
-        return self.net(torch.cat([pooled, state.float(), x_t.flatten(1).float(), temb], -1))
+    def forward(self, prefix: Prefix, state, x_t, temb):
+        return self.net(torch.cat([pooled_prefix(prefix), state.float(), x_t.flatten(1).float(), temb], -1))
 
 
 class Pi0Model(nn.Module):
@@ -546,7 +554,7 @@ class Pi0Model(nn.Module):
         t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device).expand(x_t.shape[0])
         if cfg.expert == "mlp":
             temb = sincos_time(t, cfg.expert_width, cfg.min_period, cfg.max_period)
-            h = self.expert(prefix.hidden, prefix.pad_mask, state, x_t, temb)
+            h = self.expert(prefix, state, x_t, temb)
             v = self.action_out_proj(h).view(x_t.shape).float()
             return v, h[:, None].expand(-1, cfg.horizon, -1).float()
         x, pad, ar, cond = self.embed_suffix(state, x_t, t)
