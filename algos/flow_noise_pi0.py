@@ -448,7 +448,7 @@ if __name__ == "__main__":
         with torch.no_grad():
             prefix, value = prefix_and_value(batch, grad=False)
             B = batch["state"].shape[0]
-            noise = torch.randn(B, cfg.horizon, cfg.action_dim, device=device, generator=generator)
+            noise = model.initial_noise(B, device, generator)
             out = model.sample(prefix, batch["state"], noise, K, make_step_fn(noise_head, not deterministic, noise_mask),
                                generator)
             if critic_on == "expert":

@@ -468,7 +468,7 @@ if __name__ == "__main__":
         with torch.no_grad():
             prefix, value = prefix_and_value(batch, grad=False)
             B = batch["state"].shape[0]
-            noise = torch.randn(B, cfg.horizon, cfg.action_dim, device=device, generator=generator)
+            noise = model.initial_noise(B, device, generator)
             stochastic = set() if deterministic else draw_stochastic_steps(rng, K, args.joint, args.ignore_last)
             out = model.sample(prefix, batch["state"], noise, K, make_step_fn(stochastic, sigmas, noise_mask), generator)
             if critic_on == "expert":

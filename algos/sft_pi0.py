@@ -104,6 +104,9 @@ class Args:
     policy; --expert-width 256 matches it)"""
     action_dim: int = 0
     """padded action/state width (0: max(32, state dim), as openpi pads to 32)"""
+    noise_on_padding: bool = False
+    """also put flow noise on the zero-padded action dims, as openpi trains. Off (noise_dims = the env's action width)
+    the padding stays exactly 0 on the whole path instead of being noise inputs the model must learn to ignore"""
     normalize_state: bool = False
     """normalise the state with demo statistics (openpi does). Off stores identity stats: with a few demos the
     per-dim statistics over-weight dims that barely vary in them (PushCube, 10 demos, same MLP: 5% vs 28% raw)"""
@@ -196,8 +199,7 @@ def evaluate(model, processor, args: Args, device, video_path: Path | None = Non
         with torch.no_grad():
             batch = processor.batch(obs["state"], obs.get("images"), obs["task_description"], device)
             prefix = model.encode_prefix(batch["images"], batch["img_masks"], batch["tokens"], batch["tok_masks"])
-            noise = torch.randn(len(obs["state"]), model.cfg.horizon, model.cfg.action_dim, generator=gen,
-                                device=device)
+            noise = model.initial_noise(len(obs["state"]), device, gen)
             sample = model.sample(prefix, batch["state"], noise, args.num_denoise_steps)
         return processor.actions_to_env(sample.actions[:, : args.action_chunk])
 
@@ -297,7 +299,8 @@ if __name__ == "__main__":
     else:
         width = args.action_dim or max(32, state_dim, env_action_dim)
         preset = {"tiny": Pi0Config.tiny, "pi0": Pi0Config.pi0, "pi05": Pi0Config.pi05}[args.model]
-        overrides = dict(action_dim=width, horizon=args.horizon, discrete_state_input=args.discrete_state)
+        overrides = dict(action_dim=width, horizon=args.horizon, discrete_state_input=args.discrete_state,
+                         noise_dims=0 if args.noise_on_padding else env_action_dim)
         if args.model == "tiny":
             overrides.update(num_cameras=len(camera_keys), variant=args.variant, image_size=args.image_size)
             if args.depth:

@@ -43,6 +43,8 @@ class Pi0Config:
     expert: str = "gemma"  # "gemma" (π0's action expert) or "mlp" (an MLP velocity net over [pooled prefix, state,
     # x_t, time]: the small flow policy of πRL's CPU calibration, to tell the algorithm from the tiny transformer)
     discrete_state_input: bool = False  # π0.5 only: state as 256 bins in the prompt instead of no state at all
+    noise_dims: int = 0  # flow noise on the first `noise_dims` action dims only, the zero padding beyond stays exactly 0
+    # along the whole path (0 = every dim, as openpi trains; our few-shot SFT sets the env's action width, see README)
     image_size: int = 224
     patch: int = 14
     vit_width: int = 1152
@@ -75,6 +77,8 @@ class Pi0Config:
             raise ValueError(f"Pi0Config: these must be >= 1: {', '.join(bad)}")
         if self.num_cameras < 0:
             raise ValueError(f"Pi0Config: num_cameras must be >= 0, got {self.num_cameras}")
+        if not 0 <= self.noise_dims <= self.action_dim:
+            raise ValueError(f"Pi0Config: noise_dims must be in [0, action_dim={self.action_dim}], got {self.noise_dims}")
         if self.image_size % self.patch:
             raise ValueError(f"Pi0Config: image_size {self.image_size} is not a multiple of patch {self.patch}")
         if self.vit_width % self.vit_heads:
@@ -454,6 +458,17 @@ class Pi0Model(nn.Module):
             self.action_time_mlp_in, self.action_time_mlp_out = nn.Linear(2 * we, we), nn.Linear(we, we)
 
     # ------------------------------------------------------------------------------------------------ helpers
+    def mask_padding(self, x: torch.Tensor) -> torch.Tensor:
+        """Zero the action dims past `cfg.noise_dims` (no-op when it is 0: noise everywhere, as openpi)."""
+        if not self.cfg.noise_dims:
+            return x
+        return torch.cat([x[..., :self.cfg.noise_dims], torch.zeros_like(x[..., self.cfg.noise_dims:])], -1)
+
+    def initial_noise(self, batch: int, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """x_1 ~ N(0, I) of shape (B, horizon, action_dim), zero on the padding past `cfg.noise_dims`."""
+        shape = (batch, self.cfg.horizon, self.cfg.action_dim)
+        return self.mask_padding(torch.randn(shape, device=device, generator=generator))
+
     @property
     def dtype(self) -> torch.dtype:
         """dtype of the action/state/time heads (openpi keeps them fp32 under mixed precision)."""
@@ -591,7 +606,7 @@ class Pi0Model(nn.Module):
         """Per-element flow-matching loss (B, H, A), openpi conventions (the trainer averages)."""
         B = actions.shape[0]
         if noise is None:
-            noise = torch.randn_like(actions)
+            noise = self.mask_padding(torch.randn_like(actions))
         if t is None:
             t = torch.distributions.Beta(1.5, 1.0).sample((B,)).to(actions.device) * 0.999 + 0.001
         tb = t[:, None, None]
@@ -610,7 +625,7 @@ class Pi0Model(nn.Module):
         t, d = ts[i], ts[i] - ts[i + 1]
         v, h = self.velocity(prefix, state, x_t, t)
         mean, std = step_fn(i, x_t.float(), v, h, t, d)
-        return mean, std, h
+        return mean, self.mask_padding(std), h  # SDE noise, like x_1's, stays off the padding
 
     def sample(self, prefix: Prefix, state, noise, num_steps: int = 10, step_fn: StepFn = euler_step,
                generator: torch.Generator | None = None) -> Sample:

@@ -225,10 +225,40 @@ def test_prompt_prefix_cache_equals_encoding_each_batch():
     assert calls == [1, 4, 2, 3, 2, 4] and len(cache.rows) == 3
 
 
+def test_noise_dims_keep_the_padding_exactly_zero(tmp_path):
+    cfg = Pi0Config.tiny(noise_dims=3)  # 3 env action dims inside the model's 8
+    model = randomised(cfg)
+    images, img_masks, tokens, tok_masks, state, _, _ = inputs(cfg)
+    x1 = model.initial_noise(3, generator=torch.Generator().manual_seed(0))
+    assert (x1[..., 3:] == 0).all() and (x1[..., :3] != 0).all()
+
+    def noisy(i, x_t, v, h, t, d):  # an SDE that asks for noise on every dim
+        mean, _ = euler_step(i, x_t, v, h, t, d)
+        return mean, torch.full_like(mean, 0.3)
+
+    with torch.no_grad():
+        prefix = model.encode_prefix(images, img_masks, tokens, tok_masks)
+        a, b = (model.sample(prefix, state, model.initial_noise(3, generator=torch.Generator().manual_seed(s)), 4,
+                             noisy, torch.Generator().manual_seed(s)) for s in (1, 2))
+        half, actions = torch.full((3,), 0.5), torch.zeros(3, cfg.horizon, 8)
+        torch.manual_seed(5)
+        loss = model.flow_loss(images, img_masks, tokens, tok_masks, state, actions, t=half)  # draws its own noise
+        torch.manual_seed(5)
+        noise = model.initial_noise(3)  # the same draw
+        v = model.forward_joint(images, img_masks, tokens, tok_masks, state, 0.5 * noise, half)
+    assert (a.stds[..., 3:] == 0).all() and (a.stds[..., :3] == 0.3).all()
+    for out in (a, b):  # the padding starts at 0 and follows the mean: no noise is drawn there ...
+        assert (out.chain[:, 0, ..., 3:] == 0).all() and torch.equal(out.chain[:, 1:, ..., 3:], out.means[..., 3:])
+        assert not torch.allclose(out.chain[:, 1:, ..., :3], out.means[..., :3])  # ... but on the action dims
+    assert torch.allclose(loss, (v - noise) ** 2, atol=1e-5)  # the loss drew zero noise on the padding (target 0)
+    save_pi0(tmp_path / "m", model, None)
+    assert load_pi0(tmp_path / "m")[0].cfg.noise_dims == 3
+
+
 def test_invalid_configs_are_refused():
     for bad in (dict(heads=3, kv_heads=2), dict(image_size=60, patch=8), dict(depth=0), dict(variant="pi1"),
                 dict(discrete_state_input=True), dict(head_dim=7), dict(max_tokens=1), dict(expert="lstm"),
-                dict(expert="mlp", variant="pi05")):
+                dict(expert="mlp", variant="pi05"), dict(noise_dims=9), dict(noise_dims=-1)):
         with pytest.raises(ValueError):
             Pi0Config.tiny(**bad)
 
