@@ -15,7 +15,7 @@ setup:
 run: setup pirl-quickstart
 
 pirl-quickstart:
-	$(TEST_ENV) $(PY) benchmarks/pirl.py --seeds 1 --algorithms flow_sde --minutes 8 --eval-every 40 \
+	$(TEST_ENV) $(PY) benchmarks/pirl.py --seeds 1 --algorithms flow_sde --minutes 8 --eval-every 20 \
 		--run-dir runs/quickstart --out-dir runs/quickstart
 
 bench-env:

@@ -51,7 +51,7 @@ class Args:
     eval_episodes: int = 100
     """eval episodes per evaluation"""
     sft_demos: int = 0
-    """demos for the SFT start (0: 10 for PushCube, 20 for LIBERO)"""
+    """demos for the SFT start (0: 3 for PushCube, 20 for LIBERO: the few-shot band of benchmarks/sft_fewshot)"""
     sft_steps: int = 0
     """SFT steps (0: 1500 for PushCube, 2000 for LIBERO)"""
     rl_flags: list[str] = field(default_factory=list)
@@ -140,7 +140,7 @@ def main(args: Args) -> None:
     if bad:
         raise SystemExit(f"unknown algorithms {bad}; choose from {ALGORITHMS}")
     args.task = args.task or ("PushCube-v1" if args.env == "maniskill" else "libero_object/0")
-    args.sft_demos = args.sft_demos or (10 if args.env == "maniskill" else 20)
+    args.sft_demos = args.sft_demos or (3 if args.env == "maniskill" else 20)
     args.sft_steps = args.sft_steps or (1500 if args.env == "maniskill" else 2000)
     runs = []
     for seed in args.seeds:
