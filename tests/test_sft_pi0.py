@@ -55,6 +55,7 @@ def test_short_sft_lowers_the_flow_loss_and_writes_a_checkpoint(demos, tmp_path)
     model, stats, meta = load_pi0(run / "final")
     assert meta["extra"]["step"] == 80 and stats.stats["state"]["mean"].shape == (35,)
     assert model.cfg.action_dim == 35 and model.cfg.num_cameras == 0
+    assert model.cfg.noise_dims == 8  # flow noise on PushCube's 8 joint actions only, the 27 padded dims stay 0
     # the run directory is not silently overwritten
     again = subprocess.run(SCRIPT + sft_args(demos, tmp_path, **{"--total-steps": "80"}), cwd=ROOT,
                            capture_output=True, text=True, timeout=200)
