@@ -39,7 +39,7 @@ class Args:
     """parameter counts (float32)"""
     tensors: int = 10
     """the parameters are split over this many tensors"""
-    repeats: int = 5
+    repeats: int = 25
     """timed repetitions per setting (median reported)"""
     seed: int = 0
     """seed of the parameter values"""
@@ -62,19 +62,23 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_memcpy(n: int, repeats: int, device: str = "cpu") -> float:
-    """A plain copy of n floats: CPU -> CPU, or GPU -> pinned host memory (the D2H limit) for a CUDA learner."""
-    src = torch.randn(n, device=device)
-    dst = torch.empty(n, pin_memory=device == "cuda")
-    dst.copy_(src)
-    times = []
-    for _ in range(repeats):
-        sync(device)
+class Memcpy:
+    """The reference: one copy of the same bytes between two preallocated flat tensors (CPU -> CPU, or GPU -> pinned
+    host memory, the D2H limit, for a CUDA learner). Timed inside the sync loop, once per repetition right before the
+    sync, so that both see the same machine state (this 2-core VM's timings drift by tens of percent run to run)."""
+
+    def __init__(self, n: int, device: str = "cpu"):
+        self.device = device
+        self.src = torch.randn(n, device=device)
+        self.dst = torch.empty(n, pin_memory=device == "cuda")
+        self.dst.copy_(self.src)
+
+    def __call__(self) -> float:
+        sync(self.device)
         start = time.perf_counter()
-        dst.copy_(src)
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+        self.dst.copy_(self.src)
+        sync(self.device)
+        return time.perf_counter() - start
 
 
 def time_raw_tcp(n: int, repeats: int, port: int) -> float:
@@ -100,18 +104,20 @@ def time_raw_tcp(n: int, repeats: int, port: int) -> float:
     return float(np.median(times))
 
 
-def time_sync(n: int, parts: int, endpoint: str, repeats: int, seed: int,
-              zero_copy: bool = False, device: str = "cpu") -> tuple[float, float]:
-    """(median publish+apply seconds, median seconds that publish() blocked the learner)."""
+def time_sync(n: int, parts: int, endpoint: str, repeats: int, seed: int, zero_copy: bool = False,
+              flatten: bool = False, device: str = "cpu") -> tuple[float, float, float]:
+    """Medians of (publish+apply seconds, seconds that publish() blocked the learner, memcpy seconds)."""
     ctx = zmq.Context()
     learner, actor = make_model(n, parts, seed, device), make_model(n, parts, seed + 1)
-    pub = WeightPublisher(endpoint, learner, ctx=ctx)
+    pub = WeightPublisher(endpoint, learner, ctx=ctx, flatten=flatten)
     sub = WeightSubscriber(endpoint, actor, ctx=ctx, zero_copy=zero_copy)
+    memcpy = Memcpy(n, device)
     time.sleep(0.3)
-    totals, blocks = [], []
-    for r in range(repeats + 1):
+    totals, blocks, copies = [], [], []
+    for r in range(repeats + 2):
         with torch.no_grad():
             learner.w0.add_(1.0)
+        copy_s = memcpy()
         sync(device)
         start = time.perf_counter()
         pub.publish()
@@ -121,15 +127,23 @@ def time_sync(n: int, parts: int, endpoint: str, repeats: int, seed: int,
                 raise TimeoutError("weights never arrived")
         sub.apply()
         total = time.perf_counter() - start
-        if r:  # the first round warms allocations up
+        if r >= 2:  # the first rounds warm allocations (and the flattening) up
             totals.append(total)
             blocks.append(blocked)
+            copies.append(copy_s)
     last = f"w{parts - 1}"
     assert torch.equal(actor.w0, learner.w0.cpu()) and torch.equal(getattr(actor, last), getattr(learner, last).cpu())
     pub.close()
     sub.close()
     ctx.term()
-    return float(np.median(totals)), float(np.median(blocks))
+    return float(np.median(totals)), float(np.median(blocks)), float(np.median(copies))
+
+
+# (name, endpoint, publisher flatten, subscriber zero_copy)
+VARIANTS = (("inproc", "inproc://weights-{n}", False, False),
+            ("inproc_flat", "inproc://weights-flat-{n}", True, False),
+            ("inproc_flat_zero_copy", "inproc://weights-flat-zc-{n}", True, True),
+            ("tcp_flat_zero_copy", "tcp://127.0.0.1:{port}", True, True))
 
 
 def main(args: Args) -> None:
@@ -140,19 +154,19 @@ def main(args: Args) -> None:
     device, cuda = args.learner_device, args.learner_device == "cuda"
     rows, port = [], 5850
     for n in args.sizes:
-        copy_s = time_memcpy(n, args.repeats, device)
-        row = {"params": f"{n / 1e6:g}M", "MB": round(n * 4 / 1e6, 1), "memcpy_ms": round(copy_s * 1e3, 2)}
-        for name, endpoint, zero_copy in (("inproc", f"inproc://weights-{n}", False),
-                                          ("inproc_zero_copy", f"inproc://weights-zc-{n}", True),
-                                          ("tcp", f"tcp://127.0.0.1:{port}", False)):
+        row = {"params": f"{n / 1e6:g}M", "MB": round(n * 4 / 1e6, 1)}
+        for name, endpoint, flatten, zero_copy in VARIANTS:
+            endpoint = endpoint.format(n=n, port=port)
             port += 1
-            total, blocked = time_sync(n, args.tensors, endpoint, args.repeats, args.seed, zero_copy, device)
-            row[f"{name}_publish_apply_ms"] = round(total * 1e3, 2)
-            if name == "tcp":
-                tcp_total = total
+            total, blocked, copy_s = time_sync(n, args.tensors, endpoint, args.repeats, args.seed, zero_copy,
+                                               flatten, device)
+            row[f"{name}_publish_apply_ms"] = round(total * 1e3, 3)
             row[f"{name}_vs_memcpy"] = round(total / copy_s, 2)
-            if name != "inproc_zero_copy":
-                row[f"{name}_publish_blocks_ms"] = round(blocked * 1e3, 2)
+            row[f"{name}_memcpy_ms"] = round(copy_s * 1e3, 3)
+            row[f"{name}_publish_blocks_ms"] = round(blocked * 1e3, 3)
+            if name == "tcp_flat_zero_copy":
+                tcp_total = total
+        row["memcpy_ms"] = row["inproc_flat_zero_copy_memcpy_ms"]  # the target row's own reference
         raw_s = time_raw_tcp(n, args.repeats, port)
         port += 1
         row["tcp_raw_pyzmq_ms"] = round(raw_s * 1e3, 2)
@@ -163,33 +177,40 @@ def main(args: Args) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     x = np.arange(len(rows))
-    for off, key, label in ((-0.3, "memcpy_ms", "memcpy"), (-0.1, "inproc_publish_apply_ms", "ours, inproc"),
-                            (0.1, "inproc_zero_copy_publish_apply_ms", "ours, inproc, zero-copy apply"),
-                            (0.3, "tcp_publish_apply_ms", "ours, TCP loopback")):
-        ax.bar(x + off, [r[key] for r in rows], 0.2, label=label)
+    bars = (("memcpy_ms", "memcpy"), ("inproc_publish_apply_ms", "ours, inproc, per-tensor"),
+            ("inproc_flat_publish_apply_ms", "ours, inproc, flattened"),
+            ("inproc_flat_zero_copy_publish_apply_ms", "ours, inproc, flattened, zero-copy apply"),
+            ("tcp_flat_zero_copy_publish_apply_ms", "ours, TCP loopback, flattened, zero-copy apply"))
+    for i, (key, label) in enumerate(bars):
+        ax.bar(x + (i - 2) * 0.16, [r[key] for r in rows], 0.16, label=label)
     ax.set_xticks(x, [r["params"] + " fp32" for r in rows])
     ax.set_yscale("log")
     ax.set_ylabel("ms (log)")
     ax.set_title("weight sync: publish + apply vs " + ("D2H copy (GPU learner)" if cuda else "memcpy"))
     ax.legend()
-    notes = ("publish+apply: from `publish()` on the learner to the end of `apply()` on the actor (snapshot copy, "
-             "transport, copy into the actor's parameters: at least two copies of the bytes, so 2x memcpy is the "
-             "floor for any sync that snapshots and then copies). `zero_copy`: the actor's `WeightSubscriber("
-             "zero_copy=True)` points its CPU parameters at the received buffer instead of copying (inference-only "
-             "CPU actors), leaving one copy, the snapshot. `publish_blocks_ms` is how long `publish()` held the "
-             "learner. "
-             f"{args.tensors} tensors per model, median of {args.repeats} after one warm-up. Target: <= 2x memcpy. "
-             "Over TCP the bytes cross the kernel's loopback, whose own limit is `tcp_raw_pyzmq_ms` (raw pyzmq "
-             "PUSH -> PULL of the same bytes, measured in the same run): `tcp_vs_raw` is our overhead over it.")
+    notes = ("publish+apply: from `publish()` on the learner to the end of `apply()` on the actor. Per-tensor "
+             "(`inproc`, the defaults): the snapshot copies each tensor into the send buffer, and `apply()` copies "
+             "each into the actor's parameters: two copies of the bytes, so 2x memcpy is its floor. `flat`: the "
+             "publisher's `flatten=True` keeps the learner's tensors as views of one buffer laid out like the "
+             "message, so the snapshot is a single copy. `zero_copy`: the actor's `WeightSubscriber(zero_copy=True)` "
+             "points its CPU parameters at the received buffer instead of copying (inference-only CPU actors). With "
+             "both, one copy of the bytes is made in all. `publish_blocks_ms` is how long `publish()` held the "
+             f"learner. {args.tensors} tensors per model, median of {args.repeats} after two warm-ups. Each "
+             "variant's memcpy reference (a flat copy of the same bytes between preallocated tensors) is timed in "
+             "the same loop, right before each sync, and its ratio uses its own median (`memcpy_ms` is the "
+             "flattened zero-copy variant's). Target: <= 2x memcpy. Over TCP the bytes cross the kernel's loopback, "
+             "whose own limit is `tcp_raw_pyzmq_ms` (raw pyzmq PUSH -> PULL of the same bytes, measured in the same "
+             "run): `tcp_vs_raw` is our overhead over it.")
     if cuda:
         notes += (" Here the learner is on the GPU: `memcpy_ms` is a D2H copy of the same bytes into pinned host "
                   "memory, and publish+apply adds that D2H hop (side stream, pinned buffers) to the CPU-side copies.")
     path = write_results("weight_sync_cuda" if cuda else "weight_sync",
                          "Weight sync vs memcpy" + (": GPU learner, CPU actor" if cuda else ""),
                          ["params", "MB", "memcpy_ms", "inproc_publish_apply_ms", "inproc_vs_memcpy",
-                          "inproc_publish_blocks_ms", "inproc_zero_copy_publish_apply_ms",
-                          "inproc_zero_copy_vs_memcpy", "tcp_publish_apply_ms", "tcp_vs_memcpy",
-                          "tcp_publish_blocks_ms", "tcp_raw_pyzmq_ms", "tcp_vs_raw"], rows, seeds=[args.seed],
+                          "inproc_flat_publish_apply_ms", "inproc_flat_vs_memcpy",
+                          "inproc_flat_zero_copy_publish_apply_ms", "inproc_flat_zero_copy_vs_memcpy",
+                          "inproc_flat_zero_copy_publish_blocks_ms", "tcp_flat_zero_copy_publish_apply_ms",
+                          "tcp_raw_pyzmq_ms", "tcp_vs_raw"], rows, seeds=[args.seed],
                          notes=notes, out_dir=args.out_dir,
                          figure=fig)
     print(f"wrote {path}")

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 import zmq
 
-from common.transport import CurveConfig, Publisher, Subscriber, encode, pack_frames
+from common.transport import (CurveConfig, Publisher, Subscriber, encode, encode_header, frame_spec, pack_block,
+                              pack_frames, packed_block_layout)
 
 MODES = ("full", "trainable")
 
@@ -41,13 +42,52 @@ def _tensors_to_send(model: torch.nn.Module, mode: str) -> dict[str, torch.Tenso
     raise ValueError(f"unknown weight-sync mode {mode!r}; choose one of {MODES}")
 
 
+class _FlatTensors:
+    """The sent tensors moved into one contiguous buffer laid out as the packed message's array frames, each tensor
+    a view of its slot (`.data` reassigned: same objects, same values, so the model and its optimizer go on as
+    before). A snapshot is then one copy of the whole buffer instead of one per tensor."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.names = list(tensors)
+        self.specs = [frame_spec(k, t) for k, t in tensors.items()]
+        self.lengths = [t.numel() * t.element_size() for t in tensors.values()]
+        offsets, span = packed_block_layout(self.lengths)
+        device = next(iter(tensors.values())).device
+        self.block = torch.zeros(span, dtype=torch.uint8, device=device)  # zeros: the padding travels too
+        with torch.no_grad():
+            for t, off, n in zip(tensors.values(), offsets, self.lengths):
+                slot = self.block[off:off + n].view(t.dtype).view(t.shape)
+                slot.copy_(t)
+                t.data = slot
+        self.pointers = [self.block.data_ptr() + off for off in offsets]
+
+    @staticmethod
+    def possible(tensors: dict[str, torch.Tensor]) -> bool:
+        """One device, contiguous, no two overlapping in memory (tied weights): otherwise the per-tensor path."""
+        values = list(tensors.values())
+        if not values or len({t.device for t in values}) != 1 or not all(t.is_contiguous() for t in values):
+            return False
+        spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in values)
+        return all(end <= nxt for (_, end), (nxt, _) in zip(spans, spans[1:]))
+
+    def holds(self, tensors: dict[str, torch.Tensor]) -> bool:
+        """Whether the model's tensors are still the views of this buffer (not replaced, e.g. by `.to()`)."""
+        return (len(tensors) == len(self.names) and all(a == b for a, b in zip(tensors, self.names))
+                and all(t.data_ptr() == p for t, p in zip(tensors.values(), self.pointers)))
+
+
 class WeightPublisher:
     def __init__(self, endpoint: str, model: torch.nn.Module, *, mode: str = "full", only_changed: bool = False,
                  keyframe_every: int = 20, max_bytes_per_s: float | None = None, curve: CurveConfig | None = None,
-                 ctx: zmq.Context | None = None):
+                 ctx: zmq.Context | None = None, flatten: bool = False):
+        """`flatten=True` moves the sent tensors into one contiguous buffer (each stays a view of it; see
+        `_FlatTensors`) so that every snapshot is one copy: for models with many small tensors. Replacing a tensor
+        later (`.to()`, a new `.data`) is detected and flattens again. Not with `only_changed`."""
         if mode not in MODES:
             raise ValueError(f"unknown weight-sync mode {mode!r}; choose one of {MODES}")
         self.model, self.mode, self.only_changed, self.max_bytes_per_s = model, mode, only_changed, max_bytes_per_s
+        self.flatten = flatten and not only_changed
+        self._flat: _FlatTensors | None = None
         self.pub = Publisher(endpoint, curve=curve, ctx=ctx)
         self.version = 0
         self.stats = {"requested": 0, "sent": 0, "coalesced": 0, "bytes": 0, "last_publish_s": 0.0}
@@ -66,8 +106,7 @@ class WeightPublisher:
 
     # -------------------------------------------------------------------------------------------- snapshot
     @torch.no_grad()
-    def _host_tensors(self) -> dict[str, torch.Tensor]:
-        tensors = _tensors_to_send(self.model, self.mode)
+    def _host_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         cuda = {k: t for k, t in tensors.items() if t.is_cuda}
         if cuda and not self.only_changed:
             return {k: t.detach() for k, t in tensors.items()}, {}  # publish copies D2H straight into the send buffer
@@ -102,12 +141,22 @@ class WeightPublisher:
         """Snapshot the weights now and send them in the background; returns the version. Non-blocking."""
         start = time.perf_counter()
         self.version = self.version + 1 if version is None else int(version)
-        tensors, delta_meta = self._host_tensors()
-        # pack_frames is the one host copy: the snapshot, taken here while the weights are consistent. It goes into a
+        tensors = _tensors_to_send(self.model, self.mode)
+        if self.flatten and (self._flat is None or not self._flat.holds(tensors)) and _FlatTensors.possible(tensors):
+            self._flat = _FlatTensors(tensors)
+        flat = self._flat if self.flatten and self._flat is not None and self._flat.holds(tensors) else None
+        # Packing is the one host copy: the snapshot, taken here while the weights are consistent. It goes into a
         # send buffer that no receiver still holds (ZMQ tracks zero-copy sends), reused when the size fits.
-        on_gpu = any(t.is_cuda for t in tensors.values())
-        frames = encode("update", {"version": self.version, "mode": self.mode, **delta_meta}, tensors, self.version,
-                        device_frames=on_gpu)
+        if flat is not None:
+            on_gpu = flat.block.is_cuda
+            header = encode_header("update", {"version": self.version, "mode": self.mode}, flat.specs, self.version)
+            pack = lambda out, pinned=False: pack_block(header, flat.lengths, flat.block, out=out, pinned=pinned)
+        else:
+            tensors, delta_meta = self._host_tensors(tensors)
+            on_gpu = any(t.is_cuda for t in tensors.values())
+            frames = encode("update", {"version": self.version, "mode": self.mode, **delta_meta}, tensors,
+                            self.version, device_frames=on_gpu)
+            pack = lambda out, pinned=False: pack_frames(frames, out=out, pinned=pinned)
         with self._cond:
             spare = next((i for i, (buf, tracker) in enumerate(self._buffers)
                           if (tracker is None or tracker.done) and buf is not (self._pending or (0, None))[1]), None)
@@ -118,12 +167,12 @@ class WeightPublisher:
             main = torch.cuda.current_stream()
             self._stream.wait_stream(main)
             with torch.cuda.stream(self._stream):
-                packed = pack_frames(frames, out=reuse, pinned=True)
+                packed = pack(reuse, pinned=True)
             done = self._stream.record_event()
             main.wait_event(done)
             done.synchronize()
         else:
-            packed = pack_frames(frames, out=reuse)
+            packed = pack(reuse)
         with self._cond:
             self.stats["requested"] += 1
             if self.max_bytes_per_s is None and self._pending is None and not self._busy:

@@ -208,15 +208,83 @@ def test_only_changed_survives_dropped_messages_and_late_subscribers():
         sub.close()
 
 
+def _net():
+    return torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.BatchNorm1d(16), torch.nn.Linear(16, 4))
+
+
+def _same(actor, learner):
+    return all(torch.equal(a, b) for a, b in zip(actor.state_dict().values(), learner.state_dict().values()))
+
+
+def test_flatten_makes_one_buffer_and_training_goes_on():
+    torch.manual_seed(0)
+    endpoint = free_endpoint()
+    learner, actor = _net(), _net()
+    before = {k: v.clone() for k, v in learner.state_dict().items()}
+    opt = torch.optim.Adam(learner.parameters(), lr=0.05)  # made before the flattening: it must not notice
+    pub = WeightPublisher(endpoint, learner, flatten=True)
+    sub = WeightSubscriber(endpoint, actor)
+    time.sleep(0.3)
+    try:
+        pub.publish()
+        pub.wait_sent()
+        assert sub.poll(2) and sub.apply() == 1
+        assert all(torch.equal(v, before[k]) for k, v in learner.state_dict().items())  # moved, not changed
+        block = pub._flat.block
+        inside = [block.data_ptr() <= t.data_ptr() < block.data_ptr() + block.numel()
+                  for t in learner.state_dict().values()]
+        assert all(inside) and _same(actor, learner)  # int64 num_batches_tracked included
+        for step in range(3):  # the optimizer and BatchNorm's in-place updates write into the block
+            loss = learner(torch.randn(8, 16)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            assert pub._flat.holds(dict(learner.state_dict(keep_vars=True)))
+            pub.publish()
+            pub.wait_sent()
+            assert sub.poll(2) and sub.apply() == step + 2
+            assert _same(actor, learner) and not torch.equal(learner[0].weight, before["0.weight"])
+        learner[0].weight.data = torch.full_like(learner[0].weight, 7.0)  # a replaced tensor: flattened again
+        pub.publish()
+        pub.wait_sent()
+        assert sub.poll(2) and sub.apply() == 5
+        assert _same(actor, learner) and actor[0].weight[0, 0] == 7.0 and pub._flat.block is not block
+    finally:
+        pub.close()
+        sub.close()
+
+
+def test_flatten_leaves_tied_weights_on_the_per_tensor_path():
+    endpoint = free_endpoint()
+    shared, other = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+    learner, actor = torch.nn.Sequential(shared, shared), torch.nn.Sequential(other, other)  # one weight, two names
+    pub = WeightPublisher(endpoint, learner, flatten=True)
+    sub = WeightSubscriber(endpoint, actor)
+    time.sleep(0.3)
+    try:
+        with torch.no_grad():
+            shared.weight.fill_(3.0)
+        pub.publish()
+        pub.wait_sent()
+        assert sub.poll(2) and sub.apply() == 1
+        assert pub._flat is None  # flattening would untie them
+        assert learner[1].weight is learner[0].weight and actor[0].weight[0, 0] == 3.0
+    finally:
+        pub.close()
+        sub.close()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (checked on the lent H100)")
-def test_cuda_learner_publishes_straight_from_the_gpu_to_a_cpu_actor():
+@pytest.mark.parametrize("flatten", [False, True])
+def test_cuda_learner_publishes_straight_from_the_gpu_to_a_cpu_actor(flatten):
     ctx = zmq.Context()
     endpoint = free_endpoint()
     learner = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 8)).cuda()
     learner[1].to(torch.bfloat16)  # mixed precision travels as is
     actor = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 8))
     actor[1].to(torch.bfloat16)
-    pub, sub = WeightPublisher(endpoint, learner, ctx=ctx), WeightSubscriber(endpoint, actor, ctx=ctx)
+    pub = WeightPublisher(endpoint, learner, ctx=ctx, flatten=flatten)
+    sub = WeightSubscriber(endpoint, actor, ctx=ctx)
     try:
         time.sleep(0.2)
         for v in (1, 2, 3):
