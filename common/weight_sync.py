@@ -142,9 +142,9 @@ class WeightPublisher:
         start = time.perf_counter()
         self.version = self.version + 1 if version is None else int(version)
         tensors = _tensors_to_send(self.model, self.mode)
-        if self.flatten and (self._flat is None or not self._flat.holds(tensors)) and _FlatTensors.possible(tensors):
-            self._flat = _FlatTensors(tensors)
-        flat = self._flat if self.flatten and self._flat is not None and self._flat.holds(tensors) else None
+        if self.flatten and (self._flat is None or not self._flat.holds(tensors)):
+            self._flat = _FlatTensors(tensors) if _FlatTensors.possible(tensors) else None
+        flat = self._flat
         # Packing is the one host copy: the snapshot, taken here while the weights are consistent. It goes into a
         # send buffer that no receiver still holds (ZMQ tracks zero-copy sends), reused when the size fits.
         if flat is not None:
