@@ -183,10 +183,12 @@ class Args:
 
 
 PAPER = {  # RLinf's πRL yaml values (pirl.md §3.5): π0 ManiSkill (flow_noise); LIBERO's configs are flow_sde ones
-    "libero": dict(critic='auto', noise_on='all', train_head_only=False, actor_warmup=0, num_envs=64, num_denoise_steps=4,
+    "libero": dict(critic='auto', noise_on='all', train_head_only=False, actor_warmup=0,
+                   num_envs=64, num_denoise_steps=4,
                    action_chunk=5, update_epochs=4, learning_rate=5e-06, value_lr=0.0001, minibatch_size=2048,
                    logprob_type='chunk', image_size=224, bootstrap='none', num_steps=48),
-    "maniskill": dict(critic='auto', noise_on='all', train_head_only=False, actor_warmup=0, num_envs=320, num_denoise_steps=4,
+    "maniskill": dict(critic='auto', noise_on='all', train_head_only=False, actor_warmup=0,
+                      num_envs=320, num_denoise_steps=4,
                       action_chunk=5, update_epochs=4, learning_rate=7.91e-06, value_lr=0.000155, minibatch_size=5120,
                       logprob_type='token', bootstrap='always', max_episode_steps=80, num_steps=16, image_size=224),
 }

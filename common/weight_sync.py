@@ -106,7 +106,7 @@ class WeightPublisher:
 
     # -------------------------------------------------------------------------------------------- snapshot
     @torch.no_grad()
-    def _host_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _host_tensors(self, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
         cuda = {k: t for k, t in tensors.items() if t.is_cuda}
         if cuda and not self.only_changed:
             return {k: t.detach() for k, t in tensors.items()}, {}  # publish copies D2H straight into the send buffer
