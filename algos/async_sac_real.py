@@ -130,13 +130,18 @@ class Args:
     critic_actor_ratio: int = 4
     """critic updates per actor update"""
     utd: float = 1.0
-    """cap on critic updates per received transition (the learner idles above it)"""
+    """cap on critic updates per received transition (the learner idles above it); async 0: no cap (USER's learner
+    trains continuously); --mode sync: updates per collected transition"""
     layer_norm: bool = True
     """LayerNorm in the critics (RLPD)"""
     initial_alpha: float = 0.01
     """initial entropy temperature"""
     target_entropy: float = -3.0
     """automatic entropy tuning target"""
+    bootstrap_terminal: bool = False
+    """bootstrap through terminations in the TD target (ManiSkill's SAC recipe for dense sim rewards, where a success
+    ends the episode: without it, ending forfeits the reward of staying at the goal and the policy learns to hover
+    short of success; keep it off for sparse success rewards, SERL style)"""
     max_grad_norm: float = 10.0
     """gradient clipping"""
     hidden: int = 256
@@ -304,7 +309,8 @@ class Learner:
             next_actions, next_logp = self.policy.head(next_feats)
             heads = torch.randperm(a.num_q, device=self.device)[:a.critic_subsample]
             next_q = self.critic_target(next_feats, next_actions)[heads].min(0).values
-            target = rewards + a.gamma * (1 - terminated) * (next_q - alpha * next_logp)
+            done = torch.zeros_like(terminated) if a.bootstrap_terminal else terminated
+            target = rewards + a.gamma * (1 - done) * (next_q - alpha * next_logp)
         q = self.critic(self.policy.encoder(obs), actions)
         critic_loss = F.mse_loss(q, target.expand_as(q))
         self.critic_opt.zero_grad(set_to_none=True)
@@ -491,6 +497,8 @@ def main(args: Args) -> None:
             raise SystemExit(f"--{name} must be one of {choices}, got {getattr(args, name)!r}")
     if not 0 <= args.demo_fraction < 1 or args.critic_subsample > args.num_q:
         raise SystemExit("--demo-fraction must be in [0, 1) and --critic-subsample <= --num-q")
+    if args.utd < 0 or (args.mode == "sync" and args.utd == 0):
+        raise SystemExit(f"--utd must be > 0 (or 0 for an uncapped async learner), got {args.utd} in --mode {args.mode}")
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     random.seed(args.seed)
@@ -675,7 +683,7 @@ def main(args: Args) -> None:
             n_updates = int(args.utd * args.sync_steps) if online.total_added >= args.learning_starts else 0
         else:
             n_updates = 1
-            if received < args.learning_starts or learner.updates >= args.utd * received:
+            if received < args.learning_starts or (args.utd > 0 and learner.updates >= args.utd * received):
                 time.sleep(0.01)  # wait for data (the cap keeps the UTD at --utd)
                 n_updates = 0
         if n_updates and learner.updates == updates_at_start:
@@ -711,6 +719,7 @@ def main(args: Args) -> None:
                 writer.add_scalar("time/episode_seconds", np.mean([e["episode_seconds"] for e in train_eps]), step)
             if eval_eps:
                 writer.add_scalar("eval/success_rate", np.mean([e["success"] for e in eval_eps]), step)
+                writer.add_scalar("eval/episodes", len(eval_eps), step)
             ups = (learner.updates - updates_at_log) / max(now - last_log, 1e-6)
             writer.add_scalar("learner/updates_per_s", ups, step)
             writer.add_scalar("learner/utd_achieved", learner.updates / max(step, 1), step)
