@@ -309,7 +309,7 @@ class Learner:
             next_actions, next_logp = self.policy.head(next_feats)
             heads = torch.randperm(a.num_q, device=self.device)[:a.critic_subsample]
             next_q = self.critic_target(next_feats, next_actions)[heads].min(0).values
-            done = torch.zeros_like(terminated) if a.bootstrap_terminal else terminated
+            done = 0.0 if a.bootstrap_terminal else terminated
             target = rewards + a.gamma * (1 - done) * (next_q - alpha * next_logp)
         q = self.critic(self.policy.encoder(obs), actions)
         critic_loss = F.mse_loss(q, target.expand_as(q))

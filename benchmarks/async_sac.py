@@ -275,8 +275,7 @@ def main(args: Args) -> None:
         if part == "profile":
             rows, raw = profile(args, part_root)
             cols = ["mode", "UTD setting", "UTD achieved", "minutes", "transitions", "episodes", "updates",
-                    "generation s/episode",
-                    "learner s/update", "control Hz (median)", "control rate error %"]
+                    "generation s/episode", "learner s/update", "control Hz (median)", "control rate error %"]
             notes = (f"Robots: {args.num_robots} x `sim:{args.task},{args.robot_options}` (paced like real robots); "
                      f"flags `{' '.join(args.sac_flags + args.profile_flags)}`. Generation s/episode: wall-clock per finished episode per "
                      f"robot. Learner s/update: wall-clock per critic update (a sync learner idles while its robots "
