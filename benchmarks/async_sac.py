@@ -285,8 +285,16 @@ def main(args: Args) -> None:
                      f"0.64 s/update at 0.14 s of compute per update, imply ~40 updates per episode). Targets "
                      f"(issue 7): async >= 1.5x on generation and >= 4x on learner cadence; control rate within 2% "
                      f"of its target.")
+            plt = pyplot()
+            fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+            runs = [r for r in rows if "UTD setting" in r]
+            labels = [f"{r['mode']}\nUTD {r['UTD setting']}" for r in runs]
+            for ax, key in zip(axes, ("generation s/episode", "learner s/update")):
+                ax.bar(labels, [r[key] for r in runs], color=["C0"] + ["C1"] * (len(runs) - 1))
+                ax.set_title(f"{key} (lower is better)", fontsize=9)
+                ax.tick_params(labelsize=7)
             write_results("async_sac_profile", "Async vs sync SAC / RLPD: USER's profiling table at CPU scale", cols,
-                          rows, seeds=[1], notes=notes, out_dir=out_dir)
+                          rows, seeds=[1], notes=notes, out_dir=out_dir, figure=fig)
             add_raw(out_dir / "async_sac_profile.json", raw)
         elif part == "learn":
             rows, curves, raw = learn(args, part_root)

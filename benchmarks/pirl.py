@@ -14,8 +14,10 @@ random actions).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import shlex
 import subprocess
 import sys
 import time
@@ -54,8 +56,11 @@ class Args:
     """demos for the SFT start (0: 3 for PushCube, 20 for LIBERO: the few-shot band of benchmarks/sft_fewshot)"""
     sft_steps: int = 0
     """SFT steps (0: 1500 for PushCube, 2000 for LIBERO)"""
-    rl_flags: list[str] = field(default_factory=list)
-    """extra flags for both RL scripts (e.g. --learning-rate 3e-6)"""
+    sft_flags: str = ""
+    """extra flags for the SFT start, one string (e.g. --sft-flags="--expert mlp --expert-width 256": the
+    calibration's MLP flow policy)"""
+    rl_flags: str = ""
+    """extra flags for both RL scripts, one string (e.g. --rl-flags="--learning-rate 3e-5 --num-steps 32")"""
     throughput_seconds: float = 20.0
     """timed seconds of the raw-simulator throughput measurement"""
     run_dir: Path = ROOT / "runs" / "bench_pirl"
@@ -91,25 +96,31 @@ def run(cmd: list[str]) -> None:
     print(f"  {time.time() - t0:.0f} s", flush=True)
 
 
+def flags_tag(flags: str) -> str:
+    """A short, stable suffix for run names, so that finished runs are reused only with the same flags."""
+    return "_" + hashlib.sha1(flags.encode()).hexdigest()[:6] if flags.strip() else ""
+
+
 def sft_start(args: Args, seed: int) -> Path:
-    name = f"sft_n{args.sft_demos}"
+    name = f"sft_n{args.sft_demos}_s{args.sft_steps}" + flags_tag(args.sft_flags)
     final = args.run_dir / f"{args.task.replace('/', '_')}__{name}__{seed}" / "final"
     if not (final / "pi0_config.json").exists():
         demos = args.demo_dir / (args.task if args.env == "maniskill" else f"{args.task.replace('/', '_')}_n{args.sft_demos}")
         run([sys.executable, str(ROOT / "algos" / "sft_pi0.py"), "--env", args.env, "--task", args.task,
              "--num-demos", str(args.sft_demos), "--demos", str(demos), "--total-steps", str(args.sft_steps),
-             "--eval-episodes", "0", "--seed", str(seed), "--exp-name", name, "--run-dir", str(args.run_dir)])
+             "--eval-episodes", "0", "--seed", str(seed), "--exp-name", name, "--run-dir", str(args.run_dir),
+             *shlex.split(args.sft_flags)])
     return final
 
 
 def rl_run(args: Args, algorithm: str, seed: int, init: Path) -> dict:
-    name = f"{algorithm}_{args.minutes:g}min"
+    name = f"{algorithm}_{args.minutes:g}min" + flags_tag(f"{args.sft_flags} | {args.rl_flags}" if args.sft_flags or args.rl_flags else "")
     summary = args.run_dir / f"{args.task.replace('/', '_')}__{name}__{seed}" / "summary.json"
     if not summary.exists():
         run([sys.executable, str(ROOT / "algos" / f"{algorithm}_pi0.py"), "--env", args.env, "--task", args.task,
              "--init", f"sft:{init}", "--seed", str(seed), "--exp-name", name, "--run-dir", str(args.run_dir),
              "--total-minutes", str(args.minutes), "--total-iterations", "1000000", "--eval-every",
-             str(args.eval_every), "--eval-episodes", str(args.eval_episodes), "--no-capture-video", *args.rl_flags])
+             str(args.eval_every), "--eval-episodes", str(args.eval_episodes), "--no-capture-video", *shlex.split(args.rl_flags)])
     return json.loads(summary.read_text())
 
 
@@ -186,9 +197,10 @@ def main(args: Args) -> None:
     ax.set_title(f"πRL on {args.task}, tiny π0 from few-shot SFT")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7)
-    notes = (f"Few-shot SFT start: {args.sft_demos} demos, {args.sft_steps} steps (`algos/sft_pi0.py`, one per seed). "
+    notes = (f"Few-shot SFT start: {args.sft_demos} demos, {args.sft_steps} steps (`algos/sft_pi0.py`"
+             f"{' ' + args.sft_flags if args.sft_flags else ''}, one per seed). "
              f"RL: `algos/flow_sde_pi0.py` / `algos/flow_noise_pi0.py` with their CPU defaults"
-             f"{' plus ' + ' '.join(args.rl_flags) if args.rl_flags else ''}, {args.minutes:g} minutes of training each "
+             f"{' plus `' + args.rl_flags + '`' if args.rl_flags else ''}, {args.minutes:g} minutes of training each "
              f"(eval excluded), eval every {args.eval_every} iterations on {args.eval_episodes} fixed initial states. "
              "`sft_success` is the iteration-0 eval of the same run, `rl_success` the last eval. `raw_sps`: the same "
              f"worker envs ({run_args['num_envs']}) stepping chunks of {run_args['action_chunk']} random actions for "
