@@ -96,9 +96,9 @@ def run(cmd: list[str]) -> None:
     print(f"  {time.time() - t0:.0f} s", flush=True)
 
 
-def flags_tag(flags: str) -> str:
+def flags_tag(*flags: str) -> str:
     """A short, stable suffix for run names, so that finished runs are reused only with the same flags."""
-    return "_" + hashlib.sha1(flags.encode()).hexdigest()[:6] if flags.strip() else ""
+    return "_" + hashlib.sha1(" | ".join(flags).encode()).hexdigest()[:6] if any(f.strip() for f in flags) else ""
 
 
 def sft_start(args: Args, seed: int) -> Path:
@@ -114,13 +114,14 @@ def sft_start(args: Args, seed: int) -> Path:
 
 
 def rl_run(args: Args, algorithm: str, seed: int, init: Path) -> dict:
-    name = f"{algorithm}_{args.minutes:g}min" + flags_tag(f"{args.sft_flags} | {args.rl_flags}" if args.sft_flags or args.rl_flags else "")
+    name = f"{algorithm}_{args.minutes:g}min" + flags_tag(args.sft_flags, args.rl_flags)
     summary = args.run_dir / f"{args.task.replace('/', '_')}__{name}__{seed}" / "summary.json"
     if not summary.exists():
         run([sys.executable, str(ROOT / "algos" / f"{algorithm}_pi0.py"), "--env", args.env, "--task", args.task,
              "--init", f"sft:{init}", "--seed", str(seed), "--exp-name", name, "--run-dir", str(args.run_dir),
              "--total-minutes", str(args.minutes), "--total-iterations", "1000000", "--eval-every",
-             str(args.eval_every), "--eval-episodes", str(args.eval_episodes), "--no-capture-video", *shlex.split(args.rl_flags)])
+             str(args.eval_every), "--eval-episodes", str(args.eval_episodes), "--no-capture-video",
+             *shlex.split(args.rl_flags)])
     return json.loads(summary.read_text())
 
 
