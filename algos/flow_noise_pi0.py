@@ -12,7 +12,8 @@ The denoising chain x_1 -> x_0 (K Euler steps) becomes a Gaussian Markov chain: 
 x_t - d*v and its std comes from a noise network on the action expert's hidden states (not detached, as RLinf),
     l = tanh(MLP(h)),  logvar = logvar_min + (logvar_max - logvar_min) * (l + 1) / 2,  std = exp(logvar / 2)
 bounded in [0.08, 0.16]. The chain's log-likelihood is exact; RLinf averages its K+1 terms (N(0, I) of x_1, then each
-transition) instead of summing them, sliced to the executed [chunk, env action dims]. An entropy bonus (0.005) on
+transition) instead of summing them, sliced to the executed [chunk, env action dims] (and to the actions that ran where
+an episode ended mid-chunk). An entropy bonus (0.005) on
 0.5*log(2*pi*e*std^2) pushes the std up. Eval runs the plain ODE (the noise network is not called).
 PPO as in flow_sde_pi0.py: chunk-level GAE (γ 0.99, λ 0.95), clip 0.2, Huber value loss with value clipping, no KL;
 critic on what the policy observes (prefix mean + state; RLinf's expert / VLM placements as options, see
@@ -280,10 +281,12 @@ def expert_value(value_head, hidden, detach: bool):
     return value_head(feats.detach() if detach else feats).mean(1)
 
 
-def actor_loss(logratio, advantages, clip: float):
-    """PPO clipped surrogate; no dual clip (RLinf does not pass clip_ratio_c for openpi policies)."""
+def actor_loss(logratio, advantages, clip: float, weights):
+    """PPO clipped surrogate, averaged over the executed elements (`weights` 1/0); no dual clip (RLinf does not pass
+    clip_ratio_c for openpi policies)."""
     ratio = logratio.exp()
-    return torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip)).mean()
+    loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip))
+    return (loss * weights).sum() / weights.expand_as(loss).sum().clamp(min=1)
 
 
 def value_loss(new_value, old_value, returns, clip: float, delta: float):
@@ -525,7 +528,11 @@ if __name__ == "__main__":
             obs, reward, terminated, truncated, info = envs.step(actions.cpu())
             done = (terminated | truncated).cpu()
             reward = reward.sum(1).cpu()  # chunk-level reward: the executed steps' sum
-            global_step += int(info["executed_steps"].sum())
+            executed = info["executed_steps"].cpu()
+            global_step += int(executed.sum())
+            # an episode that ended mid-chunk never ran the chunk's later actions: they stay out of the log-prob
+            rec["executed"] = (torch.arange(chunk)[None, :, None] < executed[:, None, None]).expand(-1, -1, A) \
+                .reshape(len(executed), -1).to(device)
             if args.adv_type == "gae" and done.any() and args.bootstrap != "none":
                 boot = truncated.cpu() if args.bootstrap == "truncation" else done
                 if boot.any():
@@ -585,6 +592,7 @@ if __name__ == "__main__":
         batch_keys = records[0]["batch"].keys()
         data = {k: torch.cat([r["batch"][k] for r in records])[flat_mask.to(device)] for k in batch_keys}
         chains, ks, logp_old = cat("chain")[flat_mask.to(device)], cat("k")[flat_mask.to(device)], cat("logp")[flat_mask.to(device)]
+        executed_mask = cat("executed")[flat_mask.to(device)].float()
         adv_flat, ret_flat = advantages.reshape(-1)[flat_mask].to(device), returns.reshape(-1)[flat_mask].to(device)
         val_flat = values.reshape(-1)[flat_mask].to(device)
         n_samples = int(flat_mask.sum())
@@ -601,9 +609,10 @@ if __name__ == "__main__":
                 mb_batch = {k: v[mb] for k, v in data.items()}
                 k_mb = ks[mb].clamp(min=0)
                 new_logp, new_value = recompute(mb_batch, chains[mb], k_mb)
-                logratio = new_logp - logp_old[mb]
+                mb_executed = executed_mask[mb]
+                logratio = (new_logp - logp_old[mb]) * mb_executed
                 if args.logprob_type == "chunk":
-                    logratio = logratio.sum(-1, keepdim=True)
+                    logratio, mb_executed = logratio.sum(-1, keepdim=True), mb_executed.amax(-1, keepdim=True)
                 ratio = logratio.exp()
                 if epoch == 0 and start == 0:
                     first_ratio_err = float((ratio.detach() - 1).abs().max())
@@ -611,7 +620,7 @@ if __name__ == "__main__":
                 if args.norm_adv and len(mb) > 1:
                     mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
                 mb_adv = mb_adv[:, None]
-                pg_loss = actor_loss(logratio, mb_adv, args.clip_coef)
+                pg_loss = actor_loss(logratio, mb_adv, args.clip_coef, mb_executed)
                 entropy = recompute.entropy.mean()
                 loss = pg_loss - args.entropy_bonus * entropy
                 entropies.append(entropy.item())

@@ -13,7 +13,8 @@ by the whole batch (RLinf's behaviour), uses the marginal-preserving reverse SDE
     sigma_i = a*sqrt(t_i / (1 - t_i))   (t = 1 uses t_1 in the denominator: sigma_0 = a*sqrt(K))
     mean = x0_hat*(1 - (t - d)) + x1_hat*(t - d - sigma_i^2 * d / (2t)),  std = sqrt(d)*sigma_i
 with x0_hat = x_t - t*v and x1_hat = x_t + (1 - t)*v; all other steps are deterministic ODE steps. The action's
-log-prob is that transition's Gaussian, sliced to the executed [chunk, env action dims]. `--joint` makes every step
+log-prob is that transition's Gaussian, sliced to the executed [chunk, env action dims] (and, where an episode ended
+mid-chunk, to the actions that ran; the PPO loss averages over those). `--joint` makes every step
 stochastic and uses the mean over the K+1 terms (N(0, I) of x_1, then each transition), RLinf's joint_logprob.
 PPO: samples are chunk steps (rewards summed over the chunk), GAE (γ 0.99, λ 0.95) over chunk steps, clip 0.2,
 Huber value loss (δ 10) with value clipping 0.2, no KL, no dual clip. Critic (`--critic`): by default on what the
@@ -299,10 +300,12 @@ def expert_value(value_head, hidden, detach: bool):
     return value_head(feats.detach() if detach else feats).mean(1)
 
 
-def actor_loss(logratio, advantages, clip: float):
-    """PPO clipped surrogate; no dual clip (RLinf does not pass clip_ratio_c for openpi policies)."""
+def actor_loss(logratio, advantages, clip: float, weights):
+    """PPO clipped surrogate, averaged over the executed elements (`weights` 1/0); no dual clip (RLinf does not pass
+    clip_ratio_c for openpi policies)."""
     ratio = logratio.exp()
-    return torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip)).mean()
+    loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip))
+    return (loss * weights).sum() / weights.expand_as(loss).sum().clamp(min=1)
 
 
 def value_loss(new_value, old_value, returns, clip: float, delta: float):
@@ -545,7 +548,11 @@ if __name__ == "__main__":
             obs, reward, terminated, truncated, info = envs.step(actions.cpu())
             done = (terminated | truncated).cpu()
             reward = reward.sum(1).cpu()  # chunk-level reward: the executed steps' sum
-            global_step += int(info["executed_steps"].sum())
+            executed = info["executed_steps"].cpu()
+            global_step += int(executed.sum())
+            # an episode that ended mid-chunk never ran the chunk's later actions: they stay out of the log-prob
+            rec["executed"] = (torch.arange(chunk)[None, :, None] < executed[:, None, None]).expand(-1, -1, A) \
+                .reshape(len(executed), -1).to(device)
             if args.adv_type == "gae" and done.any() and args.bootstrap != "none":
                 boot = truncated.cpu() if args.bootstrap == "truncation" else done
                 if boot.any():
@@ -605,6 +612,7 @@ if __name__ == "__main__":
         batch_keys = records[0]["batch"].keys()
         data = {k: torch.cat([r["batch"][k] for r in records])[flat_mask.to(device)] for k in batch_keys}
         chains, ks, logp_old = cat("chain")[flat_mask.to(device)], cat("k")[flat_mask.to(device)], cat("logp")[flat_mask.to(device)]
+        executed_mask = cat("executed")[flat_mask.to(device)].float()
         adv_flat, ret_flat = advantages.reshape(-1)[flat_mask].to(device), returns.reshape(-1)[flat_mask].to(device)
         val_flat = values.reshape(-1)[flat_mask].to(device)
         n_samples = int(flat_mask.sum())
@@ -621,9 +629,10 @@ if __name__ == "__main__":
                 mb_batch = {k: v[mb] for k, v in data.items()}
                 k_mb = ks[mb].clamp(min=0)
                 new_logp, new_value = recompute(mb_batch, chains[mb], k_mb)
-                logratio = new_logp - logp_old[mb]
+                mb_executed = executed_mask[mb]
+                logratio = (new_logp - logp_old[mb]) * mb_executed
                 if args.logprob_type == "chunk":
-                    logratio = logratio.sum(-1, keepdim=True)
+                    logratio, mb_executed = logratio.sum(-1, keepdim=True), mb_executed.amax(-1, keepdim=True)
                 ratio = logratio.exp()
                 if epoch == 0 and start == 0:
                     first_ratio_err = float((ratio.detach() - 1).abs().max())
@@ -631,7 +640,7 @@ if __name__ == "__main__":
                 if args.norm_adv and len(mb) > 1:
                     mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
                 mb_adv = mb_adv[:, None]
-                pg_loss = actor_loss(logratio, mb_adv, args.clip_coef)
+                pg_loss = actor_loss(logratio, mb_adv, args.clip_coef, mb_executed)
                 loss = pg_loss
                 if args.adv_type == "gae":
                     v_loss = value_loss(new_value, val_flat[mb], ret_flat[mb], args.value_clip, args.huber_delta)

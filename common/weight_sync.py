@@ -157,9 +157,10 @@ class WeightPublisher:
             frames = encode("update", {"version": self.version, "mode": self.mode, **delta_meta}, tensors,
                             self.version, device_frames=on_gpu)
             pack = lambda out, pinned=False: pack_frames(frames, out=out, pinned=pinned)
-        with self._cond:
-            spare = next((i for i, (buf, tracker) in enumerate(self._buffers)
-                          if (tracker is None or tracker.done) and buf is not (self._pending or (0, None))[1]), None)
+        with self._cond:  # the most recently sent free buffer: its pages are the warmest in the cache
+            spare = next((i for i in reversed(range(len(self._buffers)))
+                          if (self._buffers[i][1] is None or self._buffers[i][1].done)
+                          and self._buffers[i][0] is not (self._pending or (0, None))[1]), None)
             reuse = self._buffers.pop(spare)[0] if spare is not None else None
         if on_gpu:
             # One copy in all: device-to-host straight into the (pinned) send buffer, on a side stream that waits for

@@ -108,8 +108,20 @@ def test_expert_value_is_averaged_over_steps_and_no_dual_clip():
     assert torch.allclose(fs.expert_value(head, hidden, True), per_step.mean(1))
     # A < 0 with a large ratio: the plain clipped surrogate, not RLinf's dual clip at 3.0
     logratio, adv = torch.log(torch.tensor([[10.0]])), torch.tensor([[-1.0]])
-    assert fs.actor_loss(logratio, adv, 0.2).item() == pytest.approx(10.0)
+    assert fs.actor_loss(logratio, adv, 0.2, torch.ones(1, 1)).item() == pytest.approx(10.0)
     assert not hasattr(fs.Args, "clip_ratio_c") and not hasattr(fs.Args, "double_layer")
+
+
+def test_actions_never_executed_stay_out_of_the_ppo_loss():
+    # token log-probs: 2 samples x 3 elements; sample 0 ran only its first element (its episode ended mid-chunk)
+    logratio = torch.tensor([[0.1, 5.0, -5.0], [0.1, 0.1, 0.1]], requires_grad=True)
+    executed = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    adv = torch.tensor([[1.0], [1.0]])
+    loss = fs.actor_loss(logratio * executed, adv, 0.2, executed)
+    loss.backward()
+    # the mean runs over the 4 executed elements; the unexecuted ones get no gradient
+    assert loss.item() == pytest.approx(-4 * torch.tensor(0.1).exp().item() / 4)
+    assert logratio.grad[0, 1] == 0 and logratio.grad[0, 2] == 0 and logratio.grad[0, 0] != 0
 
 
 def run(args, tmp_path, timeout=600):
