@@ -158,10 +158,10 @@ class WeightPublisher:
                             self.version, device_frames=on_gpu)
             pack = lambda out, pinned=False: pack_frames(frames, out=out, pinned=pinned)
         with self._cond:  # the most recently sent free buffer: its pages are the warmest in the cache
-            spare = next((i for i in reversed(range(len(self._buffers)))
-                          if (self._buffers[i][1] is None or self._buffers[i][1].done)
-                          and self._buffers[i][0] is not (self._pending or (0, None))[1]), None)
-            reuse = self._buffers.pop(spare)[0] if spare is not None else None
+            pending = self._pending[1] if self._pending else None
+            free = [i for i, (buf, tracker) in enumerate(self._buffers)
+                    if (tracker is None or tracker.done) and buf is not pending]
+            reuse = self._buffers.pop(free[-1])[0] if free else None
         if on_gpu:
             # One copy in all: device-to-host straight into the (pinned) send buffer, on a side stream that waits for
             # training's pending work; training's stream then waits only for these copies.
