@@ -486,6 +486,15 @@ if __name__ == "__main__":
                   "logp": logp[:, :chunk, :A].reshape(B, -1), "value": value}
         return actions, record
 
+    def value_of(obs):
+        """V(obs) for bootstrapping: the critic alone when it reads the observation (no denoising chain); the expert
+        critic reads the expert's states, so it needs a deterministic chain."""
+        if critic_on == "expert":
+            return act(obs, deterministic=True)[1]["value"]
+        batch = processor.batch(obs["state"], obs.get("images"), obs["task_description"], device)
+        with torch.no_grad():
+            return prefix_and_value(batch, grad=False)[1]
+
     def recompute(batch, chain, k):
         """Log-probs (B, chunk*A) and values (B,) of stored transitions under the current parameters."""
         prefix, value = prefix_and_value(batch, grad=True)
@@ -561,9 +570,7 @@ if __name__ == "__main__":
                     sub = {"state": final["state"][idx], "task_description": [final["task_description"][i] for i in idx]}
                     if "images" in final:
                         sub["images"] = {key: val[idx] for key, val in final["images"].items()}
-                    with torch.no_grad():
-                        _, rec_final = act(sub, deterministic=True)
-                    reward[idx] += args.gamma * rec_final["value"].cpu()
+                    reward[idx] += args.gamma * value_of(sub).cpu()
             records.append(rec)
             rewards.append(reward)
             dones.append(done)
@@ -582,8 +589,7 @@ if __name__ == "__main__":
         with torch.no_grad():
             if args.adv_type == "gae":
                 values = torch.stack([r["value"].cpu() for r in records])
-                _, last = act(obs, deterministic=True)
-                next_value = last["value"].cpu()
+                next_value = value_of(obs).cpu()
                 advantages = torch.zeros(T, args.num_envs)
                 lastgaelam = torch.zeros(args.num_envs)
                 for t in reversed(range(T)):

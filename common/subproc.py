@@ -50,10 +50,24 @@ def _worker_main(conn, factory: Callable[..., Any], kwargs: dict, parent_pid: in
                 conn.send(("ok", None))
             break
         try:
-            conn.send(("ok", getattr(env, method)(*args)))
+            conn.send(("ok", run_chunk(env, *args) if method == "__chunk__" else getattr(env, method)(*args)))
         except BaseException as exc:
             conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
     conn.close()
+
+
+def run_chunk(env, actions: np.ndarray, steps_left: int, stop_on_terminate: bool):
+    """Run a chunk of actions (k, A) in one worker call: step until the chunk, the episode's `steps_left` or (with
+    `stop_on_terminate`) a termination ends it. Only the last step is observed (a terminating step leaves a fresh
+    observation by the env's contract). -> (last obs, rewards, terminated, success), one list entry per executed step."""
+    rewards, terminated, success, obs = [], [], [], None
+    n = max(1, min(len(actions), int(steps_left)))
+    for j in range(n):
+        obs, r, term, succ = env.step(actions[j], j == n - 1)
+        rewards.append(float(r)), terminated.append(bool(term)), success.append(bool(succ))
+        if term and stop_on_terminate:
+            break
+    return obs, rewards, terminated, success
 
 
 class WorkerPool:
@@ -196,6 +210,23 @@ class SubprocBackend:
         for i, (obs, r, term, succ) in zip(ids, self.pool.call(ids, "step", calls)):
             self._obs[i] = obs
             reward[i], terminated[i], success[i] = float(r), bool(term), bool(succ)
+        return reward, terminated, success
+
+    def step_chunk(self, actions, active, steps_left, stop_on_terminate: bool):
+        """Actions [N, k, A]: each active worker runs its whole chunk in one round trip (`run_chunk`), instead of k
+        lock-step calls. -> reward, terminated, success, each [N, k] (zeros after an env's last executed step)."""
+        import torch
+
+        ids = [i for i in range(self.num_envs) if active[i]]
+        acts = actions.detach().cpu().numpy()
+        k = acts.shape[1]
+        reward = torch.zeros(self.num_envs, k)
+        terminated = torch.zeros(self.num_envs, k, dtype=torch.bool)
+        success = torch.zeros(self.num_envs, k, dtype=torch.bool)
+        calls = [(acts[i], int(steps_left[i]), stop_on_terminate) for i in ids]
+        for i, (obs, r, term, succ) in zip(ids, self.pool.call(ids, "__chunk__", calls)):
+            self._obs[i], m = obs, len(r)
+            reward[i, :m], terminated[i, :m], success[i, :m] = torch.tensor(r), torch.tensor(term), torch.tensor(succ)
         return reward, terminated, success
 
     def observation(self) -> dict[str, Any]:

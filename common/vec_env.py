@@ -30,7 +30,12 @@ import torch
 
 
 class Backend:
-    """What a simulator wrapper implements. All batch dimensions are `num_envs`."""
+    """What a simulator wrapper implements. All batch dimensions are `num_envs`.
+
+    Optional: `step_chunk(actions [N, k, A], active, steps_left [N], stop_on_terminate) -> reward, terminated,
+    success ([N, k] each)`, where each active env runs its chunk on its own until the chunk ends, it has run
+    `steps_left` steps, or (with `stop_on_terminate`) it terminates, leaving its last observation current. Worker
+    processes use it to answer a chunk in one round trip (`common.subproc.SubprocBackend`)."""
 
     num_envs: int
     action_dim: int
@@ -206,12 +211,19 @@ class BatchedEnv:
         # A batched simulator keeps stepping an env that finished inside the chunk, so its terminal observation is
         # taken when it finishes, not at the end of the chunk.
         captured, captured_mask = None, torch.zeros(n, dtype=torch.bool, device=dev)
+        chunk_result = None
+        if k > 1 and hasattr(self.backend, "step_chunk"):  # one call per chunk; the loop below replays its results
+            steps_left = (self.max_episode_steps - self.lengths).cpu().numpy()
+            chunk_result = self.backend.step_chunk(actions, active.copy(), steps_left, not self.ignore_terminations)
         for j in range(k):
             if not active.any():
                 break
-            # Observations inside a chunk are never seen: only the last step's, and that of an episode's last step.
-            observe = np.full(n, j == k - 1) | (self.lengths + 1 >= self.max_episode_steps).cpu().numpy()
-            reward, term, success = self.backend.step(actions[:, j], active, observe)
+            if chunk_result is None:
+                # Observations inside a chunk are never seen: only the last step's, and that of an episode's last step.
+                observe = np.full(n, j == k - 1) | (self.lengths + 1 >= self.max_episode_steps).cpu().numpy()
+                reward, term, success = self.backend.step(actions[:, j], active, observe)
+            else:
+                reward, term, success = (x[:, j] for x in chunk_result)
             mask = torch.as_tensor(active, device=dev)
             reward, term, success = reward.to(dev).float(), term.to(dev).bool(), success.to(dev).bool()
             if self.relative_reward:  # the env reports a level; pay out its change so an episode sums to the final level
@@ -232,7 +244,7 @@ class BatchedEnv:
             truncated |= trunc
             finished = term | trunc
             active &= ~finished.cpu().numpy()
-            if j < k - 1 and finished.any() and active.any():
+            if chunk_result is None and j < k - 1 and finished.any() and active.any():
                 now = _clone_obs(self.backend.observation())
                 captured = now if captured is None else _merge_obs(captured, now, finished)
                 captured_mask |= finished

@@ -183,3 +183,59 @@ def test_final_observation_is_the_terminal_one_even_when_the_simulator_keeps_ste
     _, r, term, _, info = env.step(torch.zeros(2, 5, 2))
     assert term.tolist() == [True, False] and r[0].tolist() == [1, 1, 0, 0, 0]
     assert info["final_observation"]["state"][0].tolist() == [1, 2]  # taken at its 2nd step, not after 5
+
+
+class CountingWorkerEnv:
+    """A worker-process env for `SubprocBackend`: state [reset_id, steps]; terminates with success after
+    `(reset_id % 5) + 1` steps when the reset id is odd, never when it is even."""
+
+    def reset(self, reset_id):
+        self.rid, self.steps = reset_id, 0
+        return self._obs()
+
+    def _obs(self):
+        return {"state": np.array([self.rid, self.steps], np.float32), "task_description": "count"}
+
+    def step(self, action, observe=True):
+        self.steps += 1
+        done = self.rid % 2 == 1 and self.steps >= self.rid % 5 + 1
+        return self._obs(), float(action[0]) + self.steps, done, done
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("ignore_terminations", [False, True])
+def test_worker_chunks_in_one_round_trip_match_lock_step_stepping(ignore_terminations):
+    from common.subproc import SubprocBackend, WorkerPool
+
+    class LockStep(SubprocBackend):  # the same workers without step_chunk: one call per step
+        step_chunk = property(lambda self: (_ for _ in ()).throw(AttributeError("lock-step")))
+
+    runs = []
+    for backend_cls in (SubprocBackend, LockStep):
+        pool = WorkerPool(CountingWorkerEnv, [{}] * 3, timeout=20)
+        try:
+            env = BatchedEnv(backend_cls(pool, 2), max_episode_steps=7, num_reset_ids=40, seed=3,
+                             ignore_terminations=ignore_terminations)
+            assert hasattr(env.backend, "step_chunk") == (backend_cls is SubprocBackend)
+            out = [env.reset()]
+            gen = torch.Generator().manual_seed(0)
+            for _ in range(12):
+                out.append(env.step(torch.rand(3, 4, 2, generator=gen)))
+            runs.append(out)
+        finally:
+            pool.close()
+    fast, slow = runs
+    assert torch.equal(fast[0]["state"], slow[0]["state"])
+    saw_mid_chunk_end = False
+    for (o1, r1, t1, tr1, i1), (o2, r2, t2, tr2, i2) in zip(fast[1:], slow[1:]):
+        assert torch.equal(o1["state"], o2["state"]) and torch.equal(r1, r2)
+        assert torch.equal(t1, t2) and torch.equal(tr1, tr2) and torch.equal(i1["executed_steps"], i2["executed_steps"])
+        assert ("final_observation" in i1) == ("final_observation" in i2)
+        if "final_observation" in i1:
+            assert torch.equal(i1["final_observation"]["state"], i2["final_observation"]["state"])
+            for key in ("return", "length", "success_once", "reset_id"):
+                assert torch.equal(i1["episode"][key], i2["episode"][key])
+        saw_mid_chunk_end |= bool(((i1["executed_steps"] > 0) & (i1["executed_steps"] < 4)).any())
+    assert saw_mid_chunk_end  # episodes ended inside chunks (terminations or the 7-step limit)
