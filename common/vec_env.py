@@ -212,7 +212,7 @@ class BatchedEnv:
         # taken when it finishes, not at the end of the chunk.
         captured, captured_mask = None, torch.zeros(n, dtype=torch.bool, device=dev)
         chunk_result = None
-        if k > 1 and hasattr(self.backend, "step_chunk"):  # one call per chunk; the loop below replays its results
+        if k > 1 and getattr(self.backend, "step_chunk", None) is not None:  # one call per chunk; the loop below replays its results
             steps_left = (self.max_episode_steps - self.lengths).cpu().numpy()
             chunk_result = self.backend.step_chunk(actions, active.copy(), steps_left, not self.ignore_terminations)
         for j in range(k):
