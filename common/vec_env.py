@@ -212,7 +212,8 @@ class BatchedEnv:
         # taken when it finishes, not at the end of the chunk.
         captured, captured_mask = None, torch.zeros(n, dtype=torch.bool, device=dev)
         chunk_result = None
-        if k > 1 and getattr(self.backend, "step_chunk", None) is not None:  # one call per chunk; the loop below replays its results
+        # A backend that can run a chunk by itself gets one call; the loop below replays its per-step results.
+        if k > 1 and getattr(self.backend, "step_chunk", None) is not None:
             steps_left = (self.max_episode_steps - self.lengths).cpu().numpy()
             chunk_result = self.backend.step_chunk(actions, active.copy(), steps_left, not self.ignore_terminations)
         for j in range(k):
