@@ -10,6 +10,8 @@ random actions).
 
     python benchmarks/pirl.py                                     # PushCube-v1: writes benchmarks/results/pirl_maniskill.*
     python benchmarks/pirl.py --env libero --seeds 1 --minutes 20 # LIBERO-Object task 0: pirl_libero.*
+    python benchmarks/pirl.py --algorithms flow_sde --minutes 30 --eval-every 20 --sde-flags="--noise-level 0.3" \
+        --name pirl_maniskill_sde_30min                           # flags for one algorithm, its own table
 """
 
 from __future__ import annotations
@@ -61,6 +63,10 @@ class Args:
     calibration's MLP flow policy)"""
     rl_flags: str = ""
     """extra flags for both RL scripts, one string (e.g. --rl-flags="--learning-rate 3e-5 --num-steps 32")"""
+    sde_flags: str = ""
+    """extra flags for Flow-SDE only (e.g. --sde-flags="--noise-level 0.3")"""
+    noise_flags: str = ""
+    """extra flags for Flow-Noise only"""
     throughput_seconds: float = 20.0
     """timed seconds of the raw-simulator throughput measurement"""
     run_dir: Path = ROOT / "runs" / "bench_pirl"
@@ -69,6 +75,8 @@ class Args:
     """demo datasets (generated when missing)"""
     out_dir: Path = RESULTS_DIR
     """where pirl_<env>.{md,json,png} go"""
+    name: str = ""
+    """results file name (default pirl_<env>; e.g. a separate table for one algorithm's longer runs)"""
 
 
 def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -114,14 +122,17 @@ def sft_start(args: Args, seed: int) -> Path:
 
 
 def rl_run(args: Args, algorithm: str, seed: int, init: Path) -> dict:
-    name = f"{algorithm}_{args.minutes:g}min" + flags_tag(args.sft_flags, args.rl_flags)
+    own_flags = args.sde_flags if algorithm == "flow_sde" else args.noise_flags
+    # the algorithm's own flags join the tag only when given, so runs named before they existed are still reused
+    tagged = (args.sft_flags, args.rl_flags, own_flags) if own_flags.strip() else (args.sft_flags, args.rl_flags)
+    name = f"{algorithm}_{args.minutes:g}min" + flags_tag(*tagged)
     summary = args.run_dir / f"{args.task.replace('/', '_')}__{name}__{seed}" / "summary.json"
     if not summary.exists():
         run([sys.executable, str(ROOT / "algos" / f"{algorithm}_pi0.py"), "--env", args.env, "--task", args.task,
              "--init", f"sft:{init}", "--seed", str(seed), "--exp-name", name, "--run-dir", str(args.run_dir),
              "--total-minutes", str(args.minutes), "--total-iterations", "1000000", "--eval-every",
              str(args.eval_every), "--eval-episodes", str(args.eval_episodes), "--no-capture-video",
-             *shlex.split(args.rl_flags)])
+             *shlex.split(args.rl_flags), *shlex.split(own_flags)])
     return json.loads(summary.read_text())
 
 
@@ -201,13 +212,17 @@ def main(args: Args) -> None:
     notes = (f"Few-shot SFT start: {args.sft_demos} demos, {args.sft_steps} steps (`algos/sft_pi0.py`"
              f"{' ' + args.sft_flags if args.sft_flags else ''}, one per seed). "
              f"RL: `algos/flow_sde_pi0.py` / `algos/flow_noise_pi0.py` with their CPU defaults"
-             f"{' plus `' + args.rl_flags + '`' if args.rl_flags else ''}, {args.minutes:g} minutes of training each "
+             f"{' plus `' + args.rl_flags + '`' if args.rl_flags else ''}"
+             f"{'; Flow-SDE with `' + args.sde_flags + '`' if args.sde_flags else ''}"
+             f"{'; Flow-Noise with `' + args.noise_flags + '`' if args.noise_flags else ''}, "
+             f"{args.minutes:g} minutes of training each "
              f"(eval excluded), eval every {args.eval_every} iterations on {args.eval_episodes} fixed initial states. "
              "`sft_success` is the iteration-0 eval of the same run, `rl_success` the last eval. `raw_sps`: the same "
              f"worker envs ({run_args['num_envs']}) stepping chunks of {run_args['action_chunk']} random actions for "
              f"{args.throughput_seconds:g} s in this run; `sps_ratio` = "
              "training env-steps/s over it (target >= 0.8). Target gain: >= +30 points on PushCube-v1 within 30 min.")
-    write_results(f"pirl_{args.env}", f"πRL at CPU scale: {args.task}, few-shot SFT vs Flow-SDE vs Flow-Noise",
+    shown = " vs ".join({"flow_sde": "Flow-SDE", "flow_noise": "Flow-Noise"}[a] for a in args.algorithms)
+    write_results(args.name or f"pirl_{args.env}", f"πRL at CPU scale: {args.task}, few-shot SFT vs {shown}",
                   ["algorithm", "seed", "sft_success", "rl_success", "ci95", "gain_points", "minutes", "env_steps",
                    "train_sps", "raw_sps", "sps_ratio"], rows, seeds=args.seeds, notes=notes, out_dir=args.out_dir,
                   figure=fig)
