@@ -201,9 +201,11 @@ def main(args: Args) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     colors = {"flow_sde": "tab:blue", "flow_noise": "tab:orange"}
+    styles = ["-", "--", ":", "-."]  # seeds told apart by line style, algorithms by colour
     for r in runs:
         ax.plot([h["minutes"] for h in r["history"]], [h["success_rate"] for h in r["history"]], marker="o",
-                color=colors[r["algorithm"]], alpha=0.8, label=f"{r['algorithm']} seed {r['seed']}")
+                linestyle=styles[args.seeds.index(r["seed"]) % len(styles)], color=colors[r["algorithm"]], alpha=0.8,
+                label=f"{r['algorithm']} seed {r['seed']}")
     ax.set_xlabel("RL wall-clock minutes (eval excluded)")
     ax.set_ylabel(f"eval success ({args.eval_episodes} episodes, ODE)")
     ax.set_title(f"πRL on {args.task}, tiny π0 from few-shot SFT")
