@@ -656,6 +656,10 @@ if __name__ == "__main__":
         writer.add_scalar("losses/approx_kl", np.mean(approx_kls) if approx_kls else 0.0, global_step)
         writer.add_scalar("losses/clipfrac", np.mean(clipfracs) if clipfracs else 0.0, global_step)
         writer.add_scalar("losses/first_ratio_error", first_ratio_err or 0.0, global_step)
+        if args.adv_type == "gae" and n_samples > 1:  # how much of the return the rollout's values explained
+            var_returns = float(ret_flat.var())
+            writer.add_scalar("losses/explained_variance", float("nan") if var_returns == 0 else
+                              1 - float((ret_flat - val_flat).var()) / var_returns, global_step)
         writer.add_scalar("time/rollout", rollout_time, global_step)
         writer.add_scalar("time/update", time.time() - it_start - rollout_time, global_step)
         bar.set_postfix(success=f"{np.mean([e[1] for e in episode_stats]) if episode_stats else float('nan'):.2f}",

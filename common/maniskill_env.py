@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -94,14 +95,30 @@ def _make_raw_env(task, num_envs, sim_backend, obs_mode, control_mode, reward_mo
     try:
         env = gym.make(task, **kwargs)
     except Exception as exc:
-        if "download" in str(exc).lower() or isinstance(exc, (FileNotFoundError, OSError)):
-            raise MissingAssetError(
-                f"ManiSkill task {task!r} could not be built because a file it needs is missing ({exc}). It probably "
-                f"needs a download, which this offline machine cannot do. Tasks that need no download: "
-                f"{', '.join(OFFLINE_TASKS)}"
-            ) from exc
+        message = missing_file_message(task, exc)
+        if message:
+            raise MissingAssetError(message) from exc
         raise
     return env.unwrapped  # our BatchedEnv owns time limits and resets
+
+
+def missing_file_message(task: str, exc: BaseException) -> str | None:
+    """What to tell the user when building `task` failed for want of a file (None: some other failure)."""
+    text = str(exc)
+    if "physx-precompiled" in text:  # sapien.physx.enable_gpu() fetches this library at first use of physx_cuda
+        import sapien.physx
+
+        where = Path.home() / ".sapien" / "physx" / sapien.physx.version()
+        url = re.search(r"/sapien-sim/physx-precompiled/\S*?\.zip", text)
+        return (f"ManiSkill's GPU simulation (physx_cuda) needs SAPIEN's PhysX GPU library, which SAPIEN downloads "
+                f"from GitHub at first use, and this machine could not ({type(exc).__name__}). On a machine with "
+                f"internet get https://github.com{url.group(0) if url else '/sapien-sim/physx-precompiled/releases'}"
+                f", unzip it into {where} here (it holds libPhysXGpu_64.so), or use sim_backend='cpu'")
+    if "download" in text.lower() or isinstance(exc, (FileNotFoundError, OSError)):
+        return (f"ManiSkill task {task!r} could not be built because a file it needs is missing ({exc}). It probably "
+                f"needs a download, which this offline machine cannot do. Tasks that need no download: "
+                f"{', '.join(OFFLINE_TASKS)}")
+    return None
 
 
 def _extract_obs(raw, obs_mode: str) -> dict[str, Any]:

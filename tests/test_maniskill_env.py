@@ -1,6 +1,8 @@
 """common.maniskill_env on the CPU: worker processes (physx_cpu) and the in-process batched backend, which is the
 code path that runs physx_cuda on a GPU machine (here with one CPU scene)."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -138,6 +140,25 @@ def test_task_needing_a_download_fails_at_once_naming_the_asset():
     with pytest.raises(MissingAssetError, match=r"PickSingleYCB-v1.*'ycb'"):
         make_maniskill_env("PickSingleYCB-v1", sim_backend="cpu")
     assert time.monotonic() - start < 10
+
+
+def test_missing_physx_gpu_library_says_what_to_fetch_and_where():
+    """On an offline GPU box, physx_cuda fails inside sapien.physx.enable_gpu(), which downloads SAPIEN's PhysX GPU
+    library from GitHub at first use (seen on a lent H200): the error must name that library, its URL and folder."""
+    import requests
+    import sapien.physx
+
+    from common.maniskill_env import missing_file_message
+
+    url = "/sapien-sim/physx-precompiled/releases/download/105.1-physx-5.3.1.patch0/linux-so.zip"
+    exc = requests.exceptions.ConnectionError(f"HTTPSConnectionPool(host='github.com', port=443): Max retries "
+                                              f"exceeded with url: {url} (Caused by NameResolutionError(...))")
+    message = missing_file_message("PushCube-v1", exc)
+    assert "PhysX GPU library" in message and f"https://github.com{url}" in message
+    assert str(Path.home() / ".sapien" / "physx" / sapien.physx.version()) in message
+    assert "sim_backend='cpu'" in message
+    assert "Tasks that need no download" in missing_file_message("PickSingleYCB-v1", FileNotFoundError("ycb"))
+    assert missing_file_message("PushCube-v1", ValueError("bad control mode")) is None
 
 
 def test_wrong_action_shape_through_the_real_env(cpu_env):
