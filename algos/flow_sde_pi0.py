@@ -119,6 +119,9 @@ class Args:
     """every denoising step stochastic, log-prob = mean over the K+1 terms (RLinf joint_logprob)"""
     ignore_last: bool = False
     """draw the stochastic step from {0..K-2} instead of {0..K-1}"""
+    sde_steps: str = ""
+    """denoising steps the SDE step is drawn from, comma-separated (e.g. "0", the first and noisiest; empty: all K).
+    The later steps' small sigma makes their log-prob gradients ~10x larger and, at CPU batch sizes, mostly noise"""
     action_chunk: int = 8
     """actions executed per policy call (<= the model's horizon)"""
     noise_on: str = "executed"
@@ -249,11 +252,14 @@ def make_step_fn(stochastic: set[int], sigmas: torch.Tensor, noise_mask: torch.T
     return step_fn
 
 
-def draw_stochastic_steps(rng: random.Random, num_steps: int, joint: bool, ignore_last: bool) -> set[int]:
+def draw_stochastic_steps(rng: random.Random, num_steps: int, joint: bool, ignore_last: bool,
+                          candidates: list[int] | None = None) -> set[int]:
     """Which denoising steps are SDE in one policy call: all (joint), else ONE step shared by the whole batch, drawn
     with Python's `random` as RLinf does (from {0..K-2} with ignore_last)."""
     if joint:
         return set(range(num_steps))
+    if candidates:
+        return {candidates[rng.randrange(len(candidates))]}
     return {rng.randrange(num_steps - 1 if ignore_last else num_steps)}
 
 
@@ -382,6 +388,13 @@ if __name__ == "__main__":
     if args.adv_type == "grpo" and args.num_envs % args.group_size:
         raise SystemExit(f"--num-envs {args.num_envs} must be a multiple of --group-size {args.group_size}")
     K = args.num_denoise_steps
+    try:
+        sde_steps = sorted({int(x) for x in args.sde_steps.split(",") if x.strip()})
+    except ValueError:
+        sde_steps = None
+    if sde_steps is None or any(not 0 <= k < K for k in sde_steps) or (sde_steps and (args.joint or args.ignore_last)):
+        raise SystemExit(f"--sde-steps must be comma-separated steps in [0, {K - 1}] (without --joint / --ignore-last), "
+                         f"got {args.sde_steps!r}")
     if K < 1 or (args.ignore_last and K < 2):
         raise SystemExit(f"--num-denoise-steps must be >= 1 (>= 2 with --ignore-last), got {K}")
 
@@ -475,7 +488,8 @@ if __name__ == "__main__":
             prefix, value = prefix_and_value(batch, grad=False)
             B = batch["state"].shape[0]
             noise = model.initial_noise(B, device, generator)
-            stochastic = set() if deterministic else draw_stochastic_steps(rng, K, args.joint, args.ignore_last)
+            stochastic = set() if deterministic else \
+                draw_stochastic_steps(rng, K, args.joint, args.ignore_last, sde_steps)
             out = model.sample(prefix, batch["state"], noise, K, make_step_fn(stochastic, sigmas, noise_mask), generator)
             if critic_on == "expert":
                 value = expert_value(value_head, out.hidden, args.detach_critic_input)
@@ -625,6 +639,18 @@ if __name__ == "__main__":
         rollout_time = time.time() - it_start
 
         # ---------------------------------------------------------------- ALGO LOGIC: PPO update
+        # the deterministic (eval) policy's actions on up to 64 rollout states, fixed noise: how far the update moves
+        # what runs at eval, which the ratio of the sampled steps alone does not measure
+        probe = {k: v[:64] for k, v in data.items()}
+        probe_noise = model.initial_noise(len(probe["state"]), device, torch.Generator(device=device).manual_seed(0))
+
+        def ode_actions():
+            with torch.no_grad():
+                prefix = prefix_and_value(probe, grad=False)[0]
+                out = model.sample(prefix, probe["state"], probe_noise, K, make_step_fn(set(), sigmas))
+            return out.actions[:, :chunk, :A]
+
+        actions_before = ode_actions() if n_samples else None
         optimizer.param_groups[0]["lr"] = args.learning_rate * min(1.0, iteration / args.actor_warmup) \
             if args.actor_warmup else args.learning_rate
         clipfracs, approx_kls, pg_losses, v_losses, first_ratio_err = [], [], [], [], None
@@ -661,6 +687,9 @@ if __name__ == "__main__":
                     clipfracs.append(float(((ratio - 1).abs() > args.clip_coef).float().mean()))
                 pg_losses.append(pg_loss.item())
 
+        if actions_before is not None:  # mean |change| of the eval policy's actions (normalised units)
+            writer.add_scalar("losses/ode_action_change", float((ode_actions() - actions_before).abs().mean()),
+                              global_step)
         # TRY NOT TO MODIFY: record rewards for plotting purposes
         elapsed = time.time() - start_time - eval_seconds[0]  # training wall clock
         if episode_stats:

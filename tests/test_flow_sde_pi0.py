@@ -75,6 +75,8 @@ def test_one_shared_stochastic_step_and_its_log_prob_recomputes_exactly():
     rng = random.Random(0)
     seen = {next(iter(fs.draw_stochastic_steps(rng, K, False, True))) for _ in range(200)}
     assert seen == {0, 1, 2}  # ignore_last: {0..K-2}
+    seen = {next(iter(fs.draw_stochastic_steps(rng, K, False, False, [0, 2]))) for _ in range(200)}
+    assert seen == {0, 2}  # --sde-steps 0,2
     stochastic = {2}
     with torch.no_grad():
         out = model.sample(prefix, state, noise, K, fs.make_step_fn(stochastic, sig))
@@ -145,6 +147,10 @@ def test_few_iterations_on_maniskill_with_exact_first_ratio(tmp_path):
     assert all(e.value < 1e-5 for e in acc.Scalars("losses/first_ratio_error"))
     # auto-reset (GAE) rollouts: every chunk step trains, also those after an episode ended (24-step episodes)
     assert [e.value for e in acc.Scalars("charts/train_samples")] == [2 * 4, 2 * 4]
+    # the eval policy's actions: unmoved by the first update (actor lr 0 at warm-up step 0), moved by the second
+    change = [e.value for e in acc.Scalars("losses/ode_action_change")]
+    assert change[0] == 0 and change[1] > 0
+    assert len(acc.Scalars("losses/explained_variance")) == 2
     assert "eval success" in out.stdout
 
 
@@ -158,7 +164,8 @@ def test_few_iterations_on_libero_grpo_with_images(tmp_path):
 
 def test_bad_flags_are_refused(tmp_path):
     for flags, msg in [(["--env", "gym"], "--env"), (["--init", "foo"], "--init"), (["--bootstrap", "x"], "--bootstrap"),
-                       (["--adv-type", "grpo", "--num-envs", "3"], "multiple")]:
+                       (["--adv-type", "grpo", "--num-envs", "3"], "multiple"), (["--sde-steps", "0,7"], "--sde-steps"),
+                       (["--sde-steps", "0", "--joint"], "--sde-steps"), (["--sde-steps", "first"], "--sde-steps")]:
         out = subprocess.run([sys.executable, str(ROOT / "algos" / "flow_sde_pi0.py"), "--run-dir", str(tmp_path),
                               "--env", "maniskill", *flags], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert out.returncode != 0 and msg in out.stderr, (flags, out.stderr[-400:])
