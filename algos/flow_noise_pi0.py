@@ -484,6 +484,12 @@ if __name__ == "__main__":
         recompute.entropy = chain_entropy(stds, chunk, A)
         return logp[:, :chunk, :A].reshape(chain.shape[0], -1), value
 
+    def ode_actions(batch, noise):
+        """The deterministic (ODE) policy's executed actions (B, chunk, A) from the given initial noise, model units."""
+        with torch.no_grad():
+            prefix = prefix_and_value(batch, grad=False)[0]
+            return model.sample(prefix, batch["state"], noise, K, make_step_fn(noise_head, False)).actions[:, :chunk, :A]
+
     eval_seconds = [0.0]  # eval time, kept out of SPS and of the training wall clock
 
     def evaluate(step: int) -> dict:
@@ -605,18 +611,11 @@ if __name__ == "__main__":
         rollout_time = time.time() - it_start
 
         # ---------------------------------------------------------------- ALGO LOGIC: PPO update
-        # the deterministic (eval) policy's actions on up to 64 rollout states, fixed noise: how far the update moves
-        # what runs at eval, which the ratio of the sampled steps alone does not measure
+        # the eval policy's actions on up to 64 rollout states, before and after: how far the update moves what runs
+        # at eval, which the ratio of the sampled steps alone does not measure
         probe = {k: v[:64] for k, v in data.items()}
         probe_noise = model.initial_noise(len(probe["state"]), device, torch.Generator(device=device).manual_seed(0))
-
-        def ode_actions():
-            with torch.no_grad():
-                prefix = prefix_and_value(probe, grad=False)[0]
-                out = model.sample(prefix, probe["state"], probe_noise, K, make_step_fn(noise_head, False))
-            return out.actions[:, :chunk, :A]
-
-        actions_before = ode_actions() if n_samples else None
+        actions_before = ode_actions(probe, probe_noise) if n_samples else None
         optimizer.param_groups[0]["lr"] = args.learning_rate * min(1.0, iteration / args.actor_warmup) \
             if args.actor_warmup else args.learning_rate
         clipfracs, approx_kls, pg_losses, v_losses, entropies, first_ratio_err = [], [], [], [], [], None
@@ -656,8 +655,8 @@ if __name__ == "__main__":
                 pg_losses.append(pg_loss.item())
 
         if actions_before is not None:  # mean |change| of the eval policy's actions (normalised units)
-            writer.add_scalar("losses/ode_action_change", float((ode_actions() - actions_before).abs().mean()),
-                              global_step)
+            change = (ode_actions(probe, probe_noise) - actions_before).abs().mean()
+            writer.add_scalar("losses/ode_action_change", float(change), global_step)
         # TRY NOT TO MODIFY: record rewards for plotting purposes
         elapsed = time.time() - start_time - eval_seconds[0]  # training wall clock
         if episode_stats:

@@ -255,7 +255,7 @@ def make_step_fn(stochastic: set[int], sigmas: torch.Tensor, noise_mask: torch.T
 def draw_stochastic_steps(rng: random.Random, num_steps: int, joint: bool, ignore_last: bool,
                           candidates: list[int] | None = None) -> set[int]:
     """Which denoising steps are SDE in one policy call: all (joint), else ONE step shared by the whole batch, drawn
-    with Python's `random` as RLinf does (from {0..K-2} with ignore_last)."""
+    with Python's `random` as RLinf does (from {0..K-2} with ignore_last, from `candidates` when given)."""
     if joint:
         return set(range(num_steps))
     if candidates:
@@ -517,6 +517,12 @@ if __name__ == "__main__":
             value = expert_value(value_head, hidden, args.detach_critic_input)
         return logp[:, :chunk, :A].reshape(chain.shape[0], -1), value
 
+    def ode_actions(batch, noise):
+        """The deterministic (ODE) policy's executed actions (B, chunk, A) from the given initial noise, model units."""
+        with torch.no_grad():
+            prefix = prefix_and_value(batch, grad=False)[0]
+            return model.sample(prefix, batch["state"], noise, K, make_step_fn(set(), sigmas)).actions[:, :chunk, :A]
+
     eval_seconds = [0.0]  # eval time, kept out of SPS and of the training wall clock
 
     def evaluate(step: int) -> dict:
@@ -639,18 +645,11 @@ if __name__ == "__main__":
         rollout_time = time.time() - it_start
 
         # ---------------------------------------------------------------- ALGO LOGIC: PPO update
-        # the deterministic (eval) policy's actions on up to 64 rollout states, fixed noise: how far the update moves
-        # what runs at eval, which the ratio of the sampled steps alone does not measure
+        # the eval policy's actions on up to 64 rollout states, before and after: how far the update moves what runs
+        # at eval, which the ratio of the sampled steps alone does not measure
         probe = {k: v[:64] for k, v in data.items()}
         probe_noise = model.initial_noise(len(probe["state"]), device, torch.Generator(device=device).manual_seed(0))
-
-        def ode_actions():
-            with torch.no_grad():
-                prefix = prefix_and_value(probe, grad=False)[0]
-                out = model.sample(prefix, probe["state"], probe_noise, K, make_step_fn(set(), sigmas))
-            return out.actions[:, :chunk, :A]
-
-        actions_before = ode_actions() if n_samples else None
+        actions_before = ode_actions(probe, probe_noise) if n_samples else None
         optimizer.param_groups[0]["lr"] = args.learning_rate * min(1.0, iteration / args.actor_warmup) \
             if args.actor_warmup else args.learning_rate
         clipfracs, approx_kls, pg_losses, v_losses, first_ratio_err = [], [], [], [], None
@@ -688,8 +687,8 @@ if __name__ == "__main__":
                 pg_losses.append(pg_loss.item())
 
         if actions_before is not None:  # mean |change| of the eval policy's actions (normalised units)
-            writer.add_scalar("losses/ode_action_change", float((ode_actions() - actions_before).abs().mean()),
-                              global_step)
+            change = (ode_actions(probe, probe_noise) - actions_before).abs().mean()
+            writer.add_scalar("losses/ode_action_change", float(change), global_step)
         # TRY NOT TO MODIFY: record rewards for plotting purposes
         elapsed = time.time() - start_time - eval_seconds[0]  # training wall clock
         if episode_stats:
