@@ -162,7 +162,10 @@ class Args:
     """expert (RLinf's π0: mean of the expert's action-token states; they see the sampled chain, so the "value"
     leaks the action), vlm (RLinf's π0.5: mean of the prefix states), obs (prefix mean + state: action-free),
     auto (RLinf's choice for the variant; --preset paper). With the expert critic PushCube PPO collapsed (0.56 -> 0.16
-    in 10 iterations) where the obs critic held (0.64): the value of a sampled action is not a baseline"""
+    in 10 iterations) where the obs critic held (0.64): the value of a sampled action is not a baseline.
+    obs_ode: obs plus the chunk that the ODE (no injected noise) makes from the call's initial noise x_1: a baseline
+    that knows which x_1 was drawn but none of the noise the log-prob is taken of, so still a valid baseline; costs
+    one more ODE pass per policy call"""
     detach_critic_input: bool = True
     """stop critic gradients at the expert (πRL's π0 configs)"""
     adv_type: str = "gae"
@@ -227,6 +230,15 @@ class NoiseHead(nn.Module):
     def forward(self, h):
         level = torch.tanh(self.net(h.float()))
         return torch.exp(0.5 * (self.logvar_min + (self.logvar_max - self.logvar_min) * (level + 1) / 2))
+
+
+def ode_chunk(model, prefix, state, noise, num_steps: int, noise_head, out, stochastic: bool) -> torch.Tensor:
+    """What the `obs_ode` critic reads: the actions (B, H, action_dim) that the ODE makes from this call's initial
+    noise, i.e. `out`'s own when no noise was injected, else a second, noiseless pass from the same x_1 (never the
+    injected noise: the baseline must not see what the log-prob is taken of)."""
+    if not stochastic:
+        return out.actions
+    return model.sample(prefix, state, noise, num_steps, make_step_fn(noise_head, False)).actions
 
 
 def make_step_fn(noise_head, stochastic: bool, noise_mask: torch.Tensor | None = None):
@@ -357,7 +369,7 @@ if __name__ == "__main__":
         args.max_episode_steps = MAX_EPISODE_STEPS[args.task.split("/")[0]] if args.env == "libero" else 100
     for name, choices in (("bootstrap", ("truncation", "always", "none")), ("logprob_type", ("chunk", "token")),
                           ("noise_on", ("executed", "all")),
-                          ("critic", ("auto", "expert", "vlm", "obs")), ("adv_type", ("gae", "grpo"))):
+                          ("critic", ("auto", "expert", "vlm", "obs", "obs_ode")), ("adv_type", ("gae", "grpo"))):
         if getattr(args, name) not in choices:
             raise SystemExit(f"--{name.replace('_', '-')} must be one of {choices}, got {getattr(args, name)!r}")
     if args.adv_type == "grpo" and args.num_envs % args.group_size:
@@ -400,7 +412,9 @@ if __name__ == "__main__":
     if args.train_head_only:
         freeze_all_but_head(model)
     critic_on = ("vlm" if cfg.is_pi05 else "expert") if args.critic == "auto" else args.critic
-    critic_width = {"vlm": cfg.vlm_width, "obs": cfg.vlm_width + cfg.action_dim}.get(critic_on, cfg.expert_width)
+    critic_width = {"vlm": cfg.vlm_width, "obs": cfg.vlm_width + cfg.action_dim,
+                    "obs_ode": cfg.vlm_width + cfg.action_dim + args.action_chunk * env_action_dim}.get(critic_on,
+                                                                                                cfg.expert_width)
     value_head = ValueHead(critic_width, (512, 256, 128) if critic_on == "expert" else (1024, 512, 256)).to(device)
     noise_head = NoiseHead(cfg.expert_width, cfg.action_dim, args.noise_std_min, args.noise_std_max).to(device)
     actor_params = [p for p in model.parameters() if p.requires_grad] + list(noise_head.parameters())
@@ -441,10 +455,12 @@ if __name__ == "__main__":
             with torch.set_grad_enabled(grad):
                 prefix = model.encode_prefix(*inputs)
         value = None
-        if critic_on in ("vlm", "obs"):
+        if critic_on in ("vlm", "obs") or "ode_chunk" in batch:  # obs_ode: once act() has put the chunk there
             feats = pooled_prefix(prefix).detach()
-            if critic_on == "obs":  # π0 keeps the state out of the prefix: give it to the critic directly
+            if critic_on != "vlm":  # π0 keeps the state out of the prefix: give it to the critic directly
                 feats = torch.cat([feats, batch["state"].float()], -1)
+            if critic_on == "obs_ode":
+                feats = torch.cat([feats, batch["ode_chunk"].flatten(1)], -1)
             value = value_head(feats)
         return prefix, value
 
@@ -457,6 +473,10 @@ if __name__ == "__main__":
             noise = model.initial_noise(B, device, generator)
             out = model.sample(prefix, batch["state"], noise, K, make_step_fn(noise_head, not deterministic, noise_mask),
                                generator)
+            if critic_on == "obs_ode":
+                ode = ode_chunk(model, prefix, batch["state"], noise, K, noise_head, out, not deterministic)
+                batch["ode_chunk"] = ode[:, :chunk, :A].float()
+                value = prefix_and_value(batch, grad=False)[1]
             if critic_on == "expert":
                 value = expert_value(value_head, out.hidden, args.detach_critic_input)
             logp = chain_log_prob(out.chain, out.means, out.stds) if not deterministic else torch.zeros_like(noise)
@@ -467,8 +487,8 @@ if __name__ == "__main__":
 
     def value_of(obs):
         """V(obs) for bootstrapping: the critic alone when it reads the observation (no denoising chain); the expert
-        critic reads the expert's states, so it needs a deterministic chain."""
-        if critic_on == "expert":
+        critic reads the expert's states, and obs_ode the ODE chunk, so they need a deterministic chain (fresh x_1)."""
+        if critic_on in ("expert", "obs_ode"):
             return act(obs, deterministic=True)[1]["value"]
         batch = processor.batch(obs["state"], obs.get("images"), obs["task_description"], device)
         with torch.no_grad():

@@ -21,7 +21,9 @@ Huber value loss (δ 10) with value clipping 0.2, no KL, no dual clip. Critic (`
 policy observes (the VLM prefix mean + the state), never on the sampled chain; RLinf's placements are kept as options
 (`expert`: the action expert's hidden states, detached, averaged over the visited denoising steps, for π0; `vlm`:
 the prefix, for π0.5) and used by `--preset paper`. The expert's states see x_t, so that "value" is partly a value of
-the sampled action, a biased baseline; at CPU scale it collapsed PPO. Only the action expert and the heads train.
+the sampled action, a biased baseline; at CPU scale it collapsed PPO. `obs_ode` adds the chunk the ODE makes from
+the call's own x_1: a baseline that knows the initial noise but not the SDE draw. Only the action expert and the
+heads train.
 `--adv-type grpo`: groups of envs share an initial state, one episode each, group-normalised returns.
 """
 
@@ -170,7 +172,10 @@ class Args:
     """expert (RLinf's π0: mean of the expert's action-token states; they see the sampled chain, so the "value"
     leaks the action), vlm (RLinf's π0.5: mean of the prefix states), obs (prefix mean + state: action-free),
     auto (RLinf's choice for the variant; --preset paper). With the expert critic PushCube PPO collapsed (0.56 -> 0.16
-    in 10 iterations) where the obs critic held (0.64): the value of a sampled action is not a baseline"""
+    in 10 iterations) where the obs critic held (0.64): the value of a sampled action is not a baseline.
+    obs_ode: obs plus the chunk that the ODE (no SDE step) makes from the call's initial noise x_1: a baseline that
+    knows which x_1 was drawn (x_1 moves the action far more than the SDE step does) but not the SDE step's draw, so
+    it is still a valid baseline for that step's log-prob; costs one more ODE pass per policy call"""
     detach_critic_input: bool = True
     """stop critic gradients at the expert (πRL's π0 configs)"""
     adv_type: str = "gae"
@@ -234,6 +239,18 @@ def sde_transition(x_t, v, t, d, sigma):
     x0, x1 = x_t - v * t, x_t + v * (1 - t)
     mean = x0 * (1 - (t - d)) + x1 * (t - d - sigma ** 2 * d / (2 * t))
     return mean, torch.sqrt(d) * sigma * torch.ones_like(mean)
+
+
+def ode_chunk(model, prefix, state, num_steps: int, out, stochastic: set[int]) -> torch.Tensor:
+    """What the `obs_ode` critic reads: the actions (B, H, action_dim) that the ODE makes from this call's initial
+    noise x_1 (never the SDE step's draw: the baseline must not see it). `out`'s own when nothing was stochastic; else
+    the chain up to the first SDE step is already the ODE's, and the ODE goes on from there."""
+    if not stochastic:
+        return out.actions
+    x = out.chain[:, min(stochastic)]
+    for i in range(min(stochastic), num_steps):
+        x = model.transition(prefix, state, x, i, num_steps)[0]  # Euler: the ODE step
+    return x
 
 
 def make_step_fn(stochastic: set[int], sigmas: torch.Tensor, noise_mask: torch.Tensor | None = None):
@@ -382,7 +399,7 @@ if __name__ == "__main__":
         args.max_episode_steps = MAX_EPISODE_STEPS[args.task.split("/")[0]] if args.env == "libero" else 100
     for name, choices in (("bootstrap", ("truncation", "always", "none")), ("logprob_type", ("chunk", "token")),
                           ("noise_on", ("executed", "all")),
-                          ("critic", ("auto", "expert", "vlm", "obs")), ("adv_type", ("gae", "grpo"))):
+                          ("critic", ("auto", "expert", "vlm", "obs", "obs_ode")), ("adv_type", ("gae", "grpo"))):
         if getattr(args, name) not in choices:
             raise SystemExit(f"--{name.replace('_', '-')} must be one of {choices}, got {getattr(args, name)!r}")
     if args.adv_type == "grpo" and args.num_envs % args.group_size:
@@ -433,7 +450,9 @@ if __name__ == "__main__":
     if args.train_head_only:
         freeze_all_but_head(model)
     critic_on = ("vlm" if cfg.is_pi05 else "expert") if args.critic == "auto" else args.critic
-    critic_width = {"vlm": cfg.vlm_width, "obs": cfg.vlm_width + cfg.action_dim}.get(critic_on, cfg.expert_width)
+    critic_width = {"vlm": cfg.vlm_width, "obs": cfg.vlm_width + cfg.action_dim,
+                    "obs_ode": cfg.vlm_width + cfg.action_dim + args.action_chunk * env_action_dim}.get(critic_on,
+                                                                                                cfg.expert_width)
     value_head = ValueHead(critic_width, (512, 256, 128) if critic_on == "expert" else (1024, 512, 256)).to(device)
     actor_params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([{"params": actor_params, "lr": args.learning_rate},
@@ -474,10 +493,12 @@ if __name__ == "__main__":
             with torch.set_grad_enabled(grad):
                 prefix = model.encode_prefix(*inputs)
         value = None
-        if critic_on in ("vlm", "obs"):
+        if critic_on in ("vlm", "obs") or "ode_chunk" in batch:  # obs_ode: once act() has put the chunk there
             feats = pooled_prefix(prefix).detach()
-            if critic_on == "obs":  # π0 keeps the state out of the prefix: give it to the critic directly
+            if critic_on != "vlm":  # π0 keeps the state out of the prefix: give it to the critic directly
                 feats = torch.cat([feats, batch["state"].float()], -1)
+            if critic_on == "obs_ode":
+                feats = torch.cat([feats, batch["ode_chunk"].flatten(1)], -1)
             value = value_head(feats)
         return prefix, value
 
@@ -491,6 +512,10 @@ if __name__ == "__main__":
             stochastic = set() if deterministic else \
                 draw_stochastic_steps(rng, K, args.joint, args.ignore_last, sde_steps)
             out = model.sample(prefix, batch["state"], noise, K, make_step_fn(stochastic, sigmas, noise_mask), generator)
+            if critic_on == "obs_ode":
+                ode = ode_chunk(model, prefix, batch["state"], K, out, stochastic)
+                batch["ode_chunk"] = ode[:, :chunk, :A].float()
+                value = prefix_and_value(batch, grad=False)[1]
             if critic_on == "expert":
                 value = expert_value(value_head, out.hidden, args.detach_critic_input)
             logp = chain_log_prob(out, stochastic, K, args.joint) if stochastic else torch.zeros_like(noise)
@@ -502,8 +527,8 @@ if __name__ == "__main__":
 
     def value_of(obs):
         """V(obs) for bootstrapping: the critic alone when it reads the observation (no denoising chain); the expert
-        critic reads the expert's states, so it needs a deterministic chain."""
-        if critic_on == "expert":
+        critic reads the expert's states, and obs_ode the ODE chunk, so they need a deterministic chain (fresh x_1)."""
+        if critic_on in ("expert", "obs_ode"):
             return act(obs, deterministic=True)[1]["value"]
         batch = processor.batch(obs["state"], obs.get("images"), obs["task_description"], device)
         with torch.no_grad():

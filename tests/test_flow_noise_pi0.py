@@ -62,6 +62,16 @@ def test_eval_is_the_plain_ode_and_never_calls_the_noise_head():
     assert not calls and (out.stds == 0).all() and torch.equal(out.actions, ode.actions)
 
 
+def test_obs_ode_critic_reads_the_noiseless_chunk_of_the_same_x1():
+    model, head, prefix, state, noise = policy()
+    with torch.no_grad():
+        ode = model.sample(prefix, state, noise, 4)
+        noisy = model.sample(prefix, state, noise, 4, fn.make_step_fn(head, True))
+        assert not torch.allclose(noisy.actions, ode.actions)  # the injected noise moved the actions
+        assert torch.equal(fn.ode_chunk(model, prefix, state, noise, 4, head, noisy, True), ode.actions)
+        assert fn.ode_chunk(model, prefix, state, noise, 4, head, ode, False) is ode.actions  # no second pass
+
+
 def test_entropy_includes_the_unit_initial_term_and_is_averaged():
     stds = torch.full((2, 4, 8, 6), 0.1)
     ent = fn.chain_entropy(stds, chunk=5, action_dim=3)
@@ -69,12 +79,13 @@ def test_entropy_includes_the_unit_initial_term_and_is_averaged():
     assert ent.shape == (2,) and torch.allclose(ent, torch.full((2,), (one + 4 * tenth) / 5))
 
 
-def test_a_few_iterations_run_with_an_exact_first_ratio(tmp_path):
+@pytest.mark.parametrize("critic", ["obs", "obs_ode"])
+def test_a_few_iterations_run_with_an_exact_first_ratio(tmp_path, critic):
     out = subprocess.run([sys.executable, str(ROOT / "algos" / "flow_noise_pi0.py"), "--run-dir", str(tmp_path),
                           "--env", "maniskill", "--init", "scratch", "--num-envs", "2", "--num-steps", "4",
                           "--total-iterations", "2", "--eval-episodes", "2", "--num-eval-envs", "1", "--eval-every", "2",
-                          "--minibatch-size", "4", "--max-episode-steps", "24"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=600)
+                          "--minibatch-size", "4", "--max-episode-steps", "24", "--critic", critic], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     run_dir = tmp_path / "PushCube-v1__flow_noise_pi0__1"
     assert json.loads((run_dir / "summary.json").read_text())["algorithm"] == "flow_noise"
@@ -82,6 +93,7 @@ def test_a_few_iterations_run_with_an_exact_first_ratio(tmp_path):
 
     acc = EventAccumulator(str(run_dir))
     acc.Reload()
-    assert all(e.value < 1e-5 for e in acc.Scalars("losses/first_ratio_error"))
+    # float32 rounding of log-probs summed over the chunk, batched differently: ~1e-5 (a wrong chain gives order 1)
+    assert all(e.value < 1e-4 for e in acc.Scalars("losses/first_ratio_error"))
     assert [e.value for e in acc.Scalars("charts/train_samples")] == [2 * 4, 2 * 4]  # nothing masked after a done
     assert all(-2.0 < e.value < 1.5 for e in acc.Scalars("losses/entropy"))
