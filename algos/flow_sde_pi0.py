@@ -492,15 +492,18 @@ if __name__ == "__main__":
         else:
             with torch.set_grad_enabled(grad):
                 prefix = model.encode_prefix(*inputs)
-        value = None
-        if critic_on in ("vlm", "obs") or "ode_chunk" in batch:  # obs_ode: once act() has put the chunk there
-            feats = pooled_prefix(prefix).detach()
-            if critic_on != "vlm":  # π0 keeps the state out of the prefix: give it to the critic directly
-                feats = torch.cat([feats, batch["state"].float()], -1)
-            if critic_on == "obs_ode":
-                feats = torch.cat([feats, batch["ode_chunk"].flatten(1)], -1)
-            value = value_head(feats)
+        # obs_ode: only once act() has put the ODE chunk into the batch
+        value = obs_value(prefix, batch) if critic_on in ("vlm", "obs") or "ode_chunk" in batch else None
         return prefix, value
+
+    def obs_value(prefix, batch):
+        """The vlm / obs / obs_ode critics' value from an already computed prefix."""
+        feats = pooled_prefix(prefix).detach()
+        if critic_on != "vlm":  # π0 keeps the state out of the prefix: give it to the critic directly
+            feats = torch.cat([feats, batch["state"].float()], -1)
+        if critic_on == "obs_ode":
+            feats = torch.cat([feats, batch["ode_chunk"].flatten(1)], -1)
+        return value_head(feats)
 
     def act(obs, deterministic: bool, generator=None):
         """One policy call -> env actions (B, chunk, A) and the rollout record."""
@@ -515,7 +518,7 @@ if __name__ == "__main__":
             if critic_on == "obs_ode":
                 ode = ode_chunk(model, prefix, batch["state"], K, out, stochastic)
                 batch["ode_chunk"] = ode[:, :chunk, :A].float()
-                value = prefix_and_value(batch, grad=False)[1]
+                value = obs_value(prefix, batch)  # the prefix is already there: not encoded again
             if critic_on == "expert":
                 value = expert_value(value_head, out.hidden, args.detach_critic_input)
             logp = chain_log_prob(out, stochastic, K, args.joint) if stochastic else torch.zeros_like(noise)
