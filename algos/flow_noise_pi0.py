@@ -178,8 +178,9 @@ class Args:
     # Evaluation
     eval_every: int = 10
     """iterations between evaluations (also at the start and the end)"""
-    eval_episodes: int = 50
-    """deterministic (ODE) eval episodes, initial states 0..N-1"""
+    eval_episodes: int = 0
+    """deterministic (ODE) eval episodes, initial states 0..N-1 (0: 50 on ManiSkill, 25 on LIBERO, whose init
+    states 25..49 made the SFT demos)"""
     num_eval_envs: int = 2
     """parallel eval envs"""
     checkpoint_every: int = 5
@@ -372,6 +373,10 @@ if __name__ == "__main__":
                           ("critic", ("auto", "expert", "vlm", "obs", "obs_ode")), ("adv_type", ("gae", "grpo"))):
         if getattr(args, name) not in choices:
             raise SystemExit(f"--{name.replace('_', '-')} must be one of {choices}, got {getattr(args, name)!r}")
+    args.eval_episodes = args.eval_episodes or (25 if args.env == "libero" else 50)
+    if args.env == "libero" and args.eval_episodes > 25:
+        raise SystemExit(f"--eval-episodes {args.eval_episodes}: LIBERO evaluates on init states 0..24 (25..49 made "
+                         "the SFT demos); use at most 25")
     if args.adv_type == "grpo" and args.num_envs % args.group_size:
         raise SystemExit(f"--num-envs {args.num_envs} must be a multiple of --group-size {args.group_size}")
     K = args.num_denoise_steps

@@ -124,6 +124,11 @@ class Args:
     sde_steps: str = ""
     """denoising steps the SDE step is drawn from, comma-separated (e.g. "0", the first and noisiest; empty: all K).
     The later steps' small sigma makes their log-prob gradients ~10x larger and, at CPU batch sizes, mostly noise"""
+    chain_from_x1: bool = False
+    """in the update, re-run the ODE steps before each sample's SDE step from its stored x_1 under the current
+    weights (with gradients) instead of reusing the stored x_k: the ratio then sees the weight change that moves the
+    SDE step's input too. With --sde-steps set to the last step (K-1) the log-prob is the exact density of the
+    executed chunk given x_1; otherwise the ODE steps after the SDE step still move unseen"""
     action_chunk: int = 8
     """actions executed per policy call (<= the model's horizon)"""
     noise_on: str = "executed"
@@ -188,8 +193,9 @@ class Args:
     # Evaluation
     eval_every: int = 10
     """iterations between evaluations (also at the start and the end)"""
-    eval_episodes: int = 50
-    """deterministic (ODE) eval episodes, initial states 0..N-1"""
+    eval_episodes: int = 0
+    """deterministic (ODE) eval episodes, initial states 0..N-1 (0: 50 on ManiSkill, 25 on LIBERO, whose init
+    states 25..49 made the SFT demos)"""
     num_eval_envs: int = 2
     """parallel eval envs"""
     checkpoint_every: int = 5
@@ -292,9 +298,10 @@ def chain_log_prob(out, stochastic: set[int], num_steps: int, joint: bool) -> to
     return gaussian_log_prob(out.chain[:, k + 1], out.means[:, k], out.stds[:, k])
 
 
-def recompute_log_prob(model, prefix, state, chain, k, sigmas, joint: bool):
+def recompute_log_prob(model, prefix, state, chain, k, sigmas, joint: bool, from_x1: bool = False):
     """Log-prob (B, H, A) of stored chains under the current parameters, and the expert hidden states visited
-    (B, steps, H, we). SDE: each sample's own step k (one batched forward, t per sample); joint: all K steps."""
+    (B, steps, H, we). SDE: each sample's own step k (one batched forward, t per sample), its input x_k the stored
+    one or, `from_x1`, re-made by the ODE steps from the stored x_1 under the current weights; joint: all K steps."""
     K = chain.shape[1] - 1
     ts = Pi0Model.timesteps(K, chain.device)
     sigmas = sigmas.to(chain.device)
@@ -310,6 +317,11 @@ def recompute_log_prob(model, prefix, state, chain, k, sigmas, joint: bool):
     B = chain.shape[0]
     idx = torch.arange(B, device=chain.device)
     x_t, x_next = chain[idx, k], chain[idx, k + 1]
+    if from_x1:
+        xs = [chain[:, 0]]
+        for i in range(int(k.max())):
+            xs.append(model.transition(prefix, state, xs[-1], i, K)[0])  # Euler: the ODE step of the rollout
+        x_t = torch.stack(xs)[k, idx]
     v, h = model.velocity(prefix, state, x_t, ts[k])
     view = (B, 1, 1)
     mean, std = sde_transition(x_t, v, ts[k].view(view), (ts[k] - ts[k + 1]).view(view), sigmas[k].view(view))
@@ -402,6 +414,10 @@ if __name__ == "__main__":
                           ("critic", ("auto", "expert", "vlm", "obs", "obs_ode")), ("adv_type", ("gae", "grpo"))):
         if getattr(args, name) not in choices:
             raise SystemExit(f"--{name.replace('_', '-')} must be one of {choices}, got {getattr(args, name)!r}")
+    args.eval_episodes = args.eval_episodes or (25 if args.env == "libero" else 50)
+    if args.env == "libero" and args.eval_episodes > 25:
+        raise SystemExit(f"--eval-episodes {args.eval_episodes}: LIBERO evaluates on init states 0..24 (25..49 made "
+                         "the SFT demos); use at most 25")
     if args.adv_type == "grpo" and args.num_envs % args.group_size:
         raise SystemExit(f"--num-envs {args.num_envs} must be a multiple of --group-size {args.group_size}")
     K = args.num_denoise_steps
@@ -412,6 +428,8 @@ if __name__ == "__main__":
     if sde_steps is None or any(not 0 <= k < K for k in sde_steps) or (sde_steps and (args.joint or args.ignore_last)):
         raise SystemExit(f"--sde-steps must be comma-separated steps in [0, {K - 1}] (without --joint / --ignore-last), "
                          f"got {args.sde_steps!r}")
+    if args.chain_from_x1 and args.joint:
+        raise SystemExit("--chain-from-x1 re-makes the input of the one SDE step; --joint stores every step's input")
     if K < 1 or (args.ignore_last and K < 2):
         raise SystemExit(f"--num-denoise-steps must be >= 1 (>= 2 with --ignore-last), got {K}")
 
@@ -540,7 +558,8 @@ if __name__ == "__main__":
     def recompute(batch, chain, k):
         """Log-probs (B, chunk*A) and values (B,) of stored transitions under the current parameters."""
         prefix, value = prefix_and_value(batch, grad=True)
-        logp, hidden = recompute_log_prob(model, prefix, batch["state"], chain, k, sigmas, args.joint)
+        logp, hidden = recompute_log_prob(model, prefix, batch["state"], chain, k, sigmas, args.joint,
+                                          args.chain_from_x1)
         if critic_on == "expert":
             value = expert_value(value_head, hidden, args.detach_critic_input)
         return logp[:, :chunk, :A].reshape(chain.shape[0], -1), value

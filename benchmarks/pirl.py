@@ -9,7 +9,7 @@ episodes (fixed initial states 0..E-1, the same for every row); the SFT row is t
 random actions).
 
     python benchmarks/pirl.py                                     # PushCube-v1: writes benchmarks/results/pirl_maniskill.*
-    python benchmarks/pirl.py --env libero --seeds 1 --minutes 20 # LIBERO-Object task 0: pirl_libero.*
+    python benchmarks/pirl.py --env libero --seeds 1 --minutes 20 # LIBERO-Object task 0, 25 eval episodes
     python benchmarks/pirl.py --algorithms flow_sde --minutes 30 --eval-every 20 --sde-flags="--noise-level 0.3" \
         --name pirl_maniskill_sde_30min                           # flags for one algorithm, its own table
 """
@@ -52,8 +52,9 @@ class Args:
     """RL wall-clock budget per run (eval time excluded)"""
     eval_every: int = 10
     """RL iterations between evals"""
-    eval_episodes: int = 100
-    """eval episodes per evaluation"""
+    eval_episodes: int = 0
+    """eval episodes per evaluation (0: 100 for PushCube, 25 for LIBERO: its init states 0..24, as 25..49 made the
+    SFT demos)"""
     sft_demos: int = 0
     """demos for the SFT start (0: 3 for PushCube, 20 for LIBERO: the few-shot band of benchmarks/sft_fewshot)"""
     sft_steps: int = 0
@@ -165,6 +166,10 @@ def main(args: Args) -> None:
     args.task = args.task or ("PushCube-v1" if args.env == "maniskill" else "libero_object/0")
     args.sft_demos = args.sft_demos or (3 if args.env == "maniskill" else 20)
     args.sft_steps = args.sft_steps or (1500 if args.env == "maniskill" else 2000)
+    args.eval_episodes = args.eval_episodes or (100 if args.env == "maniskill" else 25)
+    if args.env == "libero" and args.eval_episodes > 25:  # a LIBERO task has 50 init states; 25..49 are the demos'
+        raise SystemExit(f"--eval-episodes {args.eval_episodes}: LIBERO evaluates on init states 0..24 of the task "
+                         "(25..49 made the SFT demos); use at most 25")
     runs = []
     for seed in args.seeds:
         init = sft_start(args, seed)

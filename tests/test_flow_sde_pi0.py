@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.pi0 import Pi0Config, Pi0Model
+from common.pi0 import Pi0Config, Pi0Model, gaussian_log_prob
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("flow_sde_pi0", ROOT / "algos" / "flow_sde_pi0.py")
@@ -86,6 +86,34 @@ def test_one_shared_stochastic_step_and_its_log_prob_recomputes_exactly():
     with torch.no_grad():
         again, _ = fs.recompute_log_prob(model, prefix, state, out.chain, k, sig, joint=False)
     assert torch.allclose(again, logp, atol=1e-5)  # PPO's first ratio is 1
+
+
+def test_chain_from_x1_remakes_the_sde_input_and_sees_early_weight_changes():
+    """--chain-from-x1: the SDE step's input is re-made from x_1 by the ODE steps under the current weights. Same
+    weights: the stored chain's log-prob (ratio 1), for every step k, mixed in one batch. Other weights: a log-prob
+    that differs from the stored-input one, and is the exact density of the last step's sample given x_1."""
+    model, prefix, state, noise = tiny_policy()
+    K, sig = 4, fs.sde_sigmas(4, 0.5)
+    ks = torch.arange(6) % K  # rows 0..5 took their SDE step at k = 0, 1, 2, 3, 0, 1
+    with torch.no_grad():
+        outs = [model.sample(prefix, state, noise, K, fs.make_step_fn({k}, sig)) for k in range(K)]
+        rows = torch.arange(6)
+        chain = torch.stack([outs[k].chain[j] for j, k in enumerate(ks.tolist())])
+        logp = torch.stack([fs.chain_log_prob(outs[k], {k}, K, False)[j] for j, k in enumerate(ks.tolist())])
+        again, _ = fs.recompute_log_prob(model, prefix, state, chain, ks, sig, joint=False, from_x1=True)
+        assert torch.allclose(again, logp, atol=1e-5)
+        for p in model.parameters():  # other weights
+            p.add_(0.01 * torch.randn_like(p))
+        stored, _ = fs.recompute_log_prob(model, prefix, state, chain, ks, sig, joint=False)
+        remade, _ = fs.recompute_log_prob(model, prefix, state, chain, ks, sig, joint=False, from_x1=True)
+        assert torch.equal(stored[ks == 0], remade[ks == 0])  # k = 0: x_1 is the input either way
+        for j in rows[ks > 0].tolist():
+            assert not torch.allclose(stored[j], remade[j], atol=1e-4)
+        last = model.sample(prefix, state, noise, K, fs.make_step_fn(set(), sig)).chain[:, K - 1]  # ODE to x_{K-1}
+        mean, std = fs.sde_transition(last, model.velocity(prefix, state, last, Pi0Model.timesteps(K)[K - 1])[0],
+                                      Pi0Model.timesteps(K)[K - 1], Pi0Model.timesteps(K)[K - 1], sig[K - 1])
+        exact = gaussian_log_prob(chain[3, K], mean[3], std[3])  # row 3: k = K - 1
+        assert torch.allclose(remade[3], exact, atol=1e-5)
 
 
 def test_obs_ode_critic_reads_the_ode_chunk_of_the_same_noise_not_the_sde_draw():
@@ -183,7 +211,9 @@ def test_few_iterations_on_libero_grpo_with_images(tmp_path):
 def test_bad_flags_are_refused(tmp_path):
     for flags, msg in [(["--env", "gym"], "--env"), (["--init", "foo"], "--init"), (["--bootstrap", "x"], "--bootstrap"),
                        (["--adv-type", "grpo", "--num-envs", "3"], "multiple"), (["--sde-steps", "0,7"], "--sde-steps"),
-                       (["--sde-steps", "0", "--joint"], "--sde-steps"), (["--sde-steps", "first"], "--sde-steps")]:
+                       (["--sde-steps", "0", "--joint"], "--sde-steps"), (["--sde-steps", "first"], "--sde-steps"),
+                       (["--env", "libero", "--eval-episodes", "50"], "init states 0..24"),
+                       (["--chain-from-x1", "--joint"], "--chain-from-x1")]:
         out = subprocess.run([sys.executable, str(ROOT / "algos" / "flow_sde_pi0.py"), "--run-dir", str(tmp_path),
                               "--env", "maniskill", *flags], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert out.returncode != 0 and msg in out.stderr, (flags, out.stderr[-400:])
