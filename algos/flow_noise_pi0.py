@@ -20,6 +20,7 @@ critic on what the policy observes (prefix mean + state; RLinf's expert / VLM pl
 flow_sde_pi0.py); the noise head trains with the actor.
 """
 
+import copy
 import io
 import json
 import math
@@ -114,6 +115,12 @@ class Args:
     """upper bound of the learned std"""
     entropy_bonus: float = 0.005
     """weight of the mean entropy 0.5*log(2*pi*e*std^2) of the chain's transitions (and of x_1)"""
+    ref_coef: float = 0.0
+    """weight of a penalty that pulls the eval (ODE) policy's executed actions toward the starting policy's, on
+    minibatch states and their stored x_1 (mean squared difference, model units): RLHF's KL-to-reference for a
+    deterministic sampler; it bounds the weights' random walk under noisy small-batch updates. 0: off (πRL)"""
+    ref_samples: int = 64
+    """minibatch samples the --ref-coef penalty is computed on (K expert passes with gradients each)"""
     action_chunk: int = 8
     """actions executed per policy call (<= the model's horizon)"""
     noise_on: str = "executed"
@@ -373,13 +380,19 @@ if __name__ == "__main__":
                           ("critic", ("auto", "expert", "vlm", "obs", "obs_ode")), ("adv_type", ("gae", "grpo"))):
         if getattr(args, name) not in choices:
             raise SystemExit(f"--{name.replace('_', '-')} must be one of {choices}, got {getattr(args, name)!r}")
-    args.eval_episodes = args.eval_episodes or (25 if args.env == "libero" else 50)
-    if args.env == "libero" and args.eval_episodes > 25:
-        raise SystemExit(f"--eval-episodes {args.eval_episodes}: LIBERO evaluates on init states 0..24 (25..49 made "
-                         "the SFT demos); use at most 25")
+    if args.env == "libero":
+        from common.libero_env import eval_episode_count
+
+        try:
+            args.eval_episodes = eval_episode_count(args.eval_episodes)
+        except ValueError as e:
+            raise SystemExit(str(e))
+    args.eval_episodes = args.eval_episodes or 50
     if args.adv_type == "grpo" and args.num_envs % args.group_size:
         raise SystemExit(f"--num-envs {args.num_envs} must be a multiple of --group-size {args.group_size}")
     K = args.num_denoise_steps
+    if args.ref_coef < 0 or args.ref_samples < 1:
+        raise SystemExit(f"--ref-coef must be >= 0 and --ref-samples >= 1, got {args.ref_coef} and {args.ref_samples}")
     if K < 1 or not 0 < args.noise_std_min <= args.noise_std_max:
         raise SystemExit(f"need --num-denoise-steps >= 1 and 0 < --noise-std-min <= --noise-std-max")
 
@@ -416,6 +429,8 @@ if __name__ == "__main__":
         model.freeze_vlm()
     if args.train_head_only:
         freeze_all_but_head(model)
+    # the policy the --ref-coef penalty pulls toward: the one loaded by --init (also when resuming), frozen
+    ref_model = copy.deepcopy(model).requires_grad_(False).eval() if args.ref_coef else None
     critic_on = ("vlm" if cfg.is_pi05 else "expert") if args.critic == "auto" else args.critic
     critic_width = {"vlm": cfg.vlm_width, "obs": cfg.vlm_width + cfg.action_dim,
                     "obs_ode": cfg.vlm_width + cfg.action_dim + args.action_chunk * env_action_dim}.get(critic_on,
@@ -517,6 +532,15 @@ if __name__ == "__main__":
         with torch.no_grad():
             prefix = prefix_and_value(batch, grad=False)[0]
             return model.sample(prefix, batch["state"], noise, K, make_step_fn(noise_head, False)).actions[:, :chunk, :A]
+
+    def reference_penalty(batch, x1):
+        """Mean squared difference between the ODE policy's executed actions and the reference policy's, from x1."""
+        prefix = prefix_and_value(batch, grad=True)[0]
+        with torch.no_grad():
+            ref_prefix = prefix if args.train_expert_only else \
+                ref_model.encode_prefix(batch["images"], batch["img_masks"], batch["tokens"], batch["tok_masks"])
+            target = ref_model.sample(ref_prefix, batch["state"], x1, K).actions[:, :chunk, :A]
+        return (model.sample(prefix, batch["state"], x1, K).actions[:, :chunk, :A] - target).pow(2).mean()
 
     eval_seconds = [0.0]  # eval time, kept out of SPS and of the training wall clock
 
@@ -646,7 +670,8 @@ if __name__ == "__main__":
         actions_before = ode_actions(probe, probe_noise) if n_samples else None
         optimizer.param_groups[0]["lr"] = args.learning_rate * min(1.0, iteration / args.actor_warmup) \
             if args.actor_warmup else args.learning_rate
-        clipfracs, approx_kls, pg_losses, v_losses, entropies, first_ratio_err = [], [], [], [], [], None
+        clipfracs, approx_kls, pg_losses, v_losses, entropies, ref_losses = [], [], [], [], [], []
+        first_ratio_err = None
         for epoch in range(args.update_epochs if n_samples else 0):
             perm = torch.randperm(n_samples, device=device)
             for start in range(0, n_samples, args.minibatch_size):
@@ -673,6 +698,11 @@ if __name__ == "__main__":
                     v_loss = value_loss(new_value, val_flat[mb], ret_flat[mb], args.value_clip, args.huber_delta)
                     loss = loss + v_loss
                     v_losses.append(v_loss.item())
+                if ref_model is not None:
+                    sub = mb[:args.ref_samples]
+                    ref_loss = reference_penalty({k: v[sub] for k, v in data.items()}, chains[sub][:, 0])
+                    loss = loss + args.ref_coef * ref_loss
+                    ref_losses.append(ref_loss.item())
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 nn.utils.clip_grad_norm_(actor_params + list(value_head.parameters()), args.max_grad_norm)
@@ -695,6 +725,8 @@ if __name__ == "__main__":
         writer.add_scalar("losses/policy_loss", np.mean(pg_losses) if pg_losses else 0.0, global_step)
         writer.add_scalar("losses/value_loss", np.mean(v_losses) if v_losses else 0.0, global_step)
         writer.add_scalar("losses/entropy", np.mean(entropies) if entropies else 0.0, global_step)
+        if ref_losses:
+            writer.add_scalar("losses/ref_penalty", np.mean(ref_losses), global_step)
         writer.add_scalar("losses/approx_kl", np.mean(approx_kls) if approx_kls else 0.0, global_step)
         writer.add_scalar("losses/clipfrac", np.mean(clipfracs) if clipfracs else 0.0, global_step)
         writer.add_scalar("losses/first_ratio_error", first_ratio_err or 0.0, global_step)

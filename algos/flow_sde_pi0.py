@@ -27,6 +27,7 @@ heads train.
 `--adv-type grpo`: groups of envs share an initial state, one episode each, group-normalised returns.
 """
 
+import copy
 import io
 import json
 import math
@@ -129,6 +130,13 @@ class Args:
     weights (with gradients) instead of reusing the stored x_k: the ratio then sees the weight change that moves the
     SDE step's input too. With --sde-steps set to the last step (K-1) the log-prob is the exact density of the
     executed chunk given x_1; otherwise the ODE steps after the SDE step still move unseen"""
+    ref_coef: float = 0.0
+    """weight of a penalty that pulls the eval (ODE) policy's executed actions toward the starting policy's, on
+    minibatch states and their stored x_1 (mean squared difference, model units): RLHF's KL-to-reference for a
+    deterministic sampler. At CPU batch sizes the updates are mostly noise, and the weights' random walk loses a
+    few-shot fit (a shuffled-advantage control collapsed as fast as the real run); this bounds the walk. 0: off (πRL)"""
+    ref_samples: int = 64
+    """minibatch samples the --ref-coef penalty is computed on (K expert passes with gradients each)"""
     action_chunk: int = 8
     """actions executed per policy call (<= the model's horizon)"""
     noise_on: str = "executed"
@@ -414,10 +422,14 @@ if __name__ == "__main__":
                           ("critic", ("auto", "expert", "vlm", "obs", "obs_ode")), ("adv_type", ("gae", "grpo"))):
         if getattr(args, name) not in choices:
             raise SystemExit(f"--{name.replace('_', '-')} must be one of {choices}, got {getattr(args, name)!r}")
-    args.eval_episodes = args.eval_episodes or (25 if args.env == "libero" else 50)
-    if args.env == "libero" and args.eval_episodes > 25:
-        raise SystemExit(f"--eval-episodes {args.eval_episodes}: LIBERO evaluates on init states 0..24 (25..49 made "
-                         "the SFT demos); use at most 25")
+    if args.env == "libero":
+        from common.libero_env import eval_episode_count
+
+        try:
+            args.eval_episodes = eval_episode_count(args.eval_episodes)
+        except ValueError as e:
+            raise SystemExit(str(e))
+    args.eval_episodes = args.eval_episodes or 50
     if args.adv_type == "grpo" and args.num_envs % args.group_size:
         raise SystemExit(f"--num-envs {args.num_envs} must be a multiple of --group-size {args.group_size}")
     K = args.num_denoise_steps
@@ -430,6 +442,8 @@ if __name__ == "__main__":
                          f"got {args.sde_steps!r}")
     if args.chain_from_x1 and args.joint:
         raise SystemExit("--chain-from-x1 re-makes the input of the one SDE step; --joint stores every step's input")
+    if args.ref_coef < 0 or args.ref_samples < 1:
+        raise SystemExit(f"--ref-coef must be >= 0 and --ref-samples >= 1, got {args.ref_coef} and {args.ref_samples}")
     if K < 1 or (args.ignore_last and K < 2):
         raise SystemExit(f"--num-denoise-steps must be >= 1 (>= 2 with --ignore-last), got {K}")
 
@@ -467,6 +481,8 @@ if __name__ == "__main__":
         model.freeze_vlm()
     if args.train_head_only:
         freeze_all_but_head(model)
+    # the policy the --ref-coef penalty pulls toward: the one loaded by --init (also when resuming), frozen
+    ref_model = copy.deepcopy(model).requires_grad_(False).eval() if args.ref_coef else None
     critic_on = ("vlm" if cfg.is_pi05 else "expert") if args.critic == "auto" else args.critic
     critic_width = {"vlm": cfg.vlm_width, "obs": cfg.vlm_width + cfg.action_dim,
                     "obs_ode": cfg.vlm_width + cfg.action_dim + args.action_chunk * env_action_dim}.get(critic_on,
@@ -569,6 +585,15 @@ if __name__ == "__main__":
         with torch.no_grad():
             prefix = prefix_and_value(batch, grad=False)[0]
             return model.sample(prefix, batch["state"], noise, K, make_step_fn(set(), sigmas)).actions[:, :chunk, :A]
+
+    def reference_penalty(batch, x1):
+        """Mean squared difference between the ODE policy's executed actions and the reference policy's, from x1."""
+        prefix = prefix_and_value(batch, grad=True)[0]
+        with torch.no_grad():
+            ref_prefix = prefix if args.train_expert_only else \
+                ref_model.encode_prefix(batch["images"], batch["img_masks"], batch["tokens"], batch["tok_masks"])
+            target = ref_model.sample(ref_prefix, batch["state"], x1, K).actions[:, :chunk, :A]
+        return (model.sample(prefix, batch["state"], x1, K).actions[:, :chunk, :A] - target).pow(2).mean()
 
     eval_seconds = [0.0]  # eval time, kept out of SPS and of the training wall clock
 
@@ -699,7 +724,7 @@ if __name__ == "__main__":
         actions_before = ode_actions(probe, probe_noise) if n_samples else None
         optimizer.param_groups[0]["lr"] = args.learning_rate * min(1.0, iteration / args.actor_warmup) \
             if args.actor_warmup else args.learning_rate
-        clipfracs, approx_kls, pg_losses, v_losses, first_ratio_err = [], [], [], [], None
+        clipfracs, approx_kls, pg_losses, v_losses, ref_losses, first_ratio_err = [], [], [], [], [], None
         for epoch in range(args.update_epochs if n_samples else 0):
             perm = torch.randperm(n_samples, device=device)
             for start in range(0, n_samples, args.minibatch_size):
@@ -724,6 +749,11 @@ if __name__ == "__main__":
                     v_loss = value_loss(new_value, val_flat[mb], ret_flat[mb], args.value_clip, args.huber_delta)
                     loss = loss + v_loss
                     v_losses.append(v_loss.item())
+                if ref_model is not None:
+                    sub = mb[:args.ref_samples]
+                    ref_loss = reference_penalty({k: v[sub] for k, v in data.items()}, chains[sub][:, 0])
+                    loss = loss + args.ref_coef * ref_loss
+                    ref_losses.append(ref_loss.item())
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 nn.utils.clip_grad_norm_(actor_params + list(value_head.parameters()), args.max_grad_norm)
@@ -745,6 +775,8 @@ if __name__ == "__main__":
         writer.add_scalar("charts/train_samples", n_samples, global_step)
         writer.add_scalar("losses/policy_loss", np.mean(pg_losses) if pg_losses else 0.0, global_step)
         writer.add_scalar("losses/value_loss", np.mean(v_losses) if v_losses else 0.0, global_step)
+        if ref_losses:
+            writer.add_scalar("losses/ref_penalty", np.mean(ref_losses), global_step)
         writer.add_scalar("losses/approx_kl", np.mean(approx_kls) if approx_kls else 0.0, global_step)
         writer.add_scalar("losses/clipfrac", np.mean(clipfracs) if clipfracs else 0.0, global_step)
         writer.add_scalar("losses/first_ratio_error", first_ratio_err or 0.0, global_step)

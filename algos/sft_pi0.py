@@ -163,8 +163,10 @@ def ensure_demos(args: Args) -> Path:
     else:
         from common.libero_expert import generate_libero_demos
 
-        suite, task_id = args.task.split("/")  # demos from init states 25..49; eval uses 0..eval_episodes-1
-        generate_libero_demos(suite, [int(task_id)], list(range(25, 50)), path, cameras=True,
+        from common.libero_env import DEMO_INIT_STATES
+
+        suite, task_id = args.task.split("/")  # eval uses EVAL_INIT_STATES, disjoint from these
+        generate_libero_demos(suite, [int(task_id)], list(DEMO_INIT_STATES), path, cameras=True,
                               image_size=args.image_size)
     return path
 
@@ -216,15 +218,23 @@ if __name__ == "__main__":
         raise SystemExit(f"--env must be maniskill or libero, got {args.env!r}")
     if args.env == "libero" and (args.task.count("/") != 1 or not args.task.split("/")[1].isdigit()):
         raise SystemExit(f"--task for LIBERO is <suite>/<task id>, e.g. libero_object/0; got {args.task!r}")
-    args.eval_episodes = args.eval_episodes or (25 if args.env == "libero" else 100)
-    if args.env == "libero" and (args.eval_episodes > 25 or args.num_demos > 25):
-        raise SystemExit("LIBERO has 50 init states per task: demos come from 25..49 and eval uses 0..24, so "
-                         f"--eval-episodes and --num-demos must be <= 25 (got {args.eval_episodes}, {args.num_demos})")
+    if args.env == "libero":
+        from common.libero_env import DEMO_INIT_STATES, EVAL_INIT_STATES
+
+        args.eval_episodes = args.eval_episodes or len(EVAL_INIT_STATES)
+        if args.eval_episodes > len(EVAL_INIT_STATES) or args.num_demos > len(DEMO_INIT_STATES):
+            raise SystemExit(f"LIBERO has 50 init states per task: demos come from {DEMO_INIT_STATES.start}.."
+                             f"{DEMO_INIT_STATES.stop - 1} and eval uses {EVAL_INIT_STATES.start}.."
+                             f"{EVAL_INIT_STATES.stop - 1}, so --eval-episodes <= {len(EVAL_INIT_STATES)} and "
+                             f"--num-demos <= {len(DEMO_INIT_STATES)} (got {args.eval_episodes}, {args.num_demos})")
+    args.eval_episodes = args.eval_episodes or 100
     positive = ("num_demos", "total_steps", "batch_size", "warmup_steps", "checkpoint_every", "log_every",
                 "eval_every", "num_eval_envs", "num_denoise_steps", "horizon")
     bad = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in positive if getattr(args, k) < 1]
     if bad:
         raise SystemExit(f"these must be >= 1: {', '.join(bad)}")
+    if not (args.init_from or args.resume) and args.action_chunk > args.horizon:  # before any demo is made or loaded
+        raise SystemExit(f"--action-chunk must be in [1, --horizon {args.horizon}], got {args.action_chunk}")
     if args.model not in ("tiny", "pi0", "pi05"):
         raise SystemExit(f"--model must be tiny, pi0 or pi05, got {args.model!r}")
     if args.expert not in ("gemma", "mlp") or (args.expert == "mlp" and (args.model, args.variant) != ("tiny", "pi0")):

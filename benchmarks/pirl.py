@@ -166,10 +166,14 @@ def main(args: Args) -> None:
     args.task = args.task or ("PushCube-v1" if args.env == "maniskill" else "libero_object/0")
     args.sft_demos = args.sft_demos or (3 if args.env == "maniskill" else 20)
     args.sft_steps = args.sft_steps or (1500 if args.env == "maniskill" else 2000)
-    args.eval_episodes = args.eval_episodes or (100 if args.env == "maniskill" else 25)
-    if args.env == "libero" and args.eval_episodes > 25:  # a LIBERO task has 50 init states; 25..49 are the demos'
-        raise SystemExit(f"--eval-episodes {args.eval_episodes}: LIBERO evaluates on init states 0..24 of the task "
-                         "(25..49 made the SFT demos); use at most 25")
+    if args.env == "libero":  # a LIBERO task has 50 init states; the SFT demos use some of them
+        from common.libero_env import eval_episode_count
+
+        try:
+            args.eval_episodes = eval_episode_count(args.eval_episodes)
+        except ValueError as e:
+            raise SystemExit(str(e))
+    args.eval_episodes = args.eval_episodes or 100
     runs = []
     for seed in args.seeds:
         init = sft_start(args, seed)

@@ -28,6 +28,19 @@ from common.vec_env import BatchedEnv
 SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90")
 # Max steps per episode. spatial/object/goal/10 as in RLinf's πRL configs; libero_90 is not in πRL (400 is ours).
 MAX_EPISODE_STEPS = {"libero_spatial": 240, "libero_object": 240, "libero_goal": 320, "libero_10": 480, "libero_90": 400}
+# A task has 50 init states. Our split: demos (SFT) come from 25..49, every eval uses 0..24, so no eval episode starts
+# where a demo did.
+EVAL_INIT_STATES = range(0, 25)
+DEMO_INIT_STATES = range(25, 50)
+
+
+def eval_episode_count(requested: int) -> int:
+    """The eval episodes for a LIBERO task: `requested`, or all of EVAL_INIT_STATES for 0; more is refused."""
+    if requested > len(EVAL_INIT_STATES):
+        raise ValueError(f"--eval-episodes {requested}: LIBERO evaluates on init states {EVAL_INIT_STATES.start}.."
+                         f"{EVAL_INIT_STATES.stop - 1} ({DEMO_INIT_STATES.start}..{DEMO_INIT_STATES.stop - 1} made the "
+                         f"SFT demos); use at most {len(EVAL_INIT_STATES)}")
+    return requested or len(EVAL_INIT_STATES)
 SETTLE_STEPS = 15
 SETTLE_ACTION = np.array([0, 0, 0, 0, 0, 0, -1], dtype=np.float64)
 ACTION_DIM = 7

@@ -79,12 +79,13 @@ def test_entropy_includes_the_unit_initial_term_and_is_averaged():
     assert ent.shape == (2,) and torch.allclose(ent, torch.full((2,), (one + 4 * tenth) / 5))
 
 
-@pytest.mark.parametrize("critic", ["obs", "obs_ode"])
-def test_a_few_iterations_run_with_an_exact_first_ratio(tmp_path, critic):
+@pytest.mark.parametrize("critic,ref_coef", [("obs", "0"), ("obs_ode", "5")])
+def test_a_few_iterations_run_with_an_exact_first_ratio(tmp_path, critic, ref_coef):
     out = subprocess.run([sys.executable, str(ROOT / "algos" / "flow_noise_pi0.py"), "--run-dir", str(tmp_path),
                           "--env", "maniskill", "--init", "scratch", "--num-envs", "2", "--num-steps", "4",
                           "--total-iterations", "2", "--eval-episodes", "2", "--num-eval-envs", "1", "--eval-every", "2",
-                          "--minibatch-size", "4", "--max-episode-steps", "24", "--critic", critic], cwd=ROOT,
+                          "--minibatch-size", "4", "--max-episode-steps", "24", "--critic", critic,
+                          "--ref-coef", ref_coef], cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     run_dir = tmp_path / "PushCube-v1__flow_noise_pi0__1"
@@ -97,3 +98,6 @@ def test_a_few_iterations_run_with_an_exact_first_ratio(tmp_path, critic):
     assert all(e.value < 1e-4 for e in acc.Scalars("losses/first_ratio_error"))
     assert [e.value for e in acc.Scalars("charts/train_samples")] == [2 * 4, 2 * 4]  # nothing masked after a done
     assert all(-2.0 < e.value < 1.5 for e in acc.Scalars("losses/entropy"))
+    if ref_coef != "0":  # the reference is the loaded policy: no distance before the actor first moves, some after
+        penalty = [e.value for e in acc.Scalars("losses/ref_penalty")]
+        assert penalty[0] == 0 and penalty[1] > 0

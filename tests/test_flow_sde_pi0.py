@@ -176,11 +176,11 @@ def run(args, tmp_path, timeout=600):
     return out
 
 
-@pytest.mark.parametrize("critic", ["obs", "obs_ode"])
-def test_few_iterations_on_maniskill_with_exact_first_ratio(tmp_path, critic):
+@pytest.mark.parametrize("critic,ref_coef", [("obs", "0"), ("obs_ode", "5")])
+def test_few_iterations_on_maniskill_with_exact_first_ratio(tmp_path, critic, ref_coef):
     out = run(["--env", "maniskill", "--init", "scratch", "--num-envs", "2", "--num-steps", "4", "--total-iterations",
                "2", "--eval-episodes", "2", "--num-eval-envs", "1", "--eval-every", "2", "--minibatch-size", "4",
-               "--max-episode-steps", "24", "--critic", critic], tmp_path)
+               "--max-episode-steps", "24", "--critic", critic, "--ref-coef", ref_coef], tmp_path)
     run_dir = tmp_path / "PushCube-v1__flow_sde_pi0__1"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert [h["iteration"] for h in summary["history"]] == [0, 2] and summary["env_steps"] == 2 * 2 * 4 * 8
@@ -196,6 +196,9 @@ def test_few_iterations_on_maniskill_with_exact_first_ratio(tmp_path, critic):
     # the eval policy's actions: unmoved by the first update (actor lr 0 at warm-up step 0), moved by the second
     change = [e.value for e in acc.Scalars("losses/ode_action_change")]
     assert change[0] == 0 and change[1] > 0
+    if ref_coef != "0":  # the reference is the loaded policy: no distance before the actor first moves, some after
+        penalty = [e.value for e in acc.Scalars("losses/ref_penalty")]
+        assert penalty[0] == 0 and penalty[1] > 0
     assert len(acc.Scalars("losses/explained_variance")) == 2
     assert "eval success" in out.stdout
 
@@ -213,7 +216,7 @@ def test_bad_flags_are_refused(tmp_path):
                        (["--adv-type", "grpo", "--num-envs", "3"], "multiple"), (["--sde-steps", "0,7"], "--sde-steps"),
                        (["--sde-steps", "0", "--joint"], "--sde-steps"), (["--sde-steps", "first"], "--sde-steps"),
                        (["--env", "libero", "--eval-episodes", "50"], "init states 0..24"),
-                       (["--chain-from-x1", "--joint"], "--chain-from-x1")]:
+                       (["--chain-from-x1", "--joint"], "--chain-from-x1"), (["--ref-coef", "-1"], "--ref-coef")]:
         out = subprocess.run([sys.executable, str(ROOT / "algos" / "flow_sde_pi0.py"), "--run-dir", str(tmp_path),
                               "--env", "maniskill", *flags], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert out.returncode != 0 and msg in out.stderr, (flags, out.stderr[-400:])

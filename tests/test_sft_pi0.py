@@ -90,6 +90,7 @@ def test_resume_after_kill_9(demos, tmp_path):
 def test_bad_flags_are_refused(tmp_path):
     for flags, message in [(["--env", "mujoco"], "--env"), (["--env", "libero", "--task", "PushCube-v1"], "<suite>"),
                            (["--action-chunk", "20"], "--action-chunk"),
+                           (["--env", "libero", "--task", "libero_object/0", "--num-demos", "30"], "--num-demos <= 25"),
                            (["--expert", "mlp", "--variant", "pi05"], "--expert")]:
         out = subprocess.run(SCRIPT + flags + ["--run-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
                              timeout=120)
