@@ -518,14 +518,17 @@ if __name__ == "__main__":
 
     prompt_prefixes = PromptPrefixCache(model)  # state-only tasks: the frozen VLM sees only the prompt
 
-    def prefix_and_value(batch, grad: bool):
-        """The VLM prefix (cached K/V) and, for the VLM critic, the value from the mean of the valid prefix states."""
+    def prefix_of(batch, grad: bool):
+        """The VLM prefix (cached K/V)."""
         inputs = (batch["images"], batch["img_masks"], batch["tokens"], batch["tok_masks"])
         if args.train_expert_only:
-            prefix = prompt_prefixes(*inputs)
-        else:
-            with torch.set_grad_enabled(grad):
-                prefix = model.encode_prefix(*inputs)
+            return prompt_prefixes(*inputs)
+        with torch.set_grad_enabled(grad):
+            return model.encode_prefix(*inputs)
+
+    def prefix_and_value(batch, grad: bool):
+        """The VLM prefix and, for the VLM critic, the value from the mean of the valid prefix states."""
+        prefix = prefix_of(batch, grad)
         # obs_ode: only once act() has put the ODE chunk into the batch
         value = obs_value(prefix, batch) if critic_on in ("vlm", "obs") or "ode_chunk" in batch else None
         return prefix, value
@@ -588,7 +591,7 @@ if __name__ == "__main__":
 
     def reference_penalty(batch, x1):
         """Mean squared difference between the ODE policy's executed actions and the reference policy's, from x1."""
-        prefix = prefix_and_value(batch, grad=True)[0]
+        prefix = prefix_of(batch, grad=True)
         with torch.no_grad():
             ref_prefix = prefix if args.train_expert_only else \
                 ref_model.encode_prefix(batch["images"], batch["img_masks"], batch["tokens"], batch["tok_masks"])
