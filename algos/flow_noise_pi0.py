@@ -391,6 +391,9 @@ if __name__ == "__main__":
     if args.adv_type == "grpo" and args.num_envs % args.group_size:
         raise SystemExit(f"--num-envs {args.num_envs} must be a multiple of --group-size {args.group_size}")
     K = args.num_denoise_steps
+    if args.eval_every < 1 or args.checkpoint_every < 1:
+        raise SystemExit(f"--eval-every and --checkpoint-every are iteration counts >= 1 (the start and the end "
+                         f"are always evaluated and saved), got {args.eval_every} and {args.checkpoint_every}")
     if args.ref_coef < 0 or args.ref_samples < 1:
         raise SystemExit(f"--ref-coef must be >= 0 and --ref-samples >= 1, got {args.ref_coef} and {args.ref_samples}")
     if K < 1 or not 0 < args.noise_std_min <= args.noise_std_max:

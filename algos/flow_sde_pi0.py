@@ -442,6 +442,9 @@ if __name__ == "__main__":
                          f"got {args.sde_steps!r}")
     if args.chain_from_x1 and args.joint:
         raise SystemExit("--chain-from-x1 re-makes the input of the one SDE step; --joint stores every step's input")
+    if args.eval_every < 1 or args.checkpoint_every < 1:
+        raise SystemExit(f"--eval-every and --checkpoint-every are iteration counts >= 1 (the start and the end "
+                         f"are always evaluated and saved), got {args.eval_every} and {args.checkpoint_every}")
     if args.ref_coef < 0 or args.ref_samples < 1:
         raise SystemExit(f"--ref-coef must be >= 0 and --ref-samples >= 1, got {args.ref_coef} and {args.ref_samples}")
     if K < 1 or (args.ignore_last and K < 2):

@@ -101,3 +101,12 @@ def test_a_few_iterations_run_with_an_exact_first_ratio(tmp_path, critic, ref_co
     if ref_coef != "0":  # the reference is the loaded policy: no distance before the actor first moves, some after
         penalty = [e.value for e in acc.Scalars("losses/ref_penalty")]
         assert penalty[0] == 0 and penalty[1] > 0
+
+
+def test_bad_flags_are_refused(tmp_path):
+    for flags, msg in [(["--env", "gym"], "--env"), (["--critic", "x"], "--critic"),
+                       (["--noise-std-min", "0.2", "--noise-std-max", "0.1"], "--noise-std-min"),
+                       (["--ref-coef", "-1"], "--ref-coef"), (["--eval-every", "0"], "--eval-every")]:
+        out = subprocess.run([sys.executable, str(ROOT / "algos" / "flow_noise_pi0.py"), "--run-dir", str(tmp_path),
+                              "--env", "maniskill", *flags], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert out.returncode != 0 and msg in out.stderr, (flags, out.stderr[-400:])
