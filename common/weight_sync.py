@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import threading
 import time
-import warnings
-import numpy as np
 import torch
 import zmq
 
@@ -238,12 +236,13 @@ class WeightSubscriber:
         """`zero_copy=True` (CPU, inference-only actors): `apply` points the parameters at the received buffer
         instead of copying into them. The publisher never reuses a buffer that a receiver still holds."""
         self.model, self.zero_copy = model, zero_copy
-        self.sub = Subscriber(endpoint, curve=curve, ctx=ctx)
+        self.sub = Subscriber(endpoint, curve=curve, ctx=ctx, as_torch=True)
         self.version = 0  # applied
         self._pending = None
         self.stats = {"received": 0, "applied": 0, "coalesced": 0, "waiting_keyframe": 0}
         self._keyframe = None  # version of the last keyframe applied (only_changed publishers)
         self._targets = dict(model.state_dict(keep_vars=True))
+        self._fits = None  # the update layout last checked against the model
 
     def poll(self, timeout: float = 0.0) -> bool:
         """Take in what has arrived; keep only the newest. Returns whether an update is waiting to be applied."""
@@ -263,20 +262,20 @@ class WeightSubscriber:
         msg, self._pending = self._pending, None
         if msg is None:
             return None
-        problems = [k for k, v in msg.arrays.items()
-                    if k not in self._targets or tuple(self._targets[k].shape) != tuple(v.shape)]
-        if problems:
-            raise ValueError(f"weight update v{msg.seq} does not fit this model: {problems[:5]} "
-                             f"(unknown names or other shapes)")
-        with warnings.catch_warnings():  # the arrays are read-only views of the received frame; we only read them
-            warnings.simplefilter("ignore", UserWarning)
-            for name, value in msg.arrays.items():
-                target = self._targets[name]
-                src = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.asarray(value))
-                if self.zero_copy and target.device.type == "cpu" and target.dtype == src.dtype:
-                    target.data = src  # the parameter now lives in the received buffer: no copy at all
-                else:
-                    target.copy_(src)
+        if msg.layout is None or msg.layout is not self._fits:  # names and shapes checked once per layout
+            problems = [k for k, v in msg.arrays.items()
+                        if k not in self._targets or tuple(self._targets[k].shape) != tuple(v.shape)]
+            if problems:
+                raise ValueError(f"weight update v{msg.seq} does not fit this model: {problems[:5]} "
+                                 f"(unknown names or other shapes)")
+            self._fits = msg.layout
+        targets, zero_copy = self._targets, self.zero_copy
+        for name, src in msg.arrays.items():  # torch tensors viewing the received buffer
+            target = targets[name]
+            if zero_copy and target.dtype == src.dtype and target.device.type == "cpu":
+                target.data = src  # the parameter now lives in the received buffer: no copy at all
+            else:
+                target.copy_(src)
         if self.version > 0:  # published versions never applied here: superseded in a queue or while waiting
             self.stats["coalesced"] += max(0, msg.seq - self.version - 1)
         self.stats["applied"] += 1

@@ -16,7 +16,8 @@ import torch
 import zmq
 
 from common.transport import (
-    PROTOCOL_VERSION, CurveConfig, DataReceiver, DataSender, FrameError, HandshakeError, Message, Publisher,
+    PROTOCOL_VERSION, CurveConfig, DataReceiver, DataSender, FrameError, HandshakeError, Message, PackedDecoder,
+    Publisher,
     RpcClient, RpcServer, Subscriber, TransportTimeout, decode, encode, make_keypair, pack_frames, unpack_frames,
 )
 
@@ -96,6 +97,58 @@ def test_decode_rejects_every_malformed_message_with_frame_error():
                 frames = unpack_frames(frames[0])
             rx._split(decode(frames, max_bytes=2**20), b"peer")  # the data channel's checks on top of decode
     rx.close()
+
+
+def _same_result(decoder, buf):
+    """decoder(buf) and decode(unpack_frames(buf)) agree: both raise FrameError, or both give the same message."""
+    try:
+        want = decode(unpack_frames(buf), max_bytes=2**20, as_torch=decoder.as_torch)
+    except FrameError:
+        with pytest.raises(FrameError):
+            decoder(buf)
+        return None
+    got = decoder(buf)
+    assert (got.type, got.seq, got.meta, list(got.arrays)) == (want.type, want.seq, want.meta, list(want.arrays))
+    for name, value in want.arrays.items():
+        assert got.arrays[name].dtype == value.dtype and tuple(got.arrays[name].shape) == tuple(value.shape)
+        assert (torch.equal if decoder.as_torch else np.array_equal)(got.arrays[name], value)
+    return got
+
+
+@pytest.mark.parametrize("as_torch", [False, True])
+def test_packed_decoder_agrees_with_decode_on_good_bad_and_look_alike_messages(as_torch):
+    """The weight broadcast's decoder remembers the last layout and skips per-array checks when the next message
+    matches it: look-alikes (same frame lengths, other names / dtypes / shapes / version) must not slip through."""
+    rng = np.random.default_rng(0)
+    arrays = {"w0": rng.random((4, 6)).astype(np.float32), "w1": rng.random(5).astype(np.float32),
+              "n": np.arange(3, dtype=np.int64)}
+    good = lambda seq, a=arrays, **meta: pack_frames(encode("update", {"version": seq, **meta}, a, seq))
+    decoder = PackedDecoder(max_bytes=2**20, as_torch=as_torch)
+    first = _same_result(decoder, good(1))
+    assert _same_result(decoder, good(2)).layout is first.layout  # the remembered layout served it
+    header = msgpack.unpackb(bytes(unpack_frames(good(3))[0]))
+    body = [bytes(f) for f in unpack_frames(good(3))[1:]]
+
+    def look_alike(**changes):  # same header length and frame lengths as the good message: only the content differs
+        frames = [msgpack.packb({**header, **changes}), *body]
+        assert len(frames[0]) == len(unpack_frames(good(3))[0])
+        return pack_frames(frames)
+
+    cases = [look_alike(a=[["w9", "<f4", [4, 6]], *header["a"][1:]]),  # renamed
+             look_alike(a=[["w0", "<i4", [4, 6]], *header["a"][1:]]),  # other dtype, same size
+             look_alike(a=[["w0", "<f4", [6, 4]], *header["a"][1:]]),  # other shape, same size
+             look_alike(a=[["w0", "<f4", [4, 7]], *header["a"][1:]]),  # shape that does not fit the frame
+             look_alike(a=[["w0", "<c8", [4, 3]], *header["a"][1:]]),  # dtype not allowed
+             look_alike(v=PROTOCOL_VERSION + 1),  # wrong protocol version
+             look_alike(s=None),  # wrong field type
+             bytes(good(4))[:-1], bytes(good(4)) + b"\0"]  # truncated, trailing byte
+    cases += [pack_frames(f) if len(f) > 1 else f[0] for f in malformed_messages(random.Random(2), 300)]
+    for buf in cases:
+        _same_result(decoder, buf)
+        assert _same_result(decoder, good(5)) is not None  # and the good stream goes on
+    corrupt = bytearray(good(6))
+    corrupt[5] ^= 1  # the header length field: the prefix no longer matches, the full checks run
+    _same_result(decoder, bytes(corrupt))
 
 
 def test_receiver_rejects_1000_malformed_frames_and_keeps_serving():
