@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,7 +135,9 @@ def rl_run(args: Args, algorithm: str, seed: int, init: Path) -> dict:
              "--total-minutes", str(args.minutes), "--total-iterations", "1000000", "--eval-every",
              str(args.eval_every), "--eval-episodes", str(args.eval_episodes), "--no-capture-video",
              *shlex.split(args.rl_flags), *shlex.split(own_flags)])
-    return json.loads(summary.read_text())
+    # a finished run is reused as it is, so the table says when each one ran (the file's mtime, UTC)
+    finished = datetime.fromtimestamp(summary.stat().st_mtime, tz=timezone.utc).strftime("%Y-%m-%d %H:%M")
+    return {**json.loads(summary.read_text()), "finished_utc": finished}
 
 
 def raw_throughput(args: Args, num_envs: int, chunk: int, action_dim: int) -> float:
@@ -193,7 +196,8 @@ def main(args: Args) -> None:
         rows.append({"algorithm": r["algorithm"], "seed": r["seed"], "sft_success": h0["success_rate"],
                      "rl_success": h1["success_rate"], "ci95": f"[{lo:.2f}, {hi:.2f}]",
                      "gain_points": 100 * (h1["success_rate"] - h0["success_rate"]), "minutes": r["minutes"],
-                     "env_steps": r["env_steps"], "train_sps": sps, "raw_sps": raw, "sps_ratio": sps / raw})
+                     "env_steps": r["env_steps"], "train_sps": sps, "raw_sps": raw, "sps_ratio": sps / raw,
+                     "finished_utc": r["finished_utc"]})
     for algorithm in args.algorithms:
         sel = [row for row in rows if row["algorithm"] == algorithm and isinstance(row["seed"], int)]
         if not sel:
@@ -205,7 +209,7 @@ def main(args: Args) -> None:
                      "gain_points": float(np.mean(gains)), "minutes": float(np.mean([row["minutes"] for row in sel])),
                      "env_steps": int(np.mean([row["env_steps"] for row in sel])),
                      "train_sps": float(np.mean([row["train_sps"] for row in sel])), "raw_sps": raw,
-                     "sps_ratio": float(np.mean([row["sps_ratio"] for row in sel]))})
+                     "sps_ratio": float(np.mean([row["sps_ratio"] for row in sel])), "finished_utc": ""})
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -231,12 +235,13 @@ def main(args: Args) -> None:
              "`sft_success` is the iteration-0 eval of the same run, `rl_success` the last eval. `raw_sps`: the same "
              f"worker envs ({run_args['num_envs']}) stepping chunks of {run_args['action_chunk']} random actions for "
              f"{args.throughput_seconds:g} s in this run; `sps_ratio` = "
-             "training env-steps/s over it (target >= 0.8). Target gain: >= +30 points on PushCube-v1 within 30 min.")
+             "training env-steps/s over it (target >= 0.8). `finished_utc`: when that RL run ended (finished runs "
+             "with the same flags are reused, not re-run). Target gain: >= +30 points on PushCube-v1 within 30 min.")
     shown = " vs ".join({"flow_sde": "Flow-SDE", "flow_noise": "Flow-Noise"}[a] for a in args.algorithms)
     write_results(args.name or f"pirl_{args.env}", f"πRL at CPU scale: {args.task}, few-shot SFT vs {shown}",
                   ["algorithm", "seed", "sft_success", "rl_success", "ci95", "gain_points", "minutes", "env_steps",
-                   "train_sps", "raw_sps", "sps_ratio"], rows, seeds=args.seeds, notes=notes, out_dir=args.out_dir,
-                  figure=fig)
+                   "train_sps", "raw_sps", "sps_ratio", "finished_utc"], rows, seeds=args.seeds, notes=notes,
+                  out_dir=args.out_dir, figure=fig)
 
 
 if __name__ == "__main__":
