@@ -10,6 +10,11 @@ The reference is `torch.Tensor.copy_` of one flat tensor of the same size, preal
     python benchmarks/weight_sync.py --learner-device cuda --sizes 10000000 100000000 315000000 1000000000
                                             # GPU learner -> CPU actor: weight_sync_cuda.{md,json,png}
 
+`shm` variants go through shared memory (`shm://` endpoints): in the same process, and to an actor in another
+process (`xproc`: publish() here plus poll() + apply() there, the child told over a pipe when to look). `--flush-caches` evicts the caches before every timed copy and sync (the
+learner's working set, optimizer states and activations, is far larger than the last-level cache): results go to
+weight_sync_cold.{md,json,png}.
+
 With `--learner-device cuda` the learner's parameters live on the GPU: `publish()` first copies them device-to-host
 into pinned memory on a side stream; the actor stays on the CPU (the USER topology: a GPU learner, CPU actors on the
 robots). The reference is then the raw limit of that first hop, a D2H copy of the same bytes into pinned memory.
@@ -17,6 +22,10 @@ robots). The reference is then the raw limit of that first hop, a D2H copy of th
 
 from __future__ import annotations
 
+import os
+import select
+import struct
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -35,8 +44,8 @@ from common.weight_sync import WeightPublisher, WeightSubscriber
 
 @dataclass
 class Args:
-    sizes: list[int] = field(default_factory=lambda: [1_000_000, 10_000_000, 100_000_000])
-    """parameter counts (float32)"""
+    sizes: list[int] = field(default_factory=lambda: [1_000, 1_000_000, 10_000_000, 100_000_000])
+    """parameter counts (float32); the 1k row shows the fixed cost of a sync, which no byte count amortises"""
     tensors: int = 10
     """the parameters are split over this many tensors"""
     repeats: int = 25
@@ -45,6 +54,8 @@ class Args:
     """seed of the parameter values"""
     learner_device: str = "cpu"
     """cpu, or cuda (the learner's weights on the GPU, the actor's on the CPU)"""
+    flush_caches: bool = False
+    """evict the CPU caches (write a 96 MB scratch buffer) before every timed memcpy and sync"""
     out_dir: Path = RESULTS_DIR
     """where weight_sync.{md,json,png} go"""
 
@@ -62,18 +73,30 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+_SCRATCH: list[torch.Tensor] = []
+
+
+def flush_caches(on: bool) -> None:
+    """Write a buffer larger than any last-level cache here, so that what is timed next starts cold."""
+    if on:
+        if not _SCRATCH:
+            _SCRATCH.append(torch.zeros(24 * 2**20))  # 96 MB
+        _SCRATCH[0].add_(1.0)
+
+
 class Memcpy:
     """The reference: one copy of the same bytes between two preallocated flat tensors (CPU -> CPU, or GPU -> pinned
     host memory, the D2H limit, for a CUDA learner). Timed inside the sync loop, once per repetition right before the
     sync, so that both see the same machine state (this 2-core VM's timings drift by tens of percent run to run)."""
 
-    def __init__(self, n: int, device: str = "cpu"):
-        self.device = device
+    def __init__(self, n: int, device: str = "cpu", flush: bool = False):
+        self.device, self.flush = device, flush
         self.src = torch.randn(n, device=device)
         self.dst = torch.empty(n, pin_memory=device == "cuda")
         self.dst.copy_(self.src)
 
     def __call__(self) -> float:
+        flush_caches(self.flush)
         sync(self.device)
         start = time.perf_counter()
         self.dst.copy_(self.src)
@@ -104,7 +127,7 @@ def time_raw_tcp(n: int, repeats: int, port: int) -> float:
     return float(np.median(times))
 
 
-def time_zmq_floor(n: int, parts: int, repeats: int, seed: int) -> tuple[float, float]:
+def time_zmq_floor(n: int, parts: int, repeats: int, seed: int, flush: bool = False) -> tuple[float, float]:
     """The least any ZMQ zero-copy handoff can cost in-process, with nothing of ours in it: per round, one copy of
     the bytes into one of two preallocated send buffers (two, because a zero-copy receiver still holds the last),
     a tracked zero-copy PUB send (CONFLATE, as ours), the SUB receive, and the actor's `parts` parameters re-pointed
@@ -121,12 +144,13 @@ def time_zmq_floor(n: int, parts: int, repeats: int, seed: int) -> tuple[float, 
     block = torch.cat([p.detach().reshape(-1) for p in learner.parameters()])
     params, size = list(actor.parameters()), n // parts
     buffers = [torch.empty(len(block)) for _ in range(2)]
-    memcpy = Memcpy(n)
+    memcpy = Memcpy(n, flush=flush)
     time.sleep(0.3)
     totals, copies = [], []
     for r in range(repeats + 2):
         block[0] += 1.0
         copy_s = memcpy()
+        flush_caches(flush)
         start = time.perf_counter()
         buf = buffers[r % 2]
         buf.copy_(block)
@@ -139,31 +163,38 @@ def time_zmq_floor(n: int, parts: int, repeats: int, seed: int) -> tuple[float, 
         if r >= 2:
             totals.append(time.perf_counter() - start)
             copies.append(copy_s)
-    assert torch.equal(actor.w0, learner.w0 + (torch.arange(size) == 0) * (repeats + 2))
+    assert torch.equal(actor.w0, block[:size]) and not torch.equal(actor.w0, learner.w0)  # the last round's bytes
     pub.close(linger=0)
     sub.close(linger=0)
     ctx.term()
     return float(np.median(totals)), float(np.median(copies))
 
 
+def publish_round(learner, pub: WeightPublisher, memcpy: Memcpy, flush: bool, device: str):
+    """One timed round's learner side: change the weights, time the memcpy reference, then publish. Returns (memcpy
+    seconds, when publish started, how long it blocked, version)."""
+    with torch.no_grad():
+        learner.w0.add_(1.0)
+    copy_s = memcpy()
+    flush_caches(flush)
+    sync(device)
+    start = time.perf_counter()
+    version = pub.publish()
+    return copy_s, start, time.perf_counter() - start, version
+
+
 def time_sync(n: int, parts: int, endpoint: str, repeats: int, seed: int, zero_copy: bool = False,
-              flatten: bool = False, device: str = "cpu") -> tuple[float, float, float]:
+              flatten: bool = False, device: str = "cpu", flush: bool = False) -> tuple[float, float, float]:
     """Medians of (publish+apply seconds, seconds that publish() blocked the learner, memcpy seconds)."""
     ctx = zmq.Context()
     learner, actor = make_model(n, parts, seed, device), make_model(n, parts, seed + 1)
     pub = WeightPublisher(endpoint, learner, ctx=ctx, flatten=flatten)
     sub = WeightSubscriber(endpoint, actor, ctx=ctx, zero_copy=zero_copy)
-    memcpy = Memcpy(n, device)
+    memcpy = Memcpy(n, device, flush)
     time.sleep(0.3)
     totals, blocks, copies = [], [], []
     for r in range(repeats + 2):
-        with torch.no_grad():
-            learner.w0.add_(1.0)
-        copy_s = memcpy()
-        sync(device)
-        start = time.perf_counter()
-        pub.publish()
-        blocked = time.perf_counter() - start
+        copy_s, start, blocked, _ = publish_round(learner, pub, memcpy, flush, device)
         while not sub.poll(timeout=0.001):
             if time.perf_counter() - start > 120:
                 raise TimeoutError("weights never arrived")
@@ -181,10 +212,81 @@ def time_sync(n: int, parts: int, endpoint: str, repeats: int, seed: int, zero_c
     return float(np.median(totals)), float(np.median(blocks)), float(np.median(copies))
 
 
+ACTOR_PROCESS = """
+import os, struct, sys, time, torch
+sys.path.insert(0, {root!r})
+from benchmarks.weight_sync import make_model
+from common.weight_sync import WeightSubscriber
+actor = make_model({n}, {parts}, {seed} + 1)
+sub = WeightSubscriber({endpoint!r}, actor, zero_copy=True)
+os.write({out_fd}, b"ready")
+while True:
+    go = os.read({in_fd}, 8)
+    if len(go) < 8:
+        break
+    start = time.perf_counter()
+    if not sub.poll(0.0):
+        raise SystemExit("published version not visible")
+    sub.apply()
+    os.write({out_fd}, struct.pack("<qdf", sub.version, time.perf_counter() - start, float(actor.w0[0])))
+sub.close()
+"""
+
+
+def time_sync_xproc(n: int, parts: int, endpoint: str, repeats: int, seed: int, device: str = "cpu",
+                    flush: bool = False) -> tuple[float, float, float]:
+    """`time_sync` with the (zero-copy) actor in a child process: the time publish() takes here plus the time the
+    child's poll() + apply() take there, told to go over a pipe once publish() has returned (the actor's own loop
+    decides when it looks; this times the work, not a wake-up)."""
+    learner = make_model(n, parts, seed, device)
+    pub = WeightPublisher(endpoint, learner, flatten=True)
+    go_read, go_write = os.pipe()
+    out_read, out_write = os.pipe()
+    code = ACTOR_PROCESS.format(root=str(Path(__file__).resolve().parents[1]), n=n, parts=parts, seed=seed,
+                                endpoint=endpoint, in_fd=go_read, out_fd=out_write)
+    child = subprocess.Popen([sys.executable, "-c", code], pass_fds=(go_read, out_write))
+    os.close(go_read)
+    os.close(out_write)
+
+    def read(nbytes: int, timeout: float = 120.0) -> bytes:
+        if not select.select([out_read], [], [], timeout)[0]:
+            child.kill()
+            raise TimeoutError("the actor process did not answer")
+        return os.read(out_read, nbytes)
+
+    memcpy = Memcpy(n, device, flush)
+    try:
+        if read(5) != b"ready":
+            raise RuntimeError("the actor process failed to start")
+        totals, blocks, copies = [], [], []
+        for r in range(repeats + 2):
+            copy_s, start, blocked, version = publish_round(learner, pub, memcpy, flush, device)
+            os.write(go_write, struct.pack("<q", version))
+            got, apply_s, first = struct.unpack("<qdf", read(20))
+            assert got == version and first == float(learner.w0[0]), (got, version, first)
+            if r >= 2:
+                totals.append(blocked + apply_s)
+                blocks.append(blocked)
+                copies.append(copy_s)
+        os.close(go_write)  # the child reads end-of-file and exits
+        go_write = -1
+        child.wait(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+        for fd in (go_write, out_read):
+            if fd >= 0:
+                os.close(fd)
+        pub.close()
+    return float(np.median(totals)), float(np.median(blocks)), float(np.median(copies))
+
+
 # (name, endpoint, publisher flatten, subscriber zero_copy)
 VARIANTS = (("inproc", "inproc://weights-{n}", False, False),
             ("inproc_flat", "inproc://weights-flat-{n}", True, False),
             ("inproc_flat_zero_copy", "inproc://weights-flat-zc-{n}", True, True),
+            ("shm_flat_zero_copy", "shm://bench-weights-{pid}-{n}", True, True),
+            ("xproc_shm_flat_zero_copy", "shm://bench-weights-x-{pid}-{n}", True, True),
             ("tcp_flat_zero_copy", "tcp://127.0.0.1:{port}", True, True))
 
 
@@ -196,21 +298,25 @@ def main(args: Args) -> None:
     device, cuda = args.learner_device, args.learner_device == "cuda"
     rows, port = [], 5850
     for n in args.sizes:
-        row = {"params": f"{n / 1e6:g}M", "MB": round(n * 4 / 1e6, 1)}
+        row = {"params": f"{n / 1e6:g}M" if n >= 100_000 else f"{n / 1e3:g}k", "MB": round(n * 4 / 1e6, 3)}
         for name, endpoint, flatten, zero_copy in VARIANTS:
-            endpoint = endpoint.format(n=n, port=port)
+            endpoint = endpoint.format(n=n, port=port, pid=os.getpid())
             port += 1
-            total, blocked, copy_s = time_sync(n, args.tensors, endpoint, args.repeats, args.seed, zero_copy,
-                                               flatten, device)
+            if name.startswith("xproc"):
+                total, blocked, copy_s = time_sync_xproc(n, args.tensors, endpoint, args.repeats, args.seed,
+                                                         device, args.flush_caches)
+            else:
+                total, blocked, copy_s = time_sync(n, args.tensors, endpoint, args.repeats, args.seed, zero_copy,
+                                                   flatten, device, args.flush_caches)
             row[f"{name}_publish_apply_ms"] = round(total * 1e3, 3)
             row[f"{name}_vs_memcpy"] = round(total / copy_s, 2)
             row[f"{name}_memcpy_ms"] = round(copy_s * 1e3, 3)
             row[f"{name}_publish_blocks_ms"] = round(blocked * 1e3, 3)
             if name == "tcp_flat_zero_copy":
                 tcp_total = total
-        row["memcpy_ms"] = row["inproc_flat_zero_copy_memcpy_ms"]  # the target row's own reference
+        row["memcpy_ms"] = row["shm_flat_zero_copy_memcpy_ms"]  # the target row's own reference
         if not cuda:
-            floor_s, floor_copy_s = time_zmq_floor(n, args.tensors, args.repeats, args.seed)
+            floor_s, floor_copy_s = time_zmq_floor(n, args.tensors, args.repeats, args.seed, args.flush_caches)
             row["inproc_zmq_floor_ms"] = round(floor_s * 1e3, 3)
             row["zmq_floor_vs_memcpy"] = round(floor_s / floor_copy_s, 2)
         raw_s = time_raw_tcp(n, args.repeats, port)
@@ -226,14 +332,17 @@ def main(args: Args) -> None:
     bars = (("memcpy_ms", "memcpy"), ("inproc_publish_apply_ms", "ours, inproc, per-tensor"),
             ("inproc_flat_publish_apply_ms", "ours, inproc, flattened"),
             ("inproc_flat_zero_copy_publish_apply_ms", "ours, inproc, flattened, zero-copy apply"),
+            ("shm_flat_zero_copy_publish_apply_ms", "ours, shared memory, flattened, zero-copy apply"),
+            ("xproc_shm_flat_zero_copy_publish_apply_ms", "ours, shared memory to another process"),
             ("tcp_flat_zero_copy_publish_apply_ms", "ours, TCP loopback, flattened, zero-copy apply"))
     for i, (key, label) in enumerate(bars):
-        ax.bar(x + (i - 2) * 0.16, [r[key] for r in rows], 0.16, label=label)
+        ax.bar(x + (i - 3) * 0.12, [r[key] for r in rows], 0.12, label=label)
     ax.set_xticks(x, [r["params"] + " fp32" for r in rows])
     ax.set_yscale("log")
     ax.set_ylabel("ms (log)")
-    ax.set_title("weight sync: publish + apply vs " + ("D2H copy (GPU learner)" if cuda else "memcpy"))
-    ax.legend()
+    ax.set_title("weight sync: publish + apply vs " + ("D2H copy (GPU learner)" if cuda else "memcpy")
+                 + (", caches flushed" if args.flush_caches else ""))
+    ax.legend(fontsize=7)
     notes = ("publish+apply: from `publish()` on the learner to the end of `apply()` on the actor. Per-tensor "
              "(`inproc`, the defaults): the snapshot copies each tensor into the send buffer, and `apply()` copies "
              "each into the actor's parameters: two copies of the bytes, so 2x memcpy is its floor. `flat`: the "
@@ -244,7 +353,10 @@ def main(args: Args) -> None:
              f"learner. {args.tensors} tensors per model, median of {args.repeats} after two warm-ups. Each "
              "variant's memcpy reference (a flat copy of the same bytes between preallocated tensors) is timed in "
              "the same loop, right before each sync, and its ratio uses its own median (`memcpy_ms` is the "
-             "flattened zero-copy variant's). Target: <= 2x memcpy. Over TCP the bytes cross the kernel's loopback, "
+             "shared-memory variant's). Target: <= 2x memcpy. `shm`: an `shm://` endpoint, the publisher packs "
+             "straight into a free slot of a file in /dev/shm and the actor's parameters view that slot (one copy "
+             "in all, no socket); `xproc_shm`: the same to an actor in another process: `publish()` here plus "
+             "`poll()` + `apply()` there (the child told over a pipe when to look). Over TCP the bytes cross the kernel's loopback, "
              "whose own limit is `tcp_raw_pyzmq_ms` (raw pyzmq PUSH -> PULL of the same bytes, measured in the same "
              "run): `tcp_vs_raw` is our overhead over it.")
     if not cuda:
@@ -256,12 +368,18 @@ def main(args: Args) -> None:
     if cuda:
         notes += (" Here the learner is on the GPU: `memcpy_ms` is a D2H copy of the same bytes into pinned host "
                   "memory, and publish+apply adds that D2H hop (side stream, pinned buffers) to the CPU-side copies.")
-    path = write_results("weight_sync_cuda" if cuda else "weight_sync",
-                         "Weight sync vs memcpy" + (": GPU learner, CPU actor" if cuda else ""),
+    if args.flush_caches:
+        notes += (" Caches flushed: a 96 MB scratch buffer is written before every timed memcpy and every timed "
+                  "sync, so both start cold, as they would between a learner's updates.")
+    name = ("weight_sync_cuda" if cuda else "weight_sync") + ("_cold" if args.flush_caches else "")
+    path = write_results(name, "Weight sync vs memcpy" + (": GPU learner, CPU actor" if cuda else "")
+                         + (", caches flushed before each timing" if args.flush_caches else ""),
                          ["params", "MB", "memcpy_ms", "inproc_publish_apply_ms", "inproc_vs_memcpy",
                           "inproc_flat_publish_apply_ms", "inproc_flat_vs_memcpy",
                           "inproc_flat_zero_copy_publish_apply_ms", "inproc_flat_zero_copy_vs_memcpy",
-                          "inproc_flat_zero_copy_publish_blocks_ms",
+                          "shm_flat_zero_copy_publish_apply_ms", "shm_flat_zero_copy_vs_memcpy",
+                          "xproc_shm_flat_zero_copy_publish_apply_ms", "xproc_shm_flat_zero_copy_vs_memcpy",
+                          "shm_flat_zero_copy_publish_blocks_ms",
                           *([] if cuda else ["inproc_zmq_floor_ms", "zmq_floor_vs_memcpy"]),
                           "tcp_flat_zero_copy_publish_apply_ms",
                           "tcp_raw_pyzmq_ms", "tcp_vs_raw"], rows, seeds=[args.seed],

@@ -218,9 +218,14 @@ class PackedDecoder:
     comparisons instead of field by field, and its arrays are sliced from one view of the buffer. At 1M parameters
     in 10 tensors the per-array checks cost as much as the bytes' copy."""
 
-    def __init__(self, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, as_torch: bool = False):
+    def __init__(self, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, as_torch: bool = False,
+                 reuse_views: bool = False):
+        """`reuse_views`: for buffers that live at fixed addresses (shared-memory slots), the arrays made for an
+        address are kept and handed out again while the layout holds: they view the same bytes. Not for buffers
+        that are freed and reallocated (the kept views would keep each one alive)."""
         self.max_bytes, self.as_torch = max_bytes, as_torch
         self._layout = None  # (packed prefix, total size, header slot, specs, [(name, dtype, shape, start, bytes)])
+        self._views: dict[int, tuple] | None = {} if reuse_views else None  # address -> (specs, arrays)
 
     def __call__(self, buf) -> Message:
         view = memoryview(buf).cast("B")
@@ -230,9 +235,15 @@ class PackedDecoder:
             header = _parse_header(view[start:start + length], len(specs))
             if header["a"] == specs:  # the same names, dtypes and shapes as the validated layout
                 whole = np.frombuffer(view, np.uint8)
-                arrays = {name: _array(whole[off:off + n].view(dtype), name, dtype_name, shape, self.as_torch)
-                          for name, dtype_name, dtype, shape, off, n in plan}
-                return Message(header["t"], header["s"], header["m"], arrays, layout=specs)
+                kept = self._views.get(whole.ctypes.data) if self._views is not None else None
+                if kept is not None and kept[0] is specs:
+                    arrays = kept[1]
+                else:
+                    arrays = {name: _array(whole[off:off + n].view(dtype), name, dtype_name, shape, self.as_torch)
+                              for name, dtype_name, dtype, shape, off, n in plan}
+                    if self._views is not None:
+                        self._views[whole.ctypes.data] = (specs, arrays)
+                return Message(header["t"], header["s"], header["m"], dict(arrays), layout=specs)
         frames = unpack_frames(view)
         msg = decode(frames, self.max_bytes, self.as_torch)  # every check; raises on anything wrong
         lengths = [f.nbytes for f in frames]
@@ -292,6 +303,11 @@ def _packed_buffer(lengths: list[int], out: np.ndarray | None, pinned: bool) -> 
         buf[end:off] = 0  # alignment padding
         end = off + n
     return buf, offsets
+
+
+def packed_size(lengths: list[int]) -> int:
+    """Bytes of a packed message whose frames have these lengths (header frame first)."""
+    return _packed_offsets(lengths)[1]
 
 
 def packed_block_layout(lengths: list[int]) -> tuple[list[int], int]:

@@ -17,6 +17,12 @@ builds and training is never blocked. `max_bytes_per_s` caps the average bandwid
 sends, and a publish during a wait replaces the waiting snapshot (counted as coalesced).
 Counters: publisher `requested / sent / coalesced / bytes`; subscriber `received / applied / coalesced` (versions that
 arrived or were published but were superseded before being applied).
+
+Same host: `shm://NAME` endpoints (both sides) go through shared memory (`common.shm_broadcast`) instead of ZMQ:
+`publish` packs straight into a free slot of a file in /dev/shm, and a `zero_copy` subscriber's parameters view that
+slot, which stays held (never rewritten) while they do. One copy per update and no socket: for actors colocated
+with the learner. `max_readers` (publisher) bounds the subscribers; no bandwidth cap or CurveZMQ there (no network;
+the file is readable by the same user only).
 """
 
 from __future__ import annotations
@@ -26,8 +32,9 @@ import time
 import torch
 import zmq
 
+from common.shm_broadcast import ShmPublisher, ShmSubscriber, shm_name
 from common.transport import (CurveConfig, Publisher, Subscriber, encode, encode_header, frame_spec, pack_block,
-                              pack_frames, packed_block_layout)
+                              pack_frames, packed_block_layout, packed_size)
 
 MODES = ("full", "trainable")
 
@@ -77,16 +84,21 @@ class _FlatTensors:
 class WeightPublisher:
     def __init__(self, endpoint: str, model: torch.nn.Module, *, mode: str = "full", only_changed: bool = False,
                  keyframe_every: int = 20, max_bytes_per_s: float | None = None, curve: CurveConfig | None = None,
-                 ctx: zmq.Context | None = None, flatten: bool = False):
+                 ctx: zmq.Context | None = None, flatten: bool = False, max_readers: int = 4):
         """`flatten=True` moves the sent tensors into one contiguous buffer (each stays a view of it; see
         `_FlatTensors`) so that every snapshot is one copy: for models with many small tensors. Replacing a tensor
-        later (`.to()`, a new `.data`) is detected and flattens again. Not with `only_changed`."""
+        later (`.to()`, a new `.data`) is detected and flattens again. Not with `only_changed`. `max_readers`: how
+        many subscribers an `shm://` endpoint admits."""
         if mode not in MODES:
             raise ValueError(f"unknown weight-sync mode {mode!r}; choose one of {MODES}")
+        name = shm_name(endpoint)
+        if name is not None and (max_bytes_per_s is not None or curve is not None):
+            raise ValueError("an shm:// endpoint has no network link: max_bytes_per_s and curve do not apply")
         self.model, self.mode, self.only_changed, self.max_bytes_per_s = model, mode, only_changed, max_bytes_per_s
         self.flatten = flatten and not only_changed
         self._flat: _FlatTensors | None = None
-        self.pub = Publisher(endpoint, curve=curve, ctx=ctx)
+        self.shm = ShmPublisher(name, max_readers=max_readers) if name is not None else None
+        self.pub = Publisher(endpoint, curve=curve, ctx=ctx) if name is None else None
         self.version = 0
         self.stats = {"requested": 0, "sent": 0, "coalesced": 0, "bytes": 0, "last_publish_s": 0.0}
         self.keyframe_every = keyframe_every
@@ -100,7 +112,8 @@ class WeightPublisher:
         self._busy = False
         self._buffers: list[tuple] = []  # (send buffer, zmq MessageTracker) of past sends
         self._thread = threading.Thread(target=self._sender, name="weight-sender", daemon=True)
-        self._thread.start()
+        if self.shm is None:  # shared memory is written in publish() itself: nothing to send later
+            self._thread.start()
 
     # -------------------------------------------------------------------------------------------- snapshot
     @torch.no_grad()
@@ -149,12 +162,17 @@ class WeightPublisher:
             on_gpu = flat.block.is_cuda
             header = encode_header("update", {"version": self.version, "mode": self.mode}, flat.specs, self.version)
             pack = lambda out, pinned=False: pack_block(header, flat.lengths, flat.block, out=out, pinned=pinned)
+            size = lambda: packed_size([len(header), *flat.lengths])
         else:
             tensors, delta_meta = self._host_tensors(tensors)
             on_gpu = any(t.is_cuda for t in tensors.values())
             frames = encode("update", {"version": self.version, "mode": self.mode, **delta_meta}, tensors,
                             self.version, device_frames=on_gpu)
             pack = lambda out, pinned=False: pack_frames(frames, out=out, pinned=pinned)
+            size = lambda: packed_size([len(frames[0]), *(f.numel() * f.element_size() if hasattr(f, "numel")
+                                                          else memoryview(f).nbytes for f in frames[1:])])
+        if self.shm is not None:
+            return self._publish_shm(pack, size(), on_gpu, start)
         with self._cond:  # the most recently sent free buffer: its pages are the warmest in the cache
             pending = self._pending[1] if self._pending else None
             free = [i for i, (buf, tracker) in enumerate(self._buffers)
@@ -181,6 +199,25 @@ class WeightPublisher:
                     self.stats["coalesced"] += 1
                 self._pending = (self.version, packed)
                 self._cond.notify()
+        self.stats["last_publish_s"] = time.perf_counter() - start
+        return self.version
+
+    def _publish_shm(self, pack, nbytes: int, on_gpu: bool, start: float) -> int:
+        out = self.shm.acquire(nbytes)  # a slot no reader holds: the snapshot goes straight into shared memory
+        if on_gpu:
+            main = torch.cuda.current_stream()
+            self._stream.wait_stream(main)
+            with torch.cuda.stream(self._stream):
+                pack(out)
+            done = self._stream.record_event()
+            main.wait_event(done)
+            done.synchronize()
+        else:
+            pack(out)
+        self.shm.commit(self.version)
+        self.stats["requested"] += 1
+        self.stats["sent"] += 1
+        self.stats["bytes"] += nbytes
         self.stats["last_publish_s"] = time.perf_counter() - start
         return self.version
 
@@ -226,8 +263,12 @@ class WeightPublisher:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        self._thread.join(timeout=10)
-        self.pub.close()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        if self.shm is not None:
+            self.shm.close()
+        else:
+            self.pub.close()
 
 
 class WeightSubscriber:
@@ -236,7 +277,12 @@ class WeightSubscriber:
         """`zero_copy=True` (CPU, inference-only actors): `apply` points the parameters at the received buffer
         instead of copying into them. The publisher never reuses a buffer that a receiver still holds."""
         self.model, self.zero_copy = model, zero_copy
-        self.sub = Subscriber(endpoint, curve=curve, ctx=ctx, as_torch=True)
+        name = shm_name(endpoint)
+        if name is not None and curve is not None:
+            raise ValueError("an shm:// endpoint has no network link: curve does not apply")
+        self.sub = (ShmSubscriber(name, as_torch=True) if name is not None
+                    else Subscriber(endpoint, curve=curve, ctx=ctx, as_torch=True))
+        self.shm = name is not None
         self.version = 0  # applied
         self._pending = None
         self.stats = {"received": 0, "applied": 0, "coalesced": 0, "waiting_keyframe": 0}
@@ -253,7 +299,9 @@ class WeightSubscriber:
             if base is not None and base != self._keyframe:  # a delta against a keyframe we never applied
                 self.stats["waiting_keyframe"] += 1
             else:
-                self._pending = msg
+                msg, self._pending = self._pending, msg
+        if msg is not None and self.shm:  # superseded or unusable: its shared-memory slot may be rewritten
+            self.sub.release(msg)
         return self._pending is not None
 
     @torch.no_grad()
@@ -273,9 +321,13 @@ class WeightSubscriber:
         for name, src in msg.arrays.items():  # torch tensors viewing the received buffer
             target = targets[name]
             if zero_copy and target.dtype == src.dtype and target.device.type == "cpu":
-                target.data = src  # the parameter now lives in the received buffer: no copy at all
+                # the parameter now lives in the received buffer: no copy at all. A shared-memory delta is cloned
+                # instead, so that the parameters view at most one slot (the keyframe's) and slots stay few.
+                target.data = src.clone() if self.shm and "base" in msg.meta else src
             else:
                 target.copy_(src)
+        if self.shm:  # keep the slots the parameters now view; the message's own slot if nothing views it
+            self.sub.hold(targets.values() if zero_copy else (), msg)
         if self.version > 0:  # published versions never applied here: superseded in a queue or while waiting
             self.stats["coalesced"] += max(0, msg.seq - self.version - 1)
         self.stats["applied"] += 1

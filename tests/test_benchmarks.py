@@ -56,3 +56,17 @@ def test_uav_formation_table_runs_resumes_and_writes_its_results(tmp_path):
     assert stale.returncode != 0 and "was trained with" in stale.stderr + stale.stdout  # never mixes budgets
     bad = subprocess.run(cmd[:2] + ["--variants", "transformer"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert bad.returncode != 0 and "unknown variants" in bad.stderr + bad.stdout
+
+
+def test_weight_sync_benchmark_runs_every_variant(tmp_path):
+    """Tiny sizes: every transport (ZMQ in-process, shared memory in-process and to another process, TCP) syncs
+    and checks the actor's values, and the table comes out with a ratio for each."""
+    cmd = [sys.executable, str(ROOT / "benchmarks/weight_sync.py"), "--sizes", "100000", "--repeats", "3",
+           "--out-dir", str(tmp_path)]
+    subprocess.run(cmd, check=True, timeout=600, cwd=ROOT, capture_output=True)
+    row = json.loads((tmp_path / "weight_sync.json").read_text())["rows"][0]
+    for variant in ("inproc", "inproc_flat_zero_copy", "shm_flat_zero_copy", "xproc_shm_flat_zero_copy",
+                    "tcp_flat_zero_copy"):
+        assert row[f"{variant}_publish_apply_ms"] > 0 and row[f"{variant}_vs_memcpy"] > 0, variant
+    assert row["memcpy_ms"] == row["shm_flat_zero_copy_memcpy_ms"]
+    assert (tmp_path / "weight_sync.png").stat().st_size > 1000

@@ -1,0 +1,345 @@
+"""Weight sync through shared memory (`shm://` endpoints, common.shm_broadcast): exact values, slots never rewritten
+under a reader (in-process and from another process, also while a publisher hammers the channel), dead readers and
+publishers, a message that outgrows the slots, malformed slots, refused configurations."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from common.shm_broadcast import ShmError, ShmPublisher, ShmSubscriber, W_LATEST_SLOT, shm_dir
+from common.weight_sync import WeightPublisher, WeightSubscriber
+from tests.test_weight_sync import Policy, perturb
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def name():
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    yield name
+    for suffix in ("", ".owner"):
+        (shm_dir() / f"rlx-{name}{suffix}").unlink(missing_ok=True)
+
+
+def same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def held_slots(pub: WeightPublisher) -> int:
+    m = pub.shm._map
+    with m.lock():
+        return bin(m.held_mask(check_alive=True) | 1 << int(m.ctl[W_LATEST_SLOT])).count("1")
+
+
+@pytest.mark.parametrize("zero_copy", [False, True])
+@pytest.mark.parametrize("flatten", [False, True])
+def test_shm_sync_is_exact_and_zero_copy_views_the_slot(name, zero_copy, flatten):
+    learner, actor = Policy(), Policy()
+    pub = WeightPublisher(f"shm://{name}", learner, flatten=flatten)
+    sub = WeightSubscriber(f"shm://{name}", actor, zero_copy=zero_copy)
+    try:
+        assert not sub.poll(0.0)  # nothing published yet, no file yet: no error
+        for v in range(1, 6):
+            perturb(learner, float(v))
+            assert pub.publish() == v
+            assert sub.poll(1.0) and sub.apply() == v
+            assert same(actor, learner)
+        in_slots = sub.sub._map is not None and all(
+            sub.sub._map.base_ptr <= p.data_ptr() < sub.sub._map.base_ptr + sub.sub._map.data.nbytes
+            for p in actor.parameters())
+        assert in_slots == zero_copy
+        assert held_slots(pub) <= 2  # the latest and, zero-copy, the one the actor views (the same here)
+        pub.publish(version=3)  # an old version is never applied over a newer one
+        assert not sub.poll(0.2) and sub.version == 5
+    finally:
+        pub.close()
+        sub.close()
+
+
+def test_a_held_slot_is_never_rewritten(name):
+    """The actor keeps using version 1 (zero-copy) while 50 newer versions go by, and an update it took but has
+    not applied stays intact: the publisher only ever writes the other slots."""
+    learner, actor = Policy(), Policy()
+    pub = WeightPublisher(f"shm://{name}", learner, flatten=True)
+    sub = WeightSubscriber(f"shm://{name}", actor, zero_copy=True)
+    try:
+        perturb(learner, 1.0)
+        pub.publish()
+        assert sub.poll(1.0) and sub.apply() == 1
+        perturb(learner, 2.0)
+        pub.publish()
+        assert sub.poll(1.0)  # version 2 taken, not applied
+        for v in range(3, 53):
+            perturb(learner, float(v))
+            pub.publish()
+            assert all((p == 1.0).all() for p in actor.parameters())
+            assert all((t == 2.0).all() for t in sub._pending.arrays.values())
+        assert held_slots(pub) == 3 and pub.shm.slots == 14
+        sub.apply()  # version 2, then the newest
+        assert all((p == 2.0).all() for p in actor.parameters())
+        assert sub.poll(1.0) and sub.apply() == 52 and same(actor, learner)
+        assert sub.stats["coalesced"] == 49
+    finally:
+        pub.close()
+        sub.close()
+
+
+def test_only_changed_deltas_over_shm_keep_few_slots(name):
+    learner, actor = Policy(), Policy()
+    pub = WeightPublisher(f"shm://{name}", learner, mode="trainable", only_changed=True, keyframe_every=5)
+    sub = WeightSubscriber(f"shm://{name}", actor, zero_copy=True)
+    learner.vlm.requires_grad_(False)
+    try:
+        for v in range(1, 23):
+            with torch.no_grad():
+                learner.expert.weight.add_(1.0)
+            pub.publish()
+            assert sub.poll(1.0) and sub.apply() == v
+            assert torch.equal(actor.expert.weight, learner.expert.weight)
+            assert torch.equal(actor.expert.bias, learner.expert.bias)
+            assert held_slots(pub) <= 2  # deltas are cloned: the parameters view at most the keyframe's slot
+    finally:
+        pub.close()
+        sub.close()
+
+
+def test_second_publisher_is_refused_and_a_dead_ones_file_is_replaced(name):
+    pub = WeightPublisher(f"shm://{name}", Policy())
+    try:
+        with pytest.raises(ShmError, match="owned by a live publisher"):
+            WeightPublisher(f"shm://{name}", Policy())
+    finally:
+        pub.close()
+    # a publisher killed with -9 leaves its file; the next one of that name replaces it and readers follow
+    code = textwrap.dedent(f"""
+        import os, signal, sys, torch
+        sys.path.insert(0, {str(ROOT)!r})
+        from common.weight_sync import WeightPublisher
+        from tests.test_weight_sync import Policy, perturb
+        learner = Policy(); perturb(learner, 7.0)
+        pub = WeightPublisher("shm://{name}", learner)
+        pub.publish(version=7)
+        print("published", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "published" in out.stdout and out.returncode == -signal.SIGKILL, out.stderr
+    actor = Policy()
+    sub = WeightSubscriber(f"shm://{name}", actor, zero_copy=True)
+    try:
+        assert sub.poll(1.0) and sub.apply() == 7 and all((p == 7.0).all() for p in actor.parameters())
+        assert not sub.sub.publisher_alive()
+        learner = Policy()
+        pub = WeightPublisher(f"shm://{name}", learner)
+        assert sub.sub.publisher_alive()
+        perturb(learner, 9.0)
+        pub.publish(version=9)
+        assert sub.poll(1.0) and sub.apply() == 9 and same(actor, learner)
+        assert sub.sub.stats["attached"] == 2
+    finally:
+        pub.close()
+        sub.close()
+
+
+def test_a_message_that_outgrows_the_slots_moves_readers_to_a_new_file(name):
+    pub = ShmPublisher(name, max_readers=1)
+    sub = ShmSubscriber(name)
+    try:
+        from common.transport import encode, pack_frames
+
+        for version, size in ((1, 10), (2, 100_000), (3, 20)):
+            packed = pack_frames(encode("update", {}, {"x": np.full(size, version, np.int32)}, version))
+            pub.acquire(len(packed))[:] = packed
+            pub.commit(version)
+            msg = sub.latest(1.0)
+            assert msg.seq == version and (msg.arrays["x"] == version).all() and len(msg.arrays["x"]) == size
+            sub.release(msg)
+        assert pub.stats["files"] == 2 and sub.stats["attached"] == 2
+    finally:
+        pub.close()
+        sub.close()
+
+
+def test_malformed_slots_are_dropped_and_the_reader_keeps_serving(name):
+    from common.transport import encode, pack_frames
+
+    pub = ShmPublisher(name)
+    sub = ShmSubscriber(name)
+    rng = np.random.default_rng(0)
+    try:
+        version = 0
+        for trial in range(200):
+            version += 1
+            bad = pack_frames(encode("update", {}, {"x": np.arange(1000, dtype=np.float32)}, version)).copy()
+            kind = trial % 4
+            if kind == 0:
+                bad[:] = rng.integers(0, 256, len(bad), dtype=np.uint8)  # garbage
+            elif kind == 1:
+                bad = bad[:rng.integers(1, len(bad))]  # truncated
+            elif kind == 2:
+                bad[rng.integers(4, 200)] ^= 0xFF  # a flipped byte in the counts or the header
+            else:
+                bad = pack_frames(encode("update", {}, {"x": np.arange(1000, dtype=np.float32)}, version + 1000))
+            pub.acquire(len(bad))[:] = bad
+            pub.commit(version)
+            msg = sub.latest(0.5)
+            if msg is not None:  # a flipped byte may land in padding or data: then the message is still valid
+                assert kind == 2 and msg.seq == version
+                sub.release(msg)
+            version += 1
+            packed = pack_frames(encode("update", {}, {"x": np.arange(1000, dtype=np.float32)}, version))
+            pub.acquire(len(packed))[:] = packed
+            pub.commit(version)
+            msg = sub.latest(0.5)
+            assert msg is not None and msg.seq == version and np.array_equal(msg.arrays["x"], np.arange(1000))
+            sub.release(msg)
+        assert sub.stats["bad_frames"] >= 150
+    finally:
+        pub.close()
+        sub.close()
+
+
+READER = textwrap.dedent("""
+    import sys, time, torch
+    sys.path.insert(0, {root!r})
+    from common.weight_sync import WeightSubscriber
+    from tests.test_weight_sync import Policy
+    actor = Policy()
+    sub = WeightSubscriber("shm://{name}", actor, zero_copy=True)
+    deadline = time.monotonic() + 60
+    checks = 0
+    while time.monotonic() < deadline:
+        if sub.poll(0.01):
+            sub.apply()
+        for _ in range(3):  # the applied weights stay whole and unchanged while we use them
+            values = torch.cat([p.reshape(-1) for p in actor.parameters()])
+            if not (values == float(min(sub.version, {last}))).all():
+                print("TORN", sub.version, values.unique()[:5].tolist(), flush=True)
+                sys.exit(1)
+            checks += 1
+        if sub.version >= {last}:
+            break
+        if {hold_s}:
+            time.sleep({hold_s})
+    print("OK", sub.version, checks, flush=True)
+""")
+
+
+def test_readers_in_other_processes_never_see_a_torn_update(name):
+    """A publisher thread publishes as fast as it can; two reader processes (one slow, holding each version for a
+    while) check that the weights they apply are whole and do not change under them."""
+    learner = Policy()
+    pub = WeightPublisher(f"shm://{name}", learner, flatten=True, max_readers=2)
+    last = 400
+    readers = [subprocess.Popen([sys.executable, "-c", READER.format(root=str(ROOT), name=name, last=last,
+                                                                       hold_s=hold)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for hold in (0, 0.02)]
+    try:
+        for v in range(1, last + 1):
+            perturb(learner, float(v))
+            pub.publish()
+            time.sleep(0.001 if v < last else 0)
+        for v in range(last + 1, last + 2000):  # keep the newest coming until both readers are done
+            if all(r.poll() is not None for r in readers):
+                break
+            perturb(learner, float(last))
+            pub.publish(version=v)  # values stay at `last`: a reader that sees any newer version stops
+            time.sleep(0.005)
+        outs = [r.communicate(timeout=120) for r in readers]
+    finally:
+        for r in readers:
+            if r.poll() is None:
+                r.kill()
+        pub.close()
+    for r, (out, err) in zip(readers, outs):
+        assert r.returncode == 0 and out.startswith("OK"), (out, err[-2000:])
+
+
+def test_a_reader_killed_while_holding_slots_frees_them(name):
+    learner = Policy()
+    pub = WeightPublisher(f"shm://{name}", learner, max_readers=1)
+    code = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from common.weight_sync import WeightSubscriber
+        from tests.test_weight_sync import Policy
+        sub = WeightSubscriber("shm://{name}", Policy(), zero_copy=True)
+        assert sub.poll(60.0) and sub.apply() == 1
+        print("applied", flush=True)
+        assert sub.poll(60.0)  # takes version 2 too: two slots held
+        print("holding", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    try:
+        perturb(learner, 1.0)
+        pub.publish()
+        child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        assert child.stdout.readline().strip() == "applied"
+        perturb(learner, 2.0)
+        pub.publish()
+        out, _ = child.communicate(timeout=120)
+        assert "holding" in out and child.returncode == -signal.SIGKILL
+        m = pub.shm._map
+        with m.lock():
+            assert bin(m.held_mask(check_alive=False)).count("1") == 2  # what the dead reader left held
+        for v in range(3, 40):  # publishing goes on around them (5 slots: 2 held, the latest, 2 free)
+            perturb(learner, float(v))
+            pub.publish()
+        actor = Policy()
+        sub = WeightSubscriber(f"shm://{name}", actor)  # max_readers=1: the dead reader's entry is taken back
+        assert sub.poll(1.0) and sub.apply() == 39 and same(actor, learner)
+        with m.lock():
+            assert m.held_mask(check_alive=False) == 0  # and with it the slots it held
+        sub.close()
+    finally:
+        pub.close()
+
+
+def test_too_many_readers_and_bad_configurations_are_refused(name):
+    learner = Policy()
+    pub = WeightPublisher(f"shm://{name}", learner, max_readers=1)
+    try:
+        pub.publish()
+        first = WeightSubscriber(f"shm://{name}", Policy())
+        assert first.poll(1.0)
+        second = WeightSubscriber(f"shm://{name}", Policy())
+        with pytest.raises(ShmError, match="all 1 reader entries .* larger max_readers"):
+            second.poll(0.0)
+        first.close()
+        assert second.poll(1.0) and second.apply() == 1  # the entry first gave back
+        second.close()
+    finally:
+        pub.close()
+    with pytest.raises(ValueError, match="name must be"):
+        WeightPublisher("shm://bad/name", learner)
+    with pytest.raises(ValueError, match="no network link"):
+        WeightPublisher(f"shm://{name}", learner, max_bytes_per_s=1e6)
+    with pytest.raises(ValueError, match="max_readers"):
+        ShmPublisher(name, max_readers=0)
+    assert not (shm_dir() / f"rlx-{name}").exists()  # close() removed the file
+
+
+def test_a_file_that_is_not_a_channel_is_refused(name):
+    path = shm_dir() / f"rlx-{name}"
+    path.write_bytes(b"\0" * 8192)
+    os.chmod(path, 0o600)
+    sub = ShmSubscriber(name)
+    with pytest.raises(ShmError, match="not a shared-memory channel"):
+        sub.latest(0.0)
+    pub = ShmPublisher(name)  # no live owner: the stray file is replaced
+    try:
+        pub.acquire(100)[:] = 0
+        pub.commit(1)
+        assert path.exists() and pub.stats["files"] == 1
+    finally:
+        pub.close()
