@@ -292,7 +292,7 @@ class ShmSubscriber:
         if not NAME_RE.match(name):
             raise ValueError(f"bad shared-memory channel name {name!r}: 1-100 of A-Z a-z 0-9 _ . -")
         self.name, self.path = name, _path(name)
-        self._decode = PackedDecoder(max_message_bytes, as_torch, reuse_views=True)  # slots stay put
+        self._decode = PackedDecoder(max_message_bytes, as_torch)
         self._map: _Mapping | None = None
         self._entry = -1
         self._pending: dict[int, int] = {}  # version -> slot, of messages returned and not yet released
@@ -339,7 +339,7 @@ class ShmSubscriber:
             self._finalizer()  # frees our reader entry and closes the fd; tensors keep the mapping alive
             self._finalizer = None
         self._map, self._entry, self._pending = None, -1, {}
-        self._decode = PackedDecoder(self._decode.max_bytes, self._decode.as_torch, reuse_views=True)
+        self._decode = PackedDecoder(self._decode.max_bytes, self._decode.as_torch)  # its kept views: old file's
 
     def _set_pending(self) -> None:  # under the lock
         mask = 0
@@ -376,7 +376,7 @@ class ShmSubscriber:
         try:
             if not 0 < length <= m.slot_bytes:
                 raise FrameError(f"slot {s} claims {length} bytes (slots have {m.slot_bytes})")
-            msg = self._decode(m.slot(s, length))
+            msg = self._decode(m.slot(s, length), key=s)  # a slot stays put: its views are made once
             if msg.seq != version:
                 raise FrameError(f"slot {s} holds version {msg.seq}, the control page says {version}")
         except FrameError as exc:

@@ -24,6 +24,7 @@ in its allow-list directory. Make keys with `python -m common.transport keygen D
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -218,31 +219,30 @@ class PackedDecoder:
     comparisons instead of field by field, and its arrays are sliced from one view of the buffer. At 1M parameters
     in 10 tensors the per-array checks cost as much as the bytes' copy."""
 
-    def __init__(self, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, as_torch: bool = False,
-                 reuse_views: bool = False):
-        """`reuse_views`: for buffers that live at fixed addresses (shared-memory slots), the arrays made for an
-        address are kept and handed out again while the layout holds: they view the same bytes. Not for buffers
-        that are freed and reallocated (the kept views would keep each one alive)."""
+    def __init__(self, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, as_torch: bool = False):
         self.max_bytes, self.as_torch = max_bytes, as_torch
         self._layout = None  # (packed prefix, total size, header slot, specs, [(name, dtype, shape, start, bytes)])
-        self._views: dict[int, tuple] | None = {} if reuse_views else None  # address -> (specs, arrays)
+        self._views: dict = {}  # key -> (specs, arrays)
 
-    def __call__(self, buf) -> Message:
+    def __call__(self, buf, key=None) -> Message:
+        """`key`: for buffers that stay at one place (a shared-memory slot), a name for that place: the arrays made
+        for it are kept and handed out again while the layout holds, since they view the same bytes. Not for
+        buffers that are freed and reallocated (the kept views would keep them alive)."""
         view = memoryview(buf).cast("B")
         layout = self._layout
         if layout is not None and view.nbytes == layout[1] and view[:len(layout[0])] == layout[0]:
             prefix, total, (start, length), specs, plan = layout
             header = _parse_header(view[start:start + length], len(specs))
             if header["a"] == specs:  # the same names, dtypes and shapes as the validated layout
-                whole = np.frombuffer(view, np.uint8)
-                kept = self._views.get(whole.ctypes.data) if self._views is not None else None
+                kept = self._views.get(key) if key is not None else None
                 if kept is not None and kept[0] is specs:
                     arrays = kept[1]
                 else:
+                    whole = np.frombuffer(view, np.uint8)
                     arrays = {name: _array(whole[off:off + n].view(dtype), name, dtype_name, shape, self.as_torch)
                               for name, dtype_name, dtype, shape, off, n in plan}
-                    if self._views is not None:
-                        self._views[whole.ctypes.data] = (specs, arrays)
+                    if key is not None:
+                        self._views[key] = (specs, arrays)
                 return Message(header["t"], header["s"], header["m"], dict(arrays), layout=specs)
         frames = unpack_frames(view)
         msg = decode(frames, self.max_bytes, self.as_torch)  # every check; raises on anything wrong
@@ -272,20 +272,27 @@ def _nbytes(frame) -> int:
     return memoryview(frame).nbytes
 
 
-def _packed_offsets(lengths: list[int]) -> tuple[list[int], int]:
+def _packed_offsets(lengths) -> tuple[tuple[int, ...], int]:
     """Where each frame of a packed message starts, and the total size."""
+    return _packed_layout(tuple(lengths))[:2]
+
+
+@functools.lru_cache(maxsize=256)
+def _packed_layout(lengths: tuple[int, ...]) -> tuple[tuple[int, ...], int, bytes]:
+    """(frame offsets, total size, prefix bytes) of a packed message: the same few layouts recur message after
+    message (one model's weights), so they are computed once."""
     pos = 4 + 8 * len(lengths)
     offsets = []
     for n in lengths:
         pos = -(-pos // _ALIGN) * _ALIGN
         offsets.append(pos)
         pos += n
-    return offsets, pos
+    return tuple(offsets), pos, len(lengths).to_bytes(4, "little") + np.asarray(lengths, "<u8").tobytes()
 
 
 def _packed_buffer(lengths: list[int], out: np.ndarray | None, pinned: bool) -> tuple[np.ndarray, list[int]]:
     """A buffer for a packed message (`out` reused when its size fits), its prefix and padding written."""
-    offsets, total = _packed_offsets(lengths)
+    offsets, total, prefix = _packed_layout(tuple(lengths))
     if out is not None and out.shape == (total,):
         buf = out
     elif pinned:
@@ -294,7 +301,6 @@ def _packed_buffer(lengths: list[int], out: np.ndarray | None, pinned: bool) -> 
         buf = torch.empty(total, dtype=torch.uint8, pin_memory=True).numpy()  # the array keeps the tensor alive
     else:
         buf = _aligned_empty(total)  # every byte is written
-    prefix = len(lengths).to_bytes(4, "little") + np.asarray(lengths, "<u8").tobytes()
     if buf is out and buf[:len(prefix)].tobytes() == prefix:
         return buf, offsets  # a reused buffer packed with the same lengths: prefix and padding are in place
     buf[:len(prefix)] = np.frombuffer(prefix, np.uint8)

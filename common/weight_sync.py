@@ -77,8 +77,7 @@ class _FlatTensors:
 
     def holds(self, tensors: dict[str, torch.Tensor]) -> bool:
         """Whether the model's tensors are still the views of this buffer (not replaced, e.g. by `.to()`)."""
-        return (len(tensors) == len(self.names) and all(a == b for a, b in zip(tensors, self.names))
-                and all(t.data_ptr() == p for t, p in zip(tensors.values(), self.pointers)))
+        return list(tensors) == self.names and [t.data_ptr() for t in tensors.values()] == self.pointers
 
 
 class WeightPublisher:
@@ -289,6 +288,7 @@ class WeightSubscriber:
         self._keyframe = None  # version of the last keyframe applied (only_changed publishers)
         self._targets = dict(model.state_dict(keep_vars=True))
         self._fits = None  # the update layout last checked against the model
+        self._plan: dict = {}  # for that layout: name -> (target tensor, apply by viewing the received bytes)
 
     def poll(self, timeout: float = 0.0) -> bool:
         """Take in what has arrived; keep only the newest. Returns whether an update is waiting to be applied."""
@@ -310,24 +310,29 @@ class WeightSubscriber:
         msg, self._pending = self._pending, None
         if msg is None:
             return None
+        targets = self._targets
         if msg.layout is None or msg.layout is not self._fits:  # names and shapes checked once per layout
             problems = [k for k, v in msg.arrays.items()
-                        if k not in self._targets or tuple(self._targets[k].shape) != tuple(v.shape)]
+                        if k not in targets or tuple(targets[k].shape) != tuple(v.shape)]
             if problems:
                 raise ValueError(f"weight update v{msg.seq} does not fit this model: {problems[:5]} "
                                  f"(unknown names or other shapes)")
             self._fits = msg.layout
-        targets, zero_copy = self._targets, self.zero_copy
+            # per name: the target, and whether it can view the received bytes (CPU, same dtype)
+            self._plan = {k: (targets[k], self.zero_copy and targets[k].dtype == v.dtype
+                              and targets[k].device.type == "cpu") for k, v in msg.arrays.items()}
+        plan = self._plan
+        clone = self.shm and "base" in msg.meta
         for name, src in msg.arrays.items():  # torch tensors viewing the received buffer
-            target = targets[name]
-            if zero_copy and target.dtype == src.dtype and target.device.type == "cpu":
+            target, view = plan[name]
+            if view:
                 # the parameter now lives in the received buffer: no copy at all. A shared-memory delta is cloned
                 # instead, so that the parameters view at most one slot (the keyframe's) and slots stay few.
-                target.data = src.clone() if self.shm and "base" in msg.meta else src
+                target.data = src.clone() if clone else src
             else:
                 target.copy_(src)
         if self.shm:  # keep the slots the parameters now view; the message's own slot if nothing views it
-            self.sub.hold(targets.values() if zero_copy else (), msg)
+            self.sub.hold(targets.values() if self.zero_copy else (), msg)
         if self.version > 0:  # published versions never applied here: superseded in a queue or while waiting
             self.stats["coalesced"] += max(0, msg.seq - self.version - 1)
         self.stats["applied"] += 1
