@@ -11,9 +11,9 @@ The reference is `torch.Tensor.copy_` of one flat tensor of the same size, preal
                                             # GPU learner -> CPU actor: weight_sync_cuda.{md,json,png}
 
 `shm` variants go through shared memory (`shm://` endpoints): in the same process, and to an actor in another
-process (`xproc`: publish() here plus poll() + apply() there, the child told over a pipe when to look). `--flush-caches` evicts the caches before every timed copy and sync (the
-learner's working set, optimizer states and activations, is far larger than the last-level cache): results go to
-weight_sync_cold.{md,json,png}.
+process (`xproc`: publish() here plus poll() + apply() there, the child told over a pipe when to look).
+`--flush-caches` evicts the caches before every timed copy and sync (the learner's working set, optimizer states and
+activations, is far larger than the last-level cache): results go to weight_sync_cold.{md,json,png}.
 
 With `--learner-device cuda` the learner's parameters live on the GPU: `publish()` first copies them device-to-host
 into pinned memory on a side stream; the actor stays on the CPU (the USER topology: a GPU learner, CPU actors on the
@@ -356,7 +356,8 @@ def main(args: Args) -> None:
              "shared-memory variant's). Target: <= 2x memcpy. `shm`: an `shm://` endpoint, the publisher packs "
              "straight into a free slot of a file in /dev/shm and the actor's parameters view that slot (one copy "
              "in all, no socket); `xproc_shm`: the same to an actor in another process: `publish()` here plus "
-             "`poll()` + `apply()` there (the child told over a pipe when to look). Over TCP the bytes cross the kernel's loopback, "
+             "`poll()` + `apply()` there (the child told over a pipe when to look). Over TCP the bytes cross the "
+             "kernel's loopback, "
              "whose own limit is `tcp_raw_pyzmq_ms` (raw pyzmq PUSH -> PULL of the same bytes, measured in the same "
              "run): `tcp_vs_raw` is our overhead over it.")
     if not cuda:

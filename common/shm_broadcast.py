@@ -10,9 +10,9 @@ share a machine (colocated simulator actors, several inference processes on one 
     sub.release(msg)                              # done with it (copied out), or:
     sub.hold(tensors, msg)                        # keep exactly the slots these tensors view (zero-copy use)
 
-Why: over ZMQ a weight update costs the snapshot copy plus ZMQ's own per-message handoff, 2.3-2.9x a memcpy at 1M
-parameters in-process; here the publisher packs straight into a slot and the reader's tensors can view that slot,
-so an update is one copy of the bytes and a few microsecond-scale lock operations.
+Why: between processes ZMQ copies every update through the kernel (TCP or IPC); here the publisher packs straight into
+a slot and the reader's tensors can view that slot, so an update is one copy of the bytes and a few
+microsecond-scale lock operations, in another process as in the same one (benchmarks/weight_sync.py).
 
 The file: a 4 KiB control page of little-endian int64 words, then `slots` data slots of `slot_bytes` each.
     0 magic, 1 layout version, 2 slots, 3 slot_bytes, 4 max_readers, 5 retired (1: a newer file replaced this one,
@@ -24,8 +24,8 @@ between processes). The publisher writes only into a slot that is neither the la
 reader holds the slots of the messages `latest()` returned until it releases them (pending) and the slots its
 tensors view (`hold`), so a slot is never rewritten under a reader. A weight subscriber holds at most three (the
 slot its parameters view, the update waiting to be applied, a newer one arriving), so `3 max_readers + 2` slots
-always leave one free. A reader whose process is gone holds nothing. Slots are sparse until first written (tmpfs allocates pages on
-write), and reserved with fallocate then, so a full /dev/shm is an OSError, not a SIGBUS.
+always leave one free. A reader whose process is gone holds nothing. Slots are sparse until first written (tmpfs
+allocates pages on write), and reserved with fallocate then, so a full /dev/shm is an OSError, not a SIGBUS.
 
 Lifetime: the publisher keeps an exclusive flock on `NAME.owner` while it lives: a second publisher of the same
 name is refused while the first lives, and replaces the file of a dead one (marking it retired, so attached readers
