@@ -252,6 +252,9 @@ class PackedDecoder:
         plan = [(*_check_spec(spec)[:4], off, n) for spec, off, n in zip(specs, offsets[1:], lengths[1:])]
         self._layout = (bytes(view[:4 + 8 * len(lengths)]), total, (offsets[0], lengths[0]), specs, plan)
         msg.layout = specs
+        if key is not None:
+            self._views[key] = (specs, msg.arrays)
+            msg.arrays = dict(msg.arrays)
         return msg
 
 

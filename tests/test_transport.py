@@ -151,6 +151,36 @@ def test_packed_decoder_agrees_with_decode_on_good_bad_and_look_alike_messages(a
     _same_result(decoder, bytes(corrupt))
 
 
+def test_packed_decoder_keeps_views_per_place_only_while_the_layout_holds():
+    """With a `key` (a shared-memory slot) the arrays of a place are made once and handed out again: they view the
+    same bytes, so a new message written there reads through them. A look-alike (same lengths, other names) or a
+    new layout at that place gets fresh, fully checked arrays."""
+    rng = np.random.default_rng(1)
+    place = np.zeros(4096, np.uint8)  # one fixed buffer, rewritten in place like a slot
+
+    def write(arrays, seq):
+        packed = pack_frames(encode("update", {}, arrays, seq))
+        place[:len(packed)] = packed
+        return place[:len(packed)]
+
+    decoder = PackedDecoder(as_torch=True)
+    a = {"w0": rng.random(8).astype(np.float32), "w1": rng.random(3).astype(np.float32)}
+    first = decoder(write(a, 1), key=0)
+    b = {k: v + 1 for k, v in a.items()}
+    second = decoder(write(b, 2), key=0)
+    assert second.seq == 2 and all(second.arrays[k] is first.arrays[k] for k in a)  # the kept views ...
+    assert all(np.array_equal(second.arrays[k].numpy(), b[k]) for k in b)  # ... read the new bytes
+    renamed = {"w9": b["w0"], "w1": b["w1"]}
+    third = decoder(write(renamed, 3), key=0)
+    assert list(third.arrays) == ["w9", "w1"] and third.arrays["w1"] is not first.arrays["w1"]
+    other = decoder(write({"x": np.arange(5, dtype=np.int64)}, 4), key=0)
+    assert other.arrays["x"].tolist() == [0, 1, 2, 3, 4]
+    again = decoder(write(a, 5), key=0)  # back to the first layout: checked and made anew, then kept
+    assert all(np.array_equal(again.arrays[k].numpy(), a[k]) for k in a)
+    assert decoder(write(a, 6), key=0).arrays["w0"] is again.arrays["w0"]
+    assert decoder(write(a, 7)).arrays["w0"] is not again.arrays["w0"]  # no key: nothing is kept
+
+
 def test_receiver_rejects_1000_malformed_frames_and_keeps_serving():
     endpoint = free_endpoint()
     rx = DataReceiver(endpoint, max_message_bytes=2**20, auto_ack=True)
