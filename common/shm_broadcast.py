@@ -77,11 +77,12 @@ def shm_dir() -> Path:
 
 def shm_name(endpoint: str) -> str | None:
     """'shm://NAME' -> NAME (checked); None for other endpoints."""
-    if not endpoint.startswith("shm://"):
-        return None
-    name = endpoint[len("shm://"):]
+    return _checked(endpoint[len("shm://"):]) if endpoint.startswith("shm://") else None
+
+
+def _checked(name: str) -> str:
     if not NAME_RE.match(name):
-        raise ValueError(f"bad shared-memory endpoint {endpoint!r}: the name must be 1-100 of A-Z a-z 0-9 _ . -")
+        raise ValueError(f"bad shared-memory channel name {name!r}: the name must be 1-100 of A-Z a-z 0-9 _ . -")
     return name
 
 
@@ -171,8 +172,7 @@ class ShmPublisher:
     def __init__(self, name: str, *, max_readers: int = 4):
         """Own the channel `name` (see the module docstring). The file is made at the first `acquire`, sized for
         that message. Raises ShmError if a live publisher owns the name."""
-        if not NAME_RE.match(name):
-            raise ValueError(f"bad shared-memory channel name {name!r}: 1-100 of A-Z a-z 0-9 _ . -")
+        _checked(name)
         if not 0 < max_readers <= MAX_READERS:
             raise ValueError(f"max_readers must be in 1..{MAX_READERS}, got {max_readers}")
         self.name, self.path, self.max_readers = name, _path(name), max_readers
@@ -289,8 +289,7 @@ class ShmSubscriber:
     def __init__(self, name: str, *, max_message_bytes: int = 16 * 2**30, as_torch: bool = False):
         """Read channel `name` from any process of this user on this host. Attaches at the first `latest()` that
         finds the file (the publisher may start later), and again when the publisher replaces it."""
-        if not NAME_RE.match(name):
-            raise ValueError(f"bad shared-memory channel name {name!r}: 1-100 of A-Z a-z 0-9 _ . -")
+        _checked(name)
         self.name, self.path = name, _path(name)
         self._decode = PackedDecoder(max_message_bytes, as_torch)
         self._map: _Mapping | None = None

@@ -269,7 +269,8 @@ def _raw(frame) -> memoryview:
     return view.cast("B") if view.nbytes else memoryview(b"")
 
 
-def _nbytes(frame) -> int:
+def frame_nbytes(frame) -> int:
+    """Byte size of a frame: bytes, memoryview, numpy array or torch tensor (any device)."""
     if type(frame).__module__.startswith("torch"):
         return frame.numel() * frame.element_size()
     return memoryview(frame).nbytes
@@ -349,7 +350,7 @@ def pack_frames(frames: list, out: np.ndarray | None = None, pinned: bool = Fals
     GPU tensor frames (`encode(..., device_frames=True)`) are copied device-to-host straight into their slot,
     asynchronously on the current CUDA stream: synchronise it before sending. `pinned` allocates a new buffer in
     page-locked memory (fast, truly asynchronous D2H copies)."""
-    lengths = [_nbytes(f) for f in frames]
+    lengths = [frame_nbytes(f) for f in frames]
     buf, offsets = _packed_buffer(lengths, out, pinned)
     for f, off, n in zip(frames, offsets, lengths):
         if type(f).__module__.startswith("torch") and f.device.type != "cpu":
@@ -867,6 +868,13 @@ class Subscriber:
                 self.stats.skipped_versions += max(0, newest.seq - self.last_version - 1)
             self.last_version = newest.seq
         return newest
+
+    def release(self, msg: Message) -> None:
+        """Done with `msg`. Nothing to do here: a ZMQ frame is freed when nothing views it any more (the same call
+        on `common.shm_broadcast.ShmSubscriber` gives a shared-memory slot back)."""
+
+    def hold(self, tensors, msg: Message | None = None) -> None:
+        """Keep the buffers these tensors view. Nothing to do here: they keep their ZMQ frames alive themselves."""
 
     def close(self) -> None:
         self.sock.close(linger=0)

@@ -33,8 +33,8 @@ import torch
 import zmq
 
 from common.shm_broadcast import ShmPublisher, ShmSubscriber, shm_name
-from common.transport import (CurveConfig, Publisher, Subscriber, encode, encode_header, frame_spec, pack_block,
-                              pack_frames, packed_block_layout, packed_size)
+from common.transport import (CurveConfig, Publisher, Subscriber, encode, encode_header, frame_spec, frame_nbytes,
+                              pack_block, pack_frames, packed_block_layout, packed_size)
 
 MODES = ("full", "trainable")
 
@@ -168,8 +168,7 @@ class WeightPublisher:
             frames = encode("update", {"version": self.version, "mode": self.mode, **delta_meta}, tensors,
                             self.version, device_frames=on_gpu)
             pack = lambda out, pinned=False: pack_frames(frames, out=out, pinned=pinned)
-            size = lambda: packed_size([len(frames[0]), *(f.numel() * f.element_size() if hasattr(f, "numel")
-                                                          else memoryview(f).nbytes for f in frames[1:])])
+            size = lambda: packed_size([frame_nbytes(f) for f in frames])
         if self.shm is not None:
             return self._publish_shm(pack, size(), on_gpu, start)
         with self._cond:  # the most recently sent free buffer: its pages are the warmest in the cache
@@ -177,18 +176,7 @@ class WeightPublisher:
             free = [i for i, (buf, tracker) in enumerate(self._buffers)
                     if (tracker is None or tracker.done) and buf is not pending]
             reuse = self._buffers.pop(free[-1])[0] if free else None
-        if on_gpu:
-            # One copy in all: device-to-host straight into the (pinned) send buffer, on a side stream that waits for
-            # training's pending work; training's stream then waits only for these copies.
-            main = torch.cuda.current_stream()
-            self._stream.wait_stream(main)
-            with torch.cuda.stream(self._stream):
-                packed = pack(reuse, pinned=True)
-            done = self._stream.record_event()
-            main.wait_event(done)
-            done.synchronize()
-        else:
-            packed = pack(reuse)
+        packed = self._snapshot(pack, reuse, on_gpu)
         with self._cond:
             self.stats["requested"] += 1
             if self.max_bytes_per_s is None and self._pending is None and not self._busy:
@@ -201,18 +189,24 @@ class WeightPublisher:
         self.stats["last_publish_s"] = time.perf_counter() - start
         return self.version
 
+    def _snapshot(self, pack, out, on_gpu: bool):
+        """Run `pack(out)`, the one copy of the weights. From the GPU: device-to-host straight into the (pinned)
+        buffer, on a side stream that waits for training's pending work; training's stream then waits only for these
+        copies."""
+        if not on_gpu:
+            return pack(out)
+        main = torch.cuda.current_stream()
+        self._stream.wait_stream(main)
+        with torch.cuda.stream(self._stream):
+            packed = pack(out, pinned=True)
+        done = self._stream.record_event()
+        main.wait_event(done)
+        done.synchronize()
+        return packed
+
     def _publish_shm(self, pack, nbytes: int, on_gpu: bool, start: float) -> int:
         out = self.shm.acquire(nbytes)  # a slot no reader holds: the snapshot goes straight into shared memory
-        if on_gpu:
-            main = torch.cuda.current_stream()
-            self._stream.wait_stream(main)
-            with torch.cuda.stream(self._stream):
-                pack(out)
-            done = self._stream.record_event()
-            main.wait_event(done)
-            done.synchronize()
-        else:
-            pack(out)
+        self._snapshot(pack, out, on_gpu)
         self.shm.commit(self.version)
         self.stats["requested"] += 1
         self.stats["sent"] += 1
@@ -300,7 +294,7 @@ class WeightSubscriber:
                 self.stats["waiting_keyframe"] += 1
             else:
                 msg, self._pending = self._pending, msg
-        if msg is not None and self.shm:  # superseded or unusable: its shared-memory slot may be rewritten
+        if msg is not None:  # superseded or unusable: its buffer may be reused
             self.sub.release(msg)
         return self._pending is not None
 
@@ -331,8 +325,7 @@ class WeightSubscriber:
                 target.data = src.clone() if clone else src
             else:
                 target.copy_(src)
-        if self.shm:  # keep the slots the parameters now view; the message's own slot if nothing views it
-            self.sub.hold(targets.values() if self.zero_copy else (), msg)
+        self.sub.hold(targets.values() if self.zero_copy else (), msg)  # the buffers the parameters now view
         if self.version > 0:  # published versions never applied here: superseded in a queue or while waiting
             self.stats["coalesced"] += max(0, msg.seq - self.version - 1)
         self.stats["applied"] += 1
