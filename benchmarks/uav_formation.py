@@ -6,6 +6,11 @@ stage 1's search is its own, K-times-as-long step) at the same env-step budget; 
 per preset, the same episodes for every run) gives collision-free rate, formation error, arrival and success. The APF
 row is `common.uav_apf` on the same episodes through the script's own `evaluate`. Runs are resumable: finished ones
 (summary.json) are read back, interrupted ones continue from their checkpoint, so rerun the same command after a kill.
+Each finished run also leaves a small record in `<out-dir>/uav_formation_runs/` (its evaluation, budget, machine,
+date and a hash of the code that trained it), committed with the table: a later call, on another machine, reads a
+run back from its record when its run directory is gone, as long as the settings and the code are the same (else it
+trains again). An hour-long run per variant and seed on 2 cores does not fit one sitting nine times; this lets the
+3-seed table be filled over several.
 Targets (issue 8): ours >= 90% collision-free on every preset, and better than APF and both ablations on collision-free
 rate and formation error.
 
@@ -15,8 +20,11 @@ rate and formation error.
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -31,11 +39,13 @@ import numpy as np
 import torch
 import tyro
 
-from benchmarks.report import RESULTS_DIR, load_algo, pyplot, write_results
+from benchmarks.report import RESULTS_DIR, load_algo, machine_info, pyplot, write_results
+from common.fsutil import atomic_write
 from common.uav_apf import APFController
 
 VARIANTS = {"ours": [], "no curriculum": ["--no-curriculum"], "MLP encoder": ["--encoder", "mlp"]}
 METRICS = ("collision_free", "formation_error", "arrival", "success")
+CODE_FILES = ("algos/mappo_uav_formation.py", "common/uav_formation_env.py")  # what a run's result depends on
 
 
 @dataclass
@@ -62,7 +72,12 @@ class Args:
     run_dir: str = "runs/bench_uav"
     """where the runs (checkpoints, logs, summaries) go"""
     out_dir: str = str(RESULTS_DIR)
-    """where the result files go"""
+    """where the result files go (and the run records, in uav_formation_runs/)"""
+    name: str = "uav_formation"
+    """result files: <out-dir>/<name>.{md,json,png} (e.g. a table of fewer variants than the full one)"""
+    records: bool = True
+    """read runs back from their records when their run directory is gone (same settings and code), and write
+    records of finished runs"""
 
 
 def run_name(variant: str) -> str:
@@ -74,11 +89,74 @@ def run_settings(args: Args) -> dict:
     return {"frames": args.frames, "num_envs": args.num_envs, "eval_envs": args.eval_envs, "dynamics": args.dynamics}
 
 
+def code_hash() -> str:
+    digest = hashlib.sha256()
+    for name in CODE_FILES:
+        digest.update(name.encode() + b"\0" + (ROOT / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def record_path(args: Args, variant: str, seed: int) -> Path:
+    """One file per variant, seed and settings (a run of another budget is another record)."""
+    tag = hashlib.sha256(json.dumps(run_settings(args), sort_keys=True).encode()).hexdigest()[:8]
+    return Path(args.out_dir) / "uav_formation_runs" / f"{run_name(variant)}__{seed}__{tag}.json"
+
+
+def utc(timestamp: float) -> str:
+    return dt.datetime.fromtimestamp(timestamp, dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def load_record(path: Path) -> dict:
+    try:
+        rec = json.loads(path.read_text())
+        rec["settings"], rec["code"], rec["eval"], rec["env_steps"], rec["train_seconds"], rec["date"]
+        return rec
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SystemExit(f"{path} is not a readable run record ({exc!r}): delete it to train that run again")
+
+
+def read_record(args: Args, variant: str, seed: int) -> dict | None:
+    """The record of this run if it was made by the same code with the same settings, else None."""
+    path = record_path(args, variant, seed)
+    if not args.records or not path.exists():
+        return None
+    rec = load_record(path)
+    if rec["settings"] != run_settings(args) or rec["code"] != code_hash():
+        print(f"[{variant} seed {seed}] {path.name} came from other code or settings: training again", flush=True)
+        return None
+    return rec
+
+
+def write_record(args: Args, variant: str, seed: int, run: Path, out: dict) -> None:
+    """Record a finished run, once, with the hash of the code it started with (bench_code.json in its directory)."""
+    path = record_path(args, variant, seed)
+    started = run / "bench_code.json"
+    if not args.records or not started.exists():
+        return  # a run from before records existed: which code trained it is not known
+    code = json.loads(started.read_text())["code"]
+    if path.exists() and load_record(path)["code"] == code:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rec = {"variant": variant, "seed": seed, "settings": run_settings(args), "code": code,
+           "code_files": list(CODE_FILES), "eval": out["eval"], "env_steps": out["env_steps"],
+           "weights": out.get("weights"), "train_seconds": out["train_seconds"], "threads": args.threads,
+           "workers": args.workers, "device": args.device, "machine": machine_info(),
+           "date": utc((run / "summary.json").stat().st_mtime)}
+    atomic_write(path, json.dumps(rec, indent=1) + "\n")
+
+
 def train_one(args: Args, variant: str, seed: int) -> dict:
-    """Train (or resume, or read back) one run; returns its summary plus wall time."""
+    """Train (or resume, or read back from its run directory or its record) one run; returns its summary plus
+    wall time and where it came from."""
     run = Path(args.run_dir).resolve() / f"uav_formation__{run_name(variant)}__{seed}"
     summary, timing, settings = run / "summary.json", run / "bench_time.json", run / "bench_settings.json"
     want = run_settings(args)
+    if not run.exists():
+        rec = read_record(args, variant, seed)
+        if rec is not None:
+            print(f"[{variant} seed {seed}] read back from {record_path(args, variant, seed).name} (trained "
+                  f"{rec['date']} on {rec['machine']['cpu']})", flush=True)
+            return rec
     if settings.exists() or summary.exists():
         have = json.loads(settings.read_text()) if settings.exists() else \
             {k: json.loads(summary.read_text())["args"][k] for k in want}
@@ -87,6 +165,13 @@ def train_one(args: Args, variant: str, seed: int) -> dict:
     if not summary.exists():
         run.mkdir(parents=True, exist_ok=True)
         settings.write_text(json.dumps(want))
+        started = run / "bench_code.json"
+        if not (run / "checkpoint.pt").exists():  # a fresh start: the code its record will name
+            atomic_write(started, json.dumps({"code": code_hash()}))
+        elif started.exists() and json.loads(started.read_text())["code"] != code_hash():
+            print(f"[{variant} seed {seed}] the code changed since this run started: it resumes, but gets no record",
+                  flush=True)
+            started.unlink()
         cmd = [sys.executable, str(ROOT / "algos" / "mappo_uav_formation.py"), "--weights", "paper",
                "--frames", args.frames, "--num-envs", str(args.num_envs), "--eval-envs", str(args.eval_envs),
                "--dynamics", args.dynamics, "--seed", str(seed), "--exp-name", run_name(variant),
@@ -108,6 +193,9 @@ def train_one(args: Args, variant: str, seed: int) -> dict:
             raise RuntimeError(f"{variant} seed {seed} failed (exit {proc.returncode}); see {run / 'bench.log'}")
     out = json.loads(summary.read_text())
     out["train_seconds"] = json.loads(timing.read_text())["seconds"] if timing.exists() else float("nan")
+    write_record(args, variant, seed, run, out)
+    out.update(date=utc(summary.stat().st_mtime), machine=machine_info(), threads=args.threads,
+               workers=args.workers)  # this machine; this call's flags
     print(f"[{variant} seed {seed}] " + ", ".join(f"{p}: cf {r['collision_free']:.2f} fe {r['formation_error']:.2f}"
                                                    for p, r in out["eval"].items()), flush=True)
     return out
@@ -128,6 +216,8 @@ def main(args: Args) -> None:
     args.variants, args.seeds = list(dict.fromkeys(args.variants)), list(dict.fromkeys(args.seeds))
     if not args.variants or not args.seeds:
         raise SystemExit("give at least one --variants and one --seeds")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", args.name) or args.name.startswith("."):
+        raise SystemExit(f"--name {args.name!r}: use letters, digits, '_', '-' and '.' (a file name, no path)")
     mu = load_algo("mappo_uav_formation")
     jobs = [(v, s) for v in args.variants for s in args.seeds]
     with ThreadPoolExecutor(max_workers=max(1, args.workers)) as pool:
@@ -191,15 +281,17 @@ def main(args: Args) -> None:
     frames = [float(x) for x in args.frames.split(",")]
     notes = (f"Budget per learned run: {sum(frames):g} M env steps (curriculum free/static/mixed = {args.frames} M; "
              f"no curriculum: all on mixed), {args.num_envs} envs, the paper's PPO settings and utility weights "
-             f"(w = {mu.PAPER_WEIGHTS}), {args.dynamics} dynamics, trained on {args.device} with {args.threads} torch "
-             f"threads per run and {args.workers} run(s) at a time (`train_min` is wall time per run). Paper budget: "
+             f"(w = {mu.PAPER_WEIGHTS}), {args.dynamics} dynamics, trained on {args.device}. Paper budget: "
              f"315 M env steps. Evaluation: {args.eval_envs} episodes per preset (900 steps, 18 s), the same for every "
              "method; values are mean ± sample sd over the training seeds (APF is deterministic: one evaluation). "
              "Collision-free: no crash, no drone pair closer than 0.15 m, no hit over the whole episode; formation "
              "error: time-mean distance from the formation slots (m); success: collision-free, arrived and formation "
-             "error < 0.3 m.\n\nTargets:\n" + "\n".join(f"- {c}" for c in checks))
+             "error < 0.3 m.\n\nWhere each run trained (`train_min` is its wall time there): "
+             + "; ".join(f"{v} seed {s}: {r['date']}, {r['machine']['cpu']}, {r['threads']} thread(s), {r['workers']} "
+                         "run(s) at a time" for (v, s), r in results.items())
+             + ".\n\nTargets:\n" + "\n".join(f"- {c}" for c in checks))
     cols = ["preset", "method", *METRICS, "env_steps_M", "train_min"]
-    write_results("uav_formation", "Multi-UAV formation: ours vs APF and ablations", cols, rows, seeds=args.seeds,
+    write_results(args.name, "Multi-UAV formation: ours vs APF and ablations", cols, rows, seeds=args.seeds,
                   notes=notes, out_dir=args.out_dir, figure=fig)
     print("\n".join(checks))
 

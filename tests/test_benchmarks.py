@@ -1,6 +1,7 @@
 """Benchmark commands run end to end at a tiny scale and write their .md / .json / .png."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -34,10 +35,12 @@ def test_bad_flag_is_a_clear_error():
 
 def test_uav_formation_table_runs_resumes_and_writes_its_results(tmp_path):
     """Tiny budget (point-mass drones): the learned rows come from real runs of the script, APF from the same
-    evaluation; a second call reads the finished runs back instead of training again."""
-    cmd = [sys.executable, str(ROOT / "benchmarks/uav_formation.py"), "--seeds", "1", "--variants", "ours",
-           "MLP encoder", "--frames", "0.001,0.001,0.001", "--num-envs", "16", "--eval-envs", "8", "--dynamics",
-           "pointmass", "--threads", "1", "--run-dir", str(tmp_path / "runs"), "--out-dir", str(tmp_path / "out")]
+    evaluation; a second call reads the finished runs back instead of training again, and so does a call without
+    the run directories (another machine), from the runs' records, unless a record came from other code."""
+    base = [sys.executable, str(ROOT / "benchmarks/uav_formation.py"), "--seeds", "1", "--frames", "0.001,0.001,0.001",
+            "--num-envs", "16", "--eval-envs", "8", "--dynamics", "pointmass", "--threads", "1", "--run-dir",
+            str(tmp_path / "runs"), "--out-dir", str(tmp_path / "out"), "--variants"]
+    cmd = base + ["ours", "MLP encoder"]
     first = subprocess.run(cmd, check=True, timeout=900, cwd=ROOT, capture_output=True, text=True).stdout
     assert first.count("mappo_uav_formation.py --weights paper") == 2
     data = json.loads((tmp_path / "out/uav_formation.json").read_text())
@@ -56,6 +59,29 @@ def test_uav_formation_table_runs_resumes_and_writes_its_results(tmp_path):
     assert stale.returncode != 0 and "was trained with" in stale.stderr + stale.stdout  # never mixes budgets
     bad = subprocess.run(cmd[:2] + ["--variants", "transformer"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert bad.returncode != 0 and "unknown variants" in bad.stderr + bad.stdout
+    bad = subprocess.run(cmd + ["--name", "../elsewhere"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert bad.returncode != 0 and "a file name, no path" in bad.stderr + bad.stdout
+
+    # the run records: a later call without the run directories (another machine) reads the runs back from them
+    records = sorted((tmp_path / "out/uav_formation_runs").glob("*.json"))
+    assert [r.name.split("__")[:2] for r in records] == [["bench_mlp_encoder", "1"], ["bench_ours", "1"]]
+    ours = json.loads(records[1].read_text())
+    assert ours["eval"]["mixed"]["collision_free"] == data["rows"][-2]["collision_free_mean"]  # mixed, ours
+    assert ours["settings"]["frames"] == "0.001,0.001,0.001" and len(ours["code"]) == 16 and ours["env_steps"] > 0
+    shutil.rmtree(tmp_path / "runs")
+    moved = subprocess.run(cmd, check=True, timeout=600, cwd=ROOT, capture_output=True, text=True).stdout
+    assert "mappo_uav_formation.py --weights paper" not in moved and moved.count("read back from") == 2
+    assert json.loads((tmp_path / "out/uav_formation.json").read_text())["rows"] == data["rows"]
+    assert "ours seed 1: " + ours["date"] in (tmp_path / "out/uav_formation.md").read_text()
+    # a record of other code is not used: that run trains again (and its record is replaced)
+    records[1].write_text(json.dumps({**ours, "code": "0" * 16}))
+    retrained = subprocess.run(base + ["ours"], check=True, timeout=600, cwd=ROOT, capture_output=True,
+                               text=True).stdout
+    assert "came from other code" in retrained and retrained.count("mappo_uav_formation.py --weights paper") == 1
+    assert json.loads(records[1].read_text())["code"] == ours["code"]
+    records[0].write_text("{not json")
+    broken = subprocess.run(base + ["MLP encoder"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert broken.returncode != 0 and "not a readable run record" in broken.stderr + broken.stdout
 
 
 def test_weight_sync_benchmark_runs_every_variant(tmp_path):
