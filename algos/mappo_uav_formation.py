@@ -369,7 +369,8 @@ def train(args: Args, agent, optimizer, vnorm, weights, preset: str, frames: flo
     obs = pad_like(env.reset(), ref_obs)
     iterations = max(1, int(frames * 1e6 / (E * T)))
     recent = {"collision_free": [], "formation_error": [], "forward": []}
-    bar = tqdm(range(iterations), desc=tag, mininterval=2.0)
+    done = state["period_iterations"] if save_fn is not None else 0  # resumed mid-period: only what is left
+    bar = tqdm(range(done, iterations), desc=tag, mininterval=2.0, initial=done, total=iterations)
     for it in bar:
         start = time.time()
         buf = {k: [] for k in ("obs", "sid", "act", "logp", "val", "rew", "done", "boot")}
@@ -451,6 +452,7 @@ def train(args: Args, agent, optimizer, vnorm, weights, preset: str, frames: flo
         for g in optimizer.param_groups:
             g["lr"] *= args.lr_decay
         state["iterations"] += 1
+        state["period_iterations"] = it + 1
         # TRY NOT TO MODIFY: record rewards for plotting purposes
         step = state["global_step"]
         for key in recent:
@@ -537,7 +539,7 @@ def main(args: Args) -> None:
 
     agent, optimizer, vnorm = fresh()
     state = {"stage": "search" if fixed is None else "curriculum", "candidate": 0, "period": 0, "global_step": 0,
-             "iterations": 0, "search_rows": [], "weights": list(fixed) if fixed else None}
+             "iterations": 0, "period_iterations": 0, "search_rows": [], "weights": list(fixed) if fixed else None}
     ckpt = run_dir / "checkpoint.pt"
 
     def save():
@@ -584,7 +586,7 @@ def main(args: Args) -> None:
         print(f"stage 1: chose candidate {winner}, w = {np.round(state['weights'], 3).tolist()} "
               f"(max-min normalised objective; weights.csv)", flush=True)
         agent, optimizer, vnorm = fresh()
-        state.update(stage="curriculum", period=0)
+        state.update(stage="curriculum", period=0, period_iterations=0)
         save()
 
     # ---------------------------------------------------------------- stage 2: curriculum
@@ -596,7 +598,7 @@ def main(args: Args) -> None:
                       f"period{state['period']}_{preset}", state, save_fn=save)
         print(f"stage 2 period {state['period']} ({preset}, {frames:g}M steps): rolling collision-free "
               f"{stats['collision_free']:.2f}, formation error {stats['formation_error']:.3f} m", flush=True)
-        state["period"] += 1
+        state.update(period=state["period"] + 1, period_iterations=0)
         save()
     state["stage"] = "done"
     save()

@@ -99,3 +99,40 @@ def test_short_training_improves_the_forward_return(tmp_path):
              "free", {"global_step": 0, "iterations": 0})
     after = mu.evaluate(mu.policy_actions(agent), args, "free", weights, ref_obs, device, seed=5)
     assert after["return_forward"] > before["return_forward"] + 1.0, (before, after)
+
+
+def test_a_period_resumed_from_a_mid_period_checkpoint_runs_only_what_is_left(tmp_path):
+    """kill -9 right after the iteration-20 checkpoint of a 25-iteration period: the resumed period runs the last 5
+    iterations, so the run trains its budget, not 20 iterations more."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    torch.manual_seed(0)
+    args = mu.Args(num_envs=8, num_steps=4, num_minibatches=1, update_epochs=1, max_steps=50, dynamics="pointmass",
+                   torch_threads=1)
+    device = torch.device("cpu")
+    ref_obs = mu.make_env(args, "mixed", 2, 0, device).reset()
+    agent = mu.Agent(args, mu.flat_obs(ref_obs), ref_obs["state"].shape[-1], 3)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+    vnorm = mu.ValueNorm(args.value_norm_beta)
+    frames = 25 * 8 * 4 / 1e6
+    state = {"global_step": 0, "iterations": 0, "period_iterations": 0}
+    checkpoint = {}
+
+    class Killed(Exception):
+        pass
+
+    def save_then_die():
+        checkpoint.update(json.loads(json.dumps(state)))
+        raise Killed
+
+    writer = SummaryWriter(str(tmp_path))
+    try:
+        mu.train(args, agent, optimizer, vnorm, mu.PAPER_WEIGHTS, "free", frames, ref_obs, device, writer, "p", state,
+                 save_fn=save_then_die)
+    except Killed:
+        pass
+    assert checkpoint == {"global_step": 20 * 32, "iterations": 20, "period_iterations": 20}
+    state = dict(checkpoint)
+    mu.train(args, agent, optimizer, vnorm, mu.PAPER_WEIGHTS, "free", frames, ref_obs, device, writer, "p", state,
+             save_fn=lambda: None)
+    assert state == {"global_step": 25 * 32, "iterations": 25, "period_iterations": 25}
