@@ -13,6 +13,13 @@ from pathlib import Path
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
+def utc_date(timestamp: float | None = None) -> str:
+    """'YYYY-MM-DD HH:MM UTC' of `timestamp` (seconds since the epoch; now if None): the date a result states."""
+    when = dt.datetime.now(dt.timezone.utc) if timestamp is None else \
+        dt.datetime.fromtimestamp(timestamp, dt.timezone.utc)
+    return when.strftime("%Y-%m-%d %H:%M UTC")
+
+
 def machine_info() -> dict:
     import torch
 
@@ -68,7 +75,7 @@ def write_results(name: str, title: str, columns: list[str], rows: list[dict], *
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {
         "name": name,
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": utc_date(),
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
         "seeds": list(seeds),
         "machine": machine_info(),

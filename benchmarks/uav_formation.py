@@ -20,7 +20,6 @@ rate and formation error.
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import json
 import os
@@ -39,7 +38,7 @@ import numpy as np
 import torch
 import tyro
 
-from benchmarks.report import RESULTS_DIR, load_algo, machine_info, pyplot, write_results
+from benchmarks.report import RESULTS_DIR, load_algo, machine_info, pyplot, utc_date, write_results
 from common.fsutil import atomic_write
 from common.uav_apf import APFController
 
@@ -112,10 +111,6 @@ def record_path(args: Args, variant: str, seed: int) -> Path:
     return Path(args.out_dir) / "uav_formation_runs" / f"{run_name(variant)}__{seed}__{tag}.json"
 
 
-def utc(timestamp: float) -> str:
-    return dt.datetime.fromtimestamp(timestamp, dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-
-
 def load_record(path: Path) -> dict:
     try:
         rec = json.loads(path.read_text())
@@ -152,7 +147,7 @@ def write_record(args: Args, variant: str, seed: int, run: Path, out: dict) -> N
            "code_files": list(CODE_FILES), "eval": out["eval"], "env_steps": out["env_steps"],
            "weights": out.get("weights"), "train_seconds": out["train_seconds"], "threads": args.threads,
            "workers": args.workers, "device": args.device, "machine": machine_info(),
-           "date": utc((run / "summary.json").stat().st_mtime)}
+           "date": utc_date((run / "summary.json").stat().st_mtime)}
     atomic_write(path, json.dumps(rec, indent=1) + "\n")
 
 
@@ -205,7 +200,7 @@ def train_one(args: Args, variant: str, seed: int) -> dict:
     out = json.loads(summary.read_text())
     out["train_seconds"] = json.loads(timing.read_text())["seconds"] if timing.exists() else float("nan")
     write_record(args, variant, seed, run, out)
-    out.update(date=utc(summary.stat().st_mtime), machine=machine_info(), threads=args.threads,
+    out.update(date=utc_date(summary.stat().st_mtime), machine=machine_info(), threads=args.threads,
                workers=args.workers)  # this machine; this call's flags
     print(f"[{variant} seed {seed}] " + ", ".join(f"{p}: cf {r['collision_free']:.2f} fe {r['formation_error']:.2f}"
                                                    for p, r in out["eval"].items()), flush=True)

@@ -357,9 +357,8 @@ def main(args: Args) -> None:
              "straight into a free slot of a file in /dev/shm and the actor's parameters view that slot (one copy "
              "in all, no socket); `xproc_shm`: the same to an actor in another process: `publish()` here plus "
              "`poll()` + `apply()` there (the child told over a pipe when to look). Over TCP the bytes cross the "
-             "kernel's loopback, "
-             "whose own limit is `tcp_raw_pyzmq_ms` (raw pyzmq PUSH -> PULL of the same bytes, measured in the same "
-             "run): `tcp_vs_raw` is our overhead over it.")
+             "kernel's loopback, whose own limit is `tcp_raw_pyzmq_ms` (raw pyzmq PUSH -> PULL of the same bytes, "
+             "measured in the same run): `tcp_vs_raw` is our overhead over it.")
     if not cuda:
         notes += (" `inproc_zmq_floor_ms` is the least a ZMQ zero-copy handoff costs here, with none of our code: "
                   "per round one copy into one of two send buffers (a zero-copy receiver holds the last), a tracked "
