@@ -105,6 +105,12 @@ def code_hash() -> str:
     return digest.hexdigest()[:16]
 
 
+def same_training_codes() -> tuple[str, ...]:
+    """The current code's hash and those of earlier code that trains the same (SAME_TRAINING)."""
+    current = code_hash()
+    return (current, *SAME_TRAINING.get(current, {}))
+
+
 def record_path(args: Args, variant: str, seed: int) -> Path:
     """One file per variant, seed and settings (a run of another budget is another record)."""
     tag = hashlib.sha256(json.dumps(run_settings(args), sort_keys=True).encode()).hexdigest()[:8]
@@ -126,8 +132,7 @@ def read_record(args: Args, variant: str, seed: int) -> dict | None:
     if not args.records or not path.exists():
         return None
     rec = load_record(path)
-    current = code_hash()
-    if rec["settings"] != run_settings(args) or rec["code"] not in (current, *SAME_TRAINING.get(current, {})):
+    if rec["settings"] != run_settings(args) or rec["code"] not in same_training_codes():
         print(f"[{variant} seed {seed}] {path.name} came from other code or settings: training again", flush=True)
         return None
     return rec
@@ -174,7 +179,7 @@ def train_one(args: Args, variant: str, seed: int) -> dict:
         started = run / "bench_code.json"
         if not (run / "checkpoint.pt").exists():  # a fresh start: the code its record will name
             atomic_write(started, json.dumps({"code": code_hash()}))
-        elif started.exists() and json.loads(started.read_text())["code"] != code_hash():
+        elif started.exists() and json.loads(started.read_text())["code"] not in same_training_codes():
             print(f"[{variant} seed {seed}] the code changed since this run started: it resumes, but gets no record",
                   flush=True)
             started.unlink()

@@ -84,6 +84,43 @@ def test_uav_formation_table_runs_resumes_and_writes_its_results(tmp_path):
     assert broken.returncode != 0 and "not a readable run record" in broken.stderr + broken.stdout
 
 
+def test_uav_run_resumed_under_other_code_is_recorded_only_if_that_code_trains_the_same(tmp_path, monkeypatch):
+    """An interrupted run resumed after the code changed keeps its record only when SAME_TRAINING vouches for the
+    code it started with (the record then names that code); else it resumes without one."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import uav_formation as bench
+
+    monkeypatch.setattr(bench, "code_hash", lambda: "new0000000000000")
+    monkeypatch.setattr(bench, "SAME_TRAINING", {"new0000000000000": {"old0000000000000": "checked"}})
+    summary = {"eval": {"static": {"collision_free": 0.5, "formation_error": 0.4}}, "env_steps": 10, "weights": None}
+
+    real_run = subprocess.run
+
+    def fake_training(cmd, **kwargs):  # the resumed run finishes
+        if "--exp-name" not in cmd:
+            return real_run(cmd, **kwargs)
+        assert "--resume" in cmd
+        run = Path(cmd[cmd.index("--run-dir") + 1]) / f"uav_formation__{cmd[cmd.index('--exp-name') + 1]}__1"
+        (run / "summary.json").write_text(json.dumps(summary))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_training)
+    args = bench.Args(seeds=[1], run_dir=str(tmp_path / "runs"), out_dir=str(tmp_path / "out"))
+    cases = (("ours", "old0000000000000", True), ("MLP encoder", "gone000000000000", False))
+    for variant, started_with, recorded in cases:
+        run = tmp_path / "runs" / f"uav_formation__{bench.run_name(variant)}__1"
+        run.mkdir(parents=True)
+        (run / "checkpoint.pt").write_bytes(b"interrupted")
+        (run / "bench_code.json").write_text(json.dumps({"code": started_with}))
+        bench.train_one(args, variant, 1)
+        record = bench.record_path(args, variant, 1)
+        assert record.exists() == recorded, variant
+        if recorded:
+            assert json.loads(record.read_text())["code"] == started_with
+            shutil.rmtree(run)  # another machine: read back through SAME_TRAINING
+            assert bench.train_one(args, variant, 1)["eval"] == summary["eval"]
+
+
 def test_weight_sync_benchmark_runs_every_variant(tmp_path):
     """Tiny sizes: every transport (ZMQ in-process, shared memory in-process and to another process, TCP) syncs
     and checks the actor's values, and the table comes out with a ratio for each."""
