@@ -388,19 +388,27 @@ class ReplayBuffer:
 
         def work():
             while not stop.is_set():
-                batch = self.sample(batch_size, rng)
+                try:
+                    batch = self.sample(batch_size, rng)
+                except Exception as exc:  # handed to the consumer, raised there (not lost with this thread)
+                    batch = exc
                 while not stop.is_set():
                     try:
                         q.put(batch, timeout=0.1)
                         break
                     except queue.Full:
                         pass
+                if isinstance(batch, Exception):
+                    return
 
         thread = threading.Thread(target=work, name="buffer-prefetch", daemon=True)
         thread.start()
         try:
             while True:
-                yield q.get(timeout=60)
+                batch = q.get(timeout=60)
+                if isinstance(batch, Exception):
+                    raise batch
+                yield batch
         finally:
             stop.set()
             thread.join(timeout=5)

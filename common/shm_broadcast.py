@@ -369,6 +369,11 @@ class ShmSubscriber:
         ctl = m.ctl
         with m.lock():
             s, version = int(ctl[W_LATEST_SLOT]), int(ctl[W_LATEST_VERSION])
+            if not 0 <= s < m.slots:  # a corrupt control page: nothing to hold, nothing to read
+                self.stats["bad_frames"] += 1
+                log.warning("bad shared-memory control page dropped: latest slot %d of %d", s, m.slots)
+                self.last_version = version
+                return None
             length = int(m.slot_words[s, 1])
             self._pending[version] = s  # held from here on: the publisher will not rewrite it
             self._set_pending()

@@ -460,8 +460,12 @@ def _secure(sock: zmq.Socket, curve: CurveConfig | None, server: bool) -> None:
         if id(ctx) not in _authenticators:  # one ZAP handler per context
             auth = ThreadAuthenticator(ctx, log=logging.getLogger("transport.auth"))
             auth.start()
-            auth.configure_curve(domain="*", location=curve.allowed_clients_dir)
             _authenticators[id(ctx)] = auth
+        # one ZAP domain per allow-list, so that servers of one process with different lists each check their own
+        allowed = os.path.realpath(curve.allowed_clients_dir)
+        domain = "allow-" + hashlib.sha256(allowed.encode()).hexdigest()[:16]
+        _authenticators[id(ctx)].configure_curve(domain=domain, location=allowed)
+        sock.zap_domain = domain.encode()
         sock.curve_server = True
     else:
         if not curve.server_public_key_file:
@@ -510,7 +514,9 @@ class DataSender:
     Batching (Nagle-style, no timers): an item goes out at once when nothing sent is still unacknowledged; otherwise
     it joins a batch that leaves when it holds `max_batch` items, when acknowledgements come back, when it is older
     than `linger` seconds, or on `poll` / `flush`. Under load this packs many items into one ZMQ message; when idle,
-    latency stays one round trip. The sender has no thread of its own: call `poll()` once per loop iteration (e.g.
+    latency stays one round trip. With a spool every item goes out (and to disk) at once: an accepted item must
+    survive a kill. `send` copies the item's arrays (the one copy: into the rows of its batch), so the caller may
+    refill its buffers right after. The sender has no thread of its own: call `poll()` once per loop iteration (e.g.
     each control step) so that acknowledgements, resends and a lingering batch are handled."""
 
     def __init__(self, endpoint: str, *, sender_id: str = "robot", max_pending: int = 1024, resend_after: float = 2.0,
@@ -522,7 +528,8 @@ class DataSender:
         self.max_batch, self.linger = max_batch, linger
         self.pending: dict[int, int] = {}  # unacknowledged item seq -> its batch id
         self._batches: OrderedDict[int, list] = OrderedDict()  # batch id -> [sent_at, packed, unacked seqs]
-        self._open: list[tuple[int, dict, dict]] = []  # items waiting to form a batch
+        self._open: list[tuple[int, dict, dict]] = []  # items waiting to form a batch (their arrays are our copies)
+        self._rows: dict[str, np.ndarray] | None = None  # while the open items' arrays are rows of one buffer each
         self._open_since = 0.0
         self._last_poll = 0.0
         self.stats = _Counters("sent", "batches", "resent", "acked", "outages")
@@ -547,7 +554,7 @@ class DataSender:
         for path in sorted(self.spool.glob("*.msg")):  # zero-padded names: sorted = oldest first
             frames = [bytes(f) for f in unpack_frames(path.read_bytes())]
             seqs = {int(item[0]) for item in decode(frames).meta["items"]}
-            self._batches[int(path.stem)] = [0.0, frames, seqs]
+            self._batches[int(path.stem)] = [0.0, _wire(frames), seqs]
             self.pending.update({seq: int(path.stem) for seq in seqs})
         self.next_seq = max([self.next_seq, *[seq + 1 for seq in self.pending]])
 
@@ -567,32 +574,43 @@ class DataSender:
         self.next_seq += 1
         if not self._open:
             self._open_since = time.monotonic()
-        self._open.append((seq, meta or {}, arrays))
+        self._open.append((seq, meta or {}, self._copy_in(arrays)))
         self.stats.sent += 1
-        if not self.pending or len(self._open) >= self.max_batch or \
+        if self.spool or not self.pending or len(self._open) >= self.max_batch or \
                 time.monotonic() - self._open_since >= self.linger:
             self._send_batch()
         if time.monotonic() - self._last_poll > 0.001:  # read acks now and then, not after every item
             self.poll(0)
         return seq
 
+    def _copy_in(self, arrays: dict) -> dict:
+        """Our copy of an item's arrays. The usual case (numpy arrays of the same names, shapes and dtypes in every
+        item) copies them into the next row of buffers that hold the whole batch, which then goes out as is."""
+        if not self._open:  # the first item of a batch: rows for as many items as the batch may take
+            rows = 1 if self.spool or not self.pending else self.max_batch
+            numpy = arrays and all(isinstance(v, np.ndarray) for v in arrays.values())
+            self._rows = {k: np.empty((rows, *v.shape), v.dtype) for k, v in arrays.items()} if numpy else None
+        j, rows = len(self._open), self._rows
+        if rows is not None and j < len(next(iter(rows.values()))) and arrays.keys() == rows.keys() and all(
+                isinstance(v, np.ndarray) and v.shape == rows[k].shape[1:] and v.dtype == rows[k].dtype
+                for k, v in arrays.items()):
+            for k, v in arrays.items():
+                rows[k][j] = v
+            return {k: rows[k][j, ...] for k in rows}  # views (0-d arrays included)
+        self._rows = None  # items of other layouts: the batch goes out array by array (earlier rows stay ours)
+        return {k: v.clone() if hasattr(v, "clone") else np.array(v, copy=True) for k, v in arrays.items()}
+
     def _send_batch(self) -> None:
         if not self._open:
             return
-        items = self._open
+        items, rows = self._open, self._rows
+        self._rows = None
         meta = {"session": self.session, "sender": self.sender_id, "items": [[seq, m] for seq, m, _ in items]}
-        first = items[0][2]
-        if all(isinstance(v, np.ndarray) for _, _, arrs in items for v in arrs.values()) and all(
-                arrs.keys() == first.keys() and all(arrs[k].shape == first[k].shape and
-                                                    arrs[k].dtype == first[k].dtype for k in first)
-                for _, _, arrs in items[1:]):
-            # The usual case: same arrays in every item, stacked along a new first axis. np.stack is the one copy
-            # that lets the caller reuse its arrays while the items wait for acknowledgement.
+        if rows is not None:  # every item's arrays are a row of these buffers: the batch is their first rows
             meta["stacked"] = True
-            arrays = {k: np.stack([np.asarray(arrs[k]) for _, _, arrs in items]) for k in first}
+            arrays = {k: r[:len(items)] for k, r in rows.items()}
         else:
-            arrays = {f"{j}.{name}": value.clone() if hasattr(value, "clone") else np.array(value, copy=True)
-                      for j, (_, _, arrs) in enumerate(items) for name, value in arrs.items()}
+            arrays = {f"{j}.{name}": value for j, (_, _, arrs) in enumerate(items) for name, value in arrs.items()}
         frames = encode("data", meta, arrays, items[0][0])
         size = sum(memoryview(f).nbytes for f in frames)
         if size > self.max_message_bytes and len(items) > 1:  # too big together: one by one (each fits, see send)
@@ -607,6 +625,9 @@ class DataSender:
             atomic_write(self.spool / f"{batch_id:012d}.msg", pack_frames(frames))
             atomic_write(self.spool / "session.json",
                          json.dumps({"session": self.session, "next_seq": self.next_seq}).encode())
+        if not self.pending:  # silence (an outage) is timed from the oldest unacknowledged send, not an idle spell
+            self.last_ack = time.monotonic()
+        frames = _wire(frames)
         self._batches[batch_id] = [time.monotonic(), frames, {seq for seq, _, _ in items}]
         self.pending.update({seq: batch_id for seq, _, _ in items})
         self.stats.batches += 1
@@ -674,6 +695,12 @@ class DataSender:
         """Send the open batch (without waiting for acknowledgements; with a spool they survive) and close."""
         self._send_batch()
         self.sock.close(linger=0)
+
+
+def _wire(frames: list) -> list:
+    """The frames a data batch travels as: a single frame means a packed message to the receiver, so a batch that is
+    only a header (items without arrays) is sent packed."""
+    return frames if len(frames) > 1 else [pack_frames(frames)]
 
 
 class _SeqSet:

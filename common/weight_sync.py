@@ -103,6 +103,7 @@ class WeightPublisher:
         self.keyframe_every = keyframe_every
         self._base: dict[str, torch.Tensor] = {}  # what the last keyframe sent (only_changed)
         self._keyframe, self._since_keyframe = 0, 0
+        self._changed: set[str] = set()  # tensors that differed from the keyframe in a delta since it
         self._pinned: dict[str, torch.Tensor] = {}
         self._stream = torch.cuda.Stream() if torch.cuda.is_available() else None
         self._pending: tuple | None = None
@@ -141,11 +142,14 @@ class WeightPublisher:
         # message, and each delta must be complete on its own. A receiver that missed the keyframe waits for the next.
         if not self._base or self._since_keyframe >= self.keyframe_every:
             self._base = {k: t.clone() for k, t in tensors.items()}
-            self._keyframe, self._since_keyframe = self.version, 0
+            self._keyframe, self._since_keyframe, self._changed = self.version, 0, set()
             return tensors, {"keyframe": True}
         self._since_keyframe += 1
-        return ({k: t for k, t in tensors.items() if k not in self._base or not torch.equal(self._base[k], t)},
-                {"base": self._keyframe})
+        # A tensor that changed once since the keyframe goes in every later delta, even when it is back to its
+        # keyframe value: a receiver may hold an earlier delta's value of it.
+        self._changed |= {k for k, t in tensors.items()
+                          if k not in self._changed and (k not in self._base or not torch.equal(self._base[k], t))}
+        return {k: t for k, t in tensors.items() if k in self._changed}, {"base": self._keyframe}
 
     def publish(self, version: int | None = None) -> int:
         """Snapshot the weights now and send them in the background; returns the version. Non-blocking."""
@@ -225,10 +229,12 @@ class WeightPublisher:
                 version, packed = self._pending
                 self._pending = None
                 self._busy = True
-            wait = next_allowed - time.monotonic()
-            if wait > 0:
-                time.sleep(wait)
-            with self._cond:
+            with self._cond:  # pace the link; close() cuts the wait short (the newest weights still go out)
+                self._cond.wait_for(lambda: self._closed, max(0.0, next_allowed - time.monotonic()))
+                if self._pending is not None:  # a newer snapshot came during the wait: it replaces this one
+                    version, packed = self._pending
+                    self._pending = None
+                    self.stats["coalesced"] += 1
                 self._send(packed)
                 self._busy = False
                 self._cond.notify_all()
@@ -337,5 +343,10 @@ class WeightSubscriber:
     def maybe_apply(self, timeout: float = 0.0) -> int | None:
         return self.apply() if self.poll(timeout) else None
 
+    @torch.no_grad()
     def close(self) -> None:
+        """Zero-copy parameters get their own memory first: once closed, the buffer they viewed may be rewritten."""
+        if self.zero_copy and self.version > 0:
+            for target in self._targets.values():
+                target.data = target.data.clone()
         self.sub.close()

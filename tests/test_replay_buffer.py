@@ -180,6 +180,10 @@ def test_mixed_batches_and_prefetch(tmp_path):
     it = online.prefetch(16, depth=2, seed=0)
     assert next(it)["actions"].shape == (16, 3)
     it.close()
+    start = time.monotonic()  # the prefetch thread's error reaches the consumer at once, not a 60 s queue.Empty
+    with pytest.raises(BufferError, match="empty"):
+        next(ReplayBuffer(tmp_path / "empty").prefetch(16))
+    assert time.monotonic() - start < 5
 
 
 def test_counters_and_edge_cases(tmp_path):

@@ -203,6 +203,20 @@ def test_malformed_slots_are_dropped_and_the_reader_keeps_serving(name):
             assert msg is not None and msg.seq == version and np.array_equal(msg.arrays["x"], np.arange(1000))
             sub.release(msg)
         assert sub.stats["bad_frames"] >= 150
+        for bad_slot in (-1, pub.slots, 99):  # a corrupt control page: dropped, and the reader goes on
+            version += 1
+            packed = pack_frames(encode("update", {}, {"x": np.arange(4, dtype=np.float32)}, version))
+            pub.acquire(len(packed))[:] = packed
+            pub.commit(version)
+            pub._map.ctl[W_LATEST_SLOT] = bad_slot
+            before = sub.stats["bad_frames"]
+            assert sub.latest(0.5) is None and sub.stats["bad_frames"] == before + 1
+        version += 1
+        pub.acquire(len(packed))[:] = pack_frames(encode("update", {}, {"x": np.ones(4, np.float32)}, version))
+        pub.commit(version)
+        msg = sub.latest(0.5)
+        assert msg is not None and msg.seq == version
+        sub.hold([], msg)
     finally:
         pub.close()
         sub.close()
@@ -341,5 +355,23 @@ def test_a_file_that_is_not_a_channel_is_refused(name):
         pub.acquire(100)[:] = 0
         pub.commit(1)
         assert path.exists() and pub.stats["files"] == 1
+    finally:
+        pub.close()
+
+
+def test_closing_a_zero_copy_reader_keeps_its_weights(name):
+    """After close the slot the parameters viewed is free for the publisher again: the parameters must not view it."""
+    learner, actor = Policy(), Policy()
+    pub = WeightPublisher(f"shm://{name}", learner)
+    sub = WeightSubscriber(f"shm://{name}", actor, zero_copy=True)
+    try:
+        perturb(learner, 1.0)
+        pub.publish()
+        assert sub.poll(2) and sub.apply() == 1
+        sub.close()
+        for v in (2.0, 3.0, 4.0, 5.0):  # more publishes than there are slots
+            perturb(learner, v)
+            pub.publish()
+        assert all(bool((p == 1.0).all()) for p in actor.parameters())
     finally:
         pub.close()

@@ -321,8 +321,8 @@ def test_curve_rejects_unknown_clients_and_accepts_known_ones(tmp_path):
         secret_key_file=str(tmp_path / "server/learner.key_secret"), allowed_clients_dir=str(tmp_path / "allowed")),
     ).start()
     try:
-        def client(keydir, name):
-            return RpcClient(endpoint, SPEC, curve=CurveConfig(
+        def client(keydir, name, at=endpoint):
+            return RpcClient(at, SPEC, curve=CurveConfig(
                 secret_key_file=str(tmp_path / keydir / f"{name}.key_secret"),
                 server_public_key_file=str(tmp_path / "server/learner.key")))
 
@@ -331,6 +331,22 @@ def test_curve_rejects_unknown_clients_and_accepts_known_ones(tmp_path):
         assert client("allowed", "robot").hello(timeout=5.0)["protocol"] == PROTOCOL_VERSION
         with pytest.raises(TransportTimeout):  # no keys at all: plain TCP to a Curve server goes nowhere
             RpcClient(endpoint, SPEC).hello(timeout=1.0)
+        # a second server in the same process with its own allow-list: each checks its own list
+        make_keypair(tmp_path / "second_allowed", "other_robot")
+        second_endpoint = free_endpoint()
+        second = RpcServer(second_endpoint, SPEC, curve=CurveConfig(
+            secret_key_file=str(tmp_path / "server/learner.key_secret"),
+            allowed_clients_dir=str(tmp_path / "second_allowed"))).start()
+        try:
+            with pytest.raises(TransportTimeout):
+                client("allowed", "robot", second_endpoint).hello(timeout=1.0)  # on the first server's list only
+            assert client("second_allowed", "other_robot", second_endpoint).hello(timeout=5.0)["protocol"] == \
+                PROTOCOL_VERSION
+            with pytest.raises(TransportTimeout):
+                client("second_allowed", "other_robot").hello(timeout=1.0)
+            assert client("allowed", "robot").hello(timeout=5.0)["protocol"] == PROTOCOL_VERSION
+        finally:
+            second.close()
     finally:
         server.close()
 
@@ -443,6 +459,93 @@ def test_bad_items_fail_in_send_and_lose_nothing_queued():
             if msg is not None:
                 got.append(msg.meta["i"])
         assert got == [0, 3] and tx.flush(5)
+    finally:
+        tx.close()
+        rx.close()
+
+
+def _receive(tx: DataSender, rx: DataReceiver, n: int, seconds: float = 10.0) -> dict:
+    got, deadline = {}, time.monotonic() + seconds
+    while len(got) < n and time.monotonic() < deadline:
+        tx.poll(0.001)
+        msg = rx.recv(timeout=0.01)
+        if msg is not None:
+            got[msg.seq] = msg
+    return got
+
+
+def test_items_without_arrays_are_delivered_alone_and_in_batches():
+    """A meta-only item is a header-only message: it must not be taken for a broken packed batch (it was dropped as a
+    bad frame and resent for ever)."""
+    endpoint = free_endpoint()
+    rx = DataReceiver(endpoint, auto_ack=True)
+    tx = DataSender(endpoint, resend_after=5.0)
+    try:
+        time.sleep(0.2)
+        seqs = [tx.send({"episode_done": i}) for i in range(20)]  # the first alone, the rest batched behind it
+        got = _receive(tx, rx, 20)
+        assert sorted(got) == seqs and [got[s].meta["episode_done"] for s in seqs] == list(range(20))
+        assert all(not got[s].arrays for s in seqs) and rx.stats.bad_frames == 0 and tx.flush(5)
+    finally:
+        tx.close()
+        rx.close()
+
+
+def test_the_caller_may_refill_its_arrays_right_after_send():
+    """Items that wait for a batch (something is unacknowledged) are copied in send, not when the batch leaves."""
+    endpoint = free_endpoint()
+    rx = DataReceiver(endpoint, auto_ack=True)
+    tx = DataSender(endpoint, resend_after=5.0, linger=10.0)
+    try:
+        time.sleep(0.2)
+        buf, tensor = np.zeros(3, np.float32), torch.zeros(2)
+        for i in range(6):  # item 0 goes out at once; 1..5 wait behind it (no ack read yet)
+            buf[:] = i
+            tensor[:] = i
+            arrays = {"x": buf} if i != 4 else {"x": buf, "t": tensor}  # item 4: another layout mid-batch
+            tx.send({"i": i}, arrays)
+        buf[:], tensor[:] = -1, -1
+        got = _receive(tx, rx, 6)
+        assert [got[s].meta["i"] for s in sorted(got)] == list(range(6))
+        for s in sorted(got):
+            assert np.array_equal(got[s].arrays["x"], np.full(3, got[s].meta["i"], np.float32)), got[s].meta
+        assert np.array_equal(got[4].arrays["t"], np.full(2, 4, np.float32)) and tx.flush(5)
+    finally:
+        tx.close()
+        rx.close()
+
+
+def test_a_spooled_item_survives_a_kill_right_after_send(tmp_path):
+    """With a spool, send() returning means the item is on disk: a sender that dies before its next poll (here: never
+    closed) loses nothing it accepted."""
+    endpoint = free_endpoint()
+    tx = DataSender(endpoint, spool_dir=tmp_path)  # no receiver: nothing is ever acknowledged
+    seqs = [tx.send({"i": i}, {"x": np.arange(3) + i}) for i in range(4)]
+    again = DataSender(endpoint, spool_dir=tmp_path)  # what a restart after kill -9 finds
+    assert sorted(again.pending) == seqs and again.next_seq == 4
+    rx = DataReceiver(endpoint, auto_ack=True)
+    try:
+        got = _receive(again, rx, 4, seconds=10.0)  # resent from the spool
+        assert sorted(got) == seqs and all(np.array_equal(got[s].arrays["x"], np.arange(3) + s) for s in seqs)
+    finally:
+        again.close()
+        tx.close()
+        rx.close()
+
+
+def test_an_idle_spell_longer_than_peer_timeout_is_not_an_outage():
+    endpoint = free_endpoint()
+    rx = DataReceiver(endpoint, auto_ack=True)
+    tx = DataSender(endpoint, peer_timeout=0.5)
+    try:
+        time.sleep(0.2)
+        tx.send({"i": 0}, {"x": np.arange(2)})
+        assert len(_receive(tx, rx, 1)) == 1 and tx.flush(5)
+        time.sleep(0.8)  # nothing to send for longer than peer_timeout: the receiver is fine
+        tx.send({"i": 1}, {"x": np.arange(2)})
+        tx.poll(0)
+        assert tx.stats.outages == 0
+        assert len(_receive(tx, rx, 1)) == 1 and tx.flush(5) and tx.stats.outages == 0
     finally:
         tx.close()
         rx.close()

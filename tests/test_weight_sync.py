@@ -299,3 +299,41 @@ def test_cuda_learner_publishes_straight_from_the_gpu_to_a_cpu_actor(flatten):
         pub.close()
         sub.close()
         ctx.term()
+
+
+def test_only_changed_resends_a_tensor_that_went_back_to_its_keyframe_value():
+    learner, actor, pub, sub = pair(only_changed=True)
+    try:
+        original = learner.expert.bias.detach().clone()
+        for step in ("keyframe", "changed", "reverted"):
+            with torch.no_grad():
+                if step == "changed":
+                    learner.expert.bias.add_(1.0)
+                if step == "reverted":  # exactly the keyframe's value again (a rollback)
+                    learner.expert.bias.copy_(original)
+            pub.publish()
+            pub.wait_sent()
+            assert sub.poll(2) and sub.apply()
+            assert torch.equal(actor.expert.bias, learner.expert.bias), step
+    finally:
+        pub.close()
+        sub.close()
+
+
+def test_close_during_a_bandwidth_wait_is_prompt_and_sends_the_newest():
+    learner, actor, pub, sub = pair(max_bytes_per_s=200)  # ~1.5 kB messages: 7.5 s between sends
+    try:
+        perturb(learner, 1.0)
+        pub.publish()
+        pub.wait_sent()
+        perturb(learner, 2.0)
+        pub.publish()  # waits ~7.5 s for the link
+        perturb(learner, 3.0)
+        pub.publish()  # replaces it during the wait
+        start = time.monotonic()
+        pub.close()
+        assert time.monotonic() - start < 2.0 and not pub._thread.is_alive()
+        assert pub.stats["requested"] == 3 and pub.stats["sent"] + pub.stats["coalesced"] == 3
+        assert sub.poll(2) and sub.apply() == 3 and actor.expert.weight[0, 0] == 3.0  # the newest went out
+    finally:
+        sub.close()
