@@ -14,7 +14,7 @@ import argparse
 import json
 
 from common import hardware
-from robot_io.registry import enumerate_all, fill_from_env, parse_robot
+from robot_io.registry import RobotValidationError, enumerate_all, fill_from_env, parse_robot
 from robot_io.remote import BEACON_PORT, RobotHub, listen_beacons
 
 
@@ -54,9 +54,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     for text in args.robot or []:
         try:
-            parse_robot(text)
-        except (KeyError, ValueError) as exc:
-            parser.error(str(exc))
+            fill_from_env(parse_robot(text)[1])  # the same steps discover() takes, so a bad value fails here
+        except (KeyError, ValueError, RobotValidationError) as exc:
+            parser.error(f"--robot {text}: {exc.args[0] if exc.args else exc}")  # KeyError's str() adds quotes
     info = discover(args.robot, args.wait, args.port, args.listen)
     if args.json:
         print(json.dumps(info, indent=2, default=str))
@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> None:
     for col in ("name", "type", "host", "via", "details"):
         table.add_column(col)
     for r in info["network_robots"]:
-        details = ", ".join(f"{k}={v}" for k, v in r.items() if k in ("learner", "control_hz", "connected", "spec_hash"))
+        details = ", ".join(f"{k}={v}" for k, v in r.items()
+                            if k in ("learner", "control_hz", "connected", "spec_hash"))
         spec = r.get("spec") or {}
         if spec.get("action"):
             obs = spec.get("observation", {}).get("dict", {})

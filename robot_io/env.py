@@ -8,7 +8,9 @@
 - episode caps (`max_episode_steps`, reported as truncation), reset, emergency stop (no motion until the next reset)
   and `hold()` (stop moving, keep the pose: what a robot server does when its learner goes silent);
 - an intervention hook: a teleop device may override the action; `info["intervened"]` says so and
-  `info["executed_action"]` carries what was actually sent (the transition must store that one).
+  `info["executed_action"]` carries what was actually sent (the transition must store that one);
+- a non-finite action (NaN/inf, from the policy or the device) raises `NonFiniteAction` and holds the robot: nothing
+  of it reaches the back-end.
 
 Observations are dicts {"state": float32 (D,), "images": {camera: uint8 (H, W, 3)}} ("images" only with cameras).
 Spaces travel as a JSON-able spec (`space_spec` / `spaces_from_spec`): the handshake of a robot server carries it.
@@ -121,6 +123,18 @@ class EmergencyStopped(RuntimeError):
     """Step after an emergency stop; reset() clears it."""
 
 
+class NonFiniteAction(ValueError):
+    """An action with NaN or inf: refused before the back-end sees it (np.clip would pass NaN on to the arm)."""
+
+
+def check_finite(action: np.ndarray, what: str) -> None:
+    """Raise NonFiniteAction naming `what` (who produced the action) and where the bad values are."""
+    bad = ~np.isfinite(action)
+    if bad.any():
+        raise NonFiniteAction(f"{what}: non-finite action refused (NaN/inf at index {np.flatnonzero(bad).tolist()}: "
+                              f"{np.asarray(action).tolist()}); nothing was sent to the robot")
+
+
 class RobotEnv(gym.Env):
     """A gymnasium env around a RobotBackend: pacing, safety box, caps, reset, e-stop, intervention."""
 
@@ -165,6 +179,12 @@ class RobotEnv(gym.Env):
                 raise EmergencyStopped(f"{self.name}: emergency stop from {type(self.intervention).__name__}")
             if human is not None:
                 policy_action, intervened = np.asarray(human, np.float32).reshape(self.action_space.shape), True
+        try:
+            source = type(self.intervention).__name__ if intervened else "the policy"
+            check_finite(policy_action, f"{self.name}: {source}")
+        except NonFiniteAction:
+            self.hold()  # the last target may still be moving the arm: stop there
+            raise
         executed, clipped = self.safety.clip(policy_action, self.backend.tcp_position(self.last_obs),
                                              self.backend.position_scale)
         self.backend.send_action(executed)

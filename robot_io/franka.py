@@ -21,12 +21,13 @@ import os
 import socket
 import subprocess
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import gymnasium as gym
 import numpy as np
 
 from robot_io.cameras import RealSenseCamera, realsense_serials
-from robot_io.env import RobotBackend
+from robot_io.env import RobotBackend, check_finite
 from robot_io.registry import MissingDependencyError, RobotInfo, RobotValidationError, register, require
 
 STATE_DIM = 14
@@ -34,6 +35,10 @@ STATE_DIM = 14
 
 @dataclass
 class FrankaConfig:
+    ENV_FIELDS: ClassVar[tuple[str, ...]] = ("camera_type", "gripper_type", "image_size", "control_hz",
+                                             "max_episode_steps", "action_scale_pos", "action_scale_rot",
+                                             "dynamics_factor", "position_low", "position_high", "reset_joints",
+                                             "gripper_speed", "gripper_force")
     robot_ip: str | None = None
     """the arm's FCI address (env ROBOT_IP)"""
     name: str | None = None
@@ -181,9 +186,11 @@ class FrankaBackend(RobotBackend):
         return self.observe()
 
     def send_action(self, action):
+        check_finite(np.asarray(action), f"{self.name} (franka driver)")  # np.clip passes NaN through
         a = np.clip(np.asarray(action, np.float64), -1.0, 1.0)
         pos, quat = self._pose()
         target_pos = np.clip(pos + a[:3] * self.config.action_scale_pos, self.box_low, self.box_high)
+        check_finite(target_pos, f"{self.name} (franka driver, target from the measured pose and position box)")
         rot = self.Rotation.from_rotvec(a[3:6] * self.config.action_scale_rot) * self.Rotation.from_quat(quat)
         target = self.franky.Affine(target_pos.tolist(), rot.as_quat().tolist())
         self.robot.move(self.franky.CartesianMotion(target, self.franky.ReferenceType.Absolute), asynchronous=True)

@@ -3,7 +3,10 @@
 A robot type registers a config dataclass and a class with
     enumerate(configs) -> list[RobotInfo]   discover what is attached and validate it (raises RobotValidationError)
     make(config) -> RobotBackend            open the robot
-Config fields left unset (None) fill from upper-cased environment variables (`ROBOT_IP`, `CAMERA_SERIALS`, ...).
+Config fields left unset (None), and the fields a config class lists in `ENV_FIELDS` while they are at their default
+(real hardware: `GRIPPER_TYPE`, `CONTROL_HZ`, ...), fill from upper-cased environment variables (`ROBOT_IP`,
+`CAMERA_SERIALS`, ...) unless the robot string names them; list items convert to the field's element type. Only
+those: a stray `SEED` or `TASK` in a shell must not reconfigure a simulated robot.
 Several robots on one node: comma-separated values (`ROBOT_IP=10.0.0.2,10.0.0.3`); for a list field such as camera
 serials, robots are separated by `;` and items by `,` (`CAMERA_SERIALS=111,222;333,444`). With no configs at all,
 `configs_from_env` makes one robot per value of the type's `count_var` (e.g. `ROBOT_IP`).
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import types
 import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable
@@ -93,57 +97,86 @@ def _load_builtin_types() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ env-var autofill
-def _field_kind(cls, f) -> str:
+_SCALAR_KINDS = {bool: "bool", int: "int", float: "float", str: "str"}
+_GIVEN_ATTR = "_robot_string_fields"  # set by parse_robot on its config: the fields the robot string named
+
+
+def _field_kind(cls, f) -> tuple[str, str | None]:
+    """(kind, item kind) of a config field: kind is list/bool/int/float/str; item kind is X of a `list[X]` field."""
     hint = typing.get_type_hints(cls).get(f.name, str)
-    text = str(hint)
-    if "list" in text:
-        return "list"
-    if "bool" in text:
-        return "bool"
-    if "float" in text:
-        return "float"
-    if "int" in text:
-        return "int"
-    return "str"
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # `X | None`: X
+        hint = next((a for a in typing.get_args(hint) if a is not type(None)), str)
+    if hint is list or typing.get_origin(hint) is list:
+        item = (typing.get_args(hint) or (str,))[0]
+        return "list", _SCALAR_KINDS.get(item, "str")
+    return _SCALAR_KINDS.get(hint, "str"), None
 
 
-def _convert(kind: str, text: str, name: str):
+def _convert_scalar(kind: str, text: str):
+    if kind == "bool":
+        if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
+            raise ValueError(text)
+        return text.lower() in ("1", "true", "yes")
+    if kind == "float":
+        return float(text)
+    if kind == "int":
+        return int(text)
+    return text
+
+
+def _convert(kind: tuple[str, str | None], text: str, source: str, sep: str = ","):
+    """Text -> the field's type (list items separated by `sep`); `source` names where the text came from (`robot
+    option x`, `environment variable X`) for the error."""
+    kind_name, item_kind = kind
     text = text.strip()
-    try:
-        if kind == "list":
-            return [item.strip() for item in text.split(",") if item.strip()]
-        if kind == "bool":
-            if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                raise ValueError(text)
-            return text.lower() in ("1", "true", "yes")
-        if kind == "float":
-            return float(text)
-        if kind == "int":
-            return int(text)
-        return text
-    except ValueError:
-        raise RobotValidationError(f"environment variable {name.upper()}={text!r} is not a valid {kind}") from None
+    if kind_name != "list":
+        try:
+            return _convert_scalar(kind_name, text)
+        except ValueError:
+            raise RobotValidationError(f"{source}={text!r} is not a valid {kind_name}") from None
+    items = [item.strip() for item in text.split(sep) if item.strip()]
+    converted = []
+    for item in items:
+        try:
+            converted.append(_convert_scalar(item_kind, item))
+        except ValueError:
+            raise RobotValidationError(f"{source}={text!r}: item {item!r} is not a valid {item_kind}") from None
+    return converted
+
+
+def _default(f):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
 
 
 def fill_from_env(config, index: int = 0, environ: dict | None = None):
-    """Fill every field that is None from the environment variable of its upper-cased name. Robot `index` of a node
-    takes the index-th comma item (list fields: the index-th `;` group). Returns the config."""
+    """Fill every field that is None, or listed in the class's `ENV_FIELDS` and still at its default, and that the
+    robot string did not name, from the environment variable of its upper-cased name (a robot string option wins over
+    the environment). Robot `index` of a node takes the index-th comma item (list fields: the index-th `;` group).
+    Returns the config."""
     environ = os.environ if environ is None else environ
+    given = getattr(config, _GIVEN_ATTR, frozenset())
+    env_fields = getattr(type(config), "ENV_FIELDS", ())
     for f in fields(config):
-        if getattr(config, f.name) is not None or f.name.upper() not in environ:
+        var, value = f.name.upper(), getattr(config, f.name)
+        if var not in environ or f.name in given or \
+                not (value is None or f.name in env_fields and value == _default(f)):
             continue
         kind = _field_kind(type(config), f)
-        raw = environ[f.name.upper()]
-        groups = raw.split(";") if kind == "list" else raw.split(",")
+        raw = environ[var]
+        groups = raw.split(";") if kind[0] == "list" else raw.split(",")
         if len(groups) == 1:
             value = groups[0]
         elif index < len(groups):
             value = groups[index]
         else:
-            raise RobotValidationError(
-                f"{f.name.upper()}={raw!r} lists {len(groups)} robots' values, but robot #{index} was asked for; "
-                f"give one value per robot ({'; between robots, commas between items' if kind == 'list' else 'comma-separated'})")
-        setattr(config, f.name, _convert(kind, value, f.name))
+            separators = "; between robots, commas between items" if kind[0] == "list" else "comma-separated"
+            raise RobotValidationError(f"{var}={raw!r} lists {len(groups)} robots' values, but robot #{index} was "
+                                       f"asked for; give one value per robot ({separators})")
+        setattr(config, f.name, _convert(kind, value, f"environment variable {var}"))
     return config
 
 
@@ -159,7 +192,8 @@ def configs_from_env(type_name: str, environ: dict | None = None) -> list:
 
 # ------------------------------------------------------------------------------------------------ robot strings
 def parse_robot(text: str):
-    """'sim:PickCube,obs_mode=rgb' -> (RobotType, config). Unknown keys and bad values are refused with the choices."""
+    """'sim:PickCube,obs_mode=rgb' -> (RobotType, config). Unknown keys and bad values are refused with the choices.
+    List options separate items with `;` (`position_low=0.3;-0.3;0.05`)."""
     head, _, rest = text.partition(",")
     type_name, _, target = head.partition(":")
     rtype = get_type(type_name)
@@ -173,8 +207,11 @@ def parse_robot(text: str):
         key, eq, value = item.partition("=")
         if not eq or key not in names:
             raise ValueError(f"bad robot option {item!r} for {type_name!r}; options: {sorted(names)}")
-        kwargs[key] = _convert(_field_kind(rtype.config_cls, names[key]), value.replace(";", ","), key)
-    return rtype, rtype.config_cls(**kwargs)
+        kind = _field_kind(rtype.config_cls, names[key])
+        kwargs[key] = _convert(kind, value, f"robot option {key}", sep=";")  # `,` separates the options
+    config = rtype.config_cls(**kwargs)
+    setattr(config, _GIVEN_ATTR, frozenset(kwargs))  # so that fill_from_env leaves them alone
+    return rtype, config
 
 
 def config_dict(config) -> dict:
@@ -189,11 +226,11 @@ def enumerate_all(configs_by_type: dict[str, list] | None = None, environ: dict 
     found: list[dict] = []
     for name, rtype in sorted(ROBOT_TYPES.items()):
         configs = (configs_by_type or {}).get(name)
-        if configs is None:
-            if not (rtype.count_var and rtype.count_var in environ):
-                continue
-            configs = configs_from_env(name, environ)
+        if configs is None and not (rtype.count_var and rtype.count_var in environ):
+            continue
         try:
+            if configs is None:
+                configs = configs_from_env(name, environ)  # a bad variable is reported like a failed validation
             found += [info.as_dict() for info in rtype.enumerate(configs)]
         except (RobotValidationError, MissingDependencyError) as exc:
             found.append({"type": name, "name": "?", "error": str(exc)})

@@ -1,7 +1,7 @@
 """Robots over the network: a robot server dials out to the learner, the learner drives it as a gymnasium env.
 
 Topology (NAT friendly): the learner side binds one `RobotHub` (ZMQ ROUTER); every `RobotServer` (DEALER, routing id =
-robot name) connects to it, so a robot needs no inbound port (over the internet: an SSH tunnel, see the README).
+`session/name`) connects to it, so a robot needs no inbound port (over the internet: an SSH tunnel, see the README).
 
     robot -> hub   announce {name, session, spec, protocol} every `heartbeat` s (the handshake, repeated, so a
                    restarted hub learns every robot again within one heartbeat); replies to requests (same seq)
@@ -14,6 +14,14 @@ refuses robots whose obs/action spec or protocol differs, saying what differs, a
 Outages: `RemoteRobotEnv.step` waits at most `step_timeout`; past it, it raises `RobotUnavailable`, counts the outage
 and logs it; `reset()` waits (up to `reconnect_timeout`) for the robot to announce again, then starts a new episode.
 A robot that restarted (new session) also raises `RobotUnavailable` on step: its episode is gone, reset.
+A robot is never declared out while a request to it is pending (a homing reset may take a minute), and any reply
+brings it back online.
+
+Names are unique. The routing id carries the session, so two servers never collide in ZMQ (with one id per name,
+ROUTER_HANDOVER would silently cut the older one off); handover still lets a session that reconnects take its id back
+from a connection that died silently. A second session announcing a name that is online under another session is
+held (not acked, sent nothing): if the known session goes silent for `peer_timeout` it was a restart and the newcomer
+is accepted; if the known session announces again, the newcomer is refused ("pass a distinct --name") and exits.
 Frames are `common.transport` messages (msgpack header + raw arrays; no pickle); bad frames are logged and dropped.
 """
 
@@ -63,7 +71,7 @@ class RobotServer:
         self.spec = env.spec()
         self.spec["name"] = self.name
         self.sock = make_socket(zmq.DEALER, learner, bind=False, curve=curve, IMMEDIATE=1, SNDHWM=16,
-                                ROUTING_ID=self.name.encode())
+                                ROUTING_ID=f"{self.session}/{self.name}".encode()[:255])  # ZMQ's limit
         self.beacon = _beacon_socket(beacon) if beacon else None
         self.connected, self.moving, self.last_heard = False, False, time.monotonic()
         self._next_announce = 0.0
@@ -159,6 +167,7 @@ class RobotServer:
             log.warning("%s: request %s failed: %s", self.name, msg.type, exc)
             reply = encode("error", {"error": f"{type(exc).__name__}: {exc}"}, None, msg.seq)
         self._send(reply)
+        self.last_heard = time.monotonic()  # a slow call (a homing reset) is not learner silence
 
     def serve(self, max_seconds: float | None = None) -> None:
         end = None if max_seconds is None else time.monotonic() + max_seconds
@@ -212,14 +221,18 @@ class RobotRecord:
     session: str
     spec: dict
     last_seen: float
+    address: bytes = b""  # routing id of the accepted session's connection
     online: bool = True
     outage_start: float | None = None
     stats: dict = field(default_factory=dict)
+    contender: str | None = None  # another session announcing this name while this one is online
+    contender_since: float | None = None
+    duplicates: set = field(default_factory=set)  # sessions refused: a second robot under this name
 
 
 class _Pending:
-    def __init__(self):
-        self.event, self.reply = threading.Event(), None
+    def __init__(self, robot: str):
+        self.robot, self.event, self.reply = robot, threading.Event(), None
 
 
 class RobotHub:
@@ -232,7 +245,7 @@ class RobotHub:
         self.endpoint = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
         self.expected_spec, self.peer_timeout = expected_spec, peer_timeout
         self.records: dict[str, RobotRecord] = {}
-        self.stats = {"bad_frames": 0, "refused": 0, "outages": 0, "reconnects": 0, "restarts": 0}
+        self.stats = {"bad_frames": 0, "refused": 0, "outages": 0, "reconnects": 0, "restarts": 0, "duplicates": 0}
         self._outbox: queue.Queue = queue.Queue()
         self._pending: dict[int, _Pending] = {}
         self._lock = threading.Lock()
@@ -278,9 +291,22 @@ class RobotHub:
             if pending is not None:
                 pending.reply = msg
                 pending.event.set()
-            name = address.bytes.decode(errors="replace")
-            if name in self.records:
-                self.records[name].last_seen = time.monotonic()
+            rec = next((r for r in list(self.records.values()) if r.address == address.bytes), None)
+            if rec is not None:  # an answer proves the robot is there, outage or not
+                self._heard(rec, time.monotonic())
+
+    def _heard(self, rec: RobotRecord, now: float) -> None:
+        rec.last_seen = now
+        if not rec.online:
+            log.info("robot hub: robot %s back after %.1f s", rec.name, now - (rec.outage_start or now))
+            self.stats["reconnects"] += 1
+            rec.online, rec.outage_start = True, None
+
+    def _send_to(self, address: bytes, msg_type: str, meta: dict) -> None:
+        try:
+            self.sock.send_multipart([address, *encode(msg_type, meta)], copy=False)
+        except zmq.ZMQError as exc:  # ROUTER_MANDATORY: that connection is gone
+            log.debug("robot hub: %s to %r not sent: %s", msg_type, address, exc)
 
     def _on_announce(self, address: bytes, msg: Message) -> None:
         meta = msg.meta
@@ -292,34 +318,59 @@ class RobotHub:
                 self.stats["refused"] += 1
                 reason = f"spec/protocol differs from what this learner expects: {diff}"
                 log.warning("robot hub: refused %s: %s", name, reason)
-                self.sock.send_multipart([address, *encode("refuse", {"reason": reason})], copy=False)
+                self._send_to(address, "refuse", {"reason": reason})
                 return
         elif meta.get("protocol") != PROTOCOL_VERSION:
             self.stats["refused"] += 1
             reason = f"protocol {meta.get('protocol')} != {PROTOCOL_VERSION}"
-            self.sock.send_multipart([address, *encode("refuse", {"reason": reason})], copy=False)
+            self._send_to(address, "refuse", {"reason": reason})
             return
         now = time.monotonic()
         rec = self.records.get(name)
         if rec is None:
             log.info("robot hub: robot %s connected (%s)", name, meta.get("spec", {}).get("type"))
-            self.records[name] = RobotRecord(name, session, meta.get("spec") or {}, now)
+            rec = self.records[name] = RobotRecord(name, session, meta.get("spec") or {}, now, address)
+        elif rec.session != session and session in rec.duplicates:
+            self._refuse_duplicate(address, rec, session)
+            return
+        elif rec.session != session and rec.online:
+            # a restart whose old session has not timed out yet, or a second robot under this name: the known
+            # session's liveness decides (see _on_announce of the known session below, and _check_outages)
+            if rec.contender != session:
+                rec.contender, rec.contender_since = session, now
+                log.warning("robot hub: a new session of robot %s announced while the known one is online: waiting "
+                            "up to %.1f s to tell a restart from a second robot with the same name", name,
+                            self.peer_timeout)
+            return  # not acked: it serves nothing meanwhile
         else:
             if rec.session != session:
                 log.warning("robot hub: robot %s restarted (new session)", name)
                 self.stats["restarts"] += 1
-            if not rec.online:
-                log.info("robot hub: robot %s back after %.1f s", name, now - (rec.outage_start or now))
-                self.stats["reconnects"] += 1
-            rec.session, rec.spec, rec.last_seen, rec.online, rec.outage_start = session, meta.get("spec") or {}, \
-                now, True, None
-        self.records[name].stats = meta.get("stats") or {}
-        self.sock.send_multipart([address, *encode("ack", {"time": time.time()})], copy=False)
+                rec.contender = None
+            elif rec.contender is not None and now > rec.contender_since:
+                rec.duplicates.add(rec.contender)  # the known session is alive: the other one is a second robot
+                self.stats["duplicates"] += 1
+                log.error("robot hub: two robot servers are named %s (sessions %s and %s); refusing the newer one",
+                          name, session, rec.contender)
+                rec.contender = None
+            self._heard(rec, now)
+            rec.session, rec.spec, rec.address = session, meta.get("spec") or {}, address
+        rec.stats = meta.get("stats") or {}
+        self._send_to(address, "ack", {"time": time.time()})
+
+    def _refuse_duplicate(self, address: bytes, rec: RobotRecord, session: str) -> None:
+        reason = (f"another robot named {rec.name!r} is already connected to this learner (session {rec.session}); "
+                  f"every robot needs its own name: restart this one with `python -m robot_io.serve --name "
+                  f"{rec.name}-2 ...` (or name=... in --robot)")
+        log.error("robot hub: refused session %s: %s", session, reason)
+        self._send_to(address, "refuse", {"reason": reason})
 
     def _check_outages(self) -> None:
         now = time.monotonic()
+        with self._lock:
+            busy = {p.robot for p in self._pending.values()}  # a long call (a homing reset) is not an outage
         for rec in self.records.values():
-            if rec.online and now - rec.last_seen > self.peer_timeout:
+            if rec.online and rec.name not in busy and now - rec.last_seen > self.peer_timeout:
                 rec.online, rec.outage_start = False, rec.last_seen
                 self.stats["outages"] += 1
                 log.warning("robot hub: robot %s silent for %.1f s: outage", rec.name, now - rec.last_seen)
@@ -349,9 +400,9 @@ class RobotHub:
             raise RobotUnavailable(f"robot {name} is not connected")
         with self._lock:
             self._seq += 1
-            seq, pending = self._seq, _Pending()
+            seq, pending = self._seq, _Pending(name)
             self._pending[seq] = pending
-        self._outbox.put((name.encode(), encode(method, meta, arrays, seq), pending))
+        self._outbox.put((rec.address, encode(method, meta, arrays, seq), pending))
         if not pending.event.wait(timeout) or pending.reply is None:
             with self._lock:
                 self._pending.pop(seq, None)

@@ -7,6 +7,8 @@
 The server announces its spec every --heartbeat seconds, answers reset/step/hold/estop, reconnects by itself after
 an outage, and holds the arm when the learner is silent for --hold-after seconds. It also sends a UDP beacon
 (--beacon, default LAN broadcast) so that `python -m robot_io.discover` finds it. Ctrl-C holds the arm and exits.
+Robot names are unique per learner: a second server under a name that is already connected is refused (exit 3);
+give each one its own --name. A restarted server takes its name back once the learner saw the old one go silent.
 """
 
 from __future__ import annotations

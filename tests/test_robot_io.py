@@ -34,7 +34,7 @@ def test_registry_and_env_var_autofill():
     configs = registry.configs_from_env("franka", environ)
     assert [c.robot_ip for c in configs] == ["10.0.0.2", "10.0.0.3"]
     assert [c.camera_serials for c in configs] == [["111", "222"], ["333"]]
-    assert configs[0].control_hz == 10.0  # only unset (None) fields fill from the environment
+    assert configs[0].control_hz == 20.0 and configs[1].gripper_type == "franka"  # any field left at its default
     explicit = registry.fill_from_env(FrankaConfig(robot_ip="1.2.3.4"), 0, environ)
     assert explicit.robot_ip == "1.2.3.4" and explicit.camera_serials == ["111", "222"]
     with pytest.raises(registry.RobotValidationError, match="ROBOT_IP=.*2 robots"):
@@ -49,6 +49,32 @@ def test_registry_and_env_var_autofill():
         registry.parse_robot("ufo:1")
     with pytest.raises(registry.RobotValidationError, match="not a valid float"):
         registry.parse_robot("dummy,control_hz=fast")
+
+
+def test_list_options_take_their_element_type_and_env_fills_what_the_string_leaves(monkeypatch):
+    _, config = registry.parse_robot("franka:127.0.0.1,camera_type=none,position_low=0.3;-0.3;0.05,control_hz=10")
+    assert config.position_low == [0.3, -0.3, 0.05] and all(type(v) is float for v in config.position_low)
+    environ = {"POSITION_HIGH": "0.6,0.25,0.4", "RESET_JOINTS": "0,-0.7,0,-2.3,0,1.5,0.7", "GRIPPER_TYPE": "robotiq",
+               "CONTROL_HZ": "20", "ROBOT_IP": "10.9.9.9", "DISABLE_VALIDATE": "yes"}
+    registry.fill_from_env(config, 0, environ)
+    assert config.position_high == [0.6, 0.25, 0.4] and config.reset_joints[1] == -0.7
+    assert config.gripper_type == "robotiq"  # a real robot's ENV_FIELDS fill at their default too
+    assert config.disable_validate is False  # not a validation bypass, though
+    sim = registry.fill_from_env(registry.parse_robot("sim")[1], 0, {"TASK": "StackCube", "OBS_MODE": "rgb"})
+    assert (sim.task, sim.obs_mode) == ("PickCube-v1", "state")  # stray shell variables change no sim robot
+    assert config.control_hz == 10.0 and config.robot_ip == "127.0.0.1"  # the robot string wins, even at the default
+    with pytest.raises(registry.RobotValidationError, match=r"position_low='0.3;x;0.05': item 'x' is not a valid"):
+        registry.parse_robot("franka:1.2.3.4,position_low=0.3;x;0.05")
+    with pytest.raises(registry.RobotValidationError, match="environment variable RESET_JOINTS=.*'a' is not a valid"):
+        registry.fill_from_env(FrankaConfig(), 0, {"RESET_JOINTS": "1,a"})
+    fake = make_fake_franky()  # the parsed box reaches np.clip as floats: the first step used to crash there
+    monkeypatch.setitem(sys.modules, "franky", fake)
+    config.gripper_type = "franka"
+    env = RobotEnv(registry.get_type("franka").make(config), control_hz=0)
+    env.reset()
+    for _ in range(10):  # down into the table: the parsed box stops it at z = 0.05
+        obs, *_ = env.step(np.array([0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0], np.float32))
+    assert np.allclose(obs["state"][:3], [0.5, 0.0, 0.05])
 
 
 def test_validation_errors_say_what_to_fix(monkeypatch):
@@ -164,6 +190,38 @@ def test_intervention_flag_executed_action_and_estop():
     assert env.stats["emergency_stops"] == 1 and env.stats["interventions"] == 3
     env.reset()  # clears the stop (and the device's request)
     env.step(policy)
+
+
+def test_non_finite_actions_never_reach_the_robot(monkeypatch):
+    from robot_io.env import NonFiniteAction
+
+    backend = PointBackend()
+    backend.hold = lambda: backend.sent.append("hold")
+    env = RobotEnv(backend)
+    env.reset()
+    for bad in (np.nan, np.inf, -np.inf):
+        with pytest.raises(NonFiniteAction, match=r"the policy: non-finite action refused \(NaN/inf at index \[2\]"):
+            env.step(np.array([0.1, 0.0, bad, 0.0], np.float32))
+    assert backend.sent == ["hold"] * 3 and env.stats["holds"] == 3 and env.stats["steps"] == 0
+
+    class NanDevice:
+        def poll(self):
+            return np.full(4, np.nan, np.float32)
+
+    env.intervention = NanDevice()
+    with pytest.raises(NonFiniteAction, match="NanDevice"):
+        env.step(np.zeros(4, np.float32))
+    assert backend.sent == ["hold"] * 4
+    fake = make_fake_franky()  # and the Franka driver refuses one on its own (np.clip passes NaN through)
+    monkeypatch.setitem(sys.modules, "franky", fake)
+    franka = registry.get_type("franka").make(FrankaConfig(robot_ip="127.0.0.1", camera_type="none"))
+    fake.log.clear()
+    with pytest.raises(NonFiniteAction):
+        franka.send_action(np.array([np.nan, 0, 0, 0, 0, 0, 1], np.float32))
+    franka.box_low = np.array([np.nan, -0.3, 0.02])  # a NaN in the box would also make a NaN target
+    with pytest.raises(NonFiniteAction, match="target"):
+        franka.send_action(np.zeros(7, np.float32))
+    assert not [e for e in fake.log if e[0] == "move" or e[0].startswith("gripper")]
 
 
 # ------------------------------------------------------------------------------------------------ franka (fake franky)
@@ -365,6 +423,87 @@ def test_hub_survives_bad_frames():
         hub.close()
 
 
+class SlowResetBackend(DummyBackend):
+    """A dummy whose reset takes `reset_seconds`, like a Franka homing move (the server is busy all that time)."""
+
+    def __init__(self, reset_seconds: float, **config):
+        super().__init__(DummyConfig(cameras=[], control_hz=0, **config))
+        self.reset_seconds = reset_seconds
+
+    def reset(self, seed=None):
+        time.sleep(self.reset_seconds)
+        return super().reset(seed)
+
+
+def test_robot_call_longer_than_peer_timeout_is_not_an_outage():
+    hub = RobotHub("tcp://127.0.0.1:0", peer_timeout=0.3)
+    env = RobotEnv(SlowResetBackend(1.0))
+    server, thread = start_server(env, hub.endpoint, heartbeat=0.1, hold_after=0.5)
+    try:
+        remote = RemoteRobotEnv(hub, connect_timeout=10, step_timeout=1.0)
+        remote.reset()  # 1 s with no announce from the busy server
+        remote.step(np.zeros(7, np.float32))  # used to raise "not connected": the hub had declared an outage
+        assert hub.stats["outages"] == 0 and hub.robots()[0].online
+        assert server.stats["outages"] == 0 and env.stats["holds"] == 0  # and the server had called it learner silence
+    finally:
+        server.stop()
+        thread.join(5)
+        hub.close()
+
+
+def serve_in_thread(server):
+    """Run server.serve() in a thread; the returned dict gets the exception it ended with, if any."""
+    result = {}
+
+    def run():
+        try:
+            server.serve()
+        except Exception as exc:
+            result["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, result
+
+
+def test_second_server_with_the_same_name_is_refused_but_a_restart_takes_over():
+    hub = RobotHub("tcp://127.0.0.1:0", peer_timeout=1.0)
+    first = RobotServer(RobotEnv(DummyBackend(DummyConfig(cameras=[], control_hz=0))), hub.endpoint, heartbeat=0.1)
+    first_thread, _ = serve_in_thread(first)
+    try:
+        remote = RemoteRobotEnv(hub, connect_timeout=10, step_timeout=1.0, reconnect_timeout=10)
+        remote.reset()
+        second = RobotServer(RobotEnv(DummyBackend(DummyConfig(cameras=[], control_hz=0, seed=1))), hub.endpoint,
+                             heartbeat=0.1)
+        assert second.name == first.name == "dummy0"  # both took the default name
+        second_thread, second_result = serve_in_thread(second)
+        second_thread.join(10)
+        assert isinstance(second_result.get("error"), HandshakeError), second_result
+        assert "already connected" in str(second_result["error"]) and "--name" in str(second_result["error"])
+        assert hub.stats["duplicates"] == 1 and hub.records["dummy0"].session == first.session
+        assert second.stats["requests"] == 0  # it never served the learner
+        remote.reset()
+        remote.step(np.zeros(7, np.float32))
+        assert first_thread.is_alive()
+        first.stop()  # a restart under the same name, before the hub's peer_timeout noticed the old one gone
+        first_thread.join(5)
+        restarted = RobotServer(RobotEnv(DummyBackend(DummyConfig(cameras=[], control_hz=0))), hub.endpoint,
+                                heartbeat=0.1)
+        restarted_thread, restarted_result = serve_in_thread(restarted)
+        deadline = time.monotonic() + 5
+        while hub.records["dummy0"].session != restarted.session and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert hub.records["dummy0"].session == restarted.session and restarted_thread.is_alive(), restarted_result
+        assert hub.stats["restarts"] == 1 and hub.stats["duplicates"] == 1
+        remote.reset()
+        remote.step(np.zeros(7, np.float32))
+        restarted.stop()
+        restarted_thread.join(5)
+    finally:
+        first.stop()
+        hub.close()
+
+
 def serve_cmd(port, beacon=""):
     return [sys.executable, "-m", "robot_io.serve", "--robot", "dummy,cameras=main,image_size=8", "--learner",
             f"tcp://127.0.0.1:{port}", "--control-hz", "50", "--heartbeat", "0.2", "--beacon", beacon]
@@ -471,3 +610,17 @@ def test_latest_frame_camera_keeps_only_the_newest_frame():
         cam.close()
     with pytest.raises(TimeoutError):
         LatestFrameCamera("silent").read(timeout=0.1)  # never started: no frame, a clear timeout
+
+
+def test_discover_cli_bad_option_is_a_clear_error(capsys, monkeypatch):
+    from robot_io import discover
+
+    with pytest.raises(SystemExit) as exit_info:  # used to be a RobotValidationError traceback
+        discover.main(["--robot", "dummy,control_hz=abc", "--wait", "0"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "robot option control_hz='abc' is not a valid float" in err
+    assert "environment variable" not in err
+    monkeypatch.setenv("CONTROL_HZ", "abc")  # a bad environment variable is named as one
+    with pytest.raises(SystemExit):
+        discover.main(["--robot", "franka:127.0.0.1,camera_type=none", "--wait", "0"])
+    assert "environment variable CONTROL_HZ='abc' is not a valid float" in capsys.readouterr().err
