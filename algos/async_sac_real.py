@@ -49,6 +49,7 @@ from common.transport import (DataReceiver, DataSender, HandshakeError, RpcClien
                               TransportError, TransportTimeout, spec_diff)
 from common.weight_sync import WeightPublisher, WeightSubscriber  # noqa: E402
 from robot_io.env import RobotEnv, flatten_obs, make_robot_env  # noqa: E402
+from robot_io.registry import RobotValidationError, parse_robot  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,8 +76,9 @@ class Args:
     """a run directory to continue (learner: checkpoint + buffers; its saved args are reused)"""
 
     # System
-    role: str = "all"
-    """all (learner + --num-robots local actor processes), learner, or actor"""
+    role: str = ""
+    """all (learner + --num-robots local actor processes; the default), learner, or actor; with --resume, the run's
+    own unless given"""
     mode: str = "async"
     """async, or sync (one process: collect --sync-steps, then train, alternately: the baseline)"""
     robot: str = "sim:PickCube"
@@ -87,8 +89,8 @@ class Args:
     """this actor's index (seeds and names)"""
     control_hz: float = -1.0
     """override the robot's control rate (-1: the robot's own; 0: unpaced)"""
-    max_episode_steps: int = 100
-    """episode cap"""
+    max_episode_steps: int = -1
+    """episode cap (-1: the robot's own, e.g. max_episode_steps= in --robot; 100 for the built-in robots)"""
     learner_host: str = "127.0.0.1"
     """where actors find the learner"""
     bind_host: str = "127.0.0.1"
@@ -158,6 +160,8 @@ class Args:
     """--mode sync: env steps per collection phase"""
     eval_every: int = 5
     """every N-th actor episode is deterministic (eval/success_rate)"""
+    max_backlog: int = 2000
+    """segments an actor keeps in RAM beyond its sender's spool while the learner is away (the oldest go first)"""
 
 
 # ------------------------------------------------------------------------------------------------ networks
@@ -324,7 +328,8 @@ class Learner:
             actor_loss = (alpha * logp - self.critic(feats, new_actions).mean(0)).mean()
             self.actor_opt.zero_grad(set_to_none=True)
             actor_loss.backward()
-            nn.utils.clip_grad_norm_(self.policy.parameters(), a.max_grad_norm)
+            nn.utils.clip_grad_norm_(self.actor_opt.param_groups[0]["params"], a.max_grad_norm)  # not the encoder's
+
             self.actor_opt.step()
             alpha_loss = -(self.log_alpha * (logp.detach() + a.target_entropy)).mean()
             self.alpha_opt.zero_grad(set_to_none=True)
@@ -353,8 +358,9 @@ class Learner:
         self.updates, self.version = int(state["updates"]), int(state["version"])
 
 
-def save_checkpoint(path: Path, learner: Learner, counters: dict) -> None:
+def save_checkpoint(path: Path, learner: Learner, counters: dict, sample_rng: np.random.Generator) -> None:
     """Everything but the buffers (they are durable on their own) in one file, written atomically."""
+    counters["sample_rng"] = sample_rng.bit_generator.state
     buf = io.BytesIO()
     name, keys, pos, has_gauss, cached = np.random.get_state()
     torch.save({"learner": learner.state_dict(), "counters": counters, "spec": learner.spec,
@@ -406,7 +412,7 @@ def robot_string(args: Args) -> str:
 
 def make_actor_env(args: Args) -> RobotEnv:
     env = make_robot_env(robot_string(args), control_hz=None if args.control_hz < 0 else args.control_hz,
-                         max_episode_steps=args.max_episode_steps)
+                         max_episode_steps=None if args.max_episode_steps < 0 else args.max_episode_steps)
     from robot_io.sim import SimBackend, SimExpert
 
     if isinstance(env.backend, SimBackend) and (args.expert_episodes or args.expert_takeover):
@@ -447,7 +453,9 @@ def run_actor(args: Args, run_dir: Path) -> None:
         reward_model = RewardClassifier(spec)
         reward_model.load_state_dict(load_file(args.reward_model))
     backlog: list[tuple[dict, dict]] = []  # items the sender had no room for (learner gone for long)
-    episode = 0
+    progress = spool / "episodes.json"  # a restarted actor goes on (expert episodes, reset seeds) where it stopped
+    episode, dropped = json.loads(progress.read_text())["episode"] if progress.exists() else 0, 0
+    parent = int(os.environ.get("ASYNC_SAC_LEARNER_PID", 0))  # set for the local actors of --role all
     print(f"[actor {env.name}] acting at {env.control_hz or 'unpaced'} Hz, sending to {endpoint}", flush=True)
     while True:
         takeover = env.intervention is not None and (episode < args.expert_episodes
@@ -458,6 +466,8 @@ def run_actor(args: Args, run_dir: Path) -> None:
         obs, _ = env.reset(seed=args.seed * 100_000 + args.robot_index * 10_000 + episode)
         writer, done, ret, ep_start = SegmentWriter(obs), False, 0.0, time.monotonic()
         while not done:
+            if parent and os.getppid() != parent:  # our learner died (kill -9): stop, never act on for no one
+                raise SystemExit(f"[actor {env.name}] the learner (pid {parent}) is gone: stopping")
             if weights.poll():  # swap weights in between steps, never inside one
                 weights.apply()
             action = policy.act(obs, deterministic)
@@ -477,6 +487,10 @@ def run_actor(args: Args, run_dir: Path) -> None:
                                 length=env.steps, deterministic=deterministic, human=takeover,
                                 episode_seconds=time.monotonic() - ep_start)
                 backlog.append((meta, writer.take()))
+            if len(backlog) > args.max_backlog:
+                dropped += len(backlog) - args.max_backlog
+                del backlog[:len(backlog) - args.max_backlog]
+                print(f"[actor {env.name}] learner away: {dropped} segments dropped (--max-backlog)", flush=True)
             while backlog:
                 meta, arrays = backlog[0]
                 meta.update(sent_at=time.time(), control_hz=info["control_hz"], weights_version=weights.version,
@@ -488,17 +502,22 @@ def run_actor(args: Args, run_dir: Path) -> None:
                 backlog.pop(0)
             sender.poll()
         episode += 1
+        atomic_write(progress, json.dumps({"episode": episode}))
 
 
 # ------------------------------------------------------------------------------------------------ main
 def main(args: Args) -> None:
     for name, choices in (("role", ("all", "learner", "actor")), ("mode", ("async", "sync"))):
-        if getattr(args, name) not in choices:
+        if getattr(args, name) not in (*choices, "" if name == "role" else None):  # role "": all, or the saved one
             raise SystemExit(f"--{name} must be one of {choices}, got {getattr(args, name)!r}")
     if not 0 <= args.demo_fraction < 1 or args.critic_subsample > args.num_q:
         raise SystemExit("--demo-fraction must be in [0, 1) and --critic-subsample <= --num-q")
     if args.utd < 0 or (args.mode == "sync" and args.utd == 0):
         raise SystemExit(f"--utd must be > 0 (or 0 for an uncapped async learner), got {args.utd} in --mode {args.mode}")
+    small = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ("sync_every", "checkpoint_every", "num_robots",
+             "critic_actor_ratio", "segment_steps", "batch_size", "sync_steps", "max_backlog") if getattr(args, k) < 1]
+    if small:
+        raise SystemExit(f"{', '.join(small)}: must be >= 1")
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     random.seed(args.seed)
@@ -511,12 +530,22 @@ def main(args: Args) -> None:
         if not (run_dir / "args.json").exists():
             raise SystemExit(f"--resume {run_dir}: no args.json there; not a run directory of this script")
         saved = json.loads((run_dir / "args.json").read_text())
-        keep = {"resume": args.resume, "role": args.role, "robot_index": args.robot_index}
+        keep = {"resume": args.resume, "role": args.role or saved.get("role") or "all", "robot_index": args.robot_index}
         for key in ("total_env_steps", "total_minutes"):  # new budgets may be given; otherwise the saved ones
             if getattr(args, key) != getattr(Args, key):
                 keep[key] = getattr(args, key)
+        ignored = [f"--{k.replace('_', '-')}" for k, v in asdict(args).items()
+                   if k not in keep and k in saved and v != getattr(Args, k, v) and v != saved[k]]
+        if ignored:
+            print(f"--resume continues the run as it was: ignoring {' '.join(ignored)} (budgets and --role may "
+                  f"change)", flush=True)
         args = Args(**{**saved, **keep})
     else:
+        args.role = args.role or "all"
+        try:  # a bad robot string fails here, before a run directory exists, not in an actor the learner waits for
+            parse_robot(robot_string(args))
+        except (RobotValidationError, KeyError, ValueError) as exc:  # what parse_robot raises for a bad string
+            raise SystemExit(f"--robot {args.robot!r}: {exc}") from None
         task = args.robot.split(",")[0].replace(":", "-")
         run_dir = Path(args.run_dir) / f"{task}__{args.exp_name}__{args.seed}"
     if args.role == "actor":
@@ -541,6 +570,7 @@ def main(args: Args) -> None:
     demo = ReplayBuffer(run_dir / "demo_buffer", cache_transitions=100_000, seed=args.seed + 1)
     prior = ReplayBuffer.open(args.demos, readonly=True) if args.demos else None
     counters = {"episodes": 0, "successes": 0.0, "minutes": 0.0}
+    sample_rng = np.random.default_rng(args.seed)  # which transitions each batch takes (checkpointed)
     learner: Learner | None = None
     ckpt = run_dir / "learner.pt"
     if resumed and ckpt.exists():
@@ -548,6 +578,8 @@ def main(args: Args) -> None:
         learner = Learner(args, state["spec"], device)
         learner.load_state_dict(state["learner"])
         counters = state["counters"]
+        if "sample_rng" in counters:
+            sample_rng.bit_generator.state = counters["sample_rng"]
         torch.set_rng_state(state["torch_rng"])
         name, keys, pos, has_gauss, cached = state["numpy_rng"]
         np.random.set_state((name, np.asarray(keys, np.uint32), pos, has_gauss, cached))
@@ -582,13 +614,23 @@ def main(args: Args) -> None:
     if args.role == "all" and args.mode == "async":  # local robots: actors read this run's args.json
         for i in range(args.num_robots):
             actors.append(subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--role", "actor",
-                                            "--resume", str(run_dir), "--robot-index", str(i)]))
+                                            "--resume", str(run_dir), "--robot-index", str(i)],
+                                           env={**os.environ, "ASYNC_SAC_LEARNER_PID": str(os.getpid())}))
+
+    def check_actors() -> None:  # a local actor that died leaves the learner without data: stop, and say why
+        dead = [(i, p.returncode) for i, p in enumerate(actors) if p.poll() is not None]
+        if dead:
+            for proc in actors:
+                proc.kill()
+            raise SystemExit(f"local actor(s) exited: {', '.join(f'#{i} with code {rc}' for i, rc in dead)} (see "
+                             f"their output above); fix the cause and continue with --resume {run_dir}")
     if args.mode == "sync":
         spec_envs = [make_actor_env(Args(**{**asdict(args), "robot_index": i})) for i in range(args.num_robots)]
         spec_box["spec"] = spec_box["spec"] or {k: v for k, v in spec_envs[0].spec().items() if k != "name"}
     print(f"learner at tcp://{args.bind_host}:{args.port} (weights +1, handshake +2); run dir {run_dir}; waiting for "
           f"a robot" if spec_box["spec"] is None else f"learner ready; run dir {run_dir}", flush=True)
     while spec_box["spec"] is None:
+        check_actors()
         time.sleep(0.05)
     if not spec_path.exists():
         atomic_write(spec_path, json.dumps(spec_box["spec"], indent=1))
@@ -690,9 +732,9 @@ def main(args: Args) -> None:
             print(f"[learner] first update after start, {time.time() - start_time:.1f} s in", flush=True)
         t0 = time.time()
         for _ in range(n_updates):
-            sources = [(online, 1 - args.demo_fraction)] + [(b, args.demo_fraction / (1 + (prior is not None)))
-                                                              for b in (demo, prior) if b is not None and len(b)]
-            sample = sample_mixed(sources if len(sources) > 1 else [(online, 1.0)], args.batch_size)
+            offline = [b for b in (demo, prior) if b is not None and len(b)]  # RLPD: demo_fraction over those present
+            sources = [(online, 1 - args.demo_fraction)] + [(b, args.demo_fraction / len(offline)) for b in offline]
+            sample = sample_mixed(sources if offline else [(online, 1.0)], args.batch_size, sample_rng)
             learner.update(sample)
             if learner.updates % args.sync_every == 0:
                 learner.version += 1
@@ -700,11 +742,13 @@ def main(args: Args) -> None:
                 publisher.publish(learner.version)
             if learner.updates % args.checkpoint_every == 0 or time.time() - last_ckpt > args.checkpoint_seconds:
                 counters["minutes"] = minutes_before + (time.time() - start_time) / 60
-                save_checkpoint(ckpt, learner, counters)
+                save_checkpoint(ckpt, learner, counters, sample_rng)
                 last_ckpt = time.time()
         train_seconds += time.time() - t0
 
         if finished or time.time() - last_log >= 5.0:  # TRY NOT TO MODIFY: record rewards for plotting purposes
+            if not finished:
+                check_actors()
             now, step = time.time(), online.total_added
             with lock:
                 episodes, stats["episodes"] = stats["episodes"], []
@@ -743,7 +787,7 @@ def main(args: Args) -> None:
         if finished:
             break
     counters["minutes"] = minutes_before + (time.time() - start_time) / 60
-    save_checkpoint(ckpt, learner, counters)
+    save_checkpoint(ckpt, learner, counters, sample_rng)
     stop.set()
     if receive_thread is not None:
         receive_thread.join(timeout=5)

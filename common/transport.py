@@ -24,6 +24,7 @@ in its allow-list directory. Make keys with `python -m common.transport keygen D
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import json
@@ -536,6 +537,7 @@ class DataSender:
         self.last_ack = time.monotonic()
         self._in_outage = False
         self.spool = Path(spool_dir) if spool_dir else None
+        self._spool_lock: int | None = None
         self.session, self.next_seq = uuid.uuid4().hex, 0
         if self.spool:
             self._load_spool()
@@ -543,6 +545,15 @@ class DataSender:
     # spool: one file per unacknowledged batch plus session.json, each written atomically
     def _load_spool(self) -> None:
         self.spool.mkdir(parents=True, exist_ok=True)
+        # one sender per spool: two (an orphaned process and its restart) would share a session and sequence ids,
+        # and the receiver would drop one's items as the other's duplicates
+        self._spool_lock = os.open(self.spool / "lock", os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(self._spool_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._spool_lock)
+            raise TransportError(f"spool {self.spool} is in use by another DataSender (is an earlier process of "
+                                 f"this sender still running?)") from None
         state = self.spool / "session.json"
         if state.exists():
             saved = json.loads(state.read_text())
@@ -695,6 +706,9 @@ class DataSender:
         """Send the open batch (without waiting for acknowledgements; with a spool they survive) and close."""
         self._send_batch()
         self.sock.close(linger=0)
+        if self.spool and self._spool_lock is not None:
+            os.close(self._spool_lock)  # releases the spool
+            self._spool_lock = None
 
 
 def _wire(frames: list) -> list:

@@ -187,3 +187,52 @@ def test_refusals(tmp_path):
     again = subprocess.run([sys.executable, SCRIPT, "--role", "learner", "--robot", "dummy", *common], cwd=ROOT,
                            capture_output=True, text=True, timeout=120)
     assert again.returncode != 0 and "--resume" in again.stderr and "nothing was overwritten" in again.stderr
+
+
+def test_bad_input_fails_before_a_run_directory_exists(tmp_path):
+    for flags, says in ((["--robot", "dummy,bogus=1"], "bogus"), (["--sync-every", "0"], "--sync-every 0"),
+                        (["--num-robots", "0"], "--num-robots 0")):
+        out = subprocess.run([sys.executable, SCRIPT, "--run-dir", str(tmp_path), *flags], cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode != 0 and says in out.stderr and "Traceback" not in out.stderr, flags
+        assert not tmp_path.exists() or not run_dirs(tmp_path), flags  # nothing to clean up before a retry
+
+
+def _actor_pids(run_dir: Path) -> list[int]:
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = (Path("/proc") / pid / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"actor" in cmd and str(run_dir).encode() in cmd:
+            pids.append(int(pid))
+    return pids
+
+
+def test_local_actors_die_with_their_learner_and_a_dead_actor_stops_the_learner(tmp_path):
+    port = free_port(3)
+    learner = subprocess.Popen([sys.executable, SCRIPT, "--robot", "dummy,cameras=,control_hz=50", "--run-dir",
+                                str(tmp_path), "--port", str(port), "--total-env-steps", "100000", *SMALL], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_dir = tmp_path / "dummy__async_sac_real__1"
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "buffer" / "index.jsonl").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        actors = _actor_pids(run_dir)
+        assert len(actors) == 1
+        learner.send_signal(signal.SIGKILL)
+        learner.wait()
+        deadline = time.monotonic() + 20
+        while _actor_pids(run_dir) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _actor_pids(run_dir)  # an orphaned actor would act on, and fight the --resume's actor
+    finally:
+        for pid in _actor_pids(run_dir):
+            os.kill(pid, signal.SIGKILL)
+    # an actor that cannot start (here: a reward model that does not exist) stops its learner with the reason
+    out = subprocess.run([sys.executable, SCRIPT, "--robot", "dummy,cameras=,control_hz=50", "--run-dir",
+                          str(tmp_path / "other"), "--port", str(port), "--reward-model", str(tmp_path / "none"),
+                          *SMALL], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "local actor(s) exited: #0 with code 1" in out.stderr

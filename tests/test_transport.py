@@ -18,7 +18,8 @@ import zmq
 from common.transport import (
     PROTOCOL_VERSION, CurveConfig, DataReceiver, DataSender, FrameError, HandshakeError, Message, PackedDecoder,
     Publisher,
-    RpcClient, RpcServer, Subscriber, TransportTimeout, decode, encode, make_keypair, pack_frames, unpack_frames,
+    RpcClient, RpcServer, Subscriber, TransportError, TransportTimeout, decode, encode, make_keypair, pack_frames,
+    unpack_frames,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -519,18 +520,24 @@ def test_a_spooled_item_survives_a_kill_right_after_send(tmp_path):
     """With a spool, send() returning means the item is on disk: a sender that dies before its next poll (here: never
     closed) loses nothing it accepted."""
     endpoint = free_endpoint()
-    tx = DataSender(endpoint, spool_dir=tmp_path)  # no receiver: nothing is ever acknowledged
-    seqs = [tx.send({"i": i}, {"x": np.arange(3) + i}) for i in range(4)]
+    sender = (f"import os, signal, sys, numpy as np; sys.path.insert(0, {str(ROOT)!r})\n"
+              "from common.transport import DataSender\n"
+              f"tx = DataSender({endpoint!r}, spool_dir={str(tmp_path)!r})  # no receiver: nothing is acknowledged\n"
+              "for i in range(4): tx.send({'i': i}, {'x': np.arange(3) + i})\n"
+              "os.kill(os.getpid(), signal.SIGKILL)\n")
+    assert subprocess.run([sys.executable, "-c", sender], timeout=60).returncode == -signal.SIGKILL
     again = DataSender(endpoint, spool_dir=tmp_path)  # what a restart after kill -9 finds
-    assert sorted(again.pending) == seqs and again.next_seq == 4
+    assert sorted(again.pending) == [0, 1, 2, 3] and again.next_seq == 4
+    with pytest.raises(TransportError, match="in use by another DataSender"):  # one sender per spool
+        DataSender(endpoint, spool_dir=tmp_path)
     rx = DataReceiver(endpoint, auto_ack=True)
     try:
         got = _receive(again, rx, 4, seconds=10.0)  # resent from the spool
-        assert sorted(got) == seqs and all(np.array_equal(got[s].arrays["x"], np.arange(3) + s) for s in seqs)
+        assert sorted(got) == [0, 1, 2, 3] and all(np.array_equal(got[s].arrays["x"], np.arange(3) + s) for s in got)
     finally:
         again.close()
-        tx.close()
         rx.close()
+    DataSender(endpoint, spool_dir=tmp_path).close()  # closed: the spool is free again
 
 
 def test_an_idle_spell_longer_than_peer_timeout_is_not_an_outage():
