@@ -148,6 +148,11 @@ class ReplayBuffer:
             if good_end < len(raw) and not self.readonly:
                 with open(index_path, "r+b") as f:
                     f.truncate(good_end)
+            elif good_end > len(raw) and not self.readonly:  # a whole last line without its newline: restore it,
+                with open(index_path, "ab") as f:  # or the next line appended would be glued onto it
+                    f.write(b"\n")
+                    f.flush()
+                    os.fsync(f.fileno())
         on_disk = {int(p.stem[4:]): p for p in (self.dir / "segments").glob("seg_*.h5")}
         for seg_id in sorted(set(on_disk) - set(index)):  # renamed into place, crash before the index line
             try:

@@ -274,7 +274,9 @@ class WeightSubscriber:
     def __init__(self, endpoint: str, model: torch.nn.Module, *, zero_copy: bool = False,
                  curve: CurveConfig | None = None, ctx: zmq.Context | None = None):
         """`zero_copy=True` (CPU, inference-only actors): `apply` points the parameters at the received buffer
-        instead of copying into them. The publisher never reuses a buffer that a receiver still holds."""
+        instead of copying into them. The publisher never reuses a buffer that a receiver still holds. Build the
+        subscriber once the model has its final device and dtype: `.to()` / `.half()` replace buffer objects, and
+        updates of those would go to the old ones."""
         self.model, self.zero_copy = model, zero_copy
         name = shm_name(endpoint)
         if name is not None and curve is not None:

@@ -228,3 +228,17 @@ def test_reopened_buffer_samples_from_a_warm_cache_and_nested_keys_read_back(tmp
                                "intervention": np.zeros(10, bool)})
     small = ReplayBuffer.open(tmp_path / "b", cache_transitions=25)  # only the newest two fit
     assert list(small._cached) == [3, 4]
+
+
+def test_an_index_whose_last_line_lost_its_newline_still_takes_appends(tmp_path):
+    buf = ReplayBuffer(tmp_path)
+    for s in range(3):
+        buf.add(make_segment(s))
+    index = tmp_path / "index.jsonl"
+    index.write_bytes(index.read_bytes().rstrip(b"\n"))  # e.g. a power loss between the line and its newline
+    again = ReplayBuffer.open(tmp_path)
+    assert len(again.lengths) == 3 and index.read_bytes().endswith(b"\n")  # well formed again, before any append
+    again.add(make_segment(3))
+    reopened = ReplayBuffer.open(tmp_path)  # the appended line was glued onto the last one before
+    assert len(reopened.lengths) == 4 and reopened.total_added == again.total_added
+    assert (tmp_path / "index.jsonl").read_bytes().count(b"\n") == 4
