@@ -40,7 +40,8 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from common.envs import make_task_env, run_eval_episodes
+from common.envs import check_task, make_task_env, run_eval_episodes
+from common.libero_env import MAX_EPISODE_STEPS
 from common.fsutil import atomic_write
 from common.pi0 import Pi0Model, PromptPrefixCache, gaussian_log_prob, pooled_prefix
 from common.pi0_io import Pi0Processor, load_pi0, load_pi0_policy, make_tokenizer, save_pi0
@@ -162,7 +163,7 @@ class Args:
     max_grad_norm: float = 1.0
     """gradient clipping"""
     norm_adv: bool = True
-    """normalise advantages per minibatch"""
+    """normalise GAE advantages over the batch (GRPO's are normalised within their groups already)"""
     logprob_type: str = "chunk"
     """chunk (one ratio per sample: log-probs summed) or token (one ratio per executed action element)"""
     critic: str = "obs"
@@ -329,15 +330,26 @@ def make_env(args: Args, num_envs: int, eval_mode: bool = False, num_episodes: i
                          num_eval_episodes=num_episodes, auto_reset=auto_reset, seed=args.seed)
 
 
+def sft_demo_count(args: Args) -> int:
+    return args.sft_demos or (20 if args.env == "libero" else 3)  # the in-band recipes of benchmarks/sft_fewshot
+
+
+def sft_exp_name(args: Args) -> str:
+    """The auto SFT run's name says how it was made: another demo count or observation mode is another checkpoint."""
+    obs = args.obs_mode if args.obs_mode == "state" else f"{args.obs_mode}{args.image_size}"
+    return f"sft_pi0_{sft_demo_count(args)}demos_{obs}"
+
+
 def sft_auto_path(args: Args) -> Path:
-    return ROOT / "runs" / "sft" / f"{args.task.replace('/', '_')}__sft_pi0__1" / "final"
+    return ROOT / "runs" / "sft" / f"{args.task.replace('/', '_')}__{sft_exp_name(args)}__1" / "final"
 
 
 def make_sft_checkpoint(args: Args, path: Path) -> None:
     """Run algos/sft_pi0.py (demos are generated if missing) to make the few-shot SFT start."""
-    demos = args.sft_demos or (20 if args.env == "libero" else 3)  # the in-band recipes of benchmarks/sft_fewshot
+    demos = sft_demo_count(args)
     cmd = [sys.executable, str(ROOT / "algos" / "sft_pi0.py"), "--env", args.env, "--task", args.task,
-           "--num-demos", str(demos), "--run-dir", str(path.parent.parent), "--exp-name", "sft_pi0", "--seed", "1",
+           "--num-demos", str(demos), "--run-dir", str(path.parent.parent), "--exp-name", sft_exp_name(args),
+           "--seed", "1",
            "--obs-mode", args.obs_mode, "--image-size", str(args.image_size), "--eval-episodes", "10",
            "--total-steps", "2000" if args.env == "libero" else "1500", "--eval-every", "100000"]
     print(f"no SFT checkpoint at {path}: making one ({demos} demos):\n  {' '.join(cmd)}", flush=True)
@@ -365,16 +377,28 @@ if __name__ == "__main__":
         raise SystemExit(f"--env must be libero or maniskill, got {args.env!r}")
     if args.preset not in ("cpu", "paper"):
         raise SystemExit(f"--preset must be cpu or paper, got {args.preset!r}")
-    if args.preset == "paper":
-        for key, value in PAPER[args.env].items():
-            setattr(args, key, value)
     args.task = args.task or ("libero_object/0" if args.env == "libero" else "PushCube-v1")
-    if args.env == "libero" and (args.task.count("/") != 1 or not args.task.split("/")[1].isdigit()):
-        raise SystemExit(f"--task for LIBERO is <suite>/<task id>, e.g. libero_object/0; got {args.task!r}")
+    try:  # the task now, not after the model and the run directory are made
+        check_task(args.env, args.task, exists=True)
+    except ValueError as e:
+        raise SystemExit(f"--task {args.task}: {e}")
+    suite = args.task.split("/")[0]
+    if args.preset == "paper":  # the paper's values for every flag left at its default (a flag given wins)
+        paper = dict(PAPER[args.env])
+        if args.env == "libero":  # per suite (§3.5): libero_10 runs 10-action chunks, clips at 2.0; RLinf's 8 rollout
+            chunk = 10 if suite == "libero_10" else 5  # epochs of one episode per env: that many samples per iteration
+            paper.update(action_chunk=chunk, max_grad_norm=2.0 if suite == "libero_10" else 1.0,
+                         num_steps=8 * MAX_EPISODE_STEPS[suite] // chunk)
+        kept = []
+        for key, value in paper.items():
+            if getattr(args, key) == getattr(Args, key):
+                setattr(args, key, value)
+            elif getattr(args, key) != value:
+                kept.append(f"--{key.replace('_', '-')} {getattr(args, key)}")
+        if kept:
+            print(f"--preset paper: keeping the flags given ({', '.join(kept)}) over the paper's values", flush=True)
     if not args.max_episode_steps:
-        from common.libero_env import MAX_EPISODE_STEPS
-
-        args.max_episode_steps = MAX_EPISODE_STEPS[args.task.split("/")[0]] if args.env == "libero" else 100
+        args.max_episode_steps = MAX_EPISODE_STEPS[suite] if args.env == "libero" else 100
     for name, choices in (("bootstrap", ("truncation", "always", "none")), ("logprob_type", ("chunk", "token")),
                           ("noise_on", ("executed", "all")),
                           ("critic", ("auto", "expert", "vlm", "obs", "obs_ode")), ("adv_type", ("gae", "grpo"))):
@@ -397,7 +421,8 @@ if __name__ == "__main__":
     if args.ref_coef < 0 or args.ref_samples < 1:
         raise SystemExit(f"--ref-coef must be >= 0 and --ref-samples >= 1, got {args.ref_coef} and {args.ref_samples}")
     if K < 1 or not 0 < args.noise_std_min <= args.noise_std_max:
-        raise SystemExit(f"need --num-denoise-steps >= 1 and 0 < --noise-std-min <= --noise-std-max")
+        raise SystemExit(f"need --num-denoise-steps >= 1 and 0 < --noise-std-min <= --noise-std-max, got {K}, "
+                         f"{args.noise_std_min} and {args.noise_std_max}")
 
     run_name = f"{args.task.replace('/', '_')}__{args.exp_name}__{args.seed}"
     run_dir = Path(args.run_dir) / run_name
@@ -450,7 +475,7 @@ if __name__ == "__main__":
     if args.noise_on == "executed":
         noise_mask = torch.zeros(1, cfg.horizon, cfg.action_dim, dtype=torch.bool, device=device)
         noise_mask[:, :chunk, :A] = True
-    start_iter, global_step, history = 0, 0, []
+    start_iter, global_step, history, resumed_rngs = 0, 0, [], {}
     if args.resume and ckpt_dir.exists():
         model, norm_stats, meta = load_pi0(ckpt_dir, device)
         if args.train_expert_only:
@@ -464,6 +489,7 @@ if __name__ == "__main__":
         noise_head.load_state_dict(state["noise_head"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
+        resumed_rngs = state
         start_iter, global_step, history = meta["extra"]["iteration"], meta["extra"]["global_step"], meta["extra"]["history"]
         print(f"resuming {run_name} at iteration {start_iter}")
 
@@ -564,12 +590,20 @@ if __name__ == "__main__":
         eval_seconds[0] += time.time() - t0
         return stats
 
+    def rng_states() -> dict:
+        """What a resumed run needs to go on drawing where this one stopped: initial states (env and GRPO groups),
+        CUDA noise."""
+        np_state = np.random.get_state()
+        return {"cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "draws": json.dumps({"env": envs.rng_state, "np": [np_state[0], np_state[1].tolist(), *np_state[2:]]})}
+
     def save(iteration: int) -> None:
         buf = io.BytesIO()
         torch.save({"value_head": value_head.state_dict(), "noise_head": noise_head.state_dict(),
-                    "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, buf)
+                    "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(), **rng_states()}, buf)
         save_pi0(ckpt_dir, model, norm_stats, processor.tokenizer.name,
                  extra={"iteration": iteration, "global_step": global_step, "history": history,
+                        "train_minutes": (time.time() - start_time - eval_seconds[0]) / 60,
                         "camera_keys": list(camera_keys), "args": asdict(args)},
                  extra_files={"trainer.pt": buf.getvalue()})
 
@@ -577,7 +611,7 @@ if __name__ == "__main__":
     print(f"{args.env} {args.task}: π0 {cfg.variant} ({sum(p.numel() for p in actor_params):,} parameters trained), "
           f"Flow-Noise K={K} std in [{args.noise_std_min}, {args.noise_std_max}], critic on {critic_on}, "
           f"{args.num_envs} envs, device {device}")
-    start_time = time.time()
+    start_time = time.time() - (meta["extra"].get("train_minutes", 0.0) * 60 if start_iter else 0.0)  # resumed
     if start_iter == 0:
         stats = evaluate(0)
         history.append({"iteration": 0, "global_step": 0, "minutes": 0.0, **stats})
@@ -585,6 +619,12 @@ if __name__ == "__main__":
         print(f"SFT start: eval success {stats['success_rate']:.2f} over {stats['episodes']} episodes")
     envs = make_env(args, args.num_envs, auto_reset=args.adv_type == "gae")
     obs = envs.reset(seed=args.seed)
+    if "draws" in resumed_rngs:  # go on drawing initial states (and groups) where the interrupted run stopped
+        draws = json.loads(resumed_rngs["draws"])
+        envs.rng_state = draws["env"]
+        np.random.set_state((draws["np"][0], np.asarray(draws["np"][1], np.uint32), *draws["np"][2:]))
+        if resumed_rngs["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(resumed_rngs["cuda_rng"])
     bar = tqdm(range(start_iter, args.total_iterations), initial=start_iter, total=args.total_iterations,
                desc="flow-noise", mininterval=2.0)
     for iteration in bar:
@@ -666,6 +706,8 @@ if __name__ == "__main__":
         adv_flat, ret_flat = advantages.reshape(-1)[flat_mask].to(device), returns.reshape(-1)[flat_mask].to(device)
         val_flat = values.reshape(-1)[flat_mask].to(device)
         n_samples = int(flat_mask.sum())
+        if args.norm_adv and args.adv_type == "gae" and n_samples > 1:  # once, over the whole batch (the spec);
+            adv_flat = (adv_flat - adv_flat.mean()) / (adv_flat.std() + 1e-8)  # GRPO's again would shift their signs
         rollout_time = time.time() - it_start
 
         # ---------------------------------------------------------------- ALGO LOGIC: PPO update
@@ -692,10 +734,7 @@ if __name__ == "__main__":
                 ratio = logratio.exp()
                 if epoch == 0 and start == 0:
                     first_ratio_err = float((ratio.detach() - 1).abs().max())
-                mb_adv = adv_flat[mb]
-                if args.norm_adv and len(mb) > 1:
-                    mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
-                mb_adv = mb_adv[:, None]
+                mb_adv = adv_flat[mb][:, None]
                 pg_loss = actor_loss(logratio, mb_adv, args.clip_coef, mb_executed)
                 entropy = recompute.entropy.mean()
                 loss = pg_loss - args.entropy_bonus * entropy

@@ -14,12 +14,27 @@ from common.vec_env import BatchedEnv
 ENVS = ("maniskill", "libero")
 
 
-def check_task(env: str, task: str) -> None:
-    """Raise ValueError with the expected form for an unknown env or a malformed LIBERO task."""
+def check_task(env: str, task: str, exists: bool = False) -> None:
+    """Raise ValueError with the expected form for an unknown env or a malformed LIBERO task; with `exists`, also for
+    a task that is not there (an unknown suite, a task id out of range, an unknown or not downloaded ManiSkill task),
+    so that a script fails on its flags, not after it built a model."""
     if env not in ENVS:
         raise ValueError(f"env must be one of {ENVS}, got {env!r}")
-    if env == "libero" and (task.count("/") != 1 or not task.split("/")[1].isdigit()):
-        raise ValueError(f"a LIBERO task is <suite>/<task id>, e.g. libero_object/0; got {task!r}")
+    if env == "libero":
+        from common.libero_env import SUITES
+
+        suite, _, task_id = task.partition("/")
+        if suite not in SUITES or not task_id.isdigit():
+            raise ValueError(f"a LIBERO task is <suite>/<task id> with a suite of {SUITES}, e.g. libero_object/0; "
+                             f"got {task!r}")
+        if exists:
+            from common.libero_env import suite_reset_table
+
+            suite_reset_table(suite, [int(task_id)])
+    elif exists:
+        from common.maniskill_env import check_task as check_maniskill_task
+
+        check_maniskill_task(task)
 
 
 def make_task_env(env: str, task: str, num_envs: int, *, obs_mode: str = "state", control_mode: str = "pd_joint_pos",

@@ -121,6 +121,12 @@ def missing_file_message(task: str, exc: BaseException) -> str | None:
     return None
 
 
+def _success(info: dict, num_envs: int):
+    """ManiSkill's success flags; tasks without a success condition (Empty, the control suites) never succeed."""
+    success = info.get("success")
+    return success if success is not None else torch.zeros(num_envs, dtype=torch.bool)
+
+
 def _extract_obs(raw, obs_mode: str) -> dict[str, Any]:
     """ManiSkill's observation -> {state [B, D] float32, images {cam: [B, H, W, 3] uint8}} (torch, batched)."""
     from mani_skill.utils.common import flatten_state_dict
@@ -156,7 +162,7 @@ class ManiSkillSingle:
 
     def step(self, action: np.ndarray, observe: bool = True):  # ManiSkill always renders its sensors in step
         raw, reward, terminated, _, info = self.env.step(torch.as_tensor(action, dtype=torch.float32)[None])
-        return self._numpy(raw), float(reward[0]), bool(terminated[0]), bool(info["success"][0])
+        return self._numpy(raw), float(reward[0]), bool(terminated[0]), bool(_success(info, 1)[0])
 
     def spec(self) -> dict[str, Any]:
         space = self.env.single_action_space
@@ -179,14 +185,17 @@ class ManiSkillBatchedBackend:
         self._obs: dict[str, Any] | None = None
 
     def reset(self, env_ids, reset_ids) -> None:
-        idx = torch.as_tensor(list(env_ids), device=self.device, dtype=torch.long)
-        raw, _ = self.env.reset(seed=[int(r) for r in reset_ids], options=dict(env_idx=idx))
-        self._obs = _extract_obs(raw, self.obs_mode)
+        # One call per env: a batched ManiSkill reset seeds its scenes' draw with the first seed only, so an id would
+        # give another state next to other ids (GRPO groups would not share a state, evals would not repeat).
+        for env_id, reset_id in zip(env_ids, reset_ids):
+            idx = torch.as_tensor([int(env_id)], device=self.device, dtype=torch.long)
+            raw, _ = self.env.reset(seed=[int(reset_id)], options=dict(env_idx=idx))
+            self._obs = _extract_obs(raw, self.obs_mode)
 
     def step(self, actions, active, observe=None):
         raw, reward, terminated, _, info = self.env.step(actions.to(self.device))
         self._obs = _extract_obs(raw, self.obs_mode)
-        return reward, terminated, info["success"]
+        return reward, terminated, _success(info, self.num_envs)
 
     def observation(self) -> dict[str, Any]:
         if self._obs is None:
@@ -227,6 +236,10 @@ def make_maniskill_env(
         raise ValueError(f"num_envs must be >= 1, got {num_envs}")
     check_task(task)
     from mani_skill.utils.registration import REGISTERED_ENVS
+
+    supported = getattr(REGISTERED_ENVS[task].cls, "SUPPORTED_REWARD_MODES", None)
+    if supported is not None and reward_mode not in supported:
+        raise ValueError(f"{task} has no {reward_mode!r} reward; it supports {[m for m in supported if m != 'none']}")
 
     if max_episode_steps is None:
         max_episode_steps = REGISTERED_ENVS[task].max_episode_steps or 1000

@@ -158,6 +158,15 @@ class BatchedEnv:
             self.reset_ids[run_ids] = run_resets
             self.stopped[run_ids] = False
 
+    @property
+    def rng_state(self) -> dict:
+        """The state of the initial-state draw (JSON-able): a resumed run restores it to go on drawing new states."""
+        return self._rng.bit_generator.state
+
+    @rng_state.setter
+    def rng_state(self, state: dict) -> None:
+        self._rng.bit_generator.state = state
+
     def reset(self, seed: int | None = None, reset_ids: Sequence[int] | None = None) -> dict[str, Any]:
         """Reset every env. `reset_ids` (one per env) pins the initial states; otherwise they are drawn (training) or
         the eval walk restarts from the beginning (eval_mode). `seed` reseeds the draw."""

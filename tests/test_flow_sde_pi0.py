@@ -203,6 +203,25 @@ def test_few_iterations_on_maniskill_with_exact_first_ratio(tmp_path, critic, re
     assert "eval success" in out.stdout
 
 
+def test_resume_goes_on_where_the_run_stopped(tmp_path):
+    """GRPO on ManiSkill: 1 iteration, then --resume to 2. The resumed run continues the initial-state draws (env and
+    groups) and the training clock instead of starting them over."""
+    flags = ["--env", "maniskill", "--init", "scratch", "--num-envs", "2", "--group-size", "2", "--adv-type", "grpo",
+             "--eval-episodes", "1", "--num-eval-envs", "1", "--max-episode-steps", "16", "--minibatch-size", "4",
+             "--checkpoint-every", "1", "--no-capture-video"]
+    run([*flags, "--total-iterations", "1"], tmp_path)
+    run_dir = tmp_path / "PushCube-v1__flow_sde_pi0__1"
+    first = json.loads((run_dir / "summary.json").read_text())
+    trainer = torch.load(next(run_dir.glob("**/trainer.pt")), weights_only=True)
+    draws = json.loads(trainer["draws"])
+    assert draws["np"][2] != 624  # the GRPO group draw advanced (np.random left its freshly seeded position)
+    out = run([*flags, "--total-iterations", "2", "--resume"], tmp_path)
+    assert "resuming" in out.stdout and "at iteration 1" in out.stdout
+    second = json.loads((run_dir / "summary.json").read_text())
+    assert [h["iteration"] for h in second["history"]] == [0, 1, 2]
+    assert second["env_steps"] > first["env_steps"] and second["minutes"] >= first["minutes"]
+
+
 def test_few_iterations_on_libero_grpo_with_images(tmp_path):
     run(["--env", "libero", "--init", "scratch", "--num-envs", "2", "--group-size", "2", "--adv-type", "grpo",
          "--total-iterations", "1", "--eval-episodes", "1", "--num-eval-envs", "1", "--max-episode-steps", "16",
@@ -217,7 +236,10 @@ def test_bad_flags_are_refused(tmp_path):
                        (["--sde-steps", "0", "--joint"], "--sde-steps"), (["--sde-steps", "first"], "--sde-steps"),
                        (["--env", "libero", "--eval-episodes", "50"], "init states 0..24"),
                        (["--chain-from-x1", "--joint"], "--chain-from-x1"), (["--ref-coef", "-1"], "--ref-coef"),
-                       (["--eval-every", "0"], "--eval-every")]:
+                       (["--eval-every", "0"], "--eval-every"),
+                       (["--env", "libero", "--task", "libero_foo/0"], "with a suite of"),
+                       (["--env", "libero", "--task", "libero_object/99"], "out of range"),
+                       (["--task", "NoSuchTask-v1"], "unknown ManiSkill task")]:
         out = subprocess.run([sys.executable, str(ROOT / "algos" / "flow_sde_pi0.py"), "--run-dir", str(tmp_path),
                               "--env", "maniskill", *flags], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert out.returncode != 0 and msg in out.stderr, (flags, out.stderr[-400:])
@@ -246,3 +268,13 @@ def test_train_head_only_leaves_only_the_action_output_projection():
     fs.freeze_all_but_head(model)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"action_out_proj.weight", "action_out_proj.bias"}
+
+
+def test_preset_paper_keeps_the_flags_given():
+    """--preset paper fills what was left at its default; a flag given on the command line wins (and is named). The
+    run is stopped right after the argument checks (--eval-every 0), before the 3B model would load."""
+    out = subprocess.run([sys.executable, str(ROOT / "algos" / "flow_sde_pi0.py"), "--env", "libero", "--task",
+                          "libero_10/0", "--preset", "paper", "--num-envs", "16", "--eval-every", "0"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "--eval-every" in out.stderr
+    assert "keeping the flags given (--num-envs 16)" in out.stdout

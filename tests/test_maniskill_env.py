@@ -131,6 +131,21 @@ def test_bad_input_errors():
         make_maniskill_env("PickCube-v1", reward_mode="shaped")
     with pytest.raises(ValueError, match="sim_backend"):
         make_maniskill_env("PickCube-v1", sim_backend="tpu")
+    with pytest.raises(ValueError, match=r"no 'sparse' reward; it supports \['normalized_dense', 'dense'\]"):
+        make_maniskill_env("MS-AntRun-v1", sim_backend="cpu")  # before: a NotImplementedError from a worker
+
+
+def test_a_task_without_a_success_condition_steps_and_never_succeeds():
+    """The control suites have no success in their info (before: KeyError 'success' at the first step)."""
+    env = make_maniskill_env("MS-CartpoleBalance-v1", 1, sim_backend="cpu", reward_mode="dense", control_mode=None,
+                             max_episode_steps=4, seed=0)
+    try:
+        env.reset(seed=0)
+        for _ in range(5):
+            _, _, _, _, info = env.step(torch.zeros(1, 1, env.action_dim))
+        assert not bool(info["success"].any())
+    finally:
+        env.close()
 
 
 def test_task_needing_a_download_fails_at_once_naming_the_asset():
