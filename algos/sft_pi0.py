@@ -241,6 +241,12 @@ if __name__ == "__main__":
         raise SystemExit(f"--expert must be gemma or mlp (mlp with --model tiny --variant pi0 only), got {args.expert!r}")
     if args.discrete_state and not args.normalize_state:
         raise SystemExit("--discrete-state bins the state over [-1, 1]: it needs --normalize-state")
+    if args.variant not in ("pi0", "pi05"):
+        raise SystemExit(f"--variant must be pi0 or pi05, got {args.variant!r}")
+    if args.discrete_state and (args.model, args.variant) not in (("tiny", "pi05"), ("pi05", "pi0"), ("pi05", "pi05")):
+        raise SystemExit("--discrete-state is π0.5's state input: use it with --model pi05 or --variant pi05")
+    if args.model != "tiny" and args.tokenizer == "bytes":  # before a 3B model is built for nothing
+        raise SystemExit(f"--model {args.model} needs PaliGemma's tokenizer: pass --tokenizer <path or hub id>")
     run_name = f"{args.task.replace('/', '_')}__{args.exp_name}__{args.seed}"
     run_dir = Path(args.run_dir) / run_name
     ckpt_dir = run_dir / "checkpoint"
@@ -295,6 +301,10 @@ if __name__ == "__main__":
 
     # Model
     tokenizer = make_tokenizer(args.tokenizer)
+    # π0.5 with the state in the prompt: the prompt must hold every state bin (a cut prompt hides the state)
+    longest = max((ep["meta"]["task_description"] for ep in episodes), key=len).strip().replace("_", " ")
+    state_prompt_tokens = len(tokenizer.encode(f"Task: {longest}, State: {' '.join(['255'] * state_dim)};\nAction: ",
+                                               add_bos=True))
     start_step, trainer_state = 0, None
     results = []
     resume_dir = ckpt_dir if ckpt_dir.exists() else ckpt_dir.with_name("checkpoint.old")  # see save_pi0
@@ -311,6 +321,8 @@ if __name__ == "__main__":
         preset = {"tiny": Pi0Config.tiny, "pi0": Pi0Config.pi0, "pi05": Pi0Config.pi05}[args.model]
         overrides = dict(action_dim=width, horizon=args.horizon, discrete_state_input=args.discrete_state,
                          noise_dims=0 if args.noise_on_padding else env_action_dim)
+        if args.discrete_state:
+            overrides.update(max_tokens=max(preset().max_tokens, state_prompt_tokens))
         if args.model == "tiny":
             overrides.update(num_cameras=len(camera_keys), variant=args.variant, image_size=args.image_size)
             if args.depth:
@@ -320,6 +332,9 @@ if __name__ == "__main__":
             overrides.update(expert=args.expert)
         model = Pi0Model(preset(**overrides)).to(device)
     cfg = model.cfg
+    if cfg.discrete_state_input and state_prompt_tokens > cfg.max_tokens:
+        raise SystemExit(f"the state prompt needs {state_prompt_tokens} tokens, the model holds {cfg.max_tokens}: the "
+                         f"state bins would be cut off (start a new model, or pass a smaller state)")
     if not 1 <= args.action_chunk <= cfg.horizon:
         raise SystemExit(f"--action-chunk must be in [1, the model's horizon {cfg.horizon}], got {args.action_chunk}")
     states, chunks, images, texts = build_dataset(episodes, cfg.horizon, camera_keys)
@@ -374,8 +389,6 @@ if __name__ == "__main__":
                               done)
             bar.set_postfix(loss=f"{loss_sum / loss_n:.4f}")
             loss_sum, loss_n = 0.0, 0
-        if done % args.checkpoint_every == 0 and done < args.total_steps:
-            save(done, ckpt_dir)
         if done % args.eval_every == 0 or done == args.total_steps:
             t0 = time.time()
             video = run_dir / f"eval_{done}.mp4" if args.capture_video else None
@@ -386,6 +399,8 @@ if __name__ == "__main__":
             results.append({"step": done, **stats})
             tqdm.write(f"step {done}: eval success {stats['success_rate']:.2f} over {stats['episodes']} episodes "
                        f"({time.time() - t0:.0f} s)")
+        if done % args.checkpoint_every == 0 and done < args.total_steps:  # after the eval: a resume never skips one
+            save(done, ckpt_dir)
     save(args.total_steps, ckpt_dir)
     final = run_dir / "final"
     save(args.total_steps, final)

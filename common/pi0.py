@@ -625,7 +625,9 @@ class Pi0Model(nn.Module):
         t, d = ts[i], ts[i] - ts[i + 1]
         v, h = self.velocity(prefix, state, x_t, t)
         mean, std = step_fn(i, x_t.float(), v, h, t, d)
-        return mean, self.mask_padding(std), h  # SDE noise, like x_1's, stays off the padding
+        # the padding stays 0 along the whole chain, as in training: neither SDE noise nor the velocity (which the
+        # model never had to learn there) moves it, so the next step's input is what training showed
+        return self.mask_padding(mean), self.mask_padding(std), h
 
     def sample(self, prefix: Prefix, state, noise, num_steps: int = 10, step_fn: StepFn = euler_step,
                generator: torch.Generator | None = None) -> Sample:

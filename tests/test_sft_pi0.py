@@ -91,7 +91,24 @@ def test_bad_flags_are_refused(tmp_path):
     for flags, message in [(["--env", "mujoco"], "--env"), (["--env", "libero", "--task", "PushCube-v1"], "<suite>"),
                            (["--action-chunk", "20"], "--action-chunk"),
                            (["--env", "libero", "--task", "libero_object/0", "--num-demos", "30"], "--num-demos <= 25"),
-                           (["--expert", "mlp", "--variant", "pi05"], "--expert")]:
+                           (["--expert", "mlp", "--variant", "pi05"], "--expert"),
+                           (["--variant", "pi5"], "--variant must be"),
+                           (["--discrete-state", "--normalize-state"], "π0.5's state input"),
+                           (["--model", "pi0"], "PaliGemma's tokenizer")]:
         out = subprocess.run(SCRIPT + flags + ["--run-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
                              timeout=120)
         assert out.returncode != 0 and message in out.stderr, (flags, out.stderr[-500:])
+
+
+def test_pi05_with_the_state_in_the_prompt_gets_room_for_every_state_bin(demos, tmp_path):
+    """PushCube's 35 state bins need ~160 byte tokens: the tiny preset's 48 would cut the state off the prompt."""
+    out = subprocess.run(SCRIPT + sft_args(demos, tmp_path, **{"--total-steps": "2", "--eval-every": "100",
+                                                               "--variant": "pi05", "--discrete-state": None,
+                                                               "--normalize-state": None, "--eval-episodes": "1"}),
+                         cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "truncated" not in out.stderr
+    from common.pi0_io import load_pi0
+
+    model = load_pi0(tmp_path / "runs" / "PushCube-v1__sft_pi0__1" / "final")[0]
+    assert model.cfg.discrete_state_input and model.cfg.max_tokens >= 150
