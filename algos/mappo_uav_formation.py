@@ -100,6 +100,9 @@ class Args:
     """ctbr (paper) or pointmass"""
     static_mode: str = "sdf9"
     """sdf9 (one 9-distance token, as released) or tokens (one per column)"""
+    relative_self_pos: bool = False
+    """self token: x, y relative to the formation centroid instead of absolute (released: absolute, which grows
+    along the 40 m corridor)"""
     max_steps: int = 900
     """episode length (18 s)"""
 
@@ -278,6 +281,7 @@ def make_env(args: Args, preset: str, num_envs: int, seed: int, device) -> Forma
         preset, extra = "static", dict(num_columns=4)
     return FormationEnv(FormationConfig.preset(preset, num_envs=num_envs, num_drones=args.num_drones,
                                                dynamics=args.dynamics, static_mode=args.static_mode,
+                                               relative_self_pos=args.relative_self_pos,
                                                max_steps=args.max_steps, seed=seed, device=str(device), **extra))
 
 
@@ -423,6 +427,7 @@ def train(args: Args, agent, optimizer, vnorm, weights, preset: str, frames: flo
         b_sid = torch.cat(buf["sid"]) if args.critic == "state" else None
         b_act, b_logp = torch.cat(buf["act"]), torch.cat(buf["logp"])
         b_adv, b_ret = adv.flatten(), vnorm.normalize(returns.flatten())
+        b_adv = (b_adv - b_adv.mean()) / (b_adv.std() + 1e-8)  # once per batch (the spec, MAPPO)
         b_val = vnorm.normalize(vals.flatten())
         n = b_act.shape[0]
         mb = n // args.num_minibatches
@@ -436,7 +441,6 @@ def train(args: Args, agent, optimizer, vnorm, weights, preset: str, frames: flo
                 logp = dist.log_prob(b_act[idx]).sum(-1)
                 ratio = (logp - b_logp[idx]).exp()
                 a = b_adv[idx]
-                a = (a - a.mean()) / (a.std() + 1e-8)
                 pg_loss = -torch.min(ratio * a, ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef) * a).mean() * 4
                 v = agent.value(o, b_sid[idx] if b_sid is not None else None)
                 v_clip = b_val[idx] + (v - b_val[idx]).clamp(-args.clip_coef, args.clip_coef)
@@ -559,8 +563,8 @@ def main(args: Args) -> None:
 
     # ---------------------------------------------------------------- stage 1: utility search
     if state["stage"] == "search":
-        rng = np.random.default_rng(1)  # the released code seeds numpy with 1
-        candidates = rng.uniform(0, 1, (args.num_candidates, 4))
+        # the released code: np.random.seed(1); np.random.rand(20, 4) (the first K of those 20)
+        candidates = np.random.RandomState(1).rand(args.num_candidates, 4)
         candidates /= candidates.sum(1, keepdims=True)
         while state["candidate"] < args.num_candidates:
             k = state["candidate"]

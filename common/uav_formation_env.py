@@ -29,6 +29,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 import torch
+import torch.nn.functional as F
 
 G = 9.81
 PRESETS = {"free": dict(num_columns=0, num_balls=0), "static": dict(num_columns=10, num_balls=0),
@@ -62,6 +63,9 @@ class FormationConfig:
     obs_range: float = 10.0
     static_mode: str = "sdf9"  # sdf9 | tokens
     drone_radius: float = 0.0  # added to the hit distances (0: the released code's leniency)
+    relative_self_pos: bool = False  # self token: x, y relative to the formation centroid (z stays absolute)
+    state_max_balls: int = 2  # the global state keeps this many ball slots and ...
+    state_max_columns: int = 10  # ... column slots in every preset: one layout for the whole curriculum
     hard_safe_distance: float = 0.15
     z_limits: tuple = (0.2, 2.8)
     tau_rate: float = 0.05
@@ -362,7 +366,8 @@ class FormationEnv:
         p, v = self.p, self.v
         ids = torch.eye(N, device=self.device).expand(E, N, N)
         rot6 = self.R[..., :2].transpose(-1, -2).reshape(E, N, 6)
-        self_tok = torch.cat([p, rot6, v, self.w, self.R[..., 0], self.R[..., 2], self.T[..., None] * 2 - 1,
+        p_self = p - F.pad(p[..., :2].mean(1, keepdim=True), (0, 1)) if cfg.relative_self_pos else p
+        self_tok = torch.cat([p_self, rot6, v, self.w, self.R[..., 0], self.R[..., 2], self.T[..., None] * 2 - 1,
                               self.target_vel - v, ids], -1)
         j = torch.tensor([[k for k in range(N) if k != i] for i in range(N)], device=self.device)  # [N, N-1]
         dp = p[:, j] - p[:, :, None]
@@ -396,10 +401,13 @@ class FormationEnv:
                 tok = torch.zeros(E, N, 1, 10, device=self.device)
                 mask = torch.ones(E, N, 1, dtype=torch.bool, device=self.device)
             obs["static"], obs["static_mask"] = tok.masked_fill(mask[..., None], 0.0), mask
-        parts = [p.reshape(E, -1), v.reshape(E, -1), rot6.reshape(E, -1), self.w.reshape(E, -1)]
+        # fixed slots (zeros where a preset has fewer balls or columns): a slot means the same in every preset
+        balls = torch.zeros(E, max(B, cfg.state_max_balls), 7, device=self.device)
         if B:
-            parts += [self.ball_p.reshape(E, -1), self.ball_v.reshape(E, -1), self.ball_active.float()]
+            balls[:, :B] = torch.cat([self.ball_p, self.ball_v, self.ball_active[..., None].float()], -1)
+        cols = torch.zeros(E, max(cfg.num_columns, cfg.state_max_columns), 3, device=self.device)
         if cfg.num_columns:
-            parts += [self.columns.reshape(E, -1), self.col_active.float()]
-        obs["state"] = torch.cat(parts, -1)
+            cols[:, :cfg.num_columns] = torch.cat([self.columns, self.col_active[..., None].float()], -1)
+        obs["state"] = torch.cat([p.reshape(E, -1), v.reshape(E, -1), rot6.reshape(E, -1), self.w.reshape(E, -1),
+                                  balls.reshape(E, -1), cols.reshape(E, -1)], -1)
         return obs

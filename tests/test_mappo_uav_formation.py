@@ -69,6 +69,9 @@ def test_pipeline_at_toy_scale_and_resume(tmp_path):
     run_dir = tmp_path / "uav_formation__mappo_uav_formation__1"
     rows = (run_dir / "weights.csv").read_text().splitlines()
     assert len(rows) == 3 and rows[0].startswith("candidate,w_formation") and sum("True" in r for r in rows) == 1
+    released = np.random.RandomState(1).rand(20, 4)  # the thu-uav code: np.random.seed(1); np.random.rand(20, 4)
+    for row, want in zip(rows[1:], released / released.sum(1, keepdims=True)):
+        assert np.allclose([float(x) for x in row.split(",")[1:5]], want), row
     summary = json.loads((run_dir / "summary.json").read_text())
     assert set(summary["eval"]) == {"static", "dynamic", "mixed"} and abs(sum(summary["weights"]) - 1) < 1e-6
     for preset, res in summary["eval"].items():

@@ -142,3 +142,32 @@ def test_apf_baseline_flies_the_free_scenario_in_formation():
         assert not terminated.any()
     ep = info["episode"]
     assert ep["collision_free"].all() and ep["arrival"].all() and (ep["formation_error"] < 0.05).all()
+
+
+def test_global_state_keeps_one_layout_across_presets():
+    """The centralised critic's input: every preset has the same slots (before, static's columns sat where mixed
+    keeps its balls)."""
+    states = {}
+    for preset in ("free", "static", "dynamic", "mixed"):
+        env = FormationEnv(FormationConfig.preset(preset, num_envs=2))
+        states[preset] = (env.reset()["state"], env)
+    assert len({s.shape for s, _ in states.values()}) == 1
+    drones = 3 * (3 + 3 + 6 + 3)
+    static_state, static_env = states["static"]
+    mixed_state, mixed_env = states["mixed"]
+    assert (static_state[:, drones:drones + 2 * 7] == 0).all()  # no balls in static: their slots stay empty
+    columns = static_state[:, drones + 2 * 7:].reshape(2, 10, 3)
+    assert torch.equal(columns[..., :2], static_env.columns) and (columns[..., 2] == 1).all()
+    mixed_columns = mixed_state[:, drones + 2 * 7:].reshape(2, 10, 3)
+    assert torch.equal(mixed_columns[..., :2], mixed_env.columns)
+
+
+def test_relative_self_position_is_centred_on_the_formation():
+    env = FormationEnv(FormationConfig.preset("free", num_envs=2, relative_self_pos=True))
+    obs = env.reset()
+    for _ in range(30):
+        obs, *_ = env.step(env.hover_action())
+    env.p += torch.tensor([0.0, 25.0, 0.0])  # far down the corridor: the self token does not change
+    moved = env._obs()
+    assert torch.allclose(moved["self"], obs["self"], atol=1e-5)
+    assert torch.allclose(moved["self"][..., 2], env.p[..., 2])  # the height stays absolute
