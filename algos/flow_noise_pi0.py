@@ -535,7 +535,7 @@ if __name__ == "__main__":
             if critic_on == "expert":
                 value = expert_value(value_head, out.hidden, args.detach_critic_input)
             logp = chain_log_prob(out.chain, out.means, out.stds) if not deterministic else torch.zeros_like(noise)
-        actions = processor.actions_to_env(out.actions[:, :chunk])
+        actions = processor.actions_to_env(out.actions[:, :chunk], obs["state"])
         record = {"batch": batch, "chain": out.chain, "k": torch.zeros(B, dtype=torch.long, device=device),
                   "logp": logp[:, :chunk, :A].reshape(B, -1), "value": value}
         return actions, record

@@ -587,7 +587,7 @@ if __name__ == "__main__":
             if critic_on == "expert":
                 value = expert_value(value_head, out.hidden, args.detach_critic_input)
             logp = chain_log_prob(out, stochastic, K, args.joint) if stochastic else torch.zeros_like(noise)
-        actions = processor.actions_to_env(out.actions[:, :chunk])
+        actions = processor.actions_to_env(out.actions[:, :chunk], obs["state"])
         k = -1 if args.joint or not stochastic else next(iter(stochastic))
         record = {"batch": batch, "chain": out.chain, "k": torch.full((B,), k, dtype=torch.long, device=device),
                   "logp": logp[:, :chunk, :A].reshape(B, -1), "value": value}

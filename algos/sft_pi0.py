@@ -203,7 +203,7 @@ def evaluate(model, processor, args: Args, device, video_path: Path | None = Non
             prefix = model.encode_prefix(batch["images"], batch["img_masks"], batch["tokens"], batch["tok_masks"])
             noise = model.initial_noise(len(obs["state"]), device, gen)
             sample = model.sample(prefix, batch["state"], noise, args.num_denoise_steps)
-        return processor.actions_to_env(sample.actions[:, : args.action_chunk])
+        return processor.actions_to_env(sample.actions[:, : args.action_chunk], obs["state"])
 
     model.eval()
     try:
@@ -371,7 +371,7 @@ if __name__ == "__main__":
     for step in bar:
         idx = torch.from_numpy(data_rng.integers(0, len(states), args.batch_size))
         batch = processor.batch(states[idx], {k: v[idx] for k, v in images.items()}, [texts[i] for i in idx], device)
-        target = processor.actions_to_model(chunks[idx]).to(device)
+        target = processor.actions_to_model(chunks[idx], states[idx]).to(device)
         loss = model.flow_loss(batch["images"], batch["img_masks"], batch["tokens"], batch["tok_masks"],
                                batch["state"], target).mean()
         optimizer.zero_grad(set_to_none=True)

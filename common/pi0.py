@@ -45,6 +45,8 @@ class Pi0Config:
     discrete_state_input: bool = False  # π0.5 only: state as 256 bins in the prompt instead of no state at all
     noise_dims: int = 0  # flow noise on the first `noise_dims` action dims only, the zero padding beyond stays exactly 0
     # along the whole path (0 = every dim, as openpi trains; our few-shot SFT sets the env's action width, see README)
+    delta_action_dims: int = 0  # the first dims are trained as deltas from the state (openpi's pi0_libero: 6, the
+    # end-effector pose: extra_delta_transform); the processor adds the state back for the env
     image_size: int = 224
     patch: int = 14
     vit_width: int = 1152
@@ -77,6 +79,8 @@ class Pi0Config:
             raise ValueError(f"Pi0Config: these must be >= 1: {', '.join(bad)}")
         if self.num_cameras < 0:
             raise ValueError(f"Pi0Config: num_cameras must be >= 0, got {self.num_cameras}")
+        if not 0 <= self.delta_action_dims <= self.action_dim:
+            raise ValueError(f"Pi0Config: delta_action_dims must be in [0, action_dim], got {self.delta_action_dims}")
         if not 0 <= self.noise_dims <= self.action_dim:
             raise ValueError(f"Pi0Config: noise_dims must be in [0, action_dim={self.action_dim}], got {self.noise_dims}")
         if self.image_size % self.patch:

@@ -24,7 +24,7 @@ import re
 import shutil
 import tempfile
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -329,8 +329,10 @@ def save_openpi(directory: str | Path, model: Pi0Model, norm_stats: NormStats | 
 
 
 def load_openpi(directory: str | Path, config: Pi0Config | None = None, asset_id: str | None = None,
-                strict: bool = True, device: str | torch.device = "cpu"):
-    """Load an openpi PyTorch checkpoint into our module (fp32). -> (model, norm_stats or None, LoadReport)."""
+                strict: bool = True, device: str | torch.device = "cpu", delta_action_dims: int | None = None):
+    """Load an openpi PyTorch checkpoint into our module (fp32). -> (model, norm_stats or None, LoadReport).
+    `delta_action_dims`: the action dims trained as deltas from the state (openpi's pi0_libero: 6); the checkpoint
+    does not say, so the caller does (None keeps the config's)."""
     from safetensors.torch import load_file
 
     path = Path(directory)
@@ -351,6 +353,8 @@ def load_openpi(directory: str | Path, config: Pi0Config | None = None, asset_id
                                   "kv_heads": kv, "head_dim": hd, "expert_width": we, "expert_mlp": mlp_e,
                                   "action_dim": conf.get("action_dim", 32),
                                   "horizon": conf.get("action_horizon", base.horizon)})
+    if delta_action_dims is not None:
+        config = replace(config, delta_action_dims=delta_action_dims)
     model = Pi0Model(config)
     report = load_state_strict(model, {k: v.float() for k, v in state.items()}, dropped, strict)
     stats = None
@@ -428,11 +432,24 @@ class Pi0Processor:
         return {"images": imgs, "img_masks": img_masks,
                 "tokens": tokens.to(device), "tok_masks": tok_masks.to(device), "state": self._pad(state)}
 
-    def actions_to_model(self, actions) -> torch.Tensor:
-        return self._pad(self._norm("actions", torch.as_tensor(actions, dtype=torch.float32)))
+    def _delta(self, actions: torch.Tensor, state, sign: float) -> torch.Tensor:
+        """openpi's DeltaActions (sign -1) / AbsoluteActions (+1) on the first `delta_action_dims` dims: the same
+        current state for every action of the chunk."""
+        d = self.cfg.delta_action_dims
+        if not d:
+            return actions
+        if state is None:
+            raise ValueError(f"this model's first {d} action dims are deltas from the state: pass the raw state")
+        state = torch.as_tensor(state, dtype=torch.float32, device=actions.device)[..., None, :d]
+        return torch.cat([actions[..., :d] + sign * state, actions[..., d:]], -1)
 
-    def actions_to_env(self, actions: torch.Tensor) -> torch.Tensor:
-        return self._norm("actions", actions[..., : self.env_action_dim].float(), inverse=True)
+    def actions_to_model(self, actions, state=None) -> torch.Tensor:
+        """Env action chunks (B, H, A) -> the model's targets; `state` (B, S, raw) for delta-action models."""
+        return self._pad(self._norm("actions", self._delta(torch.as_tensor(actions, dtype=torch.float32), state, -1)))
+
+    def actions_to_env(self, actions: torch.Tensor, state=None) -> torch.Tensor:
+        """The model's action chunks -> env actions; `state` (B, S, raw) for delta-action models."""
+        return self._delta(self._norm("actions", actions[..., : self.env_action_dim].float(), inverse=True), state, 1)
 
 
 def load_pi0_policy(init: str, *, env: str, obs_mode: str = "state", preset: str = "tiny", device="cpu"):
@@ -447,8 +464,12 @@ def load_pi0_policy(init: str, *, env: str, obs_mode: str = "state", preset: str
         cams = tuple(meta["extra"].get("camera_keys", ("main", "wrist")))
         return model, stats, env_dim, cams[: model.cfg.num_cameras]
     if kind == "openpi":
-        model, stats, report = load_openpi(path, device=device)
-        print(f"loaded openpi checkpoint {path}: {report}")
+        # openpi's π0 LIBERO config trains the end-effector pose (6 dims) as deltas from the state; π0.5's does not
+        conf = json.loads((Path(path) / "config.json").read_text()) if (Path(path) / "config.json").exists() else {}
+        delta = 6 if env == "libero" and not conf.get("pi05", False) else 0
+        model, stats, report = load_openpi(path, device=device, delta_action_dims=delta)
+        print(f"loaded openpi checkpoint {path}: {report}" + (f"; actions 0..5 are deltas from the state (openpi's "
+                                                             f"pi0_libero)" if delta else ""))
         return model, stats, 7, ("main", "wrist")
     if kind == "scratch":
         presets = {"tiny": Pi0Config.tiny, "pi0": Pi0Config.pi0, "pi05": Pi0Config.pi05}

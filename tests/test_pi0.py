@@ -420,3 +420,23 @@ def test_mixed_precision_keeps_openpi_fp32_params(cfg):
         prefix = model.encode_prefix(images, img_masks, tokens, tok_masks)
         v2, _ = model.velocity(prefix, state, x_t, t)
     assert v.dtype == torch.float32 and torch.isfinite(v).all() and torch.allclose(v, v2, atol=0.05)
+
+
+def test_delta_action_models_get_the_state_added_back():
+    """openpi's pi0_libero trains the end-effector pose as deltas from the state (extra_delta_transform): targets
+    subtract it, env actions add it back, for every action of the chunk."""
+    from common.pi0_io import NormStats, Pi0Processor, make_tokenizer
+
+    cfg = Pi0Config.tiny(delta_action_dims=2, action_dim=8, num_cameras=0)
+    stats = NormStats({"state": {k: np.ones(3) for k in ("mean", "std", "q01", "q99")},
+                       "actions": {"mean": np.zeros(3), "std": np.full(3, 2.0), "q01": -np.ones(3), "q99": np.ones(3)}})
+    proc = Pi0Processor(cfg, make_tokenizer("bytes"), stats, env_action_dim=3, camera_keys=())
+    state = torch.tensor([[10.0, 20.0, 30.0]])
+    chunk = torch.tensor([[[11.0, 22.0, 0.5], [12.0, 18.0, -0.5]]])
+    target = proc.actions_to_model(chunk, state)
+    assert torch.allclose(target[0, :, :3], torch.tensor([[0.5, 1.0, 0.25], [1.0, -1.0, -0.25]]))  # (a - s) / 2
+    assert torch.allclose(proc.actions_to_env(target, state), chunk)
+    with pytest.raises(ValueError, match="pass the raw state"):
+        proc.actions_to_env(target)
+    with pytest.raises(ValueError, match="delta_action_dims"):
+        Pi0Config.tiny(delta_action_dims=99)
