@@ -468,8 +468,8 @@ def load_pi0_policy(init: str, *, env: str, obs_mode: str = "state", preset: str
         conf = json.loads((Path(path) / "config.json").read_text()) if (Path(path) / "config.json").exists() else {}
         delta = 6 if env == "libero" and not conf.get("pi05", False) else 0
         model, stats, report = load_openpi(path, device=device, delta_action_dims=delta)
-        print(f"loaded openpi checkpoint {path}: {report}" + (f"; actions 0..5 are deltas from the state (openpi's "
-                                                             f"pi0_libero)" if delta else ""))
+        print(f"loaded openpi checkpoint {path}: {report}" + ("; actions 0..5 are deltas from the state (openpi's "
+                                                             "pi0_libero)" if delta else ""))
         return model, stats, 7, ("main", "wrist")
     if kind == "scratch":
         presets = {"tiny": Pi0Config.tiny, "pi0": Pi0Config.pi0, "pi05": Pi0Config.pi05}
