@@ -381,7 +381,7 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) ->
 
 class PromptPrefixCache:
     """Without cameras (state-only tasks) a prefix is a function of the prompt alone: encode each distinct prompt
-    once and hand out views of it. Valid only while the VLM is frozen (πRL's train_expert_only) and gradients through
+    once and hand out views of it (not with the state in the prompt). Valid only while the VLM is frozen (πRL's train_expert_only) and gradients through
     the prefix are not needed; `clear()` after loading other weights. With cameras it just calls `encode_prefix`."""
 
     def __init__(self, model: "Pi0Model"):
@@ -391,7 +391,8 @@ class PromptPrefixCache:
         self.rows.clear()
 
     def __call__(self, images, img_masks, tokens, tok_masks) -> Prefix:
-        if self.model.cfg.num_cameras:
+        # with the state in the prompt (π0.5's discrete state) nearly every prompt is new: caching would only grow
+        if self.model.cfg.num_cameras or self.model.cfg.discrete_state_input:
             with torch.no_grad():
                 return self.model.encode_prefix(images, img_masks, tokens, tok_masks)
         keys = [bytes(t) + bytes(m) for t, m in zip(tokens.cpu().numpy(), tok_masks.cpu().numpy())]

@@ -223,6 +223,10 @@ def test_prompt_prefix_cache_equals_encoding_each_batch():
     # batch sizes encoded, cache and reference alternating: the cache encoded prompt 0, then prompts 1 and 2, then
     # nothing new (the reference encodes every batch whole)
     assert calls == [1, 4, 2, 3, 2, 4] and len(cache.rows) == 3
+    state_prompts = PromptPrefixCache(randomised(Pi0Config.tiny(num_cameras=0, variant="pi05",
+                                                                discrete_state_input=True)))
+    state_prompts(images, img_masks, tokens, tok_masks)
+    assert not state_prompts.rows  # prompts with the state in them are (nearly) all new: none are kept
 
 
 def test_noise_dims_keep_the_padding_exactly_zero(tmp_path):
