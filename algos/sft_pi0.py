@@ -289,6 +289,10 @@ if __name__ == "__main__":
     if (args.env == "libero" or args.obs_mode == "rgb") != bool(camera_keys):
         raise SystemExit(f"{demo_dir}: demos have cameras {camera_keys or 'none'}, the eval env would "
                          f"{'not ' if not camera_keys else ''}give images; use a demo set of the same obs mode")
+    sizes = {e["obs"][k].shape[1] for e in episodes for k in camera_keys}
+    if camera_keys and sizes != {args.image_size}:  # the eval env renders --image-size: train on what it will see
+        raise SystemExit(f"{demo_dir}: demo images are {sorted(sizes)} px, --image-size is {args.image_size}: pass "
+                         f"--image-size {max(sizes)}, or make demos at {args.image_size} px in another --demos dir")
     state_dim, env_action_dim = episodes[0]["obs"]["state"].shape[1], episodes[0]["actions"].shape[1]
     all_states = np.concatenate([e["obs"]["state"][:-1] for e in episodes])
     all_actions = np.concatenate([e["actions"] for e in episodes])
