@@ -336,6 +336,13 @@ if __name__ == "__main__":
             overrides.update(expert=args.expert)
         model = Pi0Model(preset(**overrides)).to(device)
     cfg = model.cfg
+    if args.resume and resume_dir.exists() or args.init_from:  # the loaded model's shape rules: say which flags lose
+        given = {"horizon": args.horizon, "variant": args.variant, "discrete_state_input": args.discrete_state,
+                 "expert": args.expert}
+        ignored = [f"{k}={v} (the model has {getattr(cfg, k)})" for k, v in given.items()
+                   if v != getattr(cfg, k) and getattr(Args, {"discrete_state_input": "discrete_state"}.get(k, k)) != v]
+        if ignored:
+            print(f"the loaded model's shape is kept; ignoring {', '.join(ignored)}", flush=True)
     if cfg.discrete_state_input and state_prompt_tokens > cfg.max_tokens:
         raise SystemExit(f"the state prompt needs {state_prompt_tokens} tokens, the model holds {cfg.max_tokens}: the "
                          f"state bins would be cut off (start a new model, or pass a smaller state)")
