@@ -112,3 +112,15 @@ def test_pi05_with_the_state_in_the_prompt_gets_room_for_every_state_bin(demos, 
 
     model = load_pi0(tmp_path / "runs" / "PushCube-v1__sft_pi0__1" / "final")[0]
     assert model.cfg.discrete_state_input and model.cfg.max_tokens >= 150
+
+
+def test_demo_images_of_another_size_are_refused(tmp_path):
+    """The eval env renders --image-size: demos rendered at another size would be resized for training only."""
+    from common.maniskill_demos import generate_demos
+
+    out = tmp_path / "demos32"
+    assert generate_demos("PushCube-v1", 1, out, obs_mode="rgb", image_size=32, progress=False)["stored"] == 1
+    res = subprocess.run(SCRIPT + ["--demos", str(out), "--num-demos", "1", "--obs-mode", "rgb", "--image-size", "64",
+                                   "--run-dir", str(tmp_path / "runs")], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode != 0 and "demo images are [32] px, --image-size is 64" in res.stderr, res.stderr[-500:]
