@@ -47,7 +47,7 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from common.envs import check_task, make_task_env, run_eval_episodes
+from common.envs import check_task, fill_defaults, make_task_env, rlinf_libero_values, run_eval_episodes
 from common.libero_env import MAX_EPISODE_STEPS
 from common.fsutil import atomic_write
 from common.pi0 import Pi0Model, PromptPrefixCache, gaussian_log_prob, pooled_prefix
@@ -426,17 +426,7 @@ if __name__ == "__main__":
         raise SystemExit(f"--task {args.task}: {e}")
     suite = args.task.split("/")[0]
     if args.preset == "paper":  # the paper's values for every flag left at its default (a flag given wins)
-        paper = dict(PAPER[args.env])
-        if args.env == "libero":  # per suite (§3.5): libero_10 runs 10-action chunks, clips at 2.0; RLinf's 8 rollout
-            chunk = 10 if suite == "libero_10" else 5  # epochs of one episode per env: that many samples per iteration
-            paper.update(action_chunk=chunk, max_grad_norm=2.0 if suite == "libero_10" else 1.0,
-                         num_steps=8 * MAX_EPISODE_STEPS[suite] // chunk)
-        kept = []
-        for key, value in paper.items():
-            if getattr(args, key) == getattr(Args, key):
-                setattr(args, key, value)
-            elif getattr(args, key) != value:
-                kept.append(f"--{key.replace('_', '-')} {getattr(args, key)}")
+        kept = fill_defaults(args, {**PAPER[args.env], **(rlinf_libero_values(suite) if args.env == "libero" else {})})
         if kept:
             print(f"--preset paper: keeping the flags given ({', '.join(kept)}) over the paper's values", flush=True)
     if not args.max_episode_steps:

@@ -37,6 +37,28 @@ def check_task(env: str, task: str, exists: bool = False) -> None:
         check_maniskill_task(task)
 
 
+def rlinf_libero_values(suite: str) -> dict:
+    """RLinf's per-suite LIBERO PPO values (pirl.md §3.5): libero_10 runs 10-action chunks and clips at 2.0; its 8
+    rollout epochs of one episode per env, as the samples of auto-reset rollouts per iteration."""
+    from common.libero_env import MAX_EPISODE_STEPS
+
+    chunk = 10 if suite == "libero_10" else 5
+    return dict(action_chunk=chunk, max_grad_norm=2.0 if suite == "libero_10" else 1.0,
+                num_steps=8 * MAX_EPISODE_STEPS[suite] // chunk)
+
+
+def fill_defaults(args, values: dict) -> list[str]:
+    """Set each of `values` on the tyro `args` where the flag was left at its default; returns the flags given
+    otherwise (kept, as `--name value`), so that a preset never overrides what the user asked for."""
+    kept = []
+    for key, value in values.items():
+        if getattr(args, key) == getattr(type(args), key):
+            setattr(args, key, value)
+        elif getattr(args, key) != value:
+            kept.append(f"--{key.replace('_', '-')} {getattr(args, key)}")
+    return kept
+
+
 def make_task_env(env: str, task: str, num_envs: int, *, obs_mode: str = "state", control_mode: str = "pd_joint_pos",
                   image_size: int = 64, max_episode_steps: int | None = None, eval_mode: bool = False,
                   num_eval_episodes: int | None = None, auto_reset: bool = True, seed: int = 0) -> BatchedEnv:
