@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common.fsutil import atomic_write  # noqa: E402
-from common.uav_formation_env import OBJECTIVES, FormationConfig, FormationEnv  # noqa: E402
+from common.uav_formation_env import OBJECTIVES, PRESETS, FormationConfig, FormationEnv  # noqa: E402
 
 PAPER_WEIGHTS = (0.142, 0.219, 0.126, 0.512)  # formation, obstacle, forward, smoothness (released)
 
@@ -89,7 +89,7 @@ class Args:
     eval_envs: int = 256
     """episodes per preset in the final evaluation (one batched round)"""
     plot_episodes: int = 4
-    """episodes drawn in the top-view trajectory plots"""
+    """episodes drawn in the top-view trajectory plots (0: no plots)"""
 
     # Env
     num_envs: int = 256
@@ -497,6 +497,17 @@ def main(args: Args) -> None:
                           ("search_scenario", ("free_ball", "static4"))):
         if getattr(args, name) not in choices:
             raise SystemExit(f"--{name.replace('_', '-')} must be one of {choices}, got {getattr(args, name)!r}")
+    for name, low in (("num_envs", 1), ("eval_envs", 1), ("num_drones", 2), ("num_steps", 1), ("update_epochs", 1),
+                      ("num_minibatches", 1), ("num_candidates", 1), ("plot_episodes", 0), ("max_steps", 1)):
+        if getattr(args, name) < low:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+    if not 0 < args.gate_rate <= 1:
+        raise SystemExit(f"--gate-rate is a collision-free rate in (0, 1], got {args.gate_rate}")
+    eval_presets = [p for p in args.eval_presets.split(",") if p]
+    bad = [p for p in eval_presets if p not in PRESETS]
+    if bad or not eval_presets:  # checked now, not after an hour of training
+        raise SystemExit(f"--eval-presets takes names from {sorted(PRESETS)}, comma-separated; "
+                         f"got {args.eval_presets!r}")
     try:
         budgets = [float(x) for x in args.frames.split(",")]
         assert len(budgets) == 3 and min(budgets) >= 0
@@ -609,9 +620,9 @@ def main(args: Args) -> None:
 
     # ---------------------------------------------------------------- evaluation
     results = {}
-    for preset in args.eval_presets.split(","):
+    for preset in eval_presets:
         res = evaluate(policy_actions(agent), args, preset, state["weights"], ref_obs, device, seed=20_000,
-                       plot_path=run_dir / f"eval_{preset}.png")
+                       plot_path=run_dir / f"eval_{preset}.png" if args.plot_episodes else None)
         results[preset] = res
         for key, value in res.items():
             writer.add_scalar(f"eval/{preset}/{key}", value, state["global_step"])

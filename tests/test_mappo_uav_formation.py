@@ -139,3 +139,22 @@ def test_a_period_resumed_from_a_mid_period_checkpoint_runs_only_what_is_left(tm
     mu.train(args, agent, optimizer, vnorm, mu.PAPER_WEIGHTS, "free", frames, ref_obs, device, writer, "p", state,
              save_fn=lambda: None)
     assert state == {"global_step": 25 * 32, "iterations": 25, "period_iterations": 25}
+
+
+def test_bad_flags_fail_before_training_and_plots_can_be_off(tmp_path):
+    import pytest
+
+    for flag, said in ((dict(num_envs=0), "--num-envs must be >= 1"), (dict(eval_envs=0), "--eval-envs"),
+                       (dict(eval_presets="static,stati"), "--eval-presets takes names"),
+                       (dict(plot_episodes=-1), "--plot-episodes must be >= 0"),
+                       (dict(num_drones=1), "--num-drones must be >= 2"), (dict(gate_rate=0.0), "--gate-rate")):
+        with pytest.raises(SystemExit, match=said):
+            mu.main(mu.Args(run_dir=str(tmp_path / "bad"), **flag))
+        assert not (tmp_path / "bad").exists()  # refused before a run directory exists
+    cmd = [sys.executable, str(ROOT / "algos" / "mappo_uav_formation.py"), "--run-dir", str(tmp_path), *TOY,
+           "--weights", "paper", "--eval-presets", "static", "--plot-episodes", "0"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run_dir = tmp_path / "uav_formation__mappo_uav_formation__1"
+    assert set(json.loads((run_dir / "summary.json").read_text())["eval"]) == {"static"}
+    assert not list(run_dir.glob("eval_*.png"))
