@@ -315,6 +315,8 @@ def evaluate(act, args: Args, preset: str, weights, ref_obs, device, seed: int, 
     done = torch.zeros(env.E, dtype=torch.bool, device=device)
     stats: dict[str, torch.Tensor] = {}
     track = []
+    # the layouts the drawn episodes fly through (an env that finishes is reset with new columns)
+    columns = env.columns[:args.plot_episodes].cpu().clone() if env.cfg.num_columns else None
     for _ in range(args.max_steps):
         action = act(env, obs)
         if plot_path is not None:
@@ -338,11 +340,12 @@ def evaluate(act, args: Args, preset: str, weights, ref_obs, device, seed: int, 
     result.update({f"return_{name}": float(stats["returns"][:, i].mean()) for i, name in enumerate(OBJECTIVES)})
     result["utility"] = float((stats["returns"] * torch.as_tensor(weights, device=device)).sum(-1).mean())
     if plot_path is not None and track:
-        plot_tracks(torch.stack(track), env, plot_path, preset)
+        plot_tracks(torch.stack(track), columns, env.cfg.column_radius, plot_path, preset)
     return result
 
 
-def plot_tracks(track: torch.Tensor, env: FormationEnv, path: Path, title: str) -> None:
+def plot_tracks(track: torch.Tensor, columns: torch.Tensor | None, radius: float, path: Path, title: str) -> None:
+    """Top view of each drawn episode: its drones' x-y tracks and its column layout ([episodes, S, 2] or None)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -352,8 +355,8 @@ def plot_tracks(track: torch.Tensor, env: FormationEnv, path: Path, title: str) 
     fig, axes = plt.subplots(1, n, figsize=(3 * n, 6), squeeze=False)
     for e in range(n):
         ax = axes[0, e]
-        for s, (x, y) in enumerate(env.columns[e].cpu().numpy() if env.cfg.num_columns else []):
-            ax.add_patch(plt.Circle((x, y), env.cfg.column_radius, color="gray"))
+        for x, y in (columns[e].numpy() if columns is not None else []):
+            ax.add_patch(plt.Circle((x, y), radius, color="gray"))
         for i in range(track.shape[2]):
             ax.plot(track[:, e, i, 0], track[:, e, i, 1], lw=1)
         ax.set_xlim(-3, 3)

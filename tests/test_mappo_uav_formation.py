@@ -158,3 +158,20 @@ def test_bad_flags_fail_before_training_and_plots_can_be_off(tmp_path):
     run_dir = tmp_path / "uav_formation__mappo_uav_formation__1"
     assert set(json.loads((run_dir / "summary.json").read_text())["eval"]) == {"static"}
     assert not list(run_dir.glob("eval_*.png"))
+
+
+def test_eval_plots_draw_the_columns_each_episode_flew_through(monkeypatch, tmp_path):
+    """An env whose episode ends is reset with a new layout: the plot must show the first episode's columns."""
+    args = mu.Args(eval_envs=4, plot_episodes=2, max_steps=60)
+    ref_obs = mu.make_env(args, "mixed", 2, 0, "cpu").reset()
+    made, drawn = [], {}
+    real_make_env = mu.make_env
+    monkeypatch.setattr(mu, "make_env", lambda *a, **k: made.append(real_make_env(*a, **k)) or made[-1])
+    monkeypatch.setattr(mu, "plot_tracks", lambda track, columns, radius, path, title: drawn.update(columns=columns))
+    fall = lambda env, obs: torch.full((env.E, env.N, 4), -5.0)  # no thrust: every episode crashes early  # noqa: E731
+    res = mu.evaluate(fall, args, "static", mu.PAPER_WEIGHTS, ref_obs, "cpu", seed=7, plot_path=tmp_path / "p.png")
+    assert res["collision_free"] == 0.0
+    first = real_make_env(args, "static", 4, 7, "cpu")
+    first.reset()
+    assert torch.equal(drawn["columns"], first.columns[:2])
+    assert not torch.equal(made[0].columns[:2], first.columns[:2])  # the env itself has moved on to new layouts
