@@ -32,7 +32,7 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from common.demos import load_demos
+from common.demos import check_demos, demo_chunks, ensure_demos, load_demos
 from common.envs import make_task_env, run_eval_episodes
 from common.fsutil import atomic_write
 from common.pi0 import Pi0Config, Pi0Model
@@ -151,47 +151,6 @@ def make_eval_env(args: Args, num_envs: int, num_episodes: int):
                          eval_mode=True, num_eval_episodes=num_episodes, seed=args.seed)
 
 
-def ensure_demos(args: Args) -> Path:
-    path = Path(args.demos or f"data/demos/{args.task.replace('/', '_')}")
-    if (path / "segments").is_dir():
-        return path
-    print(f"no demos at {path}: generating {args.num_demos} (disjoint from the eval initial states)")
-    if args.env == "maniskill":
-        from common.maniskill_demos import generate_demos
-
-        generate_demos(args.task, args.num_demos, path, obs_mode=args.obs_mode, image_size=args.image_size)
-    else:
-        from common.libero_expert import generate_libero_demos
-
-        from common.libero_env import DEMO_INIT_STATES
-
-        suite, task_id = args.task.split("/")  # eval uses EVAL_INIT_STATES, disjoint from these
-        generate_libero_demos(suite, [int(task_id)], list(DEMO_INIT_STATES), path, cameras=True,
-                              image_size=args.image_size)
-    return path
-
-
-def demo_initial_states(episodes) -> set[int]:
-    ids = {e["meta"].get("init_index", e["meta"].get("reset_id")) for e in episodes}
-    return {None if i is None else int(i) for i in ids}
-
-
-def build_dataset(episodes, horizon: int, camera_keys):
-    """Flatten episodes into per-step samples: obs row t and the chunk actions[t : t+H] (last action repeated)."""
-    states, chunks, images, texts = [], [], {k: [] for k in camera_keys}, []
-    for ep in episodes:
-        acts = ep["actions"]
-        T = len(acts)
-        idx = np.minimum(np.arange(T)[:, None] + np.arange(horizon)[None], T - 1)
-        chunks.append(acts[idx])
-        states.append(ep["obs"]["state"][:T])
-        for k in camera_keys:
-            images[k].append(ep["obs"][k][:T])
-        texts += [ep["meta"]["task_description"]] * T
-    return (torch.from_numpy(np.concatenate(states)), torch.from_numpy(np.concatenate(chunks)),
-            {k: torch.from_numpy(np.concatenate(v)) for k, v in images.items()}, texts)
-
-
 def evaluate(model, processor, args: Args, device, video_path: Path | None = None) -> dict:
     """Deterministic-sampler success over eval episodes 0..N-1 (fixed noise seed)."""
     env = make_eval_env(args, min(args.num_eval_envs, args.eval_episodes), args.eval_episodes)
@@ -272,27 +231,17 @@ if __name__ == "__main__":
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     # Demonstrations -> dataset
-    demo_dir = ensure_demos(args)
+    demo_dir = ensure_demos(args.env, args.task, args.num_demos, args.demos or None, obs_mode=args.obs_mode,
+                            image_size=args.image_size)
     episodes = load_demos(demo_dir, per_task=args.num_demos, tasks=[args.task])
     if len(episodes) < args.num_demos:
         raise SystemExit(f"{demo_dir} holds {len(episodes)} successful demos, --num-demos asks for {args.num_demos}")
-    overlap = demo_initial_states(episodes) & set(range(args.eval_episodes))
-    if None in demo_initial_states(episodes):
-        raise SystemExit(f"{demo_dir}: some demos do not record their initial state; cannot check eval disjointness")
-    if overlap:
-        raise SystemExit(f"eval initial states 0..{args.eval_episodes - 1} include demo initial states "
-                         f"{sorted(overlap)[:10]}: regenerate the demos from other seeds / init states")
-    modes = {e["meta"].get("control_mode") for e in episodes}
-    if args.env == "maniskill" and modes != {args.control_mode}:
-        raise SystemExit(f"{demo_dir}: demos recorded with control mode {modes}, --control-mode is {args.control_mode}")
-    camera_keys = tuple(k for k in ("main", "wrist") if k in episodes[0]["obs"])
-    if (args.env == "libero" or args.obs_mode == "rgb") != bool(camera_keys):
-        raise SystemExit(f"{demo_dir}: demos have cameras {camera_keys or 'none'}, the eval env would "
-                         f"{'not ' if not camera_keys else ''}give images; use a demo set of the same obs mode")
-    sizes = {e["obs"][k].shape[1] for e in episodes for k in camera_keys}
-    if camera_keys and sizes != {args.image_size}:  # the eval env renders --image-size: train on what it will see
-        raise SystemExit(f"{demo_dir}: demo images are {sorted(sizes)} px, --image-size is {args.image_size}: pass "
-                         f"--image-size {max(sizes)}, or make demos at {args.image_size} px in another --demos dir")
+    try:
+        camera_keys = check_demos(episodes, demo_dir, env=args.env, obs_mode=args.obs_mode,
+                                  control_mode=args.control_mode, image_size=args.image_size,
+                                  eval_episodes=args.eval_episodes)
+    except ValueError as e:
+        raise SystemExit(str(e))
     state_dim, env_action_dim = episodes[0]["obs"]["state"].shape[1], episodes[0]["actions"].shape[1]
     all_states = np.concatenate([e["obs"]["state"][:-1] for e in episodes])
     all_actions = np.concatenate([e["actions"] for e in episodes])
@@ -348,7 +297,7 @@ if __name__ == "__main__":
                          f"state bins would be cut off (start a new model, or pass a smaller state)")
     if not 1 <= args.action_chunk <= cfg.horizon:
         raise SystemExit(f"--action-chunk must be in [1, the model's horizon {cfg.horizon}], got {args.action_chunk}")
-    states, chunks, images, texts = build_dataset(episodes, cfg.horizon, camera_keys)
+    states, chunks, images, texts = demo_chunks(episodes, cfg.horizon, camera_keys)
     processor = Pi0Processor(cfg, tokenizer, norm_stats, env_action_dim, camera_keys)
     if args.train_expert_only:
         model.freeze_vlm()

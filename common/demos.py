@@ -83,3 +83,70 @@ def load_demos(directory: str | Path, per_task: int | None = None, only_success:
     if not episodes:
         raise BufferError(f"{directory}: no episodes match (tasks={tasks}, only_success={only_success})")
     return episodes
+
+
+def ensure_demos(env: str, task: str, num_demos: int, directory: str | Path | None = None, *,
+                 obs_mode: str = "state", image_size: int = 64) -> Path:
+    """The demo dataset of `task` (default `data/demos/<task>`), generated first when missing: motion planning on
+    ManiSkill, the scripted expert on LIBERO, from seeds / init states disjoint from the eval ones."""
+    path = Path(directory or f"data/demos/{task.replace('/', '_')}")
+    if (path / "segments").is_dir():
+        return path
+    print(f"no demos at {path}: generating {num_demos} (disjoint from the eval initial states)")
+    if env == "maniskill":
+        from common.maniskill_demos import generate_demos
+
+        generate_demos(task, num_demos, path, obs_mode=obs_mode, image_size=image_size)
+    else:
+        from common.libero_env import DEMO_INIT_STATES
+        from common.libero_expert import generate_libero_demos
+
+        suite, task_id = task.split("/")  # eval uses EVAL_INIT_STATES, disjoint from these
+        generate_libero_demos(suite, [int(task_id)], list(DEMO_INIT_STATES), path, cameras=True,
+                              image_size=image_size)
+    return path
+
+
+def check_demos(episodes: list[dict[str, Any]], directory, *, env: str, obs_mode: str, control_mode: str,
+                image_size: int, eval_episodes: int) -> tuple[str, ...]:
+    """Refuse demos that would make a training run's eval wrong: an eval initial state (0..eval_episodes-1) among the
+    demos', demos without their initial state, another control mode, other cameras or image size than the env
+    will give. Returns the camera keys the demos hold, in slot order."""
+    ids = {e["meta"].get("init_index", e["meta"].get("reset_id")) for e in episodes}
+    if None in ids:
+        raise ValueError(f"{directory}: some demos do not record their initial state; cannot check eval disjointness")
+    overlap = {int(i) for i in ids} & set(range(eval_episodes))
+    if overlap:
+        raise ValueError(f"eval initial states 0..{eval_episodes - 1} include demo initial states "
+                         f"{sorted(overlap)[:10]}: regenerate the demos from other seeds / init states")
+    modes = {e["meta"].get("control_mode") for e in episodes}
+    if env == "maniskill" and modes != {control_mode}:
+        raise ValueError(f"{directory}: demos recorded with control mode {modes}, --control-mode is {control_mode}")
+    camera_keys = tuple(k for k in IMAGE_KEYS if k in episodes[0]["obs"])
+    if (env == "libero" or obs_mode == "rgb") != bool(camera_keys):
+        raise ValueError(f"{directory}: demos have cameras {camera_keys or 'none'}, the eval env would "
+                         f"{'not ' if not camera_keys else ''}give images; use a demo set of the same obs mode")
+    sizes = {e["obs"][k].shape[1] for e in episodes for k in camera_keys}
+    if camera_keys and sizes != {image_size}:  # the eval env renders --image-size: train on what it will see
+        raise ValueError(f"{directory}: demo images are {sorted(sizes)} px, --image-size is {image_size}: pass "
+                         f"--image-size {max(sizes)}, or make demos at {image_size} px in another --demos dir")
+    return camera_keys
+
+
+def demo_chunks(episodes: list[dict[str, Any]], horizon: int, camera_keys=()):
+    """Per-step samples of the episodes: (states [N, D], action chunks [N, horizon, A] = actions[t : t+horizon] with
+    the last action repeated past the end (openpi), images {key: [N, H, W, 3]}, task descriptions [N]) as tensors."""
+    import torch
+
+    states, chunks, images, texts = [], [], {k: [] for k in camera_keys}, []
+    for ep in episodes:
+        acts = ep["actions"]
+        T = len(acts)
+        idx = np.minimum(np.arange(T)[:, None] + np.arange(horizon)[None], T - 1)
+        chunks.append(acts[idx])
+        states.append(ep["obs"]["state"][:T])
+        for k in camera_keys:
+            images[k].append(ep["obs"][k][:T])
+        texts += [ep["meta"]["task_description"]] * T
+    return (torch.from_numpy(np.concatenate(states)), torch.from_numpy(np.concatenate(chunks)),
+            {k: torch.from_numpy(np.concatenate(v)) for k, v in images.items()}, texts)
