@@ -328,7 +328,7 @@ def evaluate(act, args: Args, preset: str, weights, ref_obs, device, seed: int, 
         if "episode" in info:
             ep = info["episode"]
             fresh = ~done[ep["env_ids"]]
-            for key in ("collision_free", "formation_error", "arrival", "success", "returns"):
+            for key in ("collision_free", "formation_error", "arrival", "success", "left_corridor", "returns"):
                 value = ep[key].float()
                 if key not in stats:
                     stats[key] = torch.zeros(env.E, *value.shape[1:], device=device)

@@ -43,7 +43,7 @@ from common.fsutil import atomic_write
 from common.uav_apf import APFController
 
 VARIANTS = {"ours": [], "no curriculum": ["--no-curriculum"], "MLP encoder": ["--encoder", "mlp"]}
-METRICS = ("collision_free", "formation_error", "arrival", "success")
+METRICS = ("collision_free", "formation_error", "arrival", "success", "left_corridor")
 CODE_FILES = ("algos/mappo_uav_formation.py", "common/uav_formation_env.py")  # what a run's result depends on
 # Earlier code whose runs train exactly as the current code's, keyed by the current code's hash (so an entry lapses
 # when the code changes again): the records of those runs still count. Each was checked bit for bit (agent.pt and
@@ -292,7 +292,9 @@ def main(args: Args) -> None:
              "method; values are mean ± sample sd over the training seeds (APF is deterministic: one evaluation). "
              "Collision-free: no crash, no drone pair closer than 0.15 m, no hit over the whole episode; formation "
              "error: time-mean distance from the formation slots (m); success: collision-free, arrived and formation "
-             "error < 0.3 m.\n\nWhere each run trained (`train_min` is its wall time there): "
+             "error < 0.3 m; left_corridor: the formation's centroid went past |x| = 2 m, the edge of the column "
+             "field, at some step (round the columns rather than through them; nothing in the env stops it).\n\n"
+             "Where each run trained (`train_min` is its wall time there): "
              + "; ".join(f"{v} seed {s}: {r['date']}, {r['machine']['cpu']}, {r['threads']} thread(s), {r['workers']} "
                          "run(s) at a time" for (v, s), r in results.items())
              + ".\n\nTargets:\n" + "\n".join(f"- {c}" for c in checks))

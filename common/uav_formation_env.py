@@ -19,7 +19,8 @@ Step API (all tensors on `device`, E envs, N agents; auto-reset: a finished env 
     reward: [E, N, 4] = (formation, obstacle, forward, smoothness), the released code's terms; the script scalarises
     info:   done [E], bad (crash / too close / hit), hit_ball, hit_column, crash, too_close, and for finished episodes
             `episode` = {collision_free, formation_error (m, time-mean), laplacian_cost, arrival, success,
-            returns [E, 4] (γ-discounted per objective), smoothness (mean |Δa|), length}
+            returns [E, 4] (γ-discounted per objective), smoothness (mean |Δa|), length, left_corridor (the
+            formation centroid went past |x| = grid_border at some step: round the column field, not through it)}
 Presets: free (no obstacles), static (10 columns), dynamic (2 balls), mixed (10 + 2); every field can be overridden.
 """
 
@@ -174,6 +175,7 @@ class FormationEnv:
         self.t = torch.zeros(E, dtype=torch.long, device=dev)
         self.ret, self.disc = z(E, N, 4), torch.ones(E, device=dev)
         self.form_err_sum, self.cost_sum, self.da_sum = z(E), z(E), z(E)
+        self.max_abs_x = z(E)  # of the formation centroid: did the episode go round the column field?
 
     # ---------------------------------------------------------------------------------------------- helpers
     def _rand(self, *shape):
@@ -208,6 +210,7 @@ class FormationEnv:
         self.t[idx] = 0
         self.ret[idx], self.disc[idx] = 0.0, 1.0
         self.form_err_sum[idx], self.cost_sum[idx], self.da_sum[idx] = 0.0, 0.0, 0.0
+        self.max_abs_x[idx] = 0.0
 
     def reset(self) -> dict:
         self._reset_envs(torch.arange(self.E, device=self.device))
@@ -279,6 +282,7 @@ class FormationEnv:
         self.form_err_sum += rel.norm(dim=-1).mean(-1)
         self.cost_sum += flags["cost_l"]
         self.da_sum += da
+        self.max_abs_x = torch.maximum(self.max_abs_x, self.p[..., 0].mean(1).abs())
         self.ret += self.disc[:, None, None] * reward
         self.disc *= cfg.gamma
         info = {**flags, "done": done, "terminated": bad, "truncated": truncated}
@@ -292,6 +296,7 @@ class FormationEnv:
                 "env_ids": idx, "length": self.t[idx].clone(), "collision_free": collision_free,
                 "formation_error": ferr, "laplacian_cost": self.cost_sum[idx] / steps, "arrival": arrival,
                 "success": collision_free & arrival & (ferr < cfg.formation_success_error),
+                "left_corridor": self.max_abs_x[idx] > cfg.grid_border,
                 "returns": self.ret[idx].mean(1), "smoothness": self.da_sum[idx] / steps,
                 "hit_ball": flags["hit_ball"][idx], "hit_column": flags["hit_column"][idx],
                 "crash": flags["crash"][idx], "too_close": flags["too_close"][idx]}

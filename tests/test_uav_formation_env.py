@@ -105,7 +105,19 @@ def test_truncation_metrics_and_reward_shape():
     ep = info["episode"]
     assert ep["collision_free"].all() and (ep["formation_error"] < 0.05).all() and ep["returns"].shape == (6, 4)
     assert not ep["arrival"].any()  # 20 steps are far from the goal
+    assert not ep["left_corridor"].any()
     assert obs["self"].shape[:2] == (6, 3) and obs["others"].shape == (6, 3, 2, 7) and obs["state"].shape[0] == 6
+
+
+def test_an_episode_that_goes_round_the_column_field_is_marked():
+    env = FormationEnv(FormationConfig.preset("free", num_envs=2, dynamics="pointmass", max_steps=60))
+    env.reset()
+    fly = torch.zeros(2, 3, 4)
+    fly[..., 1] = math.atanh(2 / 3)  # forward
+    fly[1, :, 0] = -math.atanh(0.9)  # env 1 also sideways, fast: past x = -2 well within 60 steps
+    for _ in range(60):
+        *_, info = env.step(fly)
+    assert info["episode"]["left_corridor"].tolist() == [False, True]
 
 
 @pytest.mark.parametrize("preset", ["free", "static", "dynamic", "mixed"])
