@@ -381,7 +381,7 @@ if __name__ == "__main__":
         inputs = (batch["images"], batch["img_masks"], batch["tokens"], batch["tok_masks"])
         if grad:
             prefix = model.encode_prefix(*inputs)
-        elif not any(p.requires_grad for p in model.parameters()):
+        elif not args.train_vlm:  # frozen VLM (outside BC): prompt-only prefixes are cached
             prefix = prompt_prefixes(*inputs)
         else:
             with torch.no_grad():
@@ -596,8 +596,6 @@ if __name__ == "__main__":
                     clipfracs.append(float(((ratio - 1).abs() > args.clip_coef).float().mean()))
                 pg_losses.append(pg_loss.item())
                 entropies.append(ent.item())
-        if args.train_vlm:
-            prompt_prefixes.clear()
 
         # TRY NOT TO MODIFY: record rewards for plotting purposes
         elapsed = time.time() - start_time - eval_seconds  # training wall clock
