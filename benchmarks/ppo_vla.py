@@ -119,7 +119,7 @@ def main(args: Args) -> None:
         if key != "bc":
             starts = [r["history"][0]["success_rate"] for r in runs[key]]
             sps = [r["env_steps"] / max(r["minutes"] * 60, 1e-9) for r in runs[key]]
-            row.update({"gain (points)": 100 * float(np.mean(np.subtract(rates, starts))),
+            row.update({"gain (points)": round(100 * float(np.mean(np.subtract(rates, starts))), 6),  # no 1e-16 noise
                         "env steps": int(np.mean([r["env_steps"] for r in runs[key]])),
                         "RL minutes": float(np.mean([r["minutes"] for r in runs[key]])),
                         "env-steps/s": float(np.mean(sps)), "vs raw sim": float(np.mean(sps)) / raw})
