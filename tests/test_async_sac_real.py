@@ -175,7 +175,11 @@ def test_refusals(tmp_path):
     first = subprocess.Popen([sys.executable, SCRIPT, "--role", "actor", "--robot", "dummy,cameras=,control_hz=50",
                               *common], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        time.sleep(1.0)
+        # the learner takes the first robot that registers: start the odd one only once `first` is registered
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob("*/spec.json")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert list(tmp_path.glob("*/spec.json")), "the first actor never registered"
         other = subprocess.run([sys.executable, SCRIPT, "--role", "actor", "--robot",
                                 "dummy,cameras=,control_hz=50,action_dim=4,name=odd", *common], cwd=ROOT,
                                capture_output=True, text=True, timeout=120)

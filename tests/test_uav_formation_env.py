@@ -136,10 +136,10 @@ def test_throughput_smoke():
     a = env.hover_action()
     for _ in range(5):
         env.step(a)
-    start, steps = time.perf_counter(), 40
+    start, steps = time.process_time(), 40  # CPU time: a busy CI machine may share the core
     for _ in range(steps):
         env.step(a)
-    rate = 512 * steps / (time.perf_counter() - start)
+    rate = 512 * steps / (time.process_time() - start)
     assert rate > 20_000, rate
 
 

@@ -18,6 +18,16 @@ class Policy(torch.nn.Module):
         self.register_buffer("steps", torch.zeros(1))
 
 
+
+def poll_until(sub, version: int, timeout: float = 5.0) -> bool:
+    """Poll until `version` is the pending update: `poll` returns on whatever has arrived, which right after a burst
+    of publishes may be an older version still ahead of the newest in the socket."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if sub.poll(0.1) and sub._pending.seq >= version:
+            return True
+    return False
+
 def pair(**kw):
     endpoint = free_endpoint()
     learner, actor = Policy(), Policy()
@@ -64,8 +74,7 @@ def test_coalescing_counts():
             perturb(learner, float(v))
             pub.publish()
         pub.wait_sent()
-        time.sleep(0.2)
-        assert sub.poll(2) and sub.apply() == 11
+        assert poll_until(sub, 11) and sub.apply() == 11
         assert torch.equal(actor.expert.weight, learner.expert.weight)
         s = pub.stats
         assert s["requested"] == 11 and s["sent"] + s["coalesced"] == 11
@@ -187,8 +196,7 @@ def test_only_changed_survives_dropped_messages_and_late_subscribers():
             learner.expert.bias.add_(1.0)
         pub.publish()  # v3: a delta against the keyframe, so it carries the weight change too
         pub.wait_sent()
-        time.sleep(0.2)
-        assert sub.poll(2) and sub.apply() == 3
+        assert poll_until(sub, 3) and sub.apply() == 3
         assert torch.equal(actor.expert.weight, learner.expert.weight)
         assert torch.equal(actor.expert.bias, learner.expert.bias)
 
