@@ -16,7 +16,7 @@ import torch
 import zmq
 
 from common.transport import (
-    PROTOCOL_VERSION, CurveConfig, DataReceiver, DataSender, FrameError, HandshakeError, Message, PackedDecoder,
+    PROTOCOL_VERSION, CurveConfig, DataReceiver, DataSender, FrameError, HandshakeError, PackedDecoder,
     Publisher,
     RpcClient, RpcServer, Subscriber, TransportError, TransportTimeout, decode, encode, make_keypair, pack_frames,
     unpack_frames,
