@@ -347,3 +347,51 @@ def test_close_during_a_bandwidth_wait_is_prompt_and_sends_the_newest():
         assert sub.poll(2) and sub.apply() == 3 and actor.expert.weight[0, 0] == 3.0  # the newest went out
     finally:
         sub.close()
+
+
+def _sent_arrays(pub, sub):
+    """Publish, and return the arrays of the message the subscriber got (without applying it)."""
+    version = pub.publish()
+    assert pub.wait_sent() and poll_until(sub, version)
+    msg, sub._pending = sub._pending, None
+    return msg.arrays
+
+
+def test_the_sent_tensors_are_found_again_when_the_model_changes():
+    # The tensor list is cached between publishes (walking the module tree is a third of a small model's sync);
+    # every way a model can change what it holds must still reach the actor.
+    learner, actor, pub, sub = pair(mode="full")
+    try:
+        _sent_arrays(pub, sub)
+        assert pub._sent.valid()  # nothing changed: the next publish reuses the list
+        learner.expert.weight = torch.nn.Parameter(torch.full((4, 16), 9.0))  # replaced through setattr
+        assert (_sent_arrays(pub, sub)["expert.weight"] == 9.0).all()
+        learner._apply(lambda t: t.clone())  # .to()'s path: buffers replaced in their dict, no registration
+        learner.steps.fill_(4.0)
+        assert _sent_arrays(pub, sub)["steps"].item() == 4.0
+        learner.extra = torch.nn.Linear(2, 2)  # a new submodule
+        assert {"extra.weight", "extra.bias"} <= set(_sent_arrays(pub, sub))
+        del learner.extra
+        assert "extra.weight" not in _sent_arrays(pub, sub)
+        # a state-dict hook that makes a tensor no module holds: never cached, so always current
+        learner._register_state_dict_hook(lambda m, sd, prefix, local: sd.__setitem__("double", m.expert.bias * 2))
+        perturb(learner, 1.0)
+        assert (_sent_arrays(pub, sub)["double"] == 2.0).all()
+        perturb(learner, 3.0)
+        assert (_sent_arrays(pub, sub)["double"] == 6.0).all()
+    finally:
+        pub.close()
+        sub.close()
+
+
+def test_trainable_mode_follows_requires_grad_between_publishes():
+    learner, actor, pub, sub = pair(mode="trainable")
+    try:
+        assert set(_sent_arrays(pub, sub)) == {"vlm.weight", "vlm.bias", "expert.weight", "expert.bias"}
+        learner.vlm.requires_grad_(False)
+        assert set(_sent_arrays(pub, sub)) == {"expert.weight", "expert.bias"}
+        learner.vlm.weight.requires_grad_(True)
+        assert set(_sent_arrays(pub, sub)) == {"vlm.weight", "expert.weight", "expert.bias"}
+    finally:
+        pub.close()
+        sub.close()
