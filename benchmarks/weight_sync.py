@@ -9,6 +9,7 @@ The reference is `torch.Tensor.copy_` of one flat tensor of the same size, preal
     python benchmarks/weight_sync.py        # writes benchmarks/results/weight_sync.{md,json,png}
     python benchmarks/weight_sync.py --learner-device cuda --sizes 10000000 100000000 315000000 1000000000
                                             # GPU learner -> CPU actor: weight_sync_cuda.{md,json,png}
+    python benchmarks/weight_sync.py --module-tree   # π0's module tree: weight_sync_module_tree.{md,json,png}
 
 `shm` variants go through shared memory (`shm://` endpoints): in the same process, and to an actor in another
 process (`xproc`: publish() here plus poll() + apply() there, the child told over a pipe when to look).
@@ -39,7 +40,7 @@ import tyro
 import zmq
 
 from benchmarks.report import RESULTS_DIR, pyplot, write_results
-from common.weight_sync import WeightPublisher, WeightSubscriber
+from common.weight_sync import WeightPublisher, WeightSubscriber, _tensors_to_send
 
 
 @dataclass
@@ -58,6 +59,10 @@ class Args:
     """evict the CPU caches (write a 96 MB scratch buffer) before every timed memcpy and sync"""
     out_dir: Path = RESULTS_DIR
     """where weight_sync.{md,json,png} go"""
+    module_tree: bool = False
+    """instead: a model with π0's module tree at tiny widths (751 modules, 776 tensors), the publisher's tensor list
+    reused (the default) against the tree walked at every publish, interleaved in one loop:
+    weight_sync_module_tree.{md,json,png}"""
 
 
 def make_model(n: int, parts: int, seed: int, device: str = "cpu") -> torch.nn.Module:
@@ -281,6 +286,89 @@ def time_sync_xproc(n: int, parts: int, endpoint: str, repeats: int, seed: int, 
     return float(np.median(totals)), float(np.median(blocks)), float(np.median(copies))
 
 
+def time_module_tree(args: Args) -> None:
+    """Publish + apply of a model whose module tree is π0's (18 Gemma and 27 SigLIP layers) at tiny widths, where
+    finding the tensors to send (`state_dict()` walks every module) costs about as much as copying them. Each round
+    publishes twice, once reusing the publisher's tensor list and once taking `state_dict()` afresh (what every
+    publish did before the list was cached), each followed by poll + apply; a memcpy of the same bytes is timed in
+    the same round."""
+    from common.pi0 import Pi0Config, Pi0Model
+
+    torch.manual_seed(args.seed)
+    learner, actor = Pi0Model(Pi0Config.tiny(depth=18, vit_depth=27)), Pi0Model(Pi0Config.tiny(depth=18, vit_depth=27))
+    n = sum(p.numel() for p in learner.state_dict().values())
+    walk_s = []
+    rows = []
+    for name, endpoint, flatten, zero_copy in (("inproc", "inproc://tree", False, False),
+                                               ("shm_flat_zero_copy", f"shm://bench-tree-{os.getpid()}", True, True)):
+        ctx = zmq.Context()
+        pub = WeightPublisher(endpoint, learner, ctx=ctx, flatten=flatten)
+        sub = WeightSubscriber(endpoint, actor, ctx=ctx, zero_copy=zero_copy)
+        memcpy = Memcpy(n)
+        reused = pub._sent.get
+        time.sleep(0.3)
+        times: dict[str, list[float]] = {"reused": [], "walked": [], "memcpy": []}
+        for r in range(args.repeats + 2):
+            for how in ("reused", "walked"):
+                with torch.no_grad():
+                    learner.state_proj.weight.add_(1.0)
+                # the list as the publisher keeps it, or walked afresh at every publish as before the cache
+                pub._sent.get = reused if how == "reused" else lambda: _tensors_to_send(learner, pub.mode)
+                start = time.perf_counter()
+                version = pub.publish()
+                while not (sub.poll(timeout=0.001) and sub._pending.seq == version):
+                    if time.perf_counter() - start > 120:
+                        raise TimeoutError("weights never arrived")
+                sub.apply()
+                if r >= 2:
+                    times[how].append(time.perf_counter() - start)
+            if r >= 2:
+                times["memcpy"].append(memcpy())
+                start = time.perf_counter()
+                learner.state_dict(keep_vars=True)
+                walk_s.append(time.perf_counter() - start)
+        assert torch.equal(actor.state_proj.weight, learner.state_proj.weight)
+        pub.close()
+        sub.close()
+        ctx.term()
+        med = {k: float(np.median(v)) for k, v in times.items()}
+        rows.append({"variant": name, "params": f"{n / 1e6:.2f}M", "tensors": len(learner.state_dict()),
+                     "modules": sum(1 for _ in learner.modules()), "memcpy_ms": round(med["memcpy"] * 1e3, 3),
+                     "list_reused_ms": round(med["reused"] * 1e3, 3),
+                     "walked_each_publish_ms": round(med["walked"] * 1e3, 3),
+                     "walked_over_reused": round(med["walked"] / med["reused"], 2),
+                     "reused_vs_memcpy": round(med["reused"] / med["memcpy"], 2),
+                     "walked_vs_memcpy": round(med["walked"] / med["memcpy"], 2),
+                     "state_dict_walk_ms": round(float(np.median(walk_s)) * 1e3, 3)})
+        print(rows[-1], flush=True)
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    x = np.arange(len(rows))
+    for i, (key, label) in enumerate((("memcpy_ms", "memcpy"), ("list_reused_ms", "tensor list reused"),
+                                      ("walked_each_publish_ms", "module tree walked at every publish"))):
+        ax.bar(x + (i - 1) * 0.25, [r[key] for r in rows], 0.25, label=label)
+    ax.set_xticks(x, [r["variant"] for r in rows])
+    ax.set_ylabel("publish + apply, ms")
+    ax.set_title("weight sync of a π0-shaped module tree (tiny widths)")
+    ax.legend(fontsize=8)
+    notes = ("A model with π0's module tree (`Pi0Config.tiny(depth=18, vit_depth=27)`: the real 18 Gemma and 27 "
+             "SigLIP layers at tiny widths). publish+apply: `publish()` to the end of `apply()`. `list_reused`: the "
+             "publisher reuses the tensor list found at an earlier publish (the default; valid until a parameter, "
+             "buffer or submodule is set, a tensor replaced, a module removed or a `requires_grad` flipped; then "
+             "found again once, at about three walks of the tree); `walked_each_publish`: the same publisher taking "
+             "`state_dict()` afresh at every publish, as every publish did before 2026-12-02 (it walks every "
+             "module); the two alternate within each round, with a memcpy of "
+             f"the same bytes. `state_dict_walk_ms`: `state_dict(keep_vars=True)` alone. Median of {args.repeats} "
+             "rounds after two warm-ups. `inproc`: the per-tensor defaults over ZMQ in-process; `shm_flat_zero_copy`: "
+             "shared memory, flattened publisher, zero-copy actor.")
+    path = write_results("weight_sync_module_tree", "Weight sync of a π0-shaped module tree: the tensor list reused "
+                         "vs the tree walked at every publish", ["variant", "params", "tensors", "modules", "memcpy_ms", "list_reused_ms",
+                                            "walked_each_publish_ms", "walked_over_reused", "reused_vs_memcpy",
+                                            "walked_vs_memcpy", "state_dict_walk_ms"], rows,
+                         seeds=[args.seed], notes=notes, out_dir=args.out_dir, figure=fig)
+    print(f"wrote {path}")
+
+
 # (name, endpoint, publisher flatten, subscriber zero_copy)
 VARIANTS = (("inproc", "inproc://weights-{n}", False, False),
             ("inproc_flat", "inproc://weights-flat-{n}", True, False),
@@ -295,6 +383,8 @@ def main(args: Args) -> None:
         raise SystemExit(f"--learner-device must be cpu or cuda, got {args.learner_device!r}")
     if args.learner_device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--learner-device cuda needs a CUDA GPU")
+    if args.module_tree:
+        return time_module_tree(args)
     device, cuda = args.learner_device, args.learner_device == "cuda"
     rows, port = [], 5850
     for n in args.sizes:

@@ -133,3 +133,16 @@ def test_weight_sync_benchmark_runs_every_variant(tmp_path):
         assert row[f"{variant}_publish_apply_ms"] > 0 and row[f"{variant}_vs_memcpy"] > 0, variant
     assert row["memcpy_ms"] == row["shm_flat_zero_copy_memcpy_ms"]
     assert (tmp_path / "weight_sync.png").stat().st_size > 1000
+
+
+def test_weight_sync_module_tree_benchmark_syncs_both_ways(tmp_path):
+    """`--module-tree`: the π0-shaped model syncs with the tensor list reused and walked afresh (the run asserts the
+    actor's values), over ZMQ and shared memory."""
+    cmd = [sys.executable, str(ROOT / "benchmarks/weight_sync.py"), "--module-tree", "--repeats", "1",
+           "--out-dir", str(tmp_path)]
+    subprocess.run(cmd, check=True, timeout=600, cwd=ROOT, capture_output=True)
+    rows = json.loads((tmp_path / "weight_sync_module_tree.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["inproc", "shm_flat_zero_copy"]
+    for r in rows:
+        assert r["tensors"] == 776 and r["modules"] == 751
+        assert r["list_reused_ms"] > 0 and r["walked_each_publish_ms"] > 0 and r["state_dict_walk_ms"] > 0
