@@ -200,8 +200,13 @@ def train_one(args: Args, variant: str, seed: int) -> dict:
     out = json.loads(summary.read_text())
     out["train_seconds"] = json.loads(timing.read_text())["seconds"] if timing.exists() else float("nan")
     write_record(args, variant, seed, run, out)
-    out.update(date=utc_date(summary.stat().st_mtime), machine=machine_info(), threads=args.threads,
-               workers=args.workers)  # this machine; this call's flags
+    record, started = record_path(args, variant, seed), run / "bench_code.json"
+    rec = load_record(record) if args.records and record.exists() and started.exists() else None
+    if rec is not None and rec["code"] == json.loads(started.read_text())["code"]:
+        where = {k: rec[k] for k in ("machine", "threads", "workers")}  # as it trained (maybe under an earlier call)
+    else:
+        where = {"machine": machine_info(), "threads": args.threads, "workers": args.workers}  # this call's
+    out.update(date=utc_date(summary.stat().st_mtime), **where)
     print(f"[{variant} seed {seed}] " + ", ".join(f"{p}: cf {r['collision_free']:.2f} fe {r['formation_error']:.2f}"
                                                    for p, r in out["eval"].items()), flush=True)
     return out

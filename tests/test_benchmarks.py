@@ -1,5 +1,6 @@
 """Benchmark commands run end to end at a tiny scale and write their .md / .json / .png."""
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -117,6 +118,10 @@ def test_uav_run_resumed_under_other_code_is_recorded_only_if_that_code_trains_t
         assert record.exists() == recorded, variant
         if recorded:
             assert json.loads(record.read_text())["code"] == started_with
+            # read back from its run directory by a call with other flags: the table says how it trained
+            later = bench.train_one(dataclasses.replace(args, workers=args.workers + 1, threads=args.threads + 1),
+                                    variant, 1)
+            assert (later["workers"], later["threads"]) == (args.workers, args.threads)
             shutil.rmtree(run)  # another machine: read back through SAME_TRAINING
             assert bench.train_one(args, variant, 1)["eval"] == summary["eval"]
 
