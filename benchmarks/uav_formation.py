@@ -133,15 +133,16 @@ def read_record(args: Args, variant: str, seed: int) -> dict | None:
     return rec
 
 
-def write_record(args: Args, variant: str, seed: int, run: Path, out: dict) -> None:
-    """Record a finished run, once, with the hash of the code it started with (bench_code.json in its directory)."""
+def write_record(args: Args, variant: str, seed: int, run: Path, out: dict) -> dict | None:
+    """Record a finished run, once, with the hash of the code it started with (bench_code.json in its directory).
+    Returns the run's record (the one written now, or an earlier call's), or None where it has none."""
     path = record_path(args, variant, seed)
     started = run / "bench_code.json"
     if not args.records or not started.exists():
-        return  # a run from before records existed: which code trained it is not known
+        return None  # a run from before records existed: which code trained it is not known
     code = json.loads(started.read_text())["code"]
-    if path.exists() and load_record(path)["code"] == code:
-        return
+    if path.exists() and (earlier := load_record(path))["code"] == code:
+        return earlier
     path.parent.mkdir(parents=True, exist_ok=True)
     rec = {"variant": variant, "seed": seed, "settings": run_settings(args), "code": code,
            "code_files": list(CODE_FILES), "eval": out["eval"], "env_steps": out["env_steps"],
@@ -149,6 +150,7 @@ def write_record(args: Args, variant: str, seed: int, run: Path, out: dict) -> N
            "workers": args.workers, "device": args.device, "machine": machine_info(),
            "date": utc_date((run / "summary.json").stat().st_mtime)}
     atomic_write(path, json.dumps(rec, indent=1) + "\n")
+    return rec
 
 
 def train_one(args: Args, variant: str, seed: int) -> dict:
@@ -199,10 +201,8 @@ def train_one(args: Args, variant: str, seed: int) -> dict:
             raise RuntimeError(f"{variant} seed {seed} failed (exit {proc.returncode}); see {run / 'bench.log'}")
     out = json.loads(summary.read_text())
     out["train_seconds"] = json.loads(timing.read_text())["seconds"] if timing.exists() else float("nan")
-    write_record(args, variant, seed, run, out)
-    record, started = record_path(args, variant, seed), run / "bench_code.json"
-    rec = load_record(record) if args.records and record.exists() and started.exists() else None
-    if rec is not None and rec["code"] == json.loads(started.read_text())["code"]:
+    rec = write_record(args, variant, seed, run, out)
+    if rec is not None:
         where = {k: rec[k] for k in ("machine", "threads", "workers")}  # as it trained (maybe under an earlier call)
     else:
         where = {"machine": machine_info(), "threads": args.threads, "workers": args.workers}  # this call's

@@ -295,7 +295,8 @@ def time_module_tree(args: Args) -> None:
     from common.pi0 import Pi0Config, Pi0Model
 
     torch.manual_seed(args.seed)
-    learner, actor = Pi0Model(Pi0Config.tiny(depth=18, vit_depth=27)), Pi0Model(Pi0Config.tiny(depth=18, vit_depth=27))
+    cfg = Pi0Config.tiny(depth=18, vit_depth=27)
+    learner, actor = Pi0Model(cfg), Pi0Model(cfg)
     n = sum(p.numel() for p in learner.state_dict().values())
     walk_s = []
     rows = []
@@ -361,11 +362,11 @@ def time_module_tree(args: Args) -> None:
              f"the same bytes. `state_dict_walk_ms`: `state_dict(keep_vars=True)` alone. Median of {args.repeats} "
              "rounds after two warm-ups. `inproc`: the per-tensor defaults over ZMQ in-process; `shm_flat_zero_copy`: "
              "shared memory, flattened publisher, zero-copy actor.")
+    columns = ["variant", "params", "tensors", "modules", "memcpy_ms", "list_reused_ms", "walked_each_publish_ms",
+               "walked_over_reused", "reused_vs_memcpy", "walked_vs_memcpy", "state_dict_walk_ms"]
     path = write_results("weight_sync_module_tree", "Weight sync of a π0-shaped module tree: the tensor list reused "
-                         "vs the tree walked at every publish", ["variant", "params", "tensors", "modules", "memcpy_ms", "list_reused_ms",
-                                            "walked_each_publish_ms", "walked_over_reused", "reused_vs_memcpy",
-                                            "walked_vs_memcpy", "state_dict_walk_ms"], rows,
-                         seeds=[args.seed], notes=notes, out_dir=args.out_dir, figure=fig)
+                         "vs the tree walked at every publish", columns, rows, seeds=[args.seed], notes=notes,
+                         out_dir=args.out_dir, figure=fig)
     print(f"wrote {path}")
 
 

@@ -69,7 +69,8 @@ def _watch_registrations() -> None:
 
 class _SentTensors:
     """`_tensors_to_send`, found once and reused while still valid. Walking the module tree (`state_dict`,
-    `named_parameters`) costs ~2 ms per publish for a π0-sized model and a third of a small model's whole sync. Valid
+    `named_parameters`) costs ~2.5 ms per publish for a model with π0's 751 modules (`benchmarks/weight_sync.py
+    --module-tree`); a model of a few modules hardly notices. Valid
     while: nothing was registered on any module since (the hooks above), each tensor is still the object its module
     holds under its name (`.to()` swaps buffers without a registration) and each module still its parent's (`del`
     neither), and, for "trainable", every parameter's `requires_grad` is as it was. Not cached: "full" with state-dict
@@ -97,19 +98,19 @@ class _SentTensors:
         if not self.valid():
             registrations, hooks = _registrations[0], RemovableHandle.next_id
             tensors = _tensors_to_send(self.model, self.mode)
-            where = {}
-            for module in self.model.modules():
-                for d in (module._parameters, module._buffers):
+            modules = list(self.model.modules())
+            where = {}  # id -> (the dict that holds it, its name there); tied weights: the first holder
+            for m in modules:
+                for d in (m._parameters, m._buffers):
                     for k, t in d.items():
                         if t is not None:
                             where.setdefault(id(t), (d, k))
             owners = [where.get(id(t)) for t in tensors.values()]
-            hooked = self.mode == "full" and any(m._state_dict_hooks or m._state_dict_pre_hooks
-                                                 for m in self.model.modules())
-            self.tensors = None if hooked or any(o is None for o in owners) else tensors
+            hooked = self.mode == "full" and any(m._state_dict_hooks or m._state_dict_pre_hooks for m in modules)
+            self.tensors = None if hooked or None in owners else tensors
             # each tensor in its module's dict, and each module in its parent's (`del model.head` is no registration)
             self.owners = [(d, k, t) for (d, k), t in zip(owners, tensors.values())] + [
-                (m._modules, k, child) for m in self.model.modules() for k, child in m._modules.items()
+                (m._modules, k, child) for m in modules for k, child in m._modules.items()
                 if child is not None] if self.tensors is not None else []
             self.params = list(self.model.parameters()) if self.mode == "trainable" else []
             self.requires_grad = [p.requires_grad for p in self.params]
