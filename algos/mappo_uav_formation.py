@@ -185,11 +185,12 @@ class AttentionEncoder(nn.Module):
 
 
 class MLPEncoder(nn.Module):
-    """Ablation: every token (masked ones zeroed) flattened into a 3x256 MLP -> 64."""
+    """Ablation: every token (masked ones zeroed) and the masks flattened into a 3x256 MLP -> 64. The masks are inputs
+    because a zeroed token is not "absent": a zeroed column summary reads as a column at distance 0."""
 
     def __init__(self, dims: dict, counts: dict):
         super().__init__()
-        n = sum(dims[k] * counts[k] for k in dims)
+        n = sum(dims[k] * counts[k] for k in dims) + counts["balls"] + counts["static"]
         self.net = nn.Sequential(nn.Linear(n, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256),
                                  nn.ReLU(), nn.Linear(256, 64))
         self.out_dim = 64
@@ -197,7 +198,8 @@ class MLPEncoder(nn.Module):
     def forward(self, obs: dict) -> torch.Tensor:
         parts = [obs["self"], obs["others"].flatten(1),
                  obs["balls"].masked_fill(obs["ball_mask"][..., None], 0).flatten(1),
-                 obs["static"].masked_fill(obs["static_mask"][..., None], 0).flatten(1)]
+                 obs["static"].masked_fill(obs["static_mask"][..., None], 0).flatten(1),
+                 obs["ball_mask"].float(), obs["static_mask"].float()]
         return self.net(torch.cat(parts, -1))
 
 

@@ -45,10 +45,13 @@ from common.uav_apf import APFController
 VARIANTS = {"ours": [], "no curriculum": ["--no-curriculum"], "MLP encoder": ["--encoder", "mlp"]}
 METRICS = ("collision_free", "formation_error", "arrival", "success", "left_corridor")
 CODE_FILES = ("algos/mappo_uav_formation.py", "common/uav_formation_env.py")  # what a run's result depends on
-# Earlier code whose runs train exactly as the current code's, keyed by the current code's hash (so an entry lapses
-# when the code changes again): the records of those runs still count. Each was checked bit for bit (agent.pt and
-# summary.json of the same toy run under both) when the code changed.
-SAME_TRAINING: dict[str, dict[str, str]] = {}  # none: the E = 256 table (2026-12-02) began on the current code
+# Earlier code whose runs of the listed variants train exactly as the current code's, keyed by the current code's hash
+# (so an entry lapses when the code changes again): the records of those runs still count. Each was checked bit for
+# bit (agent.pt and summary.json of the same toy run of each variant under both) when the code changed.
+SAME_TRAINING: dict[str, dict[str, tuple[str, ...]]] = {
+    # 2026-12-02: the MLP encoder also takes the token masks; ours and no curriculum are untouched
+    "06fedef55f9ca7bd": {"3f1c1327f0f08414": ("ours", "no curriculum")},
+}
 
 
 @dataclass
@@ -100,10 +103,10 @@ def code_hash() -> str:
     return digest.hexdigest()[:16]
 
 
-def same_training_codes() -> tuple[str, ...]:
-    """The current code's hash and those of earlier code that trains the same (SAME_TRAINING)."""
+def same_training_codes(variant: str) -> tuple[str, ...]:
+    """The current code's hash and those of earlier code that trains `variant` the same (SAME_TRAINING)."""
     current = code_hash()
-    return (current, *SAME_TRAINING.get(current, {}))
+    return (current, *(old for old, variants in SAME_TRAINING.get(current, {}).items() if variant in variants))
 
 
 def record_path(args: Args, variant: str, seed: int) -> Path:
@@ -127,7 +130,7 @@ def read_record(args: Args, variant: str, seed: int) -> dict | None:
     if not args.records or not path.exists():
         return None
     rec = load_record(path)
-    if rec["settings"] != run_settings(args) or rec["code"] not in same_training_codes():
+    if rec["settings"] != run_settings(args) or rec["code"] not in same_training_codes(variant):
         print(f"[{variant} seed {seed}] {path.name} came from other code or settings: training again", flush=True)
         return None
     return rec
@@ -176,7 +179,7 @@ def train_one(args: Args, variant: str, seed: int) -> dict:
         started = run / "bench_code.json"
         if not (run / "checkpoint.pt").exists():  # a fresh start: the code its record will name
             atomic_write(started, json.dumps({"code": code_hash()}))
-        elif started.exists() and json.loads(started.read_text())["code"] not in same_training_codes():
+        elif started.exists() and json.loads(started.read_text())["code"] not in same_training_codes(variant):
             print(f"[{variant} seed {seed}] the code changed since this run started: it resumes, but gets no record",
                   flush=True)
             started.unlink()

@@ -87,12 +87,12 @@ def test_uav_formation_table_runs_resumes_and_writes_its_results(tmp_path):
 
 def test_uav_run_resumed_under_other_code_is_recorded_only_if_that_code_trains_the_same(tmp_path, monkeypatch):
     """An interrupted run resumed after the code changed keeps its record only when SAME_TRAINING vouches for the
-    code it started with (the record then names that code); else it resumes without one."""
+    code it started with, for that variant (the record then names that code); else it resumes without one."""
     sys.path.insert(0, str(ROOT))
     from benchmarks import uav_formation as bench
 
     monkeypatch.setattr(bench, "code_hash", lambda: "new0000000000000")
-    monkeypatch.setattr(bench, "SAME_TRAINING", {"new0000000000000": {"old0000000000000": "checked"}})
+    monkeypatch.setattr(bench, "SAME_TRAINING", {"new0000000000000": {"old0000000000000": ("ours",)}})
     summary = {"eval": {"static": {"collision_free": 0.5, "formation_error": 0.4}}, "env_steps": 10, "weights": None}
 
     real_run = subprocess.run
@@ -107,7 +107,9 @@ def test_uav_run_resumed_under_other_code_is_recorded_only_if_that_code_trains_t
 
     monkeypatch.setattr(bench.subprocess, "run", fake_training)
     args = bench.Args(seeds=[1], run_dir=str(tmp_path / "runs"), out_dir=str(tmp_path / "out"))
-    cases = (("ours", "old0000000000000", True), ("MLP encoder", "gone000000000000", False))
+    # SAME_TRAINING vouches for ours only: the MLP encoder started on the same old code, or on unknown code, is not
+    cases = (("ours", "old0000000000000", True), ("MLP encoder", "old0000000000000", False),
+             ("no curriculum", "gone000000000000", False))
     for variant, started_with, recorded in cases:
         run = tmp_path / "runs" / f"uav_formation__{bench.run_name(variant)}__1"
         run.mkdir(parents=True)

@@ -50,6 +50,20 @@ def test_attention_encoder_ignores_masked_tokens_and_token_order():
     assert not torch.allclose(enc(changed), base, atol=1e-3)
 
 
+def test_mlp_encoder_tells_an_absent_token_from_a_zero_one():
+    """The ablation's MLP sees masked tokens as zeros, so it needs the masks too: without them, `dynamic` (no columns,
+    the 9-distance summary masked) looks like a drone touching a column (all 9 distances 0)."""
+    torch.manual_seed(0)
+    env = FormationEnv(FormationConfig.preset("mixed", num_envs=4))
+    obs = mu.flat_obs(env.reset())
+    counts = {k: obs[k].shape[-2] if obs[k].dim() == 3 else 1 for k in ("self", "others", "balls", "static")}
+    enc = mu.MLPEncoder({k: obs[k].shape[-1] for k in counts}, counts)
+    touching = {**obs, "static": torch.zeros_like(obs["static"]), "static_mask": torch.zeros_like(obs["static_mask"])}
+    absent = {**obs, "static_mask": torch.ones_like(obs["static_mask"])}
+    assert not torch.allclose(enc(touching), enc(absent), atol=1e-4)
+    junk = {**absent, "static": torch.randn_like(obs["static"]) * 100}
+    assert torch.allclose(enc(junk), enc(absent))  # what a mask hides never matters
+
 def test_stage1_winner_maximises_the_worst_normalised_objective():
     rows = [{"return_formation": 1, "return_obstacle": 0, "return_forward": 5, "return_smoothness": 3,
              "collision_free": 0.9},
