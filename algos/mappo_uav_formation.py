@@ -105,6 +105,9 @@ class Args:
     along the 40 m corridor)"""
     max_steps: int = 900
     """episode length (18 s)"""
+    corridor_walls: float = 0.0
+    """side walls at |x| = this many metres, touched = a collision (0: none, as released; the spec's corridor is 4 m
+    wide: 2.0). Without them a policy may fly round the column field instead of through it"""
 
     # Networks
     encoder: str = "attention"
@@ -284,6 +287,7 @@ def make_env(args: Args, preset: str, num_envs: int, seed: int, device) -> Forma
     return FormationEnv(FormationConfig.preset(preset, num_envs=num_envs, num_drones=args.num_drones,
                                                dynamics=args.dynamics, static_mode=args.static_mode,
                                                relative_self_pos=args.relative_self_pos,
+                                               corridor_walls=args.corridor_walls,
                                                max_steps=args.max_steps, seed=seed, device=str(device), **extra))
 
 
@@ -342,12 +346,14 @@ def evaluate(act, args: Args, preset: str, weights, ref_obs, device, seed: int, 
     result.update({f"return_{name}": float(stats["returns"][:, i].mean()) for i, name in enumerate(OBJECTIVES)})
     result["utility"] = float((stats["returns"] * torch.as_tensor(weights, device=device)).sum(-1).mean())
     if plot_path is not None and track:
-        plot_tracks(torch.stack(track), columns, env.cfg.column_radius, plot_path, preset)
+        plot_tracks(torch.stack(track), columns, env.cfg.column_radius, plot_path, preset, env.cfg.corridor_walls)
     return result
 
 
-def plot_tracks(track: torch.Tensor, columns: torch.Tensor | None, radius: float, path: Path, title: str) -> None:
-    """Top view of each drawn episode: its drones' x-y tracks and its column layout ([episodes, S, 2] or None)."""
+def plot_tracks(track: torch.Tensor, columns: torch.Tensor | None, radius: float, path: Path, title: str,
+                walls: float = 0.0) -> None:
+    """Top view of each drawn episode: its drones' x-y tracks, its column layout ([episodes, S, 2] or None) and the
+    side walls (if any)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -359,6 +365,8 @@ def plot_tracks(track: torch.Tensor, columns: torch.Tensor | None, radius: float
         ax = axes[0, e]
         for x, y in (columns[e].numpy() if columns is not None else []):
             ax.add_patch(plt.Circle((x, y), radius, color="gray"))
+        for x in ((-walls, walls) if walls else ()):
+            ax.axvline(x, color="black", lw=2)
         for i in range(track.shape[2]):
             ax.plot(track[:, e, i, 0], track[:, e, i, 1], lw=1)
         ax.set_xlim(-3, 3)
@@ -513,6 +521,10 @@ def main(args: Args) -> None:
     if bad or not eval_presets:  # checked now, not after an hour of training
         raise SystemExit(f"--eval-presets takes names from {sorted(PRESETS)}, comma-separated; "
                          f"got {args.eval_presets!r}")
+    try:  # the env's own checks (walls against the formation, ...) now, not after stage 1
+        make_env(args, "free", 1, 0, "cpu")
+    except ValueError as exc:
+        raise SystemExit(f"bad env settings: {exc}") from None
     try:
         budgets = [float(x) for x in args.frames.split(",")]
         assert len(budgets) == 3 and min(budgets) >= 0

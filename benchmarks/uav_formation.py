@@ -49,8 +49,10 @@ CODE_FILES = ("algos/mappo_uav_formation.py", "common/uav_formation_env.py")  # 
 # (so an entry lapses when the code changes again): the records of those runs still count. Each was checked bit for
 # bit (agent.pt and summary.json of the same toy run of each variant under both) when the code changed.
 SAME_TRAINING: dict[str, dict[str, tuple[str, ...]]] = {
-    # 2026-12-02: the MLP encoder also takes the token masks; ours and no curriculum are untouched
-    "06fedef55f9ca7bd": {"3f1c1327f0f08414": ("ours", "no curriculum")},
+    # 2026-12-02: optional side walls (--corridor-walls, off by default); every variant trains as before without them
+    "89f95a27ab46646e": {"06fedef55f9ca7bd": ("ours", "no curriculum", "MLP encoder"),
+                         # (and the code before that, the MLP encoder's masks, trained ours and no curriculum the same)
+                         "3f1c1327f0f08414": ("ours", "no curriculum")},
 }
 
 
@@ -70,6 +72,9 @@ class Args:
     """evaluation episodes per preset"""
     dynamics: str = "ctbr"
     """ctbr (paper) or pointmass"""
+    corridor_walls: float = 0.0
+    """side walls at |x| = this (m) in training and evaluation, APF included (0: none, as released; 2.0 is the spec's
+    4 m corridor)"""
     device: str = "cpu"
     """cpu or cuda: where the runs train"""
     workers: int = 1
@@ -93,7 +98,11 @@ def run_name(variant: str) -> str:
 
 def run_settings(args: Args) -> dict:
     """What a finished or interrupted run must share with this call to be reused."""
-    return {"frames": args.frames, "num_envs": args.num_envs, "eval_envs": args.eval_envs, "dynamics": args.dynamics}
+    settings = {"frames": args.frames, "num_envs": args.num_envs, "eval_envs": args.eval_envs,
+                "dynamics": args.dynamics}
+    if args.corridor_walls:  # only when set: the records of runs without walls keep their names
+        settings["corridor_walls"] = args.corridor_walls
+    return settings
 
 
 def code_hash() -> str:
@@ -185,8 +194,9 @@ def train_one(args: Args, variant: str, seed: int) -> dict:
             started.unlink()
         cmd = [sys.executable, str(ROOT / "algos" / "mappo_uav_formation.py"), "--weights", "paper",
                "--frames", args.frames, "--num-envs", str(args.num_envs), "--eval-envs", str(args.eval_envs),
-               "--dynamics", args.dynamics, "--seed", str(seed), "--exp-name", run_name(variant),
-               "--run-dir", str(run.parent), "--torch-threads", str(args.threads), *VARIANTS[variant]]
+               "--dynamics", args.dynamics, "--corridor-walls", str(args.corridor_walls), "--seed", str(seed),
+               "--exp-name", run_name(variant), "--run-dir", str(run.parent), "--torch-threads", str(args.threads),
+               *VARIANTS[variant]]
         if args.device == "cpu":
             cmd.append("--no-cuda")
         if (run / "checkpoint.pt").exists():
@@ -230,6 +240,8 @@ def main(args: Args) -> None:
     args.variants, args.seeds = list(dict.fromkeys(args.variants)), list(dict.fromkeys(args.seeds))
     if not args.variants or not args.seeds:
         raise SystemExit("give at least one --variants and one --seeds")
+    if args.corridor_walls < 0:
+        raise SystemExit(f"--corridor-walls is a half-width in metres (0: no walls), got {args.corridor_walls}")
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", args.name) or args.name.startswith("."):
         raise SystemExit(f"--name {args.name!r}: use letters, digits, '_', '-' and '.' (a file name, no path)")
     mu = load_algo("mappo_uav_formation")
@@ -239,7 +251,7 @@ def main(args: Args) -> None:
     presets = list(next(iter(results.values()))["eval"])
 
     # the APF controller on the same evaluation episodes (the script's evaluate, seed 20000)
-    targs = mu.Args(eval_envs=args.eval_envs, dynamics=args.dynamics)
+    targs = mu.Args(eval_envs=args.eval_envs, dynamics=args.dynamics, corridor_walls=args.corridor_walls)
     device = torch.device("cuda" if args.device == "cuda" and torch.cuda.is_available() else "cpu")
     ref_obs = mu.make_env(targs, "mixed", 2, 0, device).reset()
     apf = {p: mu.evaluate(lambda env, obs: APFController(env).act(), targs, p, mu.PAPER_WEIGHTS, ref_obs, device,
@@ -301,8 +313,10 @@ def main(args: Args) -> None:
              "Collision-free: no crash, no drone pair closer than 0.15 m, no hit over the whole episode; formation "
              "error: time-mean distance from the formation slots (m); success: collision-free, arrived and formation "
              "error < 0.3 m; left_corridor: the formation's centroid went past |x| = 2 m, the edge of the column "
-             "field, at some step (round the columns rather than through them; nothing in the env stops it).\n\n"
-             "Where each run trained (`train_min` is its wall time there): "
+             "field, at some step (round the columns rather than through them"
+             + (f"; side walls at |x| = {args.corridor_walls:g} m end an episode that touches them, APF repelled by "
+                "them too).\n\n" if args.corridor_walls else "; nothing in the env stops it).\n\n")
+             + "Where each run trained (`train_min` is its wall time there): "
              + "; ".join(f"{v} seed {s}: {r['date']}, {r['machine']['cpu']}, {r['threads']} thread(s), {r['workers']} "
                          "run(s) at a time" for (v, s), r in results.items())
              + ".\n\nTargets:\n" + "\n".join(f"- {c}" for c in checks))

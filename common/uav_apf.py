@@ -2,9 +2,9 @@
 
 Per drone, a desired acceleration sums: attraction to its slot in the formation (centroid + target offset), tracking
 of the target velocity and height, and repulsion (Khatib's 1/d - 1/ρ0 law) from columns (horizontal), from active
-balls (at their predicted closest approach), and from the other drones. A geometric attitude controller turns it into
-the env's collective-thrust / body-rate action (or a velocity target in point-mass mode), so the baseline flies the
-same dynamics as the learned policy.
+balls (at their predicted closest approach), from the side walls if the env has them, and from the other drones. A
+geometric attitude controller turns it into the env's collective-thrust / body-rate action (or a velocity target in
+point-mass mode), so the baseline flies the same dynamics as the learned policy.
 
     from common.uav_apf import APFController
     ctrl = APFController(env)
@@ -34,6 +34,8 @@ class APFGains:
     column_range: float = 1.7
     ball: float = 3.0
     ball_range: float = 1.5
+    wall: float = 1.5  # side walls (env.cfg.corridor_walls > 0), the column law in x; not tuned
+    wall_range: float = 1.0
     drone: float = 0.3
     drone_range: float = 0.6
     max_acc: float = 8.0
@@ -67,6 +69,10 @@ class APFController:
             d = closest.norm(dim=-1, keepdim=True).clamp(min=1e-3)
             push = k.ball * (1 / d - 1 / k.ball_range).clamp(min=0) / d ** 2 * closest / d
             acc += (push * env.ball_active[:, None, :, None]).sum(2)
+        if env.cfg.corridor_walls:
+            for side in (-1.0, 1.0):  # distance to the wall at x = side * walls, pushed towards the middle
+                gap = (env.cfg.corridor_walls - side * p[..., 0]).clamp(min=0.02)
+                acc[..., 0] -= side * k.wall * (1 / gap - 1 / k.wall_range).clamp(min=0) / gap ** 2
         rel = p[:, :, None] - p[:, None]  # [E, N, N, 3]
         d = rel.norm(dim=-1, keepdim=True) + torch.eye(env.N, device=p.device)[None, :, :, None] * 1e6
         acc += (k.drone * (1 / d - 1 / k.drone_range).clamp(min=0) / d ** 2 * rel / d).sum(2)

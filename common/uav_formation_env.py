@@ -17,11 +17,17 @@ Step API (all tensors on `device`, E envs, N agents; auto-reset: a finished env 
             static [E, N, 1, 9] (sdf9: min distance from a 3x3 grid of ±0.1 m around the drone to the column axes)
             or [E, N, S, 10] (tokens) + static_mask, state [E, Dg] (everything, for a centralised critic)
     reward: [E, N, 4] = (formation, obstacle, forward, smoothness), the released code's terms; the script scalarises
-    info:   done [E], bad (crash / too close / hit), hit_ball, hit_column, crash, too_close, and for finished episodes
+    info:   done [E], bad (crash / too close / hit), hit_ball, hit_column, hit_wall, crash, too_close, and for finished
+            episodes
             `episode` = {collision_free, formation_error (m, time-mean), laplacian_cost, arrival, success,
             returns [E, 4] (γ-discounted per objective), smoothness (mean |Δa|), length, left_corridor (the
             formation centroid went past |x| = grid_border at some step: round the column field, not through it)}
 Presets: free (no obstacles), static (10 columns), dynamic (2 balls), mixed (10 + 2); every field can be overridden.
+
+Side walls (`corridor_walls` > 0, off by default): the spec's corridor is 4 m wide, but the release has no walls and a
+policy may go round the column field (`left_corridor`). With walls at |x| = corridor_walls a drone that reaches one
+ends the episode like a column hit (-20 and the terminal -10), and the obstacle reward gets a column-like term within
+0.4 m of a wall. The self token's absolute x is how the policy sees them (so walls need the absolute self position).
 """
 
 from __future__ import annotations
@@ -64,6 +70,7 @@ class FormationConfig:
     obs_range: float = 10.0
     static_mode: str = "sdf9"  # sdf9 | tokens
     drone_radius: float = 0.0  # added to the hit distances (0: the released code's leniency)
+    corridor_walls: float = 0.0  # side walls at |x| = this (m); 0: none, as released (the spec: 4 m wide, so 2.0)
     relative_self_pos: bool = False  # self token: x, y relative to the formation centroid (z stays absolute)
     state_max_balls: int = 2  # the global state keeps this many ball slots and ...
     state_max_columns: int = 10  # ... column slots in every preset: one layout for the whole curriculum
@@ -144,11 +151,19 @@ class FormationEnv:
                              f"{cfg.static_mode!r}")
         if cfg.num_drones < 2:
             raise ValueError("a formation needs at least 2 drones")
+        if cfg.corridor_walls < 0:
+            raise ValueError(f"corridor_walls is a half-width in metres (0: no walls), got {cfg.corridor_walls}")
+        if cfg.corridor_walls and cfg.relative_self_pos:
+            raise ValueError("corridor_walls needs the absolute self position (the policy sees the walls by its x): "
+                             "drop relative_self_pos")
         self.cfg, self.E, self.N = cfg, cfg.num_envs, cfg.num_drones
         self.device = torch.device(cfg.device)
         dev = self.device
         self.gen = torch.Generator(device=dev).manual_seed(cfg.seed)
         self.offsets = formation_offsets(self.N, cfg.formation_radius, cfg.formation).to(dev)
+        if cfg.corridor_walls and float(self.offsets[:, 0].abs().max()) + cfg.drone_radius >= cfg.corridor_walls:
+            raise ValueError(f"corridor_walls {cfg.corridor_walls} m: the formation spawns across a wall (its drones "
+                             f"reach |x| = {float(self.offsets[:, 0].abs().max()):.2f} m)")
         self.target_vel = torch.tensor(cfg.target_vel, device=dev, dtype=torch.float32)
         self.final_y = 0.9 * float(self.target_vel.norm()) * cfg.max_steps * cfg.dt
         self.thrust_gain = G / cfg.hover_thrust  # acceleration per unit of normalised thrust
@@ -299,6 +314,7 @@ class FormationEnv:
                 "left_corridor": self.max_abs_x[idx] > cfg.grid_border,
                 "returns": self.ret[idx].mean(1), "smoothness": self.da_sum[idx] / steps,
                 "hit_ball": flags["hit_ball"][idx], "hit_column": flags["hit_column"][idx],
+                "hit_wall": flags["hit_wall"][idx],
                 "crash": flags["crash"][idx], "too_close": flags["too_close"][idx]}
             info["final_obs"] = self._obs()
             self._reset_envs(idx)
@@ -326,10 +342,12 @@ class FormationEnv:
         else:
             cd = torch.full((E, N, 1), 1e6, device=self.device)
         hit_column = cd.min(-1).values < cfg.column_radius + cfg.drone_radius
+        wall_d = cfg.corridor_walls - p[..., 0].abs()  # [E, N], only read when there are walls
+        hit_wall = (wall_d <= cfg.drone_radius) if cfg.corridor_walls else torch.zeros_like(hit_column)
         any_agent = lambda x: x.any(-1)  # noqa: E731
         flags = {"crash": any_agent(crash), "too_close": any_agent(too_close), "hit_ball": any_agent(hit_ball),
-                 "hit_column": any_agent(hit_column)}
-        bad = flags["crash"] | flags["too_close"] | flags["hit_ball"] | flags["hit_column"]
+                 "hit_column": any_agent(hit_column), "hit_wall": any_agent(hit_wall)}
+        bad = flags["crash"] | flags["too_close"] | flags["hit_ball"] | flags["hit_column"] | flags["hit_wall"]
         flags["bad"] = bad
         # formation
         ball_on = self.ball_active.any(-1) if cfg.num_balls else torch.zeros(E, dtype=torch.bool, device=self.device)
@@ -347,6 +365,8 @@ class FormationEnv:
         col_term = (cd.clamp(cfg.column_radius, 0.4) - 0.4).mean(-1) if cfg.num_columns else torch.zeros(E, N,
                                                                                                        device=p.device)
         r_obst = 10 * ball_term + col_term - 20 * (hit_ball | hit_column).float()
+        if cfg.corridor_walls:  # as a column: up to -0.4 within 0.4 m of the wall, -20 on contact
+            r_obst = r_obst + (wall_d.clamp(0, 0.4) - 0.4) - 20 * hit_wall.float()
         # forward
         heading = self.R[..., 0]
         tv = self.target_vel

@@ -128,6 +128,20 @@ def test_uav_run_resumed_under_other_code_is_recorded_only_if_that_code_trains_t
             assert bench.train_one(args, variant, 1)["eval"] == summary["eval"]
 
 
+def test_uav_runs_with_side_walls_are_other_runs_and_those_without_keep_their_records():
+    """--corridor-walls is a setting of its own (another record, and the flag reaches the script); without it the
+    settings, and so the committed records' names, are what they were before walls existed."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import uav_formation as bench
+
+    plain, walled = bench.Args(), bench.Args(corridor_walls=2.0)
+    assert bench.run_settings(plain) == {"frames": "0.4,4,4", "num_envs": 256, "eval_envs": 256, "dynamics": "ctbr"}
+    assert bench.record_path(plain, "ours", 1).name == "bench_ours__1__3b48e9f4.json"
+    assert (ROOT / "benchmarks/results/uav_formation_runs/bench_ours__1__3b48e9f4.json").exists()
+    assert bench.run_settings(walled)["corridor_walls"] == 2.0
+    assert bench.record_path(walled, "ours", 1).name != bench.record_path(plain, "ours", 1).name
+
+
 def test_weight_sync_benchmark_runs_every_variant(tmp_path):
     """Tiny sizes: every transport (ZMQ in-process, shared memory in-process and to another process, TCP) syncs
     and checks the actor's values, and the table comes out with a ratio for each."""

@@ -161,16 +161,20 @@ def test_bad_flags_fail_before_training_and_plots_can_be_off(tmp_path):
     for flag, said in ((dict(num_envs=0), "--num-envs must be >= 1"), (dict(eval_envs=0), "--eval-envs"),
                        (dict(eval_presets="static,stati"), "--eval-presets takes names"),
                        (dict(plot_episodes=-1), "--plot-episodes must be >= 0"),
-                       (dict(num_drones=1), "--num-drones must be >= 2"), (dict(gate_rate=0.0), "--gate-rate")):
+                       (dict(num_drones=1), "--num-drones must be >= 2"), (dict(gate_rate=0.0), "--gate-rate"),
+                       (dict(corridor_walls=-1.0), "corridor_walls is a half-width"),
+                       (dict(corridor_walls=0.9), "spawns across a wall"),
+                       (dict(corridor_walls=2.0, relative_self_pos=True), "absolute self position")):
         with pytest.raises(SystemExit, match=said):
             mu.main(mu.Args(run_dir=str(tmp_path / "bad"), **flag))
         assert not (tmp_path / "bad").exists()  # refused before a run directory exists
     cmd = [sys.executable, str(ROOT / "algos" / "mappo_uav_formation.py"), "--run-dir", str(tmp_path), *TOY,
-           "--weights", "paper", "--eval-presets", "static", "--plot-episodes", "0"]
+           "--weights", "paper", "--eval-presets", "static", "--plot-episodes", "0", "--corridor-walls", "2.0"]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     run_dir = tmp_path / "uav_formation__mappo_uav_formation__1"
-    assert set(json.loads((run_dir / "summary.json").read_text())["eval"]) == {"static"}
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert set(summary["eval"]) == {"static"} and summary["args"]["corridor_walls"] == 2.0
     assert not list(run_dir.glob("eval_*.png"))
 
 
@@ -181,7 +185,8 @@ def test_eval_plots_draw_the_columns_each_episode_flew_through(monkeypatch, tmp_
     made, drawn = [], {}
     real_make_env = mu.make_env
     monkeypatch.setattr(mu, "make_env", lambda *a, **k: made.append(real_make_env(*a, **k)) or made[-1])
-    monkeypatch.setattr(mu, "plot_tracks", lambda track, columns, radius, path, title: drawn.update(columns=columns))
+    monkeypatch.setattr(mu, "plot_tracks",
+                        lambda track, columns, radius, path, title, walls=0.0: drawn.update(columns=columns))
     fall = lambda env, obs: torch.full((env.E, env.N, 4), -5.0)  # no thrust: every episode crashes early  # noqa: E731
     res = mu.evaluate(fall, args, "static", mu.PAPER_WEIGHTS, ref_obs, "cpu", seed=7, plot_path=tmp_path / "p.png")
     assert res["collision_free"] == 0.0

@@ -183,3 +183,46 @@ def test_relative_self_position_is_centred_on_the_formation():
     moved = env._obs()
     assert torch.allclose(moved["self"], obs["self"], atol=1e-5)
     assert torch.allclose(moved["self"][..., 2], env.p[..., 2])  # the height stays absolute
+
+
+def test_side_walls_end_an_episode_that_touches_them_and_are_off_by_default():
+    """`corridor_walls` > 0: a drone at |x| >= the wall is a collision; nearer than 0.4 m costs obstacle reward."""
+    def run(walls):
+        env = FormationEnv(FormationConfig.preset("free", num_envs=3, dynamics="pointmass", corridor_walls=walls))
+        env.reset()
+        env.p[0, :, 0] += 0.2  # well inside: drone 0 at x = 1.2
+        env.p[1, :, 0] += 0.85  # drone 0 at x = 1.85: 0.15 m from the wall, no contact
+        env.p[2, :, 0] -= 1.6  # drones 1, 2 at x = -2.1: through the wall on the left
+        return env.step(torch.zeros(3, 3, 4))
+
+    _, reward, terminated, _, info = run(2.0)
+    assert terminated.tolist() == [False, False, True] and info["hit_wall"].tolist() == [False, False, True]
+    assert (info["episode"]["collision_free"] == 0).all() and info["episode"]["hit_wall"].all()
+    _, free_reward, free_terminated, _, free_info = run(0.0)  # the same states without walls
+    assert not free_terminated.any() and not free_info["hit_wall"].any()
+    obstacle_cost = free_reward[..., 1] - reward[..., 1]
+    assert torch.allclose(obstacle_cost[0], torch.zeros(3))
+    assert obstacle_cost[1, 0] == pytest.approx(0.4 - 0.15, abs=1e-4) and (obstacle_cost[1, 1:] == 0).all()
+    assert (obstacle_cost[2, 1:] > 20).all()  # contact: -20 and the -0.4 of the near zone (and the terminal -10)
+    with pytest.raises(ValueError, match="spawns across a wall"):
+        FormationEnv(FormationConfig.preset("free", num_envs=1, corridor_walls=1.0))
+    with pytest.raises(ValueError, match="absolute self position"):
+        FormationEnv(FormationConfig.preset("free", num_envs=1, corridor_walls=2.0, relative_self_pos=True))
+
+
+def test_apf_baseline_keeps_off_the_side_walls():
+    from common.uav_apf import APFController
+
+    walls = FormationEnv(FormationConfig.preset("free", num_envs=1, corridor_walls=2.0))
+    none = FormationEnv(FormationConfig.preset("free", num_envs=1))
+    for env in (walls, none):
+        env.reset()
+        env.p[..., 0] += 0.7  # drone 0 at x = 1.7, 0.3 m from the right wall
+    pushed = APFController(walls).desired_acceleration() - APFController(none).desired_acceleration()
+    assert pushed[0, 0, 0] < -1.0  # drone 0 is pushed back towards the middle
+    env = FormationEnv(FormationConfig.preset("free", num_envs=8, corridor_walls=2.0))
+    env.reset()
+    ctrl = APFController(env)
+    for _ in range(900):
+        *_, info = env.step(ctrl.act())
+    assert info["episode"]["collision_free"].all()
