@@ -240,18 +240,20 @@ def main(args: Args) -> None:
     args.variants, args.seeds = list(dict.fromkeys(args.variants)), list(dict.fromkeys(args.seeds))
     if not args.variants or not args.seeds:
         raise SystemExit("give at least one --variants and one --seeds")
-    if args.corridor_walls < 0:
-        raise SystemExit(f"--corridor-walls is a half-width in metres (0: no walls), got {args.corridor_walls}")
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", args.name) or args.name.startswith("."):
         raise SystemExit(f"--name {args.name!r}: use letters, digits, '_', '-' and '.' (a file name, no path)")
     mu = load_algo("mappo_uav_formation")
+    targs = mu.Args(eval_envs=args.eval_envs, dynamics=args.dynamics, corridor_walls=args.corridor_walls)
+    try:  # the env's own checks (e.g. walls the formation would spawn across), before any run starts
+        mu.make_env(targs, "free", 1, 0, "cpu")
+    except ValueError as exc:
+        raise SystemExit(f"bad env settings: {exc}") from None
     jobs = [(v, s) for v in args.variants for s in args.seeds]
     with ThreadPoolExecutor(max_workers=max(1, args.workers)) as pool:
         results = dict(zip(jobs, pool.map(lambda job: train_one(args, *job), jobs)))
     presets = list(next(iter(results.values()))["eval"])
 
     # the APF controller on the same evaluation episodes (the script's evaluate, seed 20000)
-    targs = mu.Args(eval_envs=args.eval_envs, dynamics=args.dynamics, corridor_walls=args.corridor_walls)
     device = torch.device("cuda" if args.device == "cuda" and torch.cuda.is_available() else "cpu")
     ref_obs = mu.make_env(targs, "mixed", 2, 0, device).reset()
     apf = {p: mu.evaluate(lambda env, obs: APFController(env).act(), targs, p, mu.PAPER_WEIGHTS, ref_obs, device,
