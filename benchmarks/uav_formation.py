@@ -96,6 +96,11 @@ def run_name(variant: str) -> str:
     return "bench_" + variant.replace(" ", "_").lower()
 
 
+def exp_name(args: Args, variant: str) -> str:
+    """The script's --exp-name, so its run directory: runs with walls get their own, beside those without."""
+    return run_name(variant) + (f"_walls{args.corridor_walls:g}" if args.corridor_walls else "")
+
+
 def run_settings(args: Args) -> dict:
     """What a finished or interrupted run must share with this call to be reused."""
     settings = {"frames": args.frames, "num_envs": args.num_envs, "eval_envs": args.eval_envs,
@@ -168,7 +173,7 @@ def write_record(args: Args, variant: str, seed: int, run: Path, out: dict) -> d
 def train_one(args: Args, variant: str, seed: int) -> dict:
     """Train (or resume, or read back from its run directory or its record) one run; returns its summary plus
     wall time and where it came from."""
-    run = Path(args.run_dir).resolve() / f"uav_formation__{run_name(variant)}__{seed}"
+    run = Path(args.run_dir).resolve() / f"uav_formation__{exp_name(args, variant)}__{seed}"
     summary, timing, settings = run / "summary.json", run / "bench_time.json", run / "bench_settings.json"
     want = run_settings(args)
     if not run.exists():
@@ -195,8 +200,8 @@ def train_one(args: Args, variant: str, seed: int) -> dict:
         cmd = [sys.executable, str(ROOT / "algos" / "mappo_uav_formation.py"), "--weights", "paper",
                "--frames", args.frames, "--num-envs", str(args.num_envs), "--eval-envs", str(args.eval_envs),
                "--dynamics", args.dynamics, "--corridor-walls", str(args.corridor_walls), "--seed", str(seed),
-               "--exp-name", run_name(variant), "--run-dir", str(run.parent), "--torch-threads", str(args.threads),
-               *VARIANTS[variant]]
+               "--exp-name", exp_name(args, variant), "--run-dir", str(run.parent),
+               "--torch-threads", str(args.threads), *VARIANTS[variant]]
         if args.device == "cpu":
             cmd.append("--no-cuda")
         if (run / "checkpoint.pt").exists():

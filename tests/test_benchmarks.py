@@ -129,8 +129,8 @@ def test_uav_run_resumed_under_other_code_is_recorded_only_if_that_code_trains_t
 
 
 def test_uav_runs_with_side_walls_are_other_runs_and_those_without_keep_their_records():
-    """--corridor-walls is a setting of its own (another record, and the flag reaches the script); without it the
-    settings, and so the committed records' names, are what they were before walls existed."""
+    """--corridor-walls is a setting of its own (another record and run directory, and the flag reaches the script);
+    without it the settings, and so the committed records' names, are what they were before walls existed."""
     sys.path.insert(0, str(ROOT))
     from benchmarks import uav_formation as bench
 
@@ -140,6 +140,8 @@ def test_uav_runs_with_side_walls_are_other_runs_and_those_without_keep_their_re
     assert (ROOT / "benchmarks/results/uav_formation_runs/bench_ours__1__3b48e9f4.json").exists()
     assert bench.run_settings(walled)["corridor_walls"] == 2.0
     assert bench.record_path(walled, "ours", 1).name != bench.record_path(plain, "ours", 1).name
+    # and their own run directories, so a run with walls and one without can share --run-dir
+    assert bench.exp_name(plain, "ours") == "bench_ours" and bench.exp_name(walled, "ours") == "bench_ours_walls2"
 
 
 def test_weight_sync_benchmark_runs_every_variant(tmp_path):
