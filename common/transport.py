@@ -871,8 +871,9 @@ class Publisher:
         self.published += 1
         return tracker
 
-    def close(self) -> None:
-        self.sock.close(linger=0)
+    def close(self, linger_ms: int = 0) -> None:
+        """`linger_ms`: how long ZMQ's I/O thread may still deliver what was sent last (close itself never waits)."""
+        self.sock.close(linger=linger_ms)
 
 
 class Subscriber:

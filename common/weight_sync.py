@@ -339,8 +339,8 @@ class WeightPublisher:
             self._thread.join(timeout=10)
         if self.shm is not None:
             self.shm.close()
-        else:
-            self.pub.close()
+        else:  # the newest weights, just sent, still go out: with no linger a busy I/O thread could drop them
+            self.pub.close(linger_ms=1000)
 
 
 class WeightSubscriber:

@@ -344,7 +344,8 @@ def test_close_during_a_bandwidth_wait_is_prompt_and_sends_the_newest():
         pub.close()
         assert time.monotonic() - start < 2.0 and not pub._thread.is_alive()
         assert pub.stats["requested"] == 3 and pub.stats["sent"] + pub.stats["coalesced"] == 3
-        assert sub.poll(2) and sub.apply() == 3 and actor.expert.weight[0, 0] == 3.0  # the newest went out
+        # the newest went out (and reached the actor: close lets ZMQ deliver it; generous wait for a loaded machine)
+        assert sub.poll(5) and sub.apply() == 3 and actor.expert.weight[0, 0] == 3.0
     finally:
         sub.close()
 
