@@ -44,6 +44,7 @@ from common.fsutil import atomic_write  # noqa: E402
 from common.uav_formation_env import OBJECTIVES, PRESETS, FormationConfig, FormationEnv  # noqa: E402
 
 PAPER_WEIGHTS = (0.142, 0.219, 0.126, 0.512)  # formation, obstacle, forward, smoothness (released)
+END_CAUSES = ("crash", "too_close", "hit_column", "hit_ball", "hit_wall")  # what ends an episode early (env flags)
 
 
 @dataclass
@@ -102,7 +103,7 @@ class Args:
     """sdf9 (one 9-distance token, as released) or tokens (one per column)"""
     relative_self_pos: bool = False
     """self token: x, y relative to the formation centroid instead of absolute (released: absolute, which grows
-    along the 40 m corridor)"""
+    along the 40 m corridor); with --corridor-walls only y (the policy sees the walls by its absolute x)"""
     max_steps: int = 900
     """episode length (18 s)"""
     corridor_walls: float = 0.0
@@ -315,7 +316,7 @@ def policy_actions(agent):
 def evaluate(act, args: Args, preset: str, weights, ref_obs, device, seed: int, plot_path: Path | None = None):
     """One batched round of `eval_envs` episodes on `preset` with `act(env, obs) -> actions [E, N, 4]` (the policy,
     or a controller such as the APF baseline): collision-free rate, formation error, arrival, success, the four
-    discounted objective returns."""
+    discounted objective returns, and the share of episodes each END_CAUSES event ended (several can fire at once)."""
     env = make_env(args, preset, args.eval_envs, seed, device)
     obs = pad_like(env.reset(), ref_obs)
     done = torch.zeros(env.E, dtype=torch.bool, device=device)
@@ -334,7 +335,8 @@ def evaluate(act, args: Args, preset: str, weights, ref_obs, device, seed: int, 
         if "episode" in info:
             ep = info["episode"]
             fresh = ~done[ep["env_ids"]]
-            for key in ("collision_free", "formation_error", "arrival", "success", "left_corridor", "returns"):
+            for key in ("collision_free", "formation_error", "arrival", "success", "left_corridor", "returns",
+                        *END_CAUSES):
                 value = ep[key].float()
                 if key not in stats:
                     stats[key] = torch.zeros(env.E, *value.shape[1:], device=device)

@@ -49,9 +49,14 @@ CODE_FILES = ("algos/mappo_uav_formation.py", "common/uav_formation_env.py")  # 
 # (so an entry lapses when the code changes again): the records of those runs still count. Each was checked bit for
 # bit (agent.pt and summary.json of the same toy run of each variant under both) when the code changed.
 SAME_TRAINING: dict[str, dict[str, tuple[str, ...]]] = {
-    # 2026-12-02: optional side walls (--corridor-walls, off by default); every variant trains as before without them
-    "89f95a27ab46646e": {"06fedef55f9ca7bd": ("ours", "no curriculum", "MLP encoder"),
-                         # (and the code before that, the MLP encoder's masks, trained ours and no curriculum the same)
+    # 2026-12-02: --relative-self-pos allowed with walls (y only; it was refused), so nothing that trained changed:
+    # ours, no curriculum, MLP encoder without walls and ours with walls at 2 m gave the same agent.pt as under
+    # 89f95a27ab46646e (toy runs, seed 5, 16 envs); the hashes that code listed carry over ...
+    # and the evaluation reports what ended the episodes (END_CAUSES): the same agent.pt again, and the same figures
+    # for the keys both summaries have
+    "120479840ef58a95": {"b8e59761a40ffd0e": ("ours", "no curriculum", "MLP encoder"),
+                         "89f95a27ab46646e": ("ours", "no curriculum", "MLP encoder"),
+                         "06fedef55f9ca7bd": ("ours", "no curriculum", "MLP encoder"),
                          "3f1c1327f0f08414": ("ours", "no curriculum")},
 }
 
@@ -75,6 +80,9 @@ class Args:
     corridor_walls: float = 0.0
     """side walls at |x| = this (m) in training and evaluation, APF included (0: none, as released; 2.0 is the spec's
     4 m corridor)"""
+    relative_self_pos: bool = False
+    """the learned variants' self token: x, y relative to the formation centroid (with walls only y), instead of
+    absolute (released)"""
     device: str = "cpu"
     """cpu or cuda: where the runs train"""
     workers: int = 1
@@ -97,8 +105,10 @@ def run_name(variant: str) -> str:
 
 
 def exp_name(args: Args, variant: str) -> str:
-    """The script's --exp-name, so its run directory: runs with walls get their own, beside those without."""
-    return run_name(variant) + (f"_walls{args.corridor_walls:g}" if args.corridor_walls else "")
+    """The script's --exp-name, so its run directory: runs with walls (or a relative self position) get their own,
+    beside those without."""
+    return (run_name(variant) + (f"_walls{args.corridor_walls:g}" if args.corridor_walls else "")
+            + ("_relpos" if args.relative_self_pos else ""))
 
 
 def run_settings(args: Args) -> dict:
@@ -107,6 +117,8 @@ def run_settings(args: Args) -> dict:
                 "dynamics": args.dynamics}
     if args.corridor_walls:  # only when set: the records of runs without walls keep their names
         settings["corridor_walls"] = args.corridor_walls
+    if args.relative_self_pos:  # the same
+        settings["relative_self_pos"] = True
     return settings
 
 
@@ -202,6 +214,8 @@ def train_one(args: Args, variant: str, seed: int) -> dict:
                "--dynamics", args.dynamics, "--corridor-walls", str(args.corridor_walls), "--seed", str(seed),
                "--exp-name", exp_name(args, variant), "--run-dir", str(run.parent),
                "--torch-threads", str(args.threads), *VARIANTS[variant]]
+        if args.relative_self_pos:
+            cmd.append("--relative-self-pos")
         if args.device == "cpu":
             cmd.append("--no-cuda")
         if (run / "checkpoint.pt").exists():
@@ -248,7 +262,8 @@ def main(args: Args) -> None:
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", args.name) or args.name.startswith("."):
         raise SystemExit(f"--name {args.name!r}: use letters, digits, '_', '-' and '.' (a file name, no path)")
     mu = load_algo("mappo_uav_formation")
-    targs = mu.Args(eval_envs=args.eval_envs, dynamics=args.dynamics, corridor_walls=args.corridor_walls)
+    targs = mu.Args(eval_envs=args.eval_envs, dynamics=args.dynamics, corridor_walls=args.corridor_walls,
+                    relative_self_pos=args.relative_self_pos)
     try:  # the env's own checks (e.g. walls the formation would spawn across), before any run starts
         mu.make_env(targs, "free", 1, 0, "cpu")
     except ValueError as exc:
@@ -266,15 +281,21 @@ def main(args: Args) -> None:
 
     rows, per_method = [], {}
     for preset in presets:
-        per_method[preset] = {"APF": {m: [apf[preset][m]] for m in METRICS}}
-        for variant in args.variants:
-            runs = [results[(variant, s)] for s in args.seeds]
-            per_method[preset][variant] = {m: [r["eval"][preset][m] for r in runs] for m in METRICS}
+        evals = {"APF": [apf[preset]], **{v: [results[(v, s)]["eval"][preset] for s in args.seeds]
+                                          for v in args.variants}}
+        per_method[preset] = {method: {m: [e[m] for e in ev] for m in METRICS} for method, ev in evals.items()}
         for method, vals in per_method[preset].items():
             row = {"preset": preset, "method": method}
             row.update({m: mean_sd(vals[m]) for m in METRICS})
             row.update({f"{m}_mean": float(np.mean(vals[m])) for m in METRICS})
             row.update({f"{m}_per_seed": vals[m] for m in METRICS})
+            # what ended the episodes: the share of episodes each event ended (records before 2026-12-02 lack it)
+            if all(c in e for e in evals[method] for c in mu.END_CAUSES):
+                ends = {c: float(np.mean([e[c] for e in evals[method]])) for c in mu.END_CAUSES}
+                row["ended_by"] = ", ".join(f"{c} {v:.2f}" for c, v in ends.items() if v > 0) or "-"
+                row.update({f"ended_{c}_mean": v for c, v in ends.items()})
+            else:
+                row["ended_by"] = "n/a"
             if method != "APF":
                 runs = [results[(method, s)] for s in args.seeds]
                 row["env_steps_M"] = float(np.mean([r["env_steps"] for r in runs]) / 1e6)
@@ -322,12 +343,18 @@ def main(args: Args) -> None:
              "error < 0.3 m; left_corridor: the formation's centroid went past |x| = 2 m, the edge of the column "
              "field, at some step (round the columns rather than through them"
              + (f"; side walls at |x| = {args.corridor_walls:g} m end an episode that touches them, APF repelled by "
-                "them too).\n\n" if args.corridor_walls else "; nothing in the env stops it).\n\n")
+                "them too)" if args.corridor_walls else "; nothing in the env stops it)")
+             + "; ended_by: the share of episodes that each event ended (crash: out of the 0.2-2.8 m height band; "
+             "too_close: a drone pair closer than 0.15 m; a column, ball or wall hit; several can end one episode; "
+             "n/a: a record from before the evaluation reported it)"
+             + (". The learned variants' self token holds " + ("y" if args.corridor_walls else "x, y")
+                + " relative to the formation centroid (--relative-self-pos).\n\n" if args.relative_self_pos
+                else ".\n\n")
              + "Where each run trained (`train_min` is its wall time there): "
              + "; ".join(f"{v} seed {s}: {r['date']}, {r['machine']['cpu']}, {r['threads']} thread(s), {r['workers']} "
                          "run(s) at a time" for (v, s), r in results.items())
              + ".\n\nTargets:\n" + "\n".join(f"- {c}" for c in checks))
-    cols = ["preset", "method", *METRICS, "env_steps_M", "train_min"]
+    cols = ["preset", "method", *METRICS, "ended_by", "env_steps_M", "train_min"]
     write_results(args.name, "Multi-UAV formation: ours vs APF and ablations", cols, rows, seeds=args.seeds,
                   notes=notes, out_dir=args.out_dir, figure=fig)
     print("\n".join(checks))

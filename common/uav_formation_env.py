@@ -27,7 +27,8 @@ Presets: free (no obstacles), static (10 columns), dynamic (2 balls), mixed (10 
 Side walls (`corridor_walls` > 0, off by default): the spec's corridor is 4 m wide, but the release has no walls and a
 policy may go round the column field (`left_corridor`). With walls at |x| = corridor_walls a drone that reaches one
 ends the episode like a column hit (-20 and the terminal -10), and the obstacle reward gets a column-like term within
-0.4 m of a wall. The self token's absolute x is how the policy sees them (so walls need the absolute self position).
+0.4 m of a wall. The self token's absolute x is how the policy sees them (so with walls, `relative_self_pos` makes
+only y relative: a policy flying 32 m down the corridor otherwise sees an input 8x what it started with).
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ class FormationConfig:
     static_mode: str = "sdf9"  # sdf9 | tokens
     drone_radius: float = 0.0  # added to the hit distances (0: the released code's leniency)
     corridor_walls: float = 0.0  # side walls at |x| = this (m); 0: none, as released (the spec: 4 m wide, so 2.0)
-    relative_self_pos: bool = False  # self token: x, y relative to the formation centroid (z stays absolute)
+    relative_self_pos: bool = False  # self token: x, y relative to the formation centroid (z stays absolute; with
+    # corridor_walls only y: the walls stand at a fixed x, and the policy sees them by its absolute x)
     state_max_balls: int = 2  # the global state keeps this many ball slots and ...
     state_max_columns: int = 10  # ... column slots in every preset: one layout for the whole curriculum
     hard_safe_distance: float = 0.15
@@ -153,9 +155,6 @@ class FormationEnv:
             raise ValueError("a formation needs at least 2 drones")
         if cfg.corridor_walls < 0:
             raise ValueError(f"corridor_walls is a half-width in metres (0: no walls), got {cfg.corridor_walls}")
-        if cfg.corridor_walls and cfg.relative_self_pos:
-            raise ValueError("corridor_walls needs the absolute self position (the policy sees the walls by its x): "
-                             "drop relative_self_pos")
         self.cfg, self.E, self.N = cfg, cfg.num_envs, cfg.num_drones
         self.device = torch.device(cfg.device)
         dev = self.device
@@ -391,7 +390,10 @@ class FormationEnv:
         p, v = self.p, self.v
         ids = torch.eye(N, device=self.device).expand(E, N, N)
         rot6 = self.R[..., :2].transpose(-1, -2).reshape(E, N, 6)
-        p_self = p - F.pad(p[..., :2].mean(1, keepdim=True), (0, 1)) if cfg.relative_self_pos else p
+        p_self = p
+        if cfg.relative_self_pos:  # only y with walls: the policy sees them by its absolute x
+            centre = p[..., 1:2] if cfg.corridor_walls else p[..., :2]
+            p_self = p - F.pad(centre.mean(1, keepdim=True), (1 if cfg.corridor_walls else 0, 1))
         self_tok = torch.cat([p_self, rot6, v, self.w, self.R[..., 0], self.R[..., 2], self.T[..., None] * 2 - 1,
                               self.target_vel - v, ids], -1)
         j = torch.tensor([[k for k in range(N) if k != i] for i in range(N)], device=self.device)  # [N, N-1]

@@ -50,6 +50,9 @@ def test_uav_formation_table_runs_resumes_and_writes_its_results(tmp_path):
     for row in data["rows"]:
         assert 0.0 <= row["collision_free_mean"] <= 1.0 and row["formation_error_mean"] >= 0.0
         assert (row.get("env_steps_M", 0) > 0) == (row["method"] != "APF")
+        # what ended the episodes, for every method: a failed episode ended by at least one event
+        ended = [row[f"ended_{c}_mean"] for c in ("crash", "too_close", "hit_column", "hit_ball", "hit_wall")]
+        assert row["ended_by"] != "n/a" and sum(ended) >= 1.0 - row["collision_free_mean"] - 1e-6
     md = (tmp_path / "out/uav_formation.md").read_text()
     assert "Targets:" in md and "static: ours collision-free" in md and "Seeds: 1" in md
     assert (tmp_path / "out/uav_formation.png").stat().st_size > 1000
@@ -128,8 +131,8 @@ def test_uav_run_resumed_under_other_code_is_recorded_only_if_that_code_trains_t
             assert bench.train_one(args, variant, 1)["eval"] == summary["eval"]
 
 
-def test_uav_runs_with_side_walls_are_other_runs_and_those_without_keep_their_records():
-    """--corridor-walls is a setting of its own (another record and run directory, and the flag reaches the script);
+def test_uav_runs_with_side_walls_are_other_runs_and_those_without_keep_their_records(tmp_path, monkeypatch):
+    """--corridor-walls (and --relative-self-pos) is a setting of its own (another record and run directory, and the flag reaches the script);
     without it the settings, and so the committed records' names, are what they were before walls existed."""
     sys.path.insert(0, str(ROOT))
     from benchmarks import uav_formation as bench
@@ -142,6 +145,29 @@ def test_uav_runs_with_side_walls_are_other_runs_and_those_without_keep_their_re
     assert bench.record_path(walled, "ours", 1).name != bench.record_path(plain, "ours", 1).name
     # and their own run directories, so a run with walls and one without can share --run-dir
     assert bench.exp_name(plain, "ours") == "bench_ours" and bench.exp_name(walled, "ours") == "bench_ours_walls2"
+    # so is --relative-self-pos
+    relative = bench.Args(corridor_walls=2.0, relative_self_pos=True)
+    assert bench.run_settings(relative) == {**bench.run_settings(walled), "relative_self_pos": True}
+    assert bench.exp_name(relative, "ours") == "bench_ours_walls2_relpos"
+    assert "relative_self_pos" not in bench.run_settings(walled)
+    # and both flags reach the script
+    sent, real_run = [], subprocess.run
+
+    def fake_training(cmd, **kwargs):
+        if "--exp-name" not in cmd:
+            return real_run(cmd, **kwargs)
+        sent.append(cmd)
+        run = Path(cmd[cmd.index("--run-dir") + 1]) / f"uav_formation__{cmd[cmd.index('--exp-name') + 1]}__1"
+        (run / "summary.json").write_text(json.dumps({"eval": {}, "env_steps": 1, "weights": None}))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_training)
+    for args in (walled, relative):
+        bench.train_one(dataclasses.replace(args, seeds=[1], run_dir=str(tmp_path / "runs"),
+                                            out_dir=str(tmp_path / "out"), records=False), "ours", 1)
+    assert [cmd[cmd.index("--corridor-walls") + 1] for cmd in sent] == ["2.0", "2.0"]
+    assert ["--relative-self-pos" in cmd for cmd in sent] == [False, True]
+    assert [cmd[cmd.index("--exp-name") + 1] for cmd in sent] == ["bench_ours_walls2", "bench_ours_walls2_relpos"]
 
 
 def test_weight_sync_benchmark_runs_every_variant(tmp_path):

@@ -163,8 +163,7 @@ def test_bad_flags_fail_before_training_and_plots_can_be_off(tmp_path):
                        (dict(plot_episodes=-1), "--plot-episodes must be >= 0"),
                        (dict(num_drones=1), "--num-drones must be >= 2"), (dict(gate_rate=0.0), "--gate-rate"),
                        (dict(corridor_walls=-1.0), "corridor_walls is a half-width"),
-                       (dict(corridor_walls=0.9), "spawns across a wall"),
-                       (dict(corridor_walls=2.0, relative_self_pos=True), "absolute self position")):
+                       (dict(corridor_walls=0.9), "spawns across a wall")):
         with pytest.raises(SystemExit, match=said):
             mu.main(mu.Args(run_dir=str(tmp_path / "bad"), **flag))
         assert not (tmp_path / "bad").exists()  # refused before a run directory exists
@@ -190,7 +189,22 @@ def test_eval_plots_draw_the_columns_each_episode_flew_through(monkeypatch, tmp_
     fall = lambda env, obs: torch.full((env.E, env.N, 4), -5.0)  # no thrust: every episode crashes early  # noqa: E731
     res = mu.evaluate(fall, args, "static", mu.PAPER_WEIGHTS, ref_obs, "cpu", seed=7, plot_path=tmp_path / "p.png")
     assert res["collision_free"] == 0.0
+    assert res["crash"] == 1.0 and res["hit_column"] == res["too_close"] == res["hit_wall"] == 0.0  # what ended them
     first = real_make_env(args, "static", 4, 7, "cpu")
     first.reset()
     assert torch.equal(drawn["columns"], first.columns[:2])
     assert not torch.equal(made[0].columns[:2], first.columns[:2])  # the env itself has moved on to new layouts
+
+
+def test_evaluation_says_what_ended_the_episodes():
+    """The share of episodes each event ended: a formation flown sideways into a wall, then one that hovers."""
+    args = mu.Args(eval_envs=4, max_steps=60, dynamics="pointmass", corridor_walls=2.0)
+    ref_obs = mu.make_env(args, "mixed", 2, 0, "cpu").reset()
+    sideways = torch.tensor([5.0, 0.0, 0.0, 0.0])  # pointmass: +3 m/s in x
+    res = mu.evaluate(lambda env, obs: sideways.expand(env.E, env.N, 4), args, "free", mu.PAPER_WEIGHTS, ref_obs,
+                      "cpu", seed=3)
+    assert res["collision_free"] == 0.0 and res["hit_wall"] == 1.0
+    assert res["crash"] == res["too_close"] == res["hit_column"] == res["hit_ball"] == 0.0
+    res = mu.evaluate(lambda env, obs: torch.zeros(env.E, env.N, 4), args, "free", mu.PAPER_WEIGHTS, ref_obs, "cpu",
+                      seed=3)
+    assert res["collision_free"] == 1.0 and all(res[c] == 0.0 for c in mu.END_CAUSES)

@@ -185,6 +185,20 @@ def test_relative_self_position_is_centred_on_the_formation():
     assert torch.allclose(moved["self"][..., 2], env.p[..., 2])  # the height stays absolute
 
 
+def test_relative_self_position_with_walls_keeps_x_absolute():
+    """With walls the policy sees them by its absolute x, so `relative_self_pos` centres y only."""
+    env = FormationEnv(FormationConfig.preset("free", num_envs=2, corridor_walls=2.0, relative_self_pos=True))
+    obs = env.reset()
+    for _ in range(30):
+        obs, *_ = env.step(env.hover_action())
+    assert torch.allclose(obs["self"][..., 0], env.p[..., 0])  # x absolute: where the walls are
+    assert torch.allclose(obs["self"][..., 1], env.p[..., 1] - env.p[..., 1].mean(1, keepdim=True))
+    env.p += torch.tensor([0.0, 25.0, 0.0])  # far down the corridor: the self token does not change
+    assert torch.allclose(env._obs()["self"], obs["self"], atol=1e-5)
+    env.p += torch.tensor([0.5, 0.0, 0.0])  # sideways, towards a wall: it does
+    assert torch.allclose(env._obs()["self"][..., 0] - obs["self"][..., 0], torch.full((2, 3), 0.5))
+
+
 def test_side_walls_end_an_episode_that_touches_them_and_are_off_by_default():
     """`corridor_walls` > 0: a drone at |x| >= the wall is a collision; nearer than 0.4 m costs obstacle reward."""
     def run(walls):
@@ -206,8 +220,6 @@ def test_side_walls_end_an_episode_that_touches_them_and_are_off_by_default():
     assert (obstacle_cost[2, 1:] > 20).all()  # contact: -20 and the -0.4 of the near zone (and the terminal -10)
     with pytest.raises(ValueError, match="spawns across a wall"):
         FormationEnv(FormationConfig.preset("free", num_envs=1, corridor_walls=1.0))
-    with pytest.raises(ValueError, match="absolute self position"):
-        FormationEnv(FormationConfig.preset("free", num_envs=1, corridor_walls=2.0, relative_self_pos=True))
 
 
 def test_apf_baseline_keeps_off_the_side_walls():
