@@ -41,10 +41,9 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common.fsutil import atomic_write  # noqa: E402
-from common.uav_formation_env import OBJECTIVES, PRESETS, FormationConfig, FormationEnv  # noqa: E402
+from common.uav_formation_env import END_CAUSES, OBJECTIVES, PRESETS, FormationConfig, FormationEnv  # noqa: E402
 
 PAPER_WEIGHTS = (0.142, 0.219, 0.126, 0.512)  # formation, obstacle, forward, smoothness (released)
-END_CAUSES = ("crash", "too_close", "hit_column", "hit_ball", "hit_wall")  # what ends an episode early (env flags)
 
 
 @dataclass

@@ -53,8 +53,10 @@ SAME_TRAINING: dict[str, dict[str, tuple[str, ...]]] = {
     # ours, no curriculum, MLP encoder without walls and ours with walls at 2 m gave the same agent.pt as under
     # 89f95a27ab46646e (toy runs, seed 5, 16 envs); the hashes that code listed carry over ...
     # and the evaluation reports what ended the episodes (END_CAUSES): the same agent.pt again, and the same figures
-    # for the keys both summaries have
-    "120479840ef58a95": {"b8e59761a40ffd0e": ("ours", "no curriculum", "MLP encoder"),
+    # for the keys both summaries have; and the env names those events once (END_CAUSES): the same agent.pt and
+    # summary.json as 120479840ef58a95
+    "7b597be301c5f5b1": {"120479840ef58a95": ("ours", "no curriculum", "MLP encoder"),
+                         "b8e59761a40ffd0e": ("ours", "no curriculum", "MLP encoder"),
                          "89f95a27ab46646e": ("ours", "no curriculum", "MLP encoder"),
                          "06fedef55f9ca7bd": ("ours", "no curriculum", "MLP encoder"),
                          "3f1c1327f0f08414": ("ours", "no curriculum")},

@@ -43,6 +43,7 @@ G = 9.81
 PRESETS = {"free": dict(num_columns=0, num_balls=0), "static": dict(num_columns=10, num_balls=0),
            "dynamic": dict(num_columns=0, num_balls=2), "mixed": dict(num_columns=10, num_balls=2)}
 OBJECTIVES = ("formation", "obstacle", "forward", "smoothness")
+END_CAUSES = ("crash", "too_close", "hit_column", "hit_ball", "hit_wall")  # the events that end an episode early
 
 
 @dataclass
@@ -312,9 +313,7 @@ class FormationEnv:
                 "success": collision_free & arrival & (ferr < cfg.formation_success_error),
                 "left_corridor": self.max_abs_x[idx] > cfg.grid_border,
                 "returns": self.ret[idx].mean(1), "smoothness": self.da_sum[idx] / steps,
-                "hit_ball": flags["hit_ball"][idx], "hit_column": flags["hit_column"][idx],
-                "hit_wall": flags["hit_wall"][idx],
-                "crash": flags["crash"][idx], "too_close": flags["too_close"][idx]}
+                **{cause: flags[cause][idx] for cause in END_CAUSES}}
             info["final_obs"] = self._obs()
             self._reset_envs(idx)
         return self._obs(), reward, bad, truncated, info
@@ -346,7 +345,7 @@ class FormationEnv:
         any_agent = lambda x: x.any(-1)  # noqa: E731
         flags = {"crash": any_agent(crash), "too_close": any_agent(too_close), "hit_ball": any_agent(hit_ball),
                  "hit_column": any_agent(hit_column), "hit_wall": any_agent(hit_wall)}
-        bad = flags["crash"] | flags["too_close"] | flags["hit_ball"] | flags["hit_column"] | flags["hit_wall"]
+        bad = torch.stack([flags[cause] for cause in END_CAUSES]).any(0)
         flags["bad"] = bad
         # formation
         ball_on = self.ball_active.any(-1) if cfg.num_balls else torch.zeros(E, dtype=torch.bool, device=self.device)
