@@ -50,7 +50,7 @@ class Args:
     tensors: int = 10
     """the parameters are split over this many tensors"""
     repeats: int = 25
-    """timed repetitions per setting (median reported)"""
+    """timed repetitions per setting (median reported); sizes up to 1M run SMALL_REPEATS times as many"""
     seed: int = 0
     """seed of the parameter values"""
     learner_device: str = "cpu"
@@ -63,6 +63,9 @@ class Args:
     """instead: a model with π0's module tree at tiny widths (751 modules, 776 tensors), the publisher's tensor list
     reused (the default) against the tree walked at every publish, interleaved in one loop:
     weight_sync_module_tree.{md,json,png}"""
+
+
+SMALL_REPEATS = 4  # rounds of <= 1M parameters take microseconds: more of them spread over this VM's drifting state
 
 
 def make_model(n: int, parts: int, seed: int, device: str = "cpu") -> torch.nn.Module:
@@ -132,23 +135,13 @@ def time_raw_tcp(n: int, repeats: int, port: int) -> float:
     return float(np.median(times))
 
 
-def time_zmq_floor(n: int, parts: int, repeats: int, seed: int, flush: bool = False) -> tuple[float, float]:
-    """The least any ZMQ zero-copy handoff can cost in-process, with nothing of ours in it: per round, one copy of
-    the bytes into one of two preallocated send buffers (two, because a zero-copy receiver still holds the last),
-    a tracked zero-copy PUB send (CONFLATE, as ours), the SUB receive, and the actor's `parts` parameters re-pointed
-    at the received bytes. No header, no validation, no versions. Medians of (seconds, memcpy seconds), the memcpy
-    reference timed in the same loop as in `time_sync`."""
-    ctx = zmq.Context()
-    pub, sub = ctx.socket(zmq.PUB), ctx.socket(zmq.SUB)
-    for sock in (pub, sub):
-        sock.setsockopt(zmq.CONFLATE, 1)
-    sub.setsockopt(zmq.SUBSCRIBE, b"")
-    pub.bind(f"inproc://zmq-floor-{n}")
-    sub.connect(f"inproc://zmq-floor-{n}")
+def time_floor(n: int, parts: int, repeats: int, seed: int, flush: bool, handoff) -> tuple[float, float]:
+    """Time `handoff(r, block, params)`: one round of a bare handoff (no code of ours) of the learner's bytes
+    `block` to the actor's `parts` parameters `params`, which it re-points at the bytes received. Medians of
+    (seconds, memcpy seconds), the memcpy reference timed in the same loop as in `time_sync`."""
     learner, actor = make_model(n, parts, seed), make_model(n, parts, seed + 1)
     block = torch.cat([p.detach().reshape(-1) for p in learner.parameters()])
-    params, size = list(actor.parameters()), n // parts
-    buffers = [torch.empty(len(block)) for _ in range(2)]
+    params = list(actor.parameters())
     memcpy = Memcpy(n, flush=flush)
     time.sleep(0.3)
     totals, copies = [], []
@@ -157,6 +150,29 @@ def time_zmq_floor(n: int, parts: int, repeats: int, seed: int, flush: bool = Fa
         copy_s = memcpy()
         flush_caches(flush)
         start = time.perf_counter()
+        handoff(r, block, params)
+        if r >= 2:
+            totals.append(time.perf_counter() - start)
+            copies.append(copy_s)
+    assert torch.equal(actor.w0.detach(), block[:n // parts])  # the last round's bytes
+    return float(np.median(totals)), float(np.median(copies))
+
+
+def time_zmq_floor(n: int, parts: int, repeats: int, seed: int, flush: bool = False) -> tuple[float, float]:
+    """The least any ZMQ zero-copy handoff can cost in-process, with nothing of ours in it: per round, one copy of
+    the bytes into one of two preallocated send buffers (two, because a zero-copy receiver still holds the last),
+    a tracked zero-copy PUB send (CONFLATE, as ours), the SUB receive, and the actor's `parts` parameters re-pointed
+    at the received bytes. No header, no validation, no versions."""
+    ctx = zmq.Context()
+    pub, sub = ctx.socket(zmq.PUB), ctx.socket(zmq.SUB)
+    for sock in (pub, sub):
+        sock.setsockopt(zmq.CONFLATE, 1)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    pub.bind(f"inproc://zmq-floor-{n}")
+    sub.connect(f"inproc://zmq-floor-{n}")
+    buffers, size = [torch.empty(n) for _ in range(2)], n // parts
+
+    def handoff(r, block, params):
         buf = buffers[r % 2]
         buf.copy_(block)
         pub.send(buf.numpy(), copy=False, track=True)
@@ -165,14 +181,61 @@ def time_zmq_floor(n: int, parts: int, repeats: int, seed: int, flush: bool = Fa
         received = torch.from_numpy(np.frombuffer(sub.recv(copy=False).buffer, np.float32))
         for i, p in enumerate(params):
             p.data = received[i * size:(i + 1) * size]
-        if r >= 2:
-            totals.append(time.perf_counter() - start)
-            copies.append(copy_s)
-    assert torch.equal(actor.w0, block[:size]) and not torch.equal(actor.w0, learner.w0)  # the last round's bytes
-    pub.close(linger=0)
-    sub.close(linger=0)
-    ctx.term()
-    return float(np.median(totals)), float(np.median(copies))
+
+    try:
+        return time_floor(n, parts, repeats, seed, flush, handoff)
+    finally:
+        pub.close(linger=0)
+        sub.close(linger=0)
+        ctx.term()
+
+
+def time_shm_floor(n: int, parts: int, repeats: int, seed: int, flush: bool = False) -> tuple[float, float]:
+    """The least a shared-memory handoff costs here, with none of our code: per round the publisher locks the file
+    (flock) to pick the slot that is not the latest, copies the bytes into it and locks again to mark it the latest;
+    the reader locks to read which slot is the latest and mark it held, re-points the actor's `parts` parameters at
+    it, and locks to record what they view. Two slots, as a zero-copy reader needs (it views the last one), through
+    a second mapping of the file, as in another process. No header, checks, versions or bookkeeping."""
+    import fcntl
+    import mmap
+
+    path = Path("/dev/shm" if Path("/dev/shm").is_dir() else "/tmp") / f"rlx-floor-{os.getpid()}"
+    slot_bytes = -(-n * 4 // 4096) * 4096
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    reader_fd = os.open(path, os.O_RDWR)
+    path.unlink()
+    os.ftruncate(fd, 4096 + 2 * slot_bytes)
+    writer_map, reader_map = mmap.mmap(fd, 4096 + 2 * slot_bytes), mmap.mmap(reader_fd, 4096 + 2 * slot_bytes)
+    words, reader_words = memoryview(writer_map)[:4096].cast("q"), memoryview(reader_map)[:4096].cast("q")
+    slots = [torch.from_numpy(np.frombuffer(writer_map, np.float32, n, 4096 + s * slot_bytes)) for s in range(2)]
+    size = n // parts
+    views = [[torch.from_numpy(np.frombuffer(reader_map, np.float32, size, 4096 + s * slot_bytes + i * size * 4))
+              for i in range(parts)] for s in range(2)]
+
+    def handoff(r, block, params):
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        slot = 1 - words[0]
+        words[1] = slot
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        slots[slot].copy_(block)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        words[0], words[2] = slot, r
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        fcntl.flock(reader_fd, fcntl.LOCK_EX)
+        latest = reader_words[0]
+        reader_words[3] = 1 << latest
+        fcntl.flock(reader_fd, fcntl.LOCK_UN)
+        for p, view in zip(params, views[latest]):
+            p.data = view
+        fcntl.flock(reader_fd, fcntl.LOCK_EX)
+        reader_words[4], reader_words[3] = 1 << latest, 0
+        fcntl.flock(reader_fd, fcntl.LOCK_UN)
+
+    try:
+        return time_floor(n, parts, repeats, seed, flush, handoff)
+    finally:
+        os.close(fd)  # (the mappings go with the last views of them, when this returns)
+        os.close(reader_fd)
 
 
 def publish_round(learner, pub: WeightPublisher, memcpy: Memcpy, flush: bool, device: str):
@@ -233,7 +296,7 @@ while True:
     if not sub.poll(0.0):
         raise SystemExit("published version not visible")
     sub.apply()
-    os.write({out_fd}, struct.pack("<qdf", sub.version, time.perf_counter() - start, float(actor.w0[0])))
+    os.write({out_fd}, struct.pack("<qdf", sub.version, time.perf_counter() - start, float(actor.w0[0].detach())))
 sub.close()
 """
 
@@ -268,7 +331,7 @@ def time_sync_xproc(n: int, parts: int, endpoint: str, repeats: int, seed: int, 
             copy_s, start, blocked, version = publish_round(learner, pub, memcpy, flush, device)
             os.write(go_write, struct.pack("<q", version))
             got, apply_s, first = struct.unpack("<qdf", read(20))
-            assert got == version and first == float(learner.w0[0]), (got, version, first)
+            assert got == version and first == float(learner.w0[0].detach()), (got, version, first)
             if r >= 2:
                 totals.append(blocked + apply_s)
                 blocks.append(blocked)
@@ -314,7 +377,7 @@ def time_module_tree(args: Args) -> None:
                 with torch.no_grad():
                     learner.state_proj.weight.add_(1.0)
                 # the list as the publisher keeps it, or walked afresh at every publish as before the cache
-                pub._sent.get = reused if how == "reused" else lambda: _tensors_to_send(learner, pub.mode)
+                pub._sent.get = reused if how == "reused" else lambda copy=True: _tensors_to_send(learner, pub.mode)
                 start = time.perf_counter()
                 version = pub.publish()
                 while not (sub.poll(timeout=0.001) and sub._pending.seq == version):
@@ -390,14 +453,15 @@ def main(args: Args) -> None:
     rows, port = [], 5850
     for n in args.sizes:
         row = {"params": f"{n / 1e6:g}M" if n >= 100_000 else f"{n / 1e3:g}k", "MB": round(n * 4 / 1e6, 3)}
+        repeats = args.repeats * (SMALL_REPEATS if n <= 1_000_000 else 1)
         for name, endpoint, flatten, zero_copy in VARIANTS:
             endpoint = endpoint.format(n=n, port=port, pid=os.getpid())
             port += 1
             if name.startswith("xproc"):
-                total, blocked, copy_s = time_sync_xproc(n, args.tensors, endpoint, args.repeats, args.seed,
+                total, blocked, copy_s = time_sync_xproc(n, args.tensors, endpoint, repeats, args.seed,
                                                          device, args.flush_caches)
             else:
-                total, blocked, copy_s = time_sync(n, args.tensors, endpoint, args.repeats, args.seed, zero_copy,
+                total, blocked, copy_s = time_sync(n, args.tensors, endpoint, repeats, args.seed, zero_copy,
                                                    flatten, device, args.flush_caches)
             row[f"{name}_publish_apply_ms"] = round(total * 1e3, 3)
             row[f"{name}_vs_memcpy"] = round(total / copy_s, 2)
@@ -407,10 +471,13 @@ def main(args: Args) -> None:
                 tcp_total = total
         row["memcpy_ms"] = row["shm_flat_zero_copy_memcpy_ms"]  # the target row's own reference
         if not cuda:
-            floor_s, floor_copy_s = time_zmq_floor(n, args.tensors, args.repeats, args.seed, args.flush_caches)
+            floor_s, floor_copy_s = time_zmq_floor(n, args.tensors, repeats, args.seed, args.flush_caches)
             row["inproc_zmq_floor_ms"] = round(floor_s * 1e3, 3)
             row["zmq_floor_vs_memcpy"] = round(floor_s / floor_copy_s, 2)
-        raw_s = time_raw_tcp(n, args.repeats, port)
+            floor_s, floor_copy_s = time_shm_floor(n, args.tensors, repeats, args.seed, args.flush_caches)
+            row["shm_floor_ms"] = round(floor_s * 1e3, 3)
+            row["shm_floor_vs_memcpy"] = round(floor_s / floor_copy_s, 2)
+        raw_s = time_raw_tcp(n, repeats, port)
         port += 1
         row["tcp_raw_pyzmq_ms"] = round(raw_s * 1e3, 2)
         row["tcp_vs_raw"] = round(tcp_total / raw_s, 2)
@@ -441,7 +508,8 @@ def main(args: Args) -> None:
              "message, so the snapshot is a single copy. `zero_copy`: the actor's `WeightSubscriber(zero_copy=True)` "
              "points its CPU parameters at the received buffer instead of copying (inference-only CPU actors). With "
              "both, one copy of the bytes is made in all. `publish_blocks_ms` is how long `publish()` held the "
-             f"learner. {args.tensors} tensors per model, median of {args.repeats} after two warm-ups. Each "
+             f"learner. {args.tensors} tensors per model, median of {args.repeats} after two warm-ups ("
+             f"{SMALL_REPEATS * args.repeats} up to 1M parameters, whose rounds take microseconds). Each "
              "variant's memcpy reference (a flat copy of the same bytes between preallocated tensors) is timed in "
              "the same loop, right before each sync, and its ratio uses its own median (`memcpy_ms` is the "
              "shared-memory variant's). Target: <= 2x memcpy. `shm`: an `shm://` endpoint, the publisher packs "
@@ -455,7 +523,12 @@ def main(args: Args) -> None:
                   "per round one copy into one of two send buffers (a zero-copy receiver holds the last), a tracked "
                   "zero-copy PUB -> SUB send and receive, and the actor's parameters re-pointed at the bytes; no "
                   "header, checks or versions. `zmq_floor_vs_memcpy` is its ratio to its own memcpy reference, timed "
-                  "in the same loop: where it exceeds 2, the 2x target is below what ZMQ itself allows.")
+                  "in the same loop: where it exceeds 2, the 2x target is below what ZMQ itself allows. "
+                  "`shm_floor_ms` is the same for shared memory: per round one copy into the one of two slots that "
+                  "is not the latest (a zero-copy reader views the latest), the four flock-guarded control-word "
+                  "updates of a handoff (publisher: pick, commit; reader: take, hold) and the parameters "
+                  "re-pointed; `shm_floor_vs_memcpy` against its own memcpy reference. Against the memcpy's one "
+                  "destination, two alternating slots are one more buffer of the same size in the caches.")
     if cuda:
         notes += (" Here the learner is on the GPU: `memcpy_ms` is a D2H copy of the same bytes into pinned host "
                   "memory, and publish+apply adds that D2H hop (side stream, pinned buffers) to the CPU-side copies.")

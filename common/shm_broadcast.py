@@ -42,6 +42,7 @@ import errno
 import fcntl
 import logging
 import mmap
+import operator
 import os
 import re
 import tempfile
@@ -63,6 +64,7 @@ W_MAGIC, W_LAYOUT, W_SLOTS, W_SLOT_BYTES, W_MAX_READERS, W_RETIRED, W_LATEST_SLO
 SLOT_BASE = 16
 MAX_READERS = 20  # 3 * 20 + 2 = 62 slots: a slot mask fits one int64 word
 SLOT_ALIGN = 4096
+_DATA_PTR = operator.methodcaller("data_ptr")
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
 
 
@@ -107,19 +109,6 @@ def _reserve(fd: int, offset: int, length: int) -> None:
         os.posix_fallocate(fd, offset, length)
 
 
-class _Locked:
-    """Exclusive flock on an fd for the duration of a `with` block."""
-
-    def __init__(self, fd: int):
-        self.fd = fd
-
-    def __enter__(self):
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
-
-    def __exit__(self, *exc):
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
-
-
 class _Mapping:
     """One open channel file: its fd, the mapping, the control words and the layout read from them."""
 
@@ -130,6 +119,8 @@ class _Mapping:
             raise ShmError(f"{path}: {size} bytes, shorter than the control page")
         self.mm = mmap.mmap(fd, size)
         self.ctl = np.frombuffer(self.mm, np.int64, count=CONTROL_BYTES // 8)
+        # the same words as Python ints: on the per-message paths one word costs a tenth of a numpy scalar access
+        self.words = memoryview(self.mm)[:CONTROL_BYTES].cast("q")
         magic, layout, slots, slot_bytes, readers = (int(self.ctl[w]) for w in
                                                      (W_MAGIC, W_LAYOUT, W_SLOTS, W_SLOT_BYTES, W_MAX_READERS))
         if magic != MAGIC or layout != LAYOUT_VERSION:
@@ -145,12 +136,30 @@ class _Mapping:
         self.slot_words = self.ctl[SLOT_BASE:SLOT_BASE + 2 * slots].reshape(slots, 2)  # (version, length)
         self.data = np.frombuffer(self.mm, np.uint8, offset=CONTROL_BYTES)
         self.base_ptr = self.data.ctypes.data
+        self.slot_arrays: dict[tuple[int, int], np.ndarray] = {}
+        self.views: dict = {}  # kept by `pack_block` for the slot arrays, dropped with them (and with the mapping)
 
-    def lock(self) -> _Locked:
-        return _Locked(self.fd)
+    def lock(self) -> "_Mapping":
+        """`with m.lock():` holds an exclusive flock on the file for the block."""
+        return self
+
+    def __enter__(self):
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
 
     def slot(self, s: int, length: int) -> np.ndarray:
-        return self.data[s * self.slot_bytes:s * self.slot_bytes + length]
+        """The first `length` bytes of slot `s`; the same array object while its length stays (callers such as
+        `pack_block` keep per-buffer state, e.g. views, for an `out` they see again)."""
+        key = (s, length)
+        arr = self.slot_arrays.get(key)
+        if arr is None:
+            if len(self.slot_arrays) >= 4 * self.slots:
+                self.slot_arrays.clear()
+                self.views.clear()
+            arr = self.slot_arrays[key] = self.data[s * self.slot_bytes:s * self.slot_bytes + length]
+        return arr
 
     def held_mask(self, check_alive: bool) -> int:
         """Slots held by reader entries (under the lock); with `check_alive`, entries of dead processes are freed."""
@@ -160,7 +169,10 @@ class _Mapping:
                 pid = int(entries[r, 0])
                 if pid != os.getpid() and not _pid_alive(pid):
                     entries[r] = 0
-        return int(np.bitwise_or.reduce(entries[:, 1:], axis=None))  # free entries hold 0
+        words, mask = self.words, 0
+        for w in range(self.reader_base + 1, self.reader_base + 3 * self.max_readers, 3):
+            mask |= words[w] | words[w + 1]  # an entry's in-use and pending masks; free entries hold 0
+        return mask
 
     def close(self) -> None:
         # The mapping itself is not closed: tensors may still view it (zero-copy weights). It goes when they do.
@@ -239,8 +251,9 @@ class ShmPublisher:
         if self._map is None or nbytes > self._map.slot_bytes:
             self._create(nbytes)  # also when a message outgrows the slots: readers move to the new file
         m = self._map
+        words = m.words
         with m.lock():
-            latest = int(m.ctl[W_LATEST_SLOT])
+            latest = words[W_LATEST_SLOT]
             latest_bit = 1 << latest if latest >= 0 else 0
             busy = m.held_mask(check_alive=False) | latest_bit
             s = next((i for i in self._recent if not busy >> i & 1), -1)
@@ -249,8 +262,8 @@ class ShmPublisher:
                 s = next((i for i in self._recent if not busy >> i & 1), -1)
             if s < 0:
                 raise ShmError(f"all {m.slots} slots of {self.path} are held by readers")
-            m.slot_words[s, 0] = -1
-            m.slot_words[s, 1] = nbytes
+            words[SLOT_BASE + 2 * s] = -1  # (version, length)
+            words[SLOT_BASE + 2 * s + 1] = nbytes
         if s not in self._reserved:
             try:
                 _reserve(m.fd, CONTROL_BYTES + s * m.slot_bytes, m.slot_bytes)
@@ -262,15 +275,20 @@ class ShmPublisher:
         self._writing = s
         return m.slot(s, nbytes)
 
+    @property
+    def views(self) -> dict | None:
+        """For `pack_block(..., views=)`: kept tensor views of the slots of the current file."""
+        return self._map.views if self._map is not None else None
+
     def commit(self, version: int) -> None:
         """Publish the message written into the slot `acquire` returned, as `version`."""
         m, s = self._map, self._writing
         if m is None or s < 0:
             raise RuntimeError("commit() without acquire()")
-        ctl, now = m.ctl, time.time_ns()
+        words, now = m.words, time.time_ns()
         with m.lock():
-            m.slot_words[s, 0] = version
-            ctl[W_LATEST_SLOT], ctl[W_LATEST_VERSION], ctl[W_HEARTBEAT] = s, version, now
+            words[SLOT_BASE + 2 * s] = version
+            words[W_LATEST_SLOT], words[W_LATEST_VERSION], words[W_HEARTBEAT] = s, version, now
         self._recent.remove(s)
         self._recent.insert(0, s)
         self._writing = -1
@@ -344,7 +362,7 @@ class ShmSubscriber:
         mask = 0
         for s in self._pending.values():
             mask |= 1 << s
-        self._map.entries[self._entry, 2] = mask
+        self._map.words[self._map.reader_base + 3 * self._entry + 2] = mask
 
     # ---------------------------------------------------------------------------------------------- reading
     def latest(self, timeout: float = 0.0) -> Message | None:
@@ -353,12 +371,12 @@ class ShmSubscriber:
         deadline = time.monotonic() + timeout
         while True:
             m = self._map
-            if m is not None and m.ctl[W_RETIRED]:
+            if m is not None and m.words[W_RETIRED]:
                 self._detach()  # the publisher replaced the file (or left): messages taken from it stay valid
                 m = None
             if m is None and self._attach():
                 m = self._map
-            if m is not None and m.ctl[W_LATEST_VERSION] > self.last_version:  # a plain read: the hint
+            if m is not None and m.words[W_LATEST_VERSION] > self.last_version:  # a plain read: the hint
                 return self._take(m)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -366,15 +384,15 @@ class ShmSubscriber:
             time.sleep(min(remaining, 0.0005 if m is not None else 0.01))
 
     def _take(self, m: _Mapping) -> Message | None:
-        ctl = m.ctl
+        words = m.words
         with m.lock():
-            s, version = int(ctl[W_LATEST_SLOT]), int(ctl[W_LATEST_VERSION])
+            s, version = words[W_LATEST_SLOT], words[W_LATEST_VERSION]
             if not 0 <= s < m.slots:  # a corrupt control page: nothing to hold, nothing to read
                 self.stats["bad_frames"] += 1
                 log.warning("bad shared-memory control page dropped: latest slot %d of %d", s, m.slots)
                 self.last_version = version
                 return None
-            length = int(m.slot_words[s, 1])
+            length = words[SLOT_BASE + 2 * s + 1]
             self._pending[version] = s  # held from here on: the publisher will not rewrite it
             self._set_pending()
         try:
@@ -412,14 +430,23 @@ class ShmSubscriber:
             return
         lo, hi, size = m.base_ptr, m.base_ptr + m.slots * m.slot_bytes, m.slot_bytes
         mask = 0
-        for t in tensors:
-            ptr = t.data_ptr()
+        for ptr in map(_DATA_PTR, tensors):
             if lo <= ptr < hi:
                 mask |= 1 << ((ptr - lo) // size)
         if msg is not None:
             self._pending.pop(msg.seq, None)
         with m.lock():
-            m.entries[self._entry, 1] = mask
+            m.words[m.reader_base + 3 * self._entry + 1] = mask
+            self._set_pending()
+
+    def hold_only(self, msg: Message) -> None:
+        """`hold(tensors, msg)` where the tensors now all view `msg`'s slot (none views another): hold that slot
+        alone, without looking at each tensor."""
+        m, s = self._map, self._pending.pop(msg.seq, None)
+        if m is None or s is None:
+            return
+        with m.lock():
+            m.words[m.reader_base + 3 * self._entry + 1] = 1 << s
             self._set_pending()
 
     def publisher_alive(self) -> bool:

@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import os
+import sys
 import threading
 import time
 import uuid
@@ -140,6 +141,47 @@ def encode_header(msg_type: str, meta: dict | None, specs: list, seq: int = 0) -
                          use_bin_type=True)
 
 
+_SEQ_KEY = msgpack.packb("s")
+
+
+class VersionedHeader:
+    """`encode_header(msg_type, {**meta, version_key: seq}, specs, seq)` for a stream whose messages differ only in
+    `seq` (one model's weights, version after version): everything but the number is packed once, and each message
+    packs just the number (the map's keys come in another order than `encode_header`'s, which decoding ignores)."""
+
+    def __init__(self, msg_type: str, meta: dict, specs: list, version_key: str = "version"):
+        packer = msgpack.Packer(use_bin_type=True)
+        pack, rest = packer.pack, {k: v for k, v in meta.items() if k != version_key}
+        self._head = b"".join([packer.pack_map_header(5), pack("v"), pack(PROTOCOL_VERSION), pack("t"),
+                               pack(msg_type), pack("a"), pack(specs), pack("m"),
+                               packer.pack_map_header(len(rest) + 1), *(pack(k) + pack(v) for k, v in rest.items()),
+                               pack(version_key)])
+
+    def __call__(self, seq: int) -> bytes:
+        number = msgpack.packb(int(seq))
+        return self._head + number + _SEQ_KEY + number
+
+    @staticmethod
+    def stem(raw: bytes, header: dict) -> bytes | None:
+        """For a validated header made by a `VersionedHeader`: its bytes but the trailing `number, "s", number`.
+        A header that starts with these bytes and ends in another such triple is the same header with another
+        version (checked here by decoding one such header built with another number). None for other headers."""
+        seq, meta = header["s"], header["m"]
+        if not (type(seq) is int and seq >= 0 and meta and list(meta)[-1] == "version" and meta["version"] == seq):
+            return None
+        number = msgpack.packb(seq)
+        tail = number + _SEQ_KEY + number
+        if not raw.endswith(tail):
+            return None
+        stem, other = raw[:-len(tail)], seq + 2**40
+        probe = msgpack.packb(other)
+        try:
+            check = msgpack.unpackb(stem + probe + _SEQ_KEY + probe)
+        except Exception:
+            return None
+        return stem if check == {**header, "s": other, "m": {**meta, "version": other}} else None
+
+
 def frame_spec(name: str, value) -> list:
     """[name, dtype name, shape] of an array or tensor (any device) as `encode` would describe it."""
     dtype, shape, _ = _as_frame(value, device_ok=True)
@@ -222,7 +264,9 @@ class PackedDecoder:
 
     def __init__(self, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, as_torch: bool = False):
         self.max_bytes, self.as_torch = max_bytes, as_torch
-        self._layout = None  # (packed prefix, total size, header slot, specs, [(name, dtype, shape, start, bytes)])
+        # (packed prefix, total size, header slot, specs, [(name, dtype, shape, start, bytes)], versioned) where
+        # versioned, for a `VersionedHeader` stream, is (header stem, type, meta but the version, number length)
+        self._layout = None
         self._views: dict = {}  # key -> (specs, arrays)
 
     def __call__(self, buf, key=None) -> Message:
@@ -232,9 +276,15 @@ class PackedDecoder:
         view = memoryview(buf).cast("B")
         layout = self._layout
         if layout is not None and view.nbytes == layout[1] and view[:len(layout[0])] == layout[0]:
-            prefix, total, (start, length), specs, plan = layout
-            header = _parse_header(view[start:start + length], len(specs))
-            if header["a"] == specs:  # the same names, dtypes and shapes as the validated layout
+            prefix, total, (start, length), specs, plan, versioned = layout
+            raw = view[start:start + length]
+            seq = self._versioned_seq(raw, versioned) if versioned else None
+            if seq is not None:  # the learned header but for its version: nothing else to check
+                msg_type, meta, same_specs = versioned[1], {**versioned[2], "version": seq}, True
+            else:
+                header = _parse_header(raw, len(specs))
+                msg_type, seq, meta, same_specs = header["t"], header["s"], header["m"], header["a"] == specs
+            if same_specs:  # the same names, dtypes and shapes as the validated layout
                 kept = self._views.get(key) if key is not None else None
                 if kept is not None and kept[0] is specs:
                     arrays = kept[1]
@@ -244,19 +294,37 @@ class PackedDecoder:
                               for name, dtype_name, dtype, shape, off, n in plan}
                     if key is not None:
                         self._views[key] = (specs, arrays)
-                return Message(header["t"], header["s"], header["m"], dict(arrays), layout=specs)
+                return Message(msg_type, seq, meta, dict(arrays), layout=specs)
         frames = unpack_frames(view)
         msg = decode(frames, self.max_bytes, self.as_torch)  # every check; raises on anything wrong
         lengths = [f.nbytes for f in frames]
         offsets, total = _packed_offsets(lengths)
-        specs = _parse_header(frames[0], len(frames) - 1)["a"]
+        header = _parse_header(frames[0], len(frames) - 1)
+        specs, raw = header["a"], bytes(frames[0])
         plan = [(*_check_spec(spec)[:4], off, n) for spec, off, n in zip(specs, offsets[1:], lengths[1:])]
-        self._layout = (bytes(view[:4 + 8 * len(lengths)]), total, (offsets[0], lengths[0]), specs, plan)
+        stem = VersionedHeader.stem(raw, header)
+        versioned = None if stem is None else (stem, header["t"], {k: v for k, v in header["m"].items()
+                                                                    if k != "version"}, (len(raw) - len(stem) - 2) // 2)
+        self._layout = (bytes(view[:4 + 8 * len(lengths)]), total, (offsets[0], lengths[0]), specs, plan, versioned)
         msg.layout = specs
         if key is not None:
             self._views[key] = (specs, msg.arrays)
             msg.arrays = dict(msg.arrays)
         return msg
+
+    @staticmethod
+    def _versioned_seq(raw: memoryview, versioned) -> int | None:
+        """The version, if `raw` is the learned stem followed by `number, "s", number` (the number's encoding as
+        long as the learned one's: the layout fixed the header's length); else None (then it is parsed in full)."""
+        stem, _, _, k = versioned
+        n = len(stem)
+        if raw[:n] != stem or raw[n + k:n + k + 2] != _SEQ_KEY or raw[n:n + k] != raw[n + k + 2:]:
+            return None
+        try:
+            seq = msgpack.unpackb(raw[n:n + k])
+        except Exception:
+            return None
+        return seq if type(seq) is int else None
 
 
 _ALIGN = 64
@@ -295,7 +363,8 @@ def _packed_layout(lengths: tuple[int, ...]) -> tuple[tuple[int, ...], int, byte
     return tuple(offsets), pos, len(lengths).to_bytes(4, "little") + np.asarray(lengths, "<u8").tobytes()
 
 
-def _packed_buffer(lengths: list[int], out: np.ndarray | None, pinned: bool) -> tuple[np.ndarray, list[int]]:
+def _packed_buffer(lengths: tuple[int, ...] | list[int], out: np.ndarray | None,
+                   pinned: bool) -> tuple[np.ndarray, list[int]]:
     """A buffer for a packed message (`out` reused when its size fits), its prefix and padding written."""
     offsets, total, prefix = _packed_layout(tuple(lengths))
     if out is not None and out.shape == (total,):
@@ -306,7 +375,7 @@ def _packed_buffer(lengths: list[int], out: np.ndarray | None, pinned: bool) -> 
         buf = torch.empty(total, dtype=torch.uint8, pin_memory=True).numpy()  # the array keeps the tensor alive
     else:
         buf = _aligned_empty(total)  # every byte is written
-    if buf is out and buf[:len(prefix)].tobytes() == prefix:
+    if buf is out and buf.data[:len(prefix)] == prefix:
         return buf, offsets  # a reused buffer packed with the same lengths: prefix and padding are in place
     buf[:len(prefix)] = np.frombuffer(prefix, np.uint8)
     end = len(prefix)
@@ -329,18 +398,23 @@ def packed_block_layout(lengths: list[int]) -> tuple[list[int], int]:
 
 
 def pack_block(header: bytes, lengths: list[int], block, out: np.ndarray | None = None,
-               pinned: bool = False) -> np.ndarray:
+               pinned: bool = False, views: dict | None = None) -> np.ndarray:
     """`pack_frames([header, *frames])` when the frames already lie in one buffer `block` (a torch uint8 tensor on
     any device) laid out as `packed_block_layout(lengths)` says: one copy for all of them. A GPU block is copied
-    device-to-host asynchronously on the current CUDA stream: synchronise it before sending."""
-    rel, span = packed_block_layout(lengths)
+    device-to-host asynchronously on the current CUDA stream: synchronise it before sending. `views`: a dict the
+    caller owns (and drops with its buffers) where the tensor view of an `out` seen again (a shared-memory slot) is
+    kept: on this path each torch or numpy call is a sizeable part of a small model's sync."""
+    buf, offsets = _packed_buffer((len(header), *lengths), out, pinned)
+    span = len(buf) - offsets[1]  # the frames' span does not depend on where the header ends (see above)
     if block.numel() != span:
         raise ValueError(f"block of {block.numel()} bytes, the layout needs {span}")
-    buf, offsets = _packed_buffer([len(header), *lengths], out, pinned)
-    buf[offsets[0]:offsets[0] + len(header)] = np.frombuffer(header, np.uint8)
-    import torch
-
-    torch.from_numpy(buf[offsets[1]:offsets[1] + span]).copy_(block, non_blocking=block.device.type != "cpu")
+    buf.data[offsets[0]:offsets[0] + len(header)] = header
+    kept = views.get(id(buf)) if views is not None else None
+    if kept is None or kept[0] is not buf or kept[1] != offsets[1]:
+        kept = (buf, offsets[1], sys.modules["torch"].from_numpy(buf[offsets[1]:]))  # torch: `block` is a tensor
+        if views is not None:
+            views[id(buf)] = kept
+    kept[2].copy_(block, non_blocking=not block.is_cpu)
     return buf
 
 

@@ -27,6 +27,7 @@ the file is readable by the same user only).
 
 from __future__ import annotations
 
+import operator
 import threading
 import time
 import torch
@@ -34,7 +35,7 @@ import zmq
 from torch.utils.hooks import RemovableHandle
 
 from common.shm_broadcast import ShmPublisher, ShmSubscriber, shm_name
-from common.transport import (CurveConfig, Publisher, Subscriber, encode, encode_header, frame_spec, frame_nbytes,
+from common.transport import (CurveConfig, Publisher, Subscriber, VersionedHeader, encode, frame_spec, frame_nbytes,
                               pack_block, pack_frames, packed_block_layout, packed_size)
 
 MODES = ("full", "trainable")
@@ -81,7 +82,7 @@ class _SentTensors:
         self.model, self.mode = model, mode
         self.tensors: dict[str, torch.Tensor] | None = None
         self.registrations = self.hooks = -1
-        self.owners: list[tuple[dict, str, torch.Tensor]] = []
+        self.owners: tuple[list, list, list] = ([], [], [])  # (dicts, names, objects): each object held by its dict
         self.params: list[torch.Tensor] = []
         self.requires_grad: list[bool] = []
         _watch_registrations()
@@ -89,12 +90,14 @@ class _SentTensors:
     def valid(self) -> bool:
         if self.tensors is None or _registrations[0] != self.registrations or RemovableHandle.next_id != self.hooks:
             return False
-        if not all(d.get(k) is t for d, k, t in self.owners):
+        dicts, keys, held = self.owners
+        if not all(map(operator.is_, map(dict.get, dicts, keys), held)):  # (map: the loop runs in C)
             return False
         return not self.params or [p.requires_grad for p in self.params] == self.requires_grad
 
-    def get(self) -> dict[str, torch.Tensor]:
-        """name -> tensor (a new dict each call: callers may replace its values)."""
+    def get(self, copy: bool = True) -> dict[str, torch.Tensor]:
+        """name -> tensor: a new dict each call (callers may replace its values), or with `copy=False` the kept one
+        where it is valid (read only)."""
         if not self.valid():
             registrations, hooks = _registrations[0], RemovableHandle.next_id
             tensors = _tensors_to_send(self.model, self.mode)
@@ -109,14 +112,15 @@ class _SentTensors:
             hooked = self.mode == "full" and any(m._state_dict_hooks or m._state_dict_pre_hooks for m in modules)
             self.tensors = None if hooked or None in owners else tensors
             # each tensor in its module's dict, and each module in its parent's (`del model.head` is no registration)
-            self.owners = [(d, k, t) for (d, k), t in zip(owners, tensors.values())] + [
+            triples = [(d, k, t) for (d, k), t in zip(owners, tensors.values())] + [
                 (m._modules, k, child) for m in modules for k, child in m._modules.items()
                 if child is not None] if self.tensors is not None else []
+            self.owners = tuple(map(list, zip(*triples))) if triples else ([], [], [])  # dicts, names, objects
             self.params = list(self.model.parameters()) if self.mode == "trainable" else []
             self.requires_grad = [p.requires_grad for p in self.params]
             self.registrations, self.hooks = registrations, hooks
             return dict(tensors)
-        return dict(self.tensors)
+        return dict(self.tensors) if copy else self.tensors
 
 
 class _FlatTensors:
@@ -125,7 +129,7 @@ class _FlatTensors:
     before). A snapshot is then one copy of the whole buffer instead of one per tensor."""
 
     def __init__(self, tensors: dict[str, torch.Tensor]):
-        self.names = list(tensors)
+        self.names, self.source = list(tensors), tensors  # (the kept dict of `_SentTensors`: its names never change)
         self.specs = [frame_spec(k, t) for k, t in tensors.items()]
         self.lengths = [t.numel() * t.element_size() for t in tensors.values()]
         offsets, span = packed_block_layout(self.lengths)
@@ -137,6 +141,8 @@ class _FlatTensors:
                 slot.copy_(t)
                 t.data = slot
         self.pointers = [self.block.data_ptr() + off for off in offsets]
+        self.header: VersionedHeader | None = None  # the update header, all but the version packed once
+        self._sizes: dict[int, int] = {}  # header length -> packed message size
 
     @staticmethod
     def possible(tensors: dict[str, torch.Tensor]) -> bool:
@@ -147,9 +153,17 @@ class _FlatTensors:
         spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in values)
         return all(end <= nxt for (_, end), (nxt, _) in zip(spans, spans[1:]))
 
+    def packed_size(self, header_bytes: int) -> int:
+        """Size of the packed message with a header of this length (computed once per length)."""
+        size = self._sizes.get(header_bytes)
+        if size is None:
+            size = self._sizes[header_bytes] = packed_size((header_bytes, *self.lengths))
+        return size
+
     def holds(self, tensors: dict[str, torch.Tensor]) -> bool:
         """Whether the model's tensors are still the views of this buffer (not replaced, e.g. by `.to()`)."""
-        return list(tensors) == self.names and [t.data_ptr() for t in tensors.values()] == self.pointers
+        return ((tensors is self.source or list(tensors) == self.names)
+                and list(map(torch.Tensor.data_ptr, tensors.values())) == self.pointers)
 
 
 class WeightPublisher:
@@ -228,17 +242,22 @@ class WeightPublisher:
         """Snapshot the weights now and send them in the background; returns the version. Non-blocking."""
         start = time.perf_counter()
         self.version = self.version + 1 if version is None else int(version)
-        tensors = self._sent.get()
+        tensors = self._sent.get(copy=not self.flatten)
         if self.flatten and (self._flat is None or not self._flat.holds(tensors)):
             self._flat = _FlatTensors(tensors) if _FlatTensors.possible(tensors) else None
         flat = self._flat
+        if flat is None and self.flatten:
+            tensors = dict(tensors)  # the per-tensor path replaces values: not in the kept dict
         # Packing is the one host copy: the snapshot, taken here while the weights are consistent. It goes into a
         # send buffer that no receiver still holds (ZMQ tracks zero-copy sends), reused when the size fits.
         if flat is not None:
             on_gpu = flat.block.is_cuda
-            header = encode_header("update", {"version": self.version, "mode": self.mode}, flat.specs, self.version)
-            pack = lambda out, pinned=False: pack_block(header, flat.lengths, flat.block, out=out, pinned=pinned)
-            size = lambda: packed_size([len(header), *flat.lengths])
+            if flat.header is None:
+                flat.header = VersionedHeader("update", {"mode": self.mode}, flat.specs)
+            header = flat.header(self.version)
+            pack = lambda out, pinned=False: pack_block(header, flat.lengths, flat.block, out=out, pinned=pinned,
+                                                        views=self.shm.views if self.shm is not None else None)
+            size = lambda: flat.packed_size(len(header))
         else:
             tensors, delta_meta = self._host_tensors(tensors)
             on_gpu = any(t.is_cuda for t in tensors.values())
@@ -283,7 +302,10 @@ class WeightPublisher:
 
     def _publish_shm(self, pack, nbytes: int, on_gpu: bool, start: float) -> int:
         out = self.shm.acquire(nbytes)  # a slot no reader holds: the snapshot goes straight into shared memory
-        self._snapshot(pack, out, on_gpu)
+        if on_gpu:
+            self._snapshot(pack, out, on_gpu)
+        else:
+            pack(out)
         self.shm.commit(self.version)
         self.stats["requested"] += 1
         self.stats["sent"] += 1
@@ -364,6 +386,7 @@ class WeightSubscriber:
         self._targets = dict(model.state_dict(keep_vars=True))
         self._fits = None  # the update layout last checked against the model
         self._plan: dict = {}  # for that layout: name -> (target tensor, apply by viewing the received bytes)
+        self._views_only = self._views_all = False  # every tensor of that layout is applied by viewing (all tensors)
 
     def poll(self, timeout: float = 0.0) -> bool:
         """Take in what has arrived; keep only the newest. Returns whether an update is waiting to be applied."""
@@ -379,7 +402,6 @@ class WeightSubscriber:
             self.sub.release(msg)
         return self._pending is not None
 
-    @torch.no_grad()
     def apply(self) -> int | None:
         """Copy the waiting update into the model (at a boundary the caller chose); returns its version."""
         msg, self._pending = self._pending, None
@@ -396,6 +418,27 @@ class WeightSubscriber:
             # per name: the target, and whether it can view the received bytes (CPU, same dtype)
             self._plan = {k: (targets[k], self.zero_copy and targets[k].dtype == v.dtype
                               and targets[k].device.type == "cpu") for k, v in msg.arrays.items()}
+            self._views_only = all(view for _, view in self._plan.values())
+            # then every tensor that can view a slot views this update's: the shared-memory reader holds it alone
+            self._views_all = self._views_only and len(self._plan) == len(targets)
+        if self._views_only:  # re-pointing `.data` records nothing for autograd: no need for no_grad's cost
+            self._load(msg)
+        else:
+            with torch.no_grad():
+                self._load(msg)
+        if self.shm and self._views_all and "base" not in msg.meta:
+            self.sub.hold_only(msg)
+        else:
+            self.sub.hold(targets.values() if self.zero_copy else (), msg)  # the buffers the parameters now view
+        if self.version > 0:  # published versions never applied here: superseded in a queue or while waiting
+            self.stats["coalesced"] += max(0, msg.seq - self.version - 1)
+        self.stats["applied"] += 1
+        self.version = msg.seq
+        if msg.meta.get("keyframe"):
+            self._keyframe = msg.seq
+        return msg.seq
+
+    def _load(self, msg) -> None:
         plan = self._plan
         clone = self.shm and "base" in msg.meta
         for name, src in msg.arrays.items():  # torch tensors viewing the received buffer
@@ -406,14 +449,6 @@ class WeightSubscriber:
                 target.data = src.clone() if clone else src
             else:
                 target.copy_(src)
-        self.sub.hold(targets.values() if self.zero_copy else (), msg)  # the buffers the parameters now view
-        if self.version > 0:  # published versions never applied here: superseded in a queue or while waiting
-            self.stats["coalesced"] += max(0, msg.seq - self.version - 1)
-        self.stats["applied"] += 1
-        self.version = msg.seq
-        if msg.meta.get("keyframe"):
-            self._keyframe = msg.seq
-        return msg.seq
 
     def maybe_apply(self, timeout: float = 0.0) -> int | None:
         return self.apply() if self.poll(timeout) else None

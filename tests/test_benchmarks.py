@@ -181,6 +181,7 @@ def test_weight_sync_benchmark_runs_every_variant(tmp_path):
                     "tcp_flat_zero_copy"):
         assert row[f"{variant}_publish_apply_ms"] > 0 and row[f"{variant}_vs_memcpy"] > 0, variant
     assert row["memcpy_ms"] == row["shm_flat_zero_copy_memcpy_ms"]
+    assert row["shm_floor_ms"] > 0 and row["inproc_zmq_floor_ms"] > 0
     assert (tmp_path / "weight_sync.png").stat().st_size > 1000
 
 

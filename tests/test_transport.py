@@ -18,7 +18,8 @@ import zmq
 from common.transport import (
     PROTOCOL_VERSION, CurveConfig, DataReceiver, DataSender, FrameError, HandshakeError, PackedDecoder,
     Publisher,
-    RpcClient, RpcServer, Subscriber, TransportError, TransportTimeout, decode, encode, make_keypair, pack_frames,
+    RpcClient, RpcServer, Subscriber, TransportError, TransportTimeout, VersionedHeader, decode, encode,
+    encode_header, make_keypair, pack_block, pack_frames, packed_block_layout,
     unpack_frames,
 )
 
@@ -117,16 +118,25 @@ def _same_result(decoder, buf):
 
 
 @pytest.mark.parametrize("as_torch", [False, True])
-def test_packed_decoder_agrees_with_decode_on_good_bad_and_look_alike_messages(as_torch):
+@pytest.mark.parametrize("headers", ["encode", "versioned"])
+def test_packed_decoder_agrees_with_decode_on_good_bad_and_look_alike_messages(as_torch, headers):
     """The weight broadcast's decoder remembers the last layout and skips per-array checks when the next message
-    matches it: look-alikes (same frame lengths, other names / dtypes / shapes / version) must not slip through."""
+    matches it: look-alikes (same frame lengths, other names / dtypes / shapes / version) must not slip through.
+    `versioned`: the headers come from a `VersionedHeader` (the weight publisher's), which the decoder recognises by
+    their bytes and does not parse at all; the look-alikes then keep its key order."""
     rng = np.random.default_rng(0)
     arrays = {"w0": rng.random((4, 6)).astype(np.float32), "w1": rng.random(5).astype(np.float32),
               "n": np.arange(3, dtype=np.int64)}
-    good = lambda seq, a=arrays, **meta: pack_frames(encode("update", {"version": seq, **meta}, a, seq))
+    if headers == "encode":
+        good = lambda seq: pack_frames(encode("update", {"version": seq}, arrays, seq))
+    else:
+        specs = msgpack.unpackb(encode("update", {}, arrays)[0])["a"]
+        header_of = VersionedHeader("update", {"mode": "full"}, specs)
+        good = lambda seq: pack_frames([header_of(seq), *arrays.values()])
     decoder = PackedDecoder(max_bytes=2**20, as_torch=as_torch)
     first = _same_result(decoder, good(1))
     assert _same_result(decoder, good(2)).layout is first.layout  # the remembered layout served it
+    assert (decoder._layout[-1] is not None) == (headers == "versioned")  # recognised (or not) as versioned
     header = msgpack.unpackb(bytes(unpack_frames(good(3))[0]))
     body = [bytes(f) for f in unpack_frames(good(3))[1:]]
 
@@ -142,6 +152,8 @@ def test_packed_decoder_agrees_with_decode_on_good_bad_and_look_alike_messages(a
              look_alike(a=[["w0", "<c8", [4, 3]], *header["a"][1:]]),  # dtype not allowed
              look_alike(v=PROTOCOL_VERSION + 1),  # wrong protocol version
              look_alike(s=None),  # wrong field type
+             look_alike(s=4, m={**header["m"], "version": 5}),  # sequence and version differ
+             look_alike(t="upd8te"),  # another message type
              bytes(good(4))[:-1], bytes(good(4)) + b"\0"]  # truncated, trailing byte
     cases += [pack_frames(f) if len(f) > 1 else f[0] for f in malformed_messages(random.Random(2), 300)]
     for buf in cases:
@@ -150,6 +162,42 @@ def test_packed_decoder_agrees_with_decode_on_good_bad_and_look_alike_messages(a
     corrupt = bytearray(good(6))
     corrupt[5] ^= 1  # the header length field: the prefix no longer matches, the full checks run
     _same_result(decoder, bytes(corrupt))
+    for seq in (127, 128, 255, 256, 65535, 65536, 2**32, 2**63 - 1):  # versions whose encodings change length
+        assert _same_result(decoder, good(seq)).seq == seq
+
+
+@pytest.mark.parametrize("with_views", [False, True])
+def test_pack_block_packs_like_pack_frames_into_reused_buffers(with_views):
+    """`pack_block` (one copy of a block of frames) gives `pack_frames`' bytes, also into a reused `out` whose
+    header grew and moved the frames, with the tensor views of kept `out`s reused (`views`)."""
+    lengths = [24, 40, 8]
+    rel, span = packed_block_layout(lengths)
+    block = torch.zeros(span, dtype=torch.uint8)  # the padding between frames is zeros, as pack_frames writes it
+    frames = [block[o:o + n].numpy() for o, n in zip(rel, lengths)]
+    for i, f in enumerate(frames):
+        f[:] = np.arange(len(f)) * (i + 3) % 251
+    views = {} if with_views else None
+    outs = {}
+    for round_ in range(3):
+        for header in (b"h" * 5, b"h" * 70, b"h" * 5):  # 70 bytes push the frames to the next 64-byte boundary
+            for f in frames:
+                f += 1
+            want = pack_frames([header, *frames])
+            out = outs.setdefault(len(header), np.zeros(len(want), np.uint8))
+            got = pack_block(header, lengths, block, out=out, views=views)
+            assert got is out and bytes(got) == bytes(want)
+    assert (views is None) or len(views) == 2
+
+
+def test_versioned_header_is_encode_header_with_the_version_filled_in():
+    specs = [["w", "<f4", [3, 2]], ["b", "<i8", []]]
+    header_of = VersionedHeader("update", {"mode": "trainable", "version": -1}, specs)  # its version is replaced
+    for seq in (0, 1, 127, 128, 2**16, 2**40):
+        want = msgpack.unpackb(encode_header("update", {"mode": "trainable", "version": seq}, specs, seq))
+        assert msgpack.unpackb(header_of(seq)) == want
+        assert VersionedHeader.stem(header_of(seq), want) == header_of(seq)[:-2 * len(msgpack.packb(seq)) - 2]
+    plain = encode_header("update", {"mode": "trainable", "version": 3}, specs, 3)
+    assert VersionedHeader.stem(plain, msgpack.unpackb(plain)) is None  # (its "a" comes last)
 
 
 def test_packed_decoder_keeps_views_per_place_only_while_the_layout_holds():
