@@ -5,7 +5,8 @@ Framing. A message is a multipart ZMQ message: frame 0 is a msgpack header
      "a": [[name, dtype, shape], ...]}
 followed by one raw frame per array (sent zero-copy from numpy / CPU torch memory). `decode` checks everything (version,
 frame count, dtype allow-list, shape, byte counts, size cap) and raises `FrameError`; receivers log a bad frame, count
-it and keep serving.
+it and keep serving. A stream of one layout (a model's weights, version after version) can pack its header with
+`VersionedHeader` (all but the version packed once), which `PackedDecoder` recognises by its bytes.
 
 Patterns (the robot side always connects, the learner side binds, so a robot behind NAT needs no inbound port):
 1. `DataSender` (DEALER) -> `DataReceiver` (ROUTER): items with (session, sequence id), acknowledged by the receiver and
