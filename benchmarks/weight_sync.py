@@ -40,6 +40,7 @@ import tyro
 import zmq
 
 from benchmarks.report import RESULTS_DIR, pyplot, write_results
+from common.shm_broadcast import shm_dir
 from common.weight_sync import WeightPublisher, WeightSubscriber, _tensors_to_send
 
 
@@ -199,7 +200,7 @@ def time_shm_floor(n: int, parts: int, repeats: int, seed: int, flush: bool = Fa
     import fcntl
     import mmap
 
-    path = Path("/dev/shm" if Path("/dev/shm").is_dir() else "/tmp") / f"rlx-floor-{os.getpid()}"
+    path = shm_dir() / f"rlx-floor-{os.getpid()}"
     slot_bytes = -(-n * 4 // 4096) * 4096
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     reader_fd = os.open(path, os.O_RDWR)

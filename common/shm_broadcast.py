@@ -133,7 +133,6 @@ class _Mapping:
         self.slots, self.slot_bytes, self.max_readers = slots, slot_bytes, readers
         self.reader_base = SLOT_BASE + 2 * slots
         self.entries = self.ctl[self.reader_base:self.reader_base + 3 * readers].reshape(readers, 3)
-        self.slot_words = self.ctl[SLOT_BASE:SLOT_BASE + 2 * slots].reshape(slots, 2)  # (version, length)
         self.data = np.frombuffer(self.mm, np.uint8, offset=CONTROL_BYTES)
         self.base_ptr = self.data.ctypes.data
         self.slot_arrays: dict[tuple[int, int], np.ndarray] = {}
@@ -364,6 +363,13 @@ class ShmSubscriber:
             mask |= 1 << s
         self._map.words[self._map.reader_base + 3 * self._entry + 2] = mask
 
+    def _set_held(self, in_use: int) -> None:
+        """Record the slots our tensors view (`in_use`) and the pending ones, under the lock."""
+        m = self._map
+        with m.lock():
+            m.words[m.reader_base + 3 * self._entry + 1] = in_use
+            self._set_pending()
+
     # ---------------------------------------------------------------------------------------------- reading
     def latest(self, timeout: float = 0.0) -> Message | None:
         """The newest message newer than the last one returned (waiting up to `timeout` for one), or None. Its
@@ -435,19 +441,14 @@ class ShmSubscriber:
                 mask |= 1 << ((ptr - lo) // size)
         if msg is not None:
             self._pending.pop(msg.seq, None)
-        with m.lock():
-            m.words[m.reader_base + 3 * self._entry + 1] = mask
-            self._set_pending()
+        self._set_held(mask)
 
     def hold_only(self, msg: Message) -> None:
         """`hold(tensors, msg)` where the tensors now all view `msg`'s slot (none views another): hold that slot
         alone, without looking at each tensor."""
-        m, s = self._map, self._pending.pop(msg.seq, None)
-        if m is None or s is None:
-            return
-        with m.lock():
-            m.words[m.reader_base + 3 * self._entry + 1] = 1 << s
-            self._set_pending()
+        s = self._pending.pop(msg.seq, None)
+        if self._map is not None and s is not None:
+            self._set_held(1 << s)
 
     def publisher_alive(self) -> bool:
         """Whether a publisher owns the channel now (probes its owner lock)."""
