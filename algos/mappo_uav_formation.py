@@ -99,7 +99,9 @@ class Args:
     dynamics: str = "ctbr"
     """ctbr (paper) or pointmass"""
     static_mode: str = "sdf9"
-    """sdf9 (one 9-distance token, as released) or tokens (one per column)"""
+    """sdf9 (one 9-distance token, as released), sdf9_diff (the same nine numbers as the drone's own distance and
+    the neighbours' differences from it / 0.1: which side the column is on at unit scale; a departure) or tokens
+    (one per column)"""
     relative_self_pos: bool = False
     """self token: x, y relative to the formation centroid instead of absolute (released: absolute, which grows
     along the 40 m corridor); with --corridor-walls only y (the policy sees the walls by its absolute x)"""
@@ -507,7 +509,7 @@ def pick_winner(rows: list[dict]) -> int:
 
 def main(args: Args) -> None:
     for name, choices in (("encoder", ("attention", "mlp")), ("critic", ("obs", "state")),
-                          ("dynamics", ("ctbr", "pointmass")), ("static_mode", ("sdf9", "tokens")),
+                          ("dynamics", ("ctbr", "pointmass")), ("static_mode", ("sdf9", "sdf9_diff", "tokens")),
                           ("search_scenario", ("free_ball", "static4"))):
         if getattr(args, name) not in choices:
             raise SystemExit(f"--{name.replace('_', '-')} must be one of {choices}, got {getattr(args, name)!r}")

@@ -55,7 +55,11 @@ SAME_TRAINING: dict[str, dict[str, tuple[str, ...]]] = {
     # and the evaluation reports what ended the episodes (END_CAUSES): the same agent.pt again, and the same figures
     # for the keys both summaries have; and the env names those events once (END_CAUSES): the same agent.pt and
     # summary.json as 120479840ef58a95
-    "7b597be301c5f5b1": {"120479840ef58a95": ("ours", "no curriculum", "MLP encoder"),
+    # 2026-12-03: --static-mode sdf9_diff added (an option, off by default): toy runs (seed 5, 16 envs; ours with and
+    # without --relative-self-pos and walls at 2 m, no curriculum, MLP encoder) give the same agent.pt and summary.json
+    # as under 7b597be301c5f5b1, whose list carries over
+    "7de355bc55f5751c": {"7b597be301c5f5b1": ("ours", "no curriculum", "MLP encoder"),
+                         "120479840ef58a95": ("ours", "no curriculum", "MLP encoder"),
                          "b8e59761a40ffd0e": ("ours", "no curriculum", "MLP encoder"),
                          "89f95a27ab46646e": ("ours", "no curriculum", "MLP encoder"),
                          "06fedef55f9ca7bd": ("ours", "no curriculum", "MLP encoder"),
@@ -85,6 +89,9 @@ class Args:
     relative_self_pos: bool = False
     """the learned variants' self token: x, y relative to the formation centroid (with walls only y), instead of
     absolute (released)"""
+    static_mode: str = "sdf9"
+    """the learned variants' column observation: sdf9 (released), sdf9_diff (the same nine distances re-encoded:
+    the drone's own and the neighbours' differences from it / 0.1) or tokens (one per column)"""
     device: str = "cpu"
     """cpu or cuda: where the runs train"""
     workers: int = 1
@@ -107,10 +114,11 @@ def run_name(variant: str) -> str:
 
 
 def exp_name(args: Args, variant: str) -> str:
-    """The script's --exp-name, so its run directory: runs with walls (or a relative self position) get their own,
-    beside those without."""
+    """The script's --exp-name, so its run directory: runs with walls (or a relative self position, or another
+    column observation) get their own, beside those without."""
     return (run_name(variant) + (f"_walls{args.corridor_walls:g}" if args.corridor_walls else "")
-            + ("_relpos" if args.relative_self_pos else ""))
+            + ("_relpos" if args.relative_self_pos else "")
+            + (f"_{args.static_mode}" if args.static_mode != "sdf9" else ""))
 
 
 def run_settings(args: Args) -> dict:
@@ -121,6 +129,8 @@ def run_settings(args: Args) -> dict:
         settings["corridor_walls"] = args.corridor_walls
     if args.relative_self_pos:  # the same
         settings["relative_self_pos"] = True
+    if args.static_mode != "sdf9":  # the same
+        settings["static_mode"] = args.static_mode
     return settings
 
 
@@ -218,6 +228,8 @@ def train_one(args: Args, variant: str, seed: int) -> dict:
                "--torch-threads", str(args.threads), *VARIANTS[variant]]
         if args.relative_self_pos:
             cmd.append("--relative-self-pos")
+        if args.static_mode != "sdf9":
+            cmd += ["--static-mode", args.static_mode]
         if args.device == "cpu":
             cmd.append("--no-cuda")
         if (run / "checkpoint.pt").exists():
@@ -264,8 +276,10 @@ def main(args: Args) -> None:
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", args.name) or args.name.startswith("."):
         raise SystemExit(f"--name {args.name!r}: use letters, digits, '_', '-' and '.' (a file name, no path)")
     mu = load_algo("mappo_uav_formation")
+    if args.static_mode not in ("sdf9", "sdf9_diff", "tokens"):
+        raise SystemExit(f"--static-mode must be sdf9, sdf9_diff or tokens, got {args.static_mode!r}")
     targs = mu.Args(eval_envs=args.eval_envs, dynamics=args.dynamics, corridor_walls=args.corridor_walls,
-                    relative_self_pos=args.relative_self_pos)
+                    relative_self_pos=args.relative_self_pos, static_mode=args.static_mode)
     try:  # the env's own checks (e.g. walls the formation would spawn across), before any run starts
         mu.make_env(targs, "free", 1, 0, "cpu")
     except ValueError as exc:
@@ -350,8 +364,12 @@ def main(args: Args) -> None:
              "too_close: a drone pair closer than 0.15 m; a column, ball or wall hit; several can end one episode; "
              "n/a: a record from before the evaluation reported it)"
              + (". The learned variants' self token holds " + ("y" if args.corridor_walls else "x, y")
-                + " relative to the formation centroid (--relative-self-pos).\n\n" if args.relative_self_pos
-                else ".\n\n")
+                + " relative to the formation centroid (--relative-self-pos)" if args.relative_self_pos else "")
+             + ({"sdf9_diff": ". They see the columns as the nine distances re-encoded: the drone's own, then each "
+                              "neighbour's difference from it / 0.1 (--static-mode sdf9_diff)",
+                 "tokens": ". They see each column within range as a token of its own (--static-mode tokens)"}.get(
+                 args.static_mode, ""))
+             + ".\n\n"
              + "Where each run trained (`train_min` is its wall time there): "
              + "; ".join(f"{v} seed {s}: {r['date']}, {r['machine']['cpu']}, {r['threads']} thread(s), {r['workers']} "
                          "run(s) at a time" for (v, s), r in results.items())

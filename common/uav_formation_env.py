@@ -14,8 +14,9 @@ Step API (all tensors on `device`, E envs, N agents; auto-reset: a finished env 
     obs = env.reset()
     obs, reward, terminated, truncated, info = env.step(actions)      # actions [E, N, 4]
     obs:    self [E, N, Ds], others [E, N, N-1, 7], balls [E, N, B, 10] + ball_mask [E, N, B] (True = ignore),
-            static [E, N, 1, 9] (sdf9: min distance from a 3x3 grid of ±0.1 m around the drone to the column axes)
-            or [E, N, S, 10] (tokens) + static_mask, state [E, Dg] (everything, for a centralised critic)
+            static [E, N, 1, 9] (sdf9: min distance from a 3x3 grid of ±0.1 m around the drone to the column axes;
+            sdf9_diff: the same nine as the centre's distance and the others' differences from it / 0.1, see
+            `sdf9_diff`) or [E, N, S, 10] (tokens) + static_mask, state [E, Dg] (everything, for a centralised critic)
     reward: [E, N, 4] = (formation, obstacle, forward, smoothness), the released code's terms; the script scalarises
     info:   done [E], bad (crash / too close / hit), hit_ball, hit_column, hit_wall, crash, too_close, and for finished
             episodes
@@ -70,7 +71,7 @@ class FormationConfig:
     ball_speed: tuple = (2.0, 5.0)
     time_to_hit: tuple = (0.8, 1.6)
     obs_range: float = 10.0
-    static_mode: str = "sdf9"  # sdf9 | tokens
+    static_mode: str = "sdf9"  # sdf9 (released) | sdf9_diff (the same, re-encoded: see sdf9_diff) | tokens
     drone_radius: float = 0.0  # added to the hit distances (0: the released code's leniency)
     corridor_walls: float = 0.0  # side walls at |x| = this (m); 0: none, as released (the spec: 4 m wide, so 2.0)
     relative_self_pos: bool = False  # self token: x, y relative to the formation centroid (z stays absolute; with
@@ -124,15 +125,28 @@ def formation_cost(p: torch.Tensor, target: torch.Tensor, normalized: bool = Tru
     return torch.linalg.matrix_norm(laplacian(p, normalized) - laplacian(target, normalized))
 
 
+SDF9_SPACING = 0.1  # sdf9's grid: the drone's point and its 8 neighbours ±0.1 m away; index 4 is the drone's own
+
+
 def sdf9(p_xy: torch.Tensor, columns_xy: torch.Tensor, active: torch.Tensor, far: float) -> torch.Tensor:
     """Min horizontal distance from the 3x3 grid (±0.1 m) around each drone to the column axes.
     p_xy [E, N, 2], columns_xy [E, S, 2], active [E, S] -> [E, N, 9] (far where no column is active)."""
-    grid = torch.stack(torch.meshgrid(torch.tensor([-0.1, 0.0, 0.1]), torch.tensor([-0.1, 0.0, 0.1]),
-                                      indexing="ij"), -1).reshape(9, 2).to(p_xy)
+    steps = torch.tensor([-SDF9_SPACING, 0.0, SDF9_SPACING])
+    grid = torch.stack(torch.meshgrid(steps, steps, indexing="ij"), -1).reshape(9, 2).to(p_xy)
     pts = p_xy[:, :, None, :] + grid  # [E, N, 9, 2]
     d = torch.linalg.norm(pts[:, :, :, None, :] - columns_xy[:, None, None, :, :], dim=-1)  # [E, N, 9, S]
     d = torch.where(active[:, None, None, :], d, torch.full_like(d, far))
     return d.min(-1).values if d.shape[-1] else torch.full(pts.shape[:-1], far, device=p_xy.device)
+
+
+def sdf9_diff(d: torch.Tensor) -> torch.Tensor:
+    """sdf9's nine distances [..., 9] re-encoded as [the drone's own, then each neighbour's minus it, / 0.1]: the
+    same information (invertible), but which side the nearest column is on at unit scale. In sdf9 that is a few
+    centimetres' difference between metre-sized values (a column 1.5 m ahead, 0.1 m off the path against 0.4 m,
+    moves the ±0.1 m neighbours' differences by 0.013 against 0.051 m); here the differences lie within ±√2 (a
+    distance is 1-Lipschitz) and are about the unit vector away from the column. A departure from the release."""
+    own = d[..., 4:5]
+    return torch.cat([own, (torch.cat([d[..., :4], d[..., 5:]], -1) - own) / SDF9_SPACING], -1)
 
 
 def _skew_exp(w: torch.Tensor) -> torch.Tensor:
@@ -149,9 +163,9 @@ def _skew_exp(w: torch.Tensor) -> torch.Tensor:
 
 class FormationEnv:
     def __init__(self, cfg: FormationConfig):
-        if cfg.dynamics not in ("ctbr", "pointmass") or cfg.static_mode not in ("sdf9", "tokens"):
-            raise ValueError(f"dynamics must be ctbr|pointmass and static_mode sdf9|tokens, got {cfg.dynamics!r}, "
-                             f"{cfg.static_mode!r}")
+        if cfg.dynamics not in ("ctbr", "pointmass") or cfg.static_mode not in ("sdf9", "sdf9_diff", "tokens"):
+            raise ValueError(f"dynamics must be ctbr|pointmass and static_mode sdf9|sdf9_diff|tokens, got "
+                             f"{cfg.dynamics!r}, {cfg.static_mode!r}")
         if cfg.num_drones < 2:
             raise ValueError("a formation needs at least 2 drones")
         if cfg.corridor_walls < 0:
@@ -410,9 +424,11 @@ class FormationEnv:
         else:
             obs["balls"] = torch.zeros(E, N, 1, 10, device=self.device)
             obs["ball_mask"] = torch.ones(E, N, 1, dtype=torch.bool, device=self.device)
-        if cfg.static_mode == "sdf9":
+        if cfg.static_mode in ("sdf9", "sdf9_diff"):
             obs["static"] = sdf9(p[..., :2], self.columns, self.col_active, cfg.obs_range)[:, :, None].clamp(
                 max=cfg.obs_range)
+            if cfg.static_mode == "sdf9_diff":
+                obs["static"] = sdf9_diff(obs["static"])
             obs["static_mask"] = ~self.col_active.any(-1)[:, None, None].expand(E, N, 1)
         else:
             S = max(cfg.num_columns, 1)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from common.uav_formation_env import (FormationConfig, FormationEnv, formation_cost, formation_offsets, laplacian,
-                                      sdf9)
+                                      sdf9, sdf9_diff)
 
 
 def test_hover_is_stable():
@@ -47,6 +47,29 @@ def test_sdf9_equals_brute_force():
                     want = min(float((pt - cols[e, s]).norm()) for s in range(5) if active[e, s])
                     assert abs(float(got[e, i, k]) - want) < 1e-5
                     k += 1
+
+
+def test_sdf9_diff_is_sdf9_re_encoded_at_unit_scale():
+    g = torch.Generator().manual_seed(1)
+    p, cols = torch.rand(4, 3, 2, generator=g) * 4, torch.rand(4, 6, 2, generator=g) * 4
+    d = sdf9(p, cols, torch.ones(4, 6, dtype=torch.bool), far=10.0)
+    enc = sdf9_diff(d)
+    assert enc.shape == d.shape and torch.equal(enc[..., 0], d[..., 4])  # the drone's own distance first
+    others = torch.cat([d[..., :4], d[..., 5:]], -1)
+    assert torch.allclose(enc[..., 1:] * 0.1 + enc[..., :1], others, atol=1e-6)  # invertible: nothing lost
+    assert enc[..., 1:].abs().max() <= 2 ** 0.5 + 1e-4  # a distance is 1-Lipschitz: neighbours 0.1-0.14 m away
+    # a column straight ahead (+y) and one to the right (+x) of a drone: the neighbours' differences point away
+    ahead = sdf9_diff(sdf9(torch.zeros(1, 1, 2), torch.tensor([[[0.0, 1.5]]]), torch.ones(1, 1, dtype=torch.bool),
+                           far=10.0))[0, 0]
+    # sdf9's grid runs x-major over (-0.1, 0, 0.1)^2: (0, -0.1) is its 3, (0, +0.1) its 5, so here 4 and 5
+    assert ahead[5] < -0.99 and ahead[4] > 0.99  # the point ahead is 0.1 m nearer, the one behind 0.1 m farther
+    env = FormationEnv(FormationConfig.preset("mixed", num_envs=4, static_mode="sdf9_diff"))
+    ref = FormationEnv(FormationConfig.preset("mixed", num_envs=4))
+    obs, want = env.reset(), ref.reset()  # same seed: same columns and drones
+    assert torch.equal(obs["static"], sdf9_diff(want["static"])) and torch.equal(obs["static_mask"],
+                                                                                want["static_mask"])
+    with pytest.raises(ValueError, match="sdf9_diff"):
+        FormationEnv(FormationConfig.preset("static", num_envs=2, static_mode="sdf9_grad"))
 
 
 def test_a_thrown_ball_passes_near_its_aim_point():
