@@ -196,3 +196,19 @@ def test_weight_sync_module_tree_benchmark_syncs_both_ways(tmp_path):
     for r in rows:
         assert r["tensors"] == 776 and r["modules"] == 751
         assert r["list_reused_ms"] > 0 and r["walked_each_publish_ms"] > 0 and r["state_dict_walk_ms"] > 0
+
+
+def test_uav_column_obs_probe_writes_its_results_and_the_re_encoding_reads_faster(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks/uav_column_obs.py"), "--seeds", "1", "--steps", "300",
+           "--checkpoints", "300", "--train-size", "4000", "--test-size", "2000", "--out-dir", str(tmp_path)]
+    subprocess.run(cmd, check=True, timeout=300, cwd=ROOT, capture_output=True)
+    data = json.loads((tmp_path / "uav_column_obs.json").read_text())
+    rows = {r["encoding"]: r for r in data["rows"]}
+    assert set(rows) == {"sdf9", "sdf9_diff"} and all(r["steps"] == 300 for r in data["rows"])
+    side = {k: r["side_acc_per_seed"][0] for k, r in rows.items()}
+    assert all(0 <= v <= 1 for v in side.values())
+    assert side["sdf9_diff"] > side["sdf9"] + 0.15, side  # which side the column is on: read within 300 steps
+    assert "Machine:" in (tmp_path / "uav_column_obs.md").read_text()
+    assert (tmp_path / "uav_column_obs.png").stat().st_size > 1000
+    bad = subprocess.run(cmd + ["--checkpoints", "5000"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert bad.returncode != 0 and "--checkpoints" in bad.stderr
