@@ -365,9 +365,10 @@ def main(args: Args) -> None:
              "n/a: a record from before the evaluation reported it)"
              + (". The learned variants' self token holds " + ("y" if args.corridor_walls else "x, y")
                 + " relative to the formation centroid (--relative-self-pos)" if args.relative_self_pos else "")
-             + ({"sdf9_diff": ". They see the columns as the nine distances re-encoded: the drone's own, then each "
-                              "neighbour's difference from it / 0.1 (--static-mode sdf9_diff)",
-                 "tokens": ". They see each column within range as a token of its own (--static-mode tokens)"}.get(
+             + ({"sdf9_diff": ". The learned variants see the columns as the nine distances re-encoded: the "
+                              "drone's own, then each neighbour's difference from it / 0.1 (--static-mode sdf9_diff)",
+                 "tokens": ". The learned variants see each column within range as a token of its own "
+                           "(--static-mode tokens)"}.get(
                  args.static_mode, ""))
              + ".\n\n"
              + "Where each run trained (`train_min` is its wall time there): "

@@ -58,11 +58,12 @@ def test_sdf9_diff_is_sdf9_re_encoded_at_unit_scale():
     others = torch.cat([d[..., :4], d[..., 5:]], -1)
     assert torch.allclose(enc[..., 1:] * 0.1 + enc[..., :1], others, atol=1e-6)  # invertible: nothing lost
     assert enc[..., 1:].abs().max() <= 2 ** 0.5 + 1e-4  # a distance is 1-Lipschitz: neighbours 0.1-0.14 m away
-    # a column straight ahead (+y) and one to the right (+x) of a drone: the neighbours' differences point away
+    # a column straight ahead (+y) of a drone: the neighbours' differences point away from it
     ahead = sdf9_diff(sdf9(torch.zeros(1, 1, 2), torch.tensor([[[0.0, 1.5]]]), torch.ones(1, 1, dtype=torch.bool),
                            far=10.0))[0, 0]
     # sdf9's grid runs x-major over (-0.1, 0, 0.1)^2: (0, -0.1) is its 3, (0, +0.1) its 5, so here 4 and 5
     assert ahead[5] < -0.99 and ahead[4] > 0.99  # the point ahead is 0.1 m nearer, the one behind 0.1 m farther
+    assert ahead[0] == 1.5 and abs(float(ahead[2])) < 0.05  # its own distance; (-0.1, 0), beside it: about as far
     env = FormationEnv(FormationConfig.preset("mixed", num_envs=4, static_mode="sdf9_diff"))
     ref = FormationEnv(FormationConfig.preset("mixed", num_envs=4))
     obs, want = env.reset(), ref.reset()  # same seed: same columns and drones
