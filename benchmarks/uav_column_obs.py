@@ -74,13 +74,11 @@ def draw(n: int, seed: int, args: Args):
     return d, blocked.float(), side, blocked, blocked & (nearest != first)
 
 
-def probe(encoding: str, seed: int, args: Args) -> dict[int, tuple[float, float]]:
-    """Test accuracy (blocked, side among the blocked) at each checkpoint."""
+def probe(encoding: str, seed: int, train: tuple, test: tuple, args: Args) -> dict[int, tuple[float, float]]:
+    """Test accuracy (blocked, side among the blocked) at each checkpoint, on `draw`'s train and test sets."""
     torch.manual_seed(seed)
-    enc = ENCODINGS[encoding]
-    x_tr, y_tr, s_tr, m_tr, _ = draw(args.train_size, 1000 + seed, args)
-    x_te, y_te, s_te, m_te, _ = draw(args.test_size, 9000 + seed, args)
-    x_tr, x_te = enc(x_tr), enc(x_te)
+    (x_tr, y_tr, s_tr, m_tr, _), (x_te, y_te, s_te, m_te, _) = train, test
+    x_tr, x_te = ENCODINGS[encoding](x_tr), ENCODINGS[encoding](x_te)
     net = torch.nn.Sequential(torch.nn.Linear(9, 32), torch.nn.GELU(), torch.nn.Linear(32, 32), torch.nn.GELU(),
                               torch.nn.Linear(32, 2))
     opt = torch.optim.Adam(net.parameters(), lr=5e-4, eps=1e-5)
@@ -109,16 +107,17 @@ def main(args: Args) -> None:
         raise SystemExit(f"no --checkpoints within 1..{args.steps}")
     args.checkpoints = checkpoints
     torch.set_num_threads(1)
+    trains = {s: draw(args.train_size, 1000 + s, args) for s in args.seeds}
+    tests = {s: draw(args.test_size, 9000 + s, args) for s in args.seeds}
     results = {}
     with tqdm(total=len(ENCODINGS) * len(args.seeds), desc="probes") as bar:
         for encoding in ENCODINGS:
             for seed in args.seeds:
-                results[encoding, seed] = probe(encoding, seed, args)
+                results[encoding, seed] = probe(encoding, seed, trains[seed], tests[seed], args)
                 bar.update()
-    tests = [draw(args.test_size, 9000 + s, args) for s in args.seeds]
-    base = [1 - float(t[1].mean()) for t in tests]  # always answering "not blocked"
-    n_blocked = np.mean([int(t[3].sum()) for t in tests])
-    other_nearest = np.mean([int(t[4].sum()) / max(1, int(t[3].sum())) for t in tests])
+    base = [1 - float(t[1].mean()) for t in tests.values()]  # always answering "not blocked"
+    n_blocked = np.mean([int(t[3].sum()) for t in tests.values()])
+    other_nearest = np.mean([int(t[4].sum()) / max(1, int(t[3].sum())) for t in tests.values()])
     rows = []
     for step in checkpoints:
         for encoding in ENCODINGS:

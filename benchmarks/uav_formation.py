@@ -276,8 +276,6 @@ def main(args: Args) -> None:
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", args.name) or args.name.startswith("."):
         raise SystemExit(f"--name {args.name!r}: use letters, digits, '_', '-' and '.' (a file name, no path)")
     mu = load_algo("mappo_uav_formation")
-    if args.static_mode not in ("sdf9", "sdf9_diff", "tokens"):
-        raise SystemExit(f"--static-mode must be sdf9, sdf9_diff or tokens, got {args.static_mode!r}")
     targs = mu.Args(eval_envs=args.eval_envs, dynamics=args.dynamics, corridor_walls=args.corridor_walls,
                     relative_self_pos=args.relative_self_pos, static_mode=args.static_mode)
     try:  # the env's own checks (e.g. walls the formation would spawn across), before any run starts
