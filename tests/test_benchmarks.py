@@ -224,3 +224,79 @@ def test_uav_column_obs_probe_writes_its_results_and_the_re_encoding_reads_faste
     assert (tmp_path / "uav_column_obs.png").stat().st_size > 1000
     bad = subprocess.run(cmd + ["--checkpoints", "5000"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert bad.returncode != 0 and "--checkpoints" in bad.stderr
+
+
+def test_uav_formation_shape_takes_the_error_apart_rotation_size_shape():
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.uav_formation_shape import aligned_errors, pair_distances
+    from common.uav_formation_env import formation_offsets
+
+    slots = formation_offsets(3, 1.0)
+    a = 0.5
+    yaw = torch.tensor([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]], dtype=torch.float32)
+    tilt = torch.tensor([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]], dtype=torch.float32)
+    squeezed = slots * torch.tensor([1.0, 0.6, 1.0])
+    x = torch.stack([slots @ yaw.T, slots @ tilt.T, 1.5 * slots, squeezed, slots[[0, 2, 1]]])
+    x = x + torch.tensor([3.0, -2.0, 1.5])
+    err = aligned_errors(x, slots)
+    assert np.allclose(err["formation_error"][0], 2 * np.sin(a / 2), atol=1e-5)  # a chord of the unit circle
+    assert err["yaw_aligned"][0] < 1e-5  # a turn about the vertical is all yaw
+    assert err["yaw_aligned"][1] > 0.1 and err["rotation_aligned"][1] < 1e-5  # a tilt needs the 3-D rotation
+    assert np.allclose(err["rotation_aligned"][2], 0.5, atol=1e-5) and err["shape_error"][2] < 1e-5  # size only
+    assert err["shape_error"][3] > 0.05  # a squeezed triangle is another shape: nothing aligns it away
+    assert np.allclose(pair_distances(x[3:])[0, 2], 0.6 * np.sqrt(3), atol=1e-5)  # drones 1-2 lie along y
+    # a mirror image (drones 1 and 2 swapped): no turn about the vertical undoes it, a half turn out of the plane does,
+    # and the best rotation stays a rotation (det +1), not the reflection that would map the slots onto it in-plane
+    assert err["yaw_aligned"][4] > 1.0 and err["rotation_aligned"][4] < 1e-5 and err["shape_error"][4] < 1e-5
+
+
+def test_uav_formation_shape_flies_a_trained_run_and_apf(tmp_path):
+    train = [sys.executable, str(ROOT / "algos/mappo_uav_formation.py"), "--weights", "paper", "--frames",
+             "0.0005,0.0005,0.0005", "--num-envs", "16", "--num-steps", "16", "--num-minibatches", "4",
+             "--eval-envs", "4", "--eval-presets", "free", "--max-steps", "40", "--dynamics", "pointmass",
+             "--torch-threads", "1", "--plot-episodes", "0", "--no-cuda", "--exp-name", "toy", "--run-dir",
+             str(tmp_path / "runs")]
+    subprocess.run(train, check=True, timeout=600, cwd=ROOT, capture_output=True)
+    run = tmp_path / "runs" / "uav_formation__toy__1"
+    cmd = [sys.executable, str(ROOT / "benchmarks/uav_formation_shape.py"), "--runs", str(run), "--presets", "free",
+           "mixed", "--eval-envs", "6", "--max-steps", "30", "--out-dir", str(tmp_path)]
+    subprocess.run(cmd, check=True, timeout=600, cwd=ROOT, capture_output=True)
+    rows = json.loads((tmp_path / "uav_formation_shape.json").read_text())["rows"]
+    assert [(r["method"], r["preset"]) for r in rows] == [("toy seed 1", "free"), ("APF", "free"),
+                                                          ("toy seed 1", "mixed"), ("APF", "mixed")]
+    for r in rows:
+        assert len(r["pair_distances"]) == 3 and all(d > 0 for d in r["pair_distances"])
+        assert r["formation_error"] >= r["shape_error"] >= 0
+        assert abs(r["formation_error"] - r["env_formation_error"]) < 1e-3  # the same steps as the env's figure
+    assert rows[1]["formation_error"] < 0.05  # APF holds the slots when nothing is in the way
+    assert (tmp_path / "uav_formation_shape.png").stat().st_size > 1000
+    bad = subprocess.run(cmd[:2] + ["--runs", str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert bad.returncode != 0 and "agent.pt" in bad.stderr
+
+
+def test_uav_formation_shape_counts_each_env_first_episode_to_its_last_step():
+    """Half the envs dive into the ground early: their episodes end (and are reset) at different steps, and only
+    each env's first episode, up to and with its last step, counts: the formation error equals the env's own."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.report import load_algo
+    from benchmarks.uav_formation_shape import fly
+
+    algo = load_algo("mappo_uav_formation")
+    run_args = algo.Args(dynamics="pointmass", eval_envs=8, max_steps=60)
+    ref_obs = algo.make_env(run_args, "mixed", 2, 0, "cpu").reset()
+
+    def act(env, obs):  # even envs: down at full speed, each drone a little differently; odd envs: sideways drift
+        a = torch.zeros(env.E, env.N, 4)
+        a[0::2, :, 2] = -3.0 - torch.arange(env.N)
+        a[1::2, :, 0] = 0.3 * torch.arange(env.N)
+        return a
+
+    r = fly(algo, run_args, act, "free", 0, ref_obs)
+    assert r["collision_free"] == 0.5  # the divers crash, the rest fly all 60 steps
+    assert r["formation_error"] > 0.01
+    assert abs(r["formation_error"] - r["env_formation_error"]) < 1e-5
