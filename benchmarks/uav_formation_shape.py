@@ -119,6 +119,12 @@ def fly(algo, run_args, act, preset: str, seed: int, ref_obs) -> dict:
     return result
 
 
+def run_label(run: Path) -> str:
+    """'<exp name> seed <seed>' from the script's run directory name, uav_formation__<exp name>__<seed>."""
+    parts = run.name.split("__")
+    return f"{parts[1].removeprefix('bench_')} seed {parts[2]}" if len(parts) == 3 else run.name
+
+
 def load_run(algo, run: Path, args: Args):
     summary = json.loads((run / "summary.json").read_text())
     fields = algo.Args.__dataclass_fields__
@@ -145,7 +151,7 @@ def main(args: Args) -> None:
     if not runs and not args.apf:
         raise SystemExit("nothing to fly: give --runs, or leave the APF baseline on")
     torch.set_num_threads(1)
-    names = [" seed ".join(r.name.split("__")[1:][-2:]).removeprefix("bench_") or r.name for r in runs]
+    names = [run_label(r) for r in runs]
     if len(set(names)) < len(names):
         raise SystemExit(f"two runs of the same name and seed: {names}; give each once")
     methods = [(name, *load_run(algo, r, args)) for name, r in zip(names, runs)]
