@@ -102,6 +102,10 @@ class Args:
     """sdf9 (one 9-distance token, as released), sdf9_diff (the same nine numbers as the drone's own distance and
     the neighbours' differences from it / 0.1: which side the column is on at unit scale; a departure) or tokens
     (one per column)"""
+    formation_reward: str = "simple"
+    """simple (size term + 1/(1 + normalised Laplacian cost)) or release (the released code's rescaled terms: size
+    + 1/(1 + un-normalised Laplacian cost), which charges a shrunken or squeezed formation, a sharp normalised-
+    Laplacian term, and the size terms again at 0.2 once every ball has flown)"""
     relative_self_pos: bool = False
     """self token: x, y relative to the formation centroid instead of absolute (released: absolute, which grows
     along the 40 m corridor); with --corridor-walls only y (the policy sees the walls by its absolute x)"""
@@ -289,6 +293,7 @@ def make_env(args: Args, preset: str, num_envs: int, seed: int, device) -> Forma
     return FormationEnv(FormationConfig.preset(preset, num_envs=num_envs, num_drones=args.num_drones,
                                                dynamics=args.dynamics, static_mode=args.static_mode,
                                                relative_self_pos=args.relative_self_pos,
+                                               formation_reward=args.formation_reward,
                                                corridor_walls=args.corridor_walls,
                                                max_steps=args.max_steps, seed=seed, device=str(device), **extra))
 
@@ -510,6 +515,7 @@ def pick_winner(rows: list[dict]) -> int:
 def main(args: Args) -> None:
     for name, choices in (("encoder", ("attention", "mlp")), ("critic", ("obs", "state")),
                           ("dynamics", ("ctbr", "pointmass")), ("static_mode", ("sdf9", "sdf9_diff", "tokens")),
+                          ("formation_reward", ("simple", "release")),
                           ("search_scenario", ("free_ball", "static4"))):
         if getattr(args, name) not in choices:
             raise SystemExit(f"--{name.replace('_', '-')} must be one of {choices}, got {getattr(args, name)!r}")

@@ -58,6 +58,16 @@ SAME_TRAINING: dict[str, dict[str, tuple[str, ...]]] = {
     # 2026-12-03: --static-mode sdf9_diff added (an option, off by default): toy runs (seed 5, 16 envs; ours with and
     # without --relative-self-pos and walls at 2 m, no curriculum, MLP encoder) give the same agent.pt and summary.json
     # as under 7b597be301c5f5b1, whose list carries over
+    # 2026-12-03: --formation-reward release added (an option, off by default): toy runs (seed 5, 16 envs; ours with
+    # and without --relative-self-pos and walls at 2 m, no curriculum, MLP encoder, sdf9_diff) give the same agent.pt
+    # and summary.json (but for the new argument) as under 7de355bc55f5751c, whose list carries over
+    "de66b3637e3501eb": {"7de355bc55f5751c": ("ours", "no curriculum", "MLP encoder"),
+                         "7b597be301c5f5b1": ("ours", "no curriculum", "MLP encoder"),
+                         "120479840ef58a95": ("ours", "no curriculum", "MLP encoder"),
+                         "b8e59761a40ffd0e": ("ours", "no curriculum", "MLP encoder"),
+                         "89f95a27ab46646e": ("ours", "no curriculum", "MLP encoder"),
+                         "06fedef55f9ca7bd": ("ours", "no curriculum", "MLP encoder"),
+                         "3f1c1327f0f08414": ("ours", "no curriculum")},
     "7de355bc55f5751c": {"7b597be301c5f5b1": ("ours", "no curriculum", "MLP encoder"),
                          "120479840ef58a95": ("ours", "no curriculum", "MLP encoder"),
                          "b8e59761a40ffd0e": ("ours", "no curriculum", "MLP encoder"),
@@ -92,6 +102,9 @@ class Args:
     static_mode: str = "sdf9"
     """the learned variants' column observation: sdf9 (released), sdf9_diff (the same nine distances re-encoded:
     the drone's own and the neighbours' differences from it / 0.1) or tokens (one per column)"""
+    formation_reward: str = "simple"
+    """the learned variants' formation reward: simple (size + 1/(1 + normalised Laplacian cost)) or release (the
+    released code's rescaled terms, with the un-normalised Laplacian cost)"""
     device: str = "cpu"
     """cpu or cuda: where the runs train"""
     workers: int = 1
@@ -118,7 +131,8 @@ def exp_name(args: Args, variant: str) -> str:
     column observation) get their own, beside those without."""
     return (run_name(variant) + (f"_walls{args.corridor_walls:g}" if args.corridor_walls else "")
             + ("_relpos" if args.relative_self_pos else "")
-            + (f"_{args.static_mode}" if args.static_mode != "sdf9" else ""))
+            + (f"_{args.static_mode}" if args.static_mode != "sdf9" else "")
+            + ("_release_form" if args.formation_reward != "simple" else ""))
 
 
 def run_settings(args: Args) -> dict:
@@ -131,6 +145,8 @@ def run_settings(args: Args) -> dict:
         settings["relative_self_pos"] = True
     if args.static_mode != "sdf9":  # the same
         settings["static_mode"] = args.static_mode
+    if args.formation_reward != "simple":  # the same
+        settings["formation_reward"] = args.formation_reward
     return settings
 
 
@@ -230,6 +246,8 @@ def train_one(args: Args, variant: str, seed: int) -> dict:
             cmd.append("--relative-self-pos")
         if args.static_mode != "sdf9":
             cmd += ["--static-mode", args.static_mode]
+        if args.formation_reward != "simple":
+            cmd += ["--formation-reward", args.formation_reward]
         if args.device == "cpu":
             cmd.append("--no-cuda")
         if (run / "checkpoint.pt").exists():
@@ -277,7 +295,8 @@ def main(args: Args) -> None:
         raise SystemExit(f"--name {args.name!r}: use letters, digits, '_', '-' and '.' (a file name, no path)")
     mu = load_algo("mappo_uav_formation")
     targs = mu.Args(eval_envs=args.eval_envs, dynamics=args.dynamics, corridor_walls=args.corridor_walls,
-                    relative_self_pos=args.relative_self_pos, static_mode=args.static_mode)
+                    relative_self_pos=args.relative_self_pos, static_mode=args.static_mode,
+                    formation_reward=args.formation_reward)
     try:  # the env's own checks (e.g. walls the formation would spawn across), before any run starts
         mu.make_env(targs, "free", 1, 0, "cpu")
     except ValueError as exc:
@@ -368,6 +387,9 @@ def main(args: Args) -> None:
                  "tokens": ". The learned variants see each column within range as a token of its own "
                            "(--static-mode tokens)"}.get(
                  args.static_mode, ""))
+             + (". The learned variants train on the released code's formation reward (--formation-reward release: "
+                "the size term plus 1/(1 + un-normalised Laplacian cost), a sharp normalised-Laplacian term, the size "
+                "terms again at 0.2 once every ball has flown)" if args.formation_reward != "simple" else "")
              + ".\n\n"
              + "Where each run trained (`train_min` is its wall time there): "
              + "; ".join(f"{v} seed {s}: {r['date']}, {r['machine']['cpu']}, {r['threads']} thread(s), {r['workers']} "

@@ -74,6 +74,9 @@ class FormationConfig:
     static_mode: str = "sdf9"  # sdf9 (released) | sdf9_diff (the same, re-encoded: see sdf9_diff) | tokens
     drone_radius: float = 0.0  # added to the hit distances (0: the released code's leniency)
     corridor_walls: float = 0.0  # side walls at |x| = this (m); 0: none, as released (the spec: 4 m wide, so 2.0)
+    formation_reward: str = "simple"  # simple: size + 1/(1 + normalised Laplacian cost) | release: the released
+    # code's rescaled terms (size + 1/(1 + un-normalised Laplacian cost), a sharp normalised-Laplacian term, and the
+    # size terms again at 0.2 once every ball has flown); see `_reward_and_flags`
     relative_self_pos: bool = False  # self token: x, y relative to the formation centroid (z stays absolute; with
     # corridor_walls only y: the walls stand at a fixed x, and the policy sees them by its absolute x)
     state_max_balls: int = 2  # the global state keeps this many ball slots and ...
@@ -166,6 +169,8 @@ class FormationEnv:
         if cfg.dynamics not in ("ctbr", "pointmass") or cfg.static_mode not in ("sdf9", "sdf9_diff", "tokens"):
             raise ValueError(f"dynamics must be ctbr|pointmass and static_mode sdf9|sdf9_diff|tokens, got "
                              f"{cfg.dynamics!r}, {cfg.static_mode!r}")
+        if cfg.formation_reward not in ("simple", "release"):
+            raise ValueError(f"formation_reward must be simple|release, got {cfg.formation_reward!r}")
         if cfg.num_drones < 2:
             raise ValueError("a formation needs at least 2 drones")
         if cfg.corridor_walls < 0:
@@ -367,7 +372,16 @@ class FormationEnv:
         cost_l = formation_cost(p, self.offsets)
         target_d = torch.cdist(self.offsets, self.offsets).max()
         size = 1 / (1 + (pd.masked_fill(pd > 1e5, 0).amax((-1, -2)) - target_d) ** 2)
-        r_form = 5 * c * (size[:, None] + 1 / (1 + cost_l[:, None]))
+        if cfg.formation_reward == "simple":
+            r_form = 5 * c * (size[:, None] + 1 / (1 + cost_l[:, None]))
+        else:  # the release: the un-normalised Laplacian charges a shrunken or squeezed formation, which the
+            # normalised one (scale-invariant) and the size term (largest pair only) barely see
+            cost_raw = formation_cost(p, self.offsets, normalized=False)
+            reward_size = 3 * ((size + 1 / (1 + cost_raw) - 2) / N - 0.04 * N) + 2.36  # = the plain sum for N = 3
+            reward_shape = (1 / (1 + ((cost_l - 0.04) * 10 / N) ** 2) - 0.04 * N) / 2
+            after_throw = ~ball_on & (self.t[:, None] > self.ball_launch).all(-1) if cfg.num_balls else \
+                torch.zeros_like(ball_on)
+            r_form = 5 * ((c[:, 0] + 0.2 * after_throw) * reward_size + c[:, 0] * reward_shape)[:, None].expand(E, N)
         r_form = r_form - (min_pair < 0.4).float() - 10 * (min_pair < 0.15).float()
         flags["cost_l"] = cost_l
         # obstacles

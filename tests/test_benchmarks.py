@@ -132,7 +132,7 @@ def test_uav_run_resumed_under_other_code_is_recorded_only_if_that_code_trains_t
 
 
 def test_uav_runs_with_side_walls_are_other_runs_and_those_without_keep_their_records(tmp_path, monkeypatch):
-    """--corridor-walls (and --relative-self-pos, --static-mode) is a setting of its own (another record and run directory, and the flag reaches the script);
+    """--corridor-walls (and --relative-self-pos, --static-mode, --formation-reward) is a setting of its own (another record and run directory, and the flag reaches the script);
     without it the settings, and so the committed records' names, are what they were before walls existed."""
     sys.path.insert(0, str(ROOT))
     from benchmarks import uav_formation as bench
@@ -159,6 +159,12 @@ def test_uav_runs_with_side_walls_are_other_runs_and_those_without_keep_their_re
     assert bench.record_path(diff, "ours", 2).name not in ("bench_ours__2__fa6207cc.json",  # relpos, sdf9
                                                             bench.record_path(plain, "ours", 2).name)
     assert bench.record_path(bench.Args(relative_self_pos=True), "ours", 2).name == "bench_ours__2__fa6207cc.json"
+    # so is the released formation reward (--formation-reward release)
+    release = dataclasses.replace(diff, formation_reward="release")
+    assert "formation_reward" not in bench.run_settings(diff)
+    assert bench.run_settings(release) == {**bench.run_settings(diff), "formation_reward": "release"}
+    assert bench.exp_name(release, "ours") == "bench_ours_relpos_sdf9_diff_release_form"
+    assert bench.record_path(release, "ours", 2).name != bench.record_path(diff, "ours", 2).name
     # and the flags reach the script
     sent, real_run = [], subprocess.run
 
@@ -171,15 +177,18 @@ def test_uav_runs_with_side_walls_are_other_runs_and_those_without_keep_their_re
         return subprocess.CompletedProcess(cmd, 0)
 
     monkeypatch.setattr(bench.subprocess, "run", fake_training)
-    for args in (walled, relative, diff):
+    for args in (walled, relative, diff, release):
         bench.train_one(dataclasses.replace(args, seeds=[1], run_dir=str(tmp_path / "runs"),
                                             out_dir=str(tmp_path / "out"), records=False), "ours", 1)
-    assert [cmd[cmd.index("--corridor-walls") + 1] for cmd in sent] == ["2.0", "2.0", "0.0"]
-    assert ["--relative-self-pos" in cmd for cmd in sent] == [False, True, True]
+    assert [cmd[cmd.index("--corridor-walls") + 1] for cmd in sent] == ["2.0", "2.0", "0.0", "0.0"]
+    assert ["--relative-self-pos" in cmd for cmd in sent] == [False, True, True, True]
     assert [cmd[cmd.index("--static-mode") + 1] if "--static-mode" in cmd else None for cmd in sent] == [
-        None, None, "sdf9_diff"]
+        None, None, "sdf9_diff", "sdf9_diff"]
+    assert [cmd[cmd.index("--formation-reward") + 1] if "--formation-reward" in cmd else None for cmd in sent] == [
+        None, None, None, "release"]
     assert [cmd[cmd.index("--exp-name") + 1] for cmd in sent] == ["bench_ours_walls2", "bench_ours_walls2_relpos",
-                                                                  "bench_ours_relpos_sdf9_diff"]
+                                                                  "bench_ours_relpos_sdf9_diff",
+                                                                  "bench_ours_relpos_sdf9_diff_release_form"]
 
 
 def test_weight_sync_benchmark_runs_every_variant(tmp_path):

@@ -133,6 +133,40 @@ def test_truncation_metrics_and_reward_shape():
     assert obs["self"].shape[:2] == (6, 3) and obs["others"].shape == (6, 3, 2, 7) and obs["state"].shape[0] == 6
 
 
+def test_release_formation_reward_charges_shrunken_and_squeezed_formations():
+    """--formation-reward release (the released code's rescaled terms) against the default: the exact formation
+    (rotated too) scores its known maximum, while a triangle at 0.6 of its size or squeezed along y loses at least
+    twice what the default charges; the size terms count 0.2 more once every ball has flown and 0.2x while one is in
+    the air; a bad value is refused."""
+    off = formation_offsets(3, 1.0)
+    turn = torch.tensor([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    shapes = torch.stack([off, off @ turn.T, off * 0.6, off * torch.tensor([1.0, 0.65, 1.0])])
+    form = {}
+    for mode in ("simple", "release"):
+        env = FormationEnv(FormationConfig.preset("dynamic", num_envs=4, formation_reward=mode, dynamics="pointmass"))
+        env.reset()
+        env.p = env.p.mean(1, keepdim=True) + shapes
+        form[mode] = env._reward_and_flags(torch.zeros(4, 3, 4))[0][..., 0]
+        assert torch.allclose(form[mode], form[mode][:, :1].expand(4, 3))  # every drone gets the same
+    shape_term = (1 / (1 + (0.04 * 10 / 3) ** 2) - 0.12) / 2  # at cost 0
+    assert torch.allclose(form["release"][:2, 0], torch.tensor(5 * (2 + shape_term)), atol=1e-4)
+    assert torch.allclose(form["simple"][:2, 0], torch.tensor(10.0), atol=1e-4)
+    for k in (2, 3):
+        lost = {mode: float(form[mode][0, 0] - form[mode][k, 0]) for mode in form}
+        assert lost["simple"] > 0.1 and lost["release"] > 2 * lost["simple"], (k, lost)
+    # balls: all thrown and landed -> the size terms at 1.2; one in the air -> everything at 0.2
+    env.p = env.p.mean(1, keepdim=True) + off
+    env.t[:], env.ball_launch[:] = 5, 0
+    assert torch.allclose(env._reward_and_flags(torch.zeros(4, 3, 4))[0][..., 0],
+                          torch.tensor(5 * (1.2 * 2 + shape_term)), atol=1e-4)
+    env.ball_active[:, 0] = True
+    env.ball_p[:, 0] = torch.tensor([0.0, 20.0, 5.0])
+    assert torch.allclose(env._reward_and_flags(torch.zeros(4, 3, 4))[0][..., 0],
+                          torch.tensor(0.2 * 5 * (2 + shape_term)), atol=1e-4)
+    with pytest.raises(ValueError, match="formation_reward"):
+        FormationEnv(FormationConfig.preset("free", num_envs=2, formation_reward="laplacian"))
+
+
 def test_an_episode_that_goes_round_the_column_field_is_marked():
     env = FormationEnv(FormationConfig.preset("free", num_envs=2, dynamics="pointmass", max_steps=60))
     env.reset()
