@@ -126,13 +126,24 @@ def run_name(variant: str) -> str:
     return "bench_" + variant.replace(" ", "_").lower()
 
 
+# The learned variants' env options passed on to the script (off by default): (Args field, default, run-directory
+# suffix; None: "_<value>"). A set one is a setting of its own (record, run directory, the script's flag); one at its
+# default adds nothing, so the records of runs from before it existed keep their names.
+LEARNED_OPTIONS = (("relative_self_pos", False, "_relpos"), ("static_mode", "sdf9", None),
+                   ("formation_reward", "simple", "_release_form"))
+
+
+def set_options(args: Args) -> dict:
+    """The LEARNED_OPTIONS that differ from their defaults, by field name."""
+    return {name: getattr(args, name) for name, default, _ in LEARNED_OPTIONS if getattr(args, name) != default}
+
+
 def exp_name(args: Args, variant: str) -> str:
-    """The script's --exp-name, so its run directory: runs with walls (or a relative self position, or another
-    column observation) get their own, beside those without."""
+    """The script's --exp-name, so its run directory: runs with walls (or any set LEARNED_OPTIONS) get their own,
+    beside those without."""
+    chosen = set_options(args)
     return (run_name(variant) + (f"_walls{args.corridor_walls:g}" if args.corridor_walls else "")
-            + ("_relpos" if args.relative_self_pos else "")
-            + (f"_{args.static_mode}" if args.static_mode != "sdf9" else "")
-            + ("_release_form" if args.formation_reward != "simple" else ""))
+            + "".join(suffix or f"_{chosen[name]}" for name, _, suffix in LEARNED_OPTIONS if name in chosen))
 
 
 def run_settings(args: Args) -> dict:
@@ -141,13 +152,7 @@ def run_settings(args: Args) -> dict:
                 "dynamics": args.dynamics}
     if args.corridor_walls:  # only when set: the records of runs without walls keep their names
         settings["corridor_walls"] = args.corridor_walls
-    if args.relative_self_pos:  # the same
-        settings["relative_self_pos"] = True
-    if args.static_mode != "sdf9":  # the same
-        settings["static_mode"] = args.static_mode
-    if args.formation_reward != "simple":  # the same
-        settings["formation_reward"] = args.formation_reward
-    return settings
+    return {**settings, **set_options(args)}  # the same
 
 
 def code_hash() -> str:
@@ -242,12 +247,9 @@ def train_one(args: Args, variant: str, seed: int) -> dict:
                "--dynamics", args.dynamics, "--corridor-walls", str(args.corridor_walls), "--seed", str(seed),
                "--exp-name", exp_name(args, variant), "--run-dir", str(run.parent),
                "--torch-threads", str(args.threads), *VARIANTS[variant]]
-        if args.relative_self_pos:
-            cmd.append("--relative-self-pos")
-        if args.static_mode != "sdf9":
-            cmd += ["--static-mode", args.static_mode]
-        if args.formation_reward != "simple":
-            cmd += ["--formation-reward", args.formation_reward]
+        for name, value in set_options(args).items():
+            flag = "--" + name.replace("_", "-")
+            cmd += [flag] if value is True else [flag, str(value)]
         if args.device == "cpu":
             cmd.append("--no-cuda")
         if (run / "checkpoint.pt").exists():
@@ -295,8 +297,7 @@ def main(args: Args) -> None:
         raise SystemExit(f"--name {args.name!r}: use letters, digits, '_', '-' and '.' (a file name, no path)")
     mu = load_algo("mappo_uav_formation")
     targs = mu.Args(eval_envs=args.eval_envs, dynamics=args.dynamics, corridor_walls=args.corridor_walls,
-                    relative_self_pos=args.relative_self_pos, static_mode=args.static_mode,
-                    formation_reward=args.formation_reward)
+                    **{name: getattr(args, name) for name, _, _ in LEARNED_OPTIONS})
     try:  # the env's own checks (e.g. walls the formation would spawn across), before any run starts
         mu.make_env(targs, "free", 1, 0, "cpu")
     except ValueError as exc:
