@@ -102,6 +102,9 @@ class Args:
     """sdf9 (one 9-distance token, as released), sdf9_diff (the same nine numbers as the drone's own distance and
     the neighbours' differences from it / 0.1: which side the column is on at unit scale; a departure) or tokens
     (one per column)"""
+    static_top_k: int = 0
+    """with --static-mode tokens: only the k nearest columns in range (0: all); the nearest-distance summary hides
+    the column behind the one being passed"""
     formation_reward: str = "simple"
     """simple (size term + 1/(1 + normalised Laplacian cost)) or release (the released code's rescaled terms: size
     + 1/(1 + un-normalised Laplacian cost), which charges a shrunken or squeezed formation, a sharp normalised-
@@ -292,6 +295,7 @@ def make_env(args: Args, preset: str, num_envs: int, seed: int, device) -> Forma
         preset, extra = "static", dict(num_columns=4)
     return FormationEnv(FormationConfig.preset(preset, num_envs=num_envs, num_drones=args.num_drones,
                                                dynamics=args.dynamics, static_mode=args.static_mode,
+                                               static_top_k=args.static_top_k,
                                                relative_self_pos=args.relative_self_pos,
                                                formation_reward=args.formation_reward,
                                                corridor_walls=args.corridor_walls,

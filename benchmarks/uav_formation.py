@@ -102,6 +102,8 @@ class Args:
     static_mode: str = "sdf9"
     """the learned variants' column observation: sdf9 (released), sdf9_diff (the same nine distances re-encoded:
     the drone's own and the neighbours' differences from it / 0.1) or tokens (one per column)"""
+    static_top_k: int = 0
+    """with --static-mode tokens: the learned variants see only the k nearest columns in range (0: all)"""
     formation_reward: str = "simple"
     """the learned variants' formation reward: simple (size + 1/(1 + normalised Laplacian cost)) or release (the
     released code's rescaled terms, with the un-normalised Laplacian cost)"""
@@ -127,10 +129,10 @@ def run_name(variant: str) -> str:
 
 
 # The learned variants' env options passed on to the script (off by default): (Args field, default, run-directory
-# suffix; None: "_<value>"). A set one is a setting of its own (record, run directory, the script's flag); one at its
-# default adds nothing, so the records of runs from before it existed keep their names.
-LEARNED_OPTIONS = (("relative_self_pos", False, "_relpos"), ("static_mode", "sdf9", None),
-                   ("formation_reward", "simple", "_release_form"))
+# suffix, formatted with the value). A set one is a setting of its own (record, run directory, the script's flag); one
+# at its default adds nothing, so the records of runs from before it existed keep their names.
+LEARNED_OPTIONS = (("relative_self_pos", False, "_relpos"), ("static_mode", "sdf9", "_{}"),
+                   ("static_top_k", 0, "_top{}"), ("formation_reward", "simple", "_release_form"))
 
 
 def set_options(args: Args) -> dict:
@@ -143,7 +145,7 @@ def exp_name(args: Args, variant: str) -> str:
     beside those without."""
     chosen = set_options(args)
     return (run_name(variant) + (f"_walls{args.corridor_walls:g}" if args.corridor_walls else "")
-            + "".join(suffix or f"_{chosen[name]}" for name, _, suffix in LEARNED_OPTIONS if name in chosen))
+            + "".join(suffix.format(chosen[name]) for name, _, suffix in LEARNED_OPTIONS if name in chosen))
 
 
 def run_settings(args: Args) -> dict:
@@ -385,8 +387,10 @@ def main(args: Args) -> None:
                 + " relative to the formation centroid (--relative-self-pos)" if args.relative_self_pos else "")
              + ({"sdf9_diff": ". The learned variants see the columns as the nine distances re-encoded: the "
                               "drone's own, then each neighbour's difference from it / 0.1 (--static-mode sdf9_diff)",
-                 "tokens": ". The learned variants see each column within range as a token of its own "
-                           "(--static-mode tokens)"}.get(
+                 "tokens": ". The learned variants see " + (f"the {args.static_top_k} nearest columns" if
+                                                             args.static_top_k else "each column")
+                           + " within range as a token of its own (--static-mode tokens"
+                           + (f" --static-top-k {args.static_top_k})" if args.static_top_k else ")")}.get(
                  args.static_mode, ""))
              + (". The learned variants train on the released code's formation reward (--formation-reward release: "
                 "the size term plus 1/(1 + un-normalised Laplacian cost), a sharp normalised-Laplacian term, the size "

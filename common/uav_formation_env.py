@@ -72,6 +72,7 @@ class FormationConfig:
     time_to_hit: tuple = (0.8, 1.6)
     obs_range: float = 10.0
     static_mode: str = "sdf9"  # sdf9 (released) | sdf9_diff (the same, re-encoded: see sdf9_diff) | tokens
+    static_top_k: int = 0  # tokens only: the k nearest columns in range (0: all; the release has it commented out)
     drone_radius: float = 0.0  # added to the hit distances (0: the released code's leniency)
     corridor_walls: float = 0.0  # side walls at |x| = this (m); 0: none, as released (the spec: 4 m wide, so 2.0)
     formation_reward: str = "simple"  # simple: size + 1/(1 + normalised Laplacian cost) | release: the released
@@ -171,6 +172,9 @@ class FormationEnv:
                              f"{cfg.dynamics!r}, {cfg.static_mode!r}")
         if cfg.formation_reward not in ("simple", "release"):
             raise ValueError(f"formation_reward must be simple|release, got {cfg.formation_reward!r}")
+        if cfg.static_top_k < 0 or (cfg.static_top_k and cfg.static_mode != "tokens"):
+            raise ValueError(f"static_top_k is a number of column tokens (0: all) for static_mode tokens, got "
+                             f"{cfg.static_top_k} with static_mode {cfg.static_mode!r}")
         if cfg.num_drones < 2:
             raise ValueError("a formation needs at least 2 drones")
         if cfg.corridor_walls < 0:
@@ -453,6 +457,10 @@ class FormationEnv:
                 tok = torch.cat([d, rel, -v[:, :, None].expand(E, N, S, 3), torch.zeros(E, N, S, 3,
                                                                                         device=self.device)], -1)
                 mask = ~self.col_active[:, None].expand(E, N, S) | (d[..., 0] > cfg.obs_range)
+                if 0 < cfg.static_top_k < S:  # the nearest k (masked ones last): the summary's blind spot, the
+                    # column just behind the nearest one, stays in view at a fraction of the tokens
+                    near = d[..., 0].masked_fill(mask, float("inf")).topk(cfg.static_top_k, -1, largest=False).indices
+                    tok, mask = tok.gather(2, near[..., None].expand(-1, -1, -1, tok.shape[-1])), mask.gather(2, near)
             else:
                 tok = torch.zeros(E, N, 1, 10, device=self.device)
                 mask = torch.ones(E, N, 1, dtype=torch.bool, device=self.device)

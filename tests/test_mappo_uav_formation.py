@@ -101,22 +101,25 @@ def test_pipeline_at_toy_scale_and_resume(tmp_path):
 
 def test_column_observation_modes_train_and_evaluate(tmp_path):
     """--static-mode sdf9_diff (the 9 distances re-encoded) and tokens run the whole curriculum and the eval (tokens
-    with the released formation reward, --formation-reward release); a bad mode or reward is refused with the
-    choices."""
+    with the released formation reward, --formation-reward release, and the 3 nearest columns, --static-top-k 3); a
+    bad mode, reward or top-k is refused with the choices."""
     base = [sys.executable, str(ROOT / "algos" / "mappo_uav_formation.py"), "--run-dir", str(tmp_path), *TOY,
             "--weights", "paper", "--plot-episodes", "0"]
-    for mode, reward in (("sdf9_diff", "simple"), ("tokens", "release")):
-        out = subprocess.run(base + ["--static-mode", mode, "--formation-reward", reward, "--exp-name", mode],
-                             cwd=ROOT, capture_output=True, text=True, timeout=600)
+    for mode, reward, top_k in (("sdf9_diff", "simple", 0), ("tokens", "release", 3)):
+        out = subprocess.run(base + ["--static-mode", mode, "--formation-reward", reward, "--static-top-k", str(top_k),
+                                     "--exp-name", mode], cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stderr[-3000:]
         summary = json.loads((tmp_path / f"uav_formation__{mode}__1" / "summary.json").read_text())
         assert summary["args"]["static_mode"] == mode and summary["args"]["formation_reward"] == reward
+        assert summary["args"]["static_top_k"] == top_k
         assert set(summary["eval"]) == {"static", "dynamic", "mixed"}
     bad = subprocess.run(base + ["--static-mode", "sdf9_grad"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "sdf9_diff" in bad.stderr
     bad = subprocess.run(base + ["--formation-reward", "laplacian"], cwd=ROOT, capture_output=True, text=True,
                          timeout=600)
     assert bad.returncode != 0 and "release" in bad.stderr
+    bad = subprocess.run(base + ["--static-top-k", "3"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "static_top_k" in bad.stderr  # sdf9 has no column tokens to keep
 
 
 def test_short_training_improves_the_forward_return(tmp_path):

@@ -103,6 +103,34 @@ def test_masks_hide_unlaunched_and_landed_balls_and_far_columns():
     assert obs["static_mask"].shape == (8, 3, 10) and obs["static"].shape == (8, 3, 10, 10)
 
 
+def test_top_k_column_tokens_are_the_nearest_columns_in_range():
+    """static_top_k keeps, per drone, the k nearest columns of the full token set (the summary shows only the
+    nearest); far and inactive ones are masked and sort last; a k without tokens is refused."""
+    full = FormationEnv(FormationConfig.preset("mixed", num_envs=16, static_mode="tokens", obs_range=3.0))
+    top = FormationEnv(FormationConfig.preset("mixed", num_envs=16, static_mode="tokens", obs_range=3.0,
+                                              static_top_k=3))
+    full.reset()
+    top.reset()
+    for env in (full, top):  # drones spread through the column field, so each sees a different set
+        env.p[..., 1] = torch.linspace(0.0, 30.0, 16)[:, None] + torch.tensor([0.3, 0.0, -0.6])
+        env.col_active[::4, 2] = False  # and some columns inactive
+    want, got = full._obs(), top._obs()
+    assert got["static"].shape == (16, 3, 3, 10) and got["static_mask"].shape == (16, 3, 3)
+    dist = want["static"][..., 0].masked_fill(want["static_mask"], float("inf"))
+    nearest = dist.sort(-1).values[..., :3]
+    seen = got["static"][..., 0].masked_fill(got["static_mask"], float("inf")).sort(-1).values
+    assert torch.equal(seen, nearest)  # the same distances, so the same columns (ties aside)
+    assert torch.equal(got["static_mask"].sum(-1), (~want["static_mask"]).sum(-1).clamp(max=3).neg() + 3)
+    assert (~got["static_mask"]).any() and got["static_mask"].any()  # both cases occur in this layout
+    for i, j in ((0, 0), (5, 1), (9, 2)):  # each visible token is one of the full set's, whole
+        for tok in got["static"][i, j][~got["static_mask"][i, j]]:
+            assert (want["static"][i, j] == tok).all(-1).any()
+    with pytest.raises(ValueError, match="static_top_k"):
+        FormationEnv(FormationConfig.preset("static", num_envs=2, static_top_k=3))  # sdf9 has no tokens to keep
+    with pytest.raises(ValueError, match="static_top_k"):
+        FormationEnv(FormationConfig.preset("static", num_envs=2, static_mode="tokens", static_top_k=-1))
+
+
 def test_termination_flags_fire_on_scripted_collisions():
     env = FormationEnv(FormationConfig.preset("mixed", num_envs=4, dynamics="pointmass"))
     env.reset()
