@@ -61,6 +61,17 @@ SAME_TRAINING: dict[str, dict[str, tuple[str, ...]]] = {
     # 2026-12-03: --formation-reward release added (an option, off by default): toy runs (seed 5, 16 envs; ours with
     # and without --relative-self-pos and walls at 2 m, no curriculum, MLP encoder, sdf9_diff) give the same agent.pt
     # and summary.json (but for the new argument) as under 7de355bc55f5751c, whose list carries over
+    # 2026-12-03: --static-top-k added (column tokens: only the k nearest; off by default): toy runs (seed 5, 16 envs;
+    # the seven above, sdf9_diff with the release reward, tokens) give the same agent.pt and summary.json (but for the
+    # new argument) as under de66b3637e3501eb, whose list carries over
+    "b28bbbfd2dae0fb5": {"de66b3637e3501eb": ("ours", "no curriculum", "MLP encoder"),
+                         "7de355bc55f5751c": ("ours", "no curriculum", "MLP encoder"),
+                         "7b597be301c5f5b1": ("ours", "no curriculum", "MLP encoder"),
+                         "120479840ef58a95": ("ours", "no curriculum", "MLP encoder"),
+                         "b8e59761a40ffd0e": ("ours", "no curriculum", "MLP encoder"),
+                         "89f95a27ab46646e": ("ours", "no curriculum", "MLP encoder"),
+                         "06fedef55f9ca7bd": ("ours", "no curriculum", "MLP encoder"),
+                         "3f1c1327f0f08414": ("ours", "no curriculum")},
     "de66b3637e3501eb": {"7de355bc55f5751c": ("ours", "no curriculum", "MLP encoder"),
                          "7b597be301c5f5b1": ("ours", "no curriculum", "MLP encoder"),
                          "120479840ef58a95": ("ours", "no curriculum", "MLP encoder"),

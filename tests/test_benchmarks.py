@@ -293,6 +293,64 @@ def test_uav_formation_shape_flies_a_trained_run_and_apf(tmp_path):
     assert bad.returncode != 0 and "agent.pt" in bad.stderr
 
 
+def test_uav_column_hits_names_the_column_hit_and_its_rank_before():
+    """Drones flown straight through the column field (point mass, 2 m/s): every column hit is found, with the
+    column the hitting drone touched, and that column's rank among the drone's columns 1, 10 and 25 steps earlier,
+    recomputed here from the path the actor saw."""
+    import math
+
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.report import load_algo
+    from benchmarks.uav_column_hits import fly
+
+    algo = load_algo("mappo_uav_formation")
+    run_args = algo.Args(dynamics="pointmass", eval_envs=64, max_steps=300)
+    ref_obs = algo.make_env(run_args, "mixed", 2, 0, "cpu").reset()
+    seen = []  # the state before each step: time 0, 1, ...
+
+    def straight(env, obs):
+        seen.append((env.p.clone(), env.columns.clone(), env.col_active.clone()))
+        action = torch.zeros(env.E, env.N, 4)
+        action[..., 1] = math.atanh(2 / 3)  # 2 m/s along y in point-mass mode
+        return action
+
+    result = fly(algo, run_args, straight, "static", 20_000, ref_obs, [1, 10, 25])
+    assert result["episodes"] == 64 and len(result["hits"]) >= 5
+    ranks = []
+    for hit in result["hits"]:
+        e, end, drone, col = hit["env"], hit["end"], hit["drone"], hit["column"]
+        columns, active = seen[0][1][e], seen[0][2][e]  # the env's first layout, kept until its episode ends
+        path = torch.stack([state[0][e, drone, :2] for state in seen[:end]])  # times 0 .. end - 1
+        assert active[col] and float((path[-1] - columns[col]).norm()) < 0.15 + 2 * 0.02 * 1.5  # within one step
+        assert set(hit["ranks"]) == {lag for lag in (1, 10, 25) if lag <= end}
+        for lag, rank in hit["ranks"].items():
+            dist = (columns - path[end - lag]).norm(dim=-1).masked_fill(~active, 1e6)
+            assert rank == int((dist < dist[col]).sum())
+            ranks.append(rank)
+    assert 0 in ranks and max(ranks) > 0  # both cases occur: a column in view, and one hidden behind another
+
+
+def test_uav_column_hits_command_writes_its_table(tmp_path):
+    train = [sys.executable, str(ROOT / "algos/mappo_uav_formation.py"), "--weights", "paper", "--frames",
+             "0.0005,0.0005,0.0005", "--num-envs", "16", "--num-steps", "16", "--num-minibatches", "4",
+             "--eval-envs", "4", "--eval-presets", "free", "--max-steps", "40", "--dynamics", "pointmass",
+             "--static-mode", "tokens", "--static-top-k", "3", "--torch-threads", "1", "--plot-episodes", "0",
+             "--no-cuda", "--exp-name", "toy", "--run-dir", str(tmp_path / "runs")]
+    subprocess.run(train, check=True, timeout=600, cwd=ROOT, capture_output=True)
+    cmd = [sys.executable, str(ROOT / "benchmarks/uav_column_hits.py"), "--runs", str(tmp_path / "runs" /
+           "uav_formation__toy__1"), "--eval-envs", "8", "--max-steps", "60", "--out-dir", str(tmp_path)]
+    subprocess.run(cmd, check=True, timeout=600, cwd=ROOT, capture_output=True)
+    rows = json.loads((tmp_path / "uav_column_hits.json").read_text())["rows"]
+    assert [(r["method"], r["preset"], r["episodes"]) for r in rows] == [("toy seed 1", "static", 8),
+                                                                         ("toy seed 1", "mixed", 8)]
+    assert all(0 <= r["column_hits"] <= r["episodes"] for r in rows)
+    assert (tmp_path / "uav_column_hits.png").stat().st_size > 1000
+    bad = subprocess.run(cmd + ["--presets", "dynamic"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert bad.returncode != 0 and "with columns" in bad.stderr
+
+
 def test_uav_formation_shape_counts_each_env_first_episode_to_its_last_step():
     """Half the envs dive into the ground early: their episodes end (and are reset) at different steps, and only
     each env's first episode, up to and with its last step, counts: the formation error equals the env's own."""
