@@ -45,46 +45,31 @@ from common.uav_apf import APFController
 VARIANTS = {"ours": [], "no curriculum": ["--no-curriculum"], "MLP encoder": ["--encoder", "mlp"]}
 METRICS = ("collision_free", "formation_error", "arrival", "success", "left_corridor")
 CODE_FILES = ("algos/mappo_uav_formation.py", "common/uav_formation_env.py")  # what a run's result depends on
-# Earlier code whose runs of the listed variants train exactly as the current code's, keyed by the current code's hash
-# (so an entry lapses when the code changes again): the records of those runs still count. Each was checked bit for
-# bit (agent.pt and summary.json of the same toy run of each variant under both) when the code changed.
+# Earlier code whose runs of the listed variants train exactly as later code's, keyed by the later code's hash: the
+# records of those runs still count. Links chain: the current code reaches back through every link that lists the
+# variant (so nothing carries over when the code changes without a new link). Each link was checked bit for bit
+# (agent.pt and summary.json of the same toy run of each variant under both) when the code changed.
+ALL_VARIANTS = tuple(VARIANTS)
 SAME_TRAINING: dict[str, dict[str, tuple[str, ...]]] = {
-    # 2026-12-02: --relative-self-pos allowed with walls (y only; it was refused), so nothing that trained changed:
-    # ours, no curriculum, MLP encoder without walls and ours with walls at 2 m gave the same agent.pt as under
-    # 89f95a27ab46646e (toy runs, seed 5, 16 envs); the hashes that code listed carry over ...
-    # and the evaluation reports what ended the episodes (END_CAUSES): the same agent.pt again, and the same figures
-    # for the keys both summaries have; and the env names those events once (END_CAUSES): the same agent.pt and
-    # summary.json as 120479840ef58a95
-    # 2026-12-03: --static-mode sdf9_diff added (an option, off by default): toy runs (seed 5, 16 envs; ours with and
-    # without --relative-self-pos and walls at 2 m, no curriculum, MLP encoder) give the same agent.pt and summary.json
-    # as under 7b597be301c5f5b1, whose list carries over
+    # 2026-12-03: --static-top-k added (column tokens: only the k nearest; off by default): toy runs (seed 5, 16 envs;
+    # ours with and without --relative-self-pos and walls at 2 m, no curriculum, MLP encoder, sdf9_diff with and
+    # without the release reward, tokens) give the same agent.pt and summary.json (but for the new argument)
+    "b28bbbfd2dae0fb5": {"de66b3637e3501eb": ALL_VARIANTS},
     # 2026-12-03: --formation-reward release added (an option, off by default): toy runs (seed 5, 16 envs; ours with
     # and without --relative-self-pos and walls at 2 m, no curriculum, MLP encoder, sdf9_diff) give the same agent.pt
-    # and summary.json (but for the new argument) as under 7de355bc55f5751c, whose list carries over
-    # 2026-12-03: --static-top-k added (column tokens: only the k nearest; off by default): toy runs (seed 5, 16 envs;
-    # the seven above, sdf9_diff with the release reward, tokens) give the same agent.pt and summary.json (but for the
-    # new argument) as under de66b3637e3501eb, whose list carries over
-    "b28bbbfd2dae0fb5": {"de66b3637e3501eb": ("ours", "no curriculum", "MLP encoder"),
-                         "7de355bc55f5751c": ("ours", "no curriculum", "MLP encoder"),
-                         "7b597be301c5f5b1": ("ours", "no curriculum", "MLP encoder"),
-                         "120479840ef58a95": ("ours", "no curriculum", "MLP encoder"),
-                         "b8e59761a40ffd0e": ("ours", "no curriculum", "MLP encoder"),
-                         "89f95a27ab46646e": ("ours", "no curriculum", "MLP encoder"),
-                         "06fedef55f9ca7bd": ("ours", "no curriculum", "MLP encoder"),
-                         "3f1c1327f0f08414": ("ours", "no curriculum")},
-    "de66b3637e3501eb": {"7de355bc55f5751c": ("ours", "no curriculum", "MLP encoder"),
-                         "7b597be301c5f5b1": ("ours", "no curriculum", "MLP encoder"),
-                         "120479840ef58a95": ("ours", "no curriculum", "MLP encoder"),
-                         "b8e59761a40ffd0e": ("ours", "no curriculum", "MLP encoder"),
-                         "89f95a27ab46646e": ("ours", "no curriculum", "MLP encoder"),
-                         "06fedef55f9ca7bd": ("ours", "no curriculum", "MLP encoder"),
-                         "3f1c1327f0f08414": ("ours", "no curriculum")},
-    "7de355bc55f5751c": {"7b597be301c5f5b1": ("ours", "no curriculum", "MLP encoder"),
-                         "120479840ef58a95": ("ours", "no curriculum", "MLP encoder"),
-                         "b8e59761a40ffd0e": ("ours", "no curriculum", "MLP encoder"),
-                         "89f95a27ab46646e": ("ours", "no curriculum", "MLP encoder"),
-                         "06fedef55f9ca7bd": ("ours", "no curriculum", "MLP encoder"),
-                         "3f1c1327f0f08414": ("ours", "no curriculum")},
+    # and summary.json (but for the new argument)
+    "de66b3637e3501eb": {"7de355bc55f5751c": ALL_VARIANTS},
+    # 2026-12-03: --static-mode sdf9_diff added (an option, off by default): toy runs (seed 5, 16 envs; ours with and
+    # without --relative-self-pos and walls at 2 m, no curriculum, MLP encoder) give the same agent.pt and summary.json
+    # as under 7b597be301c5f5b1, whose list carries over. 2026-12-02: --relative-self-pos allowed with walls (y only;
+    # it was refused), so nothing that trained changed: ours, no curriculum, MLP encoder without walls and ours with
+    # walls at 2 m gave the same agent.pt as under 89f95a27ab46646e (toy runs, seed 5, 16 envs); the hashes that code
+    # listed carry over ... and the evaluation reports what ended the episodes (END_CAUSES): the same agent.pt again,
+    # and the same figures for the keys both summaries have; and the env names those events once (END_CAUSES): the
+    # same agent.pt and summary.json as 120479840ef58a95
+    "7de355bc55f5751c": {"7b597be301c5f5b1": ALL_VARIANTS, "120479840ef58a95": ALL_VARIANTS,
+                         "b8e59761a40ffd0e": ALL_VARIANTS, "89f95a27ab46646e": ALL_VARIANTS,
+                         "06fedef55f9ca7bd": ALL_VARIANTS, "3f1c1327f0f08414": ("ours", "no curriculum")},
 }
 
 
@@ -176,9 +161,15 @@ def code_hash() -> str:
 
 
 def same_training_codes(variant: str) -> tuple[str, ...]:
-    """The current code's hash and those of earlier code that trains `variant` the same (SAME_TRAINING)."""
-    current = code_hash()
-    return (current, *(old for old, variants in SAME_TRAINING.get(current, {}).items() if variant in variants))
+    """The current code's hash and those of earlier code that trains `variant` the same: SAME_TRAINING's links
+    followed back from the current code, each listing `variant`."""
+    codes, todo = [code_hash()], [code_hash()]
+    while todo:
+        for old, variants in SAME_TRAINING.get(todo.pop(), {}).items():
+            if variant in variants and old not in codes:
+                codes.append(old)
+                todo.append(old)
+    return tuple(codes)
 
 
 def record_path(args: Args, variant: str, seed: int) -> Path:

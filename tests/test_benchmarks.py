@@ -95,6 +95,13 @@ def test_uav_run_resumed_under_other_code_is_recorded_only_if_that_code_trains_t
     from benchmarks import uav_formation as bench
 
     monkeypatch.setattr(bench, "code_hash", lambda: "new0000000000000")
+    # links chain back, each only for the variants it lists
+    monkeypatch.setattr(bench, "SAME_TRAINING", {"new0000000000000": {"mid0000000000000": ("ours", "MLP encoder")},
+                                                 "mid0000000000000": {"old0000000000000": ("ours", "no curriculum"),
+                                                                      "new0000000000000": ("ours",)}})
+    assert bench.same_training_codes("ours") == ("new0000000000000", "mid0000000000000", "old0000000000000")
+    assert bench.same_training_codes("MLP encoder") == ("new0000000000000", "mid0000000000000")
+    assert bench.same_training_codes("no curriculum") == ("new0000000000000",)
     monkeypatch.setattr(bench, "SAME_TRAINING", {"new0000000000000": {"old0000000000000": ("ours",)}})
     summary = {"eval": {"static": {"collision_free": 0.5, "formation_error": 0.4}}, "env_steps": 10, "weights": None}
 
