@@ -27,7 +27,7 @@ import tyro
 from tqdm import tqdm
 
 from benchmarks.report import RESULTS_DIR, load_algo, pyplot, write_results
-from benchmarks.uav_formation_shape import load_run, run_label
+from benchmarks.uav_formation_shape import load_runs
 
 TOP_K = 3  # the share of hits whose column was among the drone's 3 nearest
 
@@ -109,16 +109,10 @@ def main(args: Args) -> None:
         raise SystemExit(f"--presets takes presets with columns {with_columns}, got {args.presets}")
     if args.eval_envs < 1 or args.max_steps < 0 or not args.lags or min(args.lags) <= 0:
         raise SystemExit("need --eval-envs >= 1, --max-steps >= 0 and --lags > 0 s")
-    runs = [Path(r) for r in args.runs]
-    missing = [str(r) for r in runs if not ((r / "agent.pt").exists() and (r / "summary.json").exists())]
-    if missing or not runs:
-        raise SystemExit(f"give --runs: finished runs of algos/mappo_uav_formation.py (agent.pt + summary.json); "
-                         f"not finished: {missing}")
-    names = [run_label(r) for r in runs]
-    if len(set(names)) < len(names):
-        raise SystemExit(f"two runs of the same name and seed: {names}; give each once")
+    if not args.runs:
+        raise SystemExit("give --runs: finished runs of algos/mappo_uav_formation.py (agent.pt + summary.json)")
     torch.set_num_threads(1)
-    loaded = [(name, *load_run(algo, r, args)) for name, r in zip(names, runs)]
+    loaded = load_runs(algo, [Path(r) for r in args.runs], args)
     dt = algo.make_env(loaded[0][1], "free", 1, 0, "cpu").cfg.dt
     lag_steps = [max(1, round(s / dt)) for s in args.lags]
     rows = []

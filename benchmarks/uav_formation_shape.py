@@ -137,6 +137,18 @@ def load_run(algo, run: Path, args: Args):
     return run_args, agent.eval(), ref_obs
 
 
+def load_runs(algo, runs: list[Path], args) -> list[tuple]:
+    """(label, run args, agent, reference observation) for each finished run directory; refuses unfinished runs and
+    two runs of the same label (name and seed)."""
+    missing = [str(r) for r in runs if not ((r / "agent.pt").exists() and (r / "summary.json").exists())]
+    if missing:
+        raise SystemExit(f"not finished runs of algos/mappo_uav_formation.py (no agent.pt / summary.json): {missing}")
+    names = [run_label(r) for r in runs]
+    if len(set(names)) < len(names):
+        raise SystemExit(f"two runs of the same name and seed: {names}; give each once")
+    return [(name, *load_run(algo, r, args)) for name, r in zip(names, runs)]
+
+
 def main(args: Args) -> None:
     algo = load_algo("mappo_uav_formation")
     bad = [p for p in args.presets if p not in algo.PRESETS]
@@ -145,16 +157,10 @@ def main(args: Args) -> None:
     if args.eval_envs < 1 or args.max_steps < 0:
         raise SystemExit("need --eval-envs >= 1 and --max-steps >= 0")
     runs = [Path(r) for r in args.runs]
-    missing = [str(r) for r in runs if not ((r / "agent.pt").exists() and (r / "summary.json").exists())]
-    if missing:
-        raise SystemExit(f"not finished runs of algos/mappo_uav_formation.py (no agent.pt / summary.json): {missing}")
     if not runs and not args.apf:
         raise SystemExit("nothing to fly: give --runs, or leave the APF baseline on")
     torch.set_num_threads(1)
-    names = [run_label(r) for r in runs]
-    if len(set(names)) < len(names):
-        raise SystemExit(f"two runs of the same name and seed: {names}; give each once")
-    methods = [(name, *load_run(algo, r, args)) for name, r in zip(names, runs)]
+    methods = load_runs(algo, runs, args)
     if args.apf:  # the APF flies with the first run's env settings (the default ones when APF flies alone)
         base = methods[0][1] if methods else algo.Args(eval_envs=args.eval_envs,
                                                        max_steps=args.max_steps or algo.Args.max_steps)
