@@ -30,6 +30,8 @@ from common.uav_apf import APFController
 from common.uav_formation_env import formation_cost
 
 ALIGNMENTS = ("formation_error", "yaw_aligned", "rotation_aligned", "shape_error")
+PHASES = ("error_before_throw", "error_ball_in_air", "error_after_throw")
+STEP_SHARES = tuple(name.replace("error_", "steps_") for name in PHASES)
 
 
 @dataclass
@@ -81,9 +83,22 @@ def pair_distances(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def ball_phase(env) -> torch.Tensor:
+    """[E] phase of each env's episode with respect to the balls: 0 before the first throw, 1 while a ball is in the
+    air, 2 with none in the air after a throw (between throws or after the last: does the formation come back?);
+    always 0 in presets without balls. The release's formation reward drops to 0.2 in phase 1."""
+    if not env.cfg.num_balls:
+        return torch.zeros(env.E, dtype=torch.long)
+    in_air = env.ball_active.any(-1)
+    thrown = (env.t[:, None] > env.ball_launch).any(-1)
+    return torch.where(in_air, 1, torch.where(thrown, 2, 0))
+
+
 def fly(algo, run_args, act, preset: str, seed: int, ref_obs) -> dict:
     """One batched round of episodes (each env's first): each episode's time means over its steps, the env's own
-    formation error among them (the same steps), then their mean over the episodes."""
+    formation error among them (the same steps), then their mean over the episodes. The formation error is also
+    split by ball phase (`ball_phase`): each episode's time mean over its steps in that phase, then the mean over the
+    episodes that have such steps (NaN where none has)."""
     env = algo.make_env(run_args, preset, run_args.eval_envs, seed, "cpu")
     obs = algo.pad_like(env.reset(), ref_obs)
     n_pairs = env.N * (env.N - 1) // 2
@@ -91,20 +106,27 @@ def fly(algo, run_args, act, preset: str, seed: int, ref_obs) -> dict:
     pair_sum, steps = torch.zeros(env.E, n_pairs), torch.zeros(env.E)
     alive = torch.ones(env.E, dtype=torch.bool)
     collision_free, env_error = torch.zeros(env.E), torch.zeros(env.E)
+    phase_sum, phase_steps = torch.zeros(env.E, len(PHASES)), torch.zeros(env.E, len(PHASES))
     for _ in range(run_args.max_steps):
+        phase_before = ball_phase(env)
         obs, _, _, _, info = env.step(act(env, obs))
         obs = algo.pad_like(obs, ref_obs)
-        p, ended = env.p.clone(), None
+        p, ended, phase = env.p.clone(), None, ball_phase(env)
         if "episode" in info:  # a finished env is reset already: its last positions are in the final observation
             ep = info["episode"]
             p[ep["env_ids"]] = info["final_obs"]["state"][ep["env_ids"], :3 * env.N].view(-1, env.N, 3)
+            phase[ep["env_ids"]] = phase_before[ep["env_ids"]]  # its balls are reset too: the phase it ended in
             first = alive[ep["env_ids"]]  # only each env's first episode counts
             ended = ep["env_ids"][first]
             collision_free[ended] = ep["collision_free"][first].float()
             env_error[ended] = ep["formation_error"][first]
-        p = p[alive]
+        p, phase = p[alive], phase[alive]
         for key, value in aligned_errors(p, env.offsets).items():
             sums[key][alive] += value
+            if key == "formation_error":
+                in_phase = torch.nn.functional.one_hot(phase, len(PHASES)).float()
+                phase_sum[alive] += in_phase * value[:, None]
+                phase_steps[alive] += in_phase
         sums["laplacian_cost"][alive] += formation_cost(p, env.offsets)
         pair_sum[alive] += pair_distances(p)
         steps[alive] += 1
@@ -113,6 +135,9 @@ def fly(algo, run_args, act, preset: str, seed: int, ref_obs) -> dict:
         if not alive.any():
             break
     result = {key: float((value / steps).mean()) for key, value in sums.items()}
+    for k, name in enumerate(PHASES):
+        result[name] = float((phase_sum[:, k] / phase_steps[:, k]).nanmean())  # 0/0 = NaN: no step in the phase
+        result[STEP_SHARES[k]] = float((phase_steps[:, k] / steps).mean())
     result["pair_distances"] = [round(float(d), 3) for d in (pair_sum / steps[:, None]).mean(0)]
     result["collision_free"] = float(collision_free.mean())
     result["env_formation_error"] = float(env_error.mean())  # the tables' figure, for comparison
@@ -176,7 +201,11 @@ def main(args: Args) -> None:
                              **{k: round(r[k], 3) for k in (*ALIGNMENTS, "laplacian_cost", "collision_free",
                                                             "env_formation_error")},
                              "pair_distances": r["pair_distances"],
-                             "pairs_m": " / ".join(f"{d:.2f}" for d in r["pair_distances"])})
+                             "pairs_m": " / ".join(f"{d:.2f}" for d in r["pair_distances"]),
+                             **{k: None if np.isnan(r[k]) else round(r[k], 3) for k in PHASES},
+                             **{k: round(r[k], 3) for k in STEP_SHARES},
+                             "error_by_phase": " / ".join("-" if np.isnan(r[k]) else f"{r[k]:.3f}" for k in PHASES),
+                             "steps_by_phase": " / ".join(f"{r[k]:.2f}" for k in STEP_SHARES)})
                 bar.update()
     plt = pyplot()
     fig, axes = plt.subplots(1, len(args.presets), figsize=(3.2 * len(args.presets), 3.4), sharey=True)
@@ -208,11 +237,15 @@ def main(args: Args) -> None:
              f"target shape). `pairs_m`: the drone pairs' mean distances, pairs {pairs} (target {target} m"
              + ("; drone 0's slot is at +x, across the flight direction +y from the other two, so pair 1-2 lies along "
                 "the flight" if len(slots) == 3 else "") + "). Collision-free is over the whole episode, as in the "
-             "tables.")
+             "tables. `error_by_phase`: the formation error before the first ball is thrown / while a ball is in the "
+             "air / after a throw with none in the air (between throws or after the last: does the formation come "
+             "back?), per episode over its steps in that phase, then the mean over the episodes with such steps "
+             "('-': none; the formation reward drops to 0.2 while a ball is in the air); `steps_by_phase`: the mean share of an episode's steps "
+             "in each phase (presets without balls: all before).")
     seeds = sorted({int(m[1].seed) for m in methods if m[2] is not None})
     path = write_results(args.name, "UAV formation error taken apart: rotation, size and shape",
                          ["preset", "method", *ALIGNMENTS, "laplacian_cost", "pairs_m", "collision_free",
-                          "env_formation_error"], sorted(rows, key=lambda r: args.presets.index(r["preset"])),
+                          "env_formation_error", "error_by_phase", "steps_by_phase"], sorted(rows, key=lambda r: args.presets.index(r["preset"])),
                          seeds=seeds or [args.seed], notes=notes, out_dir=args.out_dir, figure=fig)
     print(path.read_text())
 

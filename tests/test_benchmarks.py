@@ -381,3 +381,35 @@ def test_uav_formation_shape_counts_each_env_first_episode_to_its_last_step():
     assert r["collision_free"] == 0.5  # the divers crash, the rest fly all 60 steps
     assert r["formation_error"] > 0.01
     assert abs(r["formation_error"] - r["env_formation_error"]) < 1e-5
+
+
+def test_uav_formation_shape_splits_the_error_by_ball_phase():
+    """A scripted formation that holds its slots until the first ball is in the air, then drone 0 drifts sideways
+    for good: no error before the throw, a growing one while the ball flies, a larger one after it (between throws
+    and after the last); a preset without balls is all 'before'."""
+    import math
+
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.report import load_algo
+    from benchmarks.uav_formation_shape import PHASES, STEP_SHARES, ball_phase, fly
+
+    algo = load_algo("mappo_uav_formation")
+    run_args = algo.Args(dynamics="pointmass", eval_envs=6, max_steps=700)
+    ref_obs = algo.make_env(run_args, "mixed", 2, 0, "cpu").reset()
+    drifting = torch.zeros(run_args.eval_envs, dtype=torch.bool)
+
+    def act(env, obs):
+        drifting.logical_or_(ball_phase(env) == 1)
+        a = torch.zeros(env.E, env.N, 4)
+        a[drifting, 0, 0] = 0.3
+        return a
+
+    r = fly(algo, run_args, act, "dynamic", 0, ref_obs)
+    before, in_air, after = (r[k] for k in PHASES)
+    assert before < 0.02 < in_air < after, r
+    assert abs(sum(r[k] for k in STEP_SHARES) - 1) < 1e-5 and all(r[k] > 0.05 for k in STEP_SHARES), r
+    r = fly(algo, run_args, act, "free", 0, ref_obs)
+    assert r[STEP_SHARES[0]] == 1 and math.isnan(r[PHASES[1]]) and math.isnan(r[PHASES[2]])
+    assert abs(r[PHASES[0]] - r["formation_error"]) < 1e-5
