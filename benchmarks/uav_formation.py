@@ -163,7 +163,8 @@ def code_hash() -> str:
 def same_training_codes(variant: str) -> tuple[str, ...]:
     """The current code's hash and those of earlier code that trains `variant` the same: SAME_TRAINING's links
     followed back from the current code, each listing `variant`."""
-    codes, todo = [code_hash()], [code_hash()]
+    current = code_hash()
+    codes, todo = [current], [current]
     while todo:
         for old, variants in SAME_TRAINING.get(todo.pop(), {}).items():
             if variant in variants and old not in codes:

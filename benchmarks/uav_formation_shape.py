@@ -121,12 +121,12 @@ def fly(algo, run_args, act, preset: str, seed: int, ref_obs) -> dict:
             collision_free[ended] = ep["collision_free"][first].float()
             env_error[ended] = ep["formation_error"][first]
         p, phase = p[alive], phase[alive]
-        for key, value in aligned_errors(p, env.offsets).items():
+        errors = aligned_errors(p, env.offsets)
+        for key, value in errors.items():
             sums[key][alive] += value
-            if key == "formation_error":
-                in_phase = torch.nn.functional.one_hot(phase, len(PHASES)).float()
-                phase_sum[alive] += in_phase * value[:, None]
-                phase_steps[alive] += in_phase
+        in_phase = torch.nn.functional.one_hot(phase, len(PHASES)).float()
+        phase_sum[alive] += in_phase * errors["formation_error"][:, None]
+        phase_steps[alive] += in_phase
         sums["laplacian_cost"][alive] += formation_cost(p, env.offsets)
         pair_sum[alive] += pair_distances(p)
         steps[alive] += 1

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -276,14 +278,21 @@ def test_uav_formation_shape_takes_the_error_apart_rotation_size_shape():
     assert err["yaw_aligned"][4] > 1.0 and err["rotation_aligned"][4] < 1e-5 and err["shape_error"][4] < 1e-5
 
 
-def test_uav_formation_shape_flies_a_trained_run_and_apf(tmp_path):
+@pytest.fixture(scope="module")
+def toy_uav_run(tmp_path_factory):
+    """One toy run of algos/mappo_uav_formation.py (column tokens, the 3 nearest) for the benchmarks that fly runs."""
+    run_dir = tmp_path_factory.mktemp("uav_runs")
     train = [sys.executable, str(ROOT / "algos/mappo_uav_formation.py"), "--weights", "paper", "--frames",
              "0.0005,0.0005,0.0005", "--num-envs", "16", "--num-steps", "16", "--num-minibatches", "4",
              "--eval-envs", "4", "--eval-presets", "free", "--max-steps", "40", "--dynamics", "pointmass",
-             "--torch-threads", "1", "--plot-episodes", "0", "--no-cuda", "--exp-name", "toy", "--run-dir",
-             str(tmp_path / "runs")]
+             "--static-mode", "tokens", "--static-top-k", "3", "--torch-threads", "1", "--plot-episodes", "0",
+             "--no-cuda", "--exp-name", "toy", "--run-dir", str(run_dir)]
     subprocess.run(train, check=True, timeout=600, cwd=ROOT, capture_output=True)
-    run = tmp_path / "runs" / "uav_formation__toy__1"
+    return run_dir / "uav_formation__toy__1"
+
+
+def test_uav_formation_shape_flies_a_trained_run_and_apf(tmp_path, toy_uav_run):
+    run = toy_uav_run
     cmd = [sys.executable, str(ROOT / "benchmarks/uav_formation_shape.py"), "--runs", str(run), "--presets", "free",
            "mixed", "--eval-envs", "6", "--max-steps", "30", "--out-dir", str(tmp_path)]
     subprocess.run(cmd, check=True, timeout=600, cwd=ROOT, capture_output=True)
@@ -339,15 +348,9 @@ def test_uav_column_hits_names_the_column_hit_and_its_rank_before():
     assert 0 in ranks and max(ranks) > 0  # both cases occur: a column in view, and one hidden behind another
 
 
-def test_uav_column_hits_command_writes_its_table(tmp_path):
-    train = [sys.executable, str(ROOT / "algos/mappo_uav_formation.py"), "--weights", "paper", "--frames",
-             "0.0005,0.0005,0.0005", "--num-envs", "16", "--num-steps", "16", "--num-minibatches", "4",
-             "--eval-envs", "4", "--eval-presets", "free", "--max-steps", "40", "--dynamics", "pointmass",
-             "--static-mode", "tokens", "--static-top-k", "3", "--torch-threads", "1", "--plot-episodes", "0",
-             "--no-cuda", "--exp-name", "toy", "--run-dir", str(tmp_path / "runs")]
-    subprocess.run(train, check=True, timeout=600, cwd=ROOT, capture_output=True)
-    cmd = [sys.executable, str(ROOT / "benchmarks/uav_column_hits.py"), "--runs", str(tmp_path / "runs" /
-           "uav_formation__toy__1"), "--eval-envs", "8", "--max-steps", "60", "--out-dir", str(tmp_path)]
+def test_uav_column_hits_command_writes_its_table(tmp_path, toy_uav_run):
+    cmd = [sys.executable, str(ROOT / "benchmarks/uav_column_hits.py"), "--runs", str(toy_uav_run), "--eval-envs",
+           "8", "--max-steps", "60", "--out-dir", str(tmp_path)]
     subprocess.run(cmd, check=True, timeout=600, cwd=ROOT, capture_output=True)
     rows = json.loads((tmp_path / "uav_column_hits.json").read_text())["rows"]
     assert [(r["method"], r["preset"], r["episodes"]) for r in rows] == [("toy seed 1", "static", 8),
