@@ -41,7 +41,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common.fsutil import atomic_write  # noqa: E402
-from common.uav_formation_env import END_CAUSES, OBJECTIVES, PRESETS, FormationConfig, FormationEnv  # noqa: E402
+from common.uav_formation_env import (END_CAUSES, FORMATION_REWARDS, OBJECTIVES, PRESETS,  # noqa: E402
+                                      FormationConfig, FormationEnv)
 
 PAPER_WEIGHTS = (0.142, 0.219, 0.126, 0.512)  # formation, obstacle, forward, smoothness (released)
 
@@ -108,7 +109,9 @@ class Args:
     formation_reward: str = "simple"
     """simple (size term + 1/(1 + normalised Laplacian cost)) or release (the released code's rescaled terms: size
     + 1/(1 + un-normalised Laplacian cost), which charges a shrunken or squeezed formation, a sharp normalised-
-    Laplacian term, and the size terms again at 0.2 once every ball has flown)"""
+    Laplacian term, and the size terms again at 0.2 once every ball has flown) or release_slot (the release plus
+    each drone's 5/(1 + (distance from its slot / 0.2 m)^2), 0.2 of it while a ball flies: a departure, as every
+    release term is blind to a turn of the formation, which the formation error counts)"""
     relative_self_pos: bool = False
     """self token: x, y relative to the formation centroid instead of absolute (released: absolute, which grows
     along the 40 m corridor); with --corridor-walls only y (the policy sees the walls by its absolute x)"""
@@ -519,7 +522,7 @@ def pick_winner(rows: list[dict]) -> int:
 def main(args: Args) -> None:
     for name, choices in (("encoder", ("attention", "mlp")), ("critic", ("obs", "state")),
                           ("dynamics", ("ctbr", "pointmass")), ("static_mode", ("sdf9", "sdf9_diff", "tokens")),
-                          ("formation_reward", ("simple", "release")),
+                          ("formation_reward", FORMATION_REWARDS),
                           ("search_scenario", ("free_ball", "static4"))):
         if getattr(args, name) not in choices:
             raise SystemExit(f"--{name.replace('_', '-')} must be one of {choices}, got {getattr(args, name)!r}")

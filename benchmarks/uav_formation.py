@@ -51,6 +51,10 @@ CODE_FILES = ("algos/mappo_uav_formation.py", "common/uav_formation_env.py")  # 
 # (agent.pt and summary.json of the same toy run of each variant under both) when the code changed.
 ALL_VARIANTS = tuple(VARIANTS)
 SAME_TRAINING: dict[str, dict[str, tuple[str, ...]]] = {
+    # 2026-12-04: --formation-reward release_slot added (an option, off by default): toy runs (seed 5, 16 envs; the
+    # nine variants of the last link, and tokens top-3 with --relative-self-pos and the release reward) give the same
+    # agent.pt and summary.json (but for the run directory)
+    "24effe8ff7ece593": {"b28bbbfd2dae0fb5": ALL_VARIANTS},
     # 2026-12-03: --static-top-k added (column tokens: only the k nearest; off by default): toy runs (seed 5, 16 envs;
     # ours with and without --relative-self-pos and walls at 2 m, no curriculum, MLP encoder, sdf9_diff with and
     # without the release reward, tokens) give the same agent.pt and summary.json (but for the new argument)
@@ -101,8 +105,9 @@ class Args:
     static_top_k: int = 0
     """with --static-mode tokens: the learned variants see only the k nearest columns in range (0: all)"""
     formation_reward: str = "simple"
-    """the learned variants' formation reward: simple (size + 1/(1 + normalised Laplacian cost)) or release (the
-    released code's rescaled terms, with the un-normalised Laplacian cost)"""
+    """the learned variants' formation reward: simple (size + 1/(1 + normalised Laplacian cost)), release (the
+    released code's rescaled terms, with the un-normalised Laplacian cost) or release_slot (the release plus a
+    per-drone term for the distance from its slot: a departure)"""
     device: str = "cpu"
     """cpu or cuda: where the runs train"""
     workers: int = 1
@@ -128,7 +133,7 @@ def run_name(variant: str) -> str:
 # suffix, formatted with the value). A set one is a setting of its own (record, run directory, the script's flag); one
 # at its default adds nothing, so the records of runs from before it existed keep their names.
 LEARNED_OPTIONS = (("relative_self_pos", False, "_relpos"), ("static_mode", "sdf9", "_{}"),
-                   ("static_top_k", 0, "_top{}"), ("formation_reward", "simple", "_release_form"))
+                   ("static_top_k", 0, "_top{}"), ("formation_reward", "simple", "_{}_form"))
 
 
 def set_options(args: Args) -> dict:
@@ -397,7 +402,11 @@ def main(args: Args) -> None:
                  args.static_mode, ""))
              + (". The learned variants train on the released code's formation reward (--formation-reward release: "
                 "the size term plus 1/(1 + un-normalised Laplacian cost), a sharp normalised-Laplacian term, the size "
-                "terms again at 0.2 once every ball has flown)" if args.formation_reward != "simple" else "")
+                "terms again at 0.2 once every ball has flown" + (
+                    "; plus, a departure, each drone's 5 c / (1 + (distance from its slot about the centroid / 0.2 m)"
+                    "^2), c = 0.2 while a ball flies, else 1: every release term is blind to a turn of the formation, "
+                    "which the formation error counts; --formation-reward release_slot" if args.formation_reward ==
+                    "release_slot" else "") + ")" if args.formation_reward != "simple" else "")
              + ".\n\n"
              + "Where each run trained (`train_min` is its wall time there): "
              + "; ".join(f"{v} seed {s}: {r['date']}, {r['machine']['cpu']}, {r['threads']} thread(s), {r['workers']} "

@@ -45,6 +45,10 @@ PRESETS = {"free": dict(num_columns=0, num_balls=0), "static": dict(num_columns=
            "dynamic": dict(num_columns=0, num_balls=2), "mixed": dict(num_columns=10, num_balls=2)}
 OBJECTIVES = ("formation", "obstacle", "forward", "smoothness")
 END_CAUSES = ("crash", "too_close", "hit_column", "hit_ball", "hit_wall")  # the events that end an episode early
+FORMATION_REWARDS = ("simple", "release", "release_slot")
+# release_slot: each drone earns 5 c / (1 + (e_i / SLOT_SCALE)^2) on top of the release's terms, e_i its distance (m)
+# from its slot about the centroid (c: 0.2 while a ball flies, as for every formation term): half the term at 0.2 m
+SLOT_SCALE = 0.2
 
 
 @dataclass
@@ -77,7 +81,8 @@ class FormationConfig:
     corridor_walls: float = 0.0  # side walls at |x| = this (m); 0: none, as released (the spec: 4 m wide, so 2.0)
     formation_reward: str = "simple"  # simple: size + 1/(1 + normalised Laplacian cost) | release: the released
     # code's rescaled terms (size + 1/(1 + un-normalised Laplacian cost), a sharp normalised-Laplacian term, and the
-    # size terms again at 0.2 once every ball has flown); see `_reward_and_flags`
+    # size terms again at 0.2 once every ball has flown); see `_reward_and_flags` | release_slot: the release plus a
+    # per-drone slot term (a departure: every release term is blind to a turn of the formation; see SLOT_SCALE)
     relative_self_pos: bool = False  # self token: x, y relative to the formation centroid (z stays absolute; with
     # corridor_walls only y: the walls stand at a fixed x, and the policy sees them by its absolute x)
     state_max_balls: int = 2  # the global state keeps this many ball slots and ...
@@ -170,8 +175,8 @@ class FormationEnv:
         if cfg.dynamics not in ("ctbr", "pointmass") or cfg.static_mode not in ("sdf9", "sdf9_diff", "tokens"):
             raise ValueError(f"dynamics must be ctbr|pointmass and static_mode sdf9|sdf9_diff|tokens, got "
                              f"{cfg.dynamics!r}, {cfg.static_mode!r}")
-        if cfg.formation_reward not in ("simple", "release"):
-            raise ValueError(f"formation_reward must be simple|release, got {cfg.formation_reward!r}")
+        if cfg.formation_reward not in FORMATION_REWARDS:
+            raise ValueError(f"formation_reward must be one of {FORMATION_REWARDS}, got {cfg.formation_reward!r}")
         if cfg.static_top_k < 0 or (cfg.static_top_k and cfg.static_mode != "tokens"):
             raise ValueError(f"static_top_k is a number of column tokens (0: all) for static_mode tokens, got "
                              f"{cfg.static_top_k} with static_mode {cfg.static_mode!r}")
@@ -386,6 +391,10 @@ class FormationEnv:
             after_throw = ~ball_on & (self.t[:, None] > self.ball_launch).all(-1) if cfg.num_balls else \
                 torch.zeros_like(ball_on)
             r_form = 5 * ((c[:, 0] + 0.2 * after_throw) * reward_size + c[:, 0] * reward_shape)[:, None].expand(E, N)
+            if cfg.formation_reward == "release_slot":  # each drone's distance from its own slot about the centroid:
+                # the formation error itself, so a turned formation is charged (the Laplacian terms cannot see it)
+                slot_err = ((p - p.mean(1, keepdim=True)) - (self.offsets - self.offsets.mean(0))).norm(dim=-1)
+                r_form = r_form + 5 * c / (1 + (slot_err / SLOT_SCALE) ** 2)
         r_form = r_form - (min_pair < 0.4).float() - 10 * (min_pair < 0.15).float()
         flags["cost_l"] = cost_l
         # obstacles

@@ -141,7 +141,8 @@ def test_uav_run_resumed_under_other_code_is_recorded_only_if_that_code_trains_t
 
 
 def test_uav_runs_with_side_walls_are_other_runs_and_those_without_keep_their_records(tmp_path, monkeypatch):
-    """--corridor-walls (and --relative-self-pos, --static-mode, --static-top-k, --formation-reward) is a setting of its own (another record and run directory, and the flag reaches the script);
+    """--corridor-walls (and --relative-self-pos, --static-mode, --static-top-k, --formation-reward) is a setting of
+    its own (another record and run directory, and the flag reaches the script);
     without it the settings, and so the committed records' names, are what they were before walls existed."""
     sys.path.insert(0, str(ROOT))
     from benchmarks import uav_formation as bench
@@ -178,6 +179,12 @@ def test_uav_runs_with_side_walls_are_other_runs_and_those_without_keep_their_re
     top3 = dataclasses.replace(release, static_mode="tokens", static_top_k=3)
     assert bench.run_settings(top3) == {**bench.run_settings(release), "static_mode": "tokens", "static_top_k": 3}
     assert bench.exp_name(top3, "ours") == "bench_ours_relpos_tokens_top3_release_form"
+    # and so is the slot term on top of the release (--formation-reward release_slot)
+    slot = dataclasses.replace(top3, formation_reward="release_slot")
+    assert bench.run_settings(slot) == {**bench.run_settings(top3), "formation_reward": "release_slot"}
+    assert bench.exp_name(slot, "ours") == "bench_ours_relpos_tokens_top3_release_slot_form"
+    assert bench.record_path(slot, "ours", 1).name != bench.record_path(top3, "ours", 1).name
+    assert bench.record_path(top3, "ours", 1).name == "bench_ours__1__63f5b239.json"  # the committed top-3 record
     # and the flags reach the script
     sent, real_run = [], subprocess.run
 
@@ -190,21 +197,22 @@ def test_uav_runs_with_side_walls_are_other_runs_and_those_without_keep_their_re
         return subprocess.CompletedProcess(cmd, 0)
 
     monkeypatch.setattr(bench.subprocess, "run", fake_training)
-    for args in (walled, relative, diff, release, top3):
+    for args in (walled, relative, diff, release, top3, slot):
         bench.train_one(dataclasses.replace(args, seeds=[1], run_dir=str(tmp_path / "runs"),
                                             out_dir=str(tmp_path / "out"), records=False), "ours", 1)
-    assert [cmd[cmd.index("--corridor-walls") + 1] for cmd in sent] == ["2.0", "2.0", "0.0", "0.0", "0.0"]
-    assert ["--relative-self-pos" in cmd for cmd in sent] == [False, True, True, True, True]
+    assert [cmd[cmd.index("--corridor-walls") + 1] for cmd in sent] == ["2.0", "2.0", "0.0", "0.0", "0.0", "0.0"]
+    assert ["--relative-self-pos" in cmd for cmd in sent] == [False, True, True, True, True, True]
     assert [cmd[cmd.index("--static-mode") + 1] if "--static-mode" in cmd else None for cmd in sent] == [
-        None, None, "sdf9_diff", "sdf9_diff", "tokens"]
+        None, None, "sdf9_diff", "sdf9_diff", "tokens", "tokens"]
     assert [cmd[cmd.index("--static-top-k") + 1] if "--static-top-k" in cmd else None for cmd in sent] == [
-        None, None, None, None, "3"]
+        None, None, None, None, "3", "3"]
     assert [cmd[cmd.index("--formation-reward") + 1] if "--formation-reward" in cmd else None for cmd in sent] == [
-        None, None, None, "release", "release"]
+        None, None, None, "release", "release", "release_slot"]
     assert [cmd[cmd.index("--exp-name") + 1] for cmd in sent] == ["bench_ours_walls2", "bench_ours_walls2_relpos",
                                                                   "bench_ours_relpos_sdf9_diff",
                                                                   "bench_ours_relpos_sdf9_diff_release_form",
-                                                                  "bench_ours_relpos_tokens_top3_release_form"]
+                                                                  "bench_ours_relpos_tokens_top3_release_form",
+                                                                  "bench_ours_relpos_tokens_top3_release_slot_form"]
 
 
 def test_weight_sync_benchmark_runs_every_variant(tmp_path):

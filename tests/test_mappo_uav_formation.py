@@ -101,11 +101,12 @@ def test_pipeline_at_toy_scale_and_resume(tmp_path):
 
 def test_column_observation_modes_train_and_evaluate(tmp_path):
     """--static-mode sdf9_diff (the 9 distances re-encoded) and tokens run the whole curriculum and the eval (tokens
-    with the released formation reward, --formation-reward release, and the 3 nearest columns, --static-top-k 3); a
+    with the released formation reward plus the slot term, --formation-reward release_slot, and the 3 nearest
+    columns, --static-top-k 3); a
     bad mode, reward or top-k is refused with the choices."""
     base = [sys.executable, str(ROOT / "algos" / "mappo_uav_formation.py"), "--run-dir", str(tmp_path), *TOY,
             "--weights", "paper", "--plot-episodes", "0"]
-    for mode, reward, top_k in (("sdf9_diff", "simple", 0), ("tokens", "release", 3)):
+    for mode, reward, top_k in (("sdf9_diff", "simple", 0), ("tokens", "release_slot", 3)):
         out = subprocess.run(base + ["--static-mode", mode, "--formation-reward", reward, "--static-top-k", str(top_k),
                                      "--exp-name", mode], cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stderr[-3000:]

@@ -161,6 +161,15 @@ def test_truncation_metrics_and_reward_shape():
     assert obs["self"].shape[:2] == (6, 3) and obs["others"].shape == (6, 3, 2, 7) and obs["state"].shape[0] == 6
 
 
+def formation_rewards(mode: str, shapes: torch.Tensor) -> tuple[FormationEnv, torch.Tensor]:
+    """Four `dynamic` envs (no ball thrown yet) with their drones placed at `shapes` [4, 3, 3] about each formation's
+    centroid: the env and the formation reward [4, 3]."""
+    env = FormationEnv(FormationConfig.preset("dynamic", num_envs=4, formation_reward=mode, dynamics="pointmass"))
+    env.reset()
+    env.p = env.p.mean(1, keepdim=True) + shapes
+    return env, env._reward_and_flags(torch.zeros(4, 3, 4))[0][..., 0]
+
+
 def test_release_formation_reward_charges_shrunken_and_squeezed_formations():
     """--formation-reward release (the released code's rescaled terms) against the default: the exact formation
     (rotated too) scores its known maximum, while a triangle at 0.6 of its size or squeezed along y loses at least
@@ -171,10 +180,7 @@ def test_release_formation_reward_charges_shrunken_and_squeezed_formations():
     shapes = torch.stack([off, off @ turn.T, off * 0.6, off * torch.tensor([1.0, 0.65, 1.0])])
     form = {}
     for mode in ("simple", "release"):
-        env = FormationEnv(FormationConfig.preset("dynamic", num_envs=4, formation_reward=mode, dynamics="pointmass"))
-        env.reset()
-        env.p = env.p.mean(1, keepdim=True) + shapes
-        form[mode] = env._reward_and_flags(torch.zeros(4, 3, 4))[0][..., 0]
+        env, form[mode] = formation_rewards(mode, shapes)
         assert torch.allclose(form[mode], form[mode][:, :1].expand(4, 3))  # every drone gets the same
     shape_term = (1 / (1 + (0.04 * 10 / 3) ** 2) - 0.12) / 2  # at cost 0
     assert torch.allclose(form["release"][:2, 0], torch.tensor(5 * (2 + shape_term)), atol=1e-4)
@@ -193,6 +199,34 @@ def test_release_formation_reward_charges_shrunken_and_squeezed_formations():
                           torch.tensor(0.2 * 5 * (2 + shape_term)), atol=1e-4)
     with pytest.raises(ValueError, match="formation_reward"):
         FormationEnv(FormationConfig.preset("free", num_envs=2, formation_reward="laplacian"))
+
+
+def test_slot_formation_reward_charges_a_turned_formation_per_drone():
+    """--formation-reward release_slot: the release's terms plus, per drone, 5 c / (1 + (e_i / 0.2 m)^2) for its
+    distance e_i from its own slot about the centroid. The release pays a turned formation as much as the exact one;
+    the slot term charges it, and charges only the drone that left its slot; 0.2 of it while a ball flies."""
+    off = formation_offsets(3, 1.0)
+    turn = torch.tensor([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    moved = off.clone()
+    moved[0, 0] += 0.3  # one drone 0.3 m off along x: 0.2 m from its slot about the new centroid, the others 0.1 m
+    shapes = torch.stack([off, off @ turn.T, moved, off])
+    form = {}
+    for mode in ("release", "release_slot"):
+        env, form[mode] = formation_rewards(mode, shapes)
+    assert torch.allclose(form["release"][1], form["release"][0], atol=1e-4)  # blind to the turn
+    slot = form["release_slot"] - form["release"]
+    assert torch.allclose(slot[0], torch.tensor(5.0), atol=1e-4)  # every drone in its slot
+    err = (shapes - shapes.mean(1, keepdim=True) - (off - off.mean(0))).norm(dim=-1)
+    assert torch.allclose(slot, 5 / (1 + (err / 0.2) ** 2), atol=1e-4)
+    assert (slot[1] < 0.2).all()  # a quarter turn: each drone ~1.4 m from its slot
+    assert abs(float(slot[2, 0]) - 2.5) < 1e-3  # the moved drone loses half its term ...
+    assert torch.allclose(slot[2, 1:], torch.tensor(4.0))  # ... the others, 0.1 m off, a fifth
+    env.ball_active[:, 0] = True  # a ball in the air: 0.2 of every formation term, the slot term's too
+    env.ball_p[:, 0] = torch.tensor([0.0, 20.0, 5.0])
+    env.p = env.p.mean(1, keepdim=True) + off
+    in_air = env._reward_and_flags(torch.zeros(4, 3, 4))[0][..., 0]
+    shape_term = (1 / (1 + (0.04 * 10 / 3) ** 2) - 0.12) / 2
+    assert torch.allclose(in_air, torch.tensor(0.2 * 5 * (2 + shape_term + 1)), atol=1e-4)
 
 
 def test_an_episode_that_goes_round_the_column_field_is_marked():
