@@ -112,6 +112,9 @@ class Args:
     Laplacian term, and the size terms again at 0.2 once every ball has flown) or release_slot (the release plus
     each drone's 5/(1 + (distance from its slot / 0.2 m)^2), 0.2 of it while a ball flies: a departure, as every
     release term is blind to a turn of the formation, which the formation error counts)"""
+    full_height_reward: bool = False
+    """keep the forward reward's height term (5 clip(1 - |z - 1.5|, 0)) at full weight while a ball flies (released:
+    0.2 of it, like every shaping term), so a dodge is not free to drop towards the floor: a departure"""
     relative_self_pos: bool = False
     """self token: x, y relative to the formation centroid instead of absolute (released: absolute, which grows
     along the 40 m corridor); with --corridor-walls only y (the policy sees the walls by its absolute x)"""
@@ -301,6 +304,7 @@ def make_env(args: Args, preset: str, num_envs: int, seed: int, device) -> Forma
                                                static_top_k=args.static_top_k,
                                                relative_self_pos=args.relative_self_pos,
                                                formation_reward=args.formation_reward,
+                                               full_height_reward=args.full_height_reward,
                                                corridor_walls=args.corridor_walls,
                                                max_steps=args.max_steps, seed=seed, device=str(device), **extra))
 

@@ -51,6 +51,10 @@ CODE_FILES = ("algos/mappo_uav_formation.py", "common/uav_formation_env.py")  # 
 # (agent.pt and summary.json of the same toy run of each variant under both) when the code changed.
 ALL_VARIANTS = tuple(VARIANTS)
 SAME_TRAINING: dict[str, dict[str, tuple[str, ...]]] = {
+    # 2026-12-04: --full-height-reward added (an option, off by default): toy runs (seed 5, 16 envs; the ten variants
+    # of the last link and tokens top-3 with --relative-self-pos and release_slot) give the same agent.pt and
+    # summary.json (but for the new argument)
+    "11a86324a4205fa3": {"24effe8ff7ece593": ALL_VARIANTS},
     # 2026-12-04: --formation-reward release_slot added (an option, off by default): toy runs (seed 5, 16 envs; the
     # nine variants of the last link, and tokens top-3 with --relative-self-pos and the release reward) give the same
     # agent.pt and summary.json (but for the run directory)
@@ -108,6 +112,9 @@ class Args:
     """the learned variants' formation reward: simple (size + 1/(1 + normalised Laplacian cost)), release (the
     released code's rescaled terms, with the un-normalised Laplacian cost) or release_slot (the release plus a
     per-drone term for the distance from its slot: a departure)"""
+    full_height_reward: bool = False
+    """the learned variants keep the forward reward's height term at full weight while a ball flies (released: 0.2
+    of it): a departure"""
     device: str = "cpu"
     """cpu or cuda: where the runs train"""
     workers: int = 1
@@ -133,7 +140,8 @@ def run_name(variant: str) -> str:
 # suffix, formatted with the value). A set one is a setting of its own (record, run directory, the script's flag); one
 # at its default adds nothing, so the records of runs from before it existed keep their names.
 LEARNED_OPTIONS = (("relative_self_pos", False, "_relpos"), ("static_mode", "sdf9", "_{}"),
-                   ("static_top_k", 0, "_top{}"), ("formation_reward", "simple", "_{}_form"))
+                   ("static_top_k", 0, "_top{}"), ("formation_reward", "simple", "_{}_form"),
+                   ("full_height_reward", False, "_fullheight"))
 
 
 def set_options(args: Args) -> dict:
@@ -407,6 +415,9 @@ def main(args: Args) -> None:
                     "^2), c = 0.2 while a ball flies, else 1: every release term is blind to a turn of the formation, "
                     "which the formation error counts; --formation-reward release_slot" if args.formation_reward ==
                     "release_slot" else "") + ")" if args.formation_reward != "simple" else "")
+             + (". The learned variants keep the forward reward's height term, 5 clip(1 - |z - 1.5 m|, 0), at full "
+                "weight while a ball flies (released: 0.2 of it; a departure, --full-height-reward)"
+                if args.full_height_reward else "")
              + ".\n\n"
              + "Where each run trained (`train_min` is its wall time there): "
              + "; ".join(f"{v} seed {s}: {r['date']}, {r['machine']['cpu']}, {r['threads']} thread(s), {r['workers']} "

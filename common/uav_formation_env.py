@@ -83,6 +83,9 @@ class FormationConfig:
     # code's rescaled terms (size + 1/(1 + un-normalised Laplacian cost), a sharp normalised-Laplacian term, and the
     # size terms again at 0.2 once every ball has flown); see `_reward_and_flags` | release_slot: the release plus a
     # per-drone slot term (a departure: every release term is blind to a turn of the formation; see SLOT_SCALE)
+    full_height_reward: bool = False  # the forward reward's height term at full weight while a ball flies (the
+    # release discounts it by c = 0.2 like every shaping term, so a dodge that drops towards the 0.2 m floor costs
+    # little until it crashes; a departure)
     relative_self_pos: bool = False  # self token: x, y relative to the formation centroid (z stays absolute; with
     # corridor_walls only y: the walls stand at a fixed x, and the policy sees them by its absolute x)
     state_max_balls: int = 2  # the global state keeps this many ball slots and ...
@@ -412,6 +415,9 @@ class FormationEnv:
         r_fwd = c * (5 * (1 - (p[..., 2] - cfg.target_height).abs()).clamp(min=0)
                      + 10 * (max(float(tv.norm()), 1.0) - (v - tv).norm(dim=-1)).clamp(min=0)
                      + (1 - (heading - torch.tensor([1.0, 0, 0], device=p.device)).norm(dim=-1)).clamp(min=0))
+        if cfg.full_height_reward:  # add back the share of the height term that c took off (the default path is
+            # left as it was, so runs without the option train bit for bit as before)
+            r_fwd = r_fwd + (1 - c) * 5 * (1 - (p[..., 2] - cfg.target_height).abs()).clamp(min=0)
         final = torch.tensor([0.0, self.final_y, cfg.target_height], device=p.device)
         trunc = (self.t >= cfg.max_steps)[:, None] & ~bad[:, None]
         r_fwd = r_fwd + trunc * 50 / (1 + (p - final).norm(dim=-1))

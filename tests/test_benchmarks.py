@@ -185,6 +185,11 @@ def test_uav_runs_with_side_walls_are_other_runs_and_those_without_keep_their_re
     assert bench.exp_name(slot, "ours") == "bench_ours_relpos_tokens_top3_release_slot_form"
     assert bench.record_path(slot, "ours", 1).name != bench.record_path(top3, "ours", 1).name
     assert bench.record_path(top3, "ours", 1).name == "bench_ours__1__63f5b239.json"  # the committed top-3 record
+    # and the height term kept in full while a ball flies (--full-height-reward), a bare flag
+    height = dataclasses.replace(slot, full_height_reward=True)
+    assert bench.run_settings(height) == {**bench.run_settings(slot), "full_height_reward": True}
+    assert bench.exp_name(height, "ours") == "bench_ours_relpos_tokens_top3_release_slot_form_fullheight"
+    assert bench.record_path(height, "ours", 1).name != bench.record_path(slot, "ours", 1).name
     # and the flags reach the script
     sent, real_run = [], subprocess.run
 
@@ -197,22 +202,25 @@ def test_uav_runs_with_side_walls_are_other_runs_and_those_without_keep_their_re
         return subprocess.CompletedProcess(cmd, 0)
 
     monkeypatch.setattr(bench.subprocess, "run", fake_training)
-    for args in (walled, relative, diff, release, top3, slot):
+    for args in (walled, relative, diff, release, top3, slot, height):
         bench.train_one(dataclasses.replace(args, seeds=[1], run_dir=str(tmp_path / "runs"),
                                             out_dir=str(tmp_path / "out"), records=False), "ours", 1)
-    assert [cmd[cmd.index("--corridor-walls") + 1] for cmd in sent] == ["2.0", "2.0", "0.0", "0.0", "0.0", "0.0"]
-    assert ["--relative-self-pos" in cmd for cmd in sent] == [False, True, True, True, True, True]
+    assert [cmd[cmd.index("--corridor-walls") + 1] for cmd in sent] == ["2.0", "2.0"] + ["0.0"] * 5
+    assert ["--relative-self-pos" in cmd for cmd in sent] == [False] + [True] * 6
+    assert ["--full-height-reward" in cmd for cmd in sent] == [False] * 6 + [True]
     assert [cmd[cmd.index("--static-mode") + 1] if "--static-mode" in cmd else None for cmd in sent] == [
-        None, None, "sdf9_diff", "sdf9_diff", "tokens", "tokens"]
+        None, None, "sdf9_diff", "sdf9_diff", "tokens", "tokens", "tokens"]
     assert [cmd[cmd.index("--static-top-k") + 1] if "--static-top-k" in cmd else None for cmd in sent] == [
-        None, None, None, None, "3", "3"]
+        None, None, None, None, "3", "3", "3"]
     assert [cmd[cmd.index("--formation-reward") + 1] if "--formation-reward" in cmd else None for cmd in sent] == [
-        None, None, None, "release", "release", "release_slot"]
+        None, None, None, "release", "release", "release_slot", "release_slot"]
     assert [cmd[cmd.index("--exp-name") + 1] for cmd in sent] == ["bench_ours_walls2", "bench_ours_walls2_relpos",
                                                                   "bench_ours_relpos_sdf9_diff",
                                                                   "bench_ours_relpos_sdf9_diff_release_form",
                                                                   "bench_ours_relpos_tokens_top3_release_form",
-                                                                  "bench_ours_relpos_tokens_top3_release_slot_form"]
+                                                                  "bench_ours_relpos_tokens_top3_release_slot_form",
+                                                                  "bench_ours_relpos_tokens_top3_release_slot_form"
+                                                                  "_fullheight"]
 
 
 def test_weight_sync_benchmark_runs_every_variant(tmp_path):

@@ -229,6 +229,28 @@ def test_slot_formation_reward_charges_a_turned_formation_per_drone():
     assert torch.allclose(in_air, torch.tensor(0.2 * 5 * (2 + shape_term + 1)), atol=1e-4)
 
 
+def test_full_height_reward_keeps_the_height_term_while_a_ball_flies():
+    """--full-height-reward: the forward reward's height term 5 clip(1 - |z - 1.5|, 0) counts in full while a ball
+    is in the air (released: 0.2 of it, like the rest of the forward reward); without a ball both are the same, and
+    every other objective is untouched."""
+    heights = torch.tensor([1.5, 1.2, 0.8, 0.3])  # per env; the height term 5 / 3.5 / 1.5 / 0
+    rewards = {}
+    for full in (False, True):
+        env = FormationEnv(FormationConfig.preset("dynamic", num_envs=4, dynamics="pointmass",
+                                                  full_height_reward=full))
+        env.reset()
+        env.p[..., 2] = heights[:, None]
+        rewards[full, "no ball"] = env._reward_and_flags(torch.zeros(4, 3, 4))[0]
+        env.ball_active[:, 0] = True  # far away: only its 0.2 discount matters here
+        env.ball_p[:, 0] = torch.tensor([0.0, 20.0, 5.0])
+        rewards[full, "ball"] = env._reward_and_flags(torch.zeros(4, 3, 4))[0]
+    assert torch.equal(rewards[True, "no ball"], rewards[False, "no ball"])
+    gained = rewards[True, "ball"] - rewards[False, "ball"]
+    height_term = 5 * (1 - (heights - 1.5).abs()).clamp(min=0)
+    assert torch.allclose(gained[..., 2], 0.8 * height_term[:, None].expand(4, 3), atol=1e-4)
+    assert torch.equal(gained[..., [0, 1, 3]], torch.zeros(4, 3, 3))
+
+
 def test_an_episode_that_goes_round_the_column_field_is_marked():
     env = FormationEnv(FormationConfig.preset("free", num_envs=2, dynamics="pointmass", max_steps=60))
     env.reset()
