@@ -51,6 +51,10 @@ CODE_FILES = ("algos/mappo_uav_formation.py", "common/uav_formation_env.py")  # 
 # (agent.pt and summary.json of the same toy run of each variant under both) when the code changed.
 ALL_VARIANTS = tuple(VARIANTS)
 SAME_TRAINING: dict[str, dict[str, tuple[str, ...]]] = {
+    # 2026-12-04: the forward reward's height term computed once (it was written out twice with --full-height-reward):
+    # toy runs (seed 5, 16 envs; the eleven variants of the last link and the same top-3 slot run with
+    # --full-height-reward) give the same agent.pt and summary.json (but for the run directory)
+    "93408ff5a050f032": {"11a86324a4205fa3": ALL_VARIANTS},
     # 2026-12-04: --full-height-reward added (an option, off by default): toy runs (seed 5, 16 envs; the ten variants
     # of the last link and tokens top-3 with --relative-self-pos and release_slot) give the same agent.pt and
     # summary.json (but for the new argument)

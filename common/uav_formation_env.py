@@ -412,12 +412,13 @@ class FormationEnv:
         # forward
         heading = self.R[..., 0]
         tv = self.target_vel
-        r_fwd = c * (5 * (1 - (p[..., 2] - cfg.target_height).abs()).clamp(min=0)
+        height = (1 - (p[..., 2] - cfg.target_height).abs()).clamp(min=0)
+        r_fwd = c * (5 * height
                      + 10 * (max(float(tv.norm()), 1.0) - (v - tv).norm(dim=-1)).clamp(min=0)
                      + (1 - (heading - torch.tensor([1.0, 0, 0], device=p.device)).norm(dim=-1)).clamp(min=0))
         if cfg.full_height_reward:  # add back the share of the height term that c took off (the default path is
             # left as it was, so runs without the option train bit for bit as before)
-            r_fwd = r_fwd + (1 - c) * 5 * (1 - (p[..., 2] - cfg.target_height).abs()).clamp(min=0)
+            r_fwd = r_fwd + (1 - c) * 5 * height
         final = torch.tensor([0.0, self.final_y, cfg.target_height], device=p.device)
         trunc = (self.t >= cfg.max_steps)[:, None] & ~bad[:, None]
         r_fwd = r_fwd + trunc * 50 / (1 + (p - final).norm(dim=-1))
