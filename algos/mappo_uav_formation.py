@@ -115,6 +115,10 @@ class Args:
     full_height_reward: bool = False
     """keep the forward reward's height term (5 clip(1 - |z - 1.5|, 0)) at full weight while a ball flies (released:
     0.2 of it, like every shaping term), so a dodge is not free to drop towards the floor: a departure"""
+    full_slot_reward: bool = False
+    """with release_slot: its slot term at full weight while a ball flies (else 0.2 of it), so a dodge costs what
+    each drone leaves its slot about the centroid, and a rigid shift of the whole formation costs nothing: a
+    departure"""
     relative_self_pos: bool = False
     """self token: x, y relative to the formation centroid instead of absolute (released: absolute, which grows
     along the 40 m corridor); with --corridor-walls only y (the policy sees the walls by its absolute x)"""
@@ -305,6 +309,7 @@ def make_env(args: Args, preset: str, num_envs: int, seed: int, device) -> Forma
                                                relative_self_pos=args.relative_self_pos,
                                                formation_reward=args.formation_reward,
                                                full_height_reward=args.full_height_reward,
+                                               full_slot_reward=args.full_slot_reward,
                                                corridor_walls=args.corridor_walls,
                                                max_steps=args.max_steps, seed=seed, device=str(device), **extra))
 

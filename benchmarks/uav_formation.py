@@ -51,6 +51,9 @@ CODE_FILES = ("algos/mappo_uav_formation.py", "common/uav_formation_env.py")  # 
 # (agent.pt and summary.json of the same toy run of each variant under both) when the code changed.
 ALL_VARIANTS = tuple(VARIANTS)
 SAME_TRAINING: dict[str, dict[str, tuple[str, ...]]] = {
+    # 2026-12-04: --full-slot-reward added (an option, off by default): toy runs (seed 5, 16 envs; the twelve variants
+    # of the last link) give the same agent.pt and summary.json (but for the new argument)
+    "b3805de146364bd0": {"93408ff5a050f032": ALL_VARIANTS},
     # 2026-12-04: the forward reward's height term computed once (it was written out twice with --full-height-reward):
     # toy runs (seed 5, 16 envs; the eleven variants of the last link and the same top-3 slot run with
     # --full-height-reward) give the same agent.pt and summary.json (but for the run directory)
@@ -119,6 +122,9 @@ class Args:
     full_height_reward: bool = False
     """the learned variants keep the forward reward's height term at full weight while a ball flies (released: 0.2
     of it): a departure"""
+    full_slot_reward: bool = False
+    """with release_slot: the learned variants keep the slot term at full weight while a ball flies (else 0.2 of it):
+    a departure"""
     device: str = "cpu"
     """cpu or cuda: where the runs train"""
     workers: int = 1
@@ -145,7 +151,7 @@ def run_name(variant: str) -> str:
 # at its default adds nothing, so the records of runs from before it existed keep their names.
 LEARNED_OPTIONS = (("relative_self_pos", False, "_relpos"), ("static_mode", "sdf9", "_{}"),
                    ("static_top_k", 0, "_top{}"), ("formation_reward", "simple", "_{}_form"),
-                   ("full_height_reward", False, "_fullheight"))
+                   ("full_height_reward", False, "_fullheight"), ("full_slot_reward", False, "_fullslot"))
 
 
 def set_options(args: Args) -> dict:
@@ -422,6 +428,9 @@ def main(args: Args) -> None:
              + (". The learned variants keep the forward reward's height term, 5 clip(1 - |z - 1.5 m|, 0), at full "
                 "weight while a ball flies (released: 0.2 of it; a departure, --full-height-reward)"
                 if args.full_height_reward else "")
+             + (". The learned variants keep the slot term at full weight while a ball flies (c = 1 for it; a "
+                "departure, --full-slot-reward): a rigid shift of the formation is a free dodge, a drone leaving its "
+                "slot is not" if args.full_slot_reward else "")
              + ".\n\n"
              + "Where each run trained (`train_min` is its wall time there): "
              + "; ".join(f"{v} seed {s}: {r['date']}, {r['machine']['cpu']}, {r['threads']} thread(s), {r['workers']} "

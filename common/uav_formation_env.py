@@ -86,6 +86,9 @@ class FormationConfig:
     full_height_reward: bool = False  # the forward reward's height term at full weight while a ball flies (the
     # release discounts it by c = 0.2 like every shaping term, so a dodge that drops towards the 0.2 m floor costs
     # little until it crashes; a departure)
+    full_slot_reward: bool = False  # release_slot only: the slot term at full weight while a ball flies (c = 0.2
+    # otherwise), so a dodge pays for every drone that leaves its slot about the centroid, and a rigid shift of the
+    # whole formation costs nothing; a departure
     relative_self_pos: bool = False  # self token: x, y relative to the formation centroid (z stays absolute; with
     # corridor_walls only y: the walls stand at a fixed x, and the policy sees them by its absolute x)
     state_max_balls: int = 2  # the global state keeps this many ball slots and ...
@@ -180,6 +183,9 @@ class FormationEnv:
                              f"{cfg.dynamics!r}, {cfg.static_mode!r}")
         if cfg.formation_reward not in FORMATION_REWARDS:
             raise ValueError(f"formation_reward must be one of {FORMATION_REWARDS}, got {cfg.formation_reward!r}")
+        if cfg.full_slot_reward and cfg.formation_reward != "release_slot":
+            raise ValueError(f"full_slot_reward weights release_slot's slot term; formation_reward is "
+                             f"{cfg.formation_reward!r}")
         if cfg.static_top_k < 0 or (cfg.static_top_k and cfg.static_mode != "tokens"):
             raise ValueError(f"static_top_k is a number of column tokens (0: all) for static_mode tokens, got "
                              f"{cfg.static_top_k} with static_mode {cfg.static_mode!r}")
@@ -398,6 +404,8 @@ class FormationEnv:
                 # the formation error itself, so a turned formation is charged (the Laplacian terms cannot see it)
                 slot_err = ((p - p.mean(1, keepdim=True)) - (self.offsets - self.offsets.mean(0))).norm(dim=-1)
                 r_form = r_form + 5 * c / (1 + (slot_err / SLOT_SCALE) ** 2)
+                if cfg.full_slot_reward:  # the share c took off, added back (so the default path stays as it was)
+                    r_form = r_form + 5 * (1 - c) / (1 + (slot_err / SLOT_SCALE) ** 2)
         r_form = r_form - (min_pair < 0.4).float() - 10 * (min_pair < 0.15).float()
         flags["cost_l"] = cost_l
         # obstacles

@@ -190,6 +190,11 @@ def test_uav_runs_with_side_walls_are_other_runs_and_those_without_keep_their_re
     assert bench.run_settings(height) == {**bench.run_settings(slot), "full_height_reward": True}
     assert bench.exp_name(height, "ours") == "bench_ours_relpos_tokens_top3_release_slot_form_fullheight"
     assert bench.record_path(height, "ours", 1).name != bench.record_path(slot, "ours", 1).name
+    # and the slot term kept in full while a ball flies (--full-slot-reward), a bare flag
+    rigid = dataclasses.replace(height, full_slot_reward=True)
+    assert bench.run_settings(rigid) == {**bench.run_settings(height), "full_slot_reward": True}
+    assert bench.exp_name(rigid, "ours") == "bench_ours_relpos_tokens_top3_release_slot_form_fullheight_fullslot"
+    assert bench.record_path(rigid, "ours", 1).name != bench.record_path(height, "ours", 1).name
     # and the flags reach the script
     sent, real_run = [], subprocess.run
 
@@ -202,25 +207,28 @@ def test_uav_runs_with_side_walls_are_other_runs_and_those_without_keep_their_re
         return subprocess.CompletedProcess(cmd, 0)
 
     monkeypatch.setattr(bench.subprocess, "run", fake_training)
-    for args in (walled, relative, diff, release, top3, slot, height):
+    for args in (walled, relative, diff, release, top3, slot, height, rigid):
         bench.train_one(dataclasses.replace(args, seeds=[1], run_dir=str(tmp_path / "runs"),
                                             out_dir=str(tmp_path / "out"), records=False), "ours", 1)
-    assert [cmd[cmd.index("--corridor-walls") + 1] for cmd in sent] == ["2.0", "2.0"] + ["0.0"] * 5
-    assert ["--relative-self-pos" in cmd for cmd in sent] == [False] + [True] * 6
-    assert ["--full-height-reward" in cmd for cmd in sent] == [False] * 6 + [True]
+    assert [cmd[cmd.index("--corridor-walls") + 1] for cmd in sent] == ["2.0", "2.0"] + ["0.0"] * 6
+    assert ["--relative-self-pos" in cmd for cmd in sent] == [False] + [True] * 7
+    assert ["--full-height-reward" in cmd for cmd in sent] == [False] * 6 + [True] * 2
+    assert ["--full-slot-reward" in cmd for cmd in sent] == [False] * 7 + [True]
     assert [cmd[cmd.index("--static-mode") + 1] if "--static-mode" in cmd else None for cmd in sent] == [
-        None, None, "sdf9_diff", "sdf9_diff", "tokens", "tokens", "tokens"]
+        None, None, "sdf9_diff", "sdf9_diff", "tokens", "tokens", "tokens", "tokens"]
     assert [cmd[cmd.index("--static-top-k") + 1] if "--static-top-k" in cmd else None for cmd in sent] == [
-        None, None, None, None, "3", "3", "3"]
+        None, None, None, None, "3", "3", "3", "3"]
     assert [cmd[cmd.index("--formation-reward") + 1] if "--formation-reward" in cmd else None for cmd in sent] == [
-        None, None, None, "release", "release", "release_slot", "release_slot"]
+        None, None, None, "release", "release", "release_slot", "release_slot", "release_slot"]
     assert [cmd[cmd.index("--exp-name") + 1] for cmd in sent] == ["bench_ours_walls2", "bench_ours_walls2_relpos",
                                                                   "bench_ours_relpos_sdf9_diff",
                                                                   "bench_ours_relpos_sdf9_diff_release_form",
                                                                   "bench_ours_relpos_tokens_top3_release_form",
                                                                   "bench_ours_relpos_tokens_top3_release_slot_form",
                                                                   "bench_ours_relpos_tokens_top3_release_slot_form"
-                                                                  "_fullheight"]
+                                                                  "_fullheight",
+                                                                  "bench_ours_relpos_tokens_top3_release_slot_form"
+                                                                  "_fullheight_fullslot"]
 
 
 def test_weight_sync_benchmark_runs_every_variant(tmp_path):

@@ -251,6 +251,37 @@ def test_full_height_reward_keeps_the_height_term_while_a_ball_flies():
     assert torch.equal(gained[..., [0, 1, 3]], torch.zeros(4, 3, 3))
 
 
+def test_full_slot_reward_keeps_the_slot_term_while_a_ball_flies():
+    """--full-slot-reward (with release_slot): the slot term 5 / (1 + (e_i / 0.2 m)^2) counts in full while a ball is
+    in the air (else 0.2 of it, like every formation term): a drone out of its slot loses the whole term, the whole
+    formation shifted together loses nothing; without a ball both are the same; the other objectives are untouched;
+    any other formation reward refuses it."""
+    off = formation_offsets(3, 1.0)
+    moved = off.clone()
+    moved[0, 0] += 0.3  # one drone out of its slot (0.2 m about the new centroid, the others 0.1 m)
+    shapes = torch.stack([off, off + torch.tensor([0.5, 0.0, -0.2]), moved, off])
+    rewards = {}
+    for full in (False, True):
+        env = FormationEnv(FormationConfig.preset("dynamic", num_envs=4, dynamics="pointmass",
+                                                  formation_reward="release_slot", full_slot_reward=full))
+        env.reset()
+        env.p = env.p.mean(1, keepdim=True) + shapes
+        rewards[full, "no ball"] = env._reward_and_flags(torch.zeros(4, 3, 4))[0]
+        env.ball_active[:, 0] = True  # far away: only its 0.2 discount matters here
+        env.ball_p[:, 0] = torch.tensor([0.0, 20.0, 5.0])
+        rewards[full, "ball"] = env._reward_and_flags(torch.zeros(4, 3, 4))[0]
+    assert torch.equal(rewards[True, "no ball"], rewards[False, "no ball"])
+    gained = rewards[True, "ball"] - rewards[False, "ball"]
+    err = (shapes - shapes.mean(1, keepdim=True) - (off - off.mean(0))).norm(dim=-1)
+    slot_term = 5 / (1 + (err / 0.2) ** 2)
+    assert torch.allclose(gained[..., 0], 0.8 * slot_term, atol=1e-4)
+    assert torch.allclose(gained[1, :, 0], gained[0, :, 0], atol=1e-4)  # a rigid shift: the full 0.8 x 5 kept
+    assert abs(float(gained[2, 0, 0]) - 0.8 * 2.5) < 1e-3  # the drone off its slot: half of it
+    assert torch.equal(gained[..., 1:], torch.zeros(4, 3, 3))
+    with pytest.raises(ValueError, match="full_slot_reward"):
+        FormationEnv(FormationConfig.preset("dynamic", num_envs=2, formation_reward="release", full_slot_reward=True))
+
+
 def test_an_episode_that_goes_round_the_column_field_is_marked():
     env = FormationEnv(FormationConfig.preset("free", num_envs=2, dynamics="pointmass", max_steps=60))
     env.reset()
