@@ -16,7 +16,11 @@ arrival, success per preset (static, dynamic, mixed), with top-view trajectory p
 
     python algos/mappo_uav_formation.py                       # stage 1 + stage 2 at CPU scale, then the eval
     python algos/mappo_uav_formation.py --weights paper --frames 0.2,2,2
-    python algos/mappo_uav_formation.py --resume runs/<run>   # after an interruption
+    python algos/mappo_uav_formation.py --weights paper --resume   # after an interruption: the same flags + --resume
+
+Each curriculum period also leaves `checkpoint_after_period<k>_<preset>.pt` in the run directory. A variant of the
+later periods (another reward while the balls fly, say) can branch from one: copy it to `checkpoint.pt` in a new run
+directory (another --exp-name) and start that run with its own flags and --resume.
 """
 
 from __future__ import annotations
@@ -657,6 +661,7 @@ def main(args: Args) -> None:
               f"{stats['collision_free']:.2f}, formation error {stats['formation_error']:.3f} m", flush=True)
         state.update(period=state["period"] + 1, period_iterations=0)
         save()
+        atomic_write(run_dir / f"checkpoint_after_period{state['period'] - 1}_{preset}.pt", ckpt.read_bytes())
     state["stage"] = "done"
     save()
 

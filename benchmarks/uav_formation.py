@@ -51,6 +51,10 @@ CODE_FILES = ("algos/mappo_uav_formation.py", "common/uav_formation_env.py")  # 
 # (agent.pt and summary.json of the same toy run of each variant under both) when the code changed.
 ALL_VARIANTS = tuple(VARIANTS)
 SAME_TRAINING: dict[str, dict[str, tuple[str, ...]]] = {
+    # 2026-12-04: each curriculum period's checkpoint also kept (checkpoint_after_period<k>_<preset>.pt): toy runs (seed
+    # 5, 16 envs; the twelve variants of the last link, and top-3 slot with both full-weight options) give the same
+    # agent.pt and summary.json
+    "f1378ef5a21a2e26": {"b3805de146364bd0": ALL_VARIANTS},
     # 2026-12-04: --full-slot-reward added (an option, off by default): toy runs (seed 5, 16 envs; the twelve variants
     # of the last link) give the same agent.pt and summary.json (but for the new argument)
     "b3805de146364bd0": {"93408ff5a050f032": ALL_VARIANTS},

@@ -91,6 +91,11 @@ def test_pipeline_at_toy_scale_and_resume(tmp_path):
     for preset, res in summary["eval"].items():
         assert 0 <= res["collision_free"] <= 1 and res["formation_error"] >= 0
         assert (run_dir / f"eval_{preset}.png").stat().st_size > 1000
+    # each curriculum period leaves its own checkpoint to branch from (the copy of checkpoint.pt at its end)
+    for k, preset in enumerate(("free", "static", "mixed")):
+        saved = torch.load(run_dir / f"checkpoint_after_period{k}_{preset}.pt", weights_only=False)
+        assert saved["state"]["stage"] == "curriculum" and saved["state"]["period"] == k + 1
+        assert saved["state"]["period_iterations"] == 0
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode != 0 and "--resume" in again.stderr
     resumed = subprocess.run(cmd + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=600)
