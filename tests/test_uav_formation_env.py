@@ -229,23 +229,33 @@ def test_slot_formation_reward_charges_a_turned_formation_per_drone():
     assert torch.allclose(in_air, torch.tensor(0.2 * 5 * (2 + shape_term + 1)), atol=1e-4)
 
 
+def gain_of_option(option: str, place, **config) -> tuple[torch.Tensor, torch.Tensor]:
+    """Four `dynamic` envs, their drones placed by `place(env)`: what turning `option` on adds to the rewards [4, 3,
+    4], without a ball in the air and with one (far away: only its 0.2 discount matters)."""
+    rewards = {}
+    for on in (False, True):
+        env = FormationEnv(FormationConfig.preset("dynamic", num_envs=4, dynamics="pointmass", **config,
+                                                  **{option: on}))
+        env.reset()
+        place(env)
+        rewards[on, "no ball"] = env._reward_and_flags(torch.zeros(4, 3, 4))[0]
+        env.ball_active[:, 0] = True
+        env.ball_p[:, 0] = torch.tensor([0.0, 20.0, 5.0])
+        rewards[on, "ball"] = env._reward_and_flags(torch.zeros(4, 3, 4))[0]
+    return rewards[True, "no ball"] - rewards[False, "no ball"], rewards[True, "ball"] - rewards[False, "ball"]
+
+
 def test_full_height_reward_keeps_the_height_term_while_a_ball_flies():
     """--full-height-reward: the forward reward's height term 5 clip(1 - |z - 1.5|, 0) counts in full while a ball
     is in the air (released: 0.2 of it, like the rest of the forward reward); without a ball both are the same, and
     every other objective is untouched."""
     heights = torch.tensor([1.5, 1.2, 0.8, 0.3])  # per env; the height term 5 / 3.5 / 1.5 / 0
-    rewards = {}
-    for full in (False, True):
-        env = FormationEnv(FormationConfig.preset("dynamic", num_envs=4, dynamics="pointmass",
-                                                  full_height_reward=full))
-        env.reset()
+
+    def place(env):
         env.p[..., 2] = heights[:, None]
-        rewards[full, "no ball"] = env._reward_and_flags(torch.zeros(4, 3, 4))[0]
-        env.ball_active[:, 0] = True  # far away: only its 0.2 discount matters here
-        env.ball_p[:, 0] = torch.tensor([0.0, 20.0, 5.0])
-        rewards[full, "ball"] = env._reward_and_flags(torch.zeros(4, 3, 4))[0]
-    assert torch.equal(rewards[True, "no ball"], rewards[False, "no ball"])
-    gained = rewards[True, "ball"] - rewards[False, "ball"]
+
+    without_ball, gained = gain_of_option("full_height_reward", place)
+    assert torch.equal(without_ball, torch.zeros(4, 3, 4))
     height_term = 5 * (1 - (heights - 1.5).abs()).clamp(min=0)
     assert torch.allclose(gained[..., 2], 0.8 * height_term[:, None].expand(4, 3), atol=1e-4)
     assert torch.equal(gained[..., [0, 1, 3]], torch.zeros(4, 3, 3))
@@ -260,18 +270,12 @@ def test_full_slot_reward_keeps_the_slot_term_while_a_ball_flies():
     moved = off.clone()
     moved[0, 0] += 0.3  # one drone out of its slot (0.2 m about the new centroid, the others 0.1 m)
     shapes = torch.stack([off, off + torch.tensor([0.5, 0.0, -0.2]), moved, off])
-    rewards = {}
-    for full in (False, True):
-        env = FormationEnv(FormationConfig.preset("dynamic", num_envs=4, dynamics="pointmass",
-                                                  formation_reward="release_slot", full_slot_reward=full))
-        env.reset()
+
+    def place(env):
         env.p = env.p.mean(1, keepdim=True) + shapes
-        rewards[full, "no ball"] = env._reward_and_flags(torch.zeros(4, 3, 4))[0]
-        env.ball_active[:, 0] = True  # far away: only its 0.2 discount matters here
-        env.ball_p[:, 0] = torch.tensor([0.0, 20.0, 5.0])
-        rewards[full, "ball"] = env._reward_and_flags(torch.zeros(4, 3, 4))[0]
-    assert torch.equal(rewards[True, "no ball"], rewards[False, "no ball"])
-    gained = rewards[True, "ball"] - rewards[False, "ball"]
+
+    without_ball, gained = gain_of_option("full_slot_reward", place, formation_reward="release_slot")
+    assert torch.equal(without_ball, torch.zeros(4, 3, 4))
     err = (shapes - shapes.mean(1, keepdim=True) - (off - off.mean(0))).norm(dim=-1)
     slot_term = 5 / (1 + (err / 0.2) ** 2)
     assert torch.allclose(gained[..., 0], 0.8 * slot_term, atol=1e-4)
