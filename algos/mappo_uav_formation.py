@@ -603,11 +603,12 @@ def main(args: Args) -> None:
              "iterations": 0, "period_iterations": 0, "search_rows": [], "weights": list(fixed) if fixed else None}
     ckpt = run_dir / "checkpoint.pt"
 
-    def save():
+    def save(*copies: Path):
         buf = io.BytesIO()
         torch.save({"agent": agent.state_dict(), "optimizer": optimizer.state_dict(), "vnorm": vnorm.state_dict(),
                     "state": state, "torch_rng": torch.get_rng_state(), "args": asdict(args)}, buf)
-        atomic_write(ckpt, buf.getvalue())
+        for path in (ckpt, *copies):
+            atomic_write(path, buf.getvalue())
 
     if args.resume and ckpt.exists():
         saved = torch.load(io.BytesIO(ckpt.read_bytes()), weights_only=False)
@@ -660,8 +661,7 @@ def main(args: Args) -> None:
         print(f"stage 2 period {state['period']} ({preset}, {frames:g}M steps): rolling collision-free "
               f"{stats['collision_free']:.2f}, formation error {stats['formation_error']:.3f} m", flush=True)
         state.update(period=state["period"] + 1, period_iterations=0)
-        save()
-        atomic_write(run_dir / f"checkpoint_after_period{state['period'] - 1}_{preset}.pt", ckpt.read_bytes())
+        save(run_dir / f"checkpoint_after_period{state['period'] - 1}_{preset}.pt")
     state["stage"] = "done"
     save()
 

@@ -51,6 +51,10 @@ CODE_FILES = ("algos/mappo_uav_formation.py", "common/uav_formation_env.py")  # 
 # (agent.pt and summary.json of the same toy run of each variant under both) when the code changed.
 ALL_VARIANTS = tuple(VARIANTS)
 SAME_TRAINING: dict[str, dict[str, tuple[str, ...]]] = {
+    # 2026-12-05: the slot term's denominator computed once (--full-slot-reward wrote it out twice) and a period's
+    # checkpoint written from the bytes just saved: toy runs (seed 5, 16 envs; the thirteen variants of the last link)
+    # give the same agent.pt, summary.json and period checkpoints
+    "85c35d409d015afd": {"f1378ef5a21a2e26": ALL_VARIANTS},
     # 2026-12-04: each curriculum period's checkpoint also kept (checkpoint_after_period<k>_<preset>.pt): toy runs (seed
     # 5, 16 envs; the twelve variants of the last link, and top-3 slot with both full-weight options) give the same
     # agent.pt and summary.json

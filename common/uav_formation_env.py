@@ -403,9 +403,10 @@ class FormationEnv:
             if cfg.formation_reward == "release_slot":  # each drone's distance from its own slot about the centroid:
                 # the formation error itself, so a turned formation is charged (the Laplacian terms cannot see it)
                 slot_err = ((p - p.mean(1, keepdim=True)) - (self.offsets - self.offsets.mean(0))).norm(dim=-1)
-                r_form = r_form + 5 * c / (1 + (slot_err / SLOT_SCALE) ** 2)
+                slot_denom = 1 + (slot_err / SLOT_SCALE) ** 2
+                r_form = r_form + 5 * c / slot_denom
                 if cfg.full_slot_reward:  # the share c took off, added back (so the default path stays as it was)
-                    r_form = r_form + 5 * (1 - c) / (1 + (slot_err / SLOT_SCALE) ** 2)
+                    r_form = r_form + 5 * (1 - c) / slot_denom
         r_form = r_form - (min_pair < 0.4).float() - 10 * (min_pair < 0.15).float()
         flags["cost_l"] = cost_l
         # obstacles
