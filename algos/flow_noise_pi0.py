@@ -78,7 +78,8 @@ class Args:
     env: str = "libero"
     """libero or maniskill"""
     task: str = ""
-    """LIBERO "<suite>/<task id>" or a ManiSkill env id (default: libero_object/0, PushCube-v1)"""
+    """LIBERO "<suite>/<task ids>" (one task, libero_object/0; a subset, libero_object/0-3 or /0,2,5; a whole suite,
+    libero_object) or a ManiSkill env id (default: libero_object/0, PushCube-v1)"""
     obs_mode: str = "state"
     """ManiSkill observation mode (state or rgb); LIBERO always uses images"""
     control_mode: str = "pd_joint_pos"
@@ -398,7 +399,7 @@ if __name__ == "__main__":
         from common.libero_env import eval_episode_count
 
         try:
-            args.eval_episodes = eval_episode_count(args.eval_episodes)
+            args.eval_episodes = eval_episode_count(args.eval_episodes, args.task)
         except ValueError as e:
             raise SystemExit(str(e))
     args.eval_episodes = args.eval_episodes or 50

@@ -39,7 +39,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from common.demos import check_demos, demo_chunks, ensure_demos, load_demos
-from common.envs import check_task, make_task_env, run_eval_episodes
+from common.envs import check_task, eval_initial_states, make_task_env, run_eval_episodes, task_names
 from common.fsutil import atomic_write
 from common.libero_env import MAX_EPISODE_STEPS
 from common.pi0 import PromptPrefixCache, pooled_prefix
@@ -73,7 +73,8 @@ class Args:
     env: str = "maniskill"
     """maniskill or libero"""
     task: str = ""
-    """a ManiSkill env id or LIBERO "<suite>/<task id>" (default: PushCube-v1, libero_object/0)"""
+    """a ManiSkill env id or LIBERO "<suite>/<task ids>" (one task, libero_object/0; a subset, libero_object/0-3 or
+    /0,2,5; a whole suite, libero_object) (default: PushCube-v1, libero_object/0)"""
     obs_mode: str = "state"
     """ManiSkill observation mode (state or rgb); LIBERO always uses images"""
     control_mode: str = "pd_joint_pos"
@@ -111,8 +112,8 @@ class Args:
 
     # Behaviour cloning (the few-shot start)
     bc_demos: int = 0
-    """demos for --init bc (0: 3 on ManiSkill, 20 on LIBERO, as the SFT start of the πRL scripts); generated first
-    when missing"""
+    """demos for --init bc, per task (0: 3 on ManiSkill, 20 on LIBERO, as the SFT start of the πRL scripts); generated
+    first when missing"""
     demos: str = ""
     """demo dataset directory (default data/demos/<task>)"""
     bc_steps: int = 1500
@@ -263,7 +264,7 @@ if __name__ == "__main__":
         from common.libero_env import eval_episode_count
 
         try:
-            args.eval_episodes = eval_episode_count(args.eval_episodes)
+            args.eval_episodes = eval_episode_count(args.eval_episodes, args.task)
         except ValueError as e:
             raise SystemExit(str(e))
     args.eval_episodes = args.eval_episodes or 50
@@ -328,14 +329,17 @@ if __name__ == "__main__":
         if init_kind == "bc":
             demo_dir = ensure_demos(args.env, args.task, args.bc_demos, args.demos or None, obs_mode=args.obs_mode,
                                     image_size=args.image_size)
-            episodes = load_demos(demo_dir, per_task=args.bc_demos, tasks=[args.task])
-            if len(episodes) < args.bc_demos:
-                raise SystemExit(f"{demo_dir} holds {len(episodes)} successful demos, --bc-demos asks for "
-                                 f"{args.bc_demos}: pass --demos with a new directory (they are generated there)")
+            tasks = task_names(args.env, args.task)
+            episodes = load_demos(demo_dir, per_task=args.bc_demos, tasks=tasks)
+            if len(episodes) < args.bc_demos * len(tasks):
+                raise SystemExit(f"{demo_dir} holds {len(episodes)} successful demos of {args.task}, --bc-demos asks "
+                                 f"for {args.bc_demos} of each of its {len(tasks)} tasks: pass --demos with a new "
+                                 f"directory (they are generated there)")
             try:
                 camera_keys = check_demos(episodes, demo_dir, env=args.env, obs_mode=args.obs_mode,
                                           control_mode=args.control_mode, image_size=args.image_size,
-                                          eval_episodes=args.eval_episodes) or camera_keys
+                                          eval_states=eval_initial_states(args.env, args.task,
+                                                                          args.eval_episodes)) or camera_keys
             except ValueError as e:
                 raise SystemExit(str(e))
             env_action_dim = episodes[0]["actions"].shape[1]

@@ -33,7 +33,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from common.demos import check_demos, demo_chunks, ensure_demos, load_demos
-from common.envs import make_task_env, run_eval_episodes
+from common.envs import check_task, eval_initial_states, make_task_env, run_eval_episodes, task_names
 from common.fsutil import atomic_write
 from common.pi0 import Pi0Config, Pi0Model
 from common.pi0_io import NormStats, Pi0Processor, load_pi0, make_tokenizer, save_pi0
@@ -67,7 +67,8 @@ class Args:
     env: str = "maniskill"
     """maniskill or libero"""
     task: str = "PushCube-v1"
-    """ManiSkill env id, or "<suite>/<task id>" for LIBERO (e.g. libero_object/0)"""
+    """ManiSkill env id, or "<suite>/<task ids>" for LIBERO (libero_object/0; a subset trained together,
+    libero_object/0-3 or /0,2,5; a whole suite, libero_object)"""
     demos: str = ""
     """demo dataset directory (default data/demos/<task>); generated when missing"""
     num_demos: int = 10
@@ -175,17 +176,21 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     if args.env not in ("maniskill", "libero"):
         raise SystemExit(f"--env must be maniskill or libero, got {args.env!r}")
-    if args.env == "libero" and (args.task.count("/") != 1 or not args.task.split("/")[1].isdigit()):
-        raise SystemExit(f"--task for LIBERO is <suite>/<task id>, e.g. libero_object/0; got {args.task!r}")
+    try:  # the task's form now, not after the demos and the model are made
+        check_task(args.env, args.task)
+    except ValueError as e:
+        raise SystemExit(f"--task {args.task}: {e}")
     if args.env == "libero":
-        from common.libero_env import DEMO_INIT_STATES, EVAL_INIT_STATES
+        from common.libero_env import DEMO_INIT_STATES, eval_episode_count
 
-        args.eval_episodes = args.eval_episodes or len(EVAL_INIT_STATES)
-        if args.eval_episodes > len(EVAL_INIT_STATES) or args.num_demos > len(DEMO_INIT_STATES):
-            raise SystemExit(f"LIBERO has 50 init states per task: demos come from {DEMO_INIT_STATES.start}.."
-                             f"{DEMO_INIT_STATES.stop - 1} and eval uses {EVAL_INIT_STATES.start}.."
-                             f"{EVAL_INIT_STATES.stop - 1}, so --eval-episodes <= {len(EVAL_INIT_STATES)} and "
-                             f"--num-demos <= {len(DEMO_INIT_STATES)} (got {args.eval_episodes}, {args.num_demos})")
+        try:
+            args.eval_episodes = eval_episode_count(args.eval_episodes, args.task)
+        except ValueError as e:
+            raise SystemExit(str(e))
+        if args.num_demos > len(DEMO_INIT_STATES):
+            raise SystemExit(f"LIBERO has 50 init states per task and demos come from {DEMO_INIT_STATES.start}.."
+                             f"{DEMO_INIT_STATES.stop - 1} (eval uses the others): --num-demos <= "
+                             f"{len(DEMO_INIT_STATES)} (per task), got {args.num_demos}")
     args.eval_episodes = args.eval_episodes or 100
     positive = ("num_demos", "total_steps", "batch_size", "warmup_steps", "checkpoint_every", "log_every",
                 "eval_every", "num_eval_envs", "num_denoise_steps", "horizon")
@@ -233,13 +238,15 @@ if __name__ == "__main__":
     # Demonstrations -> dataset
     demo_dir = ensure_demos(args.env, args.task, args.num_demos, args.demos or None, obs_mode=args.obs_mode,
                             image_size=args.image_size)
-    episodes = load_demos(demo_dir, per_task=args.num_demos, tasks=[args.task])
-    if len(episodes) < args.num_demos:
-        raise SystemExit(f"{demo_dir} holds {len(episodes)} successful demos, --num-demos asks for {args.num_demos}")
+    tasks = task_names(args.env, args.task)
+    episodes = load_demos(demo_dir, per_task=args.num_demos, tasks=tasks)
+    if len(episodes) < args.num_demos * len(tasks):
+        raise SystemExit(f"{demo_dir} holds {len(episodes)} successful demos of {args.task}, --num-demos asks for "
+                         f"{args.num_demos} of each of its {len(tasks)} tasks")
     try:
         camera_keys = check_demos(episodes, demo_dir, env=args.env, obs_mode=args.obs_mode,
                                   control_mode=args.control_mode, image_size=args.image_size,
-                                  eval_episodes=args.eval_episodes)
+                                  eval_states=eval_initial_states(args.env, args.task, args.eval_episodes))
     except ValueError as e:
         raise SystemExit(str(e))
     state_dim, env_action_dim = episodes[0]["obs"]["state"].shape[1], episodes[0]["actions"].shape[1]

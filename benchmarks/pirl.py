@@ -44,7 +44,8 @@ class Args:
     env: str = "maniskill"
     """maniskill (PushCube-v1, state) or libero (a LIBERO-Object task, two 64 px cameras)"""
     task: str = ""
-    """default: PushCube-v1 / libero_object/0"""
+    """default: PushCube-v1 / libero_object/0 (a LIBERO subset such as libero_object/0-3: one SFT start and one RL run
+    over its tasks, 25 eval episodes per task)"""
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
     """seeds (each: its own SFT start and one RL run per algorithm)"""
     algorithms: list[str] = field(default_factory=lambda: list(ALGORITHMS))
@@ -54,10 +55,11 @@ class Args:
     eval_every: int = 10
     """RL iterations between evals"""
     eval_episodes: int = 0
-    """eval episodes per evaluation (0: 100 for PushCube, 25 for LIBERO: its init states 0..24, as 25..49 made the
-    SFT demos)"""
+    """eval episodes per evaluation (0: 100 for PushCube, 25 per LIBERO task: its init states 0..24, as 25..49 made
+    the SFT demos)"""
     sft_demos: int = 0
-    """demos for the SFT start (0: 3 for PushCube, 20 for LIBERO: the few-shot band of benchmarks/sft_fewshot)"""
+    """demos for the SFT start, per task (0: 3 for PushCube, 20 for LIBERO: the few-shot band of
+    benchmarks/sft_fewshot)"""
     sft_steps: int = 0
     """SFT steps (0: 1500 for PushCube, 2000 for LIBERO)"""
     sft_flags: str = ""
@@ -173,7 +175,7 @@ def main(args: Args) -> None:
         from common.libero_env import eval_episode_count
 
         try:
-            args.eval_episodes = eval_episode_count(args.eval_episodes)
+            args.eval_episodes = eval_episode_count(args.eval_episodes, args.task)
         except ValueError as e:
             raise SystemExit(str(e))
     args.eval_episodes = args.eval_episodes or 100

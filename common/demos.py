@@ -98,26 +98,25 @@ def ensure_demos(env: str, task: str, num_demos: int, directory: str | Path | No
 
         generate_demos(task, num_demos, path, obs_mode=obs_mode, image_size=image_size)
     else:
-        from common.libero_env import DEMO_INIT_STATES
+        from common.libero_env import DEMO_INIT_STATES, libero_task_ids
         from common.libero_expert import generate_libero_demos
 
-        suite, task_id = task.split("/")  # eval uses EVAL_INIT_STATES, disjoint from these
-        generate_libero_demos(suite, [int(task_id)], list(DEMO_INIT_STATES), path, cameras=True,
-                              image_size=image_size)
+        suite, task_ids = libero_task_ids(task)  # eval uses EVAL_INIT_STATES, disjoint from these
+        generate_libero_demos(suite, task_ids, list(DEMO_INIT_STATES), path, cameras=True, image_size=image_size)
     return path
 
 
 def check_demos(episodes: list[dict[str, Any]], directory, *, env: str, obs_mode: str, control_mode: str,
-                image_size: int, eval_episodes: int) -> tuple[str, ...]:
-    """Refuse demos that would make a training run's eval wrong: an eval initial state (0..eval_episodes-1) among the
-    demos', demos without their initial state, another control mode, other cameras or image size than the env
-    will give. Returns the camera keys the demos hold, in slot order."""
+                image_size: int, eval_states: range) -> tuple[str, ...]:
+    """Refuse demos that would make a training run's eval wrong: an eval initial state (`eval_states`, from
+    `common.envs.eval_initial_states`) among the demos', demos without their initial state, another control mode,
+    other cameras or image size than the env will give. Returns the camera keys the demos hold, in slot order."""
     ids = {e["meta"].get("init_index", e["meta"].get("reset_id")) for e in episodes}
     if None in ids:
         raise ValueError(f"{directory}: some demos do not record their initial state; cannot check eval disjointness")
-    overlap = {int(i) for i in ids} & set(range(eval_episodes))
+    overlap = {int(i) for i in ids} & set(eval_states)
     if overlap:
-        raise ValueError(f"eval initial states 0..{eval_episodes - 1} include demo initial states "
+        raise ValueError(f"eval initial states {eval_states.start}..{eval_states.stop - 1} include demo initial states "
                          f"{sorted(overlap)[:10]}: regenerate the demos from other seeds / init states")
     modes = {e["meta"].get("control_mode") for e in episodes}
     if env == "maniskill" and modes != {control_mode}:

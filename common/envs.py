@@ -1,7 +1,9 @@
 """One factory for the simulators the algorithm scripts train and evaluate on (`--env maniskill|libero`).
 
 `make_task_env("maniskill", "PushCube-v1", ...)` or `make_task_env("libero", "libero_object/0", ...)` returns the shared
-`BatchedEnv` (see `common.vec_env`). LIBERO tasks are "<suite>/<task id>"; their reset ids are that task's init states.
+`BatchedEnv` (see `common.vec_env`). LIBERO tasks are "<suite>/<task ids>": one task ("libero_object/0") or a subset
+trained and evaluated together ("libero_object/0-3", "libero_object/0,2,5", or "libero_object" for all ten, as RLinf
+trains a suite); their reset ids are those tasks' init states, each env's prompt its own task's instruction.
 """
 
 from __future__ import annotations
@@ -21,20 +23,36 @@ def check_task(env: str, task: str, exists: bool = False) -> None:
     if env not in ENVS:
         raise ValueError(f"env must be one of {ENVS}, got {env!r}")
     if env == "libero":
-        from common.libero_env import SUITES
+        from common.libero_env import libero_task_ids, suite_reset_table
 
-        suite, _, task_id = task.partition("/")
-        if suite not in SUITES or not task_id.isdigit():
-            raise ValueError(f"a LIBERO task is <suite>/<task id> with a suite of {SUITES}, e.g. libero_object/0; "
-                             f"got {task!r}")
+        suite, task_ids = libero_task_ids(task)
         if exists:
-            from common.libero_env import suite_reset_table
-
-            suite_reset_table(suite, [int(task_id)])
+            suite_reset_table(suite, task_ids)
     elif exists:
         from common.maniskill_env import check_task as check_maniskill_task
 
         check_maniskill_task(task)
+
+
+def task_names(env: str, task: str) -> list[str]:
+    """The single tasks a --task names, as demo datasets record them: ["PushCube-v1"]; ["libero_object/0", ...]."""
+    if env != "libero":
+        return [task]
+    from common.libero_env import libero_task_ids
+
+    suite, task_ids = libero_task_ids(task)
+    return [f"{suite}/{t}" for t in task_ids]
+
+
+def eval_initial_states(env: str, task: str, eval_episodes: int) -> range:
+    """The initial states (ManiSkill seeds, LIBERO init state indices of each task) that `eval_episodes` eval episodes
+    start from: demos must come from others."""
+    if env != "libero":
+        return range(eval_episodes)
+    from common.libero_env import EVAL_INIT_STATES
+
+    per_task = -(-eval_episodes // len(task_names(env, task)))
+    return EVAL_INIT_STATES[:per_task]
 
 
 def rlinf_libero_values(suite: str) -> dict:
@@ -64,7 +82,8 @@ def make_task_env(env: str, task: str, num_envs: int, *, obs_mode: str = "state"
                   num_eval_episodes: int | None = None, auto_reset: bool = True, seed: int = 0) -> BatchedEnv:
     """ManiSkill on CPU workers (or the GPU simulator when CUDA is there) with `obs_mode` / `control_mode`; LIBERO with
     two cameras at `image_size`. `max_episode_steps=None`: 100 for ManiSkill (its registered 50 is shorter than the
-    motion-planning demos), the suite's limit for LIBERO."""
+    motion-planning demos), the suite's limit for LIBERO. A LIBERO eval (`eval_mode`) walks EVAL_INIT_STATES init state
+    by init state over the tasks."""
     check_task(env, task)
     if env == "maniskill":
         from common.maniskill_env import make_maniskill_env
@@ -73,10 +92,11 @@ def make_task_env(env: str, task: str, num_envs: int, *, obs_mode: str = "state"
                                   image_size=image_size, max_episode_steps=max_episode_steps or 100,
                                   eval_mode=eval_mode, num_eval_episodes=num_eval_episodes, auto_reset=auto_reset,
                                   seed=seed)
-    from common.libero_env import MAX_EPISODE_STEPS, make_libero_env
+    from common.libero_env import EVAL_INIT_STATES, MAX_EPISODE_STEPS, libero_task_ids, make_libero_env
 
-    suite, task_id = task.split("/")
-    return make_libero_env(suite, num_envs=num_envs, task_ids=[int(task_id)], image_size=image_size,
+    suite, task_ids = libero_task_ids(task)  # an eval starts only from the eval init states, spread over the tasks
+    return make_libero_env(suite, num_envs=num_envs, task_ids=task_ids, image_size=image_size,
+                           init_states=EVAL_INIT_STATES if eval_mode else None,
                            max_episode_steps=max_episode_steps or MAX_EPISODE_STEPS[suite], eval_mode=eval_mode,
                            num_eval_episodes=num_eval_episodes, auto_reset=auto_reset, seed=seed)
 

@@ -28,19 +28,52 @@ from common.vec_env import BatchedEnv
 SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90")
 # Max steps per episode. spatial/object/goal/10 as in RLinf's πRL configs; libero_90 is not in πRL (400 is ours).
 MAX_EPISODE_STEPS = {"libero_spatial": 240, "libero_object": 240, "libero_goal": 320, "libero_10": 480, "libero_90": 400}
+# Tasks per suite (the benchmark's own count, checked by tests/test_libero_env.py), so that a task list is checked
+# without loading LIBERO.
+SUITE_TASKS = {"libero_spatial": 10, "libero_object": 10, "libero_goal": 10, "libero_10": 10, "libero_90": 90}
 # A task has 50 init states. Our split: demos (SFT) come from 25..49, every eval uses 0..24, so no eval episode starts
 # where a demo did.
 EVAL_INIT_STATES = range(0, 25)
 DEMO_INIT_STATES = range(25, 50)
+TASK_FORM = ("<suite>/<task ids> with a suite of " + ", ".join(SUITES) + " and task ids such as 3, 0-3 or 0,2,5 "
+             "(a LIBERO task, or a subset of the suite's tasks trained and evaluated together); or a suite alone "
+             "(all of its tasks)")
 
 
-def eval_episode_count(requested: int) -> int:
-    """The eval episodes for a LIBERO task: `requested`, or all of EVAL_INIT_STATES for 0; more is refused."""
-    if requested > len(EVAL_INIT_STATES):
+def libero_task_ids(task: str) -> tuple[str, list[int]]:
+    """'libero_object/3' -> ('libero_object', [3]); 'libero_object/0-3' -> [0, 1, 2, 3]; 'libero_object/0,2,5' ->
+    [0, 2, 5]; 'libero_object' -> all ten. Raises ValueError saying the expected form (no LIBERO import)."""
+    suite, slash, spec = task.partition("/")
+    if suite not in SUITES or (slash and not spec):
+        raise ValueError(f"a LIBERO task is {TASK_FORM}; got {task!r}")
+    n_tasks = SUITE_TASKS[suite]
+    if not slash:
+        return suite, list(range(n_tasks))
+    ids: list[int] = []
+    for part in spec.split(","):
+        lo, dash, hi = part.partition("-")
+        if not lo.isdigit() or (dash and not hi.isdigit()):
+            raise ValueError(f"a LIBERO task is {TASK_FORM}; got {task!r}")
+        ids += range(int(lo), int(hi) + 1) if dash else [int(lo)]
+    bad = [t for t in ids if t >= n_tasks]
+    if bad:
+        raise ValueError(f"{task!r}: task ids {bad} are out of range for {suite}, which has tasks 0..{n_tasks - 1}")
+    if not ids or len(set(ids)) != len(ids):
+        raise ValueError(f"{task!r}: name each task once, at least one (ranges lo-hi with lo <= hi)")
+    return suite, ids
+
+
+def eval_episode_count(requested: int, task: str) -> int:
+    """The eval episodes for a LIBERO task (or task subset): `requested`, or all of EVAL_INIT_STATES of every task for
+    0; more is refused."""
+    n = len(EVAL_INIT_STATES) * len(libero_task_ids(task)[1])
+    if requested > n:
         raise ValueError(f"--eval-episodes {requested}: LIBERO evaluates on init states {EVAL_INIT_STATES.start}.."
-                         f"{EVAL_INIT_STATES.stop - 1} ({DEMO_INIT_STATES.start}..{DEMO_INIT_STATES.stop - 1} made the "
-                         f"SFT demos); use at most {len(EVAL_INIT_STATES)}")
-    return requested or len(EVAL_INIT_STATES)
+                         f"{EVAL_INIT_STATES.stop - 1} of each task ({DEMO_INIT_STATES.start}.."
+                         f"{DEMO_INIT_STATES.stop - 1} made the SFT demos); {task} allows at most {n}")
+    return requested or n
+
+
 SETTLE_STEPS = 15
 SETTLE_ACTION = np.array([0, 0, 0, 0, 0, 0, -1], dtype=np.float64)
 ACTION_DIM = 7
@@ -61,15 +94,25 @@ def _benchmark(suite: str):
     return benchmark.get_benchmark_dict()[suite]()
 
 
-def suite_reset_table(suite: str, task_ids: list[int] | None = None) -> list[tuple[int, int]]:
-    """All (task_id, init_state_index) pairs of the chosen tasks, in reset-id order."""
+def suite_reset_table(suite: str, task_ids: list[int] | None = None,
+                      init_states: range | None = None) -> list[tuple[int, int]]:
+    """The (task_id, init_state_index) pairs of the chosen tasks, in reset-id order: every init state, task by task;
+    or with `init_states` (an eval's: EVAL_INIT_STATES) those of each task, init state by init state, so that the
+    first n episodes of an eval are spread evenly over the tasks. An eval deals reset ids round-robin to its envs:
+    with a multiple of the task count as envs, each env keeps one task (a reset that changes the task rebuilds the
+    env: ~2 s here, against ~0.8 s within a task, settle steps included)."""
     bench = _benchmark(suite)
     n_tasks = bench.get_num_tasks()
     task_ids = list(range(n_tasks)) if task_ids is None else list(task_ids)
     bad = [t for t in task_ids if not 0 <= t < n_tasks]
     if bad:
         raise ValueError(f"task ids {bad} are out of range for {suite}, which has tasks 0..{n_tasks - 1}")
-    return [(t, j) for t in task_ids for j in range(len(bench.get_task_init_states(t)))]
+    if init_states is None:
+        return [(t, j) for t in task_ids for j in range(len(bench.get_task_init_states(t)))]
+    short = [t for t in task_ids if len(bench.get_task_init_states(t)) < init_states.stop]
+    if short:
+        raise ValueError(f"tasks {short} of {suite} have fewer than {init_states.stop} init states")
+    return [(t, j) for j in init_states for t in task_ids]
 
 
 class LiberoSingle:
@@ -213,6 +256,7 @@ def make_libero_env(
     num_envs: int = 1,
     *,
     task_ids: list[int] | None = None,
+    init_states: range | None = None,
     image_size: int = 128,
     cameras: bool = True,
     shadows: bool = True,
@@ -225,13 +269,14 @@ def make_libero_env(
     seed: int = 0,
     start_method: str = "forkserver",
 ) -> BatchedEnv:
-    """Build a batched LIBERO env over `num_envs` worker processes. `task_ids=None` uses every task of the suite.
-    Eval mode walks every (task, init state) pair once, in order (or the first `num_eval_episodes`)."""
+    """Build a batched LIBERO env over `num_envs` worker processes. `task_ids=None` uses every task of the suite;
+    `init_states` keeps those of each task (see `suite_reset_table`). Eval mode walks every (task, init state) pair
+    once, in order (or the first `num_eval_episodes`)."""
     if num_envs < 1:
         raise ValueError(f"num_envs must be >= 1, got {num_envs}")
     if image_size < 8:
         raise ValueError(f"image_size must be >= 8, got {image_size}")
-    table = suite_reset_table(suite, task_ids)
+    table = suite_reset_table(suite, task_ids, init_states)
     kwargs = dict(suite=suite, reset_table=table, image_size=image_size, cameras=cameras, shadows=shadows,
                   reward_coef=reward_coef)
     pool = WorkerPool(LiberoSingle, [kwargs] * num_envs, start_method=start_method, name=suite)

@@ -1,15 +1,48 @@
-"""common/envs.py: the env factory refuses unknown envs and malformed LIBERO tasks before building anything."""
+"""common/envs.py: the env factory refuses unknown envs and malformed LIBERO tasks before building anything, and says
+which initial states an eval of one LIBERO task or of a task subset starts from."""
 
 import pytest
 
-from common.envs import check_task, make_task_env
+from common.envs import check_task, eval_initial_states, make_task_env, task_names
+from common.libero_env import eval_episode_count, libero_task_ids
 
 
 def test_bad_env_and_task_names_are_refused():
     with pytest.raises(ValueError, match="env must be"):
         make_task_env("gym", "CartPole-v1", 1)
-    for task in ("libero_object", "libero_object/x", "a/b/1"):
-        with pytest.raises(ValueError, match="<suite>/<task id>"):
+    for task in ("libero_object/x", "a/b/1", "libero_object/", "libero_object/3-", "libero_object/-3",
+                 "libero_object/1,,2", "libero_foo/1", "libero_object/0/1"):
+        with pytest.raises(ValueError, match="<suite>/<task ids>"):
             check_task("libero", task)
-    check_task("libero", "libero_object/3")
+    with pytest.raises(ValueError, match=r"out of range for libero_goal, which has tasks 0..9"):
+        check_task("libero", "libero_goal/8-10")
+    for task in ("libero_object/1,1", "libero_object/0-2,2", "libero_object/3-1"):
+        with pytest.raises(ValueError, match="each task once"):
+            check_task("libero", task)
+    for task in ("libero_object/3", "libero_object/0-3", "libero_object/0,2,5", "libero_object", "libero_90/89"):
+        check_task("libero", task)
     check_task("maniskill", "PushCube-v1")
+
+
+def test_libero_task_subsets():
+    assert libero_task_ids("libero_object/3") == ("libero_object", [3])
+    assert libero_task_ids("libero_object/0-3") == ("libero_object", [0, 1, 2, 3])
+    assert libero_task_ids("libero_spatial/5,0-1") == ("libero_spatial", [5, 0, 1])
+    assert libero_task_ids("libero_goal") == ("libero_goal", list(range(10)))
+    assert task_names("libero", "libero_object/2,7") == ["libero_object/2", "libero_object/7"]
+    assert task_names("maniskill", "PushCube-v1") == ["PushCube-v1"]
+
+
+def test_eval_episodes_and_their_initial_states():
+    # one task: init states 0..24 (25..49 made the demos); four tasks: 25 each, so up to 100 episodes
+    assert eval_episode_count(0, "libero_object/0") == 25
+    assert eval_episode_count(0, "libero_object/0-3") == 100
+    assert eval_episode_count(40, "libero_object/0-3") == 40
+    with pytest.raises(ValueError, match="init states 0..24 of each task"):
+        eval_episode_count(26, "libero_object/0")
+    with pytest.raises(ValueError, match="at most 100"):
+        eval_episode_count(101, "libero_object/0-3")
+    assert eval_initial_states("libero", "libero_object/0", 25) == range(25)
+    assert eval_initial_states("libero", "libero_object/0-3", 100) == range(25)
+    assert eval_initial_states("libero", "libero_object/0-3", 10) == range(3)  # init state by init state over tasks
+    assert eval_initial_states("maniskill", "PushCube-v1", 100) == range(100)

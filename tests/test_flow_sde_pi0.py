@@ -223,11 +223,14 @@ def test_resume_goes_on_where_the_run_stopped(tmp_path):
 
 
 def test_few_iterations_on_libero_grpo_with_images(tmp_path):
-    run(["--env", "libero", "--init", "scratch", "--num-envs", "2", "--group-size", "2", "--adv-type", "grpo",
-         "--total-iterations", "1", "--eval-episodes", "1", "--num-eval-envs", "1", "--max-episode-steps", "16",
-         "--minibatch-size", "4", "--image-size", "32", "--no-capture-video"], tmp_path)
-    summary = json.loads((tmp_path / "libero_object_0__flow_sde_pi0__1" / "summary.json").read_text())
+    """On a two-task subset of LIBERO-Object (each env prompted with its own task), evaluated on init states 0, 0 of
+    tasks 0, 3."""
+    run(["--env", "libero", "--task", "libero_object/0,3", "--init", "scratch", "--num-envs", "2", "--group-size", "2",
+         "--adv-type", "grpo", "--total-iterations", "1", "--eval-episodes", "2", "--num-eval-envs", "2",
+         "--max-episode-steps", "16", "--minibatch-size", "4", "--image-size", "32", "--no-capture-video"], tmp_path)
+    summary = json.loads((tmp_path / "libero_object_0,3__flow_sde_pi0__1" / "summary.json").read_text())
     assert summary["env"] == "libero" and len(summary["history"]) == 2
+    assert [h["episodes"] for h in summary["history"]] == [2, 2]
 
 
 def test_bad_flags_are_refused(tmp_path):

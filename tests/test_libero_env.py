@@ -143,3 +143,34 @@ def test_every_suite_loads_and_steps(suite):
     finally:
         env.close()
     assert MAX_EPISODE_STEPS[suite] >= 240
+
+
+def test_suite_task_counts_match_the_benchmark():
+    from common.libero_env import SUITE_TASKS, _benchmark
+
+    assert {suite: _benchmark(suite).get_num_tasks() for suite in SUITES} == SUITE_TASKS
+
+
+def test_eval_over_a_task_subset_walks_the_eval_init_states_spread_over_the_tasks():
+    """An eval of libero_object/0,3 starts from init states 0, 0, 1, 1, ... of tasks 0, 3, 0, 3, ... (any first n
+    episodes split evenly), never from a demo's (25..49), each env prompted with its own task's instruction."""
+    from common.envs import make_task_env
+    from common.libero_env import EVAL_INIT_STATES
+
+    table = suite_reset_table("libero_object", [0, 3], EVAL_INIT_STATES)
+    assert table[:4] == [(0, 0), (3, 0), (0, 1), (3, 1)] and len(table) == 50 and max(j for _, j in table) == 24
+    assert suite_reset_table("libero_object", [0], EVAL_INIT_STATES) == suite_reset_table("libero_object", [0])[:25]
+    env = make_task_env("libero", "libero_object/0,3", 2, image_size=32, max_episode_steps=2, eval_mode=True,
+                        num_eval_episodes=4)
+    try:
+        obs = env.reset()
+        prompts, seen = set(obs["task_description"]), []
+        while not env.eval_complete:
+            obs, _, _, _, info = env.step(torch.zeros(2, 2, 7))
+            prompts |= set(obs["task_description"])
+            if "episode" in info:
+                seen += info["episode"]["reset_id"][info["done"]].tolist()
+        assert sorted(seen) == [0, 1, 2, 3]
+        assert len(prompts) == 2  # two tasks, two instructions
+    finally:
+        env.close()
