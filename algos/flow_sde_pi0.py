@@ -108,7 +108,7 @@ class Args:
     tokenizer: str = "bytes"
     """bytes, or PaliGemma's SentencePiece model (real weights)"""
     sft_demos: int = 0
-    """demos for sft:auto (0: 3 on ManiSkill PushCube, 20 on LIBERO)"""
+    """demos per task for sft:auto (0: 3 on ManiSkill PushCube, 20 on LIBERO)"""
     train_expert_only: bool = True
     """freeze SigLIP and the Gemma VLM (πRL's default)"""
     train_head_only: bool = False
@@ -204,8 +204,8 @@ class Args:
     eval_every: int = 10
     """iterations between evaluations (also at the start and the end)"""
     eval_episodes: int = 0
-    """deterministic (ODE) eval episodes, initial states 0..N-1 (0: 50 on ManiSkill, 25 on LIBERO, whose init
-    states 25..49 made the SFT demos)"""
+    """deterministic (ODE) eval episodes, initial states 0..N-1 (0: 50 on ManiSkill; 25 per LIBERO task, whose
+    init states 25..49 made the SFT demos: a subset's N walk init states 0..N/T-1 of each of its T tasks)"""
     num_eval_envs: int = 2
     """parallel eval envs"""
     checkpoint_every: int = 5

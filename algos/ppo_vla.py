@@ -170,7 +170,7 @@ class Args:
     eval_every: int = 20
     """iterations between evaluations (also after BC and at the end)"""
     eval_episodes: int = 0
-    """greedy-decoding eval episodes, initial states 0..N-1 (0: 50 on ManiSkill, 25 on LIBERO)"""
+    """greedy-decoding eval episodes, initial states 0..N-1 (0: 50 on ManiSkill, 25 per LIBERO task)"""
     num_eval_envs: int = 2
     """parallel eval envs"""
     checkpoint_every: int = 5

@@ -36,7 +36,7 @@ from common.demos import check_demos, demo_chunks, ensure_demos, load_demos
 from common.envs import check_task, eval_initial_states, make_task_env, run_eval_episodes, task_names
 from common.fsutil import atomic_write
 from common.pi0 import Pi0Config, Pi0Model
-from common.pi0_io import NormStats, Pi0Processor, load_pi0, make_tokenizer, save_pi0
+from common.pi0_io import NormStats, Pi0Processor, load_pi0, make_tokenizer, save_pi0, tokenize_prompt
 
 
 @dataclass
@@ -136,8 +136,8 @@ class Args:
     eval_every: int = 1000
     """steps between evaluations (and at the end)"""
     eval_episodes: int = 0
-    """episodes per evaluation, initial states 0..N-1 (0: 100 for ManiSkill, 25 for LIBERO, whose init states
-    25..49 of the task are kept for demos)"""
+    """episodes per evaluation, initial states 0..N-1 (0: 100 for ManiSkill; 25 per LIBERO task, whose init states
+    25..49 are kept for demos: a subset's N walk init states 0..N/T-1 of each of its T tasks)"""
     num_eval_envs: int = 2
     """parallel eval envs (worker processes)"""
     action_chunk: int = 8
@@ -265,6 +265,10 @@ if __name__ == "__main__":
     longest = max((ep["meta"]["task_description"] for ep in episodes), key=len).strip().replace("_", " ")
     state_prompt_tokens = len(tokenizer.encode(f"Task: {longest}, State: {' '.join(['255'] * state_dim)};\nAction: ",
                                                add_bos=True))
+    # several tasks (a LIBERO subset): each instruction whole, or a cut could give two tasks one prompt (the tiny
+    # config's 32 tokens leave libero_spatial's ten instructions five distinct prompts)
+    instructions = sorted({ep["meta"]["task_description"] for ep in episodes})
+    instruction_tokens = max(int(tokenize_prompt(tokenizer, t, 10**4)[1].sum()) for t in instructions)
     start_step, trainer_state = 0, None
     results = []
     resume_dir = ckpt_dir if ckpt_dir.exists() else ckpt_dir.with_name("checkpoint.old")  # see save_pi0
@@ -283,6 +287,8 @@ if __name__ == "__main__":
                          noise_dims=0 if args.noise_on_padding else env_action_dim)
         if args.discrete_state:
             overrides.update(max_tokens=max(preset().max_tokens, state_prompt_tokens))
+        elif len(instructions) > 1:
+            overrides.update(max_tokens=max(preset().max_tokens, instruction_tokens))
         if args.model == "tiny":
             overrides.update(num_cameras=len(camera_keys), variant=args.variant, image_size=args.image_size)
             if args.depth:
@@ -299,6 +305,9 @@ if __name__ == "__main__":
                    if v != getattr(cfg, k) and getattr(Args, {"discrete_state_input": "discrete_state"}.get(k, k)) != v]
         if ignored:
             print(f"the loaded model's shape is kept; ignoring {', '.join(ignored)}", flush=True)
+    if len({tuple(tokenize_prompt(tokenizer, t, cfg.max_tokens)[0]) for t in instructions}) < len(instructions):
+        raise SystemExit(f"the model's prompt of {cfg.max_tokens} tokens cuts the instructions of different tasks to "
+                         f"the same tokens (they need {instruction_tokens}): start a new model for this task set")
     if cfg.discrete_state_input and state_prompt_tokens > cfg.max_tokens:
         raise SystemExit(f"the state prompt needs {state_prompt_tokens} tokens, the model holds {cfg.max_tokens}: the "
                          f"state bins would be cut off (start a new model, or pass a smaller state)")

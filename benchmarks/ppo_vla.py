@@ -87,7 +87,14 @@ def main(args: Args) -> None:
     if bad or not args.algorithms or not args.seeds:
         raise SystemExit(f"--algorithms takes {ALGORITHMS}, --seeds at least one; got {args.algorithms}, {args.seeds}")
     args.task = args.task or ("PushCube-v1" if args.env == "maniskill" else "libero_object/0")
-    args.eval_episodes = args.eval_episodes or (100 if args.env == "maniskill" else 25)
+    if args.env == "libero":  # 25 per task: its init states 0..24 (25..49 make the demos)
+        from common.libero_env import eval_episode_count
+
+        try:
+            args.eval_episodes = eval_episode_count(args.eval_episodes, args.task)
+        except ValueError as e:
+            raise SystemExit(str(e))
+    args.eval_episodes = args.eval_episodes or 100
     args.bc_demos = args.bc_demos or (3 if args.env == "maniskill" else 20)
     name = args.name or f"ppo_vla_{args.env}"
     demos = args.demo_dir / args.task.replace("/", "_")

@@ -37,13 +37,13 @@ class Args:
     pushcube_eval_episodes: int = 100
     """eval episodes per PushCube run"""
     libero_task: str = "libero_object/0"
-    """LIBERO task (suite/task id); empty to skip"""
+    """LIBERO task (suite/task ids: one task, or a subset such as libero_object/0-3); empty to skip"""
     libero_demos: list[int] = field(default_factory=lambda: [20])
     """numbers of LIBERO demos to try (from init states 25..49)"""
     libero_steps: int = 2000
     """SFT steps per LIBERO run"""
     libero_eval_episodes: int = 25
-    """eval episodes per LIBERO run (init states 0..E-1)"""
+    """eval episodes per LIBERO run (reset ids 0..E-1 of the eval walk: init states 0..E/T-1 of each of T tasks)"""
     seeds: list[int] = field(default_factory=lambda: [1, 2])
     """SFT seeds per PushCube setting"""
     libero_seeds: list[int] = field(default_factory=lambda: [1])

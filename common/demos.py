@@ -92,7 +92,8 @@ def ensure_demos(env: str, task: str, num_demos: int, directory: str | Path | No
     path = Path(directory or f"data/demos/{task.replace('/', '_')}")
     if (path / "segments").is_dir():
         return path
-    print(f"no demos at {path}: generating {num_demos} (disjoint from the eval initial states)")
+    print(f"no demos at {path}: generating them (at least {num_demos} per task, disjoint from the eval initial "
+          f"states; on LIBERO one from each of init states 25..49 of each task)")
     if env == "maniskill":
         from common.maniskill_demos import generate_demos
 
@@ -116,8 +117,8 @@ def check_demos(episodes: list[dict[str, Any]], directory, *, env: str, obs_mode
         raise ValueError(f"{directory}: some demos do not record their initial state; cannot check eval disjointness")
     overlap = {int(i) for i in ids} & set(eval_states)
     if overlap:
-        raise ValueError(f"eval initial states {eval_states.start}..{eval_states.stop - 1} include demo initial states "
-                         f"{sorted(overlap)[:10]}: regenerate the demos from other seeds / init states")
+        raise ValueError(f"eval initial states {eval_states.start}..{eval_states.stop - 1} (of each task) include demo "
+                         f"initial states {sorted(overlap)[:10]}: regenerate the demos from other seeds / init states")
     modes = {e["meta"].get("control_mode") for e in episodes}
     if env == "maniskill" and modes != {control_mode}:
         raise ValueError(f"{directory}: demos recorded with control mode {modes}, --control-mode is {control_mode}")

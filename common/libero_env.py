@@ -49,17 +49,21 @@ def libero_task_ids(task: str) -> tuple[str, list[int]]:
     n_tasks = SUITE_TASKS[suite]
     if not slash:
         return suite, list(range(n_tasks))
+    canonical = lambda x: x.isascii() and x.isdigit() and x == str(int(x))  # noqa: E731 (one spelling per task)
     ids: list[int] = []
     for part in spec.split(","):
         lo, dash, hi = part.partition("-")
-        if not lo.isdigit() or (dash and not hi.isdigit()):
+        if not canonical(lo) or (dash and not canonical(hi)):
             raise ValueError(f"a LIBERO task is {TASK_FORM}; got {task!r}")
-        ids += range(int(lo), int(hi) + 1) if dash else [int(lo)]
-    bad = [t for t in ids if t >= n_tasks]
-    if bad:
-        raise ValueError(f"{task!r}: task ids {bad} are out of range for {suite}, which has tasks 0..{n_tasks - 1}")
-    if not ids or len(set(ids)) != len(ids):
-        raise ValueError(f"{task!r}: name each task once, at least one (ranges lo-hi with lo <= hi)")
+        lo, hi = int(lo), int(hi) if dash else int(lo)
+        if max(lo, hi) >= n_tasks:
+            raise ValueError(f"{task!r}: task ids up to {max(lo, hi)} are out of range for {suite}, which has tasks "
+                             f"0..{n_tasks - 1}")
+        if hi < lo:
+            raise ValueError(f"{task!r}: a range lo-hi needs lo <= hi")
+        ids += range(lo, hi + 1)
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{task!r}: name each task once")
     return suite, ids
 
 

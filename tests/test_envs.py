@@ -11,13 +11,19 @@ def test_bad_env_and_task_names_are_refused():
     with pytest.raises(ValueError, match="env must be"):
         make_task_env("gym", "CartPole-v1", 1)
     for task in ("libero_object/x", "a/b/1", "libero_object/", "libero_object/3-", "libero_object/-3",
-                 "libero_object/1,,2", "libero_foo/1", "libero_object/0/1"):
+                 "libero_object/1,,2", "libero_foo/1", "libero_object/0/1", "libero_object/03", "libero_object/\u00b2",
+                 "libero_object/\u0663"):
         with pytest.raises(ValueError, match="<suite>/<task ids>"):
             check_task("libero", task)
     with pytest.raises(ValueError, match=r"out of range for libero_goal, which has tasks 0..9"):
         check_task("libero", "libero_goal/8-10")
-    for task in ("libero_object/1,1", "libero_object/0-2,2", "libero_object/3-1"):
+    with pytest.raises(ValueError, match="out of range"):
+        check_task("libero", "libero_object/0-99999999999")  # refused before any list is built
+    for task in ("libero_object/1,1", "libero_object/0-2,2"):
         with pytest.raises(ValueError, match="each task once"):
+            check_task("libero", task)
+    for task in ("libero_object/3-1", "libero_object/0,3-1"):
+        with pytest.raises(ValueError, match="lo <= hi"):
             check_task("libero", task)
     for task in ("libero_object/3", "libero_object/0-3", "libero_object/0,2,5", "libero_object", "libero_90/89"):
         check_task("libero", task)

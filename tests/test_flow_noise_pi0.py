@@ -110,3 +110,15 @@ def test_bad_flags_are_refused(tmp_path):
         out = subprocess.run([sys.executable, str(ROOT / "algos" / "flow_noise_pi0.py"), "--run-dir", str(tmp_path),
                               "--env", "maniskill", *flags], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert out.returncode != 0 and msg in out.stderr, (flags, out.stderr[-400:])
+
+
+def test_a_few_iterations_on_one_libero_task_with_images(tmp_path):
+    """The default LIBERO task (libero_object/0, one task, its eval init states 0, 1), with both cameras."""
+    out = subprocess.run([sys.executable, str(ROOT / "algos" / "flow_noise_pi0.py"), "--run-dir", str(tmp_path),
+                          "--env", "libero", "--init", "scratch", "--num-envs", "2", "--num-steps", "4",
+                          "--total-iterations", "1", "--eval-episodes", "2", "--num-eval-envs", "2",
+                          "--max-episode-steps", "16", "--minibatch-size", "4", "--image-size", "32",
+                          "--no-capture-video"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((tmp_path / "libero_object_0__flow_noise_pi0__1" / "summary.json").read_text())
+    assert summary["env"] == "libero" and [h["episodes"] for h in summary["history"]] == [2, 2]

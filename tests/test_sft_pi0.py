@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,3 +125,46 @@ def test_demo_images_of_another_size_are_refused(tmp_path):
                                    "--run-dir", str(tmp_path / "runs")], cwd=ROOT, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode != 0 and "demo images are [32] px, --image-size is 64" in res.stderr, res.stderr[-500:]
+
+
+def test_libero_task_subset_sft_keeps_every_instruction_whole(tmp_path):
+    """SFT on libero_spatial/1,6 from demos of both tasks: their instructions share the first 31 bytes ("pick up the
+    black bowl next to "), so the tiny config's 32-token prompt would give both tasks one prompt; the model made
+    holds each instruction whole, and evaluates on init states 0 of both tasks. Synthetic demos (the pipeline, not
+    the expert, is under test); a model whose prompt merges the two is refused."""
+    from common.demos import episode_segment, open_demo_writer
+    from common.pi0_io import load_pi0
+
+    rng = np.random.default_rng(0)
+    instructions = {1: "pick up the black bowl next to the ramekin and place it on the plate",
+                    6: "pick up the black bowl next to the cookie box and place it on the plate"}
+    writer = open_demo_writer(tmp_path / "demos")
+    for task, text in instructions.items():
+        for init in (25, 26):
+            T = 12
+            obs = [{"state": rng.normal(size=8).astype(np.float32),
+                    "images": {k: rng.integers(0, 255, (32, 32, 3), dtype=np.uint8) for k in ("main", "wrist")}}
+                   for _ in range(T + 1)]
+            writer.add(episode_segment(obs, list(rng.uniform(-1, 1, (T, 7))), T - 1),
+                       dict(source="synthetic", env="libero", task=f"libero_spatial/{task}", task_description=text,
+                            reset_id=init, init_index=init, success=True, length=T))
+    del writer  # each add is durable on return
+    flags = ["--env", "libero", "--task", "libero_spatial/1,6", "--demos", str(tmp_path / "demos"), "--num-demos", "2",
+             "--image-size", "32", "--total-steps", "3", "--batch-size", "8", "--eval-episodes", "2",
+             "--num-eval-envs", "2", "--max-episode-steps", "4", "--run-dir", str(tmp_path / "runs")]
+    out = subprocess.run(SCRIPT + flags, cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = tmp_path / "runs" / "libero_spatial_1,6__sft_pi0__1"
+    model, _, _ = load_pi0(run / "final")
+    assert model.cfg.max_tokens >= len(instructions[6]) + 2  # BOS, the bytes, "\n"
+    assert json.loads((run / "eval.json").read_text())[-1]["episodes"] == 2
+    # a model with the 32-token prompt (a --init-from of a single-task start) cannot tell the two tasks apart
+    from common.pi0 import Pi0Config, Pi0Model
+    from common.pi0_io import make_tokenizer, save_pi0, NormStats
+
+    short = Pi0Model(Pi0Config.tiny(num_cameras=2, image_size=32))
+    save_pi0(tmp_path / "short", short, NormStats.from_data({"state": rng.normal(size=(4, 8)),
+                                                             "actions": rng.normal(size=(4, 7))}), make_tokenizer(None).name)
+    out = subprocess.run(SCRIPT + flags + ["--init-from", str(tmp_path / "short"), "--exp-name", "short"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=400)
+    assert out.returncode != 0 and "cuts the instructions of different tasks" in out.stderr, out.stderr[-1000:]
