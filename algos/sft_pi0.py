@@ -23,6 +23,7 @@ import math
 import os
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -305,7 +306,10 @@ if __name__ == "__main__":
                    if v != getattr(cfg, k) and getattr(Args, {"discrete_state_input": "discrete_state"}.get(k, k)) != v]
         if ignored:
             print(f"the loaded model's shape is kept; ignoring {', '.join(ignored)}", flush=True)
-    if len({tuple(tokenize_prompt(tokenizer, t, cfg.max_tokens)[0]) for t in instructions}) < len(instructions):
+    with warnings.catch_warnings():  # training batches warn of a cut prompt; here only a collision matters
+        warnings.simplefilter("ignore")
+        cut = {tuple(tokenize_prompt(tokenizer, t, cfg.max_tokens)[0]) for t in instructions}
+    if len(cut) < len(instructions):
         raise SystemExit(f"the model's prompt of {cfg.max_tokens} tokens cuts the instructions of different tasks to "
                          f"the same tokens (they need {instruction_tokens}): start a new model for this task set")
     if cfg.discrete_state_input and state_prompt_tokens > cfg.max_tokens:
