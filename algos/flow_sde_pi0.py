@@ -47,7 +47,8 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from common.envs import check_task, fill_defaults, make_task_env, rlinf_libero_values, run_eval_episodes
+from common.envs import (check_task, fill_defaults, make_task_env, rlinf_libero_values, run_eval_episodes,
+                         task_instructions)
 from common.libero_env import MAX_EPISODE_STEPS
 from common.fsutil import atomic_write
 from common.pi0 import Pi0Model, PromptPrefixCache, gaussian_log_prob, pooled_prefix
@@ -399,7 +400,7 @@ def make_sft_checkpoint(args: Args, path: Path) -> None:
     subprocess.run(cmd, check=True, cwd=ROOT)
 
 
-def load_policy(args: Args, device):
+def load_policy(args: Args, tokenizer, device):
     kind, _, path = args.init.partition(":")
     if kind == "sft" and path in ("", "auto"):
         path = str(sft_auto_path(args))
@@ -407,7 +408,8 @@ def load_policy(args: Args, device):
             make_sft_checkpoint(args, Path(path))
     try:
         return load_pi0_policy(f"{kind}:{path}" if kind != "scratch" else kind, env=args.env, obs_mode=args.obs_mode,
-                               preset=args.model, device=device)
+                               preset=args.model, device=device, instructions=task_instructions(args.env, args.task),
+                               tokenizer=tokenizer)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"{e}. Make an SFT checkpoint with: python algos/sft_pi0.py --env {args.env} --task "
                          f"{args.task} (it prints its path), or pass --init sft:auto")
@@ -490,11 +492,12 @@ if __name__ == "__main__":
     rng = random.Random(args.seed)  # RLinf draws the SDE step with Python's random module
 
     # Policy, critic, optimiser
-    model, norm_stats, env_action_dim, camera_keys = load_policy(args, device)
+    tokenizer = make_tokenizer(args.tokenizer)
+    model, norm_stats, env_action_dim, camera_keys = load_policy(args, tokenizer, device)
     cfg = model.cfg
     if not 1 <= args.action_chunk <= cfg.horizon:
         raise SystemExit(f"--action-chunk must be in [1, horizon={cfg.horizon}], got {args.action_chunk}")
-    processor = Pi0Processor(cfg, make_tokenizer(args.tokenizer), norm_stats, env_action_dim, camera_keys)
+    processor = Pi0Processor(cfg, tokenizer, norm_stats, env_action_dim, camera_keys)
     if args.train_expert_only:
         model.freeze_vlm()
     if args.train_head_only:

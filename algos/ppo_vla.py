@@ -39,7 +39,8 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from common.demos import check_demos, demo_chunks, ensure_demos, load_demos
-from common.envs import check_task, eval_initial_states, make_task_env, run_eval_episodes, task_names
+from common.envs import (check_task, eval_initial_states, make_task_env, run_eval_episodes, task_instructions,
+                         task_names)
 from common.fsutil import atomic_write
 from common.libero_env import MAX_EPISODE_STEPS
 from common.pi0 import PromptPrefixCache, pooled_prefix
@@ -307,6 +308,7 @@ if __name__ == "__main__":
     resuming = args.resume and (ckpt_dir / "vla.pt").exists()
     start_from = ckpt_dir if resuming else Path(init_path) if init_kind == "vla" else None
     episodes, meta = None, {"extra": {}}
+    tokenizer = make_tokenizer(args.tokenizer)
     if start_from is not None:
         model, norm_stats, meta = load_pi0(start_from, device)
         env_action_dim, camera_keys = meta["extra"]["env_action_dim"], tuple(meta["extra"]["camera_keys"])
@@ -323,7 +325,8 @@ if __name__ == "__main__":
     else:
         try:
             model, norm_stats, env_action_dim, camera_keys = load_pi0_policy(
-                args.backbone, env=args.env, obs_mode=args.obs_mode, preset=args.model, device=device)
+                args.backbone, env=args.env, obs_mode=args.obs_mode, preset=args.model, device=device,
+                instructions=task_instructions(args.env, args.task), tokenizer=tokenizer)
         except (ValueError, FileNotFoundError) as e:
             raise SystemExit(f"--backbone {args.backbone}: {e}")
         if init_kind == "bc":
@@ -351,7 +354,7 @@ if __name__ == "__main__":
         raise SystemExit("--init scratch with --backbone scratch has no action bounds to tokenise with: use --init bc "
                          "(bounds from the demos) or a --backbone checkpoint with norm stats")
     camera_keys = camera_keys[: cfg.num_cameras]
-    processor = Pi0Processor(cfg, make_tokenizer(args.tokenizer), norm_stats, env_action_dim, camera_keys)
+    processor = Pi0Processor(cfg, tokenizer, norm_stats, env_action_dim, camera_keys)
     processor.quantile = True  # every dim to [-1, 1] by its q01 / q99 (OpenVLA), the bins' range
     chunk, A, bins = args.action_chunk, env_action_dim, args.action_bins
     feat_dim = cfg.vlm_width + cfg.action_dim

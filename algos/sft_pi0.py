@@ -23,7 +23,6 @@ import math
 import os
 import random
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -37,7 +36,8 @@ from common.demos import check_demos, demo_chunks, ensure_demos, load_demos
 from common.envs import check_task, eval_initial_states, make_task_env, run_eval_episodes, task_names
 from common.fsutil import atomic_write
 from common.pi0 import Pi0Config, Pi0Model
-from common.pi0_io import NormStats, Pi0Processor, load_pi0, make_tokenizer, save_pi0, tokenize_prompt
+from common.pi0_io import (NormStats, Pi0Processor, check_prompts, instruction_tokens, load_pi0, make_tokenizer,
+                           save_pi0)
 
 
 @dataclass
@@ -269,7 +269,7 @@ if __name__ == "__main__":
     # several tasks (a LIBERO subset): each instruction whole, or a cut could give two tasks one prompt (the tiny
     # config's 32 tokens leave libero_spatial's ten instructions five distinct prompts)
     instructions = sorted({ep["meta"]["task_description"] for ep in episodes})
-    instruction_tokens = max(int(tokenize_prompt(tokenizer, t, 10**4)[1].sum()) for t in instructions)
+    prompt_tokens = instruction_tokens(tokenizer, instructions)
     start_step, trainer_state = 0, None
     results = []
     resume_dir = ckpt_dir if ckpt_dir.exists() else ckpt_dir.with_name("checkpoint.old")  # see save_pi0
@@ -289,7 +289,7 @@ if __name__ == "__main__":
         if args.discrete_state:
             overrides.update(max_tokens=max(preset().max_tokens, state_prompt_tokens))
         elif len(instructions) > 1:
-            overrides.update(max_tokens=max(preset().max_tokens, instruction_tokens))
+            overrides.update(max_tokens=max(preset().max_tokens, prompt_tokens))
         if args.model == "tiny":
             overrides.update(num_cameras=len(camera_keys), variant=args.variant, image_size=args.image_size)
             if args.depth:
@@ -306,12 +306,10 @@ if __name__ == "__main__":
                    if v != getattr(cfg, k) and getattr(Args, {"discrete_state_input": "discrete_state"}.get(k, k)) != v]
         if ignored:
             print(f"the loaded model's shape is kept; ignoring {', '.join(ignored)}", flush=True)
-    with warnings.catch_warnings():  # training batches warn of a cut prompt; here only a collision matters
-        warnings.simplefilter("ignore")
-        cut = {tuple(tokenize_prompt(tokenizer, t, cfg.max_tokens)[0]) for t in instructions}
-    if len(cut) < len(instructions):
-        raise SystemExit(f"the model's prompt of {cfg.max_tokens} tokens cuts the instructions of different tasks to "
-                         f"the same tokens (they need {instruction_tokens}): start a new model for this task set")
+    try:
+        check_prompts(cfg, tokenizer, instructions)
+    except ValueError as e:
+        raise SystemExit(f"{e}: start a new model for this task set")
     if cfg.discrete_state_input and state_prompt_tokens > cfg.max_tokens:
         raise SystemExit(f"the state prompt needs {state_prompt_tokens} tokens, the model holds {cfg.max_tokens}: the "
                          f"state bins would be cut off (start a new model, or pass a smaller state)")

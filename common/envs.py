@@ -44,6 +44,18 @@ def task_names(env: str, task: str) -> list[str]:
     return [f"{suite}/{t}" for t in task_ids]
 
 
+def task_instructions(env: str, task: str) -> list[str]:
+    """The instructions the envs of a --task prompt with, one per task (LIBERO); [] for a one-task env (ManiSkill),
+    whose single prompt cannot collide with another."""
+    if env != "libero":
+        return []
+    from common.libero_env import libero_task_ids
+    from common.libero_env import task_instructions as libero_instructions
+
+    suite, task_ids = libero_task_ids(task)
+    return libero_instructions(suite, task_ids)
+
+
 def eval_initial_states(env: str, task: str, eval_episodes: int) -> range:
     """The initial states (ManiSkill seeds, LIBERO init state indices of each task) that `eval_episodes` eval episodes
     start from: demos must come from others."""

@@ -119,6 +119,16 @@ def suite_reset_table(suite: str, task_ids: list[int] | None = None,
     return [(t, j) for j in init_states for t in task_ids]
 
 
+def task_instructions(suite: str, task_ids: list[int]) -> list[str]:
+    """The instruction each task's env prompts with (its BDDL file's :language, as the env wrapper reads it; the
+    benchmark's `task.language` differs in most suites, e.g. for every libero_spatial and libero_object task), without
+    building an env."""
+    bench = _benchmark(suite)  # first: it says how to install LIBERO
+    from libero.libero.envs.bddl_utils import get_problem_info
+
+    return [get_problem_info(bench.get_task_bddl_file_path(t))["language_instruction"] for t in task_ids]
+
+
 class LiberoSingle:
     """One LIBERO env with numpy in and out; lives in a worker process (or in-process for tests)."""
 

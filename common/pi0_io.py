@@ -111,6 +111,25 @@ def tokenize_prompt(tokenizer, text: str, max_len: int, state: np.ndarray | None
     return out, np.arange(max_len) < len(ids)
 
 
+def instruction_tokens(tokenizer, instructions) -> int:
+    """The prompt length (tokens) that holds the longest of `instructions` whole (0 for none)."""
+    return max((int(tokenize_prompt(tokenizer, t, 10**4)[1].sum()) for t in instructions), default=0)
+
+
+def check_prompts(cfg: Pi0Config, tokenizer, instructions) -> None:
+    """Refuse a model whose prompt of `cfg.max_tokens` tokens cuts the instructions of different tasks to the same
+    tokens: trained together, those tasks would be one prompt (with the tiny config's 32 byte tokens libero_spatial's
+    tasks 1, 6, 8 all read "pick the akita black bowl next ", and 3, 5, 7, 9 "pick the akita black bowl on th"). A cut
+    that keeps them apart only warns, as openpi does. Tasks with one instruction (libero_90 has repeats) are one."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        whole = {tuple(tokenize_prompt(tokenizer, t, 10**4)[0]) for t in instructions}
+        cut = {tuple(tokenize_prompt(tokenizer, t, cfg.max_tokens)[0]) for t in instructions}
+    if len(cut) < len(whole):
+        raise ValueError(f"the model's prompt of {cfg.max_tokens} tokens cuts the instructions of different tasks to "
+                         f"the same tokens (they need {instruction_tokens(tokenizer, instructions)})")
+
+
 # ----------------------------------------------------------------------------------------------------- norm stats
 @dataclass
 class NormStats:
@@ -452,9 +471,23 @@ class Pi0Processor:
         return self._delta(self._norm("actions", actions[..., : self.env_action_dim].float(), inverse=True), state, 1)
 
 
-def load_pi0_policy(init: str, *, env: str, obs_mode: str = "state", preset: str = "tiny", device="cpu"):
+def load_pi0_policy(init: str, *, env: str, obs_mode: str = "state", preset: str = "tiny", device="cpu",
+                    instructions=(), tokenizer=None):
     """A policy to start RL from: "sft:PATH" (our checkpoint), "openpi:PATH" or "scratch" (a `preset` model sized for
-    the env). -> (model, norm stats or None, env action dim, camera keys in slot order)."""
+    the env). -> (model, norm stats or None, env action dim, camera keys in slot order). With the `instructions` of
+    several tasks (and their `tokenizer`), a scratch model's prompt holds the longest whole, and a model whose prompt
+    would give two tasks the same tokens is refused (ValueError)."""
+    if instructions and tokenizer is None:
+        raise ValueError("checking the prompts of several tasks needs their tokenizer")
+    out = _load_pi0_policy(init, env=env, obs_mode=obs_mode, preset=preset, device=device,
+                           prompt_tokens=instruction_tokens(tokenizer, instructions) if len(set(instructions)) > 1 else 0)
+    if instructions:
+        check_tokenizer(out[0].cfg, tokenizer)  # a vocabulary mismatch is the first thing to say
+        check_prompts(out[0].cfg, tokenizer, instructions)
+    return out
+
+
+def _load_pi0_policy(init: str, *, env: str, obs_mode: str, preset: str, device, prompt_tokens: int):
     kind, _, path = init.partition(":")
     if kind == "sft":
         if not (Path(path) / "pi0_config.json").exists() and not Path(path + ".old").exists():
@@ -477,5 +510,6 @@ def load_pi0_policy(init: str, *, env: str, obs_mode: str = "state", preset: str
             raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(presets)}")
         state_only = env == "maniskill" and obs_mode == "state"
         cfg = presets[preset](**(dict(action_dim=35, num_cameras=0) if state_only and preset == "tiny" else {}))
+        cfg = replace(cfg, max_tokens=max(cfg.max_tokens, prompt_tokens))
         return Pi0Model(cfg).to(device), None, 8 if env == "maniskill" else 7, ("main", "wrist")
     raise ValueError(f"--init must be sft:PATH, sft:auto, openpi:PATH or scratch; got {init!r}")

@@ -233,6 +233,18 @@ def test_few_iterations_on_libero_grpo_with_images(tmp_path):
     assert [h["episodes"] for h in summary["history"]] == [2, 2]
 
 
+def test_a_start_whose_prompt_merges_two_tasks_is_refused(tmp_path):
+    """libero_spatial's tasks 1 and 6 share their first 31 bytes: a 32-token model would train them as one prompt."""
+    from common.pi0_io import make_tokenizer, save_pi0
+
+    save_pi0(tmp_path / "short", Pi0Model(Pi0Config.tiny()), None, make_tokenizer(None).name)
+    out = subprocess.run([sys.executable, str(ROOT / "algos" / "flow_sde_pi0.py"), "--run-dir", str(tmp_path / "runs"),
+                          "--env", "libero", "--task", "libero_spatial/1,6", "--init", f"sft:{tmp_path / 'short'}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "cuts the instructions of different tasks" in out.stderr, out.stderr[-1000:]
+    assert "python algos/sft_pi0.py --env libero --task libero_spatial/1,6" in out.stderr
+
+
 def test_bad_flags_are_refused(tmp_path):
     for flags, msg in [(["--env", "gym"], "--env"), (["--init", "foo"], "--init"), (["--bootstrap", "x"], "--bootstrap"),
                        (["--adv-type", "grpo", "--num-envs", "3"], "multiple"), (["--sde-steps", "0,7"], "--sde-steps"),

@@ -172,5 +172,9 @@ def test_eval_over_a_task_subset_walks_the_eval_init_states_spread_over_the_task
                 seen += info["episode"]["reset_id"][info["done"]].tolist()
         assert sorted(seen) == [0, 1, 2, 3]
         assert len(prompts) == 2  # two tasks, two instructions
+        # the instructions read without an env are those the envs prompt with (LIBERO's task.language differs)
+        from common.envs import task_instructions
+
+        assert sorted(task_instructions("libero", "libero_object/0,3")) == sorted(prompts)
     finally:
         env.close()

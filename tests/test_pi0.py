@@ -444,3 +444,36 @@ def test_delta_action_models_get_the_state_added_back():
         proc.actions_to_env(target)
     with pytest.raises(ValueError, match="delta_action_dims"):
         Pi0Config.tiny(delta_action_dims=99)
+
+
+def test_policy_prompts_hold_every_task_of_a_subset_apart(tmp_path):
+    """RL from scratch on several tasks sizes the prompt to the longest instruction; a loaded model whose prompt cuts
+    two tasks to the same tokens is refused, one that keeps them apart (or one task alone) is kept."""
+    from common.pi0_io import check_prompts, instruction_tokens, load_pi0_policy, save_pi0
+
+    tok = ByteTokenizer()
+    spatial = ["pick the akita black bowl next to the ramekin and place it on the plate",  # libero_spatial 1 and 6 as
+               "pick the akita black bowl next to the cookies box and place it on the plate"]  # their envs prompt
+    need = instruction_tokens(tok, spatial)
+    assert need == len(spatial[1]) + 2  # BOS, the bytes, "\n"
+    tiny = Pi0Config.tiny().max_tokens
+    model = load_pi0_policy("scratch", env="libero", instructions=spatial, tokenizer=tok)[0]
+    assert model.cfg.max_tokens == need > tiny
+    one = load_pi0_policy("scratch", env="libero", instructions=spatial[:1], tokenizer=tok)[0]
+    assert one.cfg.max_tokens == tiny  # one task: a cut prompt is still one prompt
+    # libero_90 repeats instructions across scenes: two tasks with one instruction are one prompt, not a collision
+    assert load_pi0_policy("scratch", env="libero", instructions=spatial[:1] * 2, tokenizer=tok)[0].cfg.max_tokens == tiny
+    assert load_pi0_policy("scratch", env="libero")[0].cfg.max_tokens == tiny
+
+    save_pi0(tmp_path / "short", Pi0Model(Pi0Config.tiny()), None, tok.name)
+    with pytest.raises(ValueError, match=f"cuts the instructions of different tasks to the same tokens \\(they need {need}\\)"):
+        load_pi0_policy(f"sft:{tmp_path / 'short'}", env="libero", instructions=spatial, tokenizer=tok)
+    object_0_5 = ["pick up the alphabet soup and place it in the basket", "pick up the tomato sauce and place it in the basket"]
+    kept = load_pi0_policy(f"sft:{tmp_path / 'short'}", env="libero", instructions=object_0_5, tokenizer=tok)[0]
+    assert kept.cfg.max_tokens == tiny  # cut, but still apart: kept (openpi's truncation warns)
+    shared = len("pick the akita black bowl next to the ")
+    check_prompts(Pi0Config.tiny(max_tokens=1 + shared + 1), tok, spatial)  # BOS, the shared bytes, one that differs
+    with pytest.raises(ValueError, match="cuts the instructions"):
+        check_prompts(Pi0Config.tiny(max_tokens=1 + shared), tok, spatial)
+    with pytest.raises(ValueError, match="tokenizer"):
+        load_pi0_policy("scratch", env="libero", instructions=spatial)
