@@ -49,8 +49,7 @@ def task_instructions(env: str, task: str) -> list[str]:
     whose single prompt cannot collide with another."""
     if env != "libero":
         return []
-    from common.libero_env import libero_task_ids
-    from common.libero_env import task_instructions as libero_instructions
+    from common.libero_env import libero_task_ids, task_instructions as libero_instructions
 
     suite, task_ids = libero_task_ids(task)
     return libero_instructions(suite, task_ids)
