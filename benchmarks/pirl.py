@@ -10,6 +10,8 @@ random actions).
 
     python benchmarks/pirl.py                                     # PushCube-v1: writes benchmarks/results/pirl_maniskill.*
     python benchmarks/pirl.py --env libero --seeds 1 --minutes 20 # LIBERO-Object task 0, 25 eval episodes
+    python benchmarks/pirl.py --env libero --task libero_object/0-3 --sft-only  # four tasks (100 eval episodes):
+                                                                  # their SFT starts first, beside other work
     python benchmarks/pirl.py --algorithms flow_sde --minutes 30 --eval-every 20 --sde-flags="--noise-level 0.3" \
         --name pirl_maniskill_sde_30min                           # flags for one algorithm, its own table
 """
@@ -81,6 +83,10 @@ class Args:
     """where pirl_<env>.{md,json,png} go"""
     name: str = ""
     """results file name (default pirl_<env>; e.g. a separate table for one algorithm's longer runs)"""
+    sft_only: bool = False
+    """make the demos and the SFT starts of every seed, then stop: their budgets are steps, so they may share the
+    machine with other work; the RL runs' budget is wall-clock minutes, so run the same command without this flag
+    alone on the machine afterwards (it reuses the SFT starts)"""
 
 
 def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -179,6 +185,10 @@ def main(args: Args) -> None:
         except ValueError as e:
             raise SystemExit(str(e))
     args.eval_episodes = args.eval_episodes or 100
+    if args.sft_only:
+        for seed in args.seeds:
+            print(f"seed {seed}: SFT start {sft_start(args, seed)}", flush=True)
+        return
     runs = []
     for seed in args.seeds:
         init = sft_start(args, seed)

@@ -48,6 +48,7 @@ import re
 import tempfile
 import time
 import weakref
+from fcntl import LOCK_EX, LOCK_UN, flock
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +93,14 @@ def _path(name: str) -> Path:
     return shm_dir() / f"rlx-{name}"
 
 
+def _first_free(order: list[int], busy: int) -> int:
+    """The first slot of `order` whose bit is clear in `busy`, or -1."""
+    for s in order:
+        if not busy >> s & 1:
+            return s
+    return -1
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -133,6 +142,8 @@ class _Mapping:
         self.slots, self.slot_bytes, self.max_readers = slots, slot_bytes, readers
         self.reader_base = SLOT_BASE + 2 * slots
         self.entries = self.ctl[self.reader_base:self.reader_base + 3 * readers].reshape(readers, 3)
+        # each reader entry's in-use and pending slot masks (free entries hold 0): their or is what readers hold
+        self.mask_words = [self.reader_base + 3 * r + k for r in range(readers) for k in (1, 2)]
         self.data = np.frombuffer(self.mm, np.uint8, offset=CONTROL_BYTES)
         self.base_ptr = self.data.ctypes.data
         self.slot_arrays: dict[tuple[int, int], np.ndarray] = {}
@@ -169,8 +180,8 @@ class _Mapping:
                 if pid != os.getpid() and not _pid_alive(pid):
                     entries[r] = 0
         words, mask = self.words, 0
-        for w in range(self.reader_base + 1, self.reader_base + 3 * self.max_readers, 3):
-            mask |= words[w] | words[w + 1]  # an entry's in-use and pending masks; free entries hold 0
+        for w in self.mask_words:
+            mask |= words[w]
         return mask
 
     def close(self) -> None:
@@ -250,19 +261,24 @@ class ShmPublisher:
         if self._map is None or nbytes > self._map.slot_bytes:
             self._create(nbytes)  # also when a message outgrows the slots: readers move to the new file
         m = self._map
-        words = m.words
-        with m.lock():
+        words, fd = m.words, m.fd
+        flock(fd, LOCK_EX)  # (not `with m.lock()`: on this path each Python call counts)
+        try:
             latest = words[W_LATEST_SLOT]
             latest_bit = 1 << latest if latest >= 0 else 0
-            busy = m.held_mask(check_alive=False) | latest_bit
-            s = next((i for i in self._recent if not busy >> i & 1), -1)
+            busy = latest_bit
+            for w in m.mask_words:
+                busy |= words[w]
+            s = _first_free(self._recent, busy)
             if s < 0:  # a reader process that died still "holds" slots: free its entry and look again
                 busy = m.held_mask(check_alive=True) | latest_bit
-                s = next((i for i in self._recent if not busy >> i & 1), -1)
+                s = _first_free(self._recent, busy)
             if s < 0:
                 raise ShmError(f"all {m.slots} slots of {self.path} are held by readers")
             words[SLOT_BASE + 2 * s] = -1  # (version, length)
             words[SLOT_BASE + 2 * s + 1] = nbytes
+        finally:
+            flock(fd, LOCK_UN)
         if s not in self._reserved:
             try:
                 _reserve(m.fd, CONTROL_BYTES + s * m.slot_bytes, m.slot_bytes)
@@ -284,10 +300,13 @@ class ShmPublisher:
         m, s = self._map, self._writing
         if m is None or s < 0:
             raise RuntimeError("commit() without acquire()")
-        words, now = m.words, time.time_ns()
-        with m.lock():
+        words, fd, now = m.words, m.fd, time.time_ns()
+        flock(fd, LOCK_EX)
+        try:
             words[SLOT_BASE + 2 * s] = version
             words[W_LATEST_SLOT], words[W_LATEST_VERSION], words[W_HEARTBEAT] = s, version, now
+        finally:
+            flock(fd, LOCK_UN)
         self._recent.remove(s)
         self._recent.insert(0, s)
         self._writing = -1
@@ -357,18 +376,24 @@ class ShmSubscriber:
         self._map, self._entry, self._pending = None, -1, {}
         self._decode = PackedDecoder(self._decode.max_bytes, self._decode.as_torch)  # its kept views: old file's
 
-    def _set_pending(self) -> None:  # under the lock
+    def _pending_mask(self) -> int:
         mask = 0
         for s in self._pending.values():
             mask |= 1 << s
-        self._map.words[self._map.reader_base + 3 * self._entry + 2] = mask
+        return mask
+
+    def _set_pending(self) -> None:  # under the lock
+        self._map.words[self._map.reader_base + 3 * self._entry + 2] = self._pending_mask()
 
     def _set_held(self, in_use: int) -> None:
         """Record the slots our tensors view (`in_use`) and the pending ones, under the lock."""
         m = self._map
-        with m.lock():
-            m.words[m.reader_base + 3 * self._entry + 1] = in_use
-            self._set_pending()
+        words, at, pending = m.words, m.reader_base + 3 * self._entry + 1, self._pending_mask()
+        flock(m.fd, LOCK_EX)
+        try:
+            words[at], words[at + 1] = in_use, pending
+        finally:
+            flock(m.fd, LOCK_UN)
 
     # ---------------------------------------------------------------------------------------------- reading
     def latest(self, timeout: float = 0.0) -> Message | None:
@@ -390,8 +415,9 @@ class ShmSubscriber:
             time.sleep(min(remaining, 0.0005 if m is not None else 0.01))
 
     def _take(self, m: _Mapping) -> Message | None:
-        words = m.words
-        with m.lock():
+        words, pending = m.words, self._pending
+        flock(m.fd, LOCK_EX)
+        try:
             s, version = words[W_LATEST_SLOT], words[W_LATEST_VERSION]
             if not 0 <= s < m.slots:  # a corrupt control page: nothing to hold, nothing to read
                 self.stats["bad_frames"] += 1
@@ -399,8 +425,10 @@ class ShmSubscriber:
                 self.last_version = version
                 return None
             length = words[SLOT_BASE + 2 * s + 1]
-            self._pending[version] = s  # held from here on: the publisher will not rewrite it
-            self._set_pending()
+            pending[version] = s  # held from here on: the publisher will not rewrite it
+            words[m.reader_base + 3 * self._entry + 2] = self._pending_mask()
+        finally:
+            flock(m.fd, LOCK_UN)
         try:
             if not 0 < length <= m.slot_bytes:
                 raise FrameError(f"slot {s} claims {length} bytes (slots have {m.slot_bytes})")
@@ -413,9 +441,10 @@ class ShmSubscriber:
             self.last_version = version  # do not read the same bad slot again
             self._release(version)
             return None
-        self.stats["received"] += 1
-        if self.last_version >= 0:
-            self.stats["skipped_versions"] += max(0, version - self.last_version - 1)
+        stats = self.stats
+        stats["received"] += 1
+        if self.last_version >= 0 and version > self.last_version + 1:
+            stats["skipped_versions"] += version - self.last_version - 1
         self.last_version = version
         return msg
 

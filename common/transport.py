@@ -143,6 +143,7 @@ def encode_header(msg_type: str, meta: dict | None, specs: list, seq: int = 0) -
 
 
 _SEQ_KEY = msgpack.packb("s")
+_UINT_MARKERS = {2: 0xCC, 3: 0xCD, 5: 0xCE, 9: 0xCF}  # encoded length -> msgpack's unsigned-int marker byte
 
 
 class VersionedHeader:
@@ -276,9 +277,13 @@ class PackedDecoder:
         buffers that are freed and reallocated (the kept views would keep them alive)."""
         view = memoryview(buf).cast("B")
         layout = self._layout
-        if layout is not None and view.nbytes == layout[1] and view[:len(layout[0])] == layout[0]:
+        # (bytes, not memoryview, comparisons: a memoryview compares item by item, several times slower)
+        head = b""
+        if layout is not None and view.nbytes == layout[1]:
+            head = view[:layout[2][0] + layout[2][1]].tobytes()  # prefix, padding, header
+        if head and head.startswith(layout[0]):
             prefix, total, (start, length), specs, plan, versioned = layout
-            raw = view[start:start + length]
+            raw = head[start:]
             seq = self._versioned_seq(raw, versioned) if versioned else None
             if seq is not None:  # the learned header but for its version: nothing else to check
                 msg_type, meta, same_specs = versioned[1], {**versioned[2], "version": seq}, True
@@ -314,15 +319,22 @@ class PackedDecoder:
         return msg
 
     @staticmethod
-    def _versioned_seq(raw: memoryview, versioned) -> int | None:
+    def _versioned_seq(raw: bytes, versioned) -> int | None:
         """The version, if `raw` is the learned stem followed by `number, "s", number` (the number's encoding as
         long as the learned one's: the layout fixed the header's length); else None (then it is parsed in full)."""
         stem, _, _, k = versioned
-        n = len(stem)
-        if raw[:n] != stem or raw[n + k:n + k + 2] != _SEQ_KEY or raw[n:n + k] != raw[n + k + 2:]:
+        if not raw.startswith(stem):
             return None
+        tail = raw[len(stem):]  # number, "s", number: 2 k + 2 bytes
+        if tail[k:k + 2] != _SEQ_KEY or tail[:k] != tail[k + 2:]:
+            return None
+        first = tail[0]
+        if k == 1 and first < 0x80:  # msgpack's positive fixint
+            return first
+        if _UINT_MARKERS.get(k) == first:  # msgpack's uint 8 / 16 / 32 / 64: big-endian after the marker
+            return int.from_bytes(tail[1:k], "big")
         try:
-            seq = msgpack.unpackb(raw[n:n + k])
+            seq = msgpack.unpackb(tail[:k])
         except Exception:
             return None
         return seq if type(seq) is int else None
@@ -376,7 +388,7 @@ def _packed_buffer(lengths: tuple[int, ...] | list[int], out: np.ndarray | None,
         buf = torch.empty(total, dtype=torch.uint8, pin_memory=True).numpy()  # the array keeps the tensor alive
     else:
         buf = _aligned_empty(total)  # every byte is written
-    if buf is out and buf.data[:len(prefix)] == prefix:
+    if buf is out and buf[:len(prefix)].tobytes() == prefix:
         return buf, offsets  # a reused buffer packed with the same lengths: prefix and padding are in place
     buf[:len(prefix)] = np.frombuffer(prefix, np.uint8)
     end = len(prefix)
@@ -405,17 +417,22 @@ def pack_block(header: bytes, lengths: list[int], block, out: np.ndarray | None 
     device-to-host asynchronously on the current CUDA stream: synchronise it before sending. `views`: a dict the
     caller owns (and drops with its buffers) where the tensor view of an `out` seen again (a shared-memory slot) is
     kept: on this path each torch or numpy call is a sizeable part of a small model's sync."""
-    buf, offsets = _packed_buffer((len(header), *lengths), out, pinned)
-    span = len(buf) - offsets[1]  # the frames' span does not depend on where the header ends (see above)
-    if block.numel() != span:
-        raise ValueError(f"block of {block.numel()} bytes, the layout needs {span}")
-    buf.data[offsets[0]:offsets[0] + len(header)] = header
-    kept = views.get(id(buf)) if views is not None else None
-    if kept is None or kept[0] is not buf or kept[1] != offsets[1]:
-        kept = (buf, offsets[1], sys.modules["torch"].from_numpy(buf[offsets[1]:]))  # torch: `block` is a tensor
-        if views is not None:
+    size = len(header)
+    # An `out` seen again with the same lengths keeps its prefix and padding (checked: the prefix is compared), so
+    # only the header and the block are written: (out, lengths, header length, prefix, header offset, frames view)
+    kept = views.get(id(out)) if views is not None and out is not None else None
+    if (kept is None or kept[0] is not out or kept[2] != size or kept[1] != lengths
+            or out[:len(kept[3])].tobytes() != kept[3]):
+        buf, offsets = _packed_buffer((size, *lengths), out, pinned)
+        prefix = _packed_layout((size, *lengths))[2]
+        kept = (buf, list(lengths), size, prefix, offsets[0], sys.modules["torch"].from_numpy(buf[offsets[1]:]))
+        if views is not None and buf is out:
             views[id(buf)] = kept
-    kept[2].copy_(block, non_blocking=not block.is_cpu)
+    buf, at, frames = kept[0], kept[4], kept[5]
+    if block.numel() != frames.numel():  # the frames' span does not depend on where the header ends (see above)
+        raise ValueError(f"block of {block.numel()} bytes, the layout needs {frames.numel()}")
+    buf.data[at:at + size] = header
+    frames.copy_(block, non_blocking=not block.is_cpu)  # torch: `block` is a tensor
     return buf
 
 

@@ -128,7 +128,7 @@ class _FlatTensors:
     a view of its slot (`.data` reassigned: same objects, same values, so the model and its optimizer go on as
     before). A snapshot is then one copy of the whole buffer instead of one per tensor."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor]):
+    def __init__(self, tensors: dict[str, torch.Tensor], mode: str):
         self.names, self.source = list(tensors), tensors  # (the kept dict of `_SentTensors`: its names never change)
         self.specs = [frame_spec(k, t) for k, t in tensors.items()]
         self.lengths = [t.numel() * t.element_size() for t in tensors.values()]
@@ -141,7 +141,8 @@ class _FlatTensors:
                 slot.copy_(t)
                 t.data = slot
         self.pointers = [self.block.data_ptr() + off for off in offsets]
-        self.header: VersionedHeader | None = None  # the update header, all but the version packed once
+        self.on_gpu = self.block.is_cuda
+        self.header = VersionedHeader("update", {"mode": mode}, self.specs)  # all but the version packed once
         self._sizes: dict[int, int] = {}  # header length -> packed message size
 
     @staticmethod
@@ -244,16 +245,19 @@ class WeightPublisher:
         self.version = self.version + 1 if version is None else int(version)
         tensors = self._sent.get(copy=not self.flatten)
         if self.flatten and (self._flat is None or not self._flat.holds(tensors)):
-            self._flat = _FlatTensors(tensors) if _FlatTensors.possible(tensors) else None
+            self._flat = _FlatTensors(tensors, self.mode) if _FlatTensors.possible(tensors) else None
         flat = self._flat
+        if flat is not None and self.shm is not None and not flat.on_gpu:  # same host, CPU: straight into a slot
+            header = flat.header(self.version)
+            out = self.shm.acquire(flat.packed_size(len(header)))
+            pack_block(header, flat.lengths, flat.block, out=out, views=self.shm.views)
+            return self._committed(len(out), start)
         if flat is None and self.flatten:
             tensors = dict(tensors)  # the per-tensor path replaces values: not in the kept dict
         # Packing is the one host copy: the snapshot, taken here while the weights are consistent. It goes into a
         # send buffer that no receiver still holds (ZMQ tracks zero-copy sends), reused when the size fits.
         if flat is not None:
-            on_gpu = flat.block.is_cuda
-            if flat.header is None:
-                flat.header = VersionedHeader("update", {"mode": self.mode}, flat.specs)
+            on_gpu = flat.on_gpu
             header = flat.header(self.version)
             pack = lambda out, pinned=False: pack_block(header, flat.lengths, flat.block, out=out, pinned=pinned,
                                                         views=self.shm.views if self.shm is not None else None)
@@ -306,11 +310,16 @@ class WeightPublisher:
             self._snapshot(pack, out, on_gpu)
         else:
             pack(out)
+        return self._committed(nbytes, start)
+
+    def _committed(self, nbytes: int, start: float) -> int:
+        """Publish the slot just packed (shared memory) and count it."""
         self.shm.commit(self.version)
-        self.stats["requested"] += 1
-        self.stats["sent"] += 1
-        self.stats["bytes"] += nbytes
-        self.stats["last_publish_s"] = time.perf_counter() - start
+        stats = self.stats
+        stats["requested"] += 1
+        stats["sent"] += 1
+        stats["bytes"] += nbytes
+        stats["last_publish_s"] = time.perf_counter() - start
         return self.version
 
     def _sender(self) -> None:
@@ -387,6 +396,7 @@ class WeightSubscriber:
         self._fits = None  # the update layout last checked against the model
         self._plan: dict = {}  # for that layout: name -> (target tensor, apply by viewing the received bytes)
         self._views_only = self._views_all = False  # every tensor of that layout is applied by viewing (all tensors)
+        self._in_order: list = []  # that layout's targets in the order of its arrays
 
     def poll(self, timeout: float = 0.0) -> bool:
         """Take in what has arrived; keep only the newest. Returns whether an update is waiting to be applied."""
@@ -421,7 +431,13 @@ class WeightSubscriber:
             self._views_only = all(view for _, view in self._plan.values())
             # then every tensor that can view a slot views this update's: the shared-memory reader holds it alone
             self._views_all = self._views_only and len(self._plan) == len(targets)
-        if self._views_only:  # re-pointing `.data` records nothing for autograd: no need for no_grad's cost
+            self._in_order = [target for target, _ in map(self._plan.__getitem__, msg.arrays)]  # (arrays' order)
+        if self._views_only and not (self.shm and "base" in msg.meta):
+            # re-pointing `.data` records nothing for autograd: no need for no_grad's cost. A layout keeps the
+            # arrays' order, so the targets are zipped with them (on this path each Python step counts)
+            for target, src in zip(self._in_order, msg.arrays.values()):
+                target.data = src
+        elif self._views_only:
             self._load(msg)
         else:
             with torch.no_grad():

@@ -440,3 +440,30 @@ def test_uav_formation_shape_splits_the_error_by_ball_phase():
     r = fly(algo, run_args, act, "free", 0, ref_obs)
     assert r[STEP_SHARES[0]] == 1 and math.isnan(r[PHASES[1]]) and math.isnan(r[PHASES[2]])
     assert abs(r[PHASES[0]] - r["formation_error"]) < 1e-5
+
+
+def test_pirl_sft_only_makes_each_seeds_sft_start_once_and_no_rl_run(tmp_path, monkeypatch):
+    """`--sft-only` runs the SFT script per seed (its budget is steps) and stops before the wall-clock-budgeted RL
+    runs; a second call reuses the finished starts."""
+    import benchmarks.pirl as pirl
+
+    calls = []
+
+    def fake_run(cmd):  # stands in for the SFT subprocess: records the command, leaves what a finished SFT leaves
+        calls.append(cmd)
+        flag = lambda name: cmd[cmd.index(name) + 1]  # noqa: E731
+        final = Path(flag("--run-dir")) / f"libero_object_0-3__{flag('--exp-name')}__{flag('--seed')}" / "final"
+        final.mkdir(parents=True)
+        (final / "pi0_config.json").write_text("{}")
+
+    monkeypatch.setattr(pirl, "run", fake_run)
+    args = dict(env="libero", task="libero_object/0-3", seeds=[1, 2], sft_only=True, run_dir=tmp_path / "runs",
+                demo_dir=tmp_path / "demos", out_dir=tmp_path / "out")
+    pirl.main(pirl.Args(**args))
+    assert [Path(c[1]).name for c in calls] == ["sft_pi0.py", "sft_pi0.py"]
+    assert [c[c.index("--seed") + 1] for c in calls] == ["1", "2"]
+    assert all(c[c.index("--demos") + 1] == str(tmp_path / "demos" / "libero_object_0-3_n20") for c in calls)
+    assert not (tmp_path / "out").exists()  # no table: no RL run was made
+    calls.clear()
+    pirl.main(pirl.Args(**args))
+    assert calls == []
