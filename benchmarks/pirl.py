@@ -119,6 +119,12 @@ def flags_tag(*flags: str) -> str:
     return "_" + hashlib.sha1(" | ".join(flags).encode()).hexdigest()[:6] if any(f.strip() for f in flags) else ""
 
 
+def resume_flag(run: Path) -> list[str]:
+    """["--resume"] for a run that stopped before it finished (killed, machine gone) and left a checkpoint: the
+    script goes on from it (its budget counts what the checkpoint had done). Else []."""
+    return ["--resume"] if any((run / d).exists() for d in ("checkpoint", "checkpoint.old")) else []
+
+
 def sft_start(args: Args, seed: int) -> Path:
     name = f"sft_n{args.sft_demos}_s{args.sft_steps}" + flags_tag(args.sft_flags)
     final = args.run_dir / f"{args.task.replace('/', '_')}__{name}__{seed}" / "final"
@@ -127,7 +133,7 @@ def sft_start(args: Args, seed: int) -> Path:
         run([sys.executable, str(ROOT / "algos" / "sft_pi0.py"), "--env", args.env, "--task", args.task,
              "--num-demos", str(args.sft_demos), "--demos", str(demos), "--total-steps", str(args.sft_steps),
              "--eval-episodes", "0", "--seed", str(seed), "--exp-name", name, "--run-dir", str(args.run_dir),
-             *shlex.split(args.sft_flags)])
+             *resume_flag(final.parent), *shlex.split(args.sft_flags)])
     return final
 
 
@@ -142,7 +148,7 @@ def rl_run(args: Args, algorithm: str, seed: int, init: Path) -> dict:
              "--init", f"sft:{init}", "--seed", str(seed), "--exp-name", name, "--run-dir", str(args.run_dir),
              "--total-minutes", str(args.minutes), "--total-iterations", "1000000", "--eval-every",
              str(args.eval_every), "--eval-episodes", str(args.eval_episodes), "--no-capture-video",
-             *shlex.split(args.rl_flags), *shlex.split(own_flags)])
+             *resume_flag(summary.parent), *shlex.split(args.rl_flags), *shlex.split(own_flags)])
     # a finished run is reused as it is, so the table says when each one ran (the file's mtime, UTC)
     finished = datetime.fromtimestamp(summary.stat().st_mtime, tz=timezone.utc).strftime("%Y-%m-%d %H:%M")
     return {**json.loads(summary.read_text()), "finished_utc": finished}

@@ -20,20 +20,44 @@ and the segment meta (JSON) holds at least:
     control_mode      the controller the actions are for (ManiSkill; LIBERO is always OSC_POSE delta)
 
 Generators: `python -m common.maniskill_demos` (motion planning) and `python -m common.libero_expert` (scripted
-expert with privileged state). Reader: `load_demos` below (used by `algos/sft_pi0.py`).
+expert with privileged state). Reader: `load_demos` below (used by `algos/sft_pi0.py`). A generator marks the
+directory with `generating.json` while it fills it (`begin_generation` / `end_generation`): each stored episode is
+durable, so a generation killed at any moment goes on from the episodes it stored when run again (`ensure_demos` does
+that by itself), and a generator run again on a finished dataset adds no episode it already holds.
 """
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from common.fsutil import atomic_write
 from common.replay_buffer import BufferError, ReplayBuffer
 
 IMAGE_KEYS = ("main", "wrist")
+GENERATING = "generating.json"  # present while a generator fills the dataset (an interrupted one goes on from it)
+
+
+def begin_generation(directory: str | Path, request: dict[str, Any]) -> list[dict[str, Any]]:
+    """Mark `directory` as being filled by a generator (until `end_generation`) and return the metas of the episodes
+    it already holds, oldest first, for the generator to skip."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    metas = []
+    if (directory / "segments").is_dir():
+        buf = ReplayBuffer.open(directory, readonly=True, cache_transitions=0, eviction="keep")
+        metas = [dict(buf.seg_meta.get(seg_id, {})) for seg_id in buf.ids]
+    atomic_write(directory / GENERATING, json.dumps(request, default=str))
+    return metas
+
+
+def end_generation(directory: str | Path) -> None:
+    """The generation is complete (its report written): `directory` is a finished dataset."""
+    (Path(directory) / GENERATING).unlink(missing_ok=True)
 
 
 def open_demo_writer(directory: str | Path) -> ReplayBuffer:
@@ -87,13 +111,16 @@ def load_demos(directory: str | Path, per_task: int | None = None, only_success:
 
 def ensure_demos(env: str, task: str, num_demos: int, directory: str | Path | None = None, *,
                  obs_mode: str = "state", image_size: int = 64) -> Path:
-    """The demo dataset of `task` (default `data/demos/<task>`), generated first when missing: motion planning on
-    ManiSkill, the scripted expert on LIBERO, from seeds / init states disjoint from the eval ones."""
+    """The demo dataset of `task` (default `data/demos/<task>`), generated first when missing (or finished when an
+    earlier generation was interrupted): motion planning on ManiSkill, the scripted expert on LIBERO, from seeds /
+    init states disjoint from the eval ones."""
     path = Path(directory or f"data/demos/{task.replace('/', '_')}")
-    if (path / "segments").is_dir():
+    interrupted = (path / GENERATING).exists()
+    if (path / "segments").is_dir() and not interrupted:
         return path
-    print(f"no demos at {path}: generating them (at least {num_demos} per task, disjoint from the eval initial "
-          f"states; on LIBERO one from each of init states 25..49 of each task)")
+    print(f"{'an interrupted generation at' if interrupted else 'no demos at'} {path}: "
+          f"{'going on with it' if interrupted else 'generating them'} (at least {num_demos} per task, disjoint from "
+          f"the eval initial states; on LIBERO one from each of init states 25..49 of each task)")
     if env == "maniskill":
         from common.maniskill_demos import generate_demos
 

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from common.demos import episode_segment, open_demo_writer
+from common.demos import begin_generation, end_generation, episode_segment, open_demo_writer
 from common.fsutil import atomic_write
 from common.libero_env import MAX_EPISODE_STEPS, LiberoSingle, suite_reset_table
 
@@ -360,7 +360,8 @@ def generate_libero_demos(suite: str, task_ids: list[int] | None, init_states: l
                           max_steps: int | None = None, max_grasps: int = 3, action_noise: float = 0.0,
                           keep_failures: bool = False, seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """Run the expert on every (task, init state), store the successful episodes as a demo dataset in `out` and
-    return the report (also written to `<out>/report.json`)."""
+    return the report (also written to `<out>/report.json`). Pairs whose episode `out` already holds are skipped: an
+    interrupted generation goes on where it stopped (`common.demos.begin_generation`)."""
     from tqdm import tqdm
 
     table = suite_reset_table(suite)
@@ -371,7 +372,10 @@ def generate_libero_demos(suite: str, task_ids: list[int] | None, init_states: l
         init_states = parse_init_states(init_states or "all", n_init)
     max_steps = max_steps or MAX_EPISODE_STEPS[suite]
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    held = begin_generation(out, {"generator": "libero_expert", "suite": suite, "tasks": task_ids,
+                                  "init_states": init_states, "cameras": cameras, "image_size": image_size})
+    stored_before = {(m.get("task"), m.get("init_index")) for m in held}
+    descriptions = {m.get("task"): m.get("task_description") for m in held}
     physics = LiberoSingle(suite, table, cameras=False)
     camera = LiberoSingle(suite, table, image_size=image_size, shadows=shadows) if cameras else None
     writer = open_demo_writer(out)
@@ -381,12 +385,15 @@ def generate_libero_demos(suite: str, task_ids: list[int] | None, init_states: l
     bar = tqdm(total=len(task_ids) * len(init_states), desc=f"{suite} expert", disable=not progress)
     try:
         for task in task_ids:
+            todo = [init for init in init_states if (f"{suite}/{task}", init) not in stored_before]
+            already = len(init_states) - len(todo)
+            bar.update(already)
             start = time.perf_counter()
-            for env in (physics, camera) if camera is not None else (physics,):  # build the task's envs, untimed
-                env.reset(table.index((task, init_states[0])))
+            for env in ((physics, camera) if camera is not None else (physics,)) if todo else ():
+                env.reset(table.index((task, todo[0])))  # build the task's envs, untimed
             build_s, physics_s, replay_s = time.perf_counter() - start, 0.0, 0.0
             results, stored, divergences = [], 0, []  # results: (success, grasp attempts, length) per init state
-            for init in init_states:
+            for init in todo:
                 reset_id = table.index((task, init))
                 t0 = time.perf_counter()
                 ep = expert_episode(physics, reset_id, max_steps, max_grasps, action_noise,
@@ -412,15 +419,17 @@ def generate_libero_demos(suite: str, task_ids: list[int] | None, init_states: l
                 bar.update(1)
                 bar.set_postfix(task=task, success=f"{sum(r[0] for r in results)}/{len(results)}")
             lengths = [n for ok, _, n in results if ok]
+            rate = lambda xs: float(np.mean(xs)) if xs else None  # noqa: E731 (None: every pair was stored before)
             report["tasks"][f"{suite}/{task}"] = {
-                "description": physics.description, "episodes": len(results),
-                "grasp_attempts": sum(r[1] for r in results),
-                "success_first_grasp": float(np.mean([ok and k == 1 for ok, k, _ in results])),
-                "success_any_grasp": float(np.mean([ok for ok, _, _ in results])), "stored": stored,
+                "description": physics.description if todo else descriptions.get(f"{suite}/{task}"),
+                "episodes": len(results), "grasp_attempts": sum(r[1] for r in results),
+                "success_first_grasp": rate([ok and k == 1 for ok, k, _ in results]),
+                "success_any_grasp": rate([ok for ok, _, _ in results]), "stored": stored + already,
+                "stored_before": already,
                 "length_mean": float(np.mean(lengths)) if lengths else None,
                 "length_min": min(lengths, default=None), "length_max": max(lengths, default=None),
                 "seconds": time.perf_counter() - start, "env_build_s": build_s,
-                "physics_s_per_episode": physics_s / len(results),
+                "physics_s_per_episode": physics_s / max(1, len(results)),
                 "replay_s_per_episode": replay_s / max(1, stored + len(divergences)),
                 "replay_divergences": divergences,
             }
@@ -431,10 +440,13 @@ def generate_libero_demos(suite: str, task_ids: list[int] | None, init_states: l
             camera.close()
     rows = list(report["tasks"].values())
     total = {k: sum(r[k] for r in rows) for k in ("episodes", "grasp_attempts", "stored", "seconds")}
-    total["success_any_grasp"] = sum(r["success_any_grasp"] * r["episodes"] for r in rows) / max(1, total["episodes"])
+    total["success_any_grasp"] = sum((r["success_any_grasp"] or 0.0) * r["episodes"] for r in rows) / max(
+        1, total["episodes"])
     total["replay_divergences"] = sum(len(r["replay_divergences"]) for r in rows)
+    total["stored_before"] = sum(r["stored_before"] for r in rows)
     report["total"] = total
     atomic_write(out / "report.json", json.dumps(report, indent=1))
+    end_generation(out)
     return report
 
 
@@ -443,7 +455,8 @@ def format_report(report: dict[str, Any]) -> str:
              f"{'s/ep phys':>9} {'s/ep replay':>11}  description"]
     for task, r in report["tasks"].items():
         length = f"{r['length_mean']:.0f} ({r['length_min']}-{r['length_max']})" if r["length_mean"] else "-"
-        lines.append(f"{task:<18} {r['episodes']:>8} {r['success_first_grasp']:>9.0%} {r['success_any_grasp']:>9.0%} "
+        pct = lambda x: f"{x:>9.0%}" if x is not None else f"{'-':>9}"  # noqa: E731 (None: all stored before)
+        lines.append(f"{task:<18} {r['episodes']:>8} {pct(r['success_first_grasp'])} {pct(r['success_any_grasp'])} "
                      f"{r['stored']:>6} {length:>16} {r['physics_s_per_episode']:>9.2f} "
                      f"{r['replay_s_per_episode']:>11.2f}  {r['description']}")
         lines += [f"    replay divergence at reset id {d['reset_id']}: {d['why']}" for d in r["replay_divergences"]]
@@ -462,7 +475,7 @@ class Args:
     init_states: str = "all"
     """init states per task: 'all', a range '25-49' or a list '0,3,5' (keep them disjoint from the eval ones)"""
     out: Path | None = None
-    """demo dataset directory (appended to if it exists); default demos/<suite>"""
+    """demo dataset directory (appended to if it exists: pairs it already holds are skipped); default demos/<suite>"""
     cameras: bool = True
     """record main/wrist images by replaying each successful rollout in a camera env (off: state-only demos)"""
     image_size: int = 128

@@ -179,7 +179,9 @@ def generate_demos(task: str, num_episodes: int, out: str | Path, obs_mode: str 
                    seed_offset: int = 1_000_000, max_steps: int = 100, keep_failures: bool = False,
                    max_attempts: int | None = None, timeout: float = 120.0, progress: bool = True) -> dict[str, Any]:
     """Plan, replay and store `num_episodes` successful episodes (trying at most `max_attempts`, default 3N, seeds
-    from `seed_offset` on). Returns the report, also written to `<out>/report.json`."""
+    from `seed_offset` on). Returns the report, also written to `<out>/report.json`. Episodes of `task` that `out`
+    already holds count towards `num_episodes` and their seeds are not tried again: an interrupted generation goes on
+    where it stopped (`common.demos.begin_generation`)."""
     if task not in SOLUTIONS:
         raise ValueError(f"ManiSkill has no motion-planning solution for {task!r}; tasks with one: "
                          f"{', '.join(SOLUTIONS)}")
@@ -187,7 +189,7 @@ def generate_demos(task: str, num_episodes: int, out: str | Path, obs_mode: str 
     import torch
     from tqdm import tqdm
 
-    from common.demos import episode_segment, open_demo_writer
+    from common.demos import begin_generation, end_generation, episode_segment, open_demo_writer
     from common.fsutil import atomic_write
     from common.maniskill_env import OBS_MODES, ManiSkillSingle, check_task, task_description
 
@@ -196,17 +198,27 @@ def generate_demos(task: str, num_episodes: int, out: str | Path, obs_mode: str 
     check_task(task)
     max_attempts = max_attempts or 3 * num_episodes
     threads, start = torch.get_num_threads(), time.monotonic()
+    held = begin_generation(out, {"generator": "maniskill_demos", "task": task, "num_episodes": num_episodes,
+                                  "obs_mode": obs_mode, "image_size": image_size, "seed_offset": seed_offset})
+    stored_seeds = {m.get("reset_id") for m in held if m.get("task") == task}  # an interrupted run's, or an earlier
     writer = open_demo_writer(out)
-    planner = _Planner(task, max_steps, timeout)
-    env = ManiSkillSingle(task, obs_mode, CONTROL_MODE, "sparse", image_size)
-    counts = dict(attempts=0, planner_successes=0, replay_successes=0, diverged=0, crashes=0, stored=0)
-    lengths, failures = [], []
-    bar = tqdm(total=num_episodes, desc=f"{task} demos", disable=not progress)
+    planner = env = None  # made at the first seed to try (none when the dataset already holds enough)
+    counts = dict(attempts=0, planner_successes=0, replay_successes=0, diverged=0, crashes=0,
+                  stored=len(stored_seeds), stored_before=len(stored_seeds))
+    lengths, failures, last_seed = [], [], None
+    bar = tqdm(total=num_episodes, initial=min(num_episodes, len(stored_seeds)), desc=f"{task} demos",
+               disable=not progress)
     try:
         for seed in range(seed_offset, seed_offset + max_attempts):
             if counts["stored"] >= num_episodes:
                 break
+            if seed in stored_seeds:
+                continue
+            if planner is None:
+                planner = _Planner(task, max_steps, timeout)
+                env = ManiSkillSingle(task, obs_mode, CONTROL_MODE, "sparse", image_size)
             counts["attempts"] += 1
+            last_seed = seed
             try:
                 plan = planner.solve(seed)
             except PlannerFailure as exc:
@@ -238,8 +250,9 @@ def generate_demos(task: str, num_episodes: int, out: str | Path, obs_mode: str 
             bar.update(1)
     finally:
         bar.close()
-        planner.close()
-        env.close()
+        if planner is not None:
+            planner.close()
+            env.close()
         torch.set_num_threads(threads)  # ManiSkillSingle sets 1 for its worker processes
     seconds = time.monotonic() - start
     report = dict(
@@ -249,10 +262,11 @@ def generate_demos(task: str, num_episodes: int, out: str | Path, obs_mode: str 
         replay_success_rate=counts["replay_successes"] / max(counts["planner_successes"], 1),
         length_mean=float(np.mean(lengths)) if lengths else None, length_min=min(lengths, default=None),
         length_max=max(lengths, default=None), seconds=round(seconds, 2),
-        seconds_per_demo=round(seconds / max(counts["stored"], 1), 3),
-        seeds=f"{seed_offset}..{seed_offset + counts['attempts'] - 1}", failures=failures[:50],
+        seconds_per_demo=round(seconds / max(counts["stored"] - counts["stored_before"], 1), 3),
+        seeds=f"{seed_offset}..{last_seed}" if last_seed is not None else "", failures=failures[:50],
     )
     atomic_write(Path(out) / "report.json", json.dumps(report, indent=2) + "\n")
+    end_generation(out)
     return report
 
 
@@ -261,9 +275,9 @@ class Args:
     task: str = "PushCube-v1"
     """ManiSkill task with a motion-planning solution"""
     num_episodes: int = 20
-    """successful episodes wanted"""
+    """successful episodes wanted (those the --out dataset already holds count)"""
     out: Path = Path("data/demos/PushCube-v1")
-    """demo dataset directory (appended to if it exists)"""
+    """demo dataset directory (appended to if it exists: its seeds are not tried again)"""
     obs_mode: str = "state"
     """state or rgb (the observations are recorded by replay in our wrapper)"""
     image_size: int = 128

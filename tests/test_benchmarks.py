@@ -464,6 +464,12 @@ def test_pirl_sft_only_makes_each_seeds_sft_start_once_and_no_rl_run(tmp_path, m
     assert [c[c.index("--seed") + 1] for c in calls] == ["1", "2"]
     assert all(c[c.index("--demos") + 1] == str(tmp_path / "demos" / "libero_object_0-3_n20") for c in calls)
     assert not (tmp_path / "out").exists()  # no table: no RL run was made
+    assert all("--resume" not in c for c in calls)
     calls.clear()
     pirl.main(pirl.Args(**args))
     assert calls == []
+    # a start killed after a checkpoint goes on from it (the SFT script refuses to start over a checkpoint)
+    interrupted = tmp_path / "runs" / "libero_object_0-3__sft_n20_s2000__3"
+    (interrupted / "checkpoint").mkdir(parents=True)
+    pirl.main(pirl.Args(**{**args, "seeds": [1, 3]}))
+    assert len(calls) == 1 and calls[0][calls[0].index("--seed") + 1] == "3" and "--resume" in calls[0]

@@ -8,7 +8,7 @@ import mujoco
 import numpy as np
 import pytest
 
-from common.demos import load_demos
+from common.demos import GENERATING, load_demos
 from common.libero_env import MAX_EPISODE_STEPS, LiberoSingle, suite_reset_table
 from common.libero_expert import MAX_WIDTH, Scene, expert_episode, generate_libero_demos, parse_init_states
 from common.replay_buffer import ReplayBuffer
@@ -71,6 +71,13 @@ def test_image_demo_replays_bit_exact_and_loads_back(tmp_path):
         assert np.array_equal(obs["state"], ep["obs"]["state"][-1])
     finally:
         env.close()
+    # killed before its report (marked as generating): run again, it goes on, and skips the pair it already holds
+    (out / "report.json").unlink()
+    (out / GENERATING).write_text("{}")
+    again = generate_libero_demos("libero_object", [0], "3", out, image_size=64, shadows=False, progress=False)
+    task = again["tasks"]["libero_object/0"]
+    assert task["episodes"] == 0 and task["stored"] == task["stored_before"] == 1 and task["success_any_grasp"] is None
+    assert len(load_demos(out)) == 1 and not (out / GENERATING).exists() and (out / "report.json").exists()
 
 
 def test_init_states_spec():

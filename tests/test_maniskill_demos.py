@@ -2,12 +2,13 @@
 the child's crash and deadline handling (faults injected through the test-only `_MANISKILL_DEMOS_FAULT`)."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 
 from common import maniskill_demos
-from common.demos import load_demos
+from common.demos import GENERATING, load_demos
 from common.maniskill_demos import generate_demos
 from common.maniskill_env import ManiSkillSingle
 
@@ -62,6 +63,22 @@ def test_stored_episodes_match_a_replay_in_our_wrapper(pushcube_demos):
     assert seg["terminated"][-1] and not seg["terminated"][:-1].any() and seg["rewards"][-1] == 1.0
 
 
+def test_an_interrupted_generation_goes_on_without_duplicates(pushcube_demos, tmp_path):
+    """A copy of the dataset as a generation killed before its report leaves it: run again for the same count it tries
+    no seed; asked for one more, it tries the seed that crashed before and stores it, and no stored seed twice."""
+    src, _ = pushcube_demos
+    out = tmp_path / "PushCube-v1"
+    shutil.copytree(src, out)
+    (out / "report.json").unlink()
+    (out / GENERATING).write_text("{}")
+    report = generate_demos("PushCube-v1", 3, out, progress=False)
+    assert report["attempts"] == 0 and report["stored"] == report["stored_before"] == 3 and report["complete"]
+    assert not (out / GENERATING).exists()
+    report = generate_demos("PushCube-v1", 4, out, progress=False)
+    assert report["attempts"] == 1 and report["stored"] == 4 and report["stored_before"] == 3
+    assert [e["meta"]["reset_id"] for e in load_demos(out)] == [OFFSET, OFFSET + 2, OFFSET + 3, OFFSET + 1]
+
+
 def test_hung_planner_is_killed_at_its_deadline(tmp_path, monkeypatch):
     monkeypatch.setenv("_MANISKILL_DEMOS_FAULT", f"{OFFSET}:hang")
     report = generate_demos("PushCube-v1", 1, tmp_path / "d", timeout=3, progress=False)
@@ -77,3 +94,19 @@ def test_missing_numpy1_dir_names_the_setup_command(tmp_path, monkeypatch):
     monkeypatch.setattr(maniskill_demos, "NUMPY1_DIR", tmp_path / "numpy1")
     with pytest.raises(FileNotFoundError, match=r"numpy1 is missing.*bash scripts/setup.sh"):
         generate_demos("PushCube-v1", 1, tmp_path / "out")
+
+
+def test_ensure_demos_finishes_an_interrupted_generation_and_keeps_a_finished_or_hand_made_one(tmp_path, monkeypatch):
+    from common.demos import ensure_demos, episode_segment, open_demo_writer
+
+    calls = []
+    monkeypatch.setattr(maniskill_demos, "generate_demos", lambda task, n, out, **kw: calls.append((task, n, out)))
+    out = tmp_path / "d"
+    writer = open_demo_writer(out)  # a dataset made by hand (no report, no mark): used as it is
+    writer.add(episode_segment([{"state": np.zeros(3)}] * 3, [np.zeros(2)] * 2, 1),
+               dict(source="synthetic", env="maniskill", task="PushCube-v1", reset_id=7, success=True))
+    del writer
+    assert ensure_demos("maniskill", "PushCube-v1", 3, out) == out and calls == []
+    (out / GENERATING).write_text("{}")  # a generator was killed while filling it
+    assert ensure_demos("maniskill", "PushCube-v1", 3, out) == out and calls == [("PushCube-v1", 3, out)]
+    assert ensure_demos("maniskill", "PushCube-v1", 3, tmp_path / "new") == tmp_path / "new" and len(calls) == 2
