@@ -453,9 +453,9 @@ def generate_libero_demos(suite: str, task_ids: list[int] | None, init_states: l
 def format_report(report: dict[str, Any]) -> str:
     lines = [f"{'task':<18} {'episodes':>8} {'1st grasp':>9} {'any grasp':>9} {'stored':>6} {'length':>16} "
              f"{'s/ep phys':>9} {'s/ep replay':>11}  description"]
+    pct = lambda x: f"{x:>9.0%}" if x is not None else f"{'-':>9}"  # noqa: E731 (None: all stored before)
     for task, r in report["tasks"].items():
         length = f"{r['length_mean']:.0f} ({r['length_min']}-{r['length_max']})" if r["length_mean"] else "-"
-        pct = lambda x: f"{x:>9.0%}" if x is not None else f"{'-':>9}"  # noqa: E731 (None: all stored before)
         lines.append(f"{task:<18} {r['episodes']:>8} {pct(r['success_first_grasp'])} {pct(r['success_any_grasp'])} "
                      f"{r['stored']:>6} {length:>16} {r['physics_s_per_episode']:>9.2f} "
                      f"{r['replay_s_per_episode']:>11.2f}  {r['description']}")

@@ -266,9 +266,7 @@ class ShmPublisher:
         try:
             latest = words[W_LATEST_SLOT]
             latest_bit = 1 << latest if latest >= 0 else 0
-            busy = latest_bit
-            for w in m.mask_words:
-                busy |= words[w]
+            busy = m.held_mask(check_alive=False) | latest_bit
             s = _first_free(self._recent, busy)
             if s < 0:  # a reader process that died still "holds" slots: free its entry and look again
                 busy = m.held_mask(check_alive=True) | latest_bit
@@ -426,7 +424,7 @@ class ShmSubscriber:
                 return None
             length = words[SLOT_BASE + 2 * s + 1]
             pending[version] = s  # held from here on: the publisher will not rewrite it
-            words[m.reader_base + 3 * self._entry + 2] = self._pending_mask()
+            self._set_pending()
         finally:
             flock(m.fd, LOCK_UN)
         try:
