@@ -44,7 +44,8 @@ from common.envs import (check_task, fill_defaults, make_task_env, rlinf_libero_
                          task_instructions)
 from common.libero_env import MAX_EPISODE_STEPS
 from common.fsutil import atomic_write
-from common.pi0 import Pi0Model, PromptPrefixCache, gaussian_log_prob, pooled_prefix
+from common.pi0 import (Pi0Model, PromptPrefixCache, RolloutPrefixKeeper, gaussian_log_prob, pooled_prefix,
+                        prefix_from)
 from common.pi0_io import Pi0Processor, load_pi0, load_pi0_policy, make_tokenizer, save_pi0
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,6 +106,11 @@ class Args:
     """demos per task for sft:auto (0: 3 on ManiSkill PushCube, 20 on LIBERO)"""
     train_expert_only: bool = True
     """freeze SigLIP and the Gemma VLM (πRL's default)"""
+    keep_prefix_gib: float = 4.0
+    """with a frozen VLM and cameras: keep each rollout sample's VLM prefix (K/V and states, a function of the
+    observation alone) for the update instead of encoding its images again in every epoch (the same numbers; on the
+    CPU LIBERO defaults re-encoding was ~80% of the update), while one iteration's prefixes fit in this many GiB
+    (0: always re-encode)"""
     train_head_only: bool = False
     """train only the action output projection (and the critic), the rest of the expert frozen: a cautious mode; it
     holds the SFT policy but on PushCube did not move it either (approx. KL ~0 at lr 3e-5)"""
@@ -488,9 +494,16 @@ if __name__ == "__main__":
         print(f"resuming {run_name} at iteration {start_iter}")
 
     prompt_prefixes = PromptPrefixCache(model)  # state-only tasks: the frozen VLM sees only the prompt
+    # policy calls per env per rollout; with a frozen VLM and cameras the rollout's prefixes are kept for the update
+    max_calls = args.num_steps if args.adv_type == "gae" else math.ceil(args.max_episode_steps / chunk)
+    frozen_image_prefix = args.train_expert_only and bool(cfg.num_cameras or cfg.discrete_state_input)
+    keep_prefix = RolloutPrefixKeeper(args.keep_prefix_gib if frozen_image_prefix else 0, args.num_envs * max_calls)
 
     def prefix_of(batch, grad: bool):
-        """The VLM prefix (cached K/V)."""
+        """The VLM prefix (cached K/V): the one kept from the rollout, else encoded."""
+        kept = prefix_from(batch)
+        if kept is not None:
+            return kept
         inputs = (batch["images"], batch["img_masks"], batch["tokens"], batch["tok_masks"])
         if args.train_expert_only:
             return prompt_prefixes(*inputs)
@@ -529,6 +542,8 @@ if __name__ == "__main__":
             if critic_on == "expert":
                 value = expert_value(value_head, out.hidden, args.detach_critic_input)
             logp = chain_log_prob(out.chain, out.means, out.stds) if not deterministic else torch.zeros_like(noise)
+        if not deterministic:
+            keep_prefix(batch, prefix)
         actions = processor.actions_to_env(out.actions[:, :chunk], obs["state"])
         record = {"batch": batch, "chain": out.chain, "k": torch.zeros(B, dtype=torch.long, device=device),
                   "logp": logp[:, :chunk, :A].reshape(B, -1), "value": value}
@@ -629,7 +644,6 @@ if __name__ == "__main__":
             group_ids = np.random.randint(0, envs.num_reset_ids, args.num_envs // args.group_size)
             obs = envs.reset(reset_ids=np.repeat(group_ids, args.group_size).tolist())
         alive = torch.ones(args.num_envs, dtype=torch.bool)
-        max_calls = args.num_steps if args.adv_type == "gae" else math.ceil(args.max_episode_steps / chunk)
         for step in range(max_calls):
             actions, rec = act(obs, deterministic=False)
             obs, reward, terminated, truncated, info = envs.step(actions.cpu())

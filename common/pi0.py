@@ -425,6 +425,48 @@ def pooled_prefix(prefix: Prefix) -> torch.Tensor:
     return (prefix.hidden.float() * m).sum(1) / m.sum(1).clamp(min=1)
 
 
+def prefix_tensors(prefix: Prefix) -> dict[str, torch.Tensor]:
+    """A prefix as named batch-first tensors, so that it rides in a batch dict through the same concatenation and
+    indexing as the observations (a frozen VLM's prefix, kept from the rollout for the PPO update)."""
+    named = {"prefix.pad_mask": prefix.pad_mask, "prefix.hidden": prefix.hidden}
+    for i, (k, v) in enumerate(prefix.kv):
+        named[f"prefix.k{i}"], named[f"prefix.v{i}"] = k, v
+    return named
+
+
+def prefix_from(batch: dict) -> Prefix | None:
+    """The prefix that `prefix_tensors` put into a batch dict, or None."""
+    if "prefix.hidden" not in batch:
+        return None
+    layers = sum(key.startswith("prefix.k") for key in batch)
+    return Prefix([(batch[f"prefix.k{i}"], batch[f"prefix.v{i}"]) for i in range(layers)], batch["prefix.pad_mask"],
+                  batch["prefix.hidden"])
+
+
+class RolloutPrefixKeeper:
+    """Puts a frozen VLM's rollout prefixes into their batches (`prefix_tensors`), so that the PPO update reads them
+    (`prefix_from`) instead of encoding the same images again, while one rollout's prefixes fit in `budget_gib`:
+    decided, and said, at the first call. A budget of 0 keeps nothing."""
+
+    def __init__(self, budget_gib: float, samples_per_rollout: int):
+        self.budget_gib, self.samples = budget_gib, samples_per_rollout
+        self.on: bool | None = None if budget_gib > 0 else False  # None: not decided yet
+
+    def __call__(self, batch: dict, prefix: Prefix) -> None:
+        if self.on is False:
+            return
+        kept = prefix_tensors(prefix)
+        if self.on is None:
+            gib = sum(t.nbytes for t in kept.values()) / len(batch["state"]) * self.samples / 2**30
+            self.on = gib <= self.budget_gib
+            from tqdm import tqdm
+
+            tqdm.write(f"the rollout's VLM prefixes take {gib * 1024:.1f} MiB per iteration: " + (
+                "kept for the update" if self.on else f"over the {self.budget_gib} GiB allowed, encoded again"))
+        if self.on:
+            batch.update(kept)
+
+
 class MLPExpert(nn.Module):
     """`expert="mlp"`: three SiLU layers over [masked mean of the prefix states, state, flattened x_t, sincos(t)]; the
     whole chunk in one vector, as the MLP flow policy of πRL's CPU calibration. Its last hidden layer feeds the

@@ -122,3 +122,4 @@ def test_a_few_iterations_on_one_libero_task_with_images(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((tmp_path / "libero_object_0__flow_noise_pi0__1" / "summary.json").read_text())
     assert summary["env"] == "libero" and [h["episodes"] for h in summary["history"]] == [2, 2]
+    assert "VLM prefixes take" in out.stdout and "kept for the update" in out.stdout  # frozen VLM, cameras
