@@ -40,8 +40,8 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from common.envs import (check_task, fill_defaults, make_task_env, rlinf_libero_values, run_eval_episodes,
-                         task_instructions)
+from common.envs import (check_task, default_eval_envs, fill_defaults, make_task_env, rlinf_libero_values,
+                         run_eval_episodes, task_instructions)
 from common.libero_env import MAX_EPISODE_STEPS
 from common.fsutil import atomic_write
 from common.pi0 import (Pi0Model, PromptPrefixCache, RolloutPrefixKeeper, gaussian_log_prob, pooled_prefix,
@@ -197,8 +197,11 @@ class Args:
     eval_episodes: int = 0
     """deterministic (ODE) eval episodes, initial states 0..N-1 (0: 50 on ManiSkill; 25 per LIBERO task, whose
     init states 25..49 made the SFT demos: a subset's N walk init states 0..N/T-1 of each of its T tasks)"""
-    num_eval_envs: int = 2
-    """parallel eval envs"""
+    num_eval_envs: int = 0
+    """parallel eval envs (0: 2, or a LIBERO subset's task count when it has 3-4 tasks: no env rebuild per episode)"""
+    eval_at_start: bool = True
+    """evaluate the starting policy before training (iteration 0 of the history); the πRL benchmark evaluates each
+    SFT start once, in an eval-only run of its own (--total-iterations 0), and turns this off in the RL runs"""
     checkpoint_every: int = 5
     """iterations between checkpoints (resume points)"""
 
@@ -411,6 +414,7 @@ if __name__ == "__main__":
         except ValueError as e:
             raise SystemExit(str(e))
     args.eval_episodes = args.eval_episodes or 50
+    args.num_eval_envs = args.num_eval_envs or default_eval_envs(args.env, args.task)
     if args.adv_type == "grpo" and args.num_envs % args.group_size:
         raise SystemExit(f"--num-envs {args.num_envs} must be a multiple of --group-size {args.group_size}")
     K = args.num_denoise_steps
@@ -621,7 +625,7 @@ if __name__ == "__main__":
           f"Flow-Noise K={K} std in [{args.noise_std_min}, {args.noise_std_max}], critic on {critic_on}, "
           f"{args.num_envs} envs, device {device}")
     start_time = time.time() - (meta["extra"].get("train_minutes", 0.0) * 60 if start_iter else 0.0)  # resumed
-    if start_iter == 0:
+    if start_iter == 0 and args.eval_at_start:
         stats = evaluate(0)
         history.append({"iteration": 0, "global_step": 0, "minutes": 0.0, **stats})
         writer.add_scalar("eval/success_rate", stats["success_rate"], 0)
@@ -805,10 +809,12 @@ if __name__ == "__main__":
             break
     envs.close()
     summary = {"task": args.task, "env": args.env, "algorithm": "flow_noise",
-               "start_success": history[0]["success_rate"], "final_success": history[-1]["success_rate"],
+               "start_success": history[0]["success_rate"] if history and history[0]["iteration"] == 0 else None,
+               "final_success": history[-1]["success_rate"] if history else None,
                "env_steps": global_step, "minutes": (time.time() - start_time - eval_seconds[0]) / 60,
                "history": history, "args": asdict(args)}
     atomic_write(run_dir / "summary.json", json.dumps(summary, indent=1))
-    print(f"\n{args.task}: eval success {summary['start_success']:.2f} (SFT start) -> {summary['final_success']:.2f} "
+    start, final = ("-" if x is None else f"{x:.2f}" for x in (summary["start_success"], summary["final_success"]))
+    print(f"\n{args.task}: eval success {start} (SFT start) -> {final} "
           f"after {global_step} env steps in {summary['minutes']:.1f} min. Checkpoint: {ckpt_dir}")
     writer.close()

@@ -3,7 +3,8 @@
 Per seed: `algos/sft_pi0.py` makes the few-shot SFT start (motion-planning demos for ManiSkill, scripted-expert demos
 for LIBERO), then `algos/flow_sde_pi0.py` and `algos/flow_noise_pi0.py` fine-tune it for a wall-clock budget. Every
 number is a real run of those scripts (subprocesses). Success is the deterministic (ODE) policy's over the eval
-episodes (fixed initial states 0..E-1, the same for every row); the SFT row is the RL scripts' eval at iteration 0.
+episodes (fixed initial states 0..E-1, the same for every row); the SFT row is the RL scripts' eval of the start
+(one eval-only run per seed).
 95% intervals: Wilson per run; over seeds, mean ± t-interval of the per-seed rates. Throughput: training env-steps/s
 (eval excluded) over the raw simulator speed measured in this same run (same env, same worker count, same chunking,
 random actions).
@@ -84,9 +85,9 @@ class Args:
     name: str = ""
     """results file name (default pirl_<env>; e.g. a separate table for one algorithm's longer runs)"""
     sft_only: bool = False
-    """make the demos and the SFT starts of every seed, then stop: their budgets are steps, so they may share the
-    machine with other work; the RL runs' budget is wall-clock minutes, so run the same command without this flag
-    alone on the machine afterwards (it reuses the SFT starts)"""
+    """make the demos, the SFT starts of every seed and their evals, then stop: their budgets are steps and
+    episodes, so they may share the machine with other work; the RL runs' budget is wall-clock minutes, so run the same
+    command without this flag alone on the machine afterwards (it reuses the SFT starts and their evals)"""
 
 
 def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -137,6 +138,21 @@ def sft_start(args: Args, seed: int) -> Path:
     return final
 
 
+def start_eval(args: Args, seed: int, init: Path) -> dict:
+    """The SFT start's eval (a history entry of iteration 0): one eval-only run of the Flow-SDE script
+    (--total-iterations 0) per seed. Both RL scripts evaluate with the same deterministic ODE sampler, noise and
+    episodes, so their runs skip it (--no-eval-at-start): it is made once, and in --sft-only, outside the
+    wall-clock-budgeted phase."""
+    name = "start_eval" + flags_tag(args.sft_flags, args.rl_flags)
+    summary = args.run_dir / f"{args.task.replace('/', '_')}__{name}__{seed}" / "summary.json"
+    if not summary.exists():
+        run([sys.executable, str(ROOT / "algos" / "flow_sde_pi0.py"), "--env", args.env, "--task", args.task,
+             "--init", f"sft:{init}", "--seed", str(seed), "--exp-name", name, "--run-dir", str(args.run_dir),
+             "--total-iterations", "0", "--eval-episodes", str(args.eval_episodes), "--no-capture-video",
+             *shlex.split(args.rl_flags)])
+    return json.loads(summary.read_text())["history"][0]
+
+
 def rl_run(args: Args, algorithm: str, seed: int, init: Path) -> dict:
     own_flags = args.sde_flags if algorithm == "flow_sde" else args.noise_flags
     # the algorithm's own flags join the tag only when given, so runs named before they existed are still reused
@@ -148,10 +164,15 @@ def rl_run(args: Args, algorithm: str, seed: int, init: Path) -> dict:
              "--init", f"sft:{init}", "--seed", str(seed), "--exp-name", name, "--run-dir", str(args.run_dir),
              "--total-minutes", str(args.minutes), "--total-iterations", "1000000", "--eval-every",
              str(args.eval_every), "--eval-episodes", str(args.eval_episodes), "--no-capture-video",
+             # the start's eval is start_eval's, unless this algorithm's own flags could change what it evaluates
+             *([] if own_flags.strip() else ["--no-eval-at-start"]),
              *resume_flag(summary.parent), *shlex.split(args.rl_flags), *shlex.split(own_flags)])
     # a finished run is reused as it is, so the table says when each one ran (the file's mtime, UTC)
     finished = datetime.fromtimestamp(summary.stat().st_mtime, tz=timezone.utc).strftime("%Y-%m-%d %H:%M")
-    return {**json.loads(summary.read_text()), "finished_utc": finished}
+    result = {**json.loads(summary.read_text()), "finished_utc": finished}
+    if not (result["history"] and result["history"][0]["iteration"] == 0):  # runs made before 2026-12-05 have it
+        result["history"] = [start_eval(args, seed, init), *result["history"]]
+    return result
 
 
 def raw_throughput(args: Args, num_envs: int, chunk: int, action_dim: int) -> float:
@@ -193,7 +214,10 @@ def main(args: Args) -> None:
     args.eval_episodes = args.eval_episodes or 100
     if args.sft_only:
         for seed in args.seeds:
-            print(f"seed {seed}: SFT start {sft_start(args, seed)}", flush=True)
+            init = sft_start(args, seed)
+            start = start_eval(args, seed, init)
+            print(f"seed {seed}: SFT start {init}, eval success {start['success_rate']:.2f} over {start['episodes']} "
+                  "episodes", flush=True)
         return
     runs = []
     for seed in args.seeds:
@@ -250,7 +274,10 @@ def main(args: Args) -> None:
              f"{'; Flow-Noise with `' + args.noise_flags + '`' if args.noise_flags else ''}, "
              f"{args.minutes:g} minutes of training each "
              f"(eval excluded), eval every {args.eval_every} iterations on {args.eval_episodes} fixed initial states. "
-             "`sft_success` is the iteration-0 eval of the same run, `rl_success` the last eval. `raw_sps`: the same "
+             "`sft_success` is the SFT start's eval with the RL scripts' deterministic sampler (an eval-only run "
+             "of flow_sde_pi0.py per seed, `--total-iterations 0`: both scripts evaluate the same ODE with the same "
+             "noise; runs made before 2026-12-05 evaluated their start themselves), `rl_success` the last eval. "
+             "`raw_sps`: the same "
              f"worker envs ({run_args['num_envs']}) stepping chunks of {run_args['action_chunk']} random actions for "
              f"{args.throughput_seconds:g} s in this run; `sps_ratio` = "
              "training env-steps/s over it (target >= 0.8). `finished_utc`: when that RL run ended (finished runs "

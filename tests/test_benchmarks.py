@@ -442,27 +442,49 @@ def test_uav_formation_shape_splits_the_error_by_ball_phase():
     assert abs(r[PHASES[0]] - r["formation_error"]) < 1e-5
 
 
-def test_pirl_sft_only_makes_each_seeds_sft_start_once_and_no_rl_run(tmp_path, monkeypatch):
-    """`--sft-only` runs the SFT script per seed (its budget is steps) and stops before the wall-clock-budgeted RL
-    runs; a second call reuses the finished starts."""
+def fake_pirl_run(calls: list, task_dir: str, start_rate: float = 0.25):
+    """Stands in for the subprocesses of benchmarks/pirl.py: records each command and leaves what a finished run of
+    that script leaves (an SFT start; an eval-only run's or an RL run's summary)."""
+
+    def fake_run(cmd):
+        calls.append(cmd)
+        flag = lambda name: cmd[cmd.index(name) + 1]  # noqa: E731
+        run_dir = Path(flag("--run-dir")) / f"{task_dir}__{flag('--exp-name')}__{flag('--seed')}"
+        if Path(cmd[1]).name == "sft_pi0.py":
+            (run_dir / "final").mkdir(parents=True)
+            (run_dir / "final" / "pi0_config.json").write_text("{}")
+            return
+        run_dir.mkdir(parents=True)
+        eval_only = flag("--total-iterations") == "0"
+        history = [{"iteration": 0, "global_step": 0, "minutes": 0.0, "success_rate": start_rate, "episodes": 100}] \
+            if "--no-eval-at-start" not in cmd else []
+        if not eval_only:
+            history.append({"iteration": 7, "global_step": 1000, "minutes": 8.0, "success_rate": 0.5, "episodes": 100})
+        (run_dir / "summary.json").write_text(json.dumps(
+            {"history": history, "env_steps": 0 if eval_only else 1000, "minutes": 0.0 if eval_only else 8.0,
+             "args": {"num_envs": 4, "action_chunk": 8}}))
+
+    return fake_run
+
+
+def test_pirl_sft_only_makes_each_seeds_sft_start_and_its_eval_once_and_no_rl_run(tmp_path, monkeypatch):
+    """`--sft-only` runs the SFT script per seed (its budget is steps) and the start's eval (an eval-only run of the
+    RL script), and stops before the wall-clock-budgeted RL runs; a second call reuses the finished ones."""
     import benchmarks.pirl as pirl
 
     calls = []
-
-    def fake_run(cmd):  # stands in for the SFT subprocess: records the command, leaves what a finished SFT leaves
-        calls.append(cmd)
-        flag = lambda name: cmd[cmd.index(name) + 1]  # noqa: E731
-        final = Path(flag("--run-dir")) / f"libero_object_0-3__{flag('--exp-name')}__{flag('--seed')}" / "final"
-        final.mkdir(parents=True)
-        (final / "pi0_config.json").write_text("{}")
-
-    monkeypatch.setattr(pirl, "run", fake_run)
+    monkeypatch.setattr(pirl, "run", fake_pirl_run(calls, "libero_object_0-3"))
     args = dict(env="libero", task="libero_object/0-3", seeds=[1, 2], sft_only=True, run_dir=tmp_path / "runs",
                 demo_dir=tmp_path / "demos", out_dir=tmp_path / "out")
     pirl.main(pirl.Args(**args))
-    assert [Path(c[1]).name for c in calls] == ["sft_pi0.py", "sft_pi0.py"]
-    assert [c[c.index("--seed") + 1] for c in calls] == ["1", "2"]
-    assert all(c[c.index("--demos") + 1] == str(tmp_path / "demos" / "libero_object_0-3_n20") for c in calls)
+    assert [Path(c[1]).name for c in calls] == ["sft_pi0.py", "flow_sde_pi0.py"] * 2
+    assert [c[c.index("--seed") + 1] for c in calls] == ["1", "1", "2", "2"]
+    sft, evals = calls[::2], calls[1::2]
+    assert all(c[c.index("--demos") + 1] == str(tmp_path / "demos" / "libero_object_0-3_n20") for c in sft)
+    assert all(c[c.index("--total-iterations") + 1] == "0" and c[c.index("--eval-episodes") + 1] == "100"
+               for c in evals)
+    start = tmp_path / "runs" / "libero_object_0-3__sft_n20_s2000__1" / "final"
+    assert evals[0][evals[0].index("--init") + 1] == f"sft:{start}"
     assert not (tmp_path / "out").exists()  # no table: no RL run was made
     assert all("--resume" not in c for c in calls)
     calls.clear()
@@ -472,4 +494,24 @@ def test_pirl_sft_only_makes_each_seeds_sft_start_once_and_no_rl_run(tmp_path, m
     interrupted = tmp_path / "runs" / "libero_object_0-3__sft_n20_s2000__3"
     (interrupted / "checkpoint").mkdir(parents=True)
     pirl.main(pirl.Args(**{**args, "seeds": [1, 3]}))
-    assert len(calls) == 1 and calls[0][calls[0].index("--seed") + 1] == "3" and "--resume" in calls[0]
+    assert len(calls) == 2 and calls[0][calls[0].index("--seed") + 1] == "3" and "--resume" in calls[0]
+
+
+def test_pirl_rl_runs_skip_the_start_eval_and_the_table_reads_the_eval_only_run(tmp_path, monkeypatch):
+    """The RL runs skip their iteration-0 eval (both scripts would evaluate the same start the same way); the table's
+    SFT column is the eval-only run's, and an algorithm with flags of its own evaluates its start itself."""
+    import benchmarks.pirl as pirl
+
+    calls = []
+    monkeypatch.setattr(pirl, "run", fake_pirl_run(calls, "PushCube-v1", start_rate=0.25))
+    monkeypatch.setattr(pirl, "raw_throughput", lambda *a, **k: 200.0)
+    args = pirl.Args(seeds=[1], minutes=8, run_dir=tmp_path / "runs", out_dir=tmp_path / "out",
+                     noise_flags="--noise-std-max 0.2")
+    pirl.main(args)
+    names = [(Path(c[1]).name, "--no-eval-at-start" in c) for c in calls]
+    assert names == [("sft_pi0.py", False), ("flow_sde_pi0.py", True), ("flow_sde_pi0.py", False),
+                     ("flow_noise_pi0.py", False)]  # SFT, Flow-SDE, its start's eval-only run, Flow-Noise
+    assert calls[2][calls[2].index("--total-iterations") + 1] == "0"
+    rows = json.loads((tmp_path / "out" / "pirl_maniskill.json").read_text())["rows"]
+    assert [(r["algorithm"], r["seed"], r["sft_success"], r["rl_success"], r["gain_points"]) for r in rows[:2]] == [
+        ("flow_sde", 1, 0.25, 0.5, 25.0), ("flow_noise", 1, 0.25, 0.5, 25.0)]

@@ -3,7 +3,7 @@ which initial states an eval of one LIBERO task or of a task subset starts from.
 
 import pytest
 
-from common.envs import check_task, eval_initial_states, make_task_env, task_names
+from common.envs import check_task, default_eval_envs, eval_initial_states, make_task_env, task_names
 from common.libero_env import eval_episode_count, libero_task_ids
 
 
@@ -37,6 +37,15 @@ def test_libero_task_subsets():
     assert libero_task_ids("libero_goal") == ("libero_goal", list(range(10)))
     assert task_names("libero", "libero_object/2,7") == ["libero_object/2", "libero_object/7"]
     assert task_names("maniskill", "PushCube-v1") == ["PushCube-v1"]
+
+
+def test_default_eval_envs_keep_one_task_each_on_small_libero_subsets():
+    # an eval deals episodes round-robin: with one env per task no env changes task (a rebuild) between episodes
+    assert default_eval_envs("libero", "libero_object/0-3") == 4
+    assert default_eval_envs("libero", "libero_object/0,2,5") == 3
+    assert default_eval_envs("libero", "libero_object/0") == 2
+    assert default_eval_envs("libero", "libero_object") == 2  # ten tasks: two envs, rebuilding
+    assert default_eval_envs("maniskill", "PushCube-v1") == 2
 
 
 def test_eval_episodes_and_their_initial_states():

@@ -123,3 +123,31 @@ def test_a_few_iterations_on_one_libero_task_with_images(tmp_path):
     summary = json.loads((tmp_path / "libero_object_0__flow_noise_pi0__1" / "summary.json").read_text())
     assert summary["env"] == "libero" and [h["episodes"] for h in summary["history"]] == [2, 2]
     assert "VLM prefixes take" in out.stdout and "kept for the update" in out.stdout  # frozen VLM, cameras
+
+
+def test_eval_only_runs_of_both_scripts_score_one_start_alike(tmp_path):
+    """benchmarks/pirl.py evaluates each SFT start once (flow_sde_pi0.py --total-iterations 0) and gives that number
+    to both algorithms' rows: the two scripts' evals of one start must play the same episodes with the same actions
+    (compared through the eval videos: a random start's sparse returns are all 0, its camera frames are not)."""
+    import imageio.v3 as iio
+    from common.pi0_io import NormStats, make_tokenizer, save_pi0
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)  # PushCube rgb: 25-D state, 8-D joint actions
+    stats = NormStats.from_data({"state": torch.randn(64, 25, generator=g).numpy(),
+                                 "actions": torch.randn(64, 8, generator=g).numpy()})
+    save_pi0(tmp_path / "start", Pi0Model(Pi0Config.tiny(action_dim=32)), stats, make_tokenizer(None).name)
+    histories, videos = [], []
+    for script in ("flow_sde_pi0", "flow_noise_pi0"):
+        out = subprocess.run([sys.executable, str(ROOT / "algos" / f"{script}.py"), "--run-dir", str(tmp_path / "runs"),
+                              "--env", "maniskill", "--obs-mode", "rgb", "--init", f"sft:{tmp_path / 'start'}",
+                              "--exp-name", script, "--total-iterations", "0", "--num-envs", "1", "--eval-episodes",
+                              "2", "--max-episode-steps", "24"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        run_dir = tmp_path / "runs" / f"PushCube-v1__{script}__1"
+        histories.append(json.loads((run_dir / "summary.json").read_text())["history"])
+        videos.append(iio.imread(run_dir / "eval_0.mp4"))
+    assert [h["iteration"] for h in histories[0]] == [0] and histories[0] == histories[1]
+    assert videos[0].shape == videos[1].shape and len(videos[0]) >= 3
+    assert (videos[0][0] != videos[0][-1]).any()  # the arm moved: the frames can tell two policies apart
+    assert (videos[0] == videos[1]).all()
