@@ -117,7 +117,7 @@ class Args:
     """with a frozen VLM and cameras: keep each rollout sample's VLM prefix (K/V and states, a function of the
     observation alone) for the update instead of encoding its images again in every epoch (the same numbers; on the
     CPU LIBERO defaults re-encoding was ~80% of the update), while one iteration's prefixes fit in this many GiB
-    (0: always re-encode)"""
+    (held twice for a moment while the update's batch is built; 0: always re-encode)"""
     train_head_only: bool = False
     """train only the action output projection (and the critic), the rest of the expert frozen: a cautious mode; it
     holds the SFT policy but on PushCube did not move it either (approx. KL ~0 at lr 3e-5)"""
@@ -684,9 +684,11 @@ if __name__ == "__main__":
         history.append({"iteration": 0, "global_step": 0, "minutes": 0.0, **stats})
         writer.add_scalar("eval/success_rate", stats["success_rate"], 0)
         print(f"SFT start: eval success {stats['success_rate']:.2f} over {stats['episodes']} episodes")
-    envs = make_env(args, args.num_envs, auto_reset=args.adv_type == "gae")
-    obs = envs.reset(seed=args.seed)
-    if "draws" in resumed_rngs:  # go on drawing initial states (and groups) where the interrupted run stopped
+    training = start_iter < args.total_iterations  # --total-iterations 0: an eval-only run, no training envs
+    if training:
+        envs = make_env(args, args.num_envs, auto_reset=args.adv_type == "gae")
+        obs = envs.reset(seed=args.seed)
+    if training and "draws" in resumed_rngs:  # go on drawing initial states (and groups) where the run stopped
         draws = json.loads(resumed_rngs["draws"])
         envs.rng_state = draws["env"]
         np.random.set_state((draws["np"][0], np.asarray(draws["np"][1], np.uint32), *draws["np"][2:]))
@@ -767,6 +769,8 @@ if __name__ == "__main__":
             return torch.cat([r[key] for r in records])
         batch_keys = records[0]["batch"].keys()
         data = {k: torch.cat([r["batch"][k] for r in records])[flat_mask.to(device)] for k in batch_keys}
+        for r in records:  # the update reads `data`: the rollout's copies (and kept prefixes) can go
+            del r["batch"]
         chains, ks, logp_old = cat("chain")[flat_mask.to(device)], cat("k")[flat_mask.to(device)], cat("logp")[flat_mask.to(device)]
         executed_mask = cat("executed")[flat_mask.to(device)].float()
         adv_flat, ret_flat = advantages.reshape(-1)[flat_mask].to(device), returns.reshape(-1)[flat_mask].to(device)
@@ -843,6 +847,7 @@ if __name__ == "__main__":
                               1 - float((ret_flat - val_flat).var()) / var_returns, global_step)
         writer.add_scalar("time/rollout", rollout_time, global_step)
         writer.add_scalar("time/update", time.time() - it_start - rollout_time, global_step)
+        del records, data, probe  # not alive through the eval and the next rollout
         bar.set_postfix(success=f"{np.mean([e[1] for e in episode_stats]) if episode_stats else float('nan'):.2f}",
                         steps=global_step)
         done_iters = iteration + 1
@@ -857,7 +862,8 @@ if __name__ == "__main__":
             save(done_iters)
         if out_of_time:
             break
-    envs.close()
+    if training:
+        envs.close()
     summary = {"task": args.task, "env": args.env, "algorithm": "flow_sde" + ("_joint" if args.joint else ""),
                "start_success": history[0]["success_rate"] if history and history[0]["iteration"] == 0 else None,
                "final_success": history[-1]["success_rate"] if history else None,

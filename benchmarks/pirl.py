@@ -139,17 +139,17 @@ def sft_start(args: Args, seed: int) -> Path:
 
 
 def start_eval(args: Args, seed: int, init: Path) -> dict:
-    """The SFT start's eval (a history entry of iteration 0): one eval-only run of the Flow-SDE script
-    (--total-iterations 0) per seed. Both RL scripts evaluate with the same deterministic ODE sampler, noise and
+    """The SFT start's eval (a history entry of iteration 0): one eval-only run of an RL script (--total-iterations
+    0) per seed. Both RL scripts evaluate with the same deterministic ODE sampler, noise and
     episodes, so their runs skip it (--no-eval-at-start): it is made once, and in --sft-only, outside the
     wall-clock-budgeted phase."""
     name = "start_eval" + flags_tag(args.sft_flags, args.rl_flags)
     summary = args.run_dir / f"{args.task.replace('/', '_')}__{name}__{seed}" / "summary.json"
-    if not summary.exists():
-        run([sys.executable, str(ROOT / "algos" / "flow_sde_pi0.py"), "--env", args.env, "--task", args.task,
-             "--init", f"sft:{init}", "--seed", str(seed), "--exp-name", name, "--run-dir", str(args.run_dir),
-             "--total-iterations", "0", "--eval-episodes", str(args.eval_episodes), "--no-capture-video",
-             *shlex.split(args.rl_flags)])
+    if not summary.exists():  # with the first algorithm's script (--rl-flags may hold flags only the chosen ones take)
+        run([sys.executable, str(ROOT / "algos" / f"{args.algorithms[0]}_pi0.py"), "--env", args.env, "--task",
+             args.task, "--init", f"sft:{init}", "--seed", str(seed), "--exp-name", name, "--run-dir",
+             str(args.run_dir), "--eval-episodes", str(args.eval_episodes), "--no-capture-video",
+             *shlex.split(args.rl_flags), "--total-iterations", "0"])
     return json.loads(summary.read_text())["history"][0]
 
 

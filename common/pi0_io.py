@@ -509,9 +509,10 @@ def _load_pi0_policy(init: str, *, env: str, obs_mode: str, preset: str, device,
         if preset not in presets:
             raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(presets)}")
         state_only = env == "maniskill" and obs_mode == "state"
-        # tiny: its 8 action dims fit LIBERO; ManiSkill's state is 35-D (state mode) or 25-D (rgb mode, no object pose)
+        # tiny's 8 action dims fit LIBERO, π0's 32 LIBERO and ManiSkill rgb (25-D state, no object pose); ManiSkill's
+        # state mode has a 35-D state
         tiny = dict(action_dim=35, num_cameras=0) if state_only else dict(action_dim=32) if env == "maniskill" else {}
-        cfg = presets[preset](**(tiny if preset == "tiny" else {}))
+        cfg = presets[preset](**(tiny if preset == "tiny" else dict(action_dim=35) if state_only else {}))
         cfg = replace(cfg, max_tokens=max(cfg.max_tokens, prompt_tokens))
         return Pi0Model(cfg).to(device), None, 8 if env == "maniskill" else 7, ("main", "wrist")
     raise ValueError(f"--init must be sft:PATH, sft:auto, openpi:PATH or scratch; got {init!r}")

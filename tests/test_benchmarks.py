@@ -495,6 +495,11 @@ def test_pirl_sft_only_makes_each_seeds_sft_start_and_its_eval_once_and_no_rl_ru
     (interrupted / "checkpoint").mkdir(parents=True)
     pirl.main(pirl.Args(**{**args, "seeds": [1, 3]}))
     assert len(calls) == 2 and calls[0][calls[0].index("--seed") + 1] == "3" and "--resume" in calls[0]
+    # the start's eval runs the first chosen algorithm's script (its --rl-flags need not suit the other one)
+    calls.clear()
+    pirl.main(pirl.Args(**{**args, "seeds": [4], "algorithms": ["flow_noise"], "rl_flags": "--noise-std-max 0.2"}))
+    assert [Path(c[1]).name for c in calls] == ["sft_pi0.py", "flow_noise_pi0.py"]
+    assert calls[1][-4:] == ["--noise-std-max", "0.2", "--total-iterations", "0"]
 
 
 def test_pirl_rl_runs_skip_the_start_eval_and_the_table_reads_the_eval_only_run(tmp_path, monkeypatch):
