@@ -33,7 +33,8 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from common.demos import check_demos, demo_chunks, ensure_demos, load_demos
-from common.envs import check_task, eval_initial_states, make_task_env, run_eval_episodes, task_names
+from common.envs import (check_task, default_eval_envs, eval_initial_states, make_task_env, run_eval_episodes,
+                         task_names)
 from common.fsutil import atomic_write
 from common.pi0 import Pi0Config, Pi0Model
 from common.pi0_io import (NormStats, Pi0Processor, check_prompts, instruction_tokens, load_pi0, make_tokenizer,
@@ -139,8 +140,8 @@ class Args:
     eval_episodes: int = 0
     """episodes per evaluation, initial states 0..N-1 (0: 100 for ManiSkill; 25 per LIBERO task, whose init states
     25..49 are kept for demos: a subset's N walk init states 0..N/T-1 of each of its T tasks)"""
-    num_eval_envs: int = 2
-    """parallel eval envs (worker processes)"""
+    num_eval_envs: int = 0
+    """parallel eval envs (0: 2, or a LIBERO subset's task count when it has 3-4 tasks: no env rebuild per episode)"""
     action_chunk: int = 8
     """actions executed per policy call (<= horizon)"""
     num_denoise_steps: int = 5
@@ -193,6 +194,7 @@ if __name__ == "__main__":
                              f"{DEMO_INIT_STATES.stop - 1} (eval uses the others): --num-demos <= "
                              f"{len(DEMO_INIT_STATES)} (per task), got {args.num_demos}")
     args.eval_episodes = args.eval_episodes or 100
+    args.num_eval_envs = args.num_eval_envs or default_eval_envs(args.env, args.task)
     positive = ("num_demos", "total_steps", "batch_size", "warmup_steps", "checkpoint_every", "log_every",
                 "eval_every", "num_eval_envs", "num_denoise_steps", "horizon")
     bad = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in positive if getattr(args, k) < 1]
