@@ -500,8 +500,8 @@ if __name__ == "__main__":
     prompt_prefixes = PromptPrefixCache(model)  # state-only tasks: the frozen VLM sees only the prompt
     # policy calls per env per rollout; with a frozen VLM and cameras the rollout's prefixes are kept for the update
     max_calls = args.num_steps if args.adv_type == "gae" else math.ceil(args.max_episode_steps / chunk)
-    frozen_image_prefix = args.train_expert_only and bool(cfg.num_cameras or cfg.discrete_state_input)
-    keep_prefix = RolloutPrefixKeeper(args.keep_prefix_gib if frozen_image_prefix else 0, args.num_envs * max_calls)
+    keep_prefix = RolloutPrefixKeeper(args.keep_prefix_gib if args.train_expert_only and
+                                      prompt_prefixes.per_observation else 0, args.num_envs * max_calls)
 
     def prefix_of(batch, grad: bool):
         """The VLM prefix (cached K/V): the one kept from the rollout, else encoded."""

@@ -387,12 +387,17 @@ class PromptPrefixCache:
     def __init__(self, model: "Pi0Model"):
         self.model, self.rows = model, {}
 
+    @property
+    def per_observation(self) -> bool:
+        """The prefix depends on more than the prompt (cameras, or π0.5's state in the prompt): encoded at every call.
+        With the state in the prompt nearly every prompt is new, so caching would only grow."""
+        return bool(self.model.cfg.num_cameras or self.model.cfg.discrete_state_input)
+
     def clear(self) -> None:
         self.rows.clear()
 
     def __call__(self, images, img_masks, tokens, tok_masks) -> Prefix:
-        # with the state in the prompt (π0.5's discrete state) nearly every prompt is new: caching would only grow
-        if self.model.cfg.num_cameras or self.model.cfg.discrete_state_input:
+        if self.per_observation:
             with torch.no_grad():
                 return self.model.encode_prefix(images, img_masks, tokens, tok_masks)
         keys = [bytes(t) + bytes(m) for t, m in zip(tokens.cpu().numpy(), tok_masks.cpu().numpy())]
