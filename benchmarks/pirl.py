@@ -6,8 +6,10 @@ number is a real run of those scripts (subprocesses). Success is the determinist
 episodes (fixed initial states 0..E-1, the same for every row); the SFT row is the RL scripts' eval of the start
 (one eval-only run per seed).
 95% intervals: Wilson per run; over seeds, mean ± t-interval of the per-seed rates. Throughput: training env-steps/s
-(eval excluded) over the raw simulator speed measured in this same run (same env, same worker count, same chunking,
-random actions).
+(eval excluded) over the raw simulator speed measured by the same command on the same machine (same env, same worker
+count, same chunking, random actions). The results JSON keeps each RL run (`runs`), so a later call on another machine
+reuses the seeds it holds as they were measured and runs only the missing ones: a table too long for one sitting grows a
+seed at a time.
 
     python benchmarks/pirl.py                                     # PushCube-v1: writes benchmarks/results/pirl_maniskill.*
     python benchmarks/pirl.py --env libero --seeds 1 --minutes 20 # LIBERO-Object task 0, 25 eval episodes
@@ -37,7 +39,7 @@ import numpy as np
 import torch
 import tyro
 
-from benchmarks.report import RESULTS_DIR, pyplot, write_results
+from benchmarks.report import RESULTS_DIR, machine_info, pyplot, write_results
 
 ALGORITHMS = ("flow_sde", "flow_noise")
 
@@ -154,12 +156,19 @@ def start_eval(args: Args, seed: int, init: Path) -> dict:
     return json.loads(summary.read_text())["history"][0]
 
 
-def rl_run(args: Args, algorithm: str, seed: int, init: Path) -> dict:
+def rl_run_id(args: Args, algorithm: str, seed: int) -> str:
+    """The RL run's directory name: task, algorithm, budget and a tag of every flag that could change it, seed."""
     own_flags = args.sde_flags if algorithm == "flow_sde" else args.noise_flags
     # the algorithm's own flags join the tag only when given, so runs named before they existed are still reused
     tagged = (args.sft_flags, args.rl_flags, own_flags) if own_flags.strip() else (args.sft_flags, args.rl_flags)
-    name = f"{algorithm}_{args.minutes:g}min" + flags_tag(*tagged)
-    summary = args.run_dir / f"{args.task.replace('/', '_')}__{name}__{seed}" / "summary.json"
+    return f"{args.task.replace('/', '_')}__{algorithm}_{args.minutes:g}min{flags_tag(*tagged)}__{seed}"
+
+
+def rl_run(args: Args, algorithm: str, seed: int, init: Path) -> dict:
+    own_flags = args.sde_flags if algorithm == "flow_sde" else args.noise_flags
+    run_id = rl_run_id(args, algorithm, seed)
+    name = run_id.split("__")[1]
+    summary = args.run_dir / run_id / "summary.json"
     if not summary.exists():
         run([sys.executable, str(ROOT / "algos" / f"{algorithm}_pi0.py"), "--env", args.env, "--task", args.task,
              "--init", f"sft:{init}", "--seed", str(seed), "--exp-name", name, "--run-dir", str(args.run_dir),
@@ -170,10 +179,23 @@ def rl_run(args: Args, algorithm: str, seed: int, init: Path) -> dict:
              *resume_flag(summary.parent), *shlex.split(args.rl_flags), *shlex.split(own_flags)])
     # a finished run is reused as it is, so the table says when each one ran (the file's mtime, UTC)
     finished = datetime.fromtimestamp(summary.stat().st_mtime, tz=timezone.utc).strftime("%Y-%m-%d %H:%M")
-    result = {**json.loads(summary.read_text()), "finished_utc": finished}
+    result = json.loads(summary.read_text())
     if not (result["history"] and result["history"][0]["iteration"] == 0):  # runs made before 2026-12-05 have it
         result["history"] = [start_eval(args, seed, init), *result["history"]]
-    return result
+    return {"run": run_id, "algorithm": algorithm, "seed": seed, "history": result["history"],
+            "minutes": result["minutes"], "env_steps": result["env_steps"], "num_envs": result["args"]["num_envs"],
+            "action_chunk": result["args"]["action_chunk"], "finished_utc": finished}
+
+
+def committed_runs(path: Path) -> dict[str, dict]:
+    """The RL runs a results file was made from, by run id ({} for none, or a file from before runs were kept).
+
+    A run's directory lives on the machine that made it; the committed results keep what the table needs of each run
+    (its eval history, budget, steps and the raw throughput measured beside it), so a table too long for one sitting
+    (the four-task LIBERO one: ~2 h per seed here) grows a seed at a time, on whatever machine runs the next one."""
+    if not path.exists():
+        return {}
+    return {r["run"]: r for r in json.loads(path.read_text()).get("runs", [])}
 
 
 def raw_throughput(args: Args, num_envs: int, chunk: int, action_dim: int) -> float:
@@ -220,22 +242,32 @@ def main(args: Args) -> None:
             print(f"seed {seed}: SFT start {init}, eval success {start['success_rate']:.2f} over {start['episodes']} "
                   "episodes", flush=True)
         return
+    name = args.name or f"pirl_{args.env}"
+    kept = committed_runs(args.out_dir / f"{name}.json")
     runs = []
     for seed in args.seeds:
-        init = sft_start(args, seed)
+        init = None  # a seed whose runs are all in the committed results needs no SFT start here
         for algorithm in args.algorithms:
-            summary = rl_run(args, algorithm, seed, init)
-            runs.append({"algorithm": algorithm, "seed": seed, **summary})
-    run_args = runs[0]["args"]  # the same env workers and chunking as training
-    raw = raw_throughput(args, num_envs=run_args["num_envs"], chunk=run_args["action_chunk"],
-                         action_dim=8 if args.env == "maniskill" else 7)
+            run_id = rl_run_id(args, algorithm, seed)
+            if run_id in kept and not (args.run_dir / run_id / "summary.json").exists():
+                runs.append(kept[run_id])
+                continue
+            init = init or sft_start(args, seed)
+            runs.append(rl_run(args, algorithm, seed, init))
+    made_here = [r for r in runs if "raw_sps" not in r]
+    if made_here:  # the same env workers and chunking as training, on this machine
+        raw = raw_throughput(args, num_envs=made_here[0]["num_envs"], chunk=made_here[0]["action_chunk"],
+                             action_dim=8 if args.env == "maniskill" else 7)
+        machine = machine_info()
+        for r in made_here:
+            r.update(raw_sps=raw, machine=f"{machine['cpu']}, {machine['cores']} cores")
 
     rows = []
     for r in runs:
         h0, h1 = r["history"][0], r["history"][-1]
         n = h1["episodes"]
         lo, hi = wilson(h1["success_rate"] * n, n)
-        sps = r["env_steps"] / max(r["minutes"] * 60, 1e-9)
+        sps, raw = r["env_steps"] / max(r["minutes"] * 60, 1e-9), r["raw_sps"]
         rows.append({"algorithm": r["algorithm"], "seed": r["seed"], "sft_success": h0["success_rate"],
                      "rl_success": h1["success_rate"], "ci95": f"[{lo:.2f}, {hi:.2f}]",
                      "gain_points": 100 * (h1["success_rate"] - h0["success_rate"]), "minutes": r["minutes"],
@@ -251,7 +283,8 @@ def main(args: Args) -> None:
                      "rl_success": float(np.mean(rl)), "ci95": f"± {seed_interval(rl):.2f} (seeds)",
                      "gain_points": float(np.mean(gains)), "minutes": float(np.mean([row["minutes"] for row in sel])),
                      "env_steps": int(np.mean([row["env_steps"] for row in sel])),
-                     "train_sps": float(np.mean([row["train_sps"] for row in sel])), "raw_sps": raw,
+                     "train_sps": float(np.mean([row["train_sps"] for row in sel])),
+                     "raw_sps": float(np.mean([row["raw_sps"] for row in sel])),
                      "sps_ratio": float(np.mean([row["sps_ratio"] for row in sel])), "finished_utc": ""})
 
     plt = pyplot()
@@ -279,15 +312,20 @@ def main(args: Args) -> None:
              f"of {args.algorithms[0]}_pi0.py per seed, `--total-iterations 0`: both scripts evaluate the same ODE "
              "with the same noise; runs made before 2026-12-05 evaluated their start themselves), `rl_success` the "
              "last eval. `raw_sps`: the same "
-             f"worker envs ({run_args['num_envs']}) stepping chunks of {run_args['action_chunk']} random actions for "
-             f"{args.throughput_seconds:g} s in this run; `sps_ratio` = "
-             "training env-steps/s over it (target >= 0.8). `finished_utc`: when that RL run ended (finished runs "
-             "with the same flags are reused, not re-run). Target gain: >= +30 points on PushCube-v1 within 30 min.")
+             f"worker envs ({runs[0]['num_envs']}) stepping chunks of {runs[0]['action_chunk']} random actions for "
+             f"{args.throughput_seconds:g} s on the machine of that run, measured by the command that made it; "
+             "`sps_ratio` = training env-steps/s over it (target >= 0.8). `finished_utc`: when that RL run ended "
+             "(finished runs with the same flags are reused, not re-run: from the run directory, or from this "
+             "table's JSON, which keeps each run's history, so a seed made on another day or machine stays as it was "
+             "measured; the JSON's `runs` say which machine). Target gain: >= +30 points on PushCube-v1 within 30 min.")
     shown = " vs ".join({"flow_sde": "Flow-SDE", "flow_noise": "Flow-Noise"}[a] for a in args.algorithms)
-    write_results(args.name or f"pirl_{args.env}", f"πRL at CPU scale: {args.task}, few-shot SFT vs {shown}",
+    made = {r["run"] for r in runs}  # the JSON keeps the committed runs this table did not ask for (other seeds or
+    # flags), so a narrower call loses none of them
+    write_results(name, f"πRL at CPU scale: {args.task}, few-shot SFT vs {shown}",
                   ["algorithm", "seed", "sft_success", "rl_success", "ci95", "gain_points", "minutes", "env_steps",
                    "train_sps", "raw_sps", "sps_ratio", "finished_utc"], rows, seeds=args.seeds, notes=notes,
-                  out_dir=args.out_dir, figure=fig)
+                  out_dir=args.out_dir, figure=fig,
+                  extra={"runs": runs + [r for run_id, r in kept.items() if run_id not in made]})
 
 
 if __name__ == "__main__":

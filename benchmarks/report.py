@@ -70,7 +70,7 @@ def markdown_table(columns: list[str], rows: list[dict]) -> str:
 
 
 def write_results(name: str, title: str, columns: list[str], rows: list[dict], *, seeds, notes: str = "",
-                  out_dir: Path | str = RESULTS_DIR, figure=None) -> Path:
+                  out_dir: Path | str = RESULTS_DIR, figure=None, extra: dict | None = None) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -96,5 +96,5 @@ def write_results(name: str, title: str, columns: list[str], rows: list[dict], *
         figure.savefig(out_dir / f"{name}.png", dpi=120, bbox_inches="tight")
         md += ["", f"![{name}]({name}.png)"]
     (out_dir / f"{name}.md").write_text("\n".join(md) + "\n")
-    (out_dir / f"{name}.json").write_text(json.dumps({**meta, "columns": columns, "rows": rows}, indent=2) + "\n")
+    (out_dir / f"{name}.json").write_text(json.dumps({**meta, "columns": columns, "rows": rows, **(extra or {})}, indent=2) + "\n")
     return out_dir / f"{name}.md"

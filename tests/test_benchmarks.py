@@ -503,6 +503,40 @@ def test_pirl_sft_only_makes_each_seeds_sft_start_and_its_eval_once_and_no_rl_ru
     assert calls[1][-4:] == ["--noise-std-max", "0.2", "--total-iterations", "0"]
 
 
+def test_pirl_table_keeps_its_runs_so_another_machine_adds_a_seed_without_redoing_one(tmp_path, monkeypatch):
+    """The results JSON keeps each RL run's history and the raw throughput measured beside it: a later call on a
+    machine without the run directories reuses them (no SFT, no RL, its rows as measured) and runs only the new seed;
+    a narrower call keeps the runs it did not ask for."""
+    import benchmarks.pirl as pirl
+
+    calls = []
+    monkeypatch.setattr(pirl, "run", fake_pirl_run(calls, "libero_object_0-3"))
+    monkeypatch.setattr(pirl, "raw_throughput", lambda *a, **k: 200.0)
+    args = dict(env="libero", task="libero_object/0-3", minutes=8, run_dir=tmp_path / "runs",
+                demo_dir=tmp_path / "demos", out_dir=tmp_path / "out")
+    pirl.main(pirl.Args(seeds=[1], **args))
+    assert len(calls) == 4  # SFT, Flow-SDE, the start's eval, Flow-Noise
+    shutil.rmtree(tmp_path / "runs")  # the next sitting: another machine, no run directories
+    calls.clear()
+    monkeypatch.setattr(pirl, "raw_throughput", lambda *a, **k: 100.0)
+    pirl.main(pirl.Args(seeds=[1, 2], **args))
+    assert len(calls) == 4 and {c[c.index("--seed") + 1] for c in calls} == {"2"}
+    table = json.loads((tmp_path / "out" / "pirl_libero.json").read_text())
+    rows = {(r["algorithm"], r["seed"]): r for r in table["rows"]}
+    assert rows["flow_sde", 1]["raw_sps"] == 200.0 and rows["flow_sde", 2]["raw_sps"] == 100.0
+    assert rows["flow_noise", 1]["sps_ratio"] == pytest.approx(1000 / 480 / 200)
+    assert rows["flow_sde", 1]["sft_success"] == 0.25 and rows["flow_sde", 1]["rl_success"] == 0.5
+    assert rows["flow_sde", "mean"]["raw_sps"] == 150.0
+    assert len(table["runs"]) == 4
+    shutil.rmtree(tmp_path / "runs")
+    calls.clear()
+    pirl.main(pirl.Args(seeds=[2], **args))
+    assert calls == []
+    table = json.loads((tmp_path / "out" / "pirl_libero.json").read_text())
+    assert [r["seed"] for r in table["rows"]] == [2, 2, "mean", "mean"]
+    assert sorted(r["seed"] for r in table["runs"]) == [1, 1, 2, 2]
+
+
 def test_pirl_rl_runs_skip_the_start_eval_and_the_table_reads_the_eval_only_run(tmp_path, monkeypatch):
     """The RL runs skip their iteration-0 eval (both scripts would evaluate the same start the same way); the table's
     SFT column is the eval-only run's, and an algorithm with flags of its own evaluates its start itself."""
