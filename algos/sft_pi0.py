@@ -137,6 +137,9 @@ class Args:
     # Evaluation
     eval_every: int = 1000
     """steps between evaluations (and at the end)"""
+    eval_at_end: bool = True
+    """evaluate the final weights (--no-eval-at-end: a caller that evaluates the start with its own sampler, as
+    benchmarks/pirl.py does, skips this one)"""
     eval_episodes: int = 0
     """episodes per evaluation, initial states 0..N-1 (0: 100 for ManiSkill; 25 per LIBERO task, whose init states
     25..49 are kept for demos: a subset's N walk init states 0..N/T-1 of each of its T tasks)"""
@@ -369,7 +372,8 @@ if __name__ == "__main__":
                               done)
             bar.set_postfix(loss=f"{loss_sum / loss_n:.4f}")
             loss_sum, loss_n = 0.0, 0
-        if done % args.eval_every == 0 or done == args.total_steps:
+        at_end = done == args.total_steps
+        if (done % args.eval_every == 0 and not at_end) or (at_end and args.eval_at_end):
             t0 = time.time()
             video = run_dir / f"eval_{done}.mp4" if args.capture_video else None
             stats = evaluate(model, processor, args, device, video)

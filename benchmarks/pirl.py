@@ -135,7 +135,7 @@ def sft_start(args: Args, seed: int) -> Path:
         demos = args.demo_dir / (args.task if args.env == "maniskill" else f"{args.task.replace('/', '_')}_n{args.sft_demos}")
         run([sys.executable, str(ROOT / "algos" / "sft_pi0.py"), "--env", args.env, "--task", args.task,
              "--num-demos", str(args.sft_demos), "--demos", str(demos), "--total-steps", str(args.sft_steps),
-             "--eval-episodes", "0", "--eval-every", str(args.sft_steps),  # the SFT script's eval: final weights only
+             "--eval-episodes", "0", "--eval-every", str(args.sft_steps), "--no-eval-at-end",  # start_eval's instead
              "--seed", str(seed), "--exp-name", name, "--run-dir", str(args.run_dir),
              *resume_flag(final.parent), *shlex.split(args.sft_flags)])
     return final

@@ -481,7 +481,7 @@ def test_pirl_sft_only_makes_each_seeds_sft_start_and_its_eval_once_and_no_rl_ru
     assert [c[c.index("--seed") + 1] for c in calls] == ["1", "1", "2", "2"]
     sft, evals = calls[::2], calls[1::2]
     assert all(c[c.index("--demos") + 1] == str(tmp_path / "demos" / "libero_object_0-3_n20") for c in sft)
-    assert all(c[c.index("--eval-every") + 1] == "2000" for c in sft)  # the SFT script evaluates its final weights
+    assert all(c[c.index("--eval-every") + 1] == "2000" and "--no-eval-at-end" in c for c in sft)  # evals: start_eval's
     assert all(c[c.index("--total-iterations") + 1] == "0" and c[c.index("--eval-episodes") + 1] == "100"
                for c in evals)
     start = tmp_path / "runs" / "libero_object_0-3__sft_n20_s2000__1" / "final"

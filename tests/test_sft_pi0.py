@@ -81,11 +81,13 @@ def test_resume_after_kill_9(demos, tmp_path):
     step = load_pi0(ckpt)[2]["extra"]["step"]
     assert step >= 20 and step % 20 == 0
     out = subprocess.run(SCRIPT + sft_args(demos, tmp_path, **{"--total-steps": str(step + 20), "--eval-every": "1000000",
-                                                               "--exp-name": "killed", "--resume": None}),
+                                                               "--exp-name": "killed", "--resume": None,
+                                                               "--no-eval-at-end": None}),
                          cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"resuming PushCube-v1__killed__1 at step {step}" in out.stdout
     assert load_pi0(ckpt.with_name("final"))[2]["extra"]["step"] == step + 20
+    assert json.loads((ckpt.parent / "eval.json").read_text()) == []  # --no-eval-at-end: the final weights unevaluated
 
 
 def test_bad_flags_are_refused(tmp_path):
