@@ -156,18 +156,22 @@ def start_eval(args: Args, seed: int, init: Path) -> dict:
     return json.loads(summary.read_text())["history"][0]
 
 
-def rl_run_id(args: Args, algorithm: str, seed: int) -> str:
-    """The RL run's directory name: task, algorithm, budget and a tag of every flag that could change it, seed."""
+def rl_run_name(args: Args, algorithm: str) -> str:
+    """The RL run's --exp-name: algorithm, budget and a tag of every flag that could change the run."""
     own_flags = args.sde_flags if algorithm == "flow_sde" else args.noise_flags
     # the algorithm's own flags join the tag only when given, so runs named before they existed are still reused
     tagged = (args.sft_flags, args.rl_flags, own_flags) if own_flags.strip() else (args.sft_flags, args.rl_flags)
-    return f"{args.task.replace('/', '_')}__{algorithm}_{args.minutes:g}min{flags_tag(*tagged)}__{seed}"
+    return f"{algorithm}_{args.minutes:g}min" + flags_tag(*tagged)
+
+
+def rl_run_id(args: Args, algorithm: str, seed: int) -> str:
+    """The RL run's directory name (the scripts' <task>__<exp-name>__<seed>)."""
+    return f"{args.task.replace('/', '_')}__{rl_run_name(args, algorithm)}__{seed}"
 
 
 def rl_run(args: Args, algorithm: str, seed: int, init: Path) -> dict:
     own_flags = args.sde_flags if algorithm == "flow_sde" else args.noise_flags
-    run_id = rl_run_id(args, algorithm, seed)
-    name = run_id.split("__")[1]
+    run_id, name = rl_run_id(args, algorithm, seed), rl_run_name(args, algorithm)
     summary = args.run_dir / run_id / "summary.json"
     if not summary.exists():
         run([sys.executable, str(ROOT / "algos" / f"{algorithm}_pi0.py"), "--env", args.env, "--task", args.task,
