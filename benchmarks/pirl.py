@@ -258,6 +258,10 @@ def main(args: Args) -> None:
                 continue
             init = init or sft_start(args, seed)
             runs.append(rl_run(args, algorithm, seed, init))
+            same = kept.get(run_id, {})
+            if same.get("finished_utc") == runs[-1]["finished_utc"] and "raw_sps" in same:
+                # the committed run itself, its directory still here: its raw throughput is the one measured beside it
+                runs[-1].update(raw_sps=same["raw_sps"], machine=same["machine"])
     made_here = [r for r in runs if "raw_sps" not in r]
     if made_here:  # the same env workers and chunking as training, on this machine
         raw = raw_throughput(args, num_envs=made_here[0]["num_envs"], chunk=made_here[0]["action_chunk"],

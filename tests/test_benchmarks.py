@@ -516,6 +516,10 @@ def test_pirl_table_keeps_its_runs_so_another_machine_adds_a_seed_without_redoin
                 demo_dir=tmp_path / "demos", out_dir=tmp_path / "out")
     pirl.main(pirl.Args(seeds=[1], **args))
     assert len(calls) == 4  # SFT, Flow-SDE, the start's eval, Flow-Noise
+    monkeypatch.setattr(pirl, "raw_throughput", lambda *a, **k: 300.0)
+    pirl.main(pirl.Args(seeds=[1], **args))  # the same machine again, run directories here: nothing re-measured
+    table = json.loads((tmp_path / "out" / "pirl_libero.json").read_text())
+    assert len(calls) == 4 and {r["raw_sps"] for r in table["runs"]} == {200.0}
     shutil.rmtree(tmp_path / "runs")  # the next sitting: another machine, no run directories
     calls.clear()
     monkeypatch.setattr(pirl, "raw_throughput", lambda *a, **k: 100.0)
