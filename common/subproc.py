@@ -234,6 +234,9 @@ class SubprocBackend:
         -> reward, terminated, success, each [N, k] (zeros after an env's last executed step)."""
         import torch
 
+        if self._prepared:  # the caller ended those episodes elsewhere than the workers did: their states are lost
+            raise RuntimeError(f"envs {sorted(self._prepared)} began an episode in their last chunk that no reset "
+                               "asked for: the caller and the workers disagree on where the episode ended")
         ids = [i for i in range(self.num_envs) if active[i]]
         acts = actions.detach().cpu().numpy()
         k = acts.shape[1]
@@ -242,9 +245,6 @@ class SubprocBackend:
         success = torch.zeros(self.num_envs, k, dtype=torch.bool)
         upcoming = [None if next_reset_ids is None else next_reset_ids[i] for i in ids]
         calls = [(acts[i], int(steps_left[i]), stop_on_terminate, rid) for i, rid in zip(ids, upcoming)]
-        if self._prepared:  # the caller ended those episodes elsewhere than the workers did: their states are lost
-            raise RuntimeError(f"envs {sorted(self._prepared)} began an episode in their last chunk that no reset "
-                               "asked for: the caller and the workers disagree on where the episode ended")
         for i, rid, (obs, r, term, succ, reset_obs) in zip(ids, upcoming, self.pool.call(ids, "__chunk__", calls)):
             self._obs[i], m = obs, len(r)
             reward[i, :m], terminated[i, :m], success[i, :m] = torch.tensor(r), torch.tensor(term), torch.tensor(succ)
