@@ -156,7 +156,7 @@ class Args:
     total_iterations: int = 20
     """RL iterations (rollout + update)"""
     total_minutes: float = 0.0
-    """stop after this wall-clock budget (0: no limit)"""
+    """stop after this much training wall clock (env start-up and evals not counted; 0: no limit)"""
     num_steps: int = 64
     """chunk steps per env per iteration (GAE mode)"""
     update_epochs: int = 2
@@ -678,7 +678,6 @@ if __name__ == "__main__":
     print(f"{args.env} {args.task}: π0 {cfg.variant} ({sum(p.numel() for p in actor_params):,} parameters trained), "
           f"Flow-SDE K={K} a={args.noise_level}{' joint' if args.joint else ''}, critic on {critic_on}, "
           f"{args.num_envs} envs, device {device}")
-    start_time = time.time() - (meta["extra"].get("train_minutes", 0.0) * 60 if start_iter else 0.0)  # resumed
     if start_iter == 0 and args.eval_at_start:
         stats = evaluate(0)
         history.append({"iteration": 0, "global_step": 0, "minutes": 0.0, **stats})
@@ -694,6 +693,9 @@ if __name__ == "__main__":
         np.random.set_state((draws["np"][0], np.asarray(draws["np"][1], np.uint32), *draws["np"][2:]))
         if resumed_rngs["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(resumed_rngs["cuda_rng"])
+    # the training clock starts here, as in CleanRL: env start-up and the start's eval are outside it, like evals
+    eval_seconds[0] = 0.0
+    start_time = time.time() - (meta["extra"].get("train_minutes", 0.0) * 60 if start_iter else 0.0)  # resumed
     bar = tqdm(range(start_iter, args.total_iterations), initial=start_iter, total=args.total_iterations,
                desc="flow-sde", mininterval=2.0)
     for iteration in bar:

@@ -128,7 +128,7 @@ class Args:
     total_iterations: int = 60
     """RL iterations (rollout + update)"""
     total_minutes: float = 0.0
-    """stop after this wall-clock budget (0: no limit)"""
+    """stop after this much training wall clock (env start-up and evals not counted; 0: no limit)"""
     num_steps: int = 32
     """chunk steps per env per iteration (GAE mode)"""
     update_epochs: int = 4
@@ -464,15 +464,12 @@ if __name__ == "__main__":
         model.requires_grad_(args.train_vlm)
         prompt_prefixes.clear()
         del episodes, states, chunks, images, targets
-    start_time = time.time() - meta["extra"].get("train_minutes", 0.0) * 60 * resuming
-    eval_seconds = 0.0
     if not history:  # (a run resumed from its post-BC checkpoint has this eval already)
         stats = evaluate(0)
         history.append({"iteration": 0, "global_step": 0, "minutes": 0.0, **stats})
         writer.add_scalar("eval/success_rate", stats["success_rate"], 0)
         print(f"{'BC' if init_kind == 'bc' else 'initial'} policy: eval success {stats['success_rate']:.2f} over "
               f"{stats['episodes']} episodes")
-        eval_seconds = time.time() - start_time
         save(0, 0.0)  # the start (after BC): a kill in RL does not redo it
 
     # ---------------------------------------------------------------- ALGO LOGIC: RL
@@ -484,6 +481,8 @@ if __name__ == "__main__":
         envs.rng_state = json.loads(trainer["env_rng"])
         s = trainer["np_rng"]
         np.random.set_state((s[0], np.asarray(s[1], np.uint32), *s[2:]))
+    # the training clock starts here, as in CleanRL: env start-up and the start's eval are outside it, like evals
+    start_time, eval_seconds = time.time() - meta["extra"].get("train_minutes", 0.0) * 60 * resuming, 0.0
     bar = tqdm(range(start_iter, args.total_iterations), initial=start_iter, total=args.total_iterations,
                desc=args.adv_type, mininterval=2.0)
     for iteration in bar:

@@ -106,7 +106,7 @@ def suite_reset_table(suite: str, task_ids: list[int] | None = None,
     or with `init_states` (an eval's: EVAL_INIT_STATES) those of each task, init state by init state, so that the
     first n episodes of an eval are spread evenly over the tasks. An eval deals reset ids round-robin to its envs:
     with a multiple of the task count as envs, each env keeps one task (a reset that changes the task rebuilds the
-    env: ~2 s here, against ~0.8 s within a task, settle steps included)."""
+    env: ~1.6 s here, against ~0.3 s within a task, settle steps included)."""
     bench = _benchmark(suite)
     n_tasks = bench.get_num_tasks()
     task_ids = list(range(n_tasks)) if task_ids is None else list(task_ids)
@@ -125,7 +125,7 @@ def split_tasks(task_ids: list[int], num_envs: int) -> list[list[int]] | None:
     """Each env's own tasks for training draws, or None (every env draws from every task) when neither count divides
     the other, as a split would then weight the tasks unevenly. 8 envs over 4 tasks: env i keeps task i mod 4; 2 envs
     over 4 tasks: env 0 the 1st and 3rd task, env 1 the 2nd and 4th. A draw that changes an env's task rebuilds its
-    simulator (~2 s against ~0.8 s, settle steps included) while every other env waits for it at the chunk boundary:
+    simulator (~1.6 s against ~0.3 s, settle steps included) while every other env waits for it at the chunk boundary:
     with 4 envs on 4 tasks that was a quarter of a LIBERO rollout."""
     n = len(task_ids)
     if num_envs % n and n % num_envs:
@@ -213,8 +213,21 @@ class LiberoSingle:
                 cam = inner._observables[name]
                 cam._time_since_last_sample, cam._sampled = clock._time_since_last_sample, clock._sampled
 
+    def _render_here(self) -> None:
+        # robosuite makes its GL context current once, when it creates it, and never again: with another LIBERO env
+        # in this process (a test, an expert beside a camera env) the frames would go to that env's context, or to
+        # none once it is closed. Claiming ours before each step that may render costs a few microseconds.
+        ctx = getattr(self._env.sim, "_render_context_offscreen", None) if self.cameras else None
+        if ctx is not None:
+            ctx.gl_ctx.make_current()
+
     def _fresh_observation(self) -> dict:
-        self._env.env._update_observables(force=True)
+        # Two forced updates, as ever: each advances the observables' sampling clocks, whose phase decides at which
+        # physics substep later observations are taken (one fewer would shift every later observation). Only the
+        # second needs the cameras: rendering them in the first too cost ~0.12 s for frames nobody read.
+        with self._cameras_off():
+            self._env.env._update_observables(force=True)
+        self._render_here()
         return self._env.env._get_observations(force_update=True)
 
     def _process(self, raw: dict) -> dict[str, Any]:
@@ -245,11 +258,13 @@ class LiberoSingle:
         task_id, init_index = self.reset_table[reset_id]
         if task_id != self._task_id:
             self._build(task_id)
-        self._env.reset()
-        self._apply_render_flags()
-        self._clear_carried_state()
-        self._env.set_init_state(self._init_states[init_index])
-        with self._cameras_off():  # nobody looks at the settle frames; rendering them would cost ~0.1 s each
+        # Nobody looks at the frames of robosuite's reset, of the init state or of the settle steps: rendering them
+        # (~0.06 s per camera here) was 6 of a reset's 8 renders. Only the settled state is rendered, once.
+        with self._cameras_off():
+            self._env.reset()
+            self._apply_render_flags()
+            self._clear_carried_state()
+            self._env.set_init_state(self._init_states[init_index])
             for _ in range(SETTLE_STEPS):
                 self._env.step(SETTLE_ACTION)
         return self._process(self._fresh_observation())
@@ -259,6 +274,8 @@ class LiberoSingle:
         CPU; the images returned are then the last rendered ones, unless the step succeeds (the episode may end
         here), which renders a fresh observation."""
         action = np.asarray(action, dtype=np.float64)
+        if observe:
+            self._render_here()
         if observe or not self.cameras:
             raw, _, done, _ = self._env.step(action)
         else:

@@ -188,8 +188,8 @@ class SubprocBackend:
     """A `common.vec_env.Backend` over a `WorkerPool` whose envs expose
     `reset(reset_id) -> obs` and `step(action, observe) -> (obs, reward, terminated, success)` with numpy
     observations (`observe=False`: the observation may be stale, nobody looks at it). A worker whose episode ends
-    inside a chunk starts the next one in the same round trip (`resets_in_chunk`), so a slow reset (LIBERO: ~0.8 s)
-    runs while the other workers still step."""
+    inside a chunk starts the next one in the same round trip (`resets_in_chunk`), so a slow reset (LIBERO: ~0.3 s,
+    ~1.6 s for another task) runs while the other workers still step."""
 
     resets_in_chunk = True
 

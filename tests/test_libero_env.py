@@ -41,6 +41,48 @@ def test_reset_runs_exactly_15_settle_steps_with_the_gripper_open(single):
     assert all(np.array_equal(a, SETTLE_ACTION) for a in calls) and SETTLE_ACTION[-1] == -1
 
 
+def test_a_reset_renders_each_camera_once(single):
+    single.reset(0)
+    renders = []
+    inner_render = single._env.sim.render
+    single._env.sim.render = lambda *a, **kw: (renders.append(kw.get("camera_name")), inner_render(*a, **kw))[1]
+    try:
+        single.reset(1)  # same task: no rebuild, so the patched sim is the one the reset renders with
+    finally:
+        single._env.sim.render = inner_render
+    assert sorted(renders) == ["agentview", "robot0_eye_in_hand"]
+
+
+def test_reset_observes_exactly_as_robosuites_plain_reset_sequence():
+    """Our reset skips the renders nobody reads; robosuite's plain sequence (reset, init state, settle steps, a fresh
+    forced observation, all with the cameras on) must give bit-identical observations, then and after later steps
+    (the observables' sampling clocks decide at which physics substep each later observation is taken)."""
+    ours, plain = (LiberoSingle("libero_object", suite_reset_table("libero_object", [0]), image_size=64)
+                   for _ in range(2))
+    try:
+        ours.reset(3)  # builds the simulator; the resets compared below reuse it
+        plain.reset(3)
+        env = plain._env
+        obs = ours.reset(4)
+        env.reset()
+        plain._clear_carried_state()
+        env.set_init_state(plain._init_states[4])
+        for _ in range(SETTLE_STEPS):
+            env.step(SETTLE_ACTION)
+        env.env._update_observables(force=True)
+        ref = plain._process(env.env._get_observations(force_update=True))
+        actions = np.random.default_rng(1).uniform(-1, 1, (12, 7))
+        for j in range(len(actions) + 1):
+            assert np.array_equal(obs["state"], ref["state"]), j
+            for cam in ("main", "wrist"):
+                assert np.array_equal(obs["images"][cam], ref["images"][cam]), (j, cam)
+            if j < len(actions):
+                obs, ref = ours.step(actions[j], observe=j % 4 == 3)[0], plain.step(actions[j], observe=j % 4 == 3)[0]
+    finally:
+        ours.close()
+        plain.close()
+
+
 def test_same_reset_id_same_initial_state_bit_exact(single):
     first = single.reset(2)
     single.step(np.full(7, 0.5))
