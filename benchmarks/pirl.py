@@ -6,10 +6,10 @@ number is a real run of those scripts (subprocesses). Success is the determinist
 episodes (fixed initial states 0..E-1, the same for every row); the SFT row is the RL scripts' eval of the start
 (one eval-only run per seed).
 95% intervals: Wilson per run; over seeds, mean ± t-interval of the per-seed rates. Throughput: training env-steps/s
-(eval excluded) over the raw simulator speed measured by the same command on the same machine (same env, same worker
-count, same chunking, random actions). The results JSON keeps each RL run (`runs`), so a later call on another machine
-reuses the seeds it holds as they were measured and runs only the missing ones: a table too long for one sitting grows a
-seed at a time.
+(evals and env start-up excluded) over the raw simulator speed measured by the same command on the same machine (same
+env, same worker count, same chunking, random actions). The results JSON keeps each RL run (`runs`), so a later call
+on another machine reuses the seeds it holds as they were measured and runs only the missing ones: a table too long
+for one sitting grows a seed at a time.
 
     python benchmarks/pirl.py                                     # PushCube-v1: writes benchmarks/results/pirl_maniskill.*
     python benchmarks/pirl.py --env libero --seeds 1 --minutes 20 # LIBERO-Object task 0, 25 eval episodes
@@ -56,7 +56,7 @@ class Args:
     algorithms: list[str] = field(default_factory=lambda: list(ALGORITHMS))
     """which RL scripts to run"""
     minutes: float = 10.0
-    """RL wall-clock budget per run (eval time excluded)"""
+    """RL wall-clock budget per run (the scripts' training clock: env start-up and evals excluded)"""
     eval_every: int = 10
     """RL iterations between evals"""
     eval_episodes: int = 0
@@ -314,8 +314,8 @@ def main(args: Args) -> None:
              f"{' plus `' + args.rl_flags + '`' if args.rl_flags else ''}"
              f"{'; Flow-SDE with `' + args.sde_flags + '`' if args.sde_flags else ''}"
              f"{'; Flow-Noise with `' + args.noise_flags + '`' if args.noise_flags else ''}, "
-             f"{args.minutes:g} minutes of training each "
-             f"(eval excluded), eval every {args.eval_every} iterations on {args.eval_episodes} fixed initial states. "
+             f"{args.minutes:g} minutes of training each (evals and env start-up excluded), "
+             f"eval every {args.eval_every} iterations on {args.eval_episodes} fixed initial states. "
              "`sft_success` is the SFT start's eval with the RL scripts' deterministic sampler (an eval-only run "
              f"of {args.algorithms[0]}_pi0.py per seed, `--total-iterations 0`: both scripts evaluate the same ODE "
              "with the same noise; runs made before 2026-12-05 evaluated their start themselves), `rl_success` the "
