@@ -214,9 +214,9 @@ class LiberoSingle:
                 cam._time_since_last_sample, cam._sampled = clock._time_since_last_sample, clock._sampled
 
     def _render_here(self) -> None:
-        # robosuite makes its GL context current once, when it creates it, and never again: with another LIBERO env
-        # in this process (a test, an expert beside a camera env) the frames would go to that env's context, or to
-        # none once it is closed. Claiming ours before each step that may render costs a few microseconds.
+        # robosuite makes its GL context current once, when it creates it, and never again: with another camera env
+        # in this process (the tests make several) the frames would go to that env's context, or to none once it is
+        # closed. Claiming ours before each step that may render costs a few microseconds.
         ctx = getattr(self._env.sim, "_render_context_offscreen", None) if self.cameras else None
         if ctx is not None:
             ctx.gl_ctx.make_current()
