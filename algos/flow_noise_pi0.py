@@ -40,8 +40,8 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from common.envs import (check_task, default_eval_envs, fill_defaults, make_task_env, rlinf_libero_values,
-                         run_eval_episodes, task_instructions)
+from common.envs import (REWARD_MODES, check_task, default_eval_envs, fill_defaults, make_task_env,
+                         rlinf_libero_values, run_eval_episodes, task_instructions)
 from common.libero_env import MAX_EPISODE_STEPS
 from common.fsutil import atomic_write
 from common.pi0 import (Pi0Model, PromptPrefixCache, RolloutPrefixKeeper, gaussian_log_prob, pooled_prefix,
@@ -86,6 +86,9 @@ class Args:
     """ManiSkill observation mode (state or rgb); LIBERO always uses images"""
     control_mode: str = "pd_joint_pos"
     """ManiSkill controller (the motion-planning demos' one)"""
+    reward_mode: str = "sparse"
+    """ManiSkill reward: sparse (success), or a shaped level (dense, normalized_dense) paid out as its change per step,
+    so an episode sums to its final level (RLinf's relative reward); LIBERO is always sparse"""
     image_size: int = 64
     """camera resolution"""
     max_episode_steps: int = 0
@@ -214,7 +217,8 @@ PAPER = {  # RLinf's πRL yaml values (pirl.md §3.5): π0 ManiSkill (flow_noise
     "maniskill": dict(critic='auto', noise_on='all', train_head_only=False, actor_warmup=0,
                       num_envs=320, num_denoise_steps=4,
                       action_chunk=5, update_epochs=4, learning_rate=7.91e-06, value_lr=0.000155, minibatch_size=5120,
-                      logprob_type='token', bootstrap='always', max_episode_steps=80, num_steps=16, image_size=224),
+                      logprob_type='token', bootstrap='always', max_episode_steps=80, num_steps=16, image_size=224,
+                      reward_mode='normalized_dense'),  # RLinf's ManiSkill reward is shaped and relative (§3.4)
 }
 
 
@@ -338,7 +342,8 @@ def make_env(args: Args, num_envs: int, eval_mode: bool = False, num_episodes: i
              auto_reset: bool = True):
     return make_task_env(args.env, args.task, num_envs, obs_mode=args.obs_mode, control_mode=args.control_mode,
                          image_size=args.image_size, max_episode_steps=args.max_episode_steps, eval_mode=eval_mode,
-                         num_eval_episodes=num_episodes, auto_reset=auto_reset, seed=args.seed)
+                         num_eval_episodes=num_episodes, auto_reset=auto_reset, seed=args.seed,
+                         reward_mode=args.reward_mode)
 
 
 def sft_demo_count(args: Args) -> int:
@@ -403,9 +408,12 @@ if __name__ == "__main__":
         args.max_episode_steps = MAX_EPISODE_STEPS[suite] if args.env == "libero" else 100
     for name, choices in (("bootstrap", ("truncation", "always", "none")), ("logprob_type", ("chunk", "token")),
                           ("noise_on", ("executed", "all")),
-                          ("critic", ("auto", "expert", "vlm", "obs", "obs_ode")), ("adv_type", ("gae", "grpo"))):
+                          ("critic", ("auto", "expert", "vlm", "obs", "obs_ode")), ("adv_type", ("gae", "grpo")),
+                          ("reward_mode", REWARD_MODES)):
         if getattr(args, name) not in choices:
             raise SystemExit(f"--{name.replace('_', '-')} must be one of {choices}, got {getattr(args, name)!r}")
+    if args.env == "libero" and args.reward_mode != "sparse":
+        raise SystemExit(f"--reward-mode {args.reward_mode}: LIBERO has only the sparse success reward")
     if args.env == "libero":
         from common.libero_env import eval_episode_count
 

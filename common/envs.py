@@ -8,12 +8,15 @@ trains a suite); their reset ids are those tasks' init states, each env's prompt
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import torch
 
 from common.vec_env import BatchedEnv
 
 ENVS = ("maniskill", "libero")
+REWARD_MODES = ("sparse", "dense", "normalized_dense")
 
 
 def check_task(env: str, task: str, exists: bool = False) -> None:
@@ -76,12 +79,24 @@ def rlinf_libero_values(suite: str) -> dict:
                 num_steps=8 * MAX_EPISODE_STEPS[suite] // chunk)
 
 
-def fill_defaults(args, values: dict) -> list[str]:
-    """Set each of `values` on the tyro `args` where the flag was left at its default; returns the flags given
-    otherwise (kept, as `--name value`), so that a preset never overrides what the user asked for."""
+def flags_given(argv: list[str]) -> set[str]:
+    """The field names of the `--flag` / `--flag=value` / `--no-flag` options on a tyro command line."""
+    names = set()
+    for token in argv:
+        if token.startswith("--"):
+            name = token[2:].split("=", 1)[0].replace("-", "_")
+            names.update({name, name[3:]} if name.startswith("no_") else {name})
+    return names
+
+
+def fill_defaults(args, values: dict, argv: list[str] | None = None) -> list[str]:
+    """Set each of `values` on the tyro `args` where the flag was not given on the command line (`argv`, default
+    sys.argv) and is at its default; returns the flags given otherwise (kept, as `--name value`), so that a preset
+    never overrides what the user asked for, even a value that happens to be the default."""
+    given = flags_given(sys.argv[1:] if argv is None else argv)
     kept = []
     for key, value in values.items():
-        if getattr(args, key) == getattr(type(args), key):
+        if key not in given and getattr(args, key) == getattr(type(args), key):
             setattr(args, key, value)
         elif getattr(args, key) != value:
             kept.append(f"--{key.replace('_', '-')} {getattr(args, key)}")
@@ -90,19 +105,26 @@ def fill_defaults(args, values: dict) -> list[str]:
 
 def make_task_env(env: str, task: str, num_envs: int, *, obs_mode: str = "state", control_mode: str = "pd_joint_pos",
                   image_size: int = 64, max_episode_steps: int | None = None, eval_mode: bool = False,
-                  num_eval_episodes: int | None = None, auto_reset: bool = True, seed: int = 0) -> BatchedEnv:
+                  num_eval_episodes: int | None = None, auto_reset: bool = True, seed: int = 0,
+                  reward_mode: str = "sparse") -> BatchedEnv:
     """ManiSkill on CPU workers (or the GPU simulator when CUDA is there) with `obs_mode` / `control_mode`; LIBERO with
     two cameras at `image_size`. `max_episode_steps=None`: 100 for ManiSkill (its registered 50 is shorter than the
     motion-planning demos), the suite's limit for LIBERO. A LIBERO eval (`eval_mode`) walks EVAL_INIT_STATES init state
-    by init state over the tasks."""
+    by init state over the tasks. `reward_mode`: "sparse" (success), or for ManiSkill one of its shaped levels ("dense",
+    "normalized_dense") paid out as its per-step change, so that an episode's rewards sum to its final level (RLinf's
+    relative reward: no stream of reward to keep collecting by hovering short of success)."""
     check_task(env, task)
+    if reward_mode not in REWARD_MODES:
+        raise ValueError(f"reward_mode must be one of {REWARD_MODES}, got {reward_mode!r}")
+    if env == "libero" and reward_mode != "sparse":
+        raise ValueError(f"LIBERO has only the sparse success reward, got reward_mode {reward_mode!r}")
     if env == "maniskill":
         from common.maniskill_env import make_maniskill_env
 
         return make_maniskill_env(task, num_envs=num_envs, obs_mode=obs_mode, control_mode=control_mode,
                                   image_size=image_size, max_episode_steps=max_episode_steps or 100,
                                   eval_mode=eval_mode, num_eval_episodes=num_eval_episodes, auto_reset=auto_reset,
-                                  seed=seed)
+                                  seed=seed, reward_mode=reward_mode, relative_reward=reward_mode != "sparse")
     from common.libero_env import EVAL_INIT_STATES, MAX_EPISODE_STEPS, libero_task_ids, make_libero_env
 
     suite, task_ids = libero_task_ids(task)  # an eval starts only from the eval init states, spread over the tasks

@@ -61,3 +61,48 @@ def test_eval_episodes_and_their_initial_states():
     assert eval_initial_states("libero", "libero_object/0-3", 100) == range(25)
     assert eval_initial_states("libero", "libero_object/0-3", 10) == range(3)  # init state by init state over tasks
     assert eval_initial_states("maniskill", "PushCube-v1", 100) == range(100)
+
+
+def test_reward_mode_is_checked_and_shaped_levels_are_paid_relative():
+    with pytest.raises(ValueError, match="reward_mode must be one of"):
+        make_task_env("maniskill", "PushCube-v1", 1, reward_mode="shaped")
+    with pytest.raises(ValueError, match="LIBERO has only the sparse"):
+        make_task_env("libero", "libero_object/0", 1, reward_mode="normalized_dense")
+    import torch
+
+    from common.maniskill_env import make_maniskill_env
+
+    actions = torch.rand(1, 6, 8, generator=torch.Generator().manual_seed(0)) * 0.2  # joint targets near home
+    env = make_task_env("maniskill", "PushCube-v1", 1, reward_mode="normalized_dense", max_episode_steps=6)
+    level_env = make_maniskill_env("PushCube-v1", 1, reward_mode="normalized_dense", control_mode="pd_joint_pos",
+                                   sim_backend="cpu", max_episode_steps=6)
+    try:  # the relative rewards add up, step by step, to the level a plain dense env reports
+        assert env.relative_reward and not level_env.relative_reward
+        env.reset(reset_ids=[0])
+        level_env.reset(reset_ids=[0])
+        _, r, _, _, _ = env.step(actions)
+        _, level, _, _, _ = level_env.step(actions)
+        assert level.min() > 0 and (r[0, 1:] != level[0, 1:]).all()
+        assert torch.allclose(r.cumsum(1), level, atol=1e-6)
+    finally:
+        env.close()
+        level_env.close()
+
+
+def test_a_preset_fills_only_the_flags_not_given():
+    from dataclasses import dataclass
+
+    from common.envs import fill_defaults
+
+    @dataclass
+    class A:
+        num_envs: int = 4
+        reward_mode: str = "sparse"
+        capture_video: bool = True
+        lr: float = 1e-5
+
+    preset = dict(num_envs=320, reward_mode="normalized_dense", capture_video=False, lr=5e-6)
+    args = A(num_envs=16, capture_video=False)  # as parsed: one of the flags given has its default value
+    kept = fill_defaults(args, preset, argv=["--num-envs", "16", "--reward-mode=sparse", "--no-capture-video"])
+    assert (args.num_envs, args.reward_mode, args.capture_video, args.lr) == (16, "sparse", False, 5e-6)
+    assert kept == ["--num-envs 16", "--reward-mode sparse"]

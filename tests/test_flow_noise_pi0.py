@@ -151,3 +151,12 @@ def test_eval_only_runs_of_both_scripts_score_one_start_alike(tmp_path):
     assert videos[0].shape == videos[1].shape and len(videos[0]) >= 3
     assert (videos[0][0] != videos[0][-1]).any()  # the arm moved: the frames can tell two policies apart
     assert (videos[0] == videos[1]).all()
+
+
+def test_reward_mode_flag():
+    """As in flow_sde_pi0: a shaped reward on LIBERO is refused; RLinf's ManiSkill preset pays the dense level."""
+    out = subprocess.run([sys.executable, str(ROOT / "algos" / "flow_noise_pi0.py"), "--env", "libero", "--reward-mode",
+                          "normalized_dense", "--eval-every", "0"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "LIBERO has only the sparse success reward" in out.stderr
+    assert fn.PAPER["maniskill"]["reward_mode"] == "normalized_dense"

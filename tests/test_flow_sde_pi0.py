@@ -317,3 +317,19 @@ def test_preset_paper_keeps_the_flags_given():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "--eval-every" in out.stderr
     assert "keeping the flags given (--num-envs 16)" in out.stdout
+
+
+def test_reward_mode_flag():
+    """--reward-mode is checked with the other flags; LIBERO refuses a shaped reward; RLinf's ManiSkill preset pays
+    ManiSkill's normalised dense level as a relative reward, unless a reward mode is given."""
+    def run(*flags):
+        return subprocess.run([sys.executable, str(ROOT / "algos" / "flow_sde_pi0.py"), *flags, "--eval-every", "0"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+    out = run("--env", "maniskill", "--reward-mode", "shaped")
+    assert out.returncode != 0 and "--reward-mode must be one of ('sparse', 'dense', 'normalized_dense')" in out.stderr
+    out = run("--env", "libero", "--reward-mode", "dense")
+    assert out.returncode != 0 and "LIBERO has only the sparse success reward" in out.stderr
+    assert fs.PAPER["maniskill"]["reward_mode"] == "normalized_dense"
+    out = run("--env", "maniskill", "--preset", "paper", "--reward-mode", "sparse")
+    assert out.returncode != 0 and "keeping the flags given (--reward-mode sparse)" in out.stdout
