@@ -13,10 +13,10 @@ import sys
 import numpy as np
 import torch
 
+from common.maniskill_env import REWARD_MODES  # ManiSkill's reward modes; LIBERO has only "sparse"
 from common.vec_env import BatchedEnv
 
 ENVS = ("maniskill", "libero")
-REWARD_MODES = ("sparse", "dense", "normalized_dense")
 
 
 def check_task(env: str, task: str, exists: bool = False) -> None:
