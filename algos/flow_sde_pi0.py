@@ -27,6 +27,7 @@ heads train.
 `--adv-type grpo`: groups of envs share an initial state, one episode each, group-normalised returns.
 """
 
+import contextlib
 import copy
 import io
 import json
@@ -149,6 +150,13 @@ class Args:
     few-shot fit (a shuffled-advantage control collapsed as fast as the real run); this bounds the walk. 0: off (πRL)"""
     ref_samples: int = 64
     """minibatch samples the --ref-coef penalty is computed on (K expert passes with gradients each)"""
+    ema_decay: float = 0.0
+    """per-iteration decay of an exponential moving average of the trained weights, which the eval runs (and the
+    checkpoint keeps): Polyak averaging, as diffusion-policy training evaluates an EMA. At CPU batch sizes an update
+    is mostly noise; averaging the last ~1/(1-decay) iterations' weights cancels it and keeps their common drift.
+    The rollouts still use the live weights. 0: off, the eval runs the live weights (πRL)"""
+    eval_live: bool = False
+    """with --ema-decay: also evaluate the live weights at each eval (eval/success_rate_live; twice the eval time)"""
     action_chunk: int = 8
     """actions executed per policy call (<= the model's horizon)"""
     noise_on: str = "executed"
@@ -454,6 +462,8 @@ if __name__ == "__main__":
                           ("reward_mode", REWARD_MODES)):
         if getattr(args, name) not in choices:
             raise SystemExit(f"--{name.replace('_', '-')} must be one of {choices}, got {getattr(args, name)!r}")
+    if not 0.0 <= args.ema_decay < 1.0:
+        raise SystemExit(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
     if args.env == "libero" and args.reward_mode != "sparse":
         raise SystemExit(f"--reward-mode {args.reward_mode}: LIBERO has only the sparse success reward")
     if args.env == "libero":
@@ -555,6 +565,11 @@ if __name__ == "__main__":
         rng.setstate((state["py_rng"][0], tuple(state["py_rng"][1]), state["py_rng"][2]))
         start_iter, global_step, history = meta["extra"]["iteration"], meta["extra"]["global_step"], meta["extra"]["history"]
         print(f"resuming {run_name} at iteration {start_iter}")
+    # --ema-decay: the eval's weights, an average of the live ones (from the start's, or the checkpoint's)
+    ema_params = None
+    if args.ema_decay:
+        ema_params = [t.to(device) for t in resumed_rngs["ema"]] if "ema" in resumed_rngs else \
+            [p.detach().clone() for p in actor_params]
 
     prompt_prefixes = PromptPrefixCache(model)  # state-only tasks: the frozen VLM sees only the prompt
     # policy calls per env per rollout; with a frozen VLM and cameras the rollout's prefixes are kept for the update
@@ -649,15 +664,34 @@ if __name__ == "__main__":
 
     eval_seconds = [0.0]  # eval time, kept out of SPS and of the training wall clock
 
-    def evaluate(step: int) -> dict:
+    @contextlib.contextmanager
+    def eval_weights(live: bool):
+        """The weights the eval runs: the EMA's (--ema-decay), swapped in for its duration, or the live ones."""
+        if ema_params is None or live:
+            yield
+            return
+        with torch.no_grad():
+            kept = [p.detach().clone() for p in actor_params]
+            for p, e in zip(actor_params, ema_params):
+                p.copy_(e)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, k in zip(actor_params, kept):
+                    p.copy_(k)
+
+    def evaluate(step: int, live: bool = False) -> dict:
         t0 = time.time()
         env = make_env(args, min(args.num_eval_envs, args.eval_episodes), eval_mode=True,
                        num_episodes=args.eval_episodes)
         gen = torch.Generator(device=device).manual_seed(args.seed)  # the same noise every eval: deterministic
         model.eval()
+        video = run_dir / f"eval_{step}{'_live' if live and ema_params is not None else ''}.mp4"
         try:
-            stats = run_eval_episodes(env, lambda obs: act(obs, deterministic=True, generator=gen)[0],
-                                      run_dir / f"eval_{step}.mp4" if args.capture_video else None)
+            with eval_weights(live):
+                stats = run_eval_episodes(env, lambda obs: act(obs, deterministic=True, generator=gen)[0],
+                                          video if args.capture_video else None)
         finally:
             model.train()
         eval_seconds[0] += time.time() - t0
@@ -675,7 +709,7 @@ if __name__ == "__main__":
         py_state = rng.getstate()
         torch.save({"value_head": value_head.state_dict(), "optimizer": optimizer.state_dict(),
                     "torch_rng": torch.get_rng_state(), "py_rng": [py_state[0], list(py_state[1]), py_state[2]],
-                    **rng_states()}, buf)
+                    **({"ema": ema_params} if ema_params is not None else {}), **rng_states()}, buf)
         save_pi0(ckpt_dir, model, norm_stats, processor.tokenizer.name,
                  extra={"iteration": iteration, "global_step": global_step, "history": history,
                         "train_minutes": (time.time() - start_time - eval_seconds[0]) / 60,
@@ -834,6 +868,10 @@ if __name__ == "__main__":
                     clipfracs.append(float(((ratio - 1).abs() > args.clip_coef).float().mean()))
                 pg_losses.append(pg_loss.item())
 
+        if ema_params is not None:
+            with torch.no_grad():
+                for e, p in zip(ema_params, actor_params):
+                    e.lerp_(p.detach(), 1.0 - args.ema_decay)
         if actions_before is not None:  # mean |change| of the eval policy's actions (normalised units)
             change = (ode_actions(probe, probe_noise) - actions_before).abs().mean()
             writer.add_scalar("losses/ode_action_change", float(change), global_step)
@@ -864,16 +902,25 @@ if __name__ == "__main__":
         out_of_time = args.total_minutes and elapsed / 60 >= args.total_minutes
         if done_iters % args.eval_every == 0 or done_iters == args.total_iterations or out_of_time:
             stats = evaluate(done_iters)
+            if ema_params is not None and args.eval_live:
+                stats["live_success_rate"] = evaluate(done_iters, live=True)["success_rate"]
+                writer.add_scalar("eval/success_rate_live", stats["live_success_rate"], global_step)
             history.append({"iteration": done_iters, "global_step": global_step, "minutes": elapsed / 60, **stats})
             writer.add_scalar("eval/success_rate", stats["success_rate"], global_step)
-            tqdm.write(f"iteration {done_iters}: eval success {stats['success_rate']:.2f} ({global_step} env steps, "
-                       f"{elapsed / 60:.1f} min)")
+            live = f" (live weights {stats['live_success_rate']:.2f})" if "live_success_rate" in stats else ""
+            tqdm.write(f"iteration {done_iters}: eval success {stats['success_rate']:.2f}{live} ({global_step} env "
+                       f"steps, {elapsed / 60:.1f} min)")
         if done_iters % args.checkpoint_every == 0 or done_iters == args.total_iterations or out_of_time:
             save(done_iters)
         if out_of_time:
             break
     if training:
         envs.close()
+    ema_dir = run_dir / "ema_policy"
+    if ema_params is not None and training:  # the policy the evals scored, loadable as --init sft:<run>/ema_policy
+        with eval_weights(live=False):
+            save_pi0(ema_dir, model, norm_stats, processor.tokenizer.name,
+                     extra={"iteration": done_iters, "global_step": global_step, "ema_decay": args.ema_decay})
     summary = {"task": args.task, "env": args.env, "algorithm": "flow_sde" + ("_joint" if args.joint else ""),
                "start_success": history[0]["success_rate"] if history and history[0]["iteration"] == 0 else None,
                "final_success": history[-1]["success_rate"] if history else None,
@@ -882,5 +929,6 @@ if __name__ == "__main__":
     atomic_write(run_dir / "summary.json", json.dumps(summary, indent=1))
     start, final = ("-" if x is None else f"{x:.2f}" for x in (summary["start_success"], summary["final_success"]))
     print(f"\n{args.task}: eval success {start} (SFT start) -> {final} "
-          f"after {global_step} env steps in {summary['minutes']:.1f} min. Checkpoint: {ckpt_dir}")
+          f"after {global_step} env steps in {summary['minutes']:.1f} min. Checkpoint: {ckpt_dir}"
+          + (f"; the EMA policy the evals scored: {ema_dir}" if ema_dir.exists() else ""))
     writer.close()

@@ -106,7 +106,8 @@ def test_a_few_iterations_run_with_an_exact_first_ratio(tmp_path, critic, ref_co
 def test_bad_flags_are_refused(tmp_path):
     for flags, msg in [(["--env", "gym"], "--env"), (["--critic", "x"], "--critic"),
                        (["--noise-std-min", "0.2", "--noise-std-max", "0.1"], "--noise-std-min"),
-                       (["--ref-coef", "-1"], "--ref-coef"), (["--eval-every", "0"], "--eval-every")]:
+                       (["--ref-coef", "-1"], "--ref-coef"), (["--eval-every", "0"], "--eval-every"),
+                       (["--ema-decay", "1"], "--ema-decay")]:
         out = subprocess.run([sys.executable, str(ROOT / "algos" / "flow_noise_pi0.py"), "--run-dir", str(tmp_path),
                               "--env", "maniskill", *flags], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert out.returncode != 0 and msg in out.stderr, (flags, out.stderr[-400:])
@@ -160,3 +161,45 @@ def test_reward_mode_flag():
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "LIBERO has only the sparse success reward" in out.stderr
     assert fn.PAPER["maniskill"]["reward_mode"] == "normalized_dense"
+
+
+@pytest.mark.parametrize("script", ["flow_sde_pi0", "flow_noise_pi0"])
+def test_ema_weights_average_the_live_ones_and_survive_resume(tmp_path, script):
+    """--ema-decay 0.5: after each iteration the eval's weights are ema <- 0.5 ema + 0.5 live, kept in the checkpoint
+    and restored by --resume; the eval swaps them in and the live weights come back after it (the checkpoint, saved
+    after the eval, holds live weights that differ from the EMA)."""
+    from common.pi0_io import load_pi0
+
+    flags = ["--env", "maniskill", "--init", "scratch", "--num-envs", "2", "--num-steps", "4", "--minibatch-size", "4",
+             "--max-episode-steps", "24", "--eval-episodes", "1", "--num-eval-envs", "1", "--eval-every", "1",
+             "--checkpoint-every", "1", "--actor-warmup", "0", "--learning-rate", "1e-3", "--ema-decay", "0.5",
+             "--eval-live", "--no-capture-video"]
+
+    def trained(directory):
+        model = load_pi0(directory)[0]
+        model.freeze_vlm()
+        return [p.detach() for p in model.parameters() if p.requires_grad]
+
+    def weights():
+        ckpt = tmp_path / f"PushCube-v1__{script}__1" / "checkpoint"
+        live = trained(ckpt)
+        ema = torch.load(ckpt / "trainer.pt", weights_only=True)["ema"]
+        return live, ema[:len(live)]  # Flow-Noise's list goes on with its noise head
+
+    for total in ("1", "2"):
+        out = subprocess.run([sys.executable, str(ROOT / "algos" / f"{script}.py"), "--run-dir", str(tmp_path), *flags,
+                              "--total-iterations", total, *(["--resume"] if total == "2" else [])], cwd=ROOT,
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert "live weights" in out.stdout
+        if total == "1":
+            live1, ema1 = weights()
+    live2, ema2 = weights()
+    assert any(not torch.equal(e, p) for e, p in zip(ema1, live1))  # the eval gave the live weights back
+    assert any(not torch.equal(a, b) for a, b in zip(live1, live2))  # the actor moved in iteration 2
+    for e2, e1, p2 in zip(ema2, ema1, live2):  # the resumed average went on from the checkpoint's
+        torch.testing.assert_close(e2, 0.5 * e1 + 0.5 * p2, rtol=0, atol=1e-6)
+    summary = json.loads((tmp_path / f"PushCube-v1__{script}__1" / "summary.json").read_text())
+    assert [("live_success_rate" in h) for h in summary["history"]] == [False, True, True]
+    # the policy the evals scored, as a checkpoint of its own
+    assert all(torch.equal(a, b) for a, b in zip(trained(tmp_path / f"PushCube-v1__{script}__1" / "ema_policy"), ema2))
