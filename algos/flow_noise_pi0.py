@@ -619,7 +619,7 @@ if __name__ == "__main__":
             yield
             return
         with torch.no_grad():
-            kept = [p.detach().clone() for p in actor_params]
+            kept = [p.detach().to("cpu", copy=True) for p in actor_params]  # not a second copy on the GPU
             for p, e in zip(actor_params, ema_params):
                 p.copy_(e)
         try:
@@ -854,7 +854,9 @@ if __name__ == "__main__":
         if done_iters % args.eval_every == 0 or done_iters == args.total_iterations or out_of_time:
             stats = evaluate(done_iters)
             if ema_params is not None and args.eval_live:
-                stats["live_success_rate"] = evaluate(done_iters, live=True)["success_rate"]
+                live_stats = evaluate(done_iters, live=True)
+                stats["live_success_rate"], stats["live_episodic_return"] = (live_stats["success_rate"],
+                                                                             live_stats["episodic_return"])
                 writer.add_scalar("eval/success_rate_live", stats["live_success_rate"], global_step)
             history.append({"iteration": done_iters, "global_step": global_step, "minutes": elapsed / 60, **stats})
             writer.add_scalar("eval/success_rate", stats["success_rate"], global_step)

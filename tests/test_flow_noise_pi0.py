@@ -166,14 +166,15 @@ def test_reward_mode_flag():
 @pytest.mark.parametrize("script", ["flow_sde_pi0", "flow_noise_pi0"])
 def test_ema_weights_average_the_live_ones_and_survive_resume(tmp_path, script):
     """--ema-decay 0.5: after each iteration the eval's weights are ema <- 0.5 ema + 0.5 live, kept in the checkpoint
-    and restored by --resume; the eval swaps them in and the live weights come back after it (the checkpoint, saved
-    after the eval, holds live weights that differ from the EMA)."""
+    and restored by --resume; the eval swaps them in (with the shaped reward its return differs from the live
+    weights' eval) and the live weights come back after it (the checkpoint, saved after the eval, holds live weights
+    that differ from the EMA)."""
     from common.pi0_io import load_pi0
 
     flags = ["--env", "maniskill", "--init", "scratch", "--num-envs", "2", "--num-steps", "4", "--minibatch-size", "4",
              "--max-episode-steps", "24", "--eval-episodes", "1", "--num-eval-envs", "1", "--eval-every", "1",
              "--checkpoint-every", "1", "--actor-warmup", "0", "--learning-rate", "1e-3", "--ema-decay", "0.5",
-             "--eval-live", "--no-capture-video"]
+             "--eval-live", "--reward-mode", "normalized_dense", "--no-capture-video"]
 
     def trained(directory):
         model = load_pi0(directory)[0]
@@ -201,5 +202,6 @@ def test_ema_weights_average_the_live_ones_and_survive_resume(tmp_path, script):
         torch.testing.assert_close(e2, 0.5 * e1 + 0.5 * p2, rtol=0, atol=1e-6)
     summary = json.loads((tmp_path / f"PushCube-v1__{script}__1" / "summary.json").read_text())
     assert [("live_success_rate" in h) for h in summary["history"]] == [False, True, True]
+    assert all(h["episodic_return"] != h["live_episodic_return"] for h in summary["history"][1:])  # two policies ran
     # the policy the evals scored, as a checkpoint of its own
     assert all(torch.equal(a, b) for a, b in zip(trained(tmp_path / f"PushCube-v1__{script}__1" / "ema_policy"), ema2))
