@@ -867,6 +867,8 @@ if __name__ == "__main__":
             save(done_iters)
         if out_of_time:
             break
+    # the training clock where the last checkpoint read it (closing the envs and saving are not training)
+    train_minutes = (time.time() - start_time - eval_seconds[0]) / 60
     if training:
         envs.close()
     ema_dir = run_dir / "ema_policy"
@@ -877,7 +879,7 @@ if __name__ == "__main__":
     summary = {"task": args.task, "env": args.env, "algorithm": "flow_noise",
                "start_success": history[0]["success_rate"] if history and history[0]["iteration"] == 0 else None,
                "final_success": history[-1]["success_rate"] if history else None,
-               "env_steps": global_step, "minutes": (time.time() - start_time - eval_seconds[0]) / 60,
+               "env_steps": global_step, "minutes": train_minutes,
                "history": history, "args": asdict(args)}
     atomic_write(run_dir / "summary.json", json.dumps(summary, indent=1))
     start, final = ("-" if x is None else f"{x:.2f}" for x in (summary["start_success"], summary["final_success"]))
