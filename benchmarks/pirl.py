@@ -188,7 +188,16 @@ def rl_run(args: Args, algorithm: str, seed: int, init: Path) -> dict:
         result["history"] = [start_eval(args, seed, init), *result["history"]]
     return {"run": run_id, "algorithm": algorithm, "seed": seed, "history": result["history"],
             "minutes": result["minutes"], "env_steps": result["env_steps"], "num_envs": result["args"]["num_envs"],
+            "sim_seconds": result.get("sim_seconds"),  # (runs made before 2026-12-06 did not time their envs.step)
             "action_chunk": result["args"]["action_chunk"], "finished_utc": finished}
+
+
+def sim_columns(run: dict) -> dict:
+    """The run's own simulator speed (env steps per second inside `envs.step`) and training's share of it."""
+    sim = run.get("sim_seconds")
+    if not sim:
+        return {"sim_sps": None, "sim_ratio": None}
+    return {"sim_sps": run["env_steps"] / sim, "sim_ratio": sim / max(run["minutes"] * 60, 1e-9)}
 
 
 def committed_runs(path: Path) -> dict[str, dict]:
@@ -280,7 +289,7 @@ def main(args: Args) -> None:
                      "rl_success": h1["success_rate"], "ci95": f"[{lo:.2f}, {hi:.2f}]",
                      "gain_points": 100 * (h1["success_rate"] - h0["success_rate"]), "minutes": r["minutes"],
                      "env_steps": r["env_steps"], "train_sps": sps, "raw_sps": raw, "sps_ratio": sps / raw,
-                     "finished_utc": r["finished_utc"]})
+                     **sim_columns(r), "finished_utc": r["finished_utc"]})
     for algorithm in args.algorithms:
         sel = [row for row in rows if row["algorithm"] == algorithm and isinstance(row["seed"], int)]
         if not sel:
@@ -293,7 +302,9 @@ def main(args: Args) -> None:
                      "env_steps": int(np.mean([row["env_steps"] for row in sel])),
                      "train_sps": float(np.mean([row["train_sps"] for row in sel])),
                      "raw_sps": float(np.mean([row["raw_sps"] for row in sel])),
-                     "sps_ratio": float(np.mean([row["sps_ratio"] for row in sel])), "finished_utc": ""})
+                     "sps_ratio": float(np.mean([row["sps_ratio"] for row in sel])),
+                     **{k: float(np.mean([row[k] for row in sel])) if all(row[k] is not None for row in sel) else None
+                        for k in ("sim_sps", "sim_ratio")}, "finished_utc": ""})
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -322,7 +333,12 @@ def main(args: Args) -> None:
              "last eval. `raw_sps`: the same "
              f"worker envs ({runs[0]['num_envs']}) stepping chunks of {runs[0]['action_chunk']} random actions for "
              f"{args.throughput_seconds:g} s on the machine of that run, measured by the command that made it; "
-             "`sps_ratio` = training env-steps/s over it (target >= 0.8). `finished_utc`: when that RL run ended "
+             "`sps_ratio` = training env-steps/s over it (target >= 0.8). `sim_sps`: the simulator's speed inside "
+             "the run itself (env steps over the seconds spent in the training envs' `step`, the policy's actions, "
+             "auto-resets included), and `sim_ratio` = training env-steps/s over it, i.e. the share of the training "
+             "wall clock spent simulating: measured over the same minutes as the training, so the VM's speed drift "
+             "between the run and the `raw_sps` measurement does not enter it (empty for runs made before "
+             "2026-12-06). `finished_utc`: when that RL run ended "
              "(finished runs with the same flags are reused, not re-run: from the run directory, or from this "
              "table's JSON, which keeps each run's history, so a seed made on another day or machine stays as it was "
              "measured; the JSON's `runs` say which machine). Target gain: >= +30 points on PushCube-v1 within 30 min.")
@@ -331,7 +347,7 @@ def main(args: Args) -> None:
     # flags), so a narrower call loses none of them
     write_results(name, f"πRL at CPU scale: {args.task}, few-shot SFT vs {shown}",
                   ["algorithm", "seed", "sft_success", "rl_success", "ci95", "gain_points", "minutes", "env_steps",
-                   "train_sps", "raw_sps", "sps_ratio", "finished_utc"], rows, seeds=args.seeds, notes=notes,
+                   "train_sps", "raw_sps", "sps_ratio", "sim_sps", "sim_ratio", "finished_utc"], rows, seeds=args.seeds, notes=notes,
                   out_dir=args.out_dir, figure=fig,
                   extra={"runs": runs + [r for run_id, r in kept.items() if run_id not in made]})
 

@@ -460,9 +460,11 @@ def fake_pirl_run(calls: list, task_dir: str, start_rate: float = 0.25):
             if "--no-eval-at-start" not in cmd else []
         if not eval_only:
             history.append({"iteration": 7, "global_step": 1000, "minutes": 8.0, "success_rate": 0.5, "episodes": 100})
+        # the Flow-SDE runs time their envs.step (384 of the 480 s); the Flow-Noise ones stand for runs from before
+        sim = {"sim_seconds": 0.0 if eval_only else 384.0} if Path(cmd[1]).name == "flow_sde_pi0.py" else {}
         (run_dir / "summary.json").write_text(json.dumps(
             {"history": history, "env_steps": 0 if eval_only else 1000, "minutes": 0.0 if eval_only else 8.0,
-             "args": {"num_envs": 4, "action_chunk": 8}}))
+             "args": {"num_envs": 4, "action_chunk": 8}, **sim}))
 
     return fake_run
 
@@ -531,6 +533,10 @@ def test_pirl_table_keeps_its_runs_so_another_machine_adds_a_seed_without_redoin
     assert rows["flow_noise", 1]["sps_ratio"] == pytest.approx(1000 / 480 / 200)
     assert rows["flow_sde", 1]["sft_success"] == 0.25 and rows["flow_sde", 1]["rl_success"] == 0.5
     assert rows["flow_sde", "mean"]["raw_sps"] == 150.0
+    # the run's own simulator speed and training's share of it; empty for runs that did not time their envs
+    assert rows["flow_sde", 1]["sim_sps"] == pytest.approx(1000 / 384) and rows["flow_sde", 2]["sim_ratio"] == 0.8
+    assert rows["flow_sde", "mean"]["sim_ratio"] == pytest.approx(0.8)
+    assert rows["flow_noise", 1]["sim_ratio"] is None and rows["flow_noise", "mean"]["sim_sps"] is None
     assert len(table["runs"]) == 4
     shutil.rmtree(tmp_path / "runs")
     calls.clear()

@@ -195,6 +195,7 @@ def test_ema_weights_average_the_live_ones_and_survive_resume(tmp_path, script):
         assert "live weights" in out.stdout
         if total == "1":
             live1, ema1 = weights()
+            sim1 = json.loads((tmp_path / f"PushCube-v1__{script}__1" / "summary.json").read_text())["sim_seconds"]
     live2, ema2 = weights()
     assert any(not torch.equal(e, p) for e, p in zip(ema1, live1))  # the eval gave the live weights back
     assert any(not torch.equal(a, b) for a, b in zip(live1, live2))  # the actor moved in iteration 2
@@ -202,6 +203,9 @@ def test_ema_weights_average_the_live_ones_and_survive_resume(tmp_path, script):
         torch.testing.assert_close(e2, 0.5 * e1 + 0.5 * p2, rtol=0, atol=1e-6)
     summary = json.loads((tmp_path / f"PushCube-v1__{script}__1" / "summary.json").read_text())
     assert [("live_success_rate" in h) for h in summary["history"]] == [False, True, True]
+    # the simulator's seconds (time in envs.step, evals not counted) go on from the checkpoint's, within the training
+    # clock that went on too
+    assert 0 < sim1 < summary["sim_seconds"] <= summary["minutes"] * 60
     assert all(h["episodic_return"] != h["live_episodic_return"] for h in summary["history"][1:])  # two policies ran
     # the policy the evals scored, as a checkpoint of its own
     assert all(torch.equal(a, b) for a, b in zip(trained(tmp_path / f"PushCube-v1__{script}__1" / "ema_policy"), ema2))

@@ -205,7 +205,7 @@ def test_few_iterations_on_maniskill_with_exact_first_ratio(tmp_path, critic, re
 
 def test_resume_goes_on_where_the_run_stopped(tmp_path):
     """GRPO on ManiSkill: 1 iteration, then --resume to 2. The resumed run continues the initial-state draws (env and
-    groups) and the training clock instead of starting them over."""
+    groups), the training clock and the simulator's clock instead of starting them over."""
     flags = ["--env", "maniskill", "--init", "scratch", "--num-envs", "2", "--group-size", "2", "--adv-type", "grpo",
              "--eval-episodes", "1", "--num-eval-envs", "1", "--max-episode-steps", "16", "--minibatch-size", "4",
              "--checkpoint-every", "1", "--no-capture-video"]
@@ -220,6 +220,8 @@ def test_resume_goes_on_where_the_run_stopped(tmp_path):
     second = json.loads((run_dir / "summary.json").read_text())
     assert [h["iteration"] for h in second["history"]] == [0, 1, 2]
     assert second["env_steps"] > first["env_steps"] and second["minutes"] >= first["minutes"]
+    # the simulator's seconds (inside envs.step) go on from the checkpoint's too, and are part of the training clock
+    assert 0 < first["sim_seconds"] < second["sim_seconds"] <= second["minutes"] * 60
 
 
 def test_few_iterations_on_libero_grpo_with_images(tmp_path):
