@@ -660,7 +660,7 @@ if __name__ == "__main__":
         save_pi0(ckpt_dir, model, norm_stats, processor.tokenizer.name,
                  extra={"iteration": iteration, "global_step": global_step, "history": history,
                         "train_minutes": (time.time() - start_time - eval_seconds[0]) / 60,
-                        "sim_seconds": sim_seconds[0],
+                        **({"sim_seconds": sim_seconds[0]} if sim_known else {}),
                         "camera_keys": list(camera_keys), "args": asdict(args)},
                  extra_files={"trainer.pt": buf.getvalue()})
 
@@ -687,6 +687,8 @@ if __name__ == "__main__":
     eval_seconds[0] = 0.0
     start_time = time.time() - (meta["extra"].get("train_minutes", 0.0) * 60 if start_iter else 0.0)  # resumed
     # seconds spent inside envs.step while training: the simulator's own speed in this run, next to the training's
+    # (unknown for a run resumed from a checkpoint that did not count them: then not reported)
+    sim_known = not start_iter or "sim_seconds" in meta["extra"]
     sim_seconds = [meta["extra"].get("sim_seconds", 0.0) if start_iter else 0.0]
     bar = tqdm(range(start_iter, args.total_iterations), initial=start_iter, total=args.total_iterations,
                desc="flow-noise", mininterval=2.0)
@@ -837,7 +839,8 @@ if __name__ == "__main__":
             writer.add_scalar("charts/success_rate", np.mean([e[1] for e in episode_stats]), global_step)
         writer.add_scalar("charts/SPS", int(global_step / max(elapsed, 1e-6)), global_step)
         # the simulator alone (time in envs.step): SPS over it is the share of training time spent simulating
-        writer.add_scalar("charts/sim_SPS", int(global_step / max(sim_seconds[0], 1e-6)), global_step)
+        if sim_known:
+            writer.add_scalar("charts/sim_SPS", int(global_step / max(sim_seconds[0], 1e-6)), global_step)
         writer.add_scalar("charts/train_samples", n_samples, global_step)
         writer.add_scalar("losses/policy_loss", np.mean(pg_losses) if pg_losses else 0.0, global_step)
         writer.add_scalar("losses/value_loss", np.mean(v_losses) if v_losses else 0.0, global_step)
@@ -886,7 +889,8 @@ if __name__ == "__main__":
     summary = {"task": args.task, "env": args.env, "algorithm": "flow_noise",
                "start_success": history[0]["success_rate"] if history and history[0]["iteration"] == 0 else None,
                "final_success": history[-1]["success_rate"] if history else None,
-               "env_steps": global_step, "minutes": train_minutes, "sim_seconds": sim_seconds[0],
+               "env_steps": global_step, "minutes": train_minutes,
+               "sim_seconds": sim_seconds[0] if sim_known else None,
                "history": history, "args": asdict(args)}
     atomic_write(run_dir / "summary.json", json.dumps(summary, indent=1))
     start, final = ("-" if x is None else f"{x:.2f}" for x in (summary["start_success"], summary["final_success"]))

@@ -222,6 +222,14 @@ def test_resume_goes_on_where_the_run_stopped(tmp_path):
     assert second["env_steps"] > first["env_steps"] and second["minutes"] >= first["minutes"]
     # the simulator's seconds (inside envs.step) go on from the checkpoint's too, and are part of the training clock
     assert 0 < first["sim_seconds"] < second["sim_seconds"] <= second["minutes"] * 60
+    # a checkpoint from before the scripts counted them: the resumed run does not report a simulator time it lacks
+    config = run_dir / "checkpoint" / "pi0_config.json"
+    meta = json.loads(config.read_text())
+    del meta["extra"]["sim_seconds"]
+    config.write_text(json.dumps(meta))
+    run([*flags, "--total-iterations", "3", "--resume"], tmp_path)
+    third = json.loads((run_dir / "summary.json").read_text())
+    assert third["env_steps"] > second["env_steps"] and third["sim_seconds"] is None
 
 
 def test_few_iterations_on_libero_grpo_with_images(tmp_path):
