@@ -205,6 +205,9 @@ class Args:
     # Evaluation
     eval_every: int = 10
     """iterations between evaluations (also at the start and the end)"""
+    probe_every: int = 10
+    """iterations between measurements of how far an update moves the eval (ODE) policy's actions on 64 rollout
+    states (losses/ode_action_change; two extra ODE passes, so not every iteration)"""
     eval_episodes: int = 0
     """deterministic (ODE) eval episodes, initial states 0..N-1 (0: 50 on ManiSkill; 25 per LIBERO task, whose
     init states 25..49 made the SFT demos: a subset's N walk init states 0..N/T-1 of each of its T tasks)"""
@@ -260,6 +263,8 @@ class NoiseHead(nn.Module):
         self.logvar_min, self.logvar_max = 2 * math.log(std_min), 2 * math.log(std_max)
 
     def forward(self, h):
+        if h.dim() == 3 and h.shape[1] > 1 and h.stride(1) == 0:  # one state per chunk (the MLP expert's) expanded
+            return self.forward(h[:, :1]).expand(-1, h.shape[1], -1)  # over its actions: the head runs once
         level = torch.tanh(self.net(h.float()))
         return torch.exp(0.5 * (self.logvar_min + (self.logvar_max - self.logvar_min) * (level + 1) / 2))
 
@@ -490,7 +495,8 @@ if __name__ == "__main__":
     actor_params = [p for p in model.parameters() if p.requires_grad] + list(noise_head.parameters())
     optimizer = torch.optim.AdamW([{"params": actor_params, "lr": args.learning_rate},
                                    {"params": list(value_head.parameters()), "lr": args.value_lr}],
-                                  betas=(0.9, 0.95), eps=1e-8, weight_decay=args.weight_decay)
+                                  betas=(0.9, 0.95), eps=1e-8, weight_decay=args.weight_decay,
+                                  fused=True)  # one kernel per step (CPU and CUDA): the update is many small tensors
     ts = Pi0Model.timesteps(K).to(device)
     chunk, A = args.action_chunk, env_action_dim
     noise_mask = None
@@ -598,7 +604,7 @@ if __name__ == "__main__":
     def ode_actions(batch, noise):
         """The deterministic (ODE) policy's executed actions (B, chunk, A) from the given initial noise, model units."""
         with torch.no_grad():
-            prefix = prefix_and_value(batch, grad=False)[0]
+            prefix = prefix_of(batch, grad=False)  # (no value: the probe reads only actions)
             return model.sample(prefix, batch["state"], noise, K, make_step_fn(noise_head, False)).actions[:, :chunk, :A]
 
     def reference_penalty(batch, x1):
@@ -783,7 +789,8 @@ if __name__ == "__main__":
         # at eval, which the ratio of the sampled steps alone does not measure
         probe = {k: v[:64] for k, v in data.items()}
         probe_noise = model.initial_noise(len(probe["state"]), device, torch.Generator(device=device).manual_seed(0))
-        actions_before = ode_actions(probe, probe_noise) if n_samples else None
+        probing = n_samples and args.probe_every and iteration % args.probe_every == 0
+        actions_before = ode_actions(probe, probe_noise) if probing else None
         optimizer.param_groups[0]["lr"] = args.learning_rate * min(1.0, iteration / args.actor_warmup) \
             if args.actor_warmup else args.learning_rate
         clipfracs, approx_kls, pg_losses, v_losses, entropies, ref_losses = [], [], [], [], [], []

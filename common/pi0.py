@@ -342,6 +342,8 @@ def joint_layer(cfg: Pi0Config, layers: list[GemmaLayer], xs: list[torch.Tensor 
 
 def sincos_time(t: torch.Tensor, dim: int, min_period: float, max_period: float) -> torch.Tensor:
     """openpi's sine-cosine time embedding: periods geometric in [min, max], [sin, cos] concatenated (float64 math)."""
+    if t.dim() == 1 and len(t) > 1 and t.stride(0) == 0:  # one time for the whole batch (sampling): embed it once
+        return sincos_time(t[:1], dim, min_period, max_period).expand(len(t), -1)
     frac = torch.linspace(0.0, 1.0, dim // 2, dtype=torch.float64, device=t.device)
     period = min_period * (max_period / min_period) ** frac
     arg = t.double()[:, None] * (2 * math.pi / period)[None]

@@ -25,6 +25,24 @@ def test_noise_std_is_bounded_for_any_input():
         assert std.shape == (4, 5, 8) and (std >= 0.08 - 1e-6).all() and (std <= 0.16 + 1e-6).all()
 
 
+def test_noise_head_runs_once_on_a_chunk_state_expanded_over_the_actions():
+    """The MLP expert's one hidden per chunk reaches the head expanded (stride 0) over the horizon: the head runs on
+    one row and expands its output; values and gradients equal the head's on the materialised copies."""
+    torch.manual_seed(0)
+    head = fn.NoiseHead(16, 8, 0.08, 0.16)
+    h = torch.randn(4, 16, requires_grad=True)
+    std = head(h[:, None].expand(-1, 5, -1))
+    assert std.shape == (4, 5, 8) and std.stride(1) == 0
+    std.pow(2).sum().backward()
+    grads = [p.grad.clone() for p in head.parameters()] + [h.grad.clone()]
+    head.zero_grad(), h.grad.zero_()
+    dense = head(h[:, None].expand(-1, 5, -1).contiguous())
+    assert dense.stride(1) != 0 and torch.allclose(std, dense, atol=1e-7)
+    dense.pow(2).sum().backward()
+    for a, b in zip(grads, [p.grad for p in head.parameters()] + [h.grad]):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
 def policy():
     torch.manual_seed(0)
     cfg = Pi0Config.tiny(num_cameras=0)

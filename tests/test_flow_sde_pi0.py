@@ -180,7 +180,8 @@ def run(args, tmp_path, timeout=600):
 def test_few_iterations_on_maniskill_with_exact_first_ratio(tmp_path, critic, ref_coef):
     out = run(["--env", "maniskill", "--init", "scratch", "--num-envs", "2", "--num-steps", "4", "--total-iterations",
                "2", "--eval-episodes", "2", "--num-eval-envs", "1", "--eval-every", "2", "--minibatch-size", "4",
-               "--max-episode-steps", "24", "--critic", critic, "--ref-coef", ref_coef], tmp_path)
+               "--max-episode-steps", "24", "--critic", critic, "--ref-coef", ref_coef, "--probe-every", "1"],
+              tmp_path)
     run_dir = tmp_path / "PushCube-v1__flow_sde_pi0__1"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert [h["iteration"] for h in summary["history"]] == [0, 2] and summary["env_steps"] == 2 * 2 * 4 * 8
@@ -253,7 +254,8 @@ def test_kept_rollout_prefixes_give_the_update_of_re_encoded_ones(tmp_path):
         out = run(["--env", "maniskill", "--obs-mode", "rgb", "--init", "scratch", "--num-envs", "2", "--num-steps",
                    "3", "--total-iterations", "2", "--eval-episodes", "1", "--num-eval-envs", "1", "--eval-every", "2",
                    "--minibatch-size", "3", "--max-episode-steps", "24", "--critic", "obs_ode", "--ref-coef", "5",
-                   "--keep-prefix-gib", gib, "--no-capture-video", "--exp-name", f"keep{gib}"], tmp_path)
+                   "--keep-prefix-gib", gib, "--no-capture-video", "--exp-name", f"keep{gib}", "--probe-every",
+                   "1"], tmp_path)
         assert ("kept for the update" in out.stdout) == (gib != "0")
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

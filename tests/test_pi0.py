@@ -65,6 +65,9 @@ def test_rope_and_time_embedding():
     emb = sincos_time(torch.tensor([0.0, 1.0]), 8, 4e-3, 4.0)
     assert emb.shape == (2, 8) and torch.allclose(emb[0], torch.tensor([0.0] * 4 + [1.0] * 4))
     assert math.isclose(emb[1, 0].item(), math.sin(2 * math.pi / 4e-3), abs_tol=1e-5)
+    # one time for the whole batch (expanded, as sampling passes it) is embedded once: the same rows
+    t = torch.tensor(0.37).expand(3)
+    assert torch.equal(sincos_time(t, 8, 4e-3, 4.0), sincos_time(t.contiguous(), 8, 4e-3, 4.0))
 
 
 @pytest.mark.parametrize("cfg", VARIANTS, ids=["pi0", "pi05"])
