@@ -223,7 +223,7 @@ class Args:
     """iterations between evaluations (also at the start and the end)"""
     probe_every: int = 10
     """iterations between measurements of how far an update moves the eval (ODE) policy's actions on 64 rollout
-    states (losses/ode_action_change; two extra ODE passes, so not every iteration)"""
+    states (losses/ode_action_change; two extra ODE passes, so not every iteration; 0: never)"""
     eval_episodes: int = 0
     """deterministic (ODE) eval episodes, initial states 0..N-1 (0: 50 on ManiSkill; 25 per LIBERO task, whose
     init states 25..49 made the SFT demos: a subset's N walk init states 0..N/T-1 of each of its T tasks)"""
@@ -493,6 +493,8 @@ if __name__ == "__main__":
     if args.eval_every < 1 or args.checkpoint_every < 1:
         raise SystemExit(f"--eval-every and --checkpoint-every are iteration counts >= 1 (the start and the end "
                          f"are always evaluated and saved), got {args.eval_every} and {args.checkpoint_every}")
+    if args.probe_every < 0:
+        raise SystemExit(f"--probe-every is an iteration count (0: never), got {args.probe_every}")
     if args.ref_coef < 0 or args.ref_samples < 1:
         raise SystemExit(f"--ref-coef must be >= 0 and --ref-samples >= 1, got {args.ref_coef} and {args.ref_samples}")
     if K < 1 or (args.ignore_last and K < 2):

@@ -125,6 +125,7 @@ def test_bad_flags_are_refused(tmp_path):
     for flags, msg in [(["--env", "gym"], "--env"), (["--critic", "x"], "--critic"),
                        (["--noise-std-min", "0.2", "--noise-std-max", "0.1"], "--noise-std-min"),
                        (["--ref-coef", "-1"], "--ref-coef"), (["--eval-every", "0"], "--eval-every"),
+                       (["--probe-every", "-1"], "--probe-every"),
                        (["--ema-decay", "1"], "--ema-decay")]:
         out = subprocess.run([sys.executable, str(ROOT / "algos" / "flow_noise_pi0.py"), "--run-dir", str(tmp_path),
                               "--env", "maniskill", *flags], cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -288,6 +288,7 @@ def test_bad_flags_are_refused(tmp_path):
                        (["--env", "libero", "--eval-episodes", "50"], "init states 0..24"),
                        (["--chain-from-x1", "--joint"], "--chain-from-x1"), (["--ref-coef", "-1"], "--ref-coef"),
                        (["--eval-every", "0"], "--eval-every"), (["--ema-decay", "-0.1"], "--ema-decay"),
+                       (["--probe-every", "-1"], "--probe-every"),
                        (["--env", "libero", "--task", "libero_foo/0"], "with a suite of"),
                        (["--env", "libero", "--task", "libero_object/99"], "out of range"),
                        (["--task", "NoSuchTask-v1"], "unknown ManiSkill task")]:
