@@ -789,10 +789,12 @@ if __name__ == "__main__":
         # ---------------------------------------------------------------- ALGO LOGIC: PPO update
         # the eval policy's actions on up to 64 rollout states, before and after: how far the update moves what runs
         # at eval, which the ratio of the sampled steps alone does not measure
-        probe = {k: v[:64] for k, v in data.items()}
-        probe_noise = model.initial_noise(len(probe["state"]), device, torch.Generator(device=device).manual_seed(0))
-        probing = n_samples and args.probe_every and iteration % args.probe_every == 0
-        actions_before = ode_actions(probe, probe_noise) if probing else None
+        probe = probe_noise = actions_before = None
+        if n_samples and args.probe_every and iteration % args.probe_every == 0:
+            probe = {k: v[:64] for k, v in data.items()}
+            probe_noise = model.initial_noise(len(probe["state"]), device,
+                                              torch.Generator(device=device).manual_seed(0))
+            actions_before = ode_actions(probe, probe_noise)
         optimizer.param_groups[0]["lr"] = args.learning_rate * min(1.0, iteration / args.actor_warmup) \
             if args.actor_warmup else args.learning_rate
         clipfracs, approx_kls, pg_losses, v_losses, entropies, ref_losses = [], [], [], [], [], []
