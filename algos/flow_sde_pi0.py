@@ -6,7 +6,7 @@ tables; at CPU scale with the tiny π0 (`--preset cpu`, the default), with RLinf
 (`--preset paper`).
 
     python algos/flow_sde_pi0.py --env libero            # LIBERO-Object task 0, tiny π0, CPU
-    python algos/flow_sde_pi0.py --env maniskill         # PushCube-v1 (state)
+    python algos/flow_sde_pi0.py --env maniskill         # PushCube-v1 (state), the MLP action expert's CPU recipe
 
 The denoising chain x_1 -> x_0 (K Euler steps) becomes a policy: at each policy call ONE step k ~ U{0..K-1}, shared
 by the whole batch (RLinf's behaviour), uses the marginal-preserving reverse SDE
@@ -54,7 +54,7 @@ from common.libero_env import MAX_EPISODE_STEPS
 from common.fsutil import atomic_write
 from common.pi0 import (Pi0Model, PromptPrefixCache, RolloutPrefixKeeper, gaussian_log_prob, pooled_prefix,
                         prefix_from)
-from common.pi0_io import Pi0Processor, load_pi0, load_pi0_policy, make_tokenizer, save_pi0
+from common.pi0_io import Pi0Processor, init_expert, load_pi0, load_pi0_policy, make_tokenizer, save_pi0
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,7 +82,8 @@ class Args:
     capture_video: bool = True
     """write an mp4 of the first eval episode (image observations only)"""
     preset: str = "cpu"
-    """cpu (tiny model, few envs) or paper (RLinf's πRL yaml values for this env; needs GPUs and real weights)"""
+    """cpu (tiny model, few envs; on ManiSkill with an MLP action expert, sft:auto's there, the measured CPU_MLP_EXPERT
+    settings for the flags not given) or paper (RLinf's πRL yaml values for this env; needs GPUs and real weights)"""
 
     # Environment
     env: str = "libero"
@@ -115,6 +116,10 @@ class Args:
     """bytes, or PaliGemma's SentencePiece model (real weights)"""
     sft_demos: int = 0
     """demos per task for sft:auto (0: 3 on ManiSkill PushCube, 20 on LIBERO)"""
+    sft_expert: str = "auto"
+    """action expert of the checkpoint sft:auto makes: gemma (π0's), mlp (a 3x256 MLP velocity net on the pooled
+    prefix, the state and x_t: the calibration's flow policy in the π0 wrapper), auto (mlp on ManiSkill with state
+    observations, where --preset cpu has a measured recipe for it; gemma otherwise)"""
     train_expert_only: bool = True
     """freeze SigLIP and the Gemma VLM (πRL's default)"""
     keep_prefix_gib: float = 4.0
@@ -247,6 +252,13 @@ PAPER = {  # RLinf's πRL yaml values (pirl.md §3.5), π0 on LIBERO (flow_sde) 
                       logprob_type='token', bootstrap='always', max_episode_steps=80, num_steps=16, image_size=224,
                       reward_mode='normalized_dense'),  # RLinf's ManiSkill reward is shaped and relative (§3.4)
 }
+
+# --preset cpu's PPO settings when --init loads an MLP action expert on ManiSkill (sft:auto makes one there): the
+# calibration's recipe, measured on PushCube, 3 seeds x 12 min (README, πRL section); 480 iterations are ~470k env
+# steps, ~6 minutes of training here. With the Gemma expert the class defaults stand (lr 3e-5 threw its SFT
+# policy away).
+CPU_MLP_EXPERT = dict(num_envs=16, num_steps=8, minibatch_size=128, learning_rate=3e-5, actor_warmup=0,
+                      total_iterations=480, eval_every=40)
 
 
 class ValueHead(nn.Module):
@@ -403,10 +415,17 @@ def sft_demo_count(args: Args) -> int:
     return args.sft_demos or (20 if args.env == "libero" else 3)  # the in-band recipes of benchmarks/sft_fewshot
 
 
+def sft_expert(args: Args) -> str:
+    if args.sft_expert != "auto":
+        return args.sft_expert
+    return "mlp" if args.env == "maniskill" and args.obs_mode == "state" else "gemma"
+
+
 def sft_exp_name(args: Args) -> str:
-    """The auto SFT run's name says how it was made: another demo count or observation mode is another checkpoint."""
+    """The auto SFT run's name says how it was made: another demo count, observation mode or expert is another
+    checkpoint."""
     obs = args.obs_mode if args.obs_mode == "state" else f"{args.obs_mode}{args.image_size}"
-    return f"sft_pi0_{sft_demo_count(args)}demos_{obs}"
+    return f"sft_pi0_{sft_demo_count(args)}demos_{obs}" + ("_mlp256" if sft_expert(args) == "mlp" else "")
 
 
 def sft_auto_path(args: Args) -> Path:
@@ -420,8 +439,10 @@ def make_sft_checkpoint(args: Args, path: Path) -> None:
            "--num-demos", str(demos), "--run-dir", str(path.parent.parent), "--exp-name", sft_exp_name(args),
            "--seed", "1",
            "--obs-mode", args.obs_mode, "--image-size", str(args.image_size), "--eval-episodes", "10",
-           "--total-steps", "2000" if args.env == "libero" else "1500", "--eval-every", "100000"]
-    print(f"no SFT checkpoint at {path}: making one ({demos} demos):\n  {' '.join(cmd)}", flush=True)
+           "--total-steps", "2000" if args.env == "libero" else "1500", "--eval-every", "100000",
+           *(["--expert", "mlp", "--expert-width", "256"] if sft_expert(args) == "mlp" else [])]
+    print(f"no SFT checkpoint at {path}: making one ({demos} demos, {sft_expert(args)} expert):\n  {' '.join(cmd)}",
+          flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
 
 
@@ -457,12 +478,18 @@ if __name__ == "__main__":
         kept = fill_defaults(args, {**PAPER[args.env], **(rlinf_libero_values(suite) if args.env == "libero" else {})})
         if kept:
             print(f"--preset paper: keeping the flags given ({', '.join(kept)}) over the paper's values", flush=True)
+    elif (args.env == "maniskill" and args.sft_expert in ("auto", "gemma", "mlp")
+          and init_expert(args.init, sft_expert(args)) == "mlp"):
+        kept = fill_defaults(args, CPU_MLP_EXPERT)
+        print("--preset cpu with an MLP action expert: " + ", ".join(
+            f"--{k.replace('_', '-')} {getattr(args, k)}" for k in CPU_MLP_EXPERT) +
+              (f" (given: {', '.join(kept)})" if kept else ""), flush=True)
     if not args.max_episode_steps:
         args.max_episode_steps = MAX_EPISODE_STEPS[suite] if args.env == "libero" else 100
     for name, choices in (("bootstrap", ("truncation", "always", "none")), ("logprob_type", ("chunk", "token")),
                           ("noise_on", ("executed", "all")),
                           ("critic", ("auto", "expert", "vlm", "obs", "obs_ode")), ("adv_type", ("gae", "grpo")),
-                          ("reward_mode", REWARD_MODES)):
+                          ("reward_mode", REWARD_MODES), ("sft_expert", ("auto", "gemma", "mlp"))):
         if getattr(args, name) not in choices:
             raise SystemExit(f"--{name.replace('_', '-')} must be one of {choices}, got {getattr(args, name)!r}")
     if not 0.0 <= args.ema_decay < 1.0:

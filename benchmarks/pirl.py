@@ -321,7 +321,8 @@ def main(args: Args) -> None:
     ax.legend(fontsize=7)
     notes = (f"Few-shot SFT start: {args.sft_demos} demos, {args.sft_steps} steps (`algos/sft_pi0.py`"
              f"{' ' + args.sft_flags if args.sft_flags else ''}, one per seed). "
-             f"RL: `algos/flow_sde_pi0.py` / `algos/flow_noise_pi0.py` with their CPU defaults"
+             f"RL: `algos/flow_sde_pi0.py` / `algos/flow_noise_pi0.py` with their CPU defaults (which follow the "
+             f"start's action expert: an MLP expert on ManiSkill gets the scripts' `CPU_MLP_EXPERT` settings)"
              f"{' plus `' + args.rl_flags + '`' if args.rl_flags else ''}"
              f"{'; Flow-SDE with `' + args.sde_flags + '`' if args.sde_flags else ''}"
              f"{'; Flow-Noise with `' + args.noise_flags + '`' if args.noise_flags else ''}, "

@@ -320,6 +320,22 @@ def load_pi0(directory: str | Path, device: str | torch.device = "cpu"):
     return model.to(device), stats, meta
 
 
+def init_expert(init: str, sft_auto: str = "gemma") -> str:
+    """The action expert ("gemma" or "mlp") that an --init spec loads, read from the checkpoint's config without
+    loading weights: what a script's CPU preset picks its PPO settings by. `sft_auto`: the expert sft:auto makes.
+    openpi checkpoints and scratch are "gemma"; a path that is not a checkpoint also says "gemma" (its load, later,
+    says what is wrong)."""
+    kind, _, path = init.partition(":")
+    if kind == "sft" and path in ("", "auto"):
+        return sft_auto
+    if kind != "sft":
+        return "gemma"
+    try:
+        return json.loads((_resolve_dir(Path(path)) / "pi0_config.json").read_text())["config"].get("expert", "gemma")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return "gemma"
+
+
 def save_openpi(directory: str | Path, model: Pi0Model, norm_stats: NormStats | None = None,
                 asset_id: str = "physical-intelligence/libero", tie_lm_head: bool = True) -> Path:
     """Write our model in openpi's PyTorch layout (names, config.json, assets/<asset_id>/norm_stats.json). Sizes that

@@ -121,10 +121,27 @@ def test_a_few_iterations_run_with_an_exact_first_ratio(tmp_path, critic, ref_co
         assert penalty[0] == 0 and penalty[1] > 0
 
 
+def test_preset_cpu_takes_the_mlp_experts_recipe_on_maniskill(tmp_path):
+    """As Flow-SDE's: an MLP expert on ManiSkill gets the measured CPU recipe (flags given win), a Gemma one does not."""
+    from common.pi0_io import save_pi0
+
+    def preset_line(init):
+        out = subprocess.run([sys.executable, str(ROOT / "algos" / "flow_noise_pi0.py"), "--run-dir", str(tmp_path),
+                              "--env", "maniskill", "--init", init, "--num-steps", "4", "--eval-every", "0"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert out.returncode != 0 and "--eval-every" in out.stderr, out.stderr[-400:]
+        return next((line for line in out.stdout.splitlines() if "--preset cpu with an MLP action expert" in line), "")
+
+    line = preset_line(f"sft:{save_pi0(tmp_path / 'mlp', Pi0Model(Pi0Config.tiny(expert='mlp')))}")
+    assert "--num-envs 16, --num-steps 4, --minibatch-size 128, --learning-rate 3e-05" in line
+    assert preset_line(f"sft:{save_pi0(tmp_path / 'gemma', Pi0Model(Pi0Config.tiny()))}") == ""
+
+
 def test_bad_flags_are_refused(tmp_path):
     for flags, msg in [(["--env", "gym"], "--env"), (["--critic", "x"], "--critic"),
                        (["--noise-std-min", "0.2", "--noise-std-max", "0.1"], "--noise-std-min"),
                        (["--ref-coef", "-1"], "--ref-coef"), (["--eval-every", "0"], "--eval-every"),
+                       (["--sft-expert", "big"], "--sft-expert"),
                        (["--probe-every", "-1"], "--probe-every"),
                        (["--ema-decay", "1"], "--ema-decay")]:
         out = subprocess.run([sys.executable, str(ROOT / "algos" / "flow_noise_pi0.py"), "--run-dir", str(tmp_path),

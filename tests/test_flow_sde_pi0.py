@@ -288,7 +288,7 @@ def test_bad_flags_are_refused(tmp_path):
                        (["--env", "libero", "--eval-episodes", "50"], "init states 0..24"),
                        (["--chain-from-x1", "--joint"], "--chain-from-x1"), (["--ref-coef", "-1"], "--ref-coef"),
                        (["--eval-every", "0"], "--eval-every"), (["--ema-decay", "-0.1"], "--ema-decay"),
-                       (["--probe-every", "-1"], "--probe-every"),
+                       (["--probe-every", "-1"], "--probe-every"), (["--sft-expert", "big"], "--sft-expert"),
                        (["--env", "libero", "--task", "libero_foo/0"], "with a suite of"),
                        (["--env", "libero", "--task", "libero_object/99"], "out of range"),
                        (["--task", "NoSuchTask-v1"], "unknown ManiSkill task")]:
@@ -330,6 +330,33 @@ def test_preset_paper_keeps_the_flags_given():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "--eval-every" in out.stderr
     assert "keeping the flags given (--num-envs 16)" in out.stdout
+
+
+def test_preset_cpu_takes_the_mlp_experts_recipe_on_maniskill(tmp_path):
+    """--preset cpu fills the MLP expert's measured PPO settings where --init loads an MLP expert on ManiSkill (read
+    from the checkpoint's config; sft:auto makes one there), keeps the flags given, and leaves a Gemma expert, LIBERO
+    and image observations on the class defaults. Stopped after the argument checks (--eval-every 0)."""
+    from common.pi0_io import save_pi0
+
+    mlp = save_pi0(tmp_path / "mlp", Pi0Model(Pi0Config.tiny(expert="mlp")))
+    gemma = save_pi0(tmp_path / "gemma", Pi0Model(Pi0Config.tiny()))
+
+    def preset_line(*flags):
+        out = subprocess.run([sys.executable, str(ROOT / "algos" / "flow_sde_pi0.py"), "--run-dir", str(tmp_path),
+                              *flags, "--eval-every", "0"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert out.returncode != 0 and "--eval-every" in out.stderr, out.stderr[-400:]
+        return next((line for line in out.stdout.splitlines() if "--preset cpu with an MLP action expert" in line), "")
+
+    line = preset_line("--env", "maniskill", "--init", f"sft:{mlp}", "--learning-rate", "1e-5")
+    assert "--num-envs 16, --num-steps 8, --minibatch-size 128, --learning-rate 1e-05, --actor-warmup 0" in line
+    assert "(given: --learning-rate 1e-05, --eval-every 0)" in line
+    assert preset_line("--env", "maniskill", "--init", f"sft:{gemma}") == ""
+    assert "--num-envs 16" in preset_line("--env", "maniskill")  # sft:auto makes an MLP expert on ManiSkill state
+    assert preset_line("--env", "maniskill", "--sft-expert", "gemma") == ""
+    assert preset_line("--env", "maniskill", "--obs-mode", "rgb") == ""
+    assert preset_line("--env", "libero", "--init", f"sft:{mlp}") == ""
+    assert fs.sft_exp_name(fs.Args(env="maniskill", task="PushCube-v1")) == "sft_pi0_3demos_state_mlp256"
+    assert fs.sft_exp_name(fs.Args(env="maniskill", task="PushCube-v1", sft_expert="gemma")) == "sft_pi0_3demos_state"
 
 
 def test_reward_mode_flag():
