@@ -478,8 +478,7 @@ if __name__ == "__main__":
         kept = fill_defaults(args, {**PAPER[args.env], **(rlinf_libero_values(suite) if args.env == "libero" else {})})
         if kept:
             print(f"--preset paper: keeping the flags given ({', '.join(kept)}) over the paper's values", flush=True)
-    elif (args.env == "maniskill" and args.sft_expert in ("auto", "gemma", "mlp")
-          and init_expert(args.init, sft_expert(args)) == "mlp"):
+    elif args.env == "maniskill" and init_expert(args.init, sft_expert(args)) == "mlp":  # (a bad --sft-expert: below)
         kept = fill_defaults(args, CPU_MLP_EXPERT)
         print("--preset cpu with an MLP action expert: " + ", ".join(
             f"--{k.replace('_', '-')} {getattr(args, k)}" for k in CPU_MLP_EXPERT) +
