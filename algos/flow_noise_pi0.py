@@ -172,6 +172,10 @@ class Args:
     """RL iterations over which the actor lr ramps linearly from 0 (the critic learns first, and Adam's first
     full-size steps on a tiny batch do not throw the SFT policy away: without it the first PushCube update moved the
     policy by an approx. KL of 0.17, 40x the later ones; 0 under --preset paper)"""
+    anneal_lr: bool = False
+    """decay the actor lr linearly to 0 over the run's budget, by the larger share used of --total-iterations and
+    --total-minutes (CleanRL's anneal_lr; RLinf keeps it constant): late updates, mostly noise at CPU batch sizes,
+    then move the weights less"""
     weight_decay: float = 0.01
     """AdamW weight decay (betas 0.9, 0.95 as RLinf)"""
     gamma: float = 0.99
@@ -821,8 +825,14 @@ if __name__ == "__main__":
             probe_noise = model.initial_noise(len(probe["state"]), device,
                                               torch.Generator(device=device).manual_seed(0))
             actions_before = ode_actions(probe, probe_noise)
-        optimizer.param_groups[0]["lr"] = args.learning_rate * min(1.0, iteration / args.actor_warmup) \
-            if args.actor_warmup else args.learning_rate
+        lr_scale = min(1.0, iteration / args.actor_warmup) if args.actor_warmup else 1.0
+        if args.anneal_lr:  # linear decay to 0 over whichever budget (iterations, minutes) runs out first
+            used = iteration / args.total_iterations
+            if args.total_minutes:
+                used = max(used, (time.time() - start_time - eval_seconds[0]) / 60 / args.total_minutes)
+            lr_scale *= max(0.0, 1.0 - used)
+        optimizer.param_groups[0]["lr"] = args.learning_rate * lr_scale
+        writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
         clipfracs, approx_kls, pg_losses, v_losses, entropies, ref_losses = [], [], [], [], [], []
         first_ratio_err = None
         for epoch in range(args.update_epochs if n_samples else 0):

@@ -245,3 +245,25 @@ def test_ema_weights_average_the_live_ones_and_survive_resume(tmp_path, script):
     assert all(h["episodic_return"] != h["live_episodic_return"] for h in summary["history"][1:])  # two policies ran
     # the policy the evals scored, as a checkpoint of its own
     assert all(torch.equal(a, b) for a, b in zip(trained(tmp_path / f"PushCube-v1__{script}__1" / "ema_policy"), ema2))
+
+
+@pytest.mark.parametrize("script", ["flow_sde_pi0", "flow_noise_pi0"])
+def test_anneal_lr_decays_the_actor_lr_to_zero_over_the_budget(tmp_path, script):
+    """--anneal-lr: the actor lr falls linearly to 0 over --total-iterations, or over --total-minutes when that runs
+    out first (here after the first rollout: its one update gets lr 0)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    flags = ["--env", "maniskill", "--init", "scratch", "--num-envs", "2", "--num-steps", "4", "--minibatch-size", "4",
+             "--max-episode-steps", "24", "--eval-episodes", "1", "--num-eval-envs", "1", "--actor-warmup", "0",
+             "--learning-rate", "3e-4", "--anneal-lr", "--no-capture-video"]
+
+    def lrs(name, *extra):
+        out = subprocess.run([sys.executable, str(ROOT / "algos" / f"{script}.py"), "--run-dir", str(tmp_path / name),
+                              *flags, *extra], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        acc = EventAccumulator(str(tmp_path / name / f"PushCube-v1__{script}__1"))
+        acc.Reload()
+        return [e.value for e in acc.Scalars("charts/learning_rate")]
+
+    assert lrs("iterations", "--total-iterations", "3", "--eval-every", "3") == pytest.approx([3e-4, 2e-4, 1e-4])
+    assert lrs("minutes", "--total-iterations", "3", "--total-minutes", "0.0005", "--eval-every", "3") == [0.0]
