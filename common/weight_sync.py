@@ -27,6 +27,7 @@ the file is readable by the same user only).
 
 from __future__ import annotations
 
+import logging
 import operator
 import threading
 import time
@@ -37,6 +38,8 @@ from torch.utils.hooks import RemovableHandle
 from common.shm_broadcast import ShmPublisher, ShmSubscriber, shm_name
 from common.transport import (CurveConfig, Publisher, Subscriber, VersionedHeader, encode, frame_spec, frame_nbytes,
                               pack_block, pack_frames, packed_block_layout, packed_size)
+
+log = logging.getLogger("weight_sync")
 
 MODES = ("full", "trainable")
 
@@ -186,6 +189,7 @@ class WeightPublisher:
         self._sent = _SentTensors(model, mode)
         self.shm = ShmPublisher(name, max_readers=max_readers) if name is not None else None
         self.pub = Publisher(endpoint, curve=curve, ctx=ctx) if name is None else None
+        self._inproc = endpoint.startswith("inproc://")  # sends land in the receiver's queue at once, no I/O thread
         self.version = 0
         self.stats = {"requested": 0, "sent": 0, "coalesced": 0, "bytes": 0, "last_publish_s": 0.0}
         self.keyframe_every = keyframe_every
@@ -370,7 +374,16 @@ class WeightPublisher:
             self._thread.join(timeout=10)
         if self.shm is not None:
             self.shm.close()
-        else:  # the newest weights, just sent, still go out: with no linger a busy I/O thread could drop them
+        else:
+            # The newest weights, just sent, must still go out. Wait (bounded) until ZMQ's I/O thread has taken the
+            # last message off our hands, then let it linger: a linger alone can run out on a loaded machine before
+            # the I/O thread even gets to the message. (In-process the tracker waits for the receiver instead, which
+            # a zero-copy actor never lets go of, and there is nothing in flight to wait for.)
+            if self._buffers and not self._inproc:
+                try:
+                    self._buffers[-1][1].wait(5.0)
+                except zmq.NotDone:
+                    log.warning("weight publisher closed before ZMQ sent the last version (5 s)")
             self.pub.close(linger_ms=1000)
 
 
