@@ -518,6 +518,12 @@ def main(args: Args) -> None:
              "critic_actor_ratio", "segment_steps", "batch_size", "sync_steps", "max_backlog") if getattr(args, k) < 1]
     if small:
         raise SystemExit(f"{', '.join(small)}: must be >= 1")
+    if args.total_env_steps < 0 or args.total_minutes < 0:
+        raise SystemExit(f"--total-env-steps and --total-minutes must be >= 0 (0 minutes: no time limit), got "
+                         f"{args.total_env_steps} and {args.total_minutes}")
+    for flag, path, ok in (("--demos", args.demos, Path.is_dir), ("--reward-model", args.reward_model, Path.is_file)):
+        if path and not ok(Path(path)):  # now, not once a run directory that --resume would reuse them from exists
+            raise SystemExit(f"{flag} {path}: no such {'directory' if ok is Path.is_dir else 'file'}")
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     random.seed(args.seed)
@@ -574,7 +580,11 @@ def main(args: Args) -> None:
     learner: Learner | None = None
     ckpt = run_dir / "learner.pt"
     if resumed and ckpt.exists():
-        state = torch.load(io.BytesIO(ckpt.read_bytes()), weights_only=False)
+        try:  # weights_only: a checkpoint handed over from elsewhere runs no code; a torn copy says so
+            state = torch.load(io.BytesIO(ckpt.read_bytes()), weights_only=True)
+        except Exception as e:
+            raise SystemExit(f"cannot resume from {ckpt}: not a checkpoint this script wrote, or a partial copy "
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:200]})")
         learner = Learner(args, state["spec"], device)
         learner.load_state_dict(state["learner"])
         counters = state["counters"]
@@ -636,24 +646,28 @@ def main(args: Args) -> None:
         atomic_write(spec_path, json.dumps(spec_box["spec"], indent=1))
     if learner is None:
         learner = Learner(args, spec_box["spec"], device)
-    if resumed:  # actors ignore versions they are past: continue above any version published before the crash
+    if resumed:  # actors ignore versions they are past: continue above any version published before the crash,
+        # i.e. the checkpoint's plus the syncs that can follow it before the next checkpoint (a version an actor
+        # applied need not be named by a stored segment), and any a stored segment names
         seen = [m.get("weights_version", 0) for b in (online, demo) for m in b.seg_meta.values()]
-        learner.version = max([learner.version, *seen]) + 1
+        learner.version = max([learner.version + -(-args.checkpoint_every // args.sync_every), *seen]) + 1
     publisher = WeightPublisher(f"tcp://{args.bind_host}:{args.port + 1}", learner.policy)
     learner.version = max(learner.version, 1)
     publisher.publish(learner.version)
 
     # The receiver thread: drain arriving segments into the buffers, durably, then acknowledge
     delivered = [(m["session"], m["seq"]) for b in (online, demo) for m in b.seg_meta.values() if "session" in m]
-    stats = {"lag": [], "latency_ms": [], "control_hz": [], "applied": {}, "episodes": [], "gen_seconds": []}
+    stats = {"lag": [], "latency_ms": [], "control_hz": [], "applied": {}, "episodes": [], "gen_seconds": [],
+             "rejected": 0}
     stop = threading.Event()
     lock = threading.Lock()
 
     def store(arrays: dict, meta: dict) -> None:
         segment = segment_from_message(arrays)
-        (demo if meta.get("intervened") else online).add(segment, meta)
-        if meta.get("intervened"):  # human segments teach through both buffers (HIL-SERL)
+        if meta.get("intervened"):  # human segments teach through both buffers (HIL-SERL); the copy that marks the
+            # segment delivered (its session and seq) goes last, so a failure between the two is retried whole
             online.add(segment, {k: v for k, v in meta.items() if k not in ("session", "seq")})
+        (demo if meta.get("intervened") else online).add(segment, meta)
         with lock:
             stats["lag"].append(learner.version - float(np.mean(arrays["policy_version"])))
             if "sent_at" in meta:
@@ -670,9 +684,15 @@ def main(args: Args) -> None:
                 continue
             try:
                 store(msg.arrays, {**{k: v for k, v in msg.meta.items() if k != "sender"}, "seq": msg.seq})
-            except Exception as exc:  # a malformed segment: report it, keep serving (it stays unacknowledged)
-                print(f"[learner] segment from {msg.meta.get('robot')} not stored: {exc}", flush=True)
+            except OSError as exc:  # the disk (full, failing): not stored now; the actor's resend brings it again
+                receiver.release(msg)
+                print(f"[learner] segment from {msg.meta.get('robot')} not stored, taken again on its resend: "
+                      f"{exc}", flush=True)
                 continue
+            except Exception as exc:  # malformed: it never will be; acknowledged, so the actor stops resending it
+                print(f"[learner] segment from {msg.meta.get('robot')} rejected (malformed): {exc}", flush=True)
+                with lock:
+                    stats["rejected"] += 1
             receiver.ack(msg)
 
     receiver, receive_thread = None, None
@@ -688,6 +708,11 @@ def main(args: Args) -> None:
     sync_obs = [None] * args.num_robots
     sync_writers, sync_version = [None] * args.num_robots, learner.version
     sync_ep, sync_ret, sync_t0 = [0] * args.num_robots, [0.0] * args.num_robots, [0.0] * args.num_robots
+    if resumed and args.mode == "sync":  # go on with the episodes (expert ones, reset seeds) where the run stopped:
+        # each finished episode left one episode_done segment in the online buffer, durable before the crash
+        finished_eps = [m.get("robot") for m in online.seg_meta.values() if m.get("episode_done")]
+        sync_ep = [max(finished_eps.count(env.name), counters.get("sync_episodes", [0] * args.num_robots)[i])
+                   for i, env in enumerate(spec_envs)]
     while True:
         received = online.total_added
         elapsed_min = minutes_before + (time.time() - start_time) / 60
@@ -718,8 +743,9 @@ def main(args: Args) -> None:
                         if term or trunc:
                             meta.update(episode_done=True, success=float(info["success"]), episodic_return=sync_ret[i],
                                         length=env.steps, deterministic=False, human=takeover,
-                                        episode_seconds=time.monotonic() - sync_t0[i])
+                                        episode_seconds=time.monotonic() - sync_t0[i], episode=sync_ep[i])
                             sync_obs[i], sync_ep[i] = None, sync_ep[i] + 1
+                            counters["sync_episodes"] = list(sync_ep)
                         store(w.take(), meta)
             stats["gen_seconds"].append(time.time() - t0)
             n_updates = int(args.utd * args.sync_steps) if online.total_added >= args.learning_starts else 0
@@ -770,6 +796,7 @@ def main(args: Args) -> None:
             writer.add_scalar("learner/train_seconds_per_update", train_seconds / max(learner.updates, 1), step)
             writer.add_scalar("sync/policy_lag", float(np.mean(lag)) if lag else 0.0, step)
             writer.add_scalar("sync/weights_applied", float(sum(stats["applied"].values())), step)
+            writer.add_scalar("transport/rejected_segments", stats["rejected"], step)
             writer.add_scalar("sync/version", learner.version, step)
             writer.add_scalar("actor/control_hz", float(np.mean(hz)) if hz else 0.0, step)
             writer.add_scalar("transport/latency_ms", float(np.median(latency)) if latency else 0.0, step)

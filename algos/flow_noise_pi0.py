@@ -47,7 +47,8 @@ from common.libero_env import MAX_EPISODE_STEPS
 from common.fsutil import atomic_write
 from common.pi0 import (Pi0Model, PromptPrefixCache, RolloutPrefixKeeper, gaussian_log_prob, pooled_prefix,
                         prefix_from)
-from common.pi0_io import Pi0Processor, init_expert, load_pi0, load_pi0_policy, make_tokenizer, save_pi0
+from common.pi0_io import (Pi0Processor, existing_checkpoint, init_expert, load_pi0, load_pi0_policy,
+                           make_tokenizer, save_pi0)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -455,6 +456,12 @@ if __name__ == "__main__":
                           ("reward_mode", REWARD_MODES), ("sft_expert", ("auto", "gemma", "mlp"))):
         if getattr(args, name) not in choices:
             raise SystemExit(f"--{name.replace('_', '-')} must be one of {choices}, got {getattr(args, name)!r}")
+    for name, low in (("num_envs", 1), ("num_steps", 1), ("update_epochs", 1), ("minibatch_size", 1),
+                      ("group_size", 1), ("action_chunk", 1), ("total_iterations", 0), ("total_minutes", 0),
+                      ("eval_episodes", 0), ("num_eval_envs", 0), ("sft_demos", 0), ("max_episode_steps", 0),
+                      ("actor_warmup", 0), ("learning_rate", 0), ("value_lr", 0), ("keep_prefix_gib", 0)):
+        if getattr(args, name) < low:  # now, not after the model, an SFT run or the first rollout
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
     if not 0.0 <= args.ema_decay < 1.0:
         raise SystemExit(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
     if args.env == "libero" and args.reward_mode != "sparse":
@@ -485,8 +492,11 @@ if __name__ == "__main__":
     run_name = f"{args.task.replace('/', '_')}__{args.exp_name}__{args.seed}"
     run_dir = Path(args.run_dir) / run_name
     ckpt_dir = run_dir / "checkpoint"
-    if (ckpt_dir.exists() or (run_dir / "summary.json").exists()) and not args.resume:
+    resume_dir = existing_checkpoint(ckpt_dir)  # or checkpoint.old, where a kill came mid-save
+    if (resume_dir or (run_dir / "summary.json").exists()) and not args.resume:
         raise SystemExit(f"{run_dir} exists; pass --resume to continue it or choose another --exp-name")
+    if args.resume and not resume_dir:  # a typo in --exp-name must not pass for a resume
+        print(f"--resume: no checkpoint in {run_dir}, starting a new run", flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     if args.track:
         import wandb
@@ -536,15 +546,15 @@ if __name__ == "__main__":
         noise_mask = torch.zeros(1, cfg.horizon, cfg.action_dim, dtype=torch.bool, device=device)
         noise_mask[:, :chunk, :A] = True
     start_iter, global_step, history, resumed_rngs = 0, 0, [], {}
-    if args.resume and ckpt_dir.exists():
-        model, norm_stats, meta = load_pi0(ckpt_dir, device)
+    if args.resume and resume_dir:
+        model, norm_stats, meta = load_pi0(resume_dir, device)
         if args.train_expert_only:
             model.freeze_vlm()
         if args.train_head_only:
             freeze_all_but_head(model)
         actor_params = [p for p in model.parameters() if p.requires_grad] + list(noise_head.parameters())
         optimizer.param_groups[0]["params"] = actor_params
-        state = torch.load(io.BytesIO((ckpt_dir / "trainer.pt").read_bytes()), weights_only=True)
+        state = torch.load(io.BytesIO((resume_dir / "trainer.pt").read_bytes()), weights_only=True)
         value_head.load_state_dict(state["value_head"])
         noise_head.load_state_dict(state["noise_head"])
         optimizer.load_state_dict(state["optimizer"])

@@ -49,6 +49,7 @@ from common.uav_formation_env import (END_CAUSES, FORMATION_REWARDS, OBJECTIVES,
                                       FormationConfig, FormationEnv)
 
 PAPER_WEIGHTS = (0.142, 0.219, 0.126, 0.512)  # formation, obstacle, forward, smoothness (released)
+SHAPE_FLAGS = ("encoder", "critic", "attention_dim", "num_drones", "static_mode", "static_top_k")  # a resume keeps them
 
 
 @dataclass
@@ -543,6 +544,9 @@ def main(args: Args) -> None:
                       ("num_minibatches", 1), ("num_candidates", 1), ("plot_episodes", 0), ("max_steps", 1)):
         if getattr(args, name) < low:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+    if args.num_minibatches > args.num_envs * args.num_steps * args.num_drones:
+        raise SystemExit(f"--num-minibatches {args.num_minibatches} exceeds the batch of --num-envs x --num-steps x "
+                         f"--num-drones = {args.num_envs * args.num_steps * args.num_drones} samples")
     if not 0 < args.gate_rate <= 1:
         raise SystemExit(f"--gate-rate is a collision-free rate in (0, 1], got {args.gate_rate}")
     eval_presets = [p for p in args.eval_presets.split(",") if p]
@@ -611,7 +615,16 @@ def main(args: Args) -> None:
             atomic_write(path, buf.getvalue())
 
     if args.resume and ckpt.exists():
-        saved = torch.load(io.BytesIO(ckpt.read_bytes()), weights_only=False)
+        try:  # weights_only: a checkpoint handed over from elsewhere runs no code; a torn copy says so
+            saved = torch.load(io.BytesIO(ckpt.read_bytes()), weights_only=True)
+        except Exception as e:
+            raise SystemExit(f"cannot resume from {ckpt}: not a checkpoint this script wrote, or a partial copy "
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        # the networks' shape comes from these flags: a different value cannot load the checkpoint's weights
+        differ = [f"--{k.replace('_', '-')} {saved['args'][k]} (given {getattr(args, k)})" for k in SHAPE_FLAGS
+                  if k in saved.get("args", {}) and saved["args"][k] != getattr(args, k)]
+        if differ:
+            raise SystemExit(f"cannot resume {run_dir}: it was trained with {', '.join(differ)}")
         agent.load_state_dict(saved["agent"])
         optimizer.load_state_dict(saved["optimizer"])
         vnorm.load_state_dict(saved["vnorm"])
@@ -676,8 +689,10 @@ def main(args: Args) -> None:
         print(f"eval {preset}: collision-free {res['collision_free']:.2f}, formation error "
               f"{res['formation_error']:.3f} m, arrival {res['arrival']:.2f}, success {res['success']:.2f}", flush=True)
     summary = {"weights": state["weights"], "env_steps": state["global_step"], "eval": results, "args": asdict(args)}
+    buf = io.BytesIO()
+    torch.save(agent.state_dict(), buf)
+    atomic_write(run_dir / "agent.pt", buf.getvalue())  # before the summary: a run with a summary has its agent
     atomic_write(run_dir / "summary.json", json.dumps(summary, indent=1))
-    torch.save(agent.state_dict(), run_dir / "agent.pt")
     writer.close()
 
 

@@ -44,7 +44,8 @@ from common.envs import (check_task, eval_initial_states, make_task_env, run_eva
 from common.fsutil import atomic_write
 from common.libero_env import MAX_EPISODE_STEPS
 from common.pi0 import PromptPrefixCache, pooled_prefix
-from common.pi0_io import NormStats, Pi0Processor, load_pi0, load_pi0_policy, make_tokenizer, save_pi0
+from common.pi0_io import (NormStats, Pi0Processor, existing_checkpoint, load_pi0, load_pi0_policy, make_tokenizer,
+                           save_pi0)
 
 
 @dataclass
@@ -273,19 +274,24 @@ if __name__ == "__main__":
     for name, low in (("action_bins", 2), ("action_chunk", 1), ("head_hidden", 1), ("num_envs", 1), ("num_steps", 1),
                       ("update_epochs", 1), ("minibatch_size", 1), ("bc_batch_size", 1), ("bc_steps", 0),
                       ("total_iterations", 0), ("eval_every", 1), ("checkpoint_every", 1), ("num_eval_envs", 1),
-                      ("group_size", 2)):
+                      ("group_size", 2), ("total_minutes", 0)):
         if getattr(args, name) < low:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
     if args.temperature <= 0:
         raise SystemExit(f"--temperature must be > 0, got {args.temperature}")
+    if args.env == "maniskill" and args.obs_mode not in ("state", "rgb"):
+        raise SystemExit(f"--obs-mode must be state or rgb, got {args.obs_mode!r}")
     if args.adv_type == "grpo" and args.num_envs % args.group_size:
         raise SystemExit(f"--num-envs {args.num_envs} must be a multiple of --group-size {args.group_size}")
 
     run_name = f"{args.task.replace('/', '_')}__{args.exp_name}__{args.seed}"
     run_dir = Path(args.run_dir) / run_name
     ckpt_dir = run_dir / "checkpoint"
-    if (ckpt_dir.exists() or (run_dir / "summary.json").exists()) and not args.resume:
+    resume_dir = existing_checkpoint(ckpt_dir)  # or checkpoint.old, where a kill came mid-save
+    if (resume_dir or (run_dir / "summary.json").exists()) and not args.resume:
         raise SystemExit(f"{run_dir} exists; pass --resume to continue it or choose another --exp-name")
+    if args.resume and not resume_dir:  # a typo in --exp-name must not pass for a resume
+        print(f"--resume: no checkpoint in {run_dir}, starting a new run", flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     if args.track:
         import wandb
@@ -305,8 +311,8 @@ if __name__ == "__main__":
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     # ALGO LOGIC: the VLA (VLM + action-token head + critic) and, for --init bc, its demos
-    resuming = args.resume and (ckpt_dir / "vla.pt").exists()
-    start_from = ckpt_dir if resuming else Path(init_path) if init_kind == "vla" else None
+    resuming = args.resume and resume_dir is not None and (resume_dir / "vla.pt").exists()
+    start_from = resume_dir if resuming else Path(init_path) if init_kind == "vla" else None
     episodes, meta = None, {"extra": {}}
     tokenizer = make_tokenizer(args.tokenizer)
     if start_from is not None:
@@ -374,9 +380,11 @@ if __name__ == "__main__":
     start_iter, global_step, history, bc_done = 0, 0, [], init_kind != "bc"
     trainer = None
     if resuming:
-        trainer = torch.load(io.BytesIO((ckpt_dir / "trainer.pt").read_bytes()), weights_only=True)
+        trainer = torch.load(io.BytesIO((resume_dir / "trainer.pt").read_bytes()), weights_only=True)
         optimizer.load_state_dict(trainer["optimizer"])
         torch.set_rng_state(trainer["torch_rng"])
+        if trainer.get("cuda_rng") and torch.cuda.is_available():  # sampling and shuffling draw on the GPU's
+            torch.cuda.set_rng_state_all(trainer["cuda_rng"])
         extra = meta["extra"]
         start_iter, global_step, history, bc_done = extra["iteration"], extra["global_step"], extra["history"], True
         print(f"resuming {run_name} at iteration {start_iter}")
@@ -430,6 +438,7 @@ if __name__ == "__main__":
         torch.save({"head": head.state_dict(), "value_head": value_head.state_dict()}, heads)
         np_state = np.random.get_state()
         torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                     "np_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]],
                     "env_rng": json.dumps(envs.rng_state) if envs is not None else None}, trainer_buf)
         save_pi0(ckpt_dir, model, norm_stats, processor.tokenizer.name,

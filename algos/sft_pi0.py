@@ -37,8 +37,8 @@ from common.envs import (check_task, default_eval_envs, eval_initial_states, mak
                          task_names)
 from common.fsutil import atomic_write
 from common.pi0 import Pi0Config, Pi0Model
-from common.pi0_io import (NormStats, Pi0Processor, check_prompts, instruction_tokens, load_pi0, make_tokenizer,
-                           save_pi0)
+from common.pi0_io import (NormStats, Pi0Processor, check_prompts, existing_checkpoint, instruction_tokens, load_pi0,
+                           make_tokenizer, save_pi0)
 
 
 @dataclass
@@ -181,10 +181,12 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     if args.env not in ("maniskill", "libero"):
         raise SystemExit(f"--env must be maniskill or libero, got {args.env!r}")
-    try:  # the task's form now, not after the demos and the model are made
-        check_task(args.env, args.task)
+    try:  # the task now, not after the demos and the model are made
+        check_task(args.env, args.task, exists=True)
     except ValueError as e:
         raise SystemExit(f"--task {args.task}: {e}")
+    if args.env == "maniskill" and args.obs_mode not in ("state", "rgb"):  # a typo must not train a state policy
+        raise SystemExit(f"--obs-mode must be state or rgb, got {args.obs_mode!r}")
     if args.env == "libero":
         from common.libero_env import DEMO_INIT_STATES, eval_episode_count
 
@@ -203,7 +205,7 @@ if __name__ == "__main__":
     bad = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in positive if getattr(args, k) < 1]
     if bad:
         raise SystemExit(f"these must be >= 1: {', '.join(bad)}")
-    if not (args.init_from or args.resume) and args.action_chunk > args.horizon:  # before any demo is made or loaded
+    if args.action_chunk < 1 or not (args.init_from or args.resume) and args.action_chunk > args.horizon:
         raise SystemExit(f"--action-chunk must be in [1, --horizon {args.horizon}], got {args.action_chunk}")
     if args.model not in ("tiny", "pi0", "pi05"):
         raise SystemExit(f"--model must be tiny, pi0 or pi05, got {args.model!r}")
@@ -277,8 +279,10 @@ if __name__ == "__main__":
     prompt_tokens = instruction_tokens(tokenizer, instructions)
     start_step, trainer_state = 0, None
     results = []
-    resume_dir = ckpt_dir if ckpt_dir.exists() else ckpt_dir.with_name("checkpoint.old")  # see save_pi0
-    if args.resume and resume_dir.exists():
+    resume_dir = existing_checkpoint(ckpt_dir)  # or checkpoint.old, where a kill came mid-save
+    if args.resume and not resume_dir:  # a typo in --exp-name must not pass for a resume
+        print(f"--resume: no checkpoint in {run_dir}, starting a new run", flush=True)
+    if args.resume and resume_dir:
         model, norm_stats, meta = load_pi0(resume_dir, device)
         trainer_state = torch.load(io.BytesIO((resume_dir / "trainer.pt").read_bytes()), weights_only=True)
         start_step, results = meta["extra"]["step"], meta["extra"].get("results", [])
@@ -304,7 +308,7 @@ if __name__ == "__main__":
             overrides.update(expert=args.expert)
         model = Pi0Model(preset(**overrides)).to(device)
     cfg = model.cfg
-    if args.resume and resume_dir.exists() or args.init_from:  # the loaded model's shape rules: say which flags lose
+    if args.resume and resume_dir or args.init_from:  # the loaded model's shape rules: say which flags lose
         given = {"horizon": args.horizon, "variant": args.variant, "discrete_state_input": args.discrete_state,
                  "expert": args.expert}
         ignored = [f"{k}={v} (the model has {getattr(cfg, k)})" for k, v in given.items()

@@ -34,6 +34,7 @@ import numpy as np
 import tyro
 
 from benchmarks.report import RESULTS_DIR, pyplot, write_results
+from common.fsutil import atomic_write
 
 SCRIPT = str(ROOT / "algos" / "async_sac_real.py")
 
@@ -255,7 +256,7 @@ def add_raw(path: Path, raw: dict) -> None:
     """The per-run details next to the table's figures in <name>.json."""
     data = json.loads(path.read_text())
     data["raw"] = raw
-    path.write_text(json.dumps(data, indent=1, default=float) + "\n")
+    atomic_write(path, json.dumps(data, indent=1, default=float) + "\n")
 
 
 def main(args: Args) -> None:

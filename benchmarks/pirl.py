@@ -235,8 +235,11 @@ def main(args: Args) -> None:
     if args.env not in ("maniskill", "libero"):
         raise SystemExit(f"--env must be maniskill or libero, got {args.env!r}")
     bad = [a for a in args.algorithms if a not in ALGORITHMS]
-    if bad:
-        raise SystemExit(f"unknown algorithms {bad}; choose from {ALGORITHMS}")
+    if bad or not args.algorithms or not args.seeds:
+        raise SystemExit(f"--algorithms takes one or more of {ALGORITHMS} (got {args.algorithms}), --seeds one or "
+                         f"more seeds (got {args.seeds})")
+    if args.minutes <= 0:  # the runs' only limit: --total-minutes 0 would mean none
+        raise SystemExit(f"--minutes must be > 0, got {args.minutes}")
     args.task = args.task or ("PushCube-v1" if args.env == "maniskill" else "libero_object/0")
     args.sft_demos = args.sft_demos or (3 if args.env == "maniskill" else 20)
     args.sft_steps = args.sft_steps or (1500 if args.env == "maniskill" else 2000)

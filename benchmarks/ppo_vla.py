@@ -86,6 +86,8 @@ def main(args: Args) -> None:
     bad = [a for a in args.algorithms if a not in ALGORITHMS]
     if bad or not args.algorithms or not args.seeds:
         raise SystemExit(f"--algorithms takes {ALGORITHMS}, --seeds at least one; got {args.algorithms}, {args.seeds}")
+    if args.minutes <= 0:  # the runs' only limit: --total-minutes 0 would mean none
+        raise SystemExit(f"--minutes must be > 0, got {args.minutes}")
     args.task = args.task or ("PushCube-v1" if args.env == "maniskill" else "libero_object/0")
     if args.env == "libero":  # 25 per task: its init states 0..24 (25..49 make the demos)
         from common.libero_env import eval_episode_count

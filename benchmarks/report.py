@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 import platform
 import shlex
 import sys
 from pathlib import Path
+
+from common.fsutil import atomic_write
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -93,8 +96,12 @@ def write_results(name: str, title: str, columns: list[str], rows: list[dict], *
     if notes:
         md += ["", notes.strip()]
     if figure is not None:
-        figure.savefig(out_dir / f"{name}.png", dpi=120, bbox_inches="tight")
+        png = io.BytesIO()
+        figure.savefig(png, format="png", dpi=120, bbox_inches="tight")
+        atomic_write(out_dir / f"{name}.png", png.getvalue())
         md += ["", f"![{name}]({name}.png)"]
-    (out_dir / f"{name}.md").write_text("\n".join(md) + "\n")
-    (out_dir / f"{name}.json").write_text(json.dumps({**meta, "columns": columns, "rows": rows, **(extra or {})}, indent=2) + "\n")
+    # atomic: some benchmarks keep their earlier runs in the JSON alone, and read it back on the next call
+    atomic_write(out_dir / f"{name}.md", "\n".join(md) + "\n")
+    atomic_write(out_dir / f"{name}.json",
+                 json.dumps({**meta, "columns": columns, "rows": rows, **(extra or {})}, indent=2) + "\n")
     return out_dir / f"{name}.md"

@@ -26,6 +26,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -270,7 +271,7 @@ def train_one(args: Args, variant: str, seed: int) -> dict:
             raise SystemExit(f"{run} was trained with {have}, not {want}: pick another --run-dir (or delete it)")
     if not summary.exists():
         run.mkdir(parents=True, exist_ok=True)
-        settings.write_text(json.dumps(want))
+        atomic_write(settings, json.dumps(want))
         started = run / "bench_code.json"
         if not (run / "checkpoint.pt").exists():  # a fresh start: the code its record will name
             atomic_write(started, json.dumps({"code": code_hash()}))
@@ -292,13 +293,26 @@ def train_one(args: Args, variant: str, seed: int) -> dict:
             cmd.append("--resume")
         before = json.loads(timing.read_text())["seconds"] if timing.exists() else 0.0
         start = time.time()
+        # an interrupted run's time counts too: written every minute (a kill -9 of this process loses at most that)
+        # and when the run ends or is interrupted
+        save_time = lambda: atomic_write(timing, json.dumps({"seconds": before + time.time() - start}))
+        done = threading.Event()
+
+        def tick():
+            while not done.wait(60):
+                save_time()
+
+        ticker = threading.Thread(target=tick, daemon=True)
+        ticker.start()
         try:
             with open(run / "bench.log", "a") as log:
                 print(f"[{variant} seed {seed}] {' '.join(cmd[1:])}", flush=True)
                 proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        finally:  # an interrupted run's time counts too
-            timing.write_text(json.dumps({"seconds": before + time.time() - start}))
+        finally:
+            done.set()
+            ticker.join()
+            save_time()
         if proc.returncode != 0:
             raise RuntimeError(f"{variant} seed {seed} failed (exit {proc.returncode}); see {run / 'bench.log'}")
     out = json.loads(summary.read_text())

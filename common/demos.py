@@ -113,14 +113,26 @@ def ensure_demos(env: str, task: str, num_demos: int, directory: str | Path | No
                  obs_mode: str = "state", image_size: int = 64) -> Path:
     """The demo dataset of `task` (default `data/demos/<task>`), generated first when missing (or finished when an
     earlier generation was interrupted): motion planning on ManiSkill, the scripted expert on LIBERO, from seeds /
-    init states disjoint from the eval ones."""
+    init states disjoint from the eval ones. A ManiSkill dataset with fewer than `num_demos` successful demos of
+    `task`, made with the same observations, is topped up (with the demos a fresh generation of `num_demos` would
+    hold: the seeds go on in order)."""
     path = Path(directory or f"data/demos/{task.replace('/', '_')}")
     interrupted = (path / GENERATING).exists()
     if (path / "segments").is_dir() and not interrupted:
-        return path
-    print(f"{'an interrupted generation at' if interrupted else 'no demos at'} {path}: "
-          f"{'going on with it' if interrupted else 'generating them'} (at least {num_demos} per task, disjoint from "
-          f"the eval initial states; on LIBERO one from each of init states 25..49 of each task)")
+        report = json.loads((path / "report.json").read_text()) if (path / "report.json").exists() else {}
+        if env != "maniskill" or report.get("task") != task or report.get("obs_mode") != obs_mode or (
+                obs_mode != "state" and report.get("image_size") != image_size):
+            return path  # not ours to extend (the caller's checks say what does not fit)
+        buf = ReplayBuffer.open(path, readonly=True, cache_transitions=0, eviction="keep")
+        have = sum(1 for i in buf.ids if buf.seg_meta.get(i, {}).get("task") == task
+                   and buf.seg_meta.get(i, {}).get("success", True))
+        if have >= num_demos:
+            return path
+        print(f"{path} holds {have} demos of {task}: adding {num_demos - have}")
+    else:
+        print(f"{'an interrupted generation at' if interrupted else 'no demos at'} {path}: "
+              f"{'going on with it' if interrupted else 'generating them'} (at least {num_demos} per task, disjoint "
+              f"from the eval initial states; on LIBERO one from each of init states 25..49 of each task)")
     if env == "maniskill":
         from common.maniskill_demos import generate_demos
 

@@ -256,7 +256,7 @@ def generate_demos(task: str, num_episodes: int, out: str | Path, obs_mode: str 
         torch.set_num_threads(threads)  # ManiSkillSingle sets 1 for its worker processes
     seconds = time.monotonic() - start
     report = dict(
-        task=task, obs_mode=obs_mode, out=str(out), requested=num_episodes, **counts,
+        task=task, obs_mode=obs_mode, image_size=image_size, out=str(out), requested=num_episodes, **counts,
         complete=counts["stored"] >= num_episodes,
         planner_success_rate=counts["planner_successes"] / max(counts["attempts"], 1),
         replay_success_rate=counts["replay_successes"] / max(counts["planner_successes"], 1),

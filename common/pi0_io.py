@@ -279,6 +279,13 @@ def _resolve_dir(path: Path) -> Path:
     return old if not path.exists() and old.exists() else path
 
 
+def existing_checkpoint(directory: str | Path) -> Path | None:
+    """The checkpoint to resume from: `directory`, or its `.old` copy where a crash came between `save_pi0`'s two
+    renames (the next save would delete that copy); None where neither exists."""
+    path = _resolve_dir(Path(directory))
+    return path if path.exists() else None
+
+
 def save_pi0(directory: str | Path, model: Pi0Model, norm_stats: NormStats | None = None,
              tokenizer: str = "bytes", extra: dict | None = None, extra_files: dict[str, bytes] | None = None) -> Path:
     """Our checkpoint: model.safetensors (our names), pi0_config.json, norm_stats.json, plus `extra_files` (e.g. a
@@ -310,11 +317,20 @@ def load_pi0(directory: str | Path, device: str | torch.device = "cpu"):
             model, stats, report = load_openpi(path, device=device)
             return model, stats, {"format": "openpi", "report": str(report)}
         raise FileNotFoundError(f"{directory}: no pi0_config.json (ours) or config.json + model.safetensors (openpi)")
-    meta = json.loads((path / "pi0_config.json").read_text())
+    try:
+        meta = json.loads((path / "pi0_config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path / 'pi0_config.json'} is not valid JSON ({e}): a partial copy?") from None
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: checkpoint format {meta.get('format')!r}, this code reads {FORMAT!r}")
     model = Pi0Model(Pi0Config(**meta["config"]))
-    load_state_strict(model, load_file(str(path / "model.safetensors")))
+    try:
+        weights = load_file(str(path / "model.safetensors"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: model.safetensors missing") from None
+    except Exception as e:  # safetensors' own error type derives from Exception only
+        raise ValueError(f"{path / 'model.safetensors'} is unreadable ({e}): a partial copy?") from None
+    load_state_strict(model, weights)
     stats_file = path / "norm_stats.json"
     stats = NormStats.from_json(stats_file.read_text()) if stats_file.is_file() else None
     return model.to(device), stats, meta

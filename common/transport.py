@@ -72,6 +72,10 @@ class TransportTimeout(TransportError):
     """A blocking call ran past its deadline."""
 
 
+class EndpointError(TransportError, ValueError):
+    """An endpoint that ZMQ cannot bind or connect (a malformed address, a port in use)."""
+
+
 class HandshakeError(TransportError):
     """The peer speaks another protocol version or another obs/action spec."""
 
@@ -586,7 +590,12 @@ def make_socket(kind: int, endpoint: str, bind: bool, curve: CurveConfig | None,
     for key, value in opts.items():
         sock.setsockopt(getattr(zmq, key), value)
     _secure(sock, curve, server=bind)
-    (sock.bind if bind else sock.connect)(endpoint)
+    try:
+        (sock.bind if bind else sock.connect)(endpoint)
+    except zmq.ZMQError as exc:
+        sock.close(linger=0)
+        raise EndpointError(f"cannot {'bind' if bind else 'connect to'} {endpoint!r}: {exc} (an endpoint looks like "
+                            f"tcp://HOST:PORT)") from None
     return sock
 
 
@@ -631,8 +640,16 @@ class DataSender:
         self.spool = Path(spool_dir) if spool_dir else None
         self._spool_lock: int | None = None
         self.session, self.next_seq = uuid.uuid4().hex, 0
+        self._probe_after = resend_after  # during an outage: the interval between probes, growing
         if self.spool:
-            self._load_spool()
+            try:
+                self._load_spool()
+            except BaseException:  # a failed start leaves no socket or spool lock behind (a retry may take it)
+                self.sock.close(linger=0)
+                if self._spool_lock is not None:
+                    os.close(self._spool_lock)
+                    self._spool_lock = None
+                raise
 
     # spool: one file per unacknowledged batch plus session.json, each written atomically
     def _load_spool(self) -> None:
@@ -644,6 +661,7 @@ class DataSender:
             fcntl.flock(self._spool_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self._spool_lock)
+            self._spool_lock = None
             raise TransportError(f"spool {self.spool} is in use by another DataSender (is an earlier process of "
                                  f"this sender still running?)") from None
         state = self.spool / "session.json"
@@ -655,8 +673,12 @@ class DataSender:
         for path in self.spool.glob("*.tmp"):
             path.unlink()
         for path in sorted(self.spool.glob("*.msg")):  # zero-padded names: sorted = oldest first
-            frames = [bytes(f) for f in unpack_frames(path.read_bytes())]
-            seqs = {int(item[0]) for item in decode(frames).meta["items"]}
+            try:
+                frames = [bytes(f) for f in unpack_frames(path.read_bytes())]
+                seqs = {int(item[0]) for item in decode(frames).meta["items"]}
+            except (FrameError, ValueError, KeyError, TypeError, IndexError) as exc:
+                raise TransportError(f"spool file {path} is unreadable ({exc}); its items were never acknowledged: "
+                                     f"move it aside to start without them") from None
             self._batches[int(path.stem)] = [0.0, _wire(frames), seqs]
             self.pending.update({seq: int(path.stem) for seq in seqs})
         self.next_seq = max([self.next_seq, *[seq + 1 for seq in self.pending]])
@@ -769,6 +791,7 @@ class DataSender:
                     if self._in_outage:
                         log.warning("receiver is back after %.1f s", time.monotonic() - self._outage_start)
                         self._in_outage = False
+                        self._probe_after = self.resend_after
         if self._open and (got_ack or timeout > 0 or time.monotonic() - self._open_since >= self.linger):
             self._send_batch()
         now = time.monotonic()
@@ -777,6 +800,17 @@ class DataSender:
             self.stats.outages += 1
             log.warning("no acknowledgement for %.1f s: receiver unreachable, %d items pending",
                         now - self.last_ack, len(self.pending))
+        if self._in_outage and self._batches and self._room():
+            # What was sent waits in ZMQ's queue for the absent receiver and goes out when it is back: sending every
+            # batch again each round would queue a flood of duplicates. Probe with the oldest batch, less and less
+            # often (the receiver may have come back without it, e.g. after storing nothing before a crash).
+            batch = next(iter(self._batches.values()))
+            if now - batch[0] >= self._probe_after:
+                self.sock.send_multipart(batch[1], copy=False, flags=zmq.NOBLOCK)
+                batch[0] = now
+                self._probe_after = min(2 * self._probe_after, 8 * self.resend_after)
+                self.stats.resent += 1
+            return
         while self._batches and self._room():  # oldest first; stop at the first that is not overdue
             batch_id, batch = next(iter(self._batches.items()))
             if now - batch[0] < self.resend_after:
@@ -826,10 +860,18 @@ class _SeqSet:
                 self.above.remove(self.low)
                 self.low += 1
 
+    def discard(self, seq: int) -> None:
+        if seq < self.low:  # below the watermark: it moves down, the ids between go back to the set
+            self.above.update(range(seq + 1, self.low))
+            self.low = seq
+        else:
+            self.above.discard(seq)
+
 
 class DataReceiver:
     """Receives items from any number of `DataSender`s. `recv` returns each item once; call `ack(msg)` once the
-    consumer has stored it (or use `auto_ack=True` when losing an unstored item on a crash is acceptable).
+    consumer has stored it (or use `auto_ack=True` when losing an unstored item on a crash is acceptable), or
+    `release(msg)` when it could not store it now (a full disk): its sender's next resend delivers it again.
     `delivered` lists (session, seq) pairs a restarted consumer already stored, so resends of them are dropped.
     Acknowledgements are batched while more items are waiting, and sent at once otherwise."""
 
@@ -918,6 +960,14 @@ class DataReceiver:
         session = msg.meta["session"]
         self._unacked.discard((session, msg.seq))
         self._send_ack(msg.peer, session, [msg.seq])
+
+    def release(self, msg: Message) -> None:
+        """The consumer could not store `msg` (yet): forget that it was delivered, so that its sender's next resend
+        (after `resend_after`) is delivered again instead of being dropped as a duplicate."""
+        session = msg.meta["session"]
+        self._unacked.discard((session, msg.seq))
+        if session in self.seen:
+            self.seen[session].discard(msg.seq)
 
     def _send_ack(self, peer: bytes, session: str, seqs: list[int]) -> None:
         if not self._acks:

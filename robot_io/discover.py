@@ -52,12 +52,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--listen", help="also bind a hub here and list the robots that connect")
     parser.add_argument("--json", action="store_true", help="JSON instead of a table")
     args = parser.parse_args(argv)
+    if not 0 < args.port < 65536 or args.wait < 0:
+        parser.error(f"--port must be in 1..65535 and --wait >= 0, got {args.port} and {args.wait}")
     for text in args.robot or []:
         try:
             fill_from_env(parse_robot(text)[1])  # the same steps discover() takes, so a bad value fails here
         except (KeyError, ValueError, RobotValidationError) as exc:
             parser.error(f"--robot {text}: {exc.args[0] if exc.args else exc}")  # KeyError's str() adds quotes
-    info = discover(args.robot, args.wait, args.port, args.listen)
+    try:
+        info = discover(args.robot, args.wait, args.port, args.listen)
+    except ValueError as exc:  # a malformed --listen endpoint (or a port in use)
+        parser.error(str(exc))
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return
@@ -74,9 +79,13 @@ def main(argv: list[str] | None = None) -> None:
                             if k in ("learner", "control_hz", "connected", "spec_hash"))
         spec = r.get("spec") or {}
         if spec.get("action"):
-            obs = spec.get("observation", {}).get("dict", {})
-            cams = ",".join(obs.get("images", {}).get("dict", {})) or "none"
-            details += f", action {spec['action']['box']}, state {obs.get('state', {}).get('box')}, cameras {cams}"
+            try:
+                obs = spec.get("observation", {}).get("dict", {})
+                cams = ",".join(obs.get("images", {}).get("dict", {})) or "none"
+                details += f", action {spec['action']['box']}, state {obs.get('state', {}).get('box')}, " \
+                           f"cameras {cams}"
+            except (AttributeError, KeyError, TypeError):  # a spec of another shape (another version, or junk)
+                details += ", spec unreadable"
         table.add_row(str(r.get("name")), str(r.get("type")), str(r.get("host", r.get("address", ""))),
                       str(r.get("via")), details)
     if not info["network_robots"]:

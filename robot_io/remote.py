@@ -8,7 +8,9 @@ Topology (NAT friendly): the learner side binds one `RobotHub` (ZMQ ROUTER); eve
     hub -> robot   ack | refuse {reason}; requests: reset {seed}, step [action], hold, estop, stats
 
 Safety: a robot server that hears nothing from its hub (no request, no ack) for `hold_after` seconds while the arm
-moves calls `env.hold()` and logs it: a silent learner never leaves the arm moving. A hub with an `expected_spec`
+moves calls `env.hold()` and logs it: a silent learner never leaves the arm moving. After such an outage it refuses
+`step` until the next `reset`: a step request that waited out the outage in a queue is stale (its caller may have
+given up on it), and the episode it belongs to was cut by the hold; `RemoteRobotEnv.step` raises `RobotUnavailable`. A hub with an `expected_spec`
 refuses robots whose obs/action spec or protocol differs, saying what differs, and the robot server exits.
 
 Outages: `RemoteRobotEnv.step` waits at most `step_timeout`; past it, it raises `RobotUnavailable`, counts the outage
@@ -50,6 +52,10 @@ BEACON_PORT = 50555
 BEACON_MAGIC = "robot_io/1"
 
 
+class _NeedsReset(RuntimeError):
+    """A robot server's refusal of a step after an outage (see Safety above)."""
+
+
 class RobotUnavailable(TransportError):
     """The robot did not answer within the deadline, is not connected, or restarted (its episode is gone)."""
 
@@ -74,6 +80,7 @@ class RobotServer:
                                 ROUTING_ID=f"{self.session}/{self.name}".encode()[:255])  # ZMQ's limit
         self.beacon = _beacon_socket(beacon) if beacon else None
         self.connected, self.moving, self.last_heard = False, False, time.monotonic()
+        self.needs_reset = False  # after an outage: steps are refused until a reset
         self._next_announce = 0.0
         self.stats = {"requests": 0, "bad_frames": 0, "holds": 0, "outages": 0, "announces": 0}
         self._stop = threading.Event()
@@ -105,11 +112,14 @@ class RobotServer:
     def _handle(self, msg: Message):
         if msg.type == "reset":
             obs, info = self.env.reset(seed=msg.meta.get("seed"))
-            self.moving = False
+            self.moving = self.needs_reset = False
             return {"info": info}, flatten_obs(obs)
         if msg.type == "step":
             if "action" not in msg.arrays:
                 raise ValueError("step needs an 'action' array")
+            if self.needs_reset:
+                raise _NeedsReset(f"{self.name}: the learner went silent mid-episode and the arm was held; a step "
+                                  f"is refused until the next reset")
             obs, reward, terminated, truncated, info = self.env.step(msg.arrays["action"])
             self.moving = not (terminated or truncated)
             meta = {"reward": reward, "terminated": terminated, "truncated": truncated,
@@ -138,6 +148,7 @@ class RobotServer:
                         "holding the arm" if self.moving else "idle")
             self.stats["outages"] += 1
             self.connected = False
+            self.needs_reset = True
             if self.moving:
                 self.env.hold()
                 self.stats["holds"] += 1
@@ -165,7 +176,8 @@ class RobotServer:
             reply = encode("ok", meta, arrays, msg.seq)
         except Exception as exc:
             log.warning("%s: request %s failed: %s", self.name, msg.type, exc)
-            reply = encode("error", {"error": f"{type(exc).__name__}: {exc}"}, None, msg.seq)
+            reply = encode("error", {"error": f"{type(exc).__name__}: {exc}",
+                                     "needs_reset": isinstance(exc, _NeedsReset)}, None, msg.seq)
         self._send(reply)
         self.last_heard = time.monotonic()  # a slow call (a homing reset) is not learner silence
 
@@ -207,8 +219,12 @@ def listen_beacons(seconds: float, port: int = BEACON_PORT) -> list[dict]:
                 continue
             except (ValueError, msgpack.UnpackException):
                 continue  # not ours, or garbage
-            if isinstance(beacon, dict) and beacon.get("magic") == BEACON_MAGIC and "name" in beacon:
-                found[str(beacon["name"])] = {**beacon, "address": addr[0]}
+            # a beacon is a map of text keys with a name and, if any, a spec map; anything else on the port is
+            # dropped (a foreign or malformed packet must not stop the listing)
+            if isinstance(beacon, dict) and beacon.get("magic") == BEACON_MAGIC and all(
+                    isinstance(k, str) for k in beacon) and isinstance(beacon.get("name"), str) and isinstance(
+                    beacon.get("spec", {}), dict):
+                found[beacon["name"]] = {**beacon, "address": addr[0]}
     finally:
         sock.close()
     return list(found.values())
@@ -268,9 +284,9 @@ class RobotHub:
                 address, frames, pending = self._outbox.get_nowait()
             except queue.Empty:
                 break
-            try:
-                self.sock.send_multipart([address, *frames], copy=False)
-            except zmq.ZMQError:  # ROUTER_MANDATORY: that robot is not connected
+            try:  # never blocks this thread (every robot's): a robot that stops reading fills its queue
+                self.sock.send_multipart([address, *frames], copy=False, flags=zmq.NOBLOCK)
+            except zmq.ZMQError:  # ROUTER_MANDATORY: that robot is not connected, or its queue is full
                 if pending is not None:
                     pending.event.set()
         self._check_outages()
@@ -304,8 +320,8 @@ class RobotHub:
 
     def _send_to(self, address: bytes, msg_type: str, meta: dict) -> None:
         try:
-            self.sock.send_multipart([address, *encode(msg_type, meta)], copy=False)
-        except zmq.ZMQError as exc:  # ROUTER_MANDATORY: that connection is gone
+            self.sock.send_multipart([address, *encode(msg_type, meta)], copy=False, flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # ROUTER_MANDATORY: that connection is gone (or not reading)
             log.debug("robot hub: %s to %r not sent: %s", msg_type, address, exc)
 
     def _on_announce(self, address: bytes, msg: Message) -> None:
@@ -409,6 +425,8 @@ class RobotHub:
             raise RobotUnavailable(f"robot {name}: no reply to {method!r} within {timeout:.1f} s")
         reply = pending.reply
         if reply.type == "error":
+            if reply.meta.get("needs_reset"):  # an outage cut the episode on the robot's side
+                raise RobotUnavailable(f"robot {name}: {reply.meta.get('error')}")
             raise RemoteRobotError(f"robot {name}: {reply.meta.get('error')}")
         return reply
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 
@@ -42,14 +43,29 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if bool(args.curve_secret) != bool(args.curve_server_key):
         parser.error("CurveZMQ needs both --curve-secret and --curve-server-key")
+    for flag, path in (("--curve-secret", args.curve_secret), ("--curve-server-key", args.curve_server_key)):
+        if path and not os.path.isfile(path):
+            parser.error(f"{flag} {path}: no such file (make key pairs with python -m common.transport keygen)")
+    if args.control_hz is not None and args.control_hz < 0 or args.max_episode_steps is not None and \
+            args.max_episode_steps < 1 or args.heartbeat <= 0 or args.hold_after <= 0:
+        parser.error("--control-hz must be >= 0 (0: unpaced), --max-episode-steps >= 1, --heartbeat and --hold-after "
+                     "> 0")
+    port = args.beacon.rpartition(":")[2]
+    if args.beacon and not (":" in args.beacon and port.isdigit() and 0 < int(port) < 65536):
+        parser.error(f"--beacon takes HOST:PORT (or '' for none), got {args.beacon!r}")
     try:
         env = make_robot_env(args.robot, control_hz=args.control_hz, max_episode_steps=args.max_episode_steps)
     except (RobotValidationError, MissingDependencyError, KeyError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    curve = CurveConfig(args.curve_secret, args.curve_server_key) if args.curve_secret else None
-    server = RobotServer(env, args.learner, name=args.name, heartbeat=args.heartbeat, hold_after=args.hold_after,
-                         curve=curve, beacon=args.beacon or None)
+    try:
+        curve = CurveConfig(args.curve_secret, args.curve_server_key) if args.curve_secret else None
+        server = RobotServer(env, args.learner, name=args.name, heartbeat=args.heartbeat, hold_after=args.hold_after,
+                             curve=curve, beacon=args.beacon or None)
+    except (ValueError, OSError) as exc:  # a malformed --learner endpoint or key file: say so, close the robot
+        env.close()
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
     try:
         server.serve(args.max_seconds)

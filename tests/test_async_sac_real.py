@@ -92,6 +92,11 @@ def test_sync_mode(tmp_path):
     (run_dir,) = run_dirs(tmp_path)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["transitions"] >= 150 and summary["updates"] >= 50
+    # resumed, the episodes (their reset seeds, and which the expert flies) go on where the run stopped
+    run(["--resume", str(run_dir), "--total-env-steps", "300"])
+    episodes = [json.loads(line)["meta"].get("episode") for line in (run_dir / "buffer" / "index.jsonl").open()
+                if json.loads(line)["meta"].get("episode_done")]
+    assert len(episodes) >= 8 and episodes == list(range(len(episodes))), episodes
 
 
 def test_uncapped_async_learner_trains_past_the_data_rate(tmp_path):
@@ -195,7 +200,10 @@ def test_refusals(tmp_path):
 
 def test_bad_input_fails_before_a_run_directory_exists(tmp_path):
     for flags, says in ((["--robot", "dummy,bogus=1"], "bogus"), (["--sync-every", "0"], "--sync-every 0"),
-                        (["--num-robots", "0"], "--num-robots 0")):
+                        (["--num-robots", "0"], "--num-robots 0"),
+                        (["--demos", "/nonexistent_demos"], "--demos /nonexistent_demos: no such directory"),
+                        (["--reward-model", "/nonexistent.safetensors"], "no such file"),
+                        (["--total-minutes", "-1"], "--total-minutes must be >= 0")):
         out = subprocess.run([sys.executable, SCRIPT, "--run-dir", str(tmp_path), *flags], cwd=ROOT,
                              capture_output=True, text=True, timeout=120)
         assert out.returncode != 0 and says in out.stderr and "Traceback" not in out.stderr, flags
@@ -235,8 +243,10 @@ def test_local_actors_die_with_their_learner_and_a_dead_actor_stops_the_learner(
     finally:
         for pid in _actor_pids(run_dir):
             os.kill(pid, signal.SIGKILL)
-    # an actor that cannot start (here: a reward model that does not exist) stops its learner with the reason
+    # an actor that cannot start (here: a reward model file that is not one) stops its learner with the reason
+    (tmp_path / "junk.safetensors").write_bytes(b"not a model")
     out = subprocess.run([sys.executable, SCRIPT, "--robot", "dummy,cameras=,control_hz=50", "--run-dir",
-                          str(tmp_path / "other"), "--port", str(port), "--reward-model", str(tmp_path / "none"),
+                          str(tmp_path / "other"), "--port", str(port), "--reward-model",
+                          str(tmp_path / "junk.safetensors"),
                           *SMALL], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "local actor(s) exited: #0 with code 1" in out.stderr

@@ -143,7 +143,9 @@ def test_bad_flags_are_refused(tmp_path):
                        (["--ref-coef", "-1"], "--ref-coef"), (["--eval-every", "0"], "--eval-every"),
                        (["--sft-expert", "big"], "--sft-expert"),
                        (["--probe-every", "-1"], "--probe-every"),
-                       (["--ema-decay", "1"], "--ema-decay")]:
+                       (["--ema-decay", "1"], "--ema-decay"),
+                       (["--minibatch-size", "0"], "--minibatch-size must be >= 1"),
+                       (["--eval-episodes", "-1"], "--eval-episodes must be >= 0")]:
         out = subprocess.run([sys.executable, str(ROOT / "algos" / "flow_noise_pi0.py"), "--run-dir", str(tmp_path),
                               "--env", "maniskill", *flags], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert out.returncode != 0 and msg in out.stderr, (flags, out.stderr[-400:])
@@ -202,7 +204,7 @@ def test_reward_mode_flag():
 @pytest.mark.parametrize("script", ["flow_sde_pi0", "flow_noise_pi0"])
 def test_ema_weights_average_the_live_ones_and_survive_resume(tmp_path, script):
     """--ema-decay 0.5: after each iteration the eval's weights are ema <- 0.5 ema + 0.5 live, kept in the checkpoint
-    and restored by --resume; the eval swaps them in (with the shaped reward its return differs from the live
+    and restored by --resume (here from the checkpoint.old that a kill mid-save leaves); the eval swaps them in (with the shaped reward its return differs from the live
     weights' eval) and the live weights come back after it (the checkpoint, saved after the eval, holds live weights
     that differ from the EMA)."""
     from common.pi0_io import load_pi0
@@ -232,6 +234,13 @@ def test_ema_weights_average_the_live_ones_and_survive_resume(tmp_path, script):
         if total == "1":
             live1, ema1 = weights()
             sim1 = json.loads((tmp_path / f"PushCube-v1__{script}__1" / "summary.json").read_text())["sim_seconds"]
+            # a kill -9 between save_pi0's two renames leaves only checkpoint.old: --resume goes on from it (and
+            # the run's next save replaces it), it does not start over
+            ckpt = tmp_path / f"PushCube-v1__{script}__1" / "checkpoint"
+            ckpt.rename(ckpt.with_name("checkpoint.old"))
+        else:
+            assert "at iteration 1" in out.stdout
+    assert not (tmp_path / f"PushCube-v1__{script}__1" / "checkpoint.old").exists()
     live2, ema2 = weights()
     assert any(not torch.equal(e, p) for e, p in zip(ema1, live1))  # the eval gave the live weights back
     assert any(not torch.equal(a, b) for a, b in zip(live1, live2))  # the actor moved in iteration 2

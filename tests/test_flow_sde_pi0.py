@@ -291,7 +291,11 @@ def test_bad_flags_are_refused(tmp_path):
                        (["--probe-every", "-1"], "--probe-every"), (["--sft-expert", "big"], "--sft-expert"),
                        (["--env", "libero", "--task", "libero_foo/0"], "with a suite of"),
                        (["--env", "libero", "--task", "libero_object/99"], "out of range"),
-                       (["--task", "NoSuchTask-v1"], "unknown ManiSkill task")]:
+                       (["--task", "NoSuchTask-v1"], "unknown ManiSkill task"),
+                       (["--adv-type", "grpo", "--group-size", "0"], "--group-size must be >= 1"),
+                       (["--num-envs", "0"], "--num-envs must be >= 1"),
+                       (["--total-minutes", "-1"], "--total-minutes must be >= 0"),
+                       (["--noise-level", "0"], "--noise-level must be > 0")]:
         out = subprocess.run([sys.executable, str(ROOT / "algos" / "flow_sde_pi0.py"), "--run-dir", str(tmp_path),
                               "--env", "maniskill", *flags], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert out.returncode != 0 and msg in out.stderr, (flags, out.stderr[-400:])

@@ -110,3 +110,10 @@ def test_ensure_demos_finishes_an_interrupted_generation_and_keeps_a_finished_or
     (out / GENERATING).write_text("{}")  # a generator was killed while filling it
     assert ensure_demos("maniskill", "PushCube-v1", 3, out) == out and calls == [("PushCube-v1", 3, out)]
     assert ensure_demos("maniskill", "PushCube-v1", 3, tmp_path / "new") == tmp_path / "new" and len(calls) == 2
+    # a finished generation of 1 demo, asked for 3: topped up (the generator goes on from the seeds it holds);
+    # the same with other observations is left alone, for the caller to refuse
+    (out / GENERATING).unlink()
+    (out / "report.json").write_text(json.dumps({"task": "PushCube-v1", "obs_mode": "state", "image_size": 64}))
+    assert ensure_demos("maniskill", "PushCube-v1", 1, out) == out and len(calls) == 2
+    assert ensure_demos("maniskill", "PushCube-v1", 3, out) == out and calls[2] == ("PushCube-v1", 3, out)
+    assert ensure_demos("maniskill", "PushCube-v1", 3, out, obs_mode="rgb") == out and len(calls) == 3

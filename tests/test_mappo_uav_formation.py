@@ -102,6 +102,10 @@ def test_pipeline_at_toy_scale_and_resume(tmp_path):
     assert resumed.returncode == 0 and "resuming" in resumed.stdout and "stage done" in resumed.stdout
     bad = subprocess.run(cmd + ["--weights", "1,2"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "four non-negative numbers" in bad.stderr
+    other = subprocess.run(cmd + ["--resume", "--encoder", "mlp"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=600)  # another network than the checkpoint's: said, not a state-dict traceback
+    assert other.returncode != 0 and "trained with --encoder attention (given mlp)" in other.stderr, other.stderr[-500:]
+    assert torch.load(run_dir / "agent.pt", weights_only=True).keys() == saved["agent"].keys()  # whole, and weights only
 
 
 def test_column_observation_modes_train_and_evaluate(tmp_path):
@@ -192,7 +196,8 @@ def test_bad_flags_fail_before_training_and_plots_can_be_off(tmp_path):
                        (dict(plot_episodes=-1), "--plot-episodes must be >= 0"),
                        (dict(num_drones=1), "--num-drones must be >= 2"), (dict(gate_rate=0.0), "--gate-rate"),
                        (dict(corridor_walls=-1.0), "corridor_walls is a half-width"),
-                       (dict(corridor_walls=0.9), "spawns across a wall")):
+                       (dict(corridor_walls=0.9), "spawns across a wall"),
+                       (dict(num_envs=2, num_steps=2), "--num-minibatches 16 exceeds the batch")):
         with pytest.raises(SystemExit, match=said):
             mu.main(mu.Args(run_dir=str(tmp_path / "bad"), **flag))
         assert not (tmp_path / "bad").exists()  # refused before a run directory exists

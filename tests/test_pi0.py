@@ -392,6 +392,16 @@ def test_our_checkpoint_round_trip_and_crash_safety(tmp_path):
     assert load_pi0(tmp_path / "sft")[2]["extra"] == {"step": 4}
     with pytest.raises(FileNotFoundError):
         load_pi0(tmp_path / "nothing")
+    # a half-copied checkpoint: an error that names the file (the scripts print it), not safetensors' bare one
+    from common.pi0_io import existing_checkpoint
+    assert existing_checkpoint(tmp_path / "sft") == tmp_path / "sft.old" and existing_checkpoint(tmp_path / "x") is None
+    weights = tmp_path / "sft.old" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:len(weights.read_bytes()) // 2])
+    with pytest.raises(ValueError, match="model.safetensors is unreadable"):
+        load_pi0(tmp_path / "sft")
+    (tmp_path / "sft.old" / "pi0_config.json").write_text('{"format": ')
+    with pytest.raises(ValueError, match="pi0_config.json is not valid JSON"):
+        load_pi0(tmp_path / "sft")
 
 
 def test_processor_pads_masks_and_round_trips_actions():

@@ -69,7 +69,11 @@ def test_bc_then_ppo_resume_and_grpo(demos, tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["env_steps"] > 0 and [h["iteration"] for h in summary["history"]] == [0, 1]
     assert {"vla.pt", "trainer.pt", "norm_stats.json"} <= {p.name for p in (run_dir / "checkpoint").iterdir()}
+    trainer = torch.load(run_dir / "checkpoint" / "trainer.pt", weights_only=True)
+    assert trainer["cuda_rng"] == [] and "np_rng" in trainer  # the GPU's generators too, where there is one
 
+    # a kill -9 between save_pi0's two renames leaves only checkpoint.old: it still counts, and --resume goes on from it
+    (run_dir / "checkpoint").rename(run_dir / "checkpoint.old")
     again = subprocess.run(SCRIPT + small + ["--total-iterations", "2"], cwd=ROOT, capture_output=True, text=True,
                            timeout=120)
     assert again.returncode != 0 and "--resume" in again.stderr
@@ -77,6 +81,7 @@ def test_bc_then_ppo_resume_and_grpo(demos, tmp_path):
     assert "resuming PushCube-v1__ppo_vla__1 at iteration 1" in out.stdout and "bc:" not in out.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
     assert [h["iteration"] for h in summary["history"]] == [0, 1, 2]
+    assert (run_dir / "checkpoint").exists() and not (run_dir / "checkpoint.old").exists()
 
     # GRPO from that checkpoint (its head shape, bins and norm stats), no BC, no critic
     out = run(small + ["--exp-name", "grpo", "--init", f"vla:{run_dir / 'checkpoint'}", "--adv-type", "grpo",

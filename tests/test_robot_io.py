@@ -387,6 +387,84 @@ def test_robot_holds_when_learner_goes_silent():
         thread.join(5)
 
 
+def test_a_step_that_waited_out_an_outage_is_refused_until_a_reset():
+    # the server stalls past hold_after with a step queued (its caller gave up on it): the watchdog holds the arm,
+    # and the queued step must not move it afterwards; the next reset starts a clean episode
+    hub = RobotHub("tcp://127.0.0.1:0")
+    env = RobotEnv(DummyBackend(DummyConfig(cameras=[], control_hz=0)))
+    server = RobotServer(env, hub.endpoint, heartbeat=0.1, hold_after=0.5)
+    stop = threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            server.serve_once()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        remote = RemoteRobotEnv(hub, connect_timeout=10, step_timeout=0.3)
+        remote.reset()
+        remote.step(np.zeros(7, np.float32))
+        stop.set()
+        thread.join(5)  # the server stalls (the network, a busy robot PC) ...
+        steps = env.stats["steps"]
+        with pytest.raises(RobotUnavailable):  # ... the learner's step times out and it gives up on it
+            remote.step(np.zeros(7, np.float32))
+        time.sleep(0.7)  # past hold_after, with the step still queued on the robot's socket
+        for _ in range(20):  # the server comes back: the watchdog holds first, then it reads the stale step
+            server.serve_once(timeout=0.05)
+        assert server.stats["holds"] == 1 and env.stats["steps"] == steps  # held, and the stale step did not run
+        stop.clear()
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        with pytest.raises(RobotUnavailable, match="refused until the next reset"):
+            remote.step(np.zeros(7, np.float32))
+        remote.reset()
+        remote.step(np.zeros(7, np.float32))
+        assert env.stats["steps"] == steps + 1
+    finally:
+        stop.set()
+        thread.join(5)
+        server.sock.close(linger=0)
+        hub.close()
+
+
+def test_a_robot_that_stops_reading_does_not_stall_the_hub(monkeypatch):
+    # the hub's one thread serves every robot: a send to a robot whose queue is full must not block it
+    import zmq
+
+    from common.transport import PROTOCOL_VERSION, encode, make_socket
+    from robot_io import remote
+
+    monkeypatch.setattr(remote, "make_socket", lambda kind, *a, **kw: make_socket(  # the hub's queues: 2 messages
+        kind, *a, **{**kw, **({"SNDHWM": 2} if kind == zmq.ROUTER else {})}))
+    hub = RobotHub("tcp://127.0.0.1:0")
+    stuck = zmq.Context.instance().socket(zmq.DEALER)
+    stuck.setsockopt(zmq.ROUTING_ID, b"s1/stuck")
+    stuck.setsockopt(zmq.RCVHWM, 2)
+    stuck.setsockopt(zmq.RCVBUF, 4096)
+    stuck.connect(hub.endpoint)
+    spec = {"observation": {}, "action": {"box": [7]}}
+    stuck.send_multipart(encode("announce", {"name": "stuck", "session": "s1", "protocol": PROTOCOL_VERSION,
+                                             "spec": spec}))
+    hub.wait_for("stuck", 10)
+    big = np.zeros(2_000_000, np.float32)  # 8 MB requests the robot never reads
+    for _ in range(8):
+        with pytest.raises(RobotUnavailable):
+            hub.request("stuck", "step", arrays={"action": big}, timeout=0.2)
+    env = RobotEnv(DummyBackend(DummyConfig(cameras=[], control_hz=0)))
+    server, thread = start_server(env, hub.endpoint, heartbeat=0.1)
+    try:
+        remote_env = RemoteRobotEnv(hub, "dummy0", connect_timeout=10)  # the hub still takes a new robot in
+        remote_env.reset()
+        remote_env.step(np.zeros(7, np.float32))
+    finally:
+        server.stop()
+        thread.join(5)
+        stuck.close(linger=0)
+        hub.close()
+
+
 def test_spec_mismatch_is_refused_with_the_difference():
     env = RobotEnv(DummyBackend(DummyConfig(cameras=[], control_hz=0, action_dim=6)))
     expected = RobotEnv(DummyBackend(DummyConfig(cameras=[], control_hz=0))).spec()
@@ -564,7 +642,39 @@ def test_discover_lists_beaconing_servers_and_local_robots():
         hub.close()
 
 
-def test_serve_cli_bad_robot_is_a_clear_error():
+def test_malformed_beacons_are_dropped_not_fatal():
+    import socket
+
+    import msgpack
+
+    from robot_io.remote import BEACON_MAGIC
+
+    udp = free_port()
+    good = {"magic": BEACON_MAGIC, "name": "ok0", "spec": {"action": {"box": [7]}}}
+    packets = [b"\x00junk", msgpack.packb([1, 2]), msgpack.packb({"magic": BEACON_MAGIC, "name": "x", b"k": 1}),
+               msgpack.packb({"magic": BEACON_MAGIC, "name": "y", "spec": [1]}),
+               msgpack.packb({"magic": BEACON_MAGIC, "name": 3}), msgpack.packb(good)]
+    stop = threading.Event()
+
+    def send():
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        while not stop.is_set():
+            for p in packets:
+                sock.sendto(p, ("127.0.0.1", udp))
+            time.sleep(0.05)
+        sock.close()
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    try:
+        beacons = listen_beacons(0.5, udp)
+    finally:
+        stop.set()
+        sender.join(2)
+    assert [b["name"] for b in beacons] == ["ok0"]
+
+
+def test_serve_cli_bad_robot_is_a_clear_error(capsys):
     out = subprocess.run([sys.executable, "-m", "robot_io.serve", "--robot", "franka", "--learner",
                           "tcp://127.0.0.1:1"], cwd=ROOT, capture_output=True, text=True, timeout=120,
                          env={**os.environ, "ROBOT_IP": ""})
@@ -572,6 +682,28 @@ def test_serve_cli_bad_robot_is_a_clear_error():
     out = subprocess.run([sys.executable, "-m", "robot_io.serve", "--robot", "dummy,speed=3", "--learner",
                           "tcp://127.0.0.1:1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "bad robot option" in out.stderr
+    from robot_io import serve
+
+    # a malformed beacon, key file or value: a message, no traceback
+    for flags, said in ((["--beacon", "nonsense"], "--beacon takes HOST:PORT"),
+                        (["--curve-secret", "/nonexistent.key", "--curve-server-key", "/x.key"], "no such file"),
+                        (["--max-episode-steps", "-1"], "--max-episode-steps >= 1"),
+                        (["--control-hz", "-5"], "--control-hz must be >= 0")):
+        with pytest.raises(SystemExit) as exit_info:
+            serve.main(["--robot", "dummy", "--learner", "tcp://127.0.0.1:1", *flags])
+        assert exit_info.value.code == 2 and said in capsys.readouterr().err, flags
+
+
+def test_serve_and_discover_say_what_is_wrong_with_an_endpoint(capsys):
+    from robot_io import discover, serve
+
+    assert serve.main(["--robot", "dummy", "--learner", "localhost:5600"]) == 2
+    assert "cannot connect to 'localhost:5600'" in capsys.readouterr().err
+    for flags, said in ((["--listen", "localhost:5600"], "cannot bind 'localhost:5600'"),
+                        (["--port", "99999"], "--port must be in 1..65535")):
+        with pytest.raises(SystemExit):
+            discover.main([*flags, "--wait", "0"])
+        assert said in capsys.readouterr().err, flags
 
 
 @pytest.mark.parametrize("task", ["PickCube", "PegInsertionSide"])

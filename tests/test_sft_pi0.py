@@ -97,7 +97,10 @@ def test_bad_flags_are_refused(tmp_path):
                            (["--expert", "mlp", "--variant", "pi05"], "--expert"),
                            (["--variant", "pi5"], "--variant must be"),
                            (["--discrete-state", "--normalize-state"], "π0.5's state input"),
-                           (["--model", "pi0"], "PaliGemma's tokenizer")]:
+                           (["--model", "pi0"], "PaliGemma's tokenizer"),
+                           (["--obs-mode", "RGB"], "--obs-mode must be state or rgb"),
+                           (["--task", "PushCubeX-v1"], "unknown ManiSkill task"),
+                           (["--action-chunk", "0"], "--action-chunk")]:
         out = subprocess.run(SCRIPT + flags + ["--run-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
                              timeout=120)
         assert out.returncode != 0 and message in out.stderr, (flags, out.stderr[-500:])

@@ -271,6 +271,32 @@ def test_duplicates_are_acknowledged_but_delivered_once():
     rx.close()
 
 
+def test_a_released_item_is_delivered_again_on_its_resend():
+    # a consumer that could not store an item (a full disk) releases it: the sender's resend is delivered anew,
+    # not dropped as a duplicate, and items delivered around it are not
+    endpoint = free_endpoint()
+    rx = DataReceiver(endpoint)
+    tx = DataSender(endpoint, resend_after=0.05)
+    for i in range(3):
+        tx.send({"i": i}, {"x": np.arange(3) + i})
+    tx.poll(0.01)  # items 1 and 2 wait in a batch while item 0 is unacknowledged: send it
+    got = [rx.recv(5) for _ in range(3)]
+    assert [m.meta["i"] for m in got] == [0, 1, 2]
+    rx.ack(got[0])
+    rx.ack(got[2])
+    rx.release(got[1])
+    time.sleep(0.2)
+    tx.poll(0)  # resends item 1, the one not acknowledged
+    again = rx.recv(5)
+    assert again is not None and again.meta["i"] == 1 and (again.arrays["x"] == np.arange(3) + 1).all()
+    rx.ack(again)
+    assert rx.recv(0.3) is None  # the resent batch's copy of item 2: a duplicate (the acks go out meanwhile)
+    tx.poll(0.5)
+    assert not tx.pending and rx.stats.received == 4
+    tx.close()
+    rx.close()
+
+
 def _peer(*args) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "tests.helpers.transport_peer", *map(str, args)], cwd=ROOT,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -608,3 +634,36 @@ def test_an_idle_spell_longer_than_peer_timeout_is_not_an_outage():
     finally:
         tx.close()
         rx.close()
+
+
+def test_an_outage_does_not_queue_a_flood_of_resends_and_a_spool_error_names_its_file(tmp_path):
+    # While the receiver is away, what was sent waits in ZMQ's queue: once the outage is declared the sender probes
+    # with its oldest batch, less and less often, instead of queueing every batch again each round (which arrived as
+    # hundreds of duplicates when the receiver came back). Every item still arrives.
+    endpoint = free_endpoint()
+    tx = DataSender(endpoint, resend_after=0.05, peer_timeout=0.2)
+    for i in range(5):
+        tx.send({"i": i}, {"x": np.arange(2) + i})
+    end = time.monotonic() + 3.0
+    while time.monotonic() < end:  # 3 s with nobody there: 60 resend rounds
+        tx.poll(0.01)
+    assert tx.stats.outages == 1 and tx.stats.resent <= 20, tx.stats.resent  # (every batch each round: ~120)
+    rx = DataReceiver(endpoint, auto_ack=True)
+    try:
+        got = _receive(tx, rx, 5)
+        assert sorted(m.meta["i"] for m in got.values()) == list(range(5))
+        deadline = time.monotonic() + 5
+        while tx.pending and time.monotonic() < deadline:  # the queued copies drain, every item is acknowledged
+            tx.poll(0.01)
+            rx.recv(0.01)
+        assert not tx.pending and rx.stats.duplicates <= 40, rx.stats.duplicates  # (was ~300)
+    finally:
+        tx.close()
+        rx.close()
+    # a spool file that does not decode: the error names it, and the failed start leaves the spool free
+    spool = tmp_path / "spool"
+    DataSender(endpoint, spool_dir=spool).close()
+    (spool / "000000000000.msg").write_bytes(b"garbage")
+    for _ in range(2):
+        with pytest.raises(TransportError, match="000000000000.msg is unreadable"):
+            DataSender(endpoint, spool_dir=spool)
