@@ -801,6 +801,7 @@ if __name__ == "__main__":
             group_ids = np.random.randint(0, envs.num_reset_ids, args.num_envs // args.group_size)
             obs = envs.reset(reset_ids=np.repeat(group_ids, args.group_size).tolist())
         alive = torch.ones(args.num_envs, dtype=torch.bool)
+        episode_success = torch.zeros(args.num_envs)  # GRPO: each env's one episode (the reward filter's success)
         for step in range(max_calls):
             actions, rec = act(obs, deterministic=False)
             actions, sim_start = actions.cpu(), time.time()
@@ -827,6 +828,9 @@ if __name__ == "__main__":
             dones.append(done)
             masks.append(alive.clone())
             if args.adv_type == "grpo":  # one episode per env: its chunk steps after the first done are padding
+                ended = alive & done
+                if ended.any() and "episode" in info:
+                    episode_success[ended] = torch.as_tensor(info["episode"]["success_once"]).float().cpu()[ended]
                 alive &= ~done
             if "episode" in info:
                 for i in torch.nonzero(info["done"]).flatten().tolist():
@@ -857,7 +861,8 @@ if __name__ == "__main__":
                 group_adv = ((episode_return - mean) / (std + 1e-6)).view(-1)
                 advantages = group_adv[None].expand(T, -1).clone()
                 if args.filter_rewards:  # success in [0.1, 0.9]: groups that all fail or all succeed teach nothing
-                    success = (episode_return > 0).float().mean(1)
+                    # success itself, not return > 0: a shaped reward's return is > 0 after almost any progress
+                    success = episode_success.view(-1, args.group_size).mean(1)
                     keep = ((success >= 0.1) & (success <= 0.9)).repeat_interleave(args.group_size)
                     masks_t = masks_t * keep[None].float()
                 returns = advantages

@@ -170,7 +170,7 @@ class ReplayBuffer:
         present = sorted(i for i in index if i in on_disk)
         self.next_id = max(list(index) + list(on_disk) + [-1]) + 1
         self.total_added = sum(entry["length"] for entry in index.values())  # evicted segments count too
-        self.ids = present[-self.capacity_segments:]
+        self.ids = present[max(0, len(present) - self.capacity_segments):]
         self.lengths = {i: index[i]["length"] for i in self.ids}
         self.seg_meta = {i: index[i].get("meta", {}) for i in self.ids}
 
@@ -373,16 +373,21 @@ class ReplayBuffer:
         return self._window_cache
 
     def read_segment(self, seg_id: int) -> dict[str, Any]:
-        """A whole segment back in the shape it was added (for SFT datasets, checks, export)."""
+        """A whole segment back in the shape it was added (for SFT datasets, checks, export). Under the lock, as in
+        `sample`: an `add` in another thread may evict (delete) the file meanwhile."""
         seg: dict[str, Any] = {"obs": {}, "extras": {}}
-        for key, value in self._read_flat(seg_id).items():
+        with self._lock:
+            if not self._path(seg_id).exists():
+                raise BufferError(f"segment {seg_id} has no file in {self.dir} (evicted, or never added)")
+            flat = self._read_flat(seg_id)
+            with h5py.File(self._path(seg_id), "r") as f:
+                seg["meta"] = json.loads(f.attrs["meta"])
+        for key, value in flat.items():
             group, _, sub = key.partition("/")
             if sub and group in seg:  # obs/images/main -> seg["obs"]["images/main"], as it was added
                 seg[group][sub] = value
             else:
                 seg[key] = value
-        with h5py.File(self._path(seg_id), "r") as f:
-            seg["meta"] = json.loads(f.attrs["meta"])
         return seg
 
     def prefetch(self, batch_size: int, depth: int = 2, seed: int | None = None) -> Iterator[dict]:
@@ -435,11 +440,14 @@ def sample_mixed(sources: list[tuple[ReplayBuffer, float]], batch_size: int,
     return batch
 
 
-def _concat(parts: list[dict]) -> dict:
+def _concat(parts: list[dict], where: str = "batch") -> dict:
+    keys = [sorted(p) for p in parts]
+    if any(k != keys[0] for k in keys):  # e.g. online segments with extras mixed with demos without them
+        raise BufferError(f"the mixed buffers hold different keys in {where}: {keys}; mix only buffers of one layout")
     out = {}
     for key, value in parts[0].items():
         if isinstance(value, dict):
-            out[key] = _concat([p[key] for p in parts]) if value else {}
+            out[key] = _concat([p[key] for p in parts], key) if value or any(p[key] for p in parts) else {}
         else:
             out[key] = np.concatenate([p[key] for p in parts])
     return out

@@ -177,6 +177,13 @@ def test_mixed_batches_and_prefetch(tmp_path):
     batch = sample_mixed([(online, 0.5), (demos, 0.5)], 256, np.random.default_rng(0))
     assert (batch["source"] == 0).sum() == 128 and batch["obs"]["image"].shape == (256, 16, 16, 3)
     assert (batch["policy_version"][batch["source"] == 1] >= 100).all()
+    plain = ReplayBuffer(tmp_path / "plain")  # segments without the extras: mixing says so, either order
+    seg = make_segment(7)
+    del seg["extras"]
+    plain.add(seg)
+    for pair in ([(online, 0.5), (plain, 0.5)], [(plain, 0.5), (online, 0.5)]):
+        with pytest.raises(BufferError, match="different keys in extras"):
+            sample_mixed(pair, 16, np.random.default_rng(0))
     it = online.prefetch(16, depth=2, seed=0)
     assert next(it)["actions"].shape == (16, 3)
     it.close()
@@ -190,6 +197,9 @@ def test_counters_and_edge_cases(tmp_path):
     buf = ReplayBuffer(tmp_path, capacity_segments=2, eviction="delete")
     total = sum(buf.lengths[buf.add(make_segment(s))] for s in range(4))
     assert buf.total_added == total and ReplayBuffer.open(tmp_path).total_added == total  # evicted ones count too
+    with pytest.raises(BufferError, match="evicted"):  # its file is gone: said, not an OSError from h5py
+        buf.read_segment(0)
+    assert ReplayBuffer.open(tmp_path, capacity_segments=0, readonly=True).ids == []  # 0 keeps none, as on add
     ram = ReplayBuffer(None, cache_transitions=10)
     with pytest.raises(BufferError, match="does not fit"):
         ram.add(make_segment(0))
