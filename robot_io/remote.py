@@ -10,8 +10,9 @@ Topology (NAT friendly): the learner side binds one `RobotHub` (ZMQ ROUTER); eve
 Safety: a robot server that hears nothing from its hub (no request, no ack) for `hold_after` seconds while the arm
 moves calls `env.hold()` and logs it: a silent learner never leaves the arm moving. After such an outage it refuses
 `step` until the next `reset`: a step request that waited out the outage in a queue is stale (its caller may have
-given up on it), and the episode it belongs to was cut by the hold; `RemoteRobotEnv.step` raises `RobotUnavailable`. A hub with an `expected_spec`
-refuses robots whose obs/action spec or protocol differs, saying what differs, and the robot server exits.
+given up on it), and the episode it belongs to was cut by the hold; `RemoteRobotEnv.step` raises `RobotUnavailable`.
+A hub with an `expected_spec` refuses robots whose obs/action spec or protocol differs, saying what differs, and the
+robot server exits.
 
 Outages: `RemoteRobotEnv.step` waits at most `step_timeout`; past it, it raises `RobotUnavailable`, counts the outage
 and logs it; `reset()` waits (up to `reconnect_timeout`) for the robot to announce again, then starts a new episode.
