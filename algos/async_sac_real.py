@@ -112,7 +112,8 @@ class Args:
     expert_takeover: float = 0.0
     """sim robots: afterwards, the probability that the expert takes over an episode (HIL-SERL style)"""
     reward_model: str = ""
-    """optional learned reward: a safetensors image success classifier (see RewardClassifier); replaces the reward"""
+    """optional learned reward: a safetensors success classifier (see RewardClassifier); its 0/1 verdict is the
+    reward and the success, and a success ends the episode"""
 
     # SAC / RLPD (RLinf's realworld RLPD config, real_world_system.md §6)
     gamma: float = 0.96
@@ -270,6 +271,25 @@ class RewardClassifier(nn.Module):
     def reward(self, obs: dict) -> float:
         batch = {k: torch.as_tensor(np.asarray(v))[None] for k, v in flatten_obs(obs).items()}
         return float(torch.sigmoid(self.head(self.encoder(batch)))[0, 0] > 0.5)
+
+    def judge(self, obs: dict, terminated: bool, info: dict) -> tuple[float, bool]:
+        """SERL's hook: the classifier's verdict is the reward and the success, and a success ends the episode (a
+        real robot's own reward is 0 and never terminates: without this, Q bootstraps past the goal forever)."""
+        success = self.reward(obs)
+        info["success"] = success
+        return success, bool(terminated or success > 0)
+
+
+def load_reward_model(path: str, spec: dict) -> RewardClassifier:
+    from safetensors.torch import load_file
+
+    model = RewardClassifier(spec)
+    try:
+        model.load_state_dict(load_file(path))
+    except Exception as exc:  # a file that is not one, or one made for another observation spec
+        raise SystemExit(f"--reward-model {path}: not a RewardClassifier of this robot's observations ({exc})") \
+            from None
+    return model.eval()
 
 
 # ------------------------------------------------------------------------------------------------ learner pieces
@@ -446,20 +466,17 @@ def run_actor(args: Args, run_dir: Path) -> None:
     weights = WeightSubscriber(f"tcp://{args.learner_host}:{args.port + 1}", policy)
     spool = run_dir.parent / "actor_spool" / f"{run_dir.name}__{env.name}"  # unsent items survive a restart
     sender = DataSender(endpoint, sender_id=env.name, spool_dir=spool, max_pending=4096, resend_after=2.0)
-    reward_model = None
-    if args.reward_model:
-        from safetensors.torch import load_file
-
-        reward_model = RewardClassifier(spec)
-        reward_model.load_state_dict(load_file(args.reward_model))
+    reward_model = load_reward_model(args.reward_model, spec) if args.reward_model else None
     backlog: list[tuple[dict, dict]] = []  # items the sender had no room for (learner gone for long)
     progress = spool / "episodes.json"  # a restarted actor goes on (expert episodes, reset seeds) where it stopped
     episode, dropped = json.loads(progress.read_text())["episode"] if progress.exists() else 0, 0
     parent = int(os.environ.get("ASYNC_SAC_LEARNER_PID", 0))  # set for the local actors of --role all
     print(f"[actor {env.name}] acting at {env.control_hz or 'unpaced'} Hz, sending to {endpoint}", flush=True)
     while True:
-        takeover = env.intervention is not None and (episode < args.expert_episodes
-                                                     or random.random() < args.expert_takeover)
+        # the takeover draw is this robot's and this episode's: robots differ, and a restarted actor goes on
+        takeover = env.intervention is not None and (
+            episode < args.expert_episodes
+            or random.Random(f"{args.seed}/{args.robot_index}/{episode}").random() < args.expert_takeover)
         if env.intervention is not None:
             env.intervention.takeover = 1.0 if takeover else 0.0
         deterministic = args.eval_every > 0 and episode % args.eval_every == args.eval_every - 1 and not takeover
@@ -473,7 +490,7 @@ def run_actor(args: Args, run_dir: Path) -> None:
             action = policy.act(obs, deterministic)
             obs, reward, terminated, truncated, info = env.step(action)
             if reward_model is not None:
-                reward = reward_model.reward(obs)
+                reward, terminated = reward_model.judge(obs, terminated, info)
             ret += reward
             done = terminated or truncated
             intervened = bool(info["intervened"])
@@ -634,9 +651,12 @@ def main(args: Args) -> None:
                 proc.kill()
             raise SystemExit(f"local actor(s) exited: {', '.join(f'#{i} with code {rc}' for i, rc in dead)} (see "
                              f"their output above); fix the cause and continue with --resume {run_dir}")
+    sync_reward_model = None
     if args.mode == "sync":
         spec_envs = [make_actor_env(Args(**{**asdict(args), "robot_index": i})) for i in range(args.num_robots)]
         spec_box["spec"] = spec_box["spec"] or {k: v for k, v in spec_envs[0].spec().items() if k != "name"}
+        if args.reward_model:  # the same success classifier as the async actors use
+            sync_reward_model = load_reward_model(args.reward_model, spec_envs[0].spec())
     print(f"learner at tcp://{args.bind_host}:{args.port} (weights +1, handshake +2); run dir {run_dir}; waiting for "
           f"a robot" if spec_box["spec"] is None else f"learner ready; run dir {run_dir}", flush=True)
     while spec_box["spec"] is None:
@@ -726,11 +746,15 @@ def main(args: Args) -> None:
                     if sync_obs[i] is None:
                         sync_obs[i], _ = env.reset(seed=args.seed * 100_000 + i * 10_000 + sync_ep[i])
                         sync_writers[i], sync_ret[i], sync_t0[i] = SegmentWriter(sync_obs[i]), 0.0, time.monotonic()
-                    takeover = env.intervention is not None and sync_ep[i] < args.expert_episodes
+                    takeover = env.intervention is not None and (  # drawn as the async actors draw it
+                        sync_ep[i] < args.expert_episodes
+                        or random.Random(f"{args.seed}/{i}/{sync_ep[i]}").random() < args.expert_takeover)
                     if env.intervention is not None:
                         env.intervention.takeover = 1.0 if takeover else 0.0
                     action = learner.policy.act(sync_obs[i])
                     obs, reward, term, trunc, info = env.step(action)
+                    if sync_reward_model is not None:
+                        reward, term = sync_reward_model.judge(obs, term, info)
                     w = sync_writers[i]
                     sync_ret[i] += reward
                     if len(w) and bool(info["intervened"]) != bool(w.steps["intervention"][-1]):

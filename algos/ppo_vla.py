@@ -606,9 +606,10 @@ if __name__ == "__main__":
                 loss.backward()
                 nn.utils.clip_grad_norm_(actor_params + list(value_head.parameters()), args.max_grad_norm)
                 optimizer.step()
-                with torch.no_grad():
-                    approx_kls.append(float(((ratio - 1) - logratio).mean()))
-                    clipfracs.append(float(((ratio - 1).abs() > args.clip_coef).float().mean()))
+                with torch.no_grad():  # over the executed samples only (a masked one has ratio 1 by construction)
+                    n_exec = mb_executed_r.sum().clamp(min=1)
+                    approx_kls.append(float((((ratio - 1) - logratio) * mb_executed_r).sum() / n_exec))
+                    clipfracs.append(float((((ratio - 1).abs() > args.clip_coef) * mb_executed_r).sum() / n_exec))
                 pg_losses.append(pg_loss.item())
                 entropies.append(ent.item())
 

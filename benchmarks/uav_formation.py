@@ -3,8 +3,11 @@ and the MLP encoder, on the static, dynamic and mixed presets, over seeds.
 
 Each learned row is a real run of `algos/mappo_uav_formation.py` with the paper's utility weights (`--weights paper`:
 stage 1's search is its own, K-times-as-long step) at the same env-step budget; its final evaluation (256 episodes
-per preset, the same episodes for every run) gives collision-free rate, formation error, arrival and success. The APF
-row is `common.uav_apf` on the same episodes through the script's own `evaluate`. Runs are resumable: finished ones
+per preset, from the same initial states for every run: formation, column layouts, ball launch times) gives
+collision-free rate, formation error, arrival and success. The APF row is `common.uav_apf` from the same initial
+states through the script's own `evaluate`. A ball's throw (speed, angle, aim, height) is drawn when it launches, from
+the env's one random stream, which the reset of an episode that ended early also draws from: throws match between
+methods only until some episode of the batch has ended, so the comparison is not paired throw for throw. Runs are resumable: finished ones
 (summary.json) are read back, interrupted ones continue from their checkpoint, so rerun the same command after a kill.
 Each finished run also leaves a small record in `<out-dir>/uav_formation_runs/` (its evaluation, budget, machine,
 date and a hash of the code that trained it), committed with the table: a later call, on another machine, reads a
@@ -420,8 +423,9 @@ def main(args: Args) -> None:
     notes = (f"Budget per learned run: {sum(frames):g} M env steps (curriculum free/static/mixed = {args.frames} M; "
              f"no curriculum: all on mixed), {args.num_envs} envs, the paper's PPO settings and utility weights "
              f"(w = {mu.PAPER_WEIGHTS}), {args.dynamics} dynamics, trained on {args.device}. Paper budget: "
-             f"315 M env steps. Evaluation: {args.eval_envs} episodes per preset (900 steps, 18 s), the same for every "
-             "method; values are mean ± sample sd over the training seeds (APF is deterministic: one evaluation). "
+             f"315 M env steps. Evaluation: {args.eval_envs} episodes per preset (900 steps, 18 s), from the same initial "
+             "states for every method (the balls' throws are drawn at launch, so they differ once an episode of the "
+             "batch has ended early); values are mean ± sample sd over the training seeds (APF is deterministic: one evaluation). "
              "Collision-free: no crash, no drone pair closer than 0.15 m, no hit over the whole episode; formation "
              "error: time-mean distance from the formation slots (m); success: collision-free, arrived and formation "
              "error < 0.3 m; left_corridor: the formation's centroid went past |x| = 2 m, the edge of the column "

@@ -529,13 +529,15 @@ def _load_pi0_policy(init: str, *, env: str, obs_mode: str, preset: str, device,
         cams = tuple(meta["extra"].get("camera_keys", ("main", "wrist")))
         return model, stats, env_dim, cams[: model.cfg.num_cameras]
     if kind == "openpi":
-        # openpi's π0 LIBERO config trains the end-effector pose (6 dims) as deltas from the state; π0.5's does not
-        conf = json.loads((Path(path) / "config.json").read_text()) if (Path(path) / "config.json").exists() else {}
-        delta = 6 if env == "libero" and not conf.get("pi05", False) else 0
-        model, stats, report = load_openpi(path, device=device, delta_action_dims=delta)
+        model, stats, report = load_openpi(path, device=device)
+        # openpi's π0 LIBERO config trains the end-effector pose (6 dims) as deltas from the state; π0.5's does not.
+        # Which one it is shows in the weights (openpi's config.json does not say)
+        delta = 6 if env == "libero" and not model.cfg.is_pi05 else 0
+        model.cfg = replace(model.cfg, delta_action_dims=delta)
         print(f"loaded openpi checkpoint {path}: {report}" + ("; actions 0..5 are deltas from the state (openpi's "
                                                              "pi0_libero)" if delta else ""))
-        return model, stats, 7, ("main", "wrist")
+        return model, stats, 8 if env == "maniskill" else 7, ("main", "wrist")  # as a scratch model's (openpi's
+        # norm stats may be padded to the model's 32 dims, so they cannot say)
     if kind == "scratch":
         presets = {"tiny": Pi0Config.tiny, "pi0": Pi0Config.pi0, "pi05": Pi0Config.pi05}
         if preset not in presets:

@@ -99,6 +99,40 @@ def test_sync_mode(tmp_path):
     assert len(episodes) >= 8 and episodes == list(range(len(episodes))), episodes
 
 
+def _always_success_classifier(path: Path, robot: str) -> None:
+    import importlib.util
+
+    import torch
+    from safetensors.torch import save_file
+
+    spec = importlib.util.spec_from_file_location("async_sac_real", SCRIPT)
+    sac = importlib.util.module_from_spec(spec)
+    sys.modules["async_sac_real"] = sac
+    spec.loader.exec_module(sac)
+    env = sac.make_actor_env(sac.Args(robot=robot))
+    model = sac.RewardClassifier(env.spec())
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.fill_(10.0)  # sigmoid(10) > 0.5 on every observation
+    save_file(model.state_dict(), str(path))
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_reward_model_success_ends_the_episode(tmp_path, mode):
+    """A real robot's own reward is 0 and never terminates: the classifier's success is the reward, the success and
+    the end of the episode (SERL), in the async actors and in sync mode alike."""
+    robot = "dummy,cameras=,control_hz=0"
+    _always_success_classifier(tmp_path / "success.safetensors", robot)
+    run(["--mode", mode, "--robot", robot, "--run-dir", str(tmp_path / "runs"), "--total-env-steps", "80",
+         "--sync-steps", "20", "--port", str(free_port(3)), "--reward-model", str(tmp_path / "success.safetensors"),
+         *SMALL])
+    (run_dir,) = run_dirs(tmp_path / "runs")
+    done = [json.loads(line)["meta"] for line in (run_dir / "buffer" / "index.jsonl").open()
+            if json.loads(line)["meta"].get("episode_done")]
+    assert len(done) >= 20
+    assert all(m["length"] == 1 and m["success"] == 1.0 and m["episodic_return"] == 1.0 for m in done), done[:3]
+
+
 def test_uncapped_async_learner_trains_past_the_data_rate(tmp_path):
     """--utd 0: USER's learner trains continuously while the robot acts (the cap, --utd 1 by default, stops at one
     update per transition); --mode sync needs a positive UTD (its updates per collected transition)."""

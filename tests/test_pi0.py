@@ -459,6 +459,22 @@ def test_delta_action_models_get_the_state_added_back():
         Pi0Config.tiny(delta_action_dims=99)
 
 
+@pytest.mark.parametrize("cfg", VARIANTS, ids=["pi0", "pi05"])
+def test_openpi_libero_delta_actions_follow_the_weights_not_our_config_key(tmp_path, cfg):
+    """openpi's config.json has no `pi05` key (only our save_openpi writes one): whether a LIBERO checkpoint's
+    actions are deltas (π0) or absolute (π0.5) is read from its weights."""
+    from common.pi0_io import load_pi0_policy
+
+    save_openpi(tmp_path / "ckpt", randomised(cfg))
+    conf = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    del conf["pi05"]  # as openpi writes it; the sizes stay in pi0_config (the tiny model is no Gemma variant)
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(conf))
+    model, _, env_dim, _ = load_pi0_policy(f"openpi:{tmp_path / 'ckpt'}", env="libero")
+    assert model.cfg.is_pi05 == cfg.is_pi05 and env_dim == 7
+    assert model.cfg.delta_action_dims == (0 if cfg.is_pi05 else 6)
+    assert load_pi0_policy(f"openpi:{tmp_path / 'ckpt'}", env="maniskill")[0].cfg.delta_action_dims == 0
+
+
 def test_policy_prompts_hold_every_task_of_a_subset_apart(tmp_path):
     """RL from scratch on several tasks sizes the prompt to the longest instruction; a loaded model whose prompt cuts
     two tasks to the same tokens is refused, one that keeps them apart (or one task alone) is kept."""
