@@ -280,6 +280,13 @@ class RewardClassifier(nn.Module):
         return success, bool(terminated or success > 0)
 
 
+def expert_takes_over(args: Args, robot_index: int, episode: int) -> bool:
+    """The first --expert-episodes, then --expert-takeover of the rest: drawn per robot and episode, so robots differ
+    and a restarted actor (or a resumed sync run) goes on with the same draws."""
+    return episode < args.expert_episodes or \
+        random.Random(f"{args.seed}/{robot_index}/{episode}").random() < args.expert_takeover
+
+
 def load_reward_model(path: str, spec: dict) -> RewardClassifier:
     from safetensors.torch import load_file
 
@@ -473,10 +480,7 @@ def run_actor(args: Args, run_dir: Path) -> None:
     parent = int(os.environ.get("ASYNC_SAC_LEARNER_PID", 0))  # set for the local actors of --role all
     print(f"[actor {env.name}] acting at {env.control_hz or 'unpaced'} Hz, sending to {endpoint}", flush=True)
     while True:
-        # the takeover draw is this robot's and this episode's: robots differ, and a restarted actor goes on
-        takeover = env.intervention is not None and (
-            episode < args.expert_episodes
-            or random.Random(f"{args.seed}/{args.robot_index}/{episode}").random() < args.expert_takeover)
+        takeover = env.intervention is not None and expert_takes_over(args, args.robot_index, episode)
         if env.intervention is not None:
             env.intervention.takeover = 1.0 if takeover else 0.0
         deterministic = args.eval_every > 0 and episode % args.eval_every == args.eval_every - 1 and not takeover
@@ -746,9 +750,7 @@ def main(args: Args) -> None:
                     if sync_obs[i] is None:
                         sync_obs[i], _ = env.reset(seed=args.seed * 100_000 + i * 10_000 + sync_ep[i])
                         sync_writers[i], sync_ret[i], sync_t0[i] = SegmentWriter(sync_obs[i]), 0.0, time.monotonic()
-                    takeover = env.intervention is not None and (  # drawn as the async actors draw it
-                        sync_ep[i] < args.expert_episodes
-                        or random.Random(f"{args.seed}/{i}/{sync_ep[i]}").random() < args.expert_takeover)
+                    takeover = env.intervention is not None and expert_takes_over(args, i, sync_ep[i])
                     if env.intervention is not None:
                         env.intervention.takeover = 1.0 if takeover else 0.0
                     action = learner.policy.act(sync_obs[i])
