@@ -537,7 +537,8 @@ class CurveConfig:
     allowed_clients_dir: str | None = None
 
 
-_authenticators: dict[int, Any] = {}
+_authenticators: dict[int, Any] = {}  # context id -> its ZAP handler thread
+_curve_servers: dict[int, zmq.Context] = {}  # socket id -> context, of the CurveZMQ servers not yet closed
 
 
 def _secure(sock: zmq.Socket, curve: CurveConfig | None, server: bool) -> None:
@@ -564,10 +565,22 @@ def _secure(sock: zmq.Socket, curve: CurveConfig | None, server: bool) -> None:
         _authenticators[id(ctx)].configure_curve(domain=domain, location=allowed)
         sock.zap_domain = domain.encode()
         sock.curve_server = True
+        _curve_servers[id(sock)] = ctx
     else:
         if not curve.server_public_key_file:
             raise ValueError("a CurveZMQ client needs server_public_key_file")
         sock.curve_serverkey, _ = zmq.auth.load_certificate(curve.server_public_key_file)
+
+
+def close_socket(sock: zmq.Socket, linger_ms: int = 0) -> None:
+    """Close a socket of `make_socket`. The last CurveZMQ server of a context also stops the context's ZAP handler:
+    its thread holds a socket of the context, so `ctx.term()` would wait for it forever."""
+    ctx = _curve_servers.pop(id(sock), None)
+    sock.close(linger=linger_ms)
+    if ctx is not None and not any(c is ctx for c in _curve_servers.values()):
+        auth = _authenticators.pop(id(ctx), None)
+        if auth is not None:
+            auth.stop()
 
 
 def make_keypair(directory: str | Path, name: str) -> tuple[Path, Path]:
@@ -593,7 +606,7 @@ def make_socket(kind: int, endpoint: str, bind: bool, curve: CurveConfig | None,
     try:
         (sock.bind if bind else sock.connect)(endpoint)
     except zmq.ZMQError as exc:
-        sock.close(linger=0)
+        close_socket(sock)
         raise EndpointError(f"cannot {'bind' if bind else 'connect to'} {endpoint!r}: {exc} (an endpoint looks like "
                             f"tcp://HOST:PORT)") from None
     return sock
@@ -645,7 +658,7 @@ class DataSender:
             try:
                 self._load_spool()
             except BaseException:  # a failed start leaves no socket or spool lock behind (a retry may take it)
-                self.sock.close(linger=0)
+                close_socket(self.sock)
                 if self._spool_lock is not None:
                     os.close(self._spool_lock)
                     self._spool_lock = None
@@ -831,7 +844,7 @@ class DataSender:
     def close(self) -> None:
         """Send the open batch (without waiting for acknowledgements; with a spool they survive) and close."""
         self._send_batch()
-        self.sock.close(linger=0)
+        close_socket(self.sock)
         if self.spool and self._spool_lock is not None:
             os.close(self._spool_lock)  # releases the spool
             self._spool_lock = None
@@ -990,7 +1003,7 @@ class DataReceiver:
 
     def close(self) -> None:
         self.flush_acks()
-        self.sock.close(linger=0)
+        close_socket(self.sock)
 
 
 # ------------------------------------------------------------------------------------------------ 2. latest-only broadcast
@@ -1015,7 +1028,7 @@ class Publisher:
 
     def close(self, linger_ms: int = 0) -> None:
         """`linger_ms`: how long ZMQ's I/O thread may still deliver what was sent last (close itself never waits)."""
-        self.sock.close(linger=linger_ms)
+        close_socket(self.sock, linger_ms)
 
 
 class Subscriber:
@@ -1061,7 +1074,7 @@ class Subscriber:
         """Keep the buffers these tensors view. Nothing to do here: they keep their ZMQ frames alive themselves."""
 
     def close(self) -> None:
-        self.sock.close(linger=0)
+        close_socket(self.sock)
 
 
 # ------------------------------------------------------------------------------------------------ 3. control RPC
@@ -1152,7 +1165,7 @@ class RpcServer:
         self._stop.set()
         if self._thread:
             self._thread.join(timeout=5)
-        self.sock.close(linger=0)
+        close_socket(self.sock)
 
 
 class RpcClient:
@@ -1212,7 +1225,7 @@ class RpcClient:
         return time.monotonic() - start
 
     def close(self) -> None:
-        self.sock.close(linger=0)
+        close_socket(self.sock)
 
 
 # ------------------------------------------------------------------------------------------------ helpers

@@ -45,7 +45,7 @@ import numpy as np
 import zmq
 
 from common.transport import (PROTOCOL_VERSION, CurveConfig, FrameError, HandshakeError, Message, TransportError,
-                              decode, encode, make_socket, spec_diff, spec_hash)
+                              close_socket, decode, encode, make_socket, spec_diff, spec_hash)
 from robot_io.env import RobotEnv, flatten_obs, spaces_from_spec, unflatten_obs
 
 log = logging.getLogger("robot_io.remote")
@@ -191,7 +191,7 @@ class RobotServer:
         finally:
             if self.moving:
                 self.env.hold()
-            self.sock.close(linger=0)
+            close_socket(self.sock)
             if self.beacon is not None:
                 self.beacon[0].close()
 
@@ -434,7 +434,7 @@ class RobotHub:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=2)
-        self.sock.close(linger=0)
+        close_socket(self.sock)
 
 
 class RemoteRobotEnv(gym.Env):

@@ -430,6 +430,36 @@ def test_curve_rejects_unknown_clients_and_accepts_known_ones(tmp_path):
         server.close()
 
 
+def test_a_context_that_hosted_curve_servers_terminates_once_they_are_closed(tmp_path):
+    """The ZAP handler's thread holds a socket of the context: the last CurveZMQ server to close stops it, so
+    `ctx.term()` returns (it waited forever), while a server still open keeps it (and its clients' checks) going."""
+    import threading
+
+    make_keypair(tmp_path / "server", "learner")
+    make_keypair(tmp_path / "allowed", "robot")
+    curve = CurveConfig(secret_key_file=str(tmp_path / "server/learner.key_secret"),
+                        allowed_clients_dir=str(tmp_path / "allowed"))
+    ctx = zmq.Context()
+    Publisher(free_endpoint(), curve=curve, ctx=ctx).close()
+    endpoint = free_endpoint()
+    pub = Publisher(endpoint, curve=curve, ctx=ctx)  # a server opened after one closed: the handler serves it
+    sub = Subscriber(endpoint, curve=CurveConfig(secret_key_file=str(tmp_path / "allowed/robot.key_secret"),
+                                                 server_public_key_file=str(tmp_path / "server/learner.key")))
+    try:
+        msg, deadline = None, time.monotonic() + 10
+        while msg is None and time.monotonic() < deadline:
+            pub.publish(1, arrays={"x": np.arange(3)})
+            msg = sub.latest(timeout=0.2)
+        assert msg is not None and msg.seq == 1
+    finally:
+        sub.close()
+        pub.close()
+    done = threading.Thread(target=ctx.term, daemon=True)
+    done.start()
+    done.join(5.0)
+    assert not done.is_alive(), "ctx.term() still waits for the ZAP handler"
+
+
 def test_keygen_cli(tmp_path):
     out = subprocess.run([sys.executable, "-m", "common.transport", "keygen", str(tmp_path), "robot1"], cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout
