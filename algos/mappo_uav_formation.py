@@ -4,13 +4,16 @@ Reproduces Xie et al., "Multi-UAV Formation Control with Static and Dynamic Obst
 Learning" (arXiv 2410.18495; code thu-uav/multi-UAV-formation) on our batched CPU env (common/uav_formation_env.py):
 - stage 1: random search over linear utilities w on the simplex (U[0,1]^4 normalised, numpy seed 1 as the released
   code): each candidate is trained in a simplified scenario and evaluated on the four objectives (formation,
-  obstacle, forward, smoothness); `weights.csv`; the winner maximises the worst min-max-normalised objective
-  (tie-break: collision-free rate). `--weights paper` or `--weights a,b,c,d` skips it;
+  obstacle, forward, smoothness), every candidate on the same episodes; `weights.csv`; the winner maximises the
+  worst min-max-normalised objective (tie-break: collision-free rate). `--weights paper` or `--weights a,b,c,d`
+  skips it;
 - stage 2: a curriculum free -> static -> mixed with the chosen w, each period warm-started from the last, with fixed
-  frame budgets in the paper's ratio 1:10:10 (or `--gate`: advance once the collision-free rate passes 0.9);
+  frame budgets in the paper's ratio 1:10:10 (or `--gate`: advance once the collision-free rate passes 0.9), the
+  learning-rate decay starting again each period (the paper trains each as a new run from the last checkpoint);
 - MAPPO with a shared actor and the paper's attention encoder (per-type embeddings, masked self-attention over all
   tokens, cross-attention from the self token); the critic sees the agent's observation (as released) or the global
-  state (`--critic state`, true MAPPO); value normalisation, Huber value loss, the paper's PPO hyper-parameters.
+  state (`--critic state`, true MAPPO); value normalisation, Huber value loss clipped around the critic's rollout
+  output, a gradient-norm clip per network, the paper's PPO hyper-parameters.
 Ablations: `--no-curriculum`, `--encoder mlp`, `--critic state`. Eval: collision-free rate, formation error (m),
 arrival, success per preset (static, dynamic, mixed), with top-view trajectory plots.
 
@@ -78,8 +81,8 @@ class Args:
     """skip stage 1: 'paper' (0.142, 0.219, 0.126, 0.512) or four numbers 'formation,obstacle,forward,smooth'"""
     num_candidates: int = 8
     """stage 1: utility vectors tried (paper: 20)"""
-    search_frames: float = 0.3
-    """stage 1: million env steps per candidate"""
+    search_frames: float = 1.0
+    """stage 1: million env steps per candidate (the spec: 1-2 at CPU scale)"""
     search_scenario: str = "free_ball"
     """stage 1's simplified scenario: free_ball (no columns, 1 ball) or static4 (4 columns, no ball)"""
     frames: str = "0.2,2,2"
@@ -92,8 +95,8 @@ class Args:
     """the performance gate"""
     eval_presets: str = "static,dynamic,mixed"
     """presets of the final evaluation"""
-    eval_envs: int = 256
-    """episodes per preset in the final evaluation (one batched round)"""
+    eval_envs: int = 512
+    """episodes per preset in the final evaluation (one batched round; the release evaluates 2 x its envs)"""
     plot_episodes: int = 4
     """episodes drawn in the top-view trajectory plots (0: no plots)"""
 
@@ -152,6 +155,10 @@ class Args:
     """actor and critic learning rate"""
     lr_decay: float = 0.9985
     """per-iteration exponential decay"""
+    lr_restart: bool = True
+    """each curriculum period starts the decay again at --learning-rate, as the paper, which trains each period as a
+    new run from the last one's checkpoint (False: one decay across the whole curriculum; at the paper's budget that
+    leaves the mixed period near 1e-5)"""
     clip_coef: float = 0.1
     """policy and value clip"""
     ent_coef: float = 0.001
@@ -251,6 +258,12 @@ class Agent(nn.Module):
             self.critic_enc = nn.Sequential(nn.Linear(state_dim + num_agents, 256), nn.ReLU(), nn.Linear(256, 256),
                                             nn.ReLU())
             self.value_head = nn.Linear(256, 1)
+
+    def actor_parameters(self) -> list[nn.Parameter]:
+        return [*self.actor_enc.parameters(), *self.mean.parameters(), self.log_std]
+
+    def critic_parameters(self) -> list[nn.Parameter]:
+        return [*self.critic_enc.parameters(), *self.value_head.parameters()]
 
     def dist(self, obs):
         return torch.distributions.Normal(self.mean(self.actor_enc(obs)), self.log_std.exp())
@@ -409,24 +422,27 @@ def plot_tracks(track: torch.Tensor, columns: torch.Tensor | None, radius: float
 def train(args: Args, agent, optimizer, vnorm, weights, preset: str, frames: float, ref_obs, device, writer, tag: str,
           state: dict, save_fn=None) -> dict:
     """PPO on `preset` for `frames` million env steps (continues `agent`); returns rolling episode statistics."""
+    recent = {"collision_free": [], "formation_error": [], "forward": []}
+    if frames <= 0:  # a period given no budget is skipped
+        return {k: float("nan") for k in recent}
     env = make_env(args, preset, args.num_envs, args.seed + state["global_step"] % 100_000, device)
     E, N, T = env.E, env.N, args.num_steps
     w = torch.as_tensor(weights, dtype=torch.float32, device=device)
     obs = pad_like(env.reset(), ref_obs)
     iterations = max(1, int(frames * 1e6 / (E * T)))
-    recent = {"collision_free": [], "formation_error": [], "forward": []}
     done = state["period_iterations"] if save_fn is not None else 0  # resumed mid-period: only what is left
     bar = tqdm(range(done, iterations), desc=tag, mininterval=2.0, initial=done, total=iterations)
     for it in bar:
         start = time.time()
-        buf = {k: [] for k in ("obs", "sid", "act", "logp", "val", "rew", "done", "boot")}
+        buf = {k: [] for k in ("obs", "sid", "act", "logp", "vpred", "val", "rew", "done")}
         for _ in range(T):  # ALGO LOGIC: rollout
             with torch.no_grad():
                 fo = flat_obs(obs)
                 sid = state_ids(obs, N) if args.critic == "state" else None
                 dist = agent.dist(fo)
                 action = dist.sample()
-                value = vnorm.denormalize(agent.value(fo, sid))
+                vpred = agent.value(fo, sid)  # normalised: the value clip's centre, as the critic said it
+                value = vnorm.denormalize(vpred)
             next_obs, reward, terminated, truncated, info = env.step(action.view(E, N, 4))
             next_obs = pad_like(next_obs, ref_obs)
             r = (reward * w).sum(-1).flatten()
@@ -441,6 +457,7 @@ def train(args: Args, agent, optimizer, vnorm, weights, preset: str, frames: flo
             buf["sid"].append(sid)
             buf["act"].append(action)
             buf["logp"].append(dist.log_prob(action).sum(-1))
+            buf["vpred"].append(vpred)
             buf["val"].append(value)
             buf["rew"].append(r + args.gamma * boot)
             buf["done"].append(info["done"][:, None].expand(E, N).flatten().float())
@@ -470,9 +487,11 @@ def train(args: Args, agent, optimizer, vnorm, weights, preset: str, frames: flo
         b_act, b_logp = torch.cat(buf["act"]), torch.cat(buf["logp"])
         b_adv, b_ret = adv.flatten(), vnorm.normalize(returns.flatten())
         b_adv = (b_adv - b_adv.mean()) / (b_adv.std() + 1e-8)  # once per batch (the spec, MAPPO)
-        b_val = vnorm.normalize(vals.flatten())
+        b_val = torch.cat(buf["vpred"])  # the critic's raw outputs (MAPPO clips around them; the returns use the
+        # statistics just updated)
         n = b_act.shape[0]
         mb = n // args.num_minibatches
+        actor_params, critic_params = agent.actor_parameters(), agent.critic_parameters()
         clipfracs = []
         for _ in range(args.update_epochs):  # ALGO LOGIC: PPO update
             perm = torch.randperm(n, device=device)
@@ -492,7 +511,8 @@ def train(args: Args, agent, optimizer, vnorm, weights, preset: str, frames: flo
                 loss = pg_loss + v_loss - args.ent_coef * entropy
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+                nn.utils.clip_grad_norm_(actor_params, args.max_grad_norm)  # each network its own clip (the
+                nn.utils.clip_grad_norm_(critic_params, args.max_grad_norm)  # release: one optimizer each)
                 optimizer.step()
                 clipfracs.append(float(((ratio - 1).abs() > args.clip_coef).float().mean()))
         for g in optimizer.param_groups:
@@ -509,6 +529,7 @@ def train(args: Args, agent, optimizer, vnorm, weights, preset: str, frames: flo
             writer.add_scalar("charts/formation_error", np.mean(recent["formation_error"]), step)
             writer.add_scalar("charts/episodic_return", np.mean(recent["forward"]), step)
         writer.add_scalar("charts/SPS", int(E * T / max(time.time() - start, 1e-6)), step)
+        writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], step)
         writer.add_scalar("losses/policy_loss", pg_loss.item(), step)
         writer.add_scalar("losses/value_loss", v_loss.item(), step)
         writer.add_scalar("losses/entropy", entropy.item(), step)
@@ -644,7 +665,7 @@ def main(args: Args) -> None:
             train(args, agent, optimizer, vnorm, w, args.search_scenario, args.search_frames, ref_obs, device,
                   writer, f"search{k}", state)
             row = {"candidate": k, **{f"w_{o}": float(x) for o, x in zip(OBJECTIVES, w)},
-                   **evaluate(policy_actions(agent), args, args.search_scenario, w, ref_obs, device, seed=10_000 + k)}
+                   **evaluate(policy_actions(agent), args, args.search_scenario, w, ref_obs, device, seed=10_000)}
             state["search_rows"].append(row)
             state["candidate"] += 1
             print(f"stage 1 candidate {k}: w={np.round(w, 3).tolist()} collision-free {row['collision_free']:.2f}",
@@ -669,9 +690,13 @@ def main(args: Args) -> None:
         [("mixed", sum(budgets))]
     while state["stage"] == "curriculum" and state["period"] < len(periods):
         preset, frames = periods[state["period"]]
+        if args.lr_restart and state["period_iterations"] == 0:  # (a resume mid-period keeps the saved lr)
+            for g in optimizer.param_groups:
+                g["lr"] = args.learning_rate
         stats = train(args, agent, optimizer, vnorm, state["weights"], preset, frames, ref_obs, device, writer,
                       f"period{state['period']}_{preset}", state, save_fn=save)
-        print(f"stage 2 period {state['period']} ({preset}, {frames:g}M steps): rolling collision-free "
+        print(f"stage 2 period {state['period']} ({preset}): no budget, skipped" if frames <= 0 else
+              f"stage 2 period {state['period']} ({preset}, {frames:g}M steps): rolling collision-free "
               f"{stats['collision_free']:.2f}, formation error {stats['formation_error']:.3f} m", flush=True)
         state.update(period=state["period"] + 1, period_iterations=0)
         save(run_dir / f"checkpoint_after_period{state['period'] - 1}_{preset}.pt")

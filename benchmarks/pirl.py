@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import tyro
 
-from benchmarks.report import RESULTS_DIR, machine_info, pyplot, write_results
+from benchmarks.report import RESULTS_DIR, machine_info, pyplot, seed_interval, write_results
 
 ALGORITHMS = ("flow_sde", "flow_noise")
 
@@ -100,14 +100,6 @@ def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def seed_interval(values: list[float]) -> float:
-    """Half-width of the 95% t-interval of the mean over seeds (0 with one seed)."""
-    if len(values) < 2:
-        return 0.0
-    t = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78}.get(len(values), 2.0)
-    return t * float(np.std(values, ddof=1)) / math.sqrt(len(values))
 
 
 def run(cmd: list[str]) -> None:

@@ -14,6 +14,17 @@ from pathlib import Path
 from common.fsutil import atomic_write
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+T_975 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}  # Student t, n values
+
+
+def seed_interval(values) -> float:
+    """Half-width of the 95% t-interval of the mean over seeds (0 with one seed)."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    mean = sum(values) / n
+    sd = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5
+    return T_975.get(n, 2.0) * sd / n ** 0.5
 
 
 def utc_date(timestamp: float | None = None) -> str:

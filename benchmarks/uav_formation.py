@@ -2,7 +2,7 @@
 and the MLP encoder, on the static, dynamic and mixed presets, over seeds.
 
 Each learned row is a real run of `algos/mappo_uav_formation.py` with the paper's utility weights (`--weights paper`:
-stage 1's search is its own, K-times-as-long step) at the same env-step budget; its final evaluation (256 episodes
+stage 1's search is its own, K-times-as-long step) at the same env-step budget; its final evaluation (512 episodes
 per preset, from the same initial states for every run: formation, column layouts, ball launch times) gives
 collision-free rate, formation error, arrival and success. The APF row is `common.uav_apf` from the same initial
 states through the script's own `evaluate`. A ball's throw (speed, angle, aim, height) is drawn when it launches, from
@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import tyro
 
-from benchmarks.report import RESULTS_DIR, load_algo, machine_info, pyplot, utc_date, write_results
+from benchmarks.report import RESULTS_DIR, load_algo, machine_info, pyplot, seed_interval, utc_date, write_results
 from common.fsutil import atomic_write
 from common.uav_apf import APFController
 
@@ -55,6 +55,8 @@ CODE_FILES = ("algos/mappo_uav_formation.py", "common/uav_formation_env.py")  # 
 # (agent.pt and summary.json of the same toy run of each variant under both) when the code changed.
 ALL_VARIANTS = tuple(VARIANTS)
 SAME_TRAINING: dict[str, dict[str, tuple[str, ...]]] = {
+    # 2026-12-07: no link to 85c35d409d015afd: the update changed (the lr decay restarts each curriculum period, the
+    # value clip centres on the critic's rollout output, one gradient-norm clip per network), so every run trains again
     # 2026-12-05: the slot term's denominator computed once (--full-slot-reward wrote it out twice) and a period's
     # checkpoint written from the bytes just saved: toy runs (seed 5, 16 envs; the thirteen variants of the last link)
     # give the same agent.pt, summary.json and period checkpoints
@@ -112,8 +114,8 @@ class Args:
     num_envs: int = 256
     """parallel envs per run (the paper trains 1024; at this budget that leaves the free period 6 PPO iterations,
     so the CPU default is 256)"""
-    eval_envs: int = 256
-    """evaluation episodes per preset"""
+    eval_envs: int = 512
+    """evaluation episodes per preset (the release evaluates 2 x its envs)"""
     dynamics: str = "ctbr"
     """ctbr (paper) or pointmass"""
     corridor_walls: float = 0.0
@@ -335,8 +337,9 @@ def sd(values: list[float]) -> float:
     return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
-def mean_sd(values: list[float]) -> str:
-    return f"{np.mean(values):.3f} ± {sd(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+def mean_ci(values: list[float]) -> str:
+    """mean ± half-width of its 95% t-interval over the seeds"""
+    return f"{np.mean(values):.3f} ± {seed_interval(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
 
 
 def main(args: Args) -> None:
@@ -373,8 +376,10 @@ def main(args: Args) -> None:
         per_method[preset] = {method: {m: [e[m] for e in ev] for m in METRICS} for method, ev in evals.items()}
         for method, vals in per_method[preset].items():
             row = {"preset": preset, "method": method}
-            row.update({m: mean_sd(vals[m]) for m in METRICS})
+            row.update({m: mean_ci(vals[m]) for m in METRICS})
             row.update({f"{m}_mean": float(np.mean(vals[m])) for m in METRICS})
+            row.update({f"{m}_sd": sd(vals[m]) for m in METRICS})
+            row.update({f"{m}_ci95": seed_interval(vals[m]) for m in METRICS})
             row.update({f"{m}_per_seed": vals[m] for m in METRICS})
             # what ended the episodes: the share of episodes each event ended (records before 2026-12-02 lack it)
             if all(c in e for e in evals[method] for c in mu.END_CAUSES):
@@ -414,7 +419,7 @@ def main(args: Args) -> None:
         for i, method in enumerate(methods):
             vals = [per_method[p][method][metric] for p in presets]
             axes[j].bar(np.arange(len(presets)) + i * width, [np.mean(v) for v in vals], width,
-                        yerr=[sd(v) for v in vals], label=method, capsize=2)
+                        yerr=[seed_interval(v) for v in vals], label=method, capsize=2)
         axes[j].set_xticks(np.arange(len(presets)) + width * (len(methods) - 1) / 2, presets)
         axes[j].set_ylabel(label)
     axes[0].axhline(0.9, ls="--", c="gray")
@@ -425,7 +430,8 @@ def main(args: Args) -> None:
              f"(w = {mu.PAPER_WEIGHTS}), {args.dynamics} dynamics, trained on {args.device}. Paper budget: "
              f"315 M env steps. Evaluation: {args.eval_envs} episodes per preset (900 steps, 18 s), from the same initial "
              "states for every method (the balls' throws are drawn at launch, so they differ once an episode of the "
-             "batch has ended early); values are mean ± sample sd over the training seeds (APF is deterministic: one evaluation). "
+             "batch has ended early); values are mean ± the half-width of its 95% t-interval over the training seeds (the "
+             "json also has the sample sd; APF is deterministic: one evaluation). "
              "Collision-free: no crash, no drone pair closer than 0.15 m, no hit over the whole episode; formation "
              "error: time-mean distance from the formation slots (m); success: collision-free, arrived and formation "
              "error < 0.3 m; left_corridor: the formation's centroid went past |x| = 2 m, the edge of the column "

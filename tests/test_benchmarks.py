@@ -1,6 +1,7 @@
 """Benchmark commands run end to end at a tiny scale and write their .md / .json / .png."""
 
 import dataclasses
+import functools
 import json
 import shutil
 import subprocess
@@ -147,7 +148,9 @@ def test_uav_runs_with_side_walls_are_other_runs_and_those_without_keep_their_re
     sys.path.insert(0, str(ROOT))
     from benchmarks import uav_formation as bench
 
-    plain, walled = bench.Args(), bench.Args(corridor_walls=2.0)
+    assert bench.Args().eval_envs == 512  # the default since 2026-12-07 (2 x the envs, as the release)
+    Args = functools.partial(bench.Args, eval_envs=256)  # the committed records' evaluation
+    plain, walled = Args(), Args(corridor_walls=2.0)
     assert bench.run_settings(plain) == {"frames": "0.4,4,4", "num_envs": 256, "eval_envs": 256, "dynamics": "ctbr"}
     assert bench.record_path(plain, "ours", 1).name == "bench_ours__1__3b48e9f4.json"
     assert (ROOT / "benchmarks/results/uav_formation_runs/bench_ours__1__3b48e9f4.json").exists()
@@ -156,19 +159,19 @@ def test_uav_runs_with_side_walls_are_other_runs_and_those_without_keep_their_re
     # and their own run directories, so a run with walls and one without can share --run-dir
     assert bench.exp_name(plain, "ours") == "bench_ours" and bench.exp_name(walled, "ours") == "bench_ours_walls2"
     # so is --relative-self-pos
-    relative = bench.Args(corridor_walls=2.0, relative_self_pos=True)
+    relative = Args(corridor_walls=2.0, relative_self_pos=True)
     assert bench.run_settings(relative) == {**bench.run_settings(walled), "relative_self_pos": True}
     assert bench.exp_name(relative, "ours") == "bench_ours_walls2_relpos"
     assert "relative_self_pos" not in bench.run_settings(walled)
     # so is another column observation (--static-mode); the default adds nothing to the settings
-    diff = bench.Args(relative_self_pos=True, static_mode="sdf9_diff")
-    assert "static_mode" not in bench.run_settings(bench.Args(relative_self_pos=True))
-    assert bench.run_settings(diff) == {**bench.run_settings(bench.Args(relative_self_pos=True)),
+    diff = Args(relative_self_pos=True, static_mode="sdf9_diff")
+    assert "static_mode" not in bench.run_settings(Args(relative_self_pos=True))
+    assert bench.run_settings(diff) == {**bench.run_settings(Args(relative_self_pos=True)),
                                         "static_mode": "sdf9_diff"}
     assert bench.exp_name(diff, "ours") == "bench_ours_relpos_sdf9_diff"
     assert bench.record_path(diff, "ours", 2).name not in ("bench_ours__2__fa6207cc.json",  # relpos, sdf9
                                                             bench.record_path(plain, "ours", 2).name)
-    assert bench.record_path(bench.Args(relative_self_pos=True), "ours", 2).name == "bench_ours__2__fa6207cc.json"
+    assert bench.record_path(Args(relative_self_pos=True), "ours", 2).name == "bench_ours__2__fa6207cc.json"
     # so is the released formation reward (--formation-reward release)
     release = dataclasses.replace(diff, formation_reward="release")
     assert "formation_reward" not in bench.run_settings(diff)

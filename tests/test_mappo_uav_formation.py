@@ -242,3 +242,77 @@ def test_evaluation_says_what_ended_the_episodes():
     res = mu.evaluate(lambda env, obs: torch.zeros(env.E, env.N, 4), args, "free", mu.PAPER_WEIGHTS, ref_obs, "cpu",
                       seed=3)
     assert res["collision_free"] == 1.0 and all(res[c] == 0.0 for c in mu.END_CAUSES)
+
+
+def scalars(run_dir: Path, tag: str) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return [e.value for e in events.Scalars(tag)]
+
+
+def test_each_curriculum_period_restarts_the_learning_rate_and_a_zero_budget_skips_it(tmp_path):
+    """The paper trains each period as a new run from the last checkpoint: its lr decay starts again at 5e-4
+    (--no-lr-restart: one decay across the curriculum). A period given 0 env steps trains nothing."""
+    base = [sys.executable, str(ROOT / "algos" / "mappo_uav_formation.py"), "--run-dir", str(tmp_path), *TOY,
+            "--weights", "paper", "--plot-episodes", "0", "--eval-presets", "free", "--dynamics", "pointmass",
+            "--frames", "0.0005,0,0.001"]  # 256 env steps per iteration: 1, 0 and 3 iterations
+    decay = mu.Args().lr_decay
+    for flag, name in (([], "restart"), (["--no-lr-restart"], "continuous")):
+        out = subprocess.run(base + flag + ["--exp-name", name], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert "period 1 (static): no budget, skipped" in out.stdout
+        lrs = scalars(tmp_path / f"uav_formation__{name}__1", "charts/learning_rate")
+        assert len(lrs) == 4  # logged after each iteration's decay
+        steps = [1, 1, 2, 3] if name == "restart" else [1, 2, 3, 4]
+        assert np.allclose(lrs, [5e-4 * decay ** k for k in steps], rtol=1e-6), (name, lrs)
+
+
+def test_actor_and_critic_parameters_split_the_agent_for_their_own_clips():
+    ref_obs = mu.make_env(mu.Args(), "mixed", 2, 0, "cpu").reset()
+    for encoder in ("attention", "mlp"):
+        for critic in ("obs", "state"):
+            agent = mu.Agent(mu.Args(encoder=encoder, critic=critic), mu.flat_obs(ref_obs),
+                             ref_obs["state"].shape[-1], 3)
+            actor, crit = {id(p) for p in agent.actor_parameters()}, {id(p) for p in agent.critic_parameters()}
+            assert not actor & crit and actor | crit == {id(p) for p in agent.parameters()}, (encoder, critic)
+
+
+def test_the_value_clip_centres_on_the_critics_rollout_output(monkeypatch, tmp_path):
+    """MAPPO clips the new value around the critic's output stored at rollout time. At the first minibatch the critic
+    is unchanged, so the clipped value is the value itself; a centre re-expressed in the statistics updated after the
+    rollout (the code before 2026-12-07) is not."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    torch.manual_seed(0)
+    args = mu.Args(num_envs=8, num_steps=8, num_minibatches=2, update_epochs=1, max_steps=50, dynamics="pointmass",
+                   torch_threads=1)
+    ref_obs = mu.make_env(args, "mixed", 2, 0, "cpu").reset()
+    agent = mu.Agent(args, mu.flat_obs(ref_obs), ref_obs["state"].shape[-1], 3)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+    vnorm = mu.ValueNorm(args.value_norm_beta)
+    vnorm.update(torch.full((4,), 50.0))  # statistics far from this rollout's returns: the update moves them
+    seen, real_huber = [], mu.F.huber_loss
+    monkeypatch.setattr(mu.F, "huber_loss", lambda x, y, **k: seen.append(x.detach().clone()) or real_huber(x, y, **k))
+    mu.train(args, agent, optimizer, vnorm, mu.PAPER_WEIGHTS, "free", 64 / 1e6, ref_obs, "cpu",
+             SummaryWriter(str(tmp_path)), "p", {"global_step": 0, "iterations": 0})
+    value, clipped = seen[0], seen[1]  # the first minibatch: huber(v, ret), then huber(v_clip, ret)
+    assert torch.allclose(value, clipped, atol=1e-6)
+
+
+def test_stage1_compares_every_candidate_on_the_same_episodes(monkeypatch, tmp_path):
+    seeds = []
+
+    def fake_evaluate(act, args, preset, weights, ref_obs, device, seed, plot_path=None):
+        seeds.append((preset, seed))
+        return {"collision_free": 1.0, "formation_error": 0.1, "arrival": 1.0, "success": 1.0,
+                **{f"return_{o}": float(np.random.rand()) for o in mu.OBJECTIVES}}
+
+    monkeypatch.setattr(mu, "train", lambda *a, **k: {"collision_free": 1.0, "formation_error": 0.1})
+    monkeypatch.setattr(mu, "evaluate", fake_evaluate)
+    mu.main(mu.Args(run_dir=str(tmp_path), num_candidates=3, num_envs=4, plot_episodes=0, torch_threads=1,
+                    cuda=False, eval_presets="static"))
+    search = [s for p, s in seeds if p == "free_ball"]
+    assert len(search) == 3 and len(set(search)) == 1
+    assert ("static", 20_000) in seeds
