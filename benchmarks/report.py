@@ -14,7 +14,9 @@ from pathlib import Path
 from common.fsutil import atomic_write
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-T_975 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}  # Student t, n values
+# Student t's 97.5% quantile by degrees of freedom (n - 1), 1..30; beyond, 2.042 (that of 30: a little wide)
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 
 
 def seed_interval(values) -> float:
@@ -24,7 +26,7 @@ def seed_interval(values) -> float:
         return 0.0
     mean = sum(values) / n
     sd = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5
-    return T_975.get(n, 2.0) * sd / n ** 0.5
+    return T_975[min(n - 1, len(T_975)) - 1] * sd / n ** 0.5
 
 
 def utc_date(timestamp: float | None = None) -> str:

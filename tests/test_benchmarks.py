@@ -568,3 +568,12 @@ def test_pirl_rl_runs_skip_the_start_eval_and_the_table_reads_the_eval_only_run(
     rows = json.loads((tmp_path / "out" / "pirl_maniskill.json").read_text())["rows"]
     assert [(r["algorithm"], r["seed"], r["sft_success"], r["rl_success"], r["gain_points"]) for r in rows[:2]] == [
         ("flow_sde", 1, 0.25, 0.5, 25.0), ("flow_noise", 1, 0.25, 0.5, 25.0)]
+
+
+def test_seed_interval_is_the_student_t_half_width():
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.report import seed_interval
+
+    assert seed_interval([0.5]) == 0.0
+    assert abs(seed_interval([1.0, 2.0, 3.0]) - 4.303 / 3 ** 0.5) < 1e-9  # sd 1, n 3: t(2 df) = 4.303
+    assert abs(seed_interval([0.0, 1.0] * 20) - 2.042 * (40 / 39) ** 0.5 * 0.5 / 40 ** 0.5) < 1e-9  # past the table
