@@ -4,12 +4,13 @@ Reproduces Xie et al., "Multi-UAV Formation Control with Static and Dynamic Obst
 Learning" (arXiv 2410.18495; code thu-uav/multi-UAV-formation) on our batched CPU env (common/uav_formation_env.py):
 - stage 1: random search over linear utilities w on the simplex (U[0,1]^4 normalised, numpy seed 1 as the released
   code): each candidate is trained in a simplified scenario and evaluated on the four objectives (formation,
-  obstacle, forward, smoothness), every candidate on the same episodes; `weights.csv`; the winner maximises the
+  obstacle, forward, smoothness), every candidate from the same initial states; `weights.csv`; the winner maximises the
   worst min-max-normalised objective (tie-break: collision-free rate). `--weights paper` or `--weights a,b,c,d`
   skips it;
 - stage 2: a curriculum free -> static -> mixed with the chosen w, each period warm-started from the last, with fixed
   frame budgets in the paper's ratio 1:10:10 (or `--gate`: advance once the collision-free rate passes 0.9), the
-  learning-rate decay starting again each period (the paper trains each as a new run from the last checkpoint);
+  learning-rate decay starting again each period (the paper trains each as a new run from the last checkpoint,
+  which also starts Adam afresh; here Adam's moments carry over);
 - MAPPO with a shared actor and the paper's attention encoder (per-type embeddings, masked self-attention over all
   tokens, cross-attention from the self token); the critic sees the agent's observation (as released) or the global
   state (`--critic state`, true MAPPO); value normalisation, Huber value loss clipped around the critic's rollout
@@ -157,8 +158,8 @@ class Args:
     """per-iteration exponential decay"""
     lr_restart: bool = True
     """each curriculum period starts the decay again at --learning-rate, as the paper, which trains each period as a
-    new run from the last one's checkpoint (False: one decay across the whole curriculum; at the paper's budget that
-    leaves the mixed period near 1e-5)"""
+    new run from the last one's checkpoint (there Adam starts afresh too; here its moments carry over). False: one
+    decay across the whole curriculum; at the paper's budget that leaves the mixed period near 1e-5"""
     clip_coef: float = 0.1
     """policy and value clip"""
     ent_coef: float = 0.001
@@ -487,8 +488,8 @@ def train(args: Args, agent, optimizer, vnorm, weights, preset: str, frames: flo
         b_act, b_logp = torch.cat(buf["act"]), torch.cat(buf["logp"])
         b_adv, b_ret = adv.flatten(), vnorm.normalize(returns.flatten())
         b_adv = (b_adv - b_adv.mean()) / (b_adv.std() + 1e-8)  # once per batch (the spec, MAPPO)
-        b_val = torch.cat(buf["vpred"])  # the critic's raw outputs (MAPPO clips around them; the returns use the
-        # statistics just updated)
+        b_val = torch.cat(buf["vpred"])  # the critic's raw outputs: the clip centre (as the release's MAPPO, which
+        # also normalises the returns with the statistics just updated)
         n = b_act.shape[0]
         mb = n // args.num_minibatches
         actor_params, critic_params = agent.actor_parameters(), agent.critic_parameters()

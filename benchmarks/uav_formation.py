@@ -55,6 +55,11 @@ CODE_FILES = ("algos/mappo_uav_formation.py", "common/uav_formation_env.py")  # 
 # (agent.pt and summary.json of the same toy run of each variant under both) when the code changed.
 ALL_VARIANTS = tuple(VARIANTS)
 SAME_TRAINING: dict[str, dict[str, tuple[str, ...]]] = {
+    # 2026-12-07: the script's docstrings made precise (stage 1's "same initial states", Adam's moments carry over a
+    # restart): toy runs (seed 5, 16 envs; default, no curriculum, MLP encoder, state critic, top-3 release, top-3
+    # release_slot with both full-weight options, sdf9_diff, walls at 2 m, --no-lr-restart) give the same agent.pt and
+    # summary.json (but for the run directory)
+    "db03b464bd45872e": {"fd68d94669a5dc67": ALL_VARIANTS},
     # 2026-12-07: no link to 85c35d409d015afd: the update changed (the lr decay restarts each curriculum period, the
     # value clip centres on the critic's rollout output, one gradient-norm clip per network), so every run trains again
     # 2026-12-05: the slot term's denominator computed once (--full-slot-reward wrote it out twice) and a period's
