@@ -17,6 +17,7 @@ sys.modules["mappo_uav_formation"] = mu
 spec.loader.exec_module(mu)
 
 from common.uav_formation_env import FormationConfig, FormationEnv  # noqa: E402
+from tests.helpers.tensorboard import scalar_values  # noqa: E402
 
 TOY = ["--num-envs", "16", "--num-steps", "16", "--num-minibatches", "4", "--num-candidates", "2",
        "--search-frames", "0.001", "--frames", "0.0005,0.0005,0.0005", "--eval-envs", "8", "--max-steps", "60",
@@ -244,14 +245,6 @@ def test_evaluation_says_what_ended_the_episodes():
     assert res["collision_free"] == 1.0 and all(res[c] == 0.0 for c in mu.END_CAUSES)
 
 
-def scalars(run_dir: Path, tag: str) -> list[float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run_dir))
-    events.Reload()
-    return [e.value for e in events.Scalars(tag)]
-
-
 def test_each_curriculum_period_restarts_the_learning_rate_and_a_zero_budget_skips_it(tmp_path):
     """The paper trains each period as a new run from the last checkpoint: its lr decay starts again at 5e-4
     (--no-lr-restart: one decay across the curriculum). A period given 0 env steps trains nothing."""
@@ -263,7 +256,7 @@ def test_each_curriculum_period_restarts_the_learning_rate_and_a_zero_budget_ski
         out = subprocess.run(base + flag + ["--exp-name", name], cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stderr[-3000:]
         assert "period 1 (static): no budget, skipped" in out.stdout
-        lrs = scalars(tmp_path / f"uav_formation__{name}__1", "charts/learning_rate")
+        lrs = scalar_values(tmp_path / f"uav_formation__{name}__1", "charts/learning_rate")
         assert len(lrs) == 4  # logged after each iteration's decay
         steps = [1, 1, 2, 3] if name == "restart" else [1, 2, 3, 4]
         assert np.allclose(lrs, [5e-4 * decay ** k for k in steps], rtol=1e-6), (name, lrs)
@@ -297,7 +290,7 @@ def test_a_resume_mid_period_keeps_the_decayed_learning_rate(monkeypatch, tmp_pa
     run_dir = tmp_path / "uav_formation__mappo_uav_formation__1"
     assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["state"]["period_iterations"] == 19
     mu.main(mu.Args(**args, resume=True))
-    lrs = scalars(run_dir, "charts/learning_rate")  # both sittings' logs: 1 + 19, then the last 6
+    lrs = scalar_values(run_dir, "charts/learning_rate")  # both sittings' logs: 1 + 19, then the last 6
     decay = mu.Args().lr_decay
     assert np.allclose(lrs[-6:], [5e-4 * decay ** k for k in range(20, 26)], rtol=1e-6), lrs[-6:]
 
