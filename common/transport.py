@@ -545,7 +545,6 @@ def _secure(sock: zmq.Socket, curve: CurveConfig | None, server: bool) -> None:
     if curve is None:
         return
     import zmq.auth
-    from zmq.auth.thread import ThreadAuthenticator
 
     public, secret = zmq.auth.load_certificate(curve.secret_key_file)
     if secret is None:
@@ -555,21 +554,37 @@ def _secure(sock: zmq.Socket, curve: CurveConfig | None, server: bool) -> None:
         if not curve.allowed_clients_dir:
             raise ValueError("a CurveZMQ server needs allowed_clients_dir (the client public keys it accepts)")
         ctx = sock.context
+        _curve_servers[id(sock)] = ctx  # first, so that closing this socket after a failure below stops the handler
         if id(ctx) not in _authenticators:  # one ZAP handler per context
-            auth = ThreadAuthenticator(ctx, log=logging.getLogger("transport.auth"))
-            auth.start()
-            _authenticators[id(ctx)] = auth
+            _authenticators[id(ctx)] = _start_authenticator(ctx)
         # one ZAP domain per allow-list, so that servers of one process with different lists each check their own
         allowed = os.path.realpath(curve.allowed_clients_dir)
         domain = "allow-" + hashlib.sha256(allowed.encode()).hexdigest()[:16]
         _authenticators[id(ctx)].configure_curve(domain=domain, location=allowed)
         sock.zap_domain = domain.encode()
         sock.curve_server = True
-        _curve_servers[id(sock)] = ctx
     else:
         if not curve.server_public_key_file:
             raise ValueError("a CurveZMQ client needs server_public_key_file")
         sock.curve_serverkey, _ = zmq.auth.load_certificate(curve.server_public_key_file)
+
+
+def _start_authenticator(ctx: zmq.Context, deadline_s: float = 5.0):
+    """Start the context's ZAP handler. Its fixed inproc address is freed by libzmq's reaper thread a moment after an
+    earlier handler closed, so a bind that finds it still taken is retried until `deadline_s`."""
+    from zmq.auth.thread import ThreadAuthenticator
+
+    deadline = time.monotonic() + deadline_s
+    while True:
+        auth = ThreadAuthenticator(ctx, log=logging.getLogger("transport.auth"))
+        try:
+            auth.start()
+            return auth
+        except zmq.ZMQError as exc:
+            auth.stop()  # closes the half-started handler's socket
+            if exc.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
+                raise
+            time.sleep(0.005)
 
 
 def close_socket(sock: zmq.Socket, linger_ms: int = 0) -> None:
@@ -602,7 +617,11 @@ def make_socket(kind: int, endpoint: str, bind: bool, curve: CurveConfig | None,
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
     for key, value in opts.items():
         sock.setsockopt(getattr(zmq, key), value)
-    _secure(sock, curve, server=bind)
+    try:
+        _secure(sock, curve, server=bind)
+    except BaseException:
+        close_socket(sock)  # a bad key file must not leave an open socket that blocks ctx.term()
+        raise
     try:
         (sock.bind if bind else sock.connect)(endpoint)
     except zmq.ZMQError as exc:

@@ -440,7 +440,8 @@ def test_a_context_that_hosted_curve_servers_terminates_once_they_are_closed(tmp
     curve = CurveConfig(secret_key_file=str(tmp_path / "server/learner.key_secret"),
                         allowed_clients_dir=str(tmp_path / "allowed"))
     ctx = zmq.Context()
-    Publisher(free_endpoint(), curve=curve, ctx=ctx).close()
+    for _ in range(50):  # a handler's fixed inproc address is freed a moment after it stops: the next one waits for it
+        Publisher(free_endpoint(), curve=curve, ctx=ctx).close()
     endpoint = free_endpoint()
     pub = Publisher(endpoint, curve=curve, ctx=ctx)  # a server opened after one closed: the handler serves it
     sub = Subscriber(endpoint, curve=CurveConfig(secret_key_file=str(tmp_path / "allowed/robot.key_secret"),
@@ -458,6 +459,23 @@ def test_a_context_that_hosted_curve_servers_terminates_once_they_are_closed(tmp
     done.start()
     done.join(5.0)
     assert not done.is_alive(), "ctx.term() still waits for the ZAP handler"
+
+
+def test_a_server_refused_for_a_bad_key_leaves_no_socket_open(tmp_path):
+    """A public key given where the secret one belongs is refused with a message, and the socket made for it is closed
+    (left open, it would keep `ctx.term()` waiting)."""
+    import threading
+
+    make_keypair(tmp_path / "server", "learner")
+    make_keypair(tmp_path / "allowed", "robot")
+    ctx = zmq.Context()
+    bad = CurveConfig(secret_key_file=str(tmp_path / "server/learner.key"), allowed_clients_dir=str(tmp_path / "allowed"))
+    with pytest.raises(ValueError, match="no secret key") as refused:  # held, as a caller that logs it would
+        Publisher(free_endpoint(), curve=bad, ctx=ctx)
+    done = threading.Thread(target=ctx.term, daemon=True)
+    done.start()
+    done.join(5.0)
+    assert not done.is_alive(), f"a socket of the refused server is still open ({refused.value})"
 
 
 def test_keygen_cli(tmp_path):
