@@ -13,10 +13,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from common.transport import decode, unpack_frames
 from tests.helpers.ports import free_port
+from tests.helpers.tensorboard import all_scalars
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "algos" / "async_sac_real.py")
@@ -28,12 +28,6 @@ def run(args, timeout=240):
     out = subprocess.run([sys.executable, SCRIPT, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     return out
-
-
-def scalars(run_dir: Path) -> dict[str, list[float]]:
-    acc = EventAccumulator(str(run_dir))
-    acc.Reload()
-    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def stored_seqs(buffer_dir: Path) -> dict[str, list[int]]:
@@ -61,7 +55,7 @@ def test_two_dummy_robots_async(tmp_path):
     (run_dir,) = run_dirs(tmp_path)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["transitions"] >= 500 and summary["updates"] > 0 and summary["version"] >= 2
-    logs = scalars(run_dir)
+    logs = all_scalars(run_dir)
     for tag in ("sync/policy_lag", "sync/weights_applied", "learner/updates_per_s", "learner/utd_achieved",
                 "actor/control_hz", "transport/latency_ms", "buffer/size", "buffer/durable_size"):
         assert tag in logs, tag

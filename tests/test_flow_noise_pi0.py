@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from common.pi0 import Pi0Config, Pi0Model
+from tests.helpers.tensorboard import all_scalars, scalar_values
+from tests.helpers.cli import run_each
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("flow_noise_pi0", ROOT / "algos" / "flow_noise_pi0.py")
@@ -108,16 +110,13 @@ def test_a_few_iterations_run_with_an_exact_first_ratio(tmp_path, critic, ref_co
     assert out.returncode == 0, out.stderr[-3000:]
     run_dir = tmp_path / "PushCube-v1__flow_noise_pi0__1"
     assert json.loads((run_dir / "summary.json").read_text())["algorithm"] == "flow_noise"
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(run_dir))
-    acc.Reload()
+    logs = all_scalars(run_dir)
     # float32 rounding of log-probs summed over the chunk, batched differently: ~1e-5 (a wrong chain gives order 1)
-    assert all(e.value < 1e-4 for e in acc.Scalars("losses/first_ratio_error"))
-    assert [e.value for e in acc.Scalars("charts/train_samples")] == [2 * 4, 2 * 4]  # nothing masked after a done
-    assert all(-2.0 < e.value < 1.5 for e in acc.Scalars("losses/entropy"))
+    assert all(v < 1e-4 for v in logs["losses/first_ratio_error"])
+    assert logs["charts/train_samples"] == [2 * 4, 2 * 4]  # nothing masked after a done
+    assert all(-2.0 < v < 1.5 for v in logs["losses/entropy"])
     if ref_coef != "0":  # the reference is the loaded policy: no distance before the actor first moves, some after
-        penalty = [e.value for e in acc.Scalars("losses/ref_penalty")]
+        penalty = logs["losses/ref_penalty"]
         assert penalty[0] == 0 and penalty[1] > 0
 
 
@@ -138,16 +137,17 @@ def test_preset_cpu_takes_the_mlp_experts_recipe_on_maniskill(tmp_path):
 
 
 def test_bad_flags_are_refused(tmp_path):
-    for flags, msg in [(["--env", "gym"], "--env"), (["--critic", "x"], "--critic"),
-                       (["--noise-std-min", "0.2", "--noise-std-max", "0.1"], "--noise-std-min"),
-                       (["--ref-coef", "-1"], "--ref-coef"), (["--eval-every", "0"], "--eval-every"),
-                       (["--sft-expert", "big"], "--sft-expert"),
-                       (["--probe-every", "-1"], "--probe-every"),
-                       (["--ema-decay", "1"], "--ema-decay"),
-                       (["--minibatch-size", "0"], "--minibatch-size must be >= 1"),
-                       (["--eval-episodes", "-1"], "--eval-episodes must be >= 0")]:
-        out = subprocess.run([sys.executable, str(ROOT / "algos" / "flow_noise_pi0.py"), "--run-dir", str(tmp_path),
-                              "--env", "maniskill", *flags], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    cases = [(["--env", "gym"], "--env"), (["--critic", "x"], "--critic"),
+             (["--noise-std-min", "0.2", "--noise-std-max", "0.1"], "--noise-std-min"),
+             (["--ref-coef", "-1"], "--ref-coef"), (["--eval-every", "0"], "--eval-every"),
+             (["--sft-expert", "big"], "--sft-expert"),
+             (["--probe-every", "-1"], "--probe-every"),
+             (["--ema-decay", "1"], "--ema-decay"),
+             (["--minibatch-size", "0"], "--minibatch-size must be >= 1"),
+             (["--eval-episodes", "-1"], "--eval-episodes must be >= 0")]
+    outs = run_each([[sys.executable, str(ROOT / "algos" / "flow_noise_pi0.py"), "--run-dir", str(tmp_path), "--env",
+                      "maniskill", *flags] for flags, _ in cases], cwd=ROOT, timeout=120)
+    for (flags, msg), out in zip(cases, outs):
         assert out.returncode != 0 and msg in out.stderr, (flags, out.stderr[-400:])
 
 
@@ -260,8 +260,6 @@ def test_ema_weights_average_the_live_ones_and_survive_resume(tmp_path, script):
 def test_anneal_lr_decays_the_actor_lr_to_zero_over_the_budget(tmp_path, script):
     """--anneal-lr: the actor lr falls linearly to 0 over --total-iterations, or over --total-minutes when that runs
     out first (here after the first rollout: its one update gets lr 0)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     flags = ["--env", "maniskill", "--init", "scratch", "--num-envs", "2", "--num-steps", "4", "--minibatch-size", "4",
              "--max-episode-steps", "24", "--eval-episodes", "1", "--num-eval-envs", "1", "--actor-warmup", "0",
              "--learning-rate", "3e-4", "--anneal-lr", "--no-capture-video"]
@@ -270,9 +268,7 @@ def test_anneal_lr_decays_the_actor_lr_to_zero_over_the_budget(tmp_path, script)
         out = subprocess.run([sys.executable, str(ROOT / "algos" / f"{script}.py"), "--run-dir", str(tmp_path / name),
                               *flags, *extra], cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stderr[-3000:]
-        acc = EventAccumulator(str(tmp_path / name / f"PushCube-v1__{script}__1"))
-        acc.Reload()
-        return [e.value for e in acc.Scalars("charts/learning_rate")]
+        return scalar_values(tmp_path / name / f"PushCube-v1__{script}__1", "charts/learning_rate")
 
     assert lrs("iterations", "--total-iterations", "3", "--eval-every", "3") == pytest.approx([3e-4, 2e-4, 1e-4])
     assert lrs("minutes", "--total-iterations", "3", "--total-minutes", "0.0005", "--eval-every", "3") == [0.0]

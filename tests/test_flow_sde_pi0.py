@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from common.pi0 import Pi0Config, Pi0Model, gaussian_log_prob
+from tests.helpers.tensorboard import all_scalars
+from tests.helpers.cli import run_each
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("flow_sde_pi0", ROOT / "algos" / "flow_sde_pi0.py")
@@ -185,22 +187,19 @@ def test_few_iterations_on_maniskill_with_exact_first_ratio(tmp_path, critic, re
     run_dir = tmp_path / "PushCube-v1__flow_sde_pi0__1"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert [h["iteration"] for h in summary["history"]] == [0, 2] and summary["env_steps"] == 2 * 2 * 4 * 8
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(run_dir))
-    acc.Reload()
+    logs = all_scalars(run_dir)
     # float32 rounding of a log-prob summed over the chunk's 64 entries, batched differently: ~1e-5 (a wrong chain
     # or step gives errors of order 1)
-    assert all(e.value < 1e-4 for e in acc.Scalars("losses/first_ratio_error"))
+    assert all(v < 1e-4 for v in logs["losses/first_ratio_error"])
     # auto-reset (GAE) rollouts: every chunk step trains, also those after an episode ended (24-step episodes)
-    assert [e.value for e in acc.Scalars("charts/train_samples")] == [2 * 4, 2 * 4]
+    assert logs["charts/train_samples"] == [2 * 4, 2 * 4]
     # the eval policy's actions: unmoved by the first update (actor lr 0 at warm-up step 0), moved by the second
-    change = [e.value for e in acc.Scalars("losses/ode_action_change")]
+    change = logs["losses/ode_action_change"]
     assert change[0] == 0 and change[1] > 0
     if ref_coef != "0":  # the reference is the loaded policy: no distance before the actor first moves, some after
-        penalty = [e.value for e in acc.Scalars("losses/ref_penalty")]
+        penalty = logs["losses/ref_penalty"]
         assert penalty[0] == 0 and penalty[1] > 0
-    assert len(acc.Scalars("losses/explained_variance")) == 2
+    assert len(logs["losses/explained_variance"]) == 2
     assert "eval success" in out.stdout
 
 
@@ -257,11 +256,8 @@ def test_kept_rollout_prefixes_give_the_update_of_re_encoded_ones(tmp_path):
                    "--keep-prefix-gib", gib, "--no-capture-video", "--exp-name", f"keep{gib}", "--probe-every",
                    "1"], tmp_path)
         assert ("kept for the update" in out.stdout) == (gib != "0")
-        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-        acc = EventAccumulator(str(tmp_path / f"PushCube-v1__keep{gib}__1"))
-        acc.Reload()
-        logs[gib] = {tag: [e.value for e in acc.Scalars(tag)] for tag in
+        logged = all_scalars(tmp_path / f"PushCube-v1__keep{gib}__1")
+        logs[gib] = {tag: logged[tag] for tag in
                      ("losses/policy_loss", "losses/value_loss", "losses/ref_penalty", "losses/ode_action_change")}
     for tag, kept in logs["4"].items():
         assert kept[1] != 0 or tag == "losses/policy_loss", tag  # the second update moved something
@@ -282,22 +278,23 @@ def test_a_start_whose_prompt_merges_two_tasks_is_refused(tmp_path):
 
 
 def test_bad_flags_are_refused(tmp_path):
-    for flags, msg in [(["--env", "gym"], "--env"), (["--init", "foo"], "--init"), (["--bootstrap", "x"], "--bootstrap"),
-                       (["--adv-type", "grpo", "--num-envs", "3"], "multiple"), (["--sde-steps", "0,7"], "--sde-steps"),
-                       (["--sde-steps", "0", "--joint"], "--sde-steps"), (["--sde-steps", "first"], "--sde-steps"),
-                       (["--env", "libero", "--eval-episodes", "50"], "init states 0..24"),
-                       (["--chain-from-x1", "--joint"], "--chain-from-x1"), (["--ref-coef", "-1"], "--ref-coef"),
-                       (["--eval-every", "0"], "--eval-every"), (["--ema-decay", "-0.1"], "--ema-decay"),
-                       (["--probe-every", "-1"], "--probe-every"), (["--sft-expert", "big"], "--sft-expert"),
-                       (["--env", "libero", "--task", "libero_foo/0"], "with a suite of"),
-                       (["--env", "libero", "--task", "libero_object/99"], "out of range"),
-                       (["--task", "NoSuchTask-v1"], "unknown ManiSkill task"),
-                       (["--adv-type", "grpo", "--group-size", "0"], "--group-size must be >= 1"),
-                       (["--num-envs", "0"], "--num-envs must be >= 1"),
-                       (["--total-minutes", "-1"], "--total-minutes must be >= 0"),
-                       (["--noise-level", "0"], "--noise-level must be > 0")]:
-        out = subprocess.run([sys.executable, str(ROOT / "algos" / "flow_sde_pi0.py"), "--run-dir", str(tmp_path),
-                              "--env", "maniskill", *flags], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    cases = [(["--env", "gym"], "--env"), (["--init", "foo"], "--init"), (["--bootstrap", "x"], "--bootstrap"),
+             (["--adv-type", "grpo", "--num-envs", "3"], "multiple"), (["--sde-steps", "0,7"], "--sde-steps"),
+             (["--sde-steps", "0", "--joint"], "--sde-steps"), (["--sde-steps", "first"], "--sde-steps"),
+             (["--env", "libero", "--eval-episodes", "50"], "init states 0..24"),
+             (["--chain-from-x1", "--joint"], "--chain-from-x1"), (["--ref-coef", "-1"], "--ref-coef"),
+             (["--eval-every", "0"], "--eval-every"), (["--ema-decay", "-0.1"], "--ema-decay"),
+             (["--probe-every", "-1"], "--probe-every"), (["--sft-expert", "big"], "--sft-expert"),
+             (["--env", "libero", "--task", "libero_foo/0"], "with a suite of"),
+             (["--env", "libero", "--task", "libero_object/99"], "out of range"),
+             (["--task", "NoSuchTask-v1"], "unknown ManiSkill task"),
+             (["--adv-type", "grpo", "--group-size", "0"], "--group-size must be >= 1"),
+             (["--num-envs", "0"], "--num-envs must be >= 1"),
+             (["--total-minutes", "-1"], "--total-minutes must be >= 0"),
+             (["--noise-level", "0"], "--noise-level must be > 0")]
+    outs = run_each([[sys.executable, str(ROOT / "algos" / "flow_sde_pi0.py"), "--run-dir", str(tmp_path), "--env",
+                      "maniskill", *flags] for flags, _ in cases], cwd=ROOT, timeout=120)
+    for (flags, msg), out in zip(cases, outs):
         assert out.returncode != 0 and msg in out.stderr, (flags, out.stderr[-400:])
 
 

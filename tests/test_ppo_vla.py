@@ -10,19 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers.tensorboard import scalar_values
+from tests.helpers.cli import run_each
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = [sys.executable, str(ROOT / "algos" / "ppo_vla.py")]
 spec = importlib.util.spec_from_file_location("ppo_vla", ROOT / "algos" / "ppo_vla.py")
 pv = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(pv)  # the __main__ block does not run
-
-
-def scalars(run_dir: Path, tag: str) -> list[float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return [e.value for e in acc.Scalars(tag)]
 
 
 def test_action_tokens_round_trip_and_log_probs():
@@ -61,11 +56,11 @@ def test_bc_then_ppo_resume_and_grpo(demos, tmp_path):
              "--action-chunk", "4", "--head-hidden", "64"]
     run(small + ["--demos", str(demos), "--bc-demos", "3", "--bc-steps", "150", "--total-iterations", "1"])
     run_dir = tmp_path / "PushCube-v1__ppo_vla__1"
-    bc = scalars(run_dir, "losses/bc_loss")
+    bc = scalar_values(run_dir, "losses/bc_loss")
     assert len(bc) == 3 and bc[-1] < 0.7 * bc[0], bc  # cross-entropy on the demos' tokens falls
     # the first minibatch of the first epoch recomputes the rollout's log-probs (float round-off of another batch
     # size aside): ratio 1
-    assert scalars(run_dir, "losses/first_ratio_error")[0] < 1e-5
+    assert scalar_values(run_dir, "losses/first_ratio_error")[0] < 1e-5
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["env_steps"] > 0 and [h["iteration"] for h in summary["history"]] == [0, 1]
     assert {"vla.pt", "trainer.pt", "norm_stats.json"} <= {p.name for p in (run_dir / "checkpoint").iterdir()}
@@ -96,12 +91,12 @@ def test_bc_then_ppo_resume_and_grpo(demos, tmp_path):
 
 
 def test_bad_flags_are_refused(tmp_path):
-    for flags, message in [(["--env", "mujoco"], "--env"), (["--init", "sft:x"], "--init must be"),
-                           (["--init", "vla:/nonexistent"], "vla.pt missing"), (["--backbone", "hf:x"], "--backbone"),
-                           (["--action-bins", "1"], "--action-bins must be >= 2"),
-                           (["--adv-type", "grpo", "--num-envs", "3"], "multiple of --group-size"),
-                           (["--temperature", "0"], "--temperature"), (["--logprob-type", "seq"], "--logprob-type")]:
-        out = subprocess.run(SCRIPT + flags + ["--run-dir", str(tmp_path / "r")], cwd=ROOT, capture_output=True,
-                             text=True, timeout=120)
+    cases = [(["--env", "mujoco"], "--env"), (["--init", "sft:x"], "--init must be"),
+             (["--init", "vla:/nonexistent"], "vla.pt missing"), (["--backbone", "hf:x"], "--backbone"),
+             (["--action-bins", "1"], "--action-bins must be >= 2"),
+             (["--adv-type", "grpo", "--num-envs", "3"], "multiple of --group-size"),
+             (["--temperature", "0"], "--temperature"), (["--logprob-type", "seq"], "--logprob-type")]
+    outs = run_each([SCRIPT + flags + ["--run-dir", str(tmp_path / "r")] for flags, _ in cases], cwd=ROOT, timeout=120)
+    for (flags, message), out in zip(cases, outs):
         assert out.returncode != 0 and message in out.stderr, (flags, out.stderr[-500:])
-        assert not (tmp_path / "r").exists()
+    assert not (tmp_path / "r").exists()  # none of them made its run directory

@@ -11,6 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.helpers.tensorboard import scalar_points
+from tests.helpers.cli import run_each
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = [sys.executable, str(ROOT / "algos" / "sft_pi0.py")]
 
@@ -23,14 +26,6 @@ def demos(tmp_path_factory):
     report = generate_demos("PushCube-v1", 3, out, progress=False)
     assert report["stored"] == 3
     return out
-
-
-def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(run_dir))
-    acc.Reload()
-    return [(e.step, e.value) for e in acc.Scalars(tag)]
 
 
 def sft_args(demos, tmp_path, **extra):
@@ -46,11 +41,11 @@ def test_short_sft_lowers_the_flow_loss_and_writes_a_checkpoint(demos, tmp_path)
                          cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stderr[-3000:]
     run = tmp_path / "runs" / "PushCube-v1__sft_pi0__1"
-    losses = scalars(run, "losses/flow_loss")
+    losses = scalar_points(run, "losses/flow_loss")
     assert len(losses) == 8 and losses[-1][1] < 0.8 * losses[0][1], losses
     evals = json.loads((run / "eval.json").read_text())
     assert evals[-1]["step"] == 80 and evals[-1]["episodes"] == 2 and 0.0 <= evals[-1]["success_rate"] <= 1.0
-    assert scalars(run, "eval/success_rate")
+    assert scalar_points(run, "eval/success_rate")
     from common.pi0_io import load_pi0
 
     model, stats, meta = load_pi0(run / "final")
@@ -91,18 +86,18 @@ def test_resume_after_kill_9(demos, tmp_path):
 
 
 def test_bad_flags_are_refused(tmp_path):
-    for flags, message in [(["--env", "mujoco"], "--env"), (["--env", "libero", "--task", "PushCube-v1"], "<suite>"),
-                           (["--action-chunk", "20"], "--action-chunk"),
-                           (["--env", "libero", "--task", "libero_object/0", "--num-demos", "30"], "--num-demos <= 25"),
-                           (["--expert", "mlp", "--variant", "pi05"], "--expert"),
-                           (["--variant", "pi5"], "--variant must be"),
-                           (["--discrete-state", "--normalize-state"], "π0.5's state input"),
-                           (["--model", "pi0"], "PaliGemma's tokenizer"),
-                           (["--obs-mode", "RGB"], "--obs-mode must be state or rgb"),
-                           (["--task", "PushCubeX-v1"], "unknown ManiSkill task"),
-                           (["--action-chunk", "0"], "--action-chunk")]:
-        out = subprocess.run(SCRIPT + flags + ["--run-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
-                             timeout=120)
+    cases = [(["--env", "mujoco"], "--env"), (["--env", "libero", "--task", "PushCube-v1"], "<suite>"),
+             (["--action-chunk", "20"], "--action-chunk"),
+             (["--env", "libero", "--task", "libero_object/0", "--num-demos", "30"], "--num-demos <= 25"),
+             (["--expert", "mlp", "--variant", "pi05"], "--expert"),
+             (["--variant", "pi5"], "--variant must be"),
+             (["--discrete-state", "--normalize-state"], "π0.5's state input"),
+             (["--model", "pi0"], "PaliGemma's tokenizer"),
+             (["--obs-mode", "RGB"], "--obs-mode must be state or rgb"),
+             (["--task", "PushCubeX-v1"], "unknown ManiSkill task"),
+             (["--action-chunk", "0"], "--action-chunk")]
+    outs = run_each([SCRIPT + flags + ["--run-dir", str(tmp_path)] for flags, _ in cases], cwd=ROOT, timeout=120)
+    for (flags, message), out in zip(cases, outs):
         assert out.returncode != 0 and message in out.stderr, (flags, out.stderr[-500:])
 
 

@@ -469,7 +469,8 @@ def test_a_server_refused_for_a_bad_key_leaves_no_socket_open(tmp_path):
     make_keypair(tmp_path / "server", "learner")
     make_keypair(tmp_path / "allowed", "robot")
     ctx = zmq.Context()
-    bad = CurveConfig(secret_key_file=str(tmp_path / "server/learner.key"), allowed_clients_dir=str(tmp_path / "allowed"))
+    bad = CurveConfig(secret_key_file=str(tmp_path / "server/learner.key"),  # the public half
+                      allowed_clients_dir=str(tmp_path / "allowed"))
     with pytest.raises(ValueError, match="no secret key") as refused:  # held, as a caller that logs it would
         Publisher(free_endpoint(), curve=bad, ctx=ctx)
     done = threading.Thread(target=ctx.term, daemon=True)
