@@ -612,22 +612,21 @@ def make_keypair(directory: str | Path, name: str) -> tuple[Path, Path]:
 def make_socket(kind: int, endpoint: str, bind: bool, curve: CurveConfig | None, ctx: zmq.Context | None = None,
             **opts) -> zmq.Socket:
     sock = (ctx or zmq.Context.instance()).socket(kind)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.RECONNECT_IVL, 100)
-    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-    for key, value in opts.items():
-        sock.setsockopt(getattr(zmq, key), value)
-    try:
+    try:  # whatever fails below closes the socket: one left open would keep its context's term() waiting
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        for key, value in opts.items():
+            sock.setsockopt(getattr(zmq, key), value)
         _secure(sock, curve, server=bind)
+        try:
+            (sock.bind if bind else sock.connect)(endpoint)
+        except zmq.ZMQError as exc:
+            raise EndpointError(f"cannot {'bind' if bind else 'connect to'} {endpoint!r}: {exc} (an endpoint looks "
+                                f"like tcp://HOST:PORT)") from None
     except BaseException:
-        close_socket(sock)  # a bad key file must not leave an open socket that blocks ctx.term()
-        raise
-    try:
-        (sock.bind if bind else sock.connect)(endpoint)
-    except zmq.ZMQError as exc:
         close_socket(sock)
-        raise EndpointError(f"cannot {'bind' if bind else 'connect to'} {endpoint!r}: {exc} (an endpoint looks like "
-                            f"tcp://HOST:PORT)") from None
+        raise
     return sock
 
 
