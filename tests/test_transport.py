@@ -16,7 +16,7 @@ import torch
 import zmq
 
 from common.transport import (
-    PROTOCOL_VERSION, CurveConfig, DataReceiver, DataSender, FrameError, HandshakeError, PackedDecoder,
+    PROTOCOL_VERSION, CurveConfig, DataReceiver, DataSender, EndpointError, FrameError, HandshakeError, PackedDecoder,
     Publisher,
     RpcClient, RpcServer, Subscriber, TransportError, TransportTimeout, VersionedHeader, decode, encode,
     encode_header, make_keypair, pack_block, pack_frames, packed_block_layout,
@@ -477,6 +477,26 @@ def test_a_server_refused_for_a_bad_key_leaves_no_socket_open(tmp_path):
     done.start()
     done.join(5.0)
     assert not done.is_alive(), f"a socket of the refused server is still open ({refused.value})"
+
+
+def test_a_bad_or_taken_endpoint_is_refused_with_its_name_and_leaves_no_socket_open():
+    import threading
+
+    ctx = zmq.Context()
+    taken = free_endpoint()
+    first = Publisher(taken, ctx=ctx)
+    errors = []
+    for make in (lambda: Publisher("tcp://127.0.0.1:notaport", ctx=ctx), lambda: Publisher(taken, ctx=ctx),
+                 lambda: Subscriber("tpc://127.0.0.1:5555", ctx=ctx)):
+        with pytest.raises(EndpointError, match="an endpoint looks like tcp://HOST:PORT") as refused:
+            make()
+        errors.append(refused)  # held, as a caller that logs them would
+    assert "notaport" in str(errors[0].value) and taken in str(errors[1].value) and "tpc://" in str(errors[2].value)
+    first.close()
+    done = threading.Thread(target=ctx.term, daemon=True)
+    done.start()
+    done.join(5.0)
+    assert not done.is_alive(), "a refused socket is still open"
 
 
 def test_keygen_cli(tmp_path):
