@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.helpers.tensorboard import scalar_values
-from tests.helpers.cli import run_each
+from tests.helpers.cli import assert_each_refused
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = [sys.executable, str(ROOT / "algos" / "ppo_vla.py")]
@@ -96,7 +96,5 @@ def test_bad_flags_are_refused(tmp_path):
              (["--action-bins", "1"], "--action-bins must be >= 2"),
              (["--adv-type", "grpo", "--num-envs", "3"], "multiple of --group-size"),
              (["--temperature", "0"], "--temperature"), (["--logprob-type", "seq"], "--logprob-type")]
-    outs = run_each([SCRIPT + flags + ["--run-dir", str(tmp_path / "r")] for flags, _ in cases], cwd=ROOT, timeout=120)
-    for (flags, message), out in zip(cases, outs):
-        assert out.returncode != 0 and message in out.stderr, (flags, out.stderr[-500:])
+    assert_each_refused(cases, lambda flags: SCRIPT + flags + ["--run-dir", str(tmp_path / "r")], cwd=ROOT)
     assert not (tmp_path / "r").exists()  # none of them made its run directory

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from tests.helpers.tensorboard import scalar_points
-from tests.helpers.cli import run_each
+from tests.helpers.cli import assert_each_refused
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = [sys.executable, str(ROOT / "algos" / "sft_pi0.py")]
@@ -96,9 +96,7 @@ def test_bad_flags_are_refused(tmp_path):
              (["--obs-mode", "RGB"], "--obs-mode must be state or rgb"),
              (["--task", "PushCubeX-v1"], "unknown ManiSkill task"),
              (["--action-chunk", "0"], "--action-chunk")]
-    outs = run_each([SCRIPT + flags + ["--run-dir", str(tmp_path)] for flags, _ in cases], cwd=ROOT, timeout=120)
-    for (flags, message), out in zip(cases, outs):
-        assert out.returncode != 0 and message in out.stderr, (flags, out.stderr[-500:])
+    assert_each_refused(cases, lambda flags: SCRIPT + flags + ["--run-dir", str(tmp_path)], cwd=ROOT)
 
 
 def test_pi05_with_the_state_in_the_prompt_gets_room_for_every_state_bin(demos, tmp_path):

@@ -11,3 +11,10 @@ def run_each(commands: list[list[str]], *, cwd, timeout: float, workers: int = 2
 
     with ThreadPoolExecutor(workers) as pool:
         return list(pool.map(run, commands))
+
+
+def assert_each_refused(cases: list[tuple[list[str], str]], make_command, *, cwd, timeout: float = 120.0) -> None:
+    """Each (flags, message) case: `make_command(flags)` exits non-zero with `message` in its stderr."""
+    outs = run_each([make_command(flags) for flags, _ in cases], cwd=cwd, timeout=timeout)
+    for (flags, message), out in zip(cases, outs):
+        assert out.returncode != 0 and message in out.stderr, (flags, out.stderr[-500:])
