@@ -93,17 +93,22 @@ class WorkerPool:
         self.name, self.timeout = name, timeout
         self.broken: str | None = None
         self.conns, self.procs = [], []
-        for i, kwargs in enumerate(kwargs_per_worker):
-            parent_conn, child_conn = ctx.Pipe()
-            proc = ctx.Process(
-                target=_worker_main, args=(child_conn, factory, kwargs, os.getpid()), daemon=True,
-                name=f"{name}-worker-{i}",
-            )
-            proc.start()
-            child_conn.close()
-            self.conns.append(parent_conn)
-            self.procs.append(proc)
-        try:
+        try:  # a worker that fails to start or construct stops the ones already started
+            for i, kwargs in enumerate(kwargs_per_worker):
+                parent_conn, child_conn = ctx.Pipe()
+                proc = ctx.Process(
+                    target=_worker_main, args=(child_conn, factory, kwargs, os.getpid()), daemon=True,
+                    name=f"{name}-worker-{i}",
+                )
+                try:
+                    proc.start()
+                except BaseException:
+                    parent_conn.close()
+                    raise
+                finally:
+                    child_conn.close()
+                self.conns.append(parent_conn)
+                self.procs.append(proc)
             self._collect(range(len(self.conns)), "construct", start_timeout)
         except BaseException:
             self.close(timeout=5.0)

@@ -609,6 +609,23 @@ def make_keypair(directory: str | Path, name: str) -> tuple[Path, Path]:
     return Path(public), Path(secret)
 
 
+def _bind_or_connect(sock: zmq.Socket, endpoint: str, bind: bool, free_wait_s: float = 1.0) -> None:
+    """libzmq frees a closed socket's address in its reaper thread a moment after `close()`: a bind that finds the
+    address taken is retried for `free_wait_s` (a port another process holds is still refused, a second later)."""
+    if not bind:
+        sock.connect(endpoint)
+        return
+    deadline = time.monotonic() + free_wait_s
+    while True:
+        try:
+            sock.bind(endpoint)
+            return
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 def make_socket(kind: int, endpoint: str, bind: bool, curve: CurveConfig | None, ctx: zmq.Context | None = None,
             **opts) -> zmq.Socket:
     sock = (ctx or zmq.Context.instance()).socket(kind)
@@ -620,7 +637,7 @@ def make_socket(kind: int, endpoint: str, bind: bool, curve: CurveConfig | None,
             sock.setsockopt(getattr(zmq, key), value)
         _secure(sock, curve, server=bind)
         try:
-            (sock.bind if bind else sock.connect)(endpoint)
+            _bind_or_connect(sock, endpoint, bind)
         except zmq.ZMQError as exc:
             raise EndpointError(f"cannot {'bind' if bind else 'connect to'} {endpoint!r}: {exc} (an endpoint looks "
                                 f"like tcp://HOST:PORT)") from None
@@ -861,11 +878,13 @@ class DataSender:
 
     def close(self) -> None:
         """Send the open batch (without waiting for acknowledgements; with a spool they survive) and close."""
-        self._send_batch()
-        close_socket(self.sock)
-        if self.spool and self._spool_lock is not None:
-            os.close(self._spool_lock)  # releases the spool
-            self._spool_lock = None
+        try:
+            self._send_batch()
+        finally:  # a full disk while spooling the batch still releases the socket and the spool
+            close_socket(self.sock)
+            if self.spool and self._spool_lock is not None:
+                os.close(self._spool_lock)  # releases the spool
+                self._spool_lock = None
 
 
 def _wire(frames: list) -> list:
@@ -908,15 +927,15 @@ class DataReceiver:
 
     def __init__(self, endpoint: str, *, auto_ack: bool = False, delivered=(), curve: CurveConfig | None = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, as_torch: bool = False):
+        self.seen: dict[str, _SeqSet] = {}  # delivered to the consumer (stored, or being stored)
+        for session, seq in delivered:  # (before the bind: a malformed pair raises with nothing to release)
+            self.seen.setdefault(session, _SeqSet()).add(int(seq))
         self.sock = make_socket(zmq.ROUTER, endpoint, bind=True, curve=curve, ROUTER_HANDOVER=1)
         self.auto_ack, self.max_message_bytes, self.as_torch = auto_ack, max_message_bytes, as_torch
-        self.seen: dict[str, _SeqSet] = {}  # delivered to the consumer (stored, or being stored)
         self._unacked: set[tuple[str, int]] = set()
         self._acks: dict[tuple[bytes, str], list[int]] = {}
         self._n_acks, self._acks_since = 0, 0.0
         self._ready: list[Message] = []  # items of a received batch not yet handed out
-        for session, seq in delivered:
-            self.seen.setdefault(session, _SeqSet()).add(int(seq))
         self.stats = _Counters("received", "duplicates", "bad_frames")
 
     def _split(self, msg: Message, peer: bytes) -> list[Message]:
@@ -1061,7 +1080,7 @@ class Subscriber:
     def latest(self, timeout: float = 0.0) -> Message | None:
         """Drain what has arrived (waiting up to `timeout` for the first) and return the newest, or None."""
         newest = None
-        wait_ms = int(timeout * 1000)
+        wait_ms = max(0, int(timeout * 1000))  # (ZMQ reads a negative wait as forever)
         deadline = time.monotonic() + timeout + 0.05
         while self.sock.poll(wait_ms, zmq.POLLIN) and time.monotonic() < deadline:
             wait_ms = 0
@@ -1103,8 +1122,8 @@ class RpcServer:
     def __init__(self, endpoint: str, spec: dict, handlers: dict[str, Callable] | None = None, *,
                  peer_timeout: float = 10.0, curve: CurveConfig | None = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+        self.spec, self.spec_hash = spec, spec_hash(spec)  # (before the bind: a spec that cannot hash releases nothing)
         self.sock = make_socket(zmq.ROUTER, endpoint, bind=True, curve=curve, ROUTER_HANDOVER=1)
-        self.spec, self.spec_hash = spec, spec_hash(spec)
         self.handlers = dict(handlers or {})
         self.peer_timeout, self.max_message_bytes = peer_timeout, max_message_bytes
         self.last_seen: dict[str, float] = {}
@@ -1123,7 +1142,7 @@ class RpcServer:
     def serve_once(self, timeout: float = 0.1) -> bool:
         """Handle at most one request; returns whether one was handled."""
         self._drop_dead_peers()
-        if not self.sock.poll(int(timeout * 1000), zmq.POLLIN):
+        if not self.sock.poll(max(0, int(timeout * 1000)), zmq.POLLIN):  # (negative: forever to ZMQ)
             return False
         parts = self.sock.recv_multipart(copy=False)
         peer = parts[0].bytes

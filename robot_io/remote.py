@@ -189,11 +189,13 @@ class RobotServer:
             while not self._stop.is_set() and (end is None or time.monotonic() < end):
                 self.serve_once()
         finally:
-            if self.moving:
-                self.env.hold()
-            close_socket(self.sock)
-            if self.beacon is not None:
-                self.beacon[0].close()
+            try:
+                if self.moving:
+                    self.env.hold()
+            finally:  # a hold that fails (an arm in a reflex error) still closes the socket and the beacon
+                close_socket(self.sock)
+                if self.beacon is not None:
+                    self.beacon[0].close()
 
 
 def _beacon_socket(target: str):
@@ -446,10 +448,15 @@ class RemoteRobotEnv(gym.Env):
                  reconnect_timeout: float = 30.0, step_timeout: float | None = None, reset_timeout: float = 60.0):
         self.owns_hub = isinstance(hub, str)
         self.hub = RobotHub(hub) if isinstance(hub, str) else hub
-        rec = self.hub.wait_for(name, connect_timeout)
+        try:  # a robot that never comes (or sends a bad spec) must not leave our hub bound with its thread running
+            rec = self.hub.wait_for(name, connect_timeout)
+            self.observation_space = spaces_from_spec(rec.spec["observation"])
+            self.action_space = spaces_from_spec(rec.spec["action"])
+        except BaseException:
+            if self.owns_hub:
+                self.hub.close()
+            raise
         self.name, self.spec = rec.name, rec.spec
-        self.observation_space = spaces_from_spec(rec.spec["observation"])
-        self.action_space = spaces_from_spec(rec.spec["action"])
         hz = float(rec.spec.get("control_hz") or 0)
         self.step_timeout = step_timeout or max(2.0, 5.0 / hz if hz else 0.0)
         self.reconnect_timeout, self.reset_timeout = reconnect_timeout, reset_timeout

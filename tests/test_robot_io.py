@@ -758,3 +758,13 @@ def test_discover_cli_bad_option_is_a_clear_error(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         discover.main(["--robot", "franka:127.0.0.1,camera_type=none", "--wait", "0"])
     assert "environment variable CONTROL_HZ='abc' is not a valid float" in capsys.readouterr().err
+
+
+def test_a_remote_env_whose_robot_never_comes_releases_its_hub():
+    """RemoteRobotEnv binds its own hub from an endpoint: when no robot announces itself in time, the error leaves no
+    bound socket and no hub thread behind, so the next try on the same endpoint waits for the robot again."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    for _ in range(2):
+        with pytest.raises(RobotUnavailable):
+            RemoteRobotEnv(endpoint, connect_timeout=0.2)
+    assert not [t for t in threading.enumerate() if t.name == "robot-hub"]

@@ -736,3 +736,26 @@ def test_an_outage_does_not_queue_a_flood_of_resends_and_a_spool_error_names_its
     for _ in range(2):
         with pytest.raises(TransportError, match="000000000000.msg is unreadable"):
             DataSender(endpoint, spool_dir=spool)
+
+
+def test_construction_errors_leave_the_endpoint_free_and_negative_waits_return():
+    """A malformed `delivered` list or an unhashable spec is refused before the socket binds (the endpoint stays
+    free for the next try); a negative timeout is a zero wait, where ZMQ would read it as forever."""
+    import threading
+
+    endpoint = free_endpoint()
+    with pytest.raises(TypeError):
+        DataReceiver(endpoint, delivered=[("session", None)])
+    with pytest.raises(TypeError):
+        RpcServer(endpoint, spec={1: "a", "b": 2})
+    rx = DataReceiver(endpoint)
+    rx.close()
+    server, sub = RpcServer(free_endpoint(), spec={"a": 1}), Subscriber(free_endpoint())
+    results = []
+    waiter = threading.Thread(target=lambda: results.extend([server.serve_once(timeout=-1), sub.latest(timeout=-1)]),
+                              daemon=True)
+    waiter.start()
+    waiter.join(5.0)
+    server.close()
+    sub.close()
+    assert results == [False, None], "a negative timeout waited"
