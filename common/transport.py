@@ -1188,11 +1188,14 @@ class RpcServer:
     def start(self) -> "RpcServer":
         """Serve in a background thread until `close()`."""
         def loop():
-            while not self._stop.is_set():
-                try:
-                    self.serve_once(0.05)
-                except Exception:  # never let one request end the service
-                    log.exception("RPC server: request handling failed; still serving")
+            try:
+                while not self._stop.is_set():
+                    try:
+                        self.serve_once(0.05)
+                    except Exception:  # never let one request end the service
+                        log.exception("RPC server: request handling failed; still serving")
+            finally:  # the thread that uses the socket closes it (ZMQ sockets are not thread-safe)
+                close_socket(self.sock)
 
         self._thread = threading.Thread(target=loop, name="rpc-server", daemon=True)
         self._thread.start()
@@ -1200,9 +1203,12 @@ class RpcServer:
 
     def close(self) -> None:
         self._stop.set()
-        if self._thread:
-            self._thread.join(timeout=5)
-        close_socket(self.sock)
+        if self._thread is None:
+            close_socket(self.sock)
+            return
+        self._thread.join(timeout=5)
+        if self._thread.is_alive():
+            log.warning("RPC server: a request handler still runs after 5 s; the socket closes when it returns")
 
 
 class RpcClient:

@@ -187,6 +187,7 @@ class WeightPublisher:
         self.flatten = flatten and not only_changed
         self._flat: _FlatTensors | None = None
         self._sent = _SentTensors(model, mode)
+        self._stream = torch.cuda.Stream() if torch.cuda.is_available() else None  # (before the endpoint is taken)
         self.shm = ShmPublisher(name, max_readers=max_readers) if name is not None else None
         self.pub = Publisher(endpoint, curve=curve, ctx=ctx) if name is None else None
         self._inproc = endpoint.startswith("inproc://")  # sends land in the receiver's queue at once, no I/O thread
@@ -197,7 +198,6 @@ class WeightPublisher:
         self._keyframe, self._since_keyframe = 0, 0
         self._changed: set[str] = set()  # tensors that differed from the keyframe in a delta since it
         self._pinned: dict[str, torch.Tensor] = {}
-        self._stream = torch.cuda.Stream() if torch.cuda.is_available() else None
         self._pending: tuple | None = None
         self._cond = threading.Condition()
         self._closed = False

@@ -217,9 +217,11 @@ class RobotEnv(gym.Env):
                 "task_description": self.backend.task_description}
 
     def close(self) -> None:
-        if self.intervention is not None and hasattr(self.intervention, "close"):
-            self.intervention.close()
-        self.backend.close()
+        try:
+            if self.intervention is not None and hasattr(self.intervention, "close"):
+                self.intervention.close()
+        finally:  # the arm is held and its cameras closed even when the teleop device fails to close
+            self.backend.close()
 
 
 # ------------------------------------------------------------------------------------------------ spaces <-> spec

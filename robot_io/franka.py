@@ -152,7 +152,14 @@ class FrankaBackend(RobotBackend):
         self.gripper = self.franky.Gripper(config.robot_ip)
         serials = config.camera_serials or []
         names = config.camera_names or (["wrist", "front"] + [f"cam{i}" for i in range(2, len(serials))])[:len(serials)]
-        self.cameras = {n: RealSenseCamera(s, n, config.image_size).start() for n, s in zip(names, serials)}
+        self.cameras = {}
+        try:  # a camera that fails to start (busy, wrong serial) stops those already streaming
+            for n, s in zip(names, serials):
+                self.cameras[n] = RealSenseCamera(s, n, config.image_size).start()
+        except BaseException:
+            for cam in self.cameras.values():
+                cam.close()
+            raise
         spaces = {"state": gym.spaces.Box(-np.inf, np.inf, (STATE_DIM,), np.float32)}
         if self.cameras:
             spaces["images"] = gym.spaces.Dict({n: gym.spaces.Box(0, 255, (config.image_size, config.image_size, 3),

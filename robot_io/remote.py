@@ -208,12 +208,12 @@ def _beacon_socket(target: str):
 def listen_beacons(seconds: float, port: int = BEACON_PORT) -> list[dict]:
     """Robot servers that announced themselves by UDP beacon within `seconds` (latest beacon per name)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("", port))
-    sock.settimeout(0.1)
     found: dict[str, dict] = {}
     end = time.monotonic() + seconds
     try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("", port))
+        sock.settimeout(0.1)
         while time.monotonic() < end:
             try:
                 data, addr = sock.recvfrom(65536)
@@ -275,11 +275,14 @@ class RobotHub:
 
     # -- the socket thread
     def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self._pump()
-            except Exception:  # one bad message must never end the hub
-                log.exception("robot hub: handling failed; still serving")
+        try:
+            while not self._stop.is_set():
+                try:
+                    self._pump()
+                except Exception:  # one bad message must never end the hub
+                    log.exception("robot hub: handling failed; still serving")
+        finally:  # the thread that uses the socket closes it (ZMQ sockets are not thread-safe)
+            close_socket(self.sock)
 
     def _pump(self) -> None:
         while True:
@@ -436,7 +439,8 @@ class RobotHub:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=2)
-        close_socket(self.sock)
+        if self._thread.is_alive():
+            log.warning("robot hub: its thread still runs after 2 s; the socket closes when it stops")
 
 
 class RemoteRobotEnv(gym.Env):

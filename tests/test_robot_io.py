@@ -768,3 +768,21 @@ def test_a_remote_env_whose_robot_never_comes_releases_its_hub():
         with pytest.raises(RobotUnavailable):
             RemoteRobotEnv(endpoint, connect_timeout=0.2)
     assert not [t for t in threading.enumerate() if t.name == "robot-hub"]
+
+
+def test_closing_a_robot_env_closes_its_backend_even_when_the_teleop_device_fails_to():
+    backend = DummyBackend(DummyConfig(cameras=[], control_hz=0))
+    closed = []
+    backend.close = lambda: closed.append("backend")
+
+    class BrokenDevice:
+        def read(self):
+            return None
+
+        def close(self):
+            raise OSError("the spacemouse was unplugged")
+
+    env = RobotEnv(backend, intervention=BrokenDevice())
+    with pytest.raises(OSError, match="unplugged"):
+        env.close()
+    assert closed == ["backend"]
