@@ -77,9 +77,14 @@ class RobotServer:
         self.session = uuid.uuid4().hex[:12]
         self.spec = env.spec()
         self.spec["name"] = self.name
-        self.sock = make_socket(zmq.DEALER, learner, bind=False, curve=curve, IMMEDIATE=1, SNDHWM=16,
-                                ROUTING_ID=f"{self.session}/{self.name}".encode()[:255])  # ZMQ's limit
         self.beacon = _beacon_socket(beacon) if beacon else None
+        try:
+            self.sock = make_socket(zmq.DEALER, learner, bind=False, curve=curve, IMMEDIATE=1, SNDHWM=16,
+                                    ROUTING_ID=f"{self.session}/{self.name}".encode()[:255])  # ZMQ's limit
+        except BaseException:
+            if self.beacon is not None:
+                self.beacon[0].close()
+            raise
         self.connected, self.moving, self.last_heard = False, False, time.monotonic()
         self.needs_reset = False  # after an outage: steps are refused until a reset
         self._next_announce = 0.0
@@ -200,9 +205,10 @@ class RobotServer:
 
 def _beacon_socket(target: str):
     host, _, port = target.rpartition(":")
+    address = (host or "255.255.255.255", int(port or BEACON_PORT))  # (a malformed port raises before the socket)
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
-    return sock, (host or "255.255.255.255", int(port or BEACON_PORT))
+    return sock, address
 
 
 def listen_beacons(seconds: float, port: int = BEACON_PORT) -> list[dict]:
