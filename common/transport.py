@@ -569,22 +569,34 @@ def _secure(sock: zmq.Socket, curve: CurveConfig | None, server: bool) -> None:
         sock.curve_serverkey, _ = zmq.auth.load_certificate(curve.server_public_key_file)
 
 
+def _retry_while_address_taken(attempt: Callable[[], Any], wait_s: float, pause_s: float = 0.005):
+    """`attempt()` (a bind) again while its address is taken, for up to `wait_s`: libzmq frees a closed socket's
+    address in its reaper thread a moment after `close()` (an address another process holds is still refused)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return attempt()
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
+                raise
+            time.sleep(pause_s)
+
+
 def _start_authenticator(ctx: zmq.Context, deadline_s: float = 5.0):
-    """Start the context's ZAP handler. Its fixed inproc address is freed by libzmq's reaper thread a moment after an
-    earlier handler closed, so a bind that finds it still taken is retried until `deadline_s`."""
+    """Start the context's ZAP handler, on a fixed inproc address that an earlier handler of the context may not
+    have released yet."""
     from zmq.auth.thread import ThreadAuthenticator
 
-    deadline = time.monotonic() + deadline_s
-    while True:
+    def attempt():
         auth = ThreadAuthenticator(ctx, log=logging.getLogger("transport.auth"))
         try:
             auth.start()
-            return auth
-        except zmq.ZMQError as exc:
+        except BaseException:
             auth.stop()  # closes the half-started handler's socket
-            if exc.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
-                raise
-            time.sleep(0.005)
+            raise
+        return auth
+
+    return _retry_while_address_taken(attempt, deadline_s)
 
 
 def close_socket(sock: zmq.Socket, linger_ms: int = 0) -> None:
@@ -609,23 +621,6 @@ def make_keypair(directory: str | Path, name: str) -> tuple[Path, Path]:
     return Path(public), Path(secret)
 
 
-def _bind_or_connect(sock: zmq.Socket, endpoint: str, bind: bool, free_wait_s: float = 1.0) -> None:
-    """libzmq frees a closed socket's address in its reaper thread a moment after `close()`: a bind that finds the
-    address taken is retried for `free_wait_s` (a port another process holds is still refused, a second later)."""
-    if not bind:
-        sock.connect(endpoint)
-        return
-    deadline = time.monotonic() + free_wait_s
-    while True:
-        try:
-            sock.bind(endpoint)
-            return
-        except zmq.ZMQError as exc:
-            if exc.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
-                raise
-            time.sleep(0.01)
-
-
 def make_socket(kind: int, endpoint: str, bind: bool, curve: CurveConfig | None, ctx: zmq.Context | None = None,
             **opts) -> zmq.Socket:
     sock = (ctx or zmq.Context.instance()).socket(kind)
@@ -637,7 +632,10 @@ def make_socket(kind: int, endpoint: str, bind: bool, curve: CurveConfig | None,
             sock.setsockopt(getattr(zmq, key), value)
         _secure(sock, curve, server=bind)
         try:
-            _bind_or_connect(sock, endpoint, bind)
+            if bind:  # (1 s: a port another process holds is refused a second later)
+                _retry_while_address_taken(lambda: sock.bind(endpoint), 1.0, pause_s=0.01)
+            else:
+                sock.connect(endpoint)
         except zmq.ZMQError as exc:
             raise EndpointError(f"cannot {'bind' if bind else 'connect to'} {endpoint!r}: {exc} (an endpoint looks "
                                 f"like tcp://HOST:PORT)") from None

@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -33,6 +34,14 @@ def free_endpoint() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+def terminates(ctx: zmq.Context, within_s: float = 5.0) -> bool:
+    """Whether `ctx.term()` returns within `within_s` (it waits for every socket of the context to close)."""
+    done = threading.Thread(target=ctx.term, daemon=True)
+    done.start()
+    done.join(within_s)
+    return not done.is_alive()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -433,8 +442,6 @@ def test_curve_rejects_unknown_clients_and_accepts_known_ones(tmp_path):
 def test_a_context_that_hosted_curve_servers_terminates_once_they_are_closed(tmp_path):
     """The ZAP handler's thread holds a socket of the context: the last CurveZMQ server to close stops it, so
     `ctx.term()` returns (it waited forever), while a server still open keeps it (and its clients' checks) going."""
-    import threading
-
     make_keypair(tmp_path / "server", "learner")
     make_keypair(tmp_path / "allowed", "robot")
     curve = CurveConfig(secret_key_file=str(tmp_path / "server/learner.key_secret"),
@@ -455,17 +462,12 @@ def test_a_context_that_hosted_curve_servers_terminates_once_they_are_closed(tmp
     finally:
         sub.close()
         pub.close()
-    done = threading.Thread(target=ctx.term, daemon=True)
-    done.start()
-    done.join(5.0)
-    assert not done.is_alive(), "ctx.term() still waits for the ZAP handler"
+    assert terminates(ctx), "ctx.term() still waits for the ZAP handler"
 
 
 def test_a_server_refused_for_a_bad_key_leaves_no_socket_open(tmp_path):
     """A public key given where the secret one belongs is refused with a message, and the socket made for it is closed
     (left open, it would keep `ctx.term()` waiting)."""
-    import threading
-
     make_keypair(tmp_path / "server", "learner")
     make_keypair(tmp_path / "allowed", "robot")
     ctx = zmq.Context()
@@ -473,15 +475,10 @@ def test_a_server_refused_for_a_bad_key_leaves_no_socket_open(tmp_path):
                       allowed_clients_dir=str(tmp_path / "allowed"))
     with pytest.raises(ValueError, match="no secret key") as refused:  # held, as a caller that logs it would
         Publisher(free_endpoint(), curve=bad, ctx=ctx)
-    done = threading.Thread(target=ctx.term, daemon=True)
-    done.start()
-    done.join(5.0)
-    assert not done.is_alive(), f"a socket of the refused server is still open ({refused.value})"
+    assert terminates(ctx), f"a socket of the refused server is still open ({refused.value})"
 
 
 def test_a_bad_or_taken_endpoint_is_refused_with_its_name_and_leaves_no_socket_open():
-    import threading
-
     ctx = zmq.Context()
     taken = free_endpoint()
     first = Publisher(taken, ctx=ctx)
@@ -493,10 +490,7 @@ def test_a_bad_or_taken_endpoint_is_refused_with_its_name_and_leaves_no_socket_o
         errors.append(refused)  # held, as a caller that logs them would
     assert "notaport" in str(errors[0].value) and taken in str(errors[1].value) and "tpc://" in str(errors[2].value)
     first.close()
-    done = threading.Thread(target=ctx.term, daemon=True)
-    done.start()
-    done.join(5.0)
-    assert not done.is_alive(), "a refused socket is still open"
+    assert terminates(ctx), "a refused socket is still open"
 
 
 def test_keygen_cli(tmp_path):
@@ -741,8 +735,6 @@ def test_an_outage_does_not_queue_a_flood_of_resends_and_a_spool_error_names_its
 def test_construction_errors_leave_the_endpoint_free_and_negative_waits_return():
     """A malformed `delivered` list or an unhashable spec is refused before the socket binds (the endpoint stays
     free for the next try); a negative timeout is a zero wait, where ZMQ would read it as forever."""
-    import threading
-
     endpoint = free_endpoint()
     with pytest.raises(TypeError):
         DataReceiver(endpoint, delivered=[("session", None)])
