@@ -336,10 +336,10 @@ class Learner:
         obs, next_obs, actions, rewards, terminated = self.to_batch(sample)
         alpha = self.log_alpha.exp().detach()
         with torch.no_grad():  # RLPD target: min over a random subset of the target ensemble, entropy backup
-            next_feats = self.encoder_target(next_obs)
-            next_actions, next_logp = self.policy.head(next_feats)
+            # a' ~ the current policy (its own encoder, as SERL); only the critic's side of the target lags
+            next_actions, next_logp = self.policy.head(self.policy.encoder(next_obs))
             heads = torch.randperm(a.num_q, device=self.device)[:a.critic_subsample]
-            next_q = self.critic_target(next_feats, next_actions)[heads].min(0).values
+            next_q = self.critic_target(self.encoder_target(next_obs), next_actions)[heads].min(0).values
             done = 0.0 if a.bootstrap_terminal else terminated
             target = rewards + a.gamma * (1 - done) * (next_q - alpha * next_logp)
         q = self.critic(self.policy.encoder(obs), actions)

@@ -93,22 +93,62 @@ def test_sync_mode(tmp_path):
     assert len(episodes) >= 8 and episodes == list(range(len(episodes))), episodes
 
 
-def _always_success_classifier(path: Path, robot: str) -> None:
+def _load_script():
     import importlib.util
-
-    import torch
-    from safetensors.torch import save_file
 
     spec = importlib.util.spec_from_file_location("async_sac_real", SCRIPT)
     sac = importlib.util.module_from_spec(spec)
     sys.modules["async_sac_real"] = sac
     spec.loader.exec_module(sac)
+    return sac
+
+
+def _always_success_classifier(path: Path, robot: str) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    sac = _load_script()
     env = sac.make_actor_env(sac.Args(robot=robot))
     model = sac.RewardClassifier(env.spec())
     with torch.no_grad():
         model.head.weight.zero_()
         model.head.bias.fill_(10.0)  # sigmoid(10) > 0.5 on every observation
     save_file(model.state_dict(), str(path))
+
+
+def test_the_td_target_draws_the_next_action_from_the_current_policy(monkeypatch):
+    """SAC's backup needs a' ~ pi(.|s'): the actor head on the current encoder's features of s'. The target encoder
+    (Polyak-averaged, lagging) only feeds the target critic."""
+    import torch
+
+    sac = _load_script()
+    monkeypatch.setattr(sac, "random_shift", lambda images: images)  # the same pixels on both paths
+    torch.manual_seed(0)
+    env = sac.make_actor_env(sac.Args(robot="dummy,cameras=main,image_size=16,control_hz=0"))
+    spec = env.spec()
+    env.close()
+    learner = sac.Learner(sac.Args(hidden=32, num_q=2, critic_subsample=2), spec, torch.device("cpu"))
+    with torch.no_grad():  # a target encoder far from the current one, as after many updates
+        for p in learner.encoder_target.parameters():
+            p.add_(torch.randn_like(p))
+    rng = np.random.default_rng(0)
+    state_dim = spec["observation"]["dict"]["state"]["box"][0]
+
+    def obs():
+        return {"images/main": rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8),
+                "state": rng.normal(size=(8, state_dim)).astype(np.float32)}
+
+    sample = {"obs": obs(), "next_obs": obs(), "actions": rng.uniform(-1, 1, (8, learner.policy.action_dim)),
+              "rewards": np.zeros(8, np.float32), "terminated": np.zeros(8, bool)}
+    next_obs = {k: torch.as_tensor(v) for k, v in sample["next_obs"].items()}
+    with torch.no_grad():
+        current, lagging = learner.policy.encoder(next_obs), learner.encoder_target(next_obs)
+    assert not torch.allclose(current, lagging)
+    seen = []
+    head = learner.policy.head
+    monkeypatch.setattr(learner.policy, "head", lambda feats, *a: seen.append(feats.detach().clone()) or head(feats, *a))
+    learner.update(sample)
+    assert torch.allclose(seen[0], current), "the next action must come from the current encoder's features"
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
