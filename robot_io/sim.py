@@ -57,13 +57,17 @@ class SimBackend(RobotBackend):
                                    config.image_size)
         self.task_description = self.sim.description
         self.control_hz, self.max_episode_steps = config.control_hz, config.max_episode_steps
-        first = self.sim.reset(0)
+        try:
+            first = self.sim.reset(0)
+            space = self.sim.env.single_action_space
+        except BaseException:  # (a renderer that fails at the first frame): the simulator is not left behind
+            self.sim.close()
+            raise
         spaces = {"state": gym.spaces.Box(-np.inf, np.inf, first["state"].shape, np.float32)}
         if "images" in first:
             spaces["images"] = gym.spaces.Dict({k: gym.spaces.Box(0, 255, v.shape, np.uint8)
                                                 for k, v in first["images"].items()})
         self.observation_space = gym.spaces.Dict(spaces)
-        space = self.sim.env.single_action_space
         self.action_space = gym.spaces.Box(space.low.astype(np.float32), space.high.astype(np.float32),
                                            space.shape, np.float32)
         self.position_scale = 0.1 if config.control_mode.startswith("pd_ee_delta_pos") else None

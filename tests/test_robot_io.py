@@ -310,6 +310,30 @@ def test_franka_driver_against_fake_franky(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------ sim
+def test_a_sim_robot_whose_first_reset_fails_closes_its_simulator(monkeypatch):
+    import common.maniskill_env
+    from robot_io.sim import SimBackend, SimConfig
+
+    closed = []
+
+    class BrokenSim:  # a ManiSkill env whose renderer fails at the first frame
+        description = "push the cube"
+
+        def __init__(self, *args):
+            pass
+
+        def reset(self, seed):
+            raise RuntimeError("vkCreateDevice failed")
+
+        def close(self):
+            closed.append(True)
+
+    monkeypatch.setattr(common.maniskill_env, "ManiSkillSingle", BrokenSim)
+    with pytest.raises(RuntimeError, match="vkCreateDevice"):
+        SimBackend(SimConfig(task="PushCube"))
+    assert closed == [True]
+
+
 @pytest.mark.parametrize("task", ["PickCube", "PushCube"])
 def test_sim_robot_succeeds_under_the_scripted_expert(task):
     from robot_io.sim import SimExpert
