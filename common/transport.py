@@ -37,6 +37,7 @@ import threading
 import time
 import uuid
 import warnings
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -538,7 +539,25 @@ class CurveConfig:
 
 
 _authenticators: dict[int, Any] = {}  # context id -> its ZAP handler thread
-_curve_servers: dict[int, zmq.Context] = {}  # socket id -> context, of the CurveZMQ servers not yet closed
+# socket id -> (weak reference to the socket, its context), of the CurveZMQ servers not yet closed. A server dropped
+# without `close_socket` leaves when it is collected (pyzmq closes it then), before its id can be another socket's.
+_curve_servers: dict[int, tuple[weakref.ref, zmq.Context]] = {}
+
+
+def _stop_unused_authenticator(ctx: zmq.Context) -> None:
+    """Stop the context's ZAP handler once no CurveZMQ server of the context is left: its thread holds a socket of
+    the context, so `ctx.term()` would wait for it forever."""
+    if not any(c is ctx for _, c in _curve_servers.values()):
+        auth = _authenticators.pop(id(ctx), None)
+        if auth is not None:
+            auth.stop()
+
+
+def _forget_collected_server(key: int, ref: weakref.ref) -> None:
+    entry = _curve_servers.get(key)
+    if entry is not None and entry[0] is ref:
+        del _curve_servers[key]
+        _stop_unused_authenticator(entry[1])
 
 
 def _secure(sock: zmq.Socket, curve: CurveConfig | None, server: bool) -> None:
@@ -554,7 +573,8 @@ def _secure(sock: zmq.Socket, curve: CurveConfig | None, server: bool) -> None:
         if not curve.allowed_clients_dir:
             raise ValueError("a CurveZMQ server needs allowed_clients_dir (the client public keys it accepts)")
         ctx = sock.context
-        _curve_servers[id(sock)] = ctx  # first, so that closing this socket after a failure below stops the handler
+        # first, so that closing this socket after a failure below stops the handler
+        _curve_servers[id(sock)] = (weakref.ref(sock, functools.partial(_forget_collected_server, id(sock))), ctx)
         if id(ctx) not in _authenticators:  # one ZAP handler per context
             _authenticators[id(ctx)] = _start_authenticator(ctx)
         # one ZAP domain per allow-list, so that servers of one process with different lists each check their own
@@ -602,12 +622,10 @@ def _start_authenticator(ctx: zmq.Context, deadline_s: float = 5.0):
 def close_socket(sock: zmq.Socket, linger_ms: int = 0) -> None:
     """Close a socket of `make_socket`. The last CurveZMQ server of a context also stops the context's ZAP handler:
     its thread holds a socket of the context, so `ctx.term()` would wait for it forever."""
-    ctx = _curve_servers.pop(id(sock), None)
+    entry = _curve_servers.pop(id(sock), None)
     sock.close(linger=linger_ms)
-    if ctx is not None and not any(c is ctx for c in _curve_servers.values()):
-        auth = _authenticators.pop(id(ctx), None)
-        if auth is not None:
-            auth.stop()
+    if entry is not None:
+        _stop_unused_authenticator(entry[1])
 
 
 def make_keypair(directory: str | Path, name: str) -> tuple[Path, Path]:

@@ -20,7 +20,7 @@ from common.transport import (
     PROTOCOL_VERSION, CurveConfig, DataReceiver, DataSender, EndpointError, FrameError, HandshakeError, PackedDecoder,
     Publisher,
     RpcClient, RpcServer, Subscriber, TransportError, TransportTimeout, VersionedHeader, decode, encode,
-    encode_header, make_keypair, pack_block, pack_frames, packed_block_layout,
+    encode_header, make_keypair, make_socket, pack_block, pack_frames, packed_block_layout,
     unpack_frames,
 )
 
@@ -463,6 +463,31 @@ def test_a_context_that_hosted_curve_servers_terminates_once_they_are_closed(tmp
         sub.close()
         pub.close()
     assert terminates(ctx), "ctx.term() still waits for the ZAP handler"
+
+
+def test_a_curve_server_dropped_without_close_socket_stops_its_handler_when_collected(tmp_path):
+    """A server socket that is garbage-collected instead of closed through `close_socket` (pyzmq closes it then)
+    leaves the bookkeeping too: the context's ZAP handler stops and `ctx.term()` returns, and its socket id, free
+    for reuse, no longer names it."""
+    import gc
+    import warnings
+
+    from common import transport
+
+    make_keypair(tmp_path / "server", "learner")
+    make_keypair(tmp_path / "allowed", "robot")
+    curve = CurveConfig(secret_key_file=str(tmp_path / "server/learner.key_secret"),
+                        allowed_clients_dir=str(tmp_path / "allowed"))
+    ctx = zmq.Context()
+    sock = make_socket(zmq.PUB, free_endpoint(), bind=True, curve=curve, ctx=ctx)
+    key = id(sock)
+    assert key in transport._curve_servers and id(ctx) in transport._authenticators
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)  # pyzmq's "unclosed socket": the point of this test
+        del sock
+        gc.collect()
+    assert key not in transport._curve_servers and id(ctx) not in transport._authenticators
+    assert terminates(ctx), "ctx.term() still waits for the ZAP handler of a collected server"
 
 
 def test_a_server_refused_for_a_bad_key_leaves_no_socket_open(tmp_path):
