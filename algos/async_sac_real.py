@@ -123,7 +123,8 @@ class Args:
     batch_size: int = 256
     """transitions per update (half from demos when there are any)"""
     demo_fraction: float = 0.5
-    """share of every batch drawn from the demo buffer (RLPD)"""
+    """share of every batch drawn from the demonstrations (RLPD): the run's interventions and --demos, uniformly
+    over their transitions together"""
     learning_rate: float = 3e-4
     """actor, critic and temperature learning rate"""
     num_q: int = 10
@@ -259,8 +260,8 @@ def random_shift(images: torch.Tensor, pad: int = 4) -> torch.Tensor:
 
 
 class RewardClassifier(nn.Module):
-    """The learned-reward hook (SERL's success classifier): the Encoder plus a linear head on the images; reward 1
-    where sigmoid(logit) > 0.5. Load with --reward-model FILE (safetensors of this module's state dict)."""
+    """The learned-reward hook (SERL's success classifier): the Encoder (image features and the state) plus a linear
+    head; reward 1 where sigmoid(logit) > 0.5. Load with --reward-model FILE (safetensors of this module's state dict)."""
 
     def __init__(self, spec: dict):
         super().__init__()
@@ -300,6 +301,15 @@ def load_reward_model(path: str, spec: dict) -> RewardClassifier:
 
 
 # ------------------------------------------------------------------------------------------------ learner pieces
+def batch_sources(online: ReplayBuffer, offline: list, demo_fraction: float) -> list[tuple[ReplayBuffer, float]]:
+    """RLPD's batch: `demo_fraction` from the demonstrations, uniform over the transitions of the offline buffers
+    together (the run's interventions and --demos: one demo buffer, as RLinf and HIL-SERL keep, so a first short
+    correction does not take a fixed share of every batch), the rest online; all online while there are none."""
+    offline = [(b, len(b)) for b in offline if b is not None and len(b)]
+    total = sum(n for _, n in offline)
+    return [(online, 1 - demo_fraction if offline else 1.0)] + [(b, demo_fraction * n / total) for b, n in offline]
+
+
 class Learner:
     """Networks, optimisers and the SAC / RLPD update; checkpoints everything (atomically) to learner.pt."""
 
@@ -784,9 +794,8 @@ def main(args: Args) -> None:
             print(f"[learner] first update after start, {time.time() - start_time:.1f} s in", flush=True)
         t0 = time.time()
         for _ in range(n_updates):
-            offline = [b for b in (demo, prior) if b is not None and len(b)]  # RLPD: demo_fraction over those present
-            sources = [(online, 1 - args.demo_fraction)] + [(b, args.demo_fraction / len(offline)) for b in offline]
-            sample = sample_mixed(sources if offline else [(online, 1.0)], args.batch_size, sample_rng)
+            sample = sample_mixed(batch_sources(online, [demo, prior], args.demo_fraction), args.batch_size,
+                                  sample_rng)
             learner.update(sample)
             if learner.updates % args.sync_every == 0:
                 learner.version += 1

@@ -151,6 +151,26 @@ def test_the_td_target_draws_the_next_action_from_the_current_policy(monkeypatch
     assert torch.allclose(seen[0], current), "the next action must come from the current encoder's features"
 
 
+def test_the_demo_half_of_a_batch_is_uniform_over_interventions_and_prior_demos_together():
+    from common.replay_buffer import ReplayBuffer
+
+    sac = _load_script()
+
+    def buffer(segments: int, steps: int) -> ReplayBuffer:
+        buf = ReplayBuffer(None, cache_transitions=10_000)
+        for _ in range(segments):
+            buf.add({"obs": {"state": np.zeros((steps + 1, 3), np.float32)}, "actions": np.zeros((steps, 2), np.float32),
+                     "rewards": np.zeros(steps, np.float32), "terminated": np.zeros(steps, bool),
+                     "truncated": np.zeros(steps, bool)})
+        return buf
+
+    online, interventions, prior = buffer(5, 10), buffer(1, 10), buffer(9, 10)  # 10 corrected steps, 90 demo steps
+    sources = sac.batch_sources(online, [interventions, prior], 0.5)
+    assert [(b, round(f, 6)) for b, f in sources] == [(online, 0.5), (interventions, 0.05), (prior, 0.45)]
+    assert sac.batch_sources(online, [buffer(0, 1), None], 0.5) == [(online, 1.0)]  # no demonstrations yet
+    assert sac.batch_sources(online, [interventions, None], 0.5) == [(online, 0.5), (interventions, 0.5)]
+
+
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_reward_model_success_ends_the_episode(tmp_path, mode):
     """A real robot's own reward is 0 and never terminates: the classifier's success is the reward, the success and
