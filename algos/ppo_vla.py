@@ -501,6 +501,7 @@ if __name__ == "__main__":
             group_ids = np.random.randint(0, envs.num_reset_ids, args.num_envs // args.group_size)
             obs = envs.reset(reset_ids=np.repeat(group_ids, args.group_size).tolist())
         alive = torch.ones(args.num_envs, dtype=torch.bool)
+        episode_success = torch.zeros(args.num_envs)  # GRPO: each env's one episode (the reward filter's success)
         max_calls = args.num_steps if args.adv_type == "gae" else math.ceil(args.max_episode_steps / chunk)
         for step in range(max_calls):
             actions, rec = act(obs, deterministic=False)
@@ -526,6 +527,9 @@ if __name__ == "__main__":
             dones.append(done)
             masks.append(alive.clone())
             if args.adv_type == "grpo":  # one episode per env: its chunk steps after the first done are padding
+                ended = alive & done
+                if ended.any() and "episode" in info:
+                    episode_success[ended] = torch.as_tensor(info["episode"]["success_once"]).float().cpu()[ended]
                 alive &= ~done
             if "episode" in info:
                 for i in torch.nonzero(info["done"]).flatten().tolist():
@@ -555,7 +559,7 @@ if __name__ == "__main__":
                 mean, std = episode_return.mean(1, keepdim=True), episode_return.std(1, keepdim=True)
                 advantages = ((episode_return - mean) / (std + 1e-6)).view(-1)[None].expand(T, -1).clone()
                 if args.filter_rewards:  # success in [0.1, 0.9]: groups that all fail or all succeed teach nothing
-                    success = (episode_return > 0).float().mean(1)
+                    success = episode_success.view(-1, args.group_size).mean(1)  # success, whatever the reward
                     keep = ((success >= 0.1) & (success <= 0.9)).repeat_interleave(args.group_size)
                     masks_t = masks_t * keep[None].float()
                 returns = advantages
@@ -577,6 +581,7 @@ if __name__ == "__main__":
         # PPO update
         optimizer.param_groups[0]["lr"] = args.learning_rate * min(1.0, iteration / args.actor_warmup) \
             if args.actor_warmup else args.learning_rate
+        writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
         clipfracs, approx_kls, pg_losses, v_losses, entropies, first_ratio_err = [], [], [], [], [], None
         for epoch in range(args.update_epochs if n_samples else 0):
             perm = torch.randperm(n_samples, device=device)
@@ -625,6 +630,10 @@ if __name__ == "__main__":
         writer.add_scalar("losses/approx_kl", np.mean(approx_kls) if approx_kls else 0.0, global_step)
         writer.add_scalar("losses/clipfrac", np.mean(clipfracs) if clipfracs else 0.0, global_step)
         writer.add_scalar("losses/first_ratio_error", first_ratio_err or 0.0, global_step)
+        if args.adv_type == "gae" and n_samples > 1:  # how much of the return the rollout's values explained
+            var_returns = float(ret_flat.var())
+            writer.add_scalar("losses/explained_variance", float("nan") if var_returns == 0 else
+                              1 - float((ret_flat - val_flat).var()) / var_returns, global_step)
         writer.add_scalar("time/rollout", rollout_time, global_step)
         writer.add_scalar("time/update", time.time() - it_start - rollout_time, global_step)
         bar.set_postfix(success=f"{np.mean([e[1] for e in episode_stats]) if episode_stats else float('nan'):.2f}",

@@ -61,6 +61,7 @@ def test_bc_then_ppo_resume_and_grpo(demos, tmp_path):
     # the first minibatch of the first epoch recomputes the rollout's log-probs (float round-off of another batch
     # size aside): ratio 1
     assert scalar_values(run_dir, "losses/first_ratio_error")[0] < 1e-5
+    assert scalar_values(run_dir, "charts/learning_rate") and scalar_values(run_dir, "losses/explained_variance")
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["env_steps"] > 0 and [h["iteration"] for h in summary["history"]] == [0, 1]
     assert {"vla.pt", "trainer.pt", "norm_stats.json"} <= {p.name for p in (run_dir / "checkpoint").iterdir()}
