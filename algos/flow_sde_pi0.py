@@ -54,8 +54,8 @@ from common.libero_env import MAX_EPISODE_STEPS
 from common.fsutil import atomic_write
 from common.pi0 import (Pi0Model, PromptPrefixCache, RolloutPrefixKeeper, gaussian_log_prob, pooled_prefix,
                         prefix_from)
-from common.pi0_io import (Pi0Processor, existing_checkpoint, init_expert, load_pi0, load_pi0_policy,
-                           make_tokenizer, save_pi0)
+from common.pi0_io import (Pi0Processor, existing_checkpoint, init_expert, init_variant, load_pi0,
+                           load_pi0_policy, make_tokenizer, save_pi0)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,7 +84,8 @@ class Args:
     """write an mp4 of the first eval episode (image observations only)"""
     preset: str = "cpu"
     """cpu (tiny model, few envs; on ManiSkill with an MLP action expert, sft:auto's there, the measured CPU_MLP_EXPERT
-    settings for the flags not given) or paper (RLinf's πRL yaml values for this env; needs GPUs and real weights)"""
+    settings for the flags not given) or paper (RLinf's πRL yaml values for this env and the π0 or π0.5 that --init
+    loads; needs GPUs and real weights)"""
 
     # Environment
     env: str = "libero"
@@ -256,6 +257,16 @@ PAPER = {  # RLinf's πRL yaml values (pirl.md §3.5), π0 on LIBERO (flow_sde) 
                       action_chunk=5, update_epochs=4, learning_rate=7.91e-06, value_lr=0.000155, minibatch_size=5120,
                       logprob_type='token', bootstrap='always', max_episode_steps=80, num_steps=16, image_size=224,
                       reward_mode='normalized_dense'),  # RLinf's ManiSkill reward is shaped and relative (§3.4)
+}
+
+# where RLinf's π0.5 configs differ from the π0 ones above (pirl.md §3.5): denoising steps, noise level and epochs
+# per LIBERO suite; ManiSkill's epochs and chunk-level ratios. (libero_10's cosine lr schedule is not reproduced.)
+PAPER_PI05 = {
+    "libero_spatial": dict(num_denoise_steps=3, update_epochs=1),
+    "libero_object": dict(num_denoise_steps=5, noise_level=0.3, update_epochs=1),
+    "libero_goal": dict(num_denoise_steps=5, noise_level=0.3),
+    "libero_10": dict(num_denoise_steps=5),
+    "maniskill": dict(update_epochs=5, logprob_type="chunk"),
 }
 
 # --preset cpu's PPO settings when --init loads an MLP action expert on ManiSkill (sft:auto makes one there): the
@@ -480,7 +491,13 @@ if __name__ == "__main__":
         raise SystemExit(f"--task {args.task}: {e}")
     suite = args.task.split("/")[0]
     if args.preset == "paper":  # the paper's values for every flag left at its default (a flag given wins)
-        kept = fill_defaults(args, {**PAPER[args.env], **(rlinf_libero_values(suite) if args.env == "libero" else {})})
+        pi05 = PAPER_PI05.get(suite if args.env == "libero" else "maniskill", {}) \
+            if init_variant(args.init, args.model) == "pi05" else {}
+        kept = fill_defaults(args, {**PAPER[args.env], **(rlinf_libero_values(suite) if args.env == "libero" else {}),
+                                    **pi05})
+        if pi05:
+            print("--preset paper, π0.5: " + ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in pi05),
+                  flush=True)
         if kept:
             print(f"--preset paper: keeping the flags given ({', '.join(kept)}) over the paper's values", flush=True)
     elif args.env == "maniskill" and init_expert(args.init, sft_expert(args)) == "mlp":  # (a bad --sft-expert: below)

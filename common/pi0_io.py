@@ -352,6 +352,30 @@ def init_expert(init: str, sft_auto: str = "gemma") -> str:
         return "gemma"
 
 
+def init_variant(init: str, scratch_preset: str = "tiny") -> str:
+    """The π0 variant ("pi0" or "pi05") that an --init spec loads, read without loading weights (what a script's
+    paper preset picks RLinf's π0 or π0.5 values by): our checkpoint's config, openpi's config.json or, where that
+    does not say, its weight names (π0.5's time MLP); `scratch_preset` for "scratch"; sft:auto makes a π0. A path
+    that is not a checkpoint says "pi0" (its load, later, says what is wrong)."""
+    kind, _, path = init.partition(":")
+    if kind == "scratch":
+        return "pi05" if scratch_preset == "pi05" else "pi0"
+    try:
+        if kind == "sft" and path not in ("", "auto"):
+            return json.loads((_resolve_dir(Path(path)) / "pi0_config.json").read_text())["config"].get("variant", "pi0")
+        if kind == "openpi":
+            conf = json.loads((Path(path) / "config.json").read_text())
+            if "pi05" in conf:
+                return "pi05" if conf["pi05"] else "pi0"
+            from safetensors import safe_open
+
+            with safe_open(str(Path(path) / "model.safetensors"), "pt") as f:  # the header only
+                return "pi05" if any(k.removeprefix("model.").startswith("time_mlp_in.") for k in f.keys()) else "pi0"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    return "pi0"
+
+
 def save_openpi(directory: str | Path, model: Pi0Model, norm_stats: NormStats | None = None,
                 asset_id: str = "physical-intelligence/libero", tie_lm_head: bool = True) -> Path:
     """Write our model in openpi's PyTorch layout (names, config.json, assets/<asset_id>/norm_stats.json). Sizes that

@@ -136,6 +136,25 @@ def test_preset_cpu_takes_the_mlp_experts_recipe_on_maniskill(tmp_path):
     assert preset_line(f"sft:{save_pi0(tmp_path / 'gemma', Pi0Model(Pi0Config.tiny()))}") == ""
 
 
+def test_preset_paper_takes_rlinfs_pi05_values_for_a_pi05(tmp_path):
+    """As Flow-SDE's: a π0.5 gets RLinf's π0.5 values under --preset paper (ManiSkill: 5 epochs, chunk ratios; LIBERO:
+    the suite's denoising steps and epochs, no noise level)."""
+    from common.pi0_io import save_pi0
+
+    def paper(*flags):
+        out = subprocess.run([sys.executable, str(ROOT / "algos" / "flow_noise_pi0.py"), "--run-dir", str(tmp_path),
+                              "--preset", "paper", *flags, "--eval-every", "0"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode != 0 and "--eval-every" in out.stderr, out.stderr[-400:]
+        return out.stdout
+
+    pi05 = f"sft:{save_pi0(tmp_path / 'pi05', Pi0Model(Pi0Config.tiny(variant='pi05')))}"
+    assert "--preset paper, π0.5: --update-epochs 5, --logprob-type chunk" in paper("--env", "maniskill", "--init", pi05)
+    assert "--preset paper, π0.5: --num-denoise-steps 3, --update-epochs 1" in paper(
+        "--env", "libero", "--task", "libero_spatial/0", "--init", pi05)
+    assert "π0.5" not in paper("--env", "maniskill", "--init", "scratch")
+
+
 def test_bad_flags_are_refused(tmp_path):
     cases = [(["--env", "gym"], "--env"), (["--critic", "x"], "--critic"),
              (["--noise-std-min", "0.2", "--noise-std-max", "0.1"], "--noise-std-min"),

@@ -331,6 +331,38 @@ def test_preset_paper_keeps_the_flags_given():
     assert "keeping the flags given (--num-envs 16)" in out.stdout
 
 
+def test_preset_paper_takes_rlinfs_pi05_values_for_a_pi05(tmp_path):
+    """The variant --init loads is read without its weights (our checkpoint's config, openpi's config.json or, where
+    that does not say, its weight names); for a π0.5 --preset paper takes RLinf's π0.5 values (pirl.md §3.5), a flag
+    given still wins. Stopped after the argument checks (--eval-every 0)."""
+    from common.pi0_io import init_variant, save_openpi, save_pi0
+
+    pi05 = Pi0Model(Pi0Config.tiny(variant="pi05"))
+    ours, pi0 = save_pi0(tmp_path / "pi05", pi05), save_pi0(tmp_path / "pi0", Pi0Model(Pi0Config.tiny()))
+    openpi = save_openpi(tmp_path / "openpi05", pi05)
+    conf = json.loads((openpi / "config.json").read_text())
+    del conf["pi05"]  # a config.json that does not say: the weight names do
+    (openpi / "config.json").write_text(json.dumps(conf))
+    assert [init_variant(f"sft:{ours}"), init_variant(f"sft:{pi0}"), init_variant(f"openpi:{openpi}")] == \
+        ["pi05", "pi0", "pi05"]
+    assert [init_variant("scratch", "pi05"), init_variant("scratch", "tiny"), init_variant("sft:auto")] == \
+        ["pi05", "pi0", "pi0"]
+    assert init_variant(f"sft:{tmp_path / 'nothing'}") == "pi0"  # the load, later, says what is wrong
+
+    def paper(*flags):
+        out = subprocess.run([sys.executable, str(ROOT / "algos" / "flow_sde_pi0.py"), "--run-dir", str(tmp_path),
+                              "--preset", "paper", *flags, "--eval-every", "0"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode != 0 and "--eval-every" in out.stderr, out.stderr[-400:]
+        return out.stdout
+
+    out = paper("--env", "libero", "--task", "libero_object/0", "--init", f"sft:{ours}", "--update-epochs", "3")
+    assert "--preset paper, π0.5: --num-denoise-steps 5, --noise-level 0.3, --update-epochs 3" in out
+    assert "keeping the flags given (--update-epochs 3" in out
+    assert "--update-epochs 5, --logprob-type chunk" in paper("--env", "maniskill", "--init", f"openpi:{openpi}")
+    assert "π0.5" not in paper("--env", "libero", "--task", "libero_object/0", "--init", f"sft:{pi0}")
+
+
 def test_preset_cpu_takes_the_mlp_experts_recipe_on_maniskill(tmp_path):
     """--preset cpu fills the MLP expert's measured PPO settings where --init loads an MLP expert on ManiSkill (read
     from the checkpoint's config; sft:auto makes one there), keeps the flags given, and leaves a Gemma expert, LIBERO
