@@ -114,6 +114,9 @@ class Args:
     reward_model: str = ""
     """optional learned reward: a safetensors success classifier (see RewardClassifier); its 0/1 verdict is the
     reward and the success, and a success ends the episode"""
+    reward_threshold: float = 0.5
+    """--reward-model: the success probability above which a frame counts as success (SERL 0.5; RLinf's 0.8 cuts
+    false positives, each of which ends an episode with the reward)"""
 
     # SAC / RLPD (RLinf's realworld RLPD config, real_world_system.md §6)
     gamma: float = 0.96
@@ -141,7 +144,7 @@ class Args:
     initial_alpha: float = 0.01
     """initial entropy temperature"""
     target_entropy: float = -3.0
-    """automatic entropy tuning target"""
+    """automatic entropy tuning target (RLinf's, for its 6-D actions; SERL / RLPD use -action_dim / 2)"""
     bootstrap_terminal: bool = False
     """bootstrap through terminations in the TD target (ManiSkill's SAC recipe for dense sim rewards, where a success
     ends the episode: without it, ending forfeits the reward of staying at the goal and the policy learns to hover
@@ -261,17 +264,18 @@ def random_shift(images: torch.Tensor, pad: int = 4) -> torch.Tensor:
 
 class RewardClassifier(nn.Module):
     """The learned-reward hook (SERL's success classifier): the Encoder (image features and the state) plus a linear
-    head; reward 1 where sigmoid(logit) > 0.5. Load with --reward-model FILE (safetensors of this module's state dict)."""
+    head; reward 1 where sigmoid(logit) > `threshold`. Load with --reward-model FILE (safetensors of this module's state dict)."""
 
-    def __init__(self, spec: dict):
+    def __init__(self, spec: dict, threshold: float = 0.5):
         super().__init__()
         self.encoder = Encoder(spec)
         self.head = nn.Linear(self.encoder.out_dim, 1)
+        self.threshold = threshold
 
     @torch.no_grad()
     def reward(self, obs: dict) -> float:
         batch = {k: torch.as_tensor(np.asarray(v))[None] for k, v in flatten_obs(obs).items()}
-        return float(torch.sigmoid(self.head(self.encoder(batch)))[0, 0] > 0.5)
+        return float(torch.sigmoid(self.head(self.encoder(batch)))[0, 0] > self.threshold)
 
     def judge(self, obs: dict, terminated: bool, info: dict) -> tuple[float, bool]:
         """SERL's hook: the classifier's verdict is the reward and the success, and a success ends the episode (a
@@ -288,10 +292,10 @@ def expert_takes_over(args: Args, robot_index: int, episode: int) -> bool:
         random.Random(f"{args.seed}/{robot_index}/{episode}").random() < args.expert_takeover
 
 
-def load_reward_model(path: str, spec: dict) -> RewardClassifier:
+def load_reward_model(path: str, spec: dict, threshold: float = 0.5) -> RewardClassifier:
     from safetensors.torch import load_file
 
-    model = RewardClassifier(spec)
+    model = RewardClassifier(spec, threshold)
     try:
         model.load_state_dict(load_file(path))
     except Exception as exc:  # a file that is not one, or one made for another observation spec
@@ -483,7 +487,7 @@ def run_actor(args: Args, run_dir: Path) -> None:
     weights = WeightSubscriber(f"tcp://{args.learner_host}:{args.port + 1}", policy)
     spool = run_dir.parent / "actor_spool" / f"{run_dir.name}__{env.name}"  # unsent items survive a restart
     sender = DataSender(endpoint, sender_id=env.name, spool_dir=spool, max_pending=4096, resend_after=2.0)
-    reward_model = load_reward_model(args.reward_model, spec) if args.reward_model else None
+    reward_model = load_reward_model(args.reward_model, spec, args.reward_threshold) if args.reward_model else None
     backlog: list[tuple[dict, dict]] = []  # items the sender had no room for (learner gone for long)
     progress = spool / "episodes.json"  # a restarted actor goes on (expert episodes, reset seeds) where it stopped
     episode, dropped = json.loads(progress.read_text())["episode"] if progress.exists() else 0, 0
@@ -543,6 +547,8 @@ def main(args: Args) -> None:
             raise SystemExit(f"--{name} must be one of {choices}, got {getattr(args, name)!r}")
     if not 0 <= args.demo_fraction < 1 or args.critic_subsample > args.num_q:
         raise SystemExit("--demo-fraction must be in [0, 1) and --critic-subsample <= --num-q")
+    if not 0 < args.reward_threshold < 1:
+        raise SystemExit(f"--reward-threshold must be in (0, 1), got {args.reward_threshold}")
     if args.utd < 0 or (args.mode == "sync" and args.utd == 0):
         raise SystemExit(f"--utd must be > 0 (or 0 for an uncapped async learner), got {args.utd} in --mode {args.mode}")
     small = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ("sync_every", "checkpoint_every", "num_robots",
@@ -670,7 +676,7 @@ def main(args: Args) -> None:
         spec_envs = [make_actor_env(Args(**{**asdict(args), "robot_index": i})) for i in range(args.num_robots)]
         spec_box["spec"] = spec_box["spec"] or {k: v for k, v in spec_envs[0].spec().items() if k != "name"}
         if args.reward_model:  # the same success classifier as the async actors use
-            sync_reward_model = load_reward_model(args.reward_model, spec_envs[0].spec())
+            sync_reward_model = load_reward_model(args.reward_model, spec_envs[0].spec(), args.reward_threshold)
     print(f"learner at tcp://{args.bind_host}:{args.port} (weights +1, handshake +2); run dir {run_dir}; waiting for "
           f"a robot" if spec_box["spec"] is None else f"learner ready; run dir {run_dir}", flush=True)
     while spec_box["spec"] is None:

@@ -3,6 +3,7 @@ learner and --resume (buffer, counters and policy version continue, no acknowled
 the handshake refusing a different robot, a run directory never overwritten."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 
 from common.transport import decode, unpack_frames
+from tests.helpers.cli import run_each
 from tests.helpers.ports import free_port
 from tests.helpers.tensorboard import all_scalars
 
@@ -287,15 +289,35 @@ def test_refusals(tmp_path):
 
 
 def test_bad_input_fails_before_a_run_directory_exists(tmp_path):
-    for flags, says in ((["--robot", "dummy,bogus=1"], "bogus"), (["--sync-every", "0"], "--sync-every 0"),
-                        (["--num-robots", "0"], "--num-robots 0"),
-                        (["--demos", "/nonexistent_demos"], "--demos /nonexistent_demos: no such directory"),
-                        (["--reward-model", "/nonexistent.safetensors"], "no such file"),
-                        (["--total-minutes", "-1"], "--total-minutes must be >= 0")):
-        out = subprocess.run([sys.executable, SCRIPT, "--run-dir", str(tmp_path), *flags], cwd=ROOT,
-                             capture_output=True, text=True, timeout=120)
+    cases = [(["--robot", "dummy,bogus=1"], "bogus"), (["--sync-every", "0"], "--sync-every 0"),
+             (["--num-robots", "0"], "--num-robots 0"),
+             (["--demos", "/nonexistent_demos"], "--demos /nonexistent_demos: no such directory"),
+             (["--reward-model", "/nonexistent.safetensors"], "no such file"),
+             (["--reward-threshold", "1.5"], "--reward-threshold must be in (0, 1)"),
+             (["--total-minutes", "-1"], "--total-minutes must be >= 0")]
+    outs = run_each([[sys.executable, SCRIPT, "--run-dir", str(tmp_path), *flags] for flags, _ in cases], cwd=ROOT,
+                    timeout=120)
+    for (flags, says), out in zip(cases, outs):
         assert out.returncode != 0 and says in out.stderr and "Traceback" not in out.stderr, flags
-        assert not tmp_path.exists() or not run_dirs(tmp_path), flags  # nothing to clean up before a retry
+    assert not tmp_path.exists() or not run_dirs(tmp_path)  # nothing to clean up before a retry
+
+
+def test_the_reward_classifier_counts_success_above_its_threshold():
+    import torch
+
+    sac = _load_script()
+    env = sac.make_actor_env(sac.Args(robot="dummy,cameras=main,image_size=16,control_hz=0"))
+    obs, _ = env.reset(seed=0)
+    spec = env.spec()
+    env.close()
+    verdicts = []
+    for threshold in (0.6, 0.7):
+        model = sac.RewardClassifier(spec, threshold)
+        with torch.no_grad():
+            model.head.weight.zero_()
+            model.head.bias.fill_(math.log(0.65 / 0.35))  # success probability 0.65 on every frame
+        verdicts.append(model.judge(obs, False, {}))
+    assert verdicts == [(1.0, True), (0.0, False)]
 
 
 def _actor_pids(run_dir: Path) -> list[int]:
