@@ -427,13 +427,20 @@ class ReplayBuffer:
 def sample_mixed(sources: list[tuple[ReplayBuffer, float]], batch_size: int,
                  rng: np.random.Generator | None = None) -> dict[str, Any]:
     """One batch drawn from several buffers at fixed fractions (e.g. [(online, 0.5), (demos, 0.5)] for RLPD).
-    `batch["source"]` says which buffer each row came from."""
+    Each source gets its share of the rows rounded down or up, at random, so that its expected count is exactly its
+    share (a source owed 0.3 rows per batch gets one in about 3 batches, not none). `batch["source"]` says which
+    buffer each row came from."""
     rng = rng or np.random.default_rng()
     fractions = np.array([f for _, f in sources], dtype=np.float64)
     if (fractions < 0).any() or fractions.sum() <= 0:
         raise ValueError(f"fractions must be >= 0 and sum to > 0, got {fractions.tolist()}")
-    counts = np.floor(fractions / fractions.sum() * batch_size).astype(int)
-    counts[np.argmax(fractions)] += batch_size - counts.sum()
+    exact = fractions / fractions.sum() * batch_size
+    counts = np.floor(exact).astype(int)
+    short = batch_size - int(counts.sum())
+    if short:  # systematic sampling: one row more for each source whose fractional part a point falls into
+        ends = np.cumsum(exact - counts)
+        picks = np.searchsorted(ends, rng.random() + np.arange(short), side="right")
+        np.add.at(counts, np.minimum(picks, len(counts) - 1), 1)
     parts = [buf.sample(int(n), rng) for (buf, _), n in zip(sources, counts) if n > 0]
     batch = _concat(parts)
     batch["source"] = np.concatenate([np.full(n, i) for i, n in enumerate(counts) if n > 0])

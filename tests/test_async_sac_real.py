@@ -154,7 +154,7 @@ def test_the_td_target_draws_the_next_action_from_the_current_policy(monkeypatch
 
 
 def test_the_demo_half_of_a_batch_is_uniform_over_interventions_and_prior_demos_together():
-    from common.replay_buffer import ReplayBuffer
+    from common.replay_buffer import ReplayBuffer, sample_mixed
 
     sac = _load_script()
 
@@ -166,9 +166,14 @@ def test_the_demo_half_of_a_batch_is_uniform_over_interventions_and_prior_demos_
                      "truncated": np.zeros(steps, bool)})
         return buf
 
-    online, interventions, prior = buffer(5, 10), buffer(1, 10), buffer(9, 10)  # 10 corrected steps, 90 demo steps
-    sources = sac.batch_sources(online, [interventions, prior], 0.5)
+    online, interventions, prior = buffer(5, 10), buffer(1, 10), buffer(3, 30)  # 10 corrected steps, 90 demo steps
+    sources = sac.batch_sources(online, [interventions, prior], 0.5)  # by transitions, not segments
     assert [(b, round(f, 6)) for b, f in sources] == [(online, 0.5), (interventions, 0.05), (prior, 0.45)]
+    # a first short correction next to many demos: 2 of 1,562 demo steps, 0.16 rows a batch, still sampled
+    first, demos, rng = buffer(1, 2), buffer(40, 39), np.random.default_rng(0)
+    rows = sum(int((sample_mixed(sac.batch_sources(online, [first, demos], 0.5), 256, rng)["source"] == 1).sum())
+               for _ in range(200))
+    assert 10 <= rows <= 60, rows  # 33 expected
     assert sac.batch_sources(online, [buffer(0, 1), None], 0.5) == [(online, 1.0)]  # no demonstrations yet
     assert sac.batch_sources(online, [interventions, None], 0.5) == [(online, 0.5), (interventions, 0.5)]
 

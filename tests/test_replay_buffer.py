@@ -171,6 +171,22 @@ def test_concurrent_add_and_sample(tmp_path):
     assert not errors, errors[0]
 
 
+def test_mixed_batches_give_each_source_its_share_in_expectation():
+    """A share that is not a whole number of rows is rounded down or up at random, never always down: a source owed
+    0.31 rows a batch gets about 31 rows in 100 batches (it got none when every share was rounded down)."""
+    bufs = [ReplayBuffer(None, cache_transitions=1000) for _ in range(3)]
+    for i, buf in enumerate(bufs):
+        buf.add(make_segment(i))
+    rng, counts, batches = np.random.default_rng(0), np.zeros(3), 400
+    shares = np.array([0.5, 0.4988, 0.0012])
+    for _ in range(batches):
+        source = sample_mixed(list(zip(bufs, shares)), 256, rng)["source"]
+        assert len(source) == 256 and (source == 0).sum() == 128  # a whole share stays exact
+        counts += np.bincount(source, minlength=3)
+    expected = shares[2] * 256 * batches  # 123
+    assert abs(counts[2] - expected) < 4 * np.sqrt(expected), counts
+
+
 def test_mixed_batches_and_prefetch(tmp_path):
     online, demos = ReplayBuffer(tmp_path / "online"), ReplayBuffer(tmp_path / "demos")
     for s in range(3):
