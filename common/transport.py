@@ -542,22 +542,28 @@ _authenticators: dict[int, Any] = {}  # context id -> its ZAP handler thread
 # socket id -> (weak reference to the socket, its context), of the CurveZMQ servers not yet closed. A server dropped
 # without `close_socket` leaves when it is collected (pyzmq closes it then), before its id can be another socket's.
 _curve_servers: dict[int, tuple[weakref.ref, zmq.Context]] = {}
+# held while either dict changes: a collected server's callback runs in whichever thread drops it (re-entrant: also in
+# the middle of our own bookkeeping, when that allocation triggers a garbage collection)
+_curve_lock = threading.RLock()
 
 
 def _stop_unused_authenticator(ctx: zmq.Context) -> None:
-    """Stop the context's ZAP handler once no CurveZMQ server of the context is left: its thread holds a socket of
-    the context, so `ctx.term()` would wait for it forever."""
-    if not any(c is ctx for _, c in _curve_servers.values()):
+    """Stop the context's ZAP handler once no CurveZMQ server of the context is left (under `_curve_lock`): its
+    thread holds a socket of the context, so `ctx.term()` would wait for it forever."""
+    if not any(c is ctx for _, c in list(_curve_servers.values())):
         auth = _authenticators.pop(id(ctx), None)
         if auth is not None:
             auth.stop()
 
 
 def _forget_collected_server(key: int, ref: weakref.ref) -> None:
-    entry = _curve_servers.get(key)
-    if entry is not None and entry[0] is ref:
-        del _curve_servers[key]
-        _stop_unused_authenticator(entry[1])
+    """A CurveZMQ server garbage-collected without `close_socket`: drop its entry (if still its own) and stop the
+    context's ZAP handler if it was the last."""
+    with _curve_lock:
+        entry = _curve_servers.get(key)
+        if entry is not None and entry[0] is ref:
+            del _curve_servers[key]
+            _stop_unused_authenticator(entry[1])
 
 
 def _secure(sock: zmq.Socket, curve: CurveConfig | None, server: bool) -> None:
@@ -573,14 +579,15 @@ def _secure(sock: zmq.Socket, curve: CurveConfig | None, server: bool) -> None:
         if not curve.allowed_clients_dir:
             raise ValueError("a CurveZMQ server needs allowed_clients_dir (the client public keys it accepts)")
         ctx = sock.context
-        # first, so that closing this socket after a failure below stops the handler
-        _curve_servers[id(sock)] = (weakref.ref(sock, functools.partial(_forget_collected_server, id(sock))), ctx)
-        if id(ctx) not in _authenticators:  # one ZAP handler per context
-            _authenticators[id(ctx)] = _start_authenticator(ctx)
         # one ZAP domain per allow-list, so that servers of one process with different lists each check their own
         allowed = os.path.realpath(curve.allowed_clients_dir)
         domain = "allow-" + hashlib.sha256(allowed.encode()).hexdigest()[:16]
-        _authenticators[id(ctx)].configure_curve(domain=domain, location=allowed)
+        with _curve_lock:  # (a handler found here is not stopped before this server is registered with it)
+            # first, so that closing this socket after a failure below stops the handler
+            _curve_servers[id(sock)] = (weakref.ref(sock, functools.partial(_forget_collected_server, id(sock))), ctx)
+            if id(ctx) not in _authenticators:  # one ZAP handler per context
+                _authenticators[id(ctx)] = _start_authenticator(ctx)
+            _authenticators[id(ctx)].configure_curve(domain=domain, location=allowed)
         sock.zap_domain = domain.encode()
         sock.curve_server = True
     else:
@@ -622,10 +629,11 @@ def _start_authenticator(ctx: zmq.Context, deadline_s: float = 5.0):
 def close_socket(sock: zmq.Socket, linger_ms: int = 0) -> None:
     """Close a socket of `make_socket`. The last CurveZMQ server of a context also stops the context's ZAP handler:
     its thread holds a socket of the context, so `ctx.term()` would wait for it forever."""
-    entry = _curve_servers.pop(id(sock), None)
-    sock.close(linger=linger_ms)
-    if entry is not None:
-        _stop_unused_authenticator(entry[1])
+    with _curve_lock:
+        entry = _curve_servers.pop(id(sock), None)
+        sock.close(linger=linger_ms)
+        if entry is not None:
+            _stop_unused_authenticator(entry[1])
 
 
 def make_keypair(directory: str | Path, name: str) -> tuple[Path, Path]:
