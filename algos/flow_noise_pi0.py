@@ -457,7 +457,7 @@ if __name__ == "__main__":
         kept = fill_defaults(args, {**PAPER[args.env], **(rlinf_libero_values(suite) if args.env == "libero" else {}),
                                     **pi05})
         if pi05:
-            print("--preset paper, π0.5: " + ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in pi05),
+            print("--preset paper, π0.5: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in pi05.items()),
                   flush=True)
         if kept:
             print(f"--preset paper: keeping the flags given ({', '.join(kept)}) over the paper's values", flush=True)

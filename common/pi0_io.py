@@ -371,7 +371,7 @@ def init_variant(init: str, scratch_preset: str = "tiny") -> str:
 
             with safe_open(str(Path(path) / "model.safetensors"), "pt") as f:  # the header only
                 return "pi05" if any(k.removeprefix("model.").startswith("time_mlp_in.") for k in f.keys()) else "pi0"
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except Exception:  # (safetensors' own error for a corrupt file among them) unreadable: the load will say why
         pass
     return "pi0"
 

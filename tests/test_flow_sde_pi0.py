@@ -348,6 +348,10 @@ def test_preset_paper_takes_rlinfs_pi05_values_for_a_pi05(tmp_path):
     assert [init_variant("scratch", "pi05"), init_variant("scratch", "tiny"), init_variant("sft:auto")] == \
         ["pi05", "pi0", "pi0"]
     assert init_variant(f"sft:{tmp_path / 'nothing'}") == "pi0"  # the load, later, says what is wrong
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "config.json").write_text("{}")
+    (tmp_path / "corrupt" / "model.safetensors").write_bytes(b"not a safetensors file")
+    assert init_variant(f"openpi:{tmp_path / 'corrupt'}") == "pi0"
 
     def paper(*flags):
         out = subprocess.run([sys.executable, str(ROOT / "algos" / "flow_sde_pi0.py"), "--run-dir", str(tmp_path),
@@ -357,7 +361,7 @@ def test_preset_paper_takes_rlinfs_pi05_values_for_a_pi05(tmp_path):
         return out.stdout
 
     out = paper("--env", "libero", "--task", "libero_object/0", "--init", f"sft:{ours}", "--update-epochs", "3")
-    assert "--preset paper, π0.5: --num-denoise-steps 5, --noise-level 0.3, --update-epochs 3" in out
+    assert "--preset paper, π0.5: --num-denoise-steps 5, --noise-level 0.3, --update-epochs 1" in out
     assert "keeping the flags given (--update-epochs 3" in out
     assert "--update-epochs 5, --logprob-type chunk" in paper("--env", "maniskill", "--init", f"openpi:{openpi}")
     assert "π0.5" not in paper("--env", "libero", "--task", "libero_object/0", "--init", f"sft:{pi0}")
