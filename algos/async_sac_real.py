@@ -264,7 +264,8 @@ def random_shift(images: torch.Tensor, pad: int = 4) -> torch.Tensor:
 
 class RewardClassifier(nn.Module):
     """The learned-reward hook (SERL's success classifier): the Encoder (image features and the state) plus a linear
-    head; reward 1 where sigmoid(logit) > `threshold`. Load with --reward-model FILE (safetensors of this module's state dict)."""
+    head; reward 1 where sigmoid(logit) > `threshold`. Load with --reward-model FILE (safetensors of this module's
+    state dict)."""
 
     def __init__(self, spec: dict, threshold: float = 0.5):
         super().__init__()

@@ -10,6 +10,7 @@ State observations: ManiSkill's flat state (obs_mode=state) or proprioception + 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import gymnasium as gym
@@ -61,7 +62,8 @@ class SimBackend(RobotBackend):
             first = self.sim.reset(0)
             space = self.sim.env.single_action_space
         except BaseException:  # (a renderer that fails at the first frame): the simulator is not left behind
-            self.sim.close()
+            with contextlib.suppress(Exception):  # (the reset's error is the one to report)
+                self.sim.close()
             raise
         spaces = {"state": gym.spaces.Box(-np.inf, np.inf, first["state"].shape, np.float32)}
         if "images" in first:
