@@ -742,13 +742,13 @@ if __name__ == "__main__":
     training = start_iter < args.total_iterations  # --total-iterations 0: an eval-only run, no training envs
     if training:
         envs = make_env(args, args.num_envs, auto_reset=args.adv_type == "gae")
-        obs = envs.reset(seed=args.seed)
-    if training and "draws" in resumed_rngs:  # go on drawing initial states (and groups) where the run stopped
-        draws = json.loads(resumed_rngs["draws"])
-        envs.rng_state = draws["env"]
-        np.random.set_state((draws["np"][0], np.asarray(draws["np"][1], np.uint32), *draws["np"][2:]))
-        if resumed_rngs["cuda_rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(resumed_rngs["cuda_rng"])
+        draws = json.loads(resumed_rngs["draws"]) if "draws" in resumed_rngs else None
+        if draws is not None:  # go on drawing initial states (and groups) where the run stopped, from the first reset
+            envs.rng_state = draws["env"]
+            np.random.set_state((draws["np"][0], np.asarray(draws["np"][1], np.uint32), *draws["np"][2:]))
+            if resumed_rngs["cuda_rng"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(resumed_rngs["cuda_rng"])
+        obs = envs.reset(seed=args.seed if draws is None else None)  # (reseeded, it would replay the first states)
     # the training clock starts here, as in CleanRL: env start-up and the start's eval are outside it, like evals
     eval_seconds[0] = 0.0
     start_time = time.time() - (meta["extra"].get("train_minutes", 0.0) * 60 if start_iter else 0.0)  # resumed

@@ -485,11 +485,12 @@ if __name__ == "__main__":
     last_iter, saved_iter = start_iter, start_iter
     if start_iter < args.total_iterations:
         envs = make_env(args, args.num_envs, auto_reset=args.adv_type == "gae")
-        obs = envs.reset(seed=args.seed)
-    if trainer is not None and trainer.get("env_rng"):  # go on drawing initial states where the run stopped
-        envs.rng_state = json.loads(trainer["env_rng"])
-        s = trainer["np_rng"]
-        np.random.set_state((s[0], np.asarray(s[1], np.uint32), *s[2:]))
+        resumed_draw = trainer is not None and bool(trainer.get("env_rng"))
+        if resumed_draw:  # go on drawing initial states where the run stopped, from the first reset on
+            envs.rng_state = json.loads(trainer["env_rng"])
+            s = trainer["np_rng"]
+            np.random.set_state((s[0], np.asarray(s[1], np.uint32), *s[2:]))
+        obs = envs.reset(seed=None if resumed_draw else args.seed)  # (reseeded, it would replay the first states)
     # the training clock starts here, as in CleanRL: env start-up and the start's eval are outside it, like evals
     start_time, eval_seconds = time.time() - meta["extra"].get("train_minutes", 0.0) * 60 * resuming, 0.0
     bar = tqdm(range(start_iter, args.total_iterations), initial=start_iter, total=args.total_iterations,

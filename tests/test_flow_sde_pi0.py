@@ -219,6 +219,10 @@ def test_resume_goes_on_where_the_run_stopped(tmp_path):
     assert "resuming" in out.stdout and "at iteration 1" in out.stdout
     second = json.loads((run_dir / "summary.json").read_text())
     assert [h["iteration"] for h in second["history"]] == [0, 1, 2]
+    # the resumed run's first reset drew its initial states from where the run's draw stopped (reseeded, it replayed
+    # iteration 0's and left the draw where the checkpoint had it)
+    resumed = json.loads(torch.load(run_dir / "checkpoint" / "trainer.pt", weights_only=True)["draws"])
+    assert resumed["env"] != draws["env"]
     assert second["env_steps"] > first["env_steps"] and second["minutes"] >= first["minutes"]
     # the simulator's seconds (inside envs.step) go on from the checkpoint's too, and are part of the training clock
     assert 0 < first["sim_seconds"] < second["sim_seconds"] <= second["minutes"] * 60

@@ -78,6 +78,10 @@ def test_bc_then_ppo_resume_and_grpo(demos, tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert [h["iteration"] for h in summary["history"]] == [0, 1, 2]
     assert (run_dir / "checkpoint").exists() and not (run_dir / "checkpoint.old").exists()
+    out = run(small + ["--total-iterations", "2", "--resume"])  # a finished run: nothing left to train, no crash
+    again = json.loads((run_dir / "summary.json").read_text())
+    assert "at iteration 2" in out.stdout and again["history"] == summary["history"]
+    assert again["env_steps"] == summary["env_steps"]
 
     # GRPO from that checkpoint (its head shape, bins and norm stats), no BC, no critic
     out = run(small + ["--exp-name", "grpo", "--init", f"vla:{run_dir / 'checkpoint'}", "--adv-type", "grpo",
