@@ -56,6 +56,11 @@ def test_short_sft_lowers_the_flow_loss_and_writes_a_checkpoint(demos, tmp_path)
     again = subprocess.run(SCRIPT + sft_args(demos, tmp_path, **{"--total-steps": "80"}), cwd=ROOT,
                            capture_output=True, text=True, timeout=200)
     assert again.returncode != 0 and "--resume" in again.stderr
+    # resumed once finished: nothing left to train, the run's checkpoint and records stay as they were
+    done = subprocess.run(SCRIPT + sft_args(demos, tmp_path, **{"--total-steps": "80", "--resume": None}), cwd=ROOT,
+                          capture_output=True, text=True, timeout=200)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert load_pi0(run / "final")[2]["extra"]["step"] == 80 and json.loads((run / "eval.json").read_text()) == evals
 
 
 def test_resume_after_kill_9(demos, tmp_path):
