@@ -547,13 +547,14 @@ _curve_servers: dict[int, tuple[weakref.ref, zmq.Context]] = {}
 _curve_lock = threading.RLock()
 
 
-def _stop_unused_authenticator(ctx: zmq.Context) -> None:
-    """Stop the context's ZAP handler once no CurveZMQ server of the context is left (under `_curve_lock`): its
-    thread holds a socket of the context, so `ctx.term()` would wait for it forever."""
-    if not any(c is ctx for _, c in list(_curve_servers.values())):
-        auth = _authenticators.pop(id(ctx), None)
-        if auth is not None:
-            auth.stop()
+def _unused_authenticator(ctx: zmq.Context):
+    """The context's ZAP handler, taken out of the bookkeeping, once no CurveZMQ server of the context is left (under
+    `_curve_lock`); the caller stops it after releasing the lock (the handler's thread may itself wait for the lock,
+    in a collection callback, while `stop()` joins it). Its thread holds a socket of the context, so `ctx.term()`
+    would wait for it forever."""
+    if any(c is ctx for _, c in list(_curve_servers.values())):
+        return None
+    return _authenticators.pop(id(ctx), None)
 
 
 def _forget_collected_server(key: int, ref: weakref.ref) -> None:
@@ -561,9 +562,12 @@ def _forget_collected_server(key: int, ref: weakref.ref) -> None:
     context's ZAP handler if it was the last."""
     with _curve_lock:
         entry = _curve_servers.get(key)
+        auth = None
         if entry is not None and entry[0] is ref:
             del _curve_servers[key]
-            _stop_unused_authenticator(entry[1])
+            auth = _unused_authenticator(entry[1])
+    if auth is not None:
+        auth.stop()
 
 
 def _secure(sock: zmq.Socket, curve: CurveConfig | None, server: bool) -> None:
@@ -632,8 +636,9 @@ def close_socket(sock: zmq.Socket, linger_ms: int = 0) -> None:
     with _curve_lock:
         entry = _curve_servers.pop(id(sock), None)
         sock.close(linger=linger_ms)
-        if entry is not None:
-            _stop_unused_authenticator(entry[1])
+        auth = _unused_authenticator(entry[1]) if entry is not None else None
+    if auth is not None:
+        auth.stop()
 
 
 def make_keypair(directory: str | Path, name: str) -> tuple[Path, Path]:
