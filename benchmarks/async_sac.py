@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np
 import tyro
 
-from benchmarks.report import RESULTS_DIR, pyplot, write_results
+from benchmarks.report import RESULTS_DIR, free_port, pyplot, write_results
 from common.fsutil import atomic_write
 
 SCRIPT = str(ROOT / "algos" / "async_sac_real.py")
@@ -81,15 +80,6 @@ class Args:
     """where the runs go (replaced per part)"""
     out_dir: str = str(RESULTS_DIR)
     """where the result files go"""
-
-
-def free_port() -> int:
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port < 60000:
-            return port
 
 
 def scalars(run_dir: Path) -> dict[str, list[tuple[float, float, float]]]:

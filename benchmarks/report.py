@@ -8,6 +8,7 @@ import io
 import json
 import platform
 import shlex
+import socket
 import sys
 from pathlib import Path
 
@@ -27,6 +28,17 @@ def seed_interval(values) -> float:
     mean = sum(values) / n
     sd = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5
     return T_975[min(n - 1, len(T_975)) - 1] * sd / n ** 0.5
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now, chosen by the OS (below 60000): fixed ports collide with another run of
+    the same benchmark, or anything else, on the machine."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port < 60000:
+            return port
 
 
 def utc_date(timestamp: float | None = None) -> str:

@@ -12,7 +12,6 @@ validates, deduplicates and acknowledges every item. Raw PUSH/PULL sends the sam
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ import numpy as np
 import tyro
 import zmq
 
-from benchmarks.report import RESULTS_DIR, pyplot, write_results
+from benchmarks.report import RESULTS_DIR, free_port, pyplot, write_results
 
 
 @dataclass
@@ -37,8 +36,8 @@ class Args:
     """items per second in the latency run"""
     repeats: int = 3
     """throughput runs per transport (the median is reported)"""
-    port: int = 5750
-    """first TCP port to use on 127.0.0.1"""
+    port: int = 0
+    """first TCP port to use on 127.0.0.1, one more per run (0: a free port for each, chosen by the OS)"""
     seed: int = 0
     """seed of the payload"""
     out_dir: Path = RESULTS_DIR
@@ -139,21 +138,27 @@ def run(kind: str, endpoint: str, n: int, rate: float, seed: int) -> tuple[float
 def main(args: Args) -> None:
     item_bytes = sum(np.asarray(v).nbytes for v in payload(np.random.default_rng(0)).values())
     rows, port = [], args.port
+
+    def next_port() -> int:
+        nonlocal port
+        if not args.port:
+            return free_port()
+        port += 1
+        return port
+
     kinds = (("raw", "raw pyzmq PUSH/PULL, one message per item"),
              ("raw_batched", f"raw pyzmq PUSH/PULL, {BATCH} items stacked per message"),
              ("ours", "ours: DataSender -> DataReceiver (acked, dedup)"))
     for kind, label in kinds:
         tputs = []
         for _ in range(args.repeats):
-            port += 1
-            elapsed, lat = run(kind, f"tcp://127.0.0.1:{port}", args.items, 0.0, args.seed)
+            elapsed, lat = run(kind, f"tcp://127.0.0.1:{next_port()}", args.items, 0.0, args.seed)
             tputs.append((len(lat) - 1) / elapsed)
         tput = float(np.median(tputs))
         row = {"transport": label, "items_per_s": round(tput, 1), "MB_per_s": round(tput * item_bytes / 1e6, 1),
                "p50_latency_ms": None, "p99_latency_ms": None}
         if kind != "raw_batched":  # paced latency: one item at a time, batching plays no part
-            port += 1
-            _, lat = run(kind, f"tcp://127.0.0.1:{port}", args.latency_items, args.latency_rate, args.seed)
+            _, lat = run(kind, f"tcp://127.0.0.1:{next_port()}", args.latency_items, args.latency_rate, args.seed)
             lat_ms = np.array(lat) * 1e3
             row.update(p50_latency_ms=round(float(np.percentile(lat_ms, 50)), 3),
                        p99_latency_ms=round(float(np.percentile(lat_ms, 99)), 3))

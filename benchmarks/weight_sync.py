@@ -39,7 +39,7 @@ import torch
 import tyro
 import zmq
 
-from benchmarks.report import RESULTS_DIR, pyplot, write_results
+from benchmarks.report import RESULTS_DIR, free_port, pyplot, write_results
 from common.shm_broadcast import shm_dir
 from common.weight_sync import WeightPublisher, WeightSubscriber, _tensors_to_send
 
@@ -451,13 +451,12 @@ def main(args: Args) -> None:
     if args.module_tree:
         return time_module_tree(args)
     device, cuda = args.learner_device, args.learner_device == "cuda"
-    rows, port = [], 5850
+    rows = []
     for n in args.sizes:
         row = {"params": f"{n / 1e6:g}M" if n >= 100_000 else f"{n / 1e3:g}k", "MB": round(n * 4 / 1e6, 3)}
         repeats = args.repeats * (SMALL_REPEATS if n <= 1_000_000 else 1)
         for name, endpoint, flatten, zero_copy in VARIANTS:
-            endpoint = endpoint.format(n=n, port=port, pid=os.getpid())
-            port += 1
+            endpoint = endpoint.format(n=n, port=free_port(), pid=os.getpid())
             if name.startswith("xproc"):
                 total, blocked, copy_s = time_sync_xproc(n, args.tensors, endpoint, repeats, args.seed,
                                                          device, args.flush_caches)
@@ -478,8 +477,7 @@ def main(args: Args) -> None:
             floor_s, floor_copy_s = time_shm_floor(n, args.tensors, repeats, args.seed, args.flush_caches)
             row["shm_floor_ms"] = round(floor_s * 1e3, 3)
             row["shm_floor_vs_memcpy"] = round(floor_s / floor_copy_s, 2)
-        raw_s = time_raw_tcp(n, repeats, port)
-        port += 1
+        raw_s = time_raw_tcp(n, repeats, free_port())
         row["tcp_raw_pyzmq_ms"] = round(raw_s * 1e3, 2)
         row["tcp_vs_raw"] = round(tcp_total / raw_s, 2)
         rows.append(row)

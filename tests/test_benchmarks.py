@@ -239,7 +239,8 @@ def test_weight_sync_benchmark_runs_every_variant(tmp_path):
     and checks the actor's values, and the table comes out with a ratio for each."""
     cmd = [sys.executable, str(ROOT / "benchmarks/weight_sync.py"), "--sizes", "100000", "--repeats", "3",
            "--out-dir", str(tmp_path)]
-    subprocess.run(cmd, check=True, timeout=600, cwd=ROOT, capture_output=True)
+    out = subprocess.run(cmd, timeout=600, cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
     row = json.loads((tmp_path / "weight_sync.json").read_text())["rows"][0]
     for variant in ("inproc", "inproc_flat_zero_copy", "shm_flat_zero_copy", "xproc_shm_flat_zero_copy",
                     "tcp_flat_zero_copy"):
