@@ -49,7 +49,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from common.envs import (REWARD_MODES, check_task, default_eval_envs, fill_defaults, make_task_env,
-                         rlinf_libero_values, run_eval_episodes, task_instructions)
+                         rlinf_libero_values, rlinf_pi05_values, run_eval_episodes, task_instructions)
 from common.libero_env import MAX_EPISODE_STEPS
 from common.fsutil import atomic_write
 from common.pi0 import (Pi0Model, PromptPrefixCache, RolloutPrefixKeeper, gaussian_log_prob, pooled_prefix,
@@ -259,15 +259,6 @@ PAPER = {  # RLinf's πRL yaml values (pirl.md §3.5), π0 on LIBERO (flow_sde) 
                       reward_mode='normalized_dense'),  # RLinf's ManiSkill reward is shaped and relative (§3.4)
 }
 
-# where RLinf's π0.5 configs differ from the π0 ones above (pirl.md §3.5): denoising steps, noise level and epochs
-# per LIBERO suite; ManiSkill's epochs and chunk-level ratios. (libero_10's cosine lr schedule is not reproduced.)
-PAPER_PI05 = {
-    "libero_spatial": dict(num_denoise_steps=3, update_epochs=1),
-    "libero_object": dict(num_denoise_steps=5, noise_level=0.3, update_epochs=1),
-    "libero_goal": dict(num_denoise_steps=5, noise_level=0.3),
-    "libero_10": dict(num_denoise_steps=5),
-    "maniskill": dict(update_epochs=5, logprob_type="chunk"),
-}
 
 # --preset cpu's PPO settings when --init loads an MLP action expert on ManiSkill (sft:auto makes one there): the
 # calibration's recipe, measured on PushCube, 3 seeds x 12 min (README, πRL section); 480 iterations are ~470k env
@@ -491,8 +482,8 @@ if __name__ == "__main__":
         raise SystemExit(f"--task {args.task}: {e}")
     suite = args.task.split("/")[0]
     if args.preset == "paper":  # the paper's values for every flag left at its default (a flag given wins)
-        pi05 = PAPER_PI05.get(suite if args.env == "libero" else "maniskill", {}) \
-            if init_variant(args.init, args.model) == "pi05" else {}
+        pi05 = rlinf_pi05_values(args.env, suite, noise_level=True) if init_variant(args.init, args.model) == "pi05" \
+            else {}
         kept = fill_defaults(args, {**PAPER[args.env], **(rlinf_libero_values(suite) if args.env == "libero" else {}),
                                     **pi05})
         if pi05:
