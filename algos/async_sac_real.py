@@ -35,6 +35,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn as nn
@@ -48,7 +49,7 @@ from common.replay_buffer import ReplayBuffer, sample_mixed  # noqa: E402
 from common.transport import (DataReceiver, DataSender, HandshakeError, RpcClient, RpcServer,  # noqa: E402
                               TransportError, TransportTimeout, spec_diff)
 from common.weight_sync import WeightPublisher, WeightSubscriber  # noqa: E402
-from robot_io.env import RobotEnv, flatten_obs, make_robot_env  # noqa: E402
+from robot_io.env import RobotEnv, flatten_obs, make_robot_env, spaces_from_spec  # noqa: E402
 from robot_io.registry import RobotValidationError, parse_robot  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,10 +181,10 @@ class Encoder(nn.Module):
         self.state_dim = obs["state"]["box"][0]
         self.cnns = nn.ModuleDict()
         for cam in self.cameras:
-            h = obs["images"]["dict"][cam]["box"][0]
+            h, w = obs["images"]["dict"][cam]["box"][:2]
             conv = nn.Sequential(nn.Conv2d(3, channels, 3, 2), nn.ReLU(), nn.Conv2d(channels, channels, 3, 1),
                                  nn.ReLU(), nn.Conv2d(channels, channels, 3, 1), nn.ReLU(), nn.Flatten())
-            n = conv(torch.zeros(1, 3, h, h)).shape[1]
+            n = conv(torch.zeros(1, 3, h, w)).shape[1]
             self.cnns[cam] = nn.Sequential(conv, nn.Linear(n, feature_dim), nn.LayerNorm(feature_dim), nn.Tanh())
         self.out_dim = feature_dim * len(self.cameras) + self.state_dim
 
@@ -249,6 +250,26 @@ class Policy(nn.Module):
         device = self.scale.device
         batch = {k: torch.as_tensor(np.asarray(v), device=device)[None] for k, v in flatten_obs(obs).items()}
         return self.head(self.encoder(batch), deterministic)[0][0].cpu().numpy()
+
+
+def spec_problem(spec, hidden: int) -> str | None:
+    """Why a robot's spec cannot drive this script's networks, or None: a state vector, optional (H, W, 3) uint8
+    cameras, a bounded 1-D action box."""
+    try:
+        obs, action = spaces_from_spec(spec["observation"]), spaces_from_spec(spec["action"])
+        if not isinstance(obs, gym.spaces.Dict) or "state" not in obs.spaces or len(obs["state"].shape) != 1:
+            return "the observation must be a dict with a 1-D 'state' box"
+        for cam, box in (obs.spaces["images"].spaces.items() if "images" in obs.spaces else ()):
+            if len(box.shape) != 3 or box.shape[2] != 3 or box.dtype != np.uint8 or min(box.shape[:2]) < 8:
+                return f"camera {cam!r} must be an (H, W, 3) uint8 box of at least 8 x 8 pixels, got {box}"
+        if not isinstance(action, gym.spaces.Box) or len(action.shape) != 1 or not action.shape[0] \
+                or not (np.all(np.isfinite(action.low)) and np.all(np.isfinite(action.high))
+                        and np.all(action.low < action.high)):
+            return "the action must be a non-empty 1-D box with finite low < high"
+        Policy(spec, hidden)
+    except Exception as exc:  # a malformed spec from the network, whatever part of it is wrong
+        return f"{type(exc).__name__}: {str(exc)[:300]}"
+    return None
 
 
 def random_shift(images: torch.Tensor, pad: int = 4) -> torch.Tensor:
@@ -643,9 +664,15 @@ def main(args: Args) -> None:
     spec_path = run_dir / "spec.json"
     spec_box: dict = {"spec": learner.spec if learner else
                       (json.loads(spec_path.read_text()) if spec_path.exists() else None)}
+    if spec_box["spec"] is not None and (problem := spec_problem(spec_box["spec"], args.hidden)):
+        raise SystemExit(f"cannot resume {run_dir}: its spec.json is not a usable robot spec ({problem}); delete "
+                         f"spec.json to take the next robot's spec")
 
     def register(msg):
-        theirs = msg.meta.get("spec") or {}
+        theirs = msg.meta.get("spec")
+        problem = spec_problem(theirs, args.hidden)
+        if problem:  # checked before it can become the run's spec (spec.json, which a resume reloads)
+            raise HandshakeError(f"robot {msg.meta.get('robot')} sent a spec this learner cannot use: {problem}")
         if spec_box["spec"] is None:
             spec_box["spec"] = theirs
         diff = spec_diff({k: v for k, v in spec_box["spec"].items() if k not in ("task_description",)},

@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 import pytest
 
-from common.transport import decode, unpack_frames
+from common.transport import HandshakeError, RpcClient, TransportTimeout, decode, unpack_frames
 from tests.helpers.cli import run_each
 from tests.helpers.ports import free_port
 from tests.helpers.tensorboard import all_scalars
@@ -272,6 +272,24 @@ def test_refusals(tmp_path):
     learner = subprocess.Popen([sys.executable, SCRIPT, "--role", "learner", "--robot", "dummy,cameras=,control_hz=50",
                                 "--total-env-steps", "100000", *common], cwd=ROOT, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
+    # a register without a usable spec is refused before it can become the run's spec (spec.json, which a resume
+    # reloads): the learner goes on serving and takes the next, well-formed robot
+    rpc = RpcClient(f"tcp://127.0.0.1:{port + 2}", {"protocol": 1}, client_id="junk")
+    try:
+        for meta in ({"robot": "junk"}, {"robot": "junk", "spec": {"observation": {"dict": {}}, "action": "x"}}):
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    rpc.call("register", meta, timeout=5.0)
+                    raise AssertionError(f"a register with {meta} was accepted")
+                except HandshakeError as exc:
+                    assert "cannot use" in str(exc), exc
+                    break
+                except TransportTimeout:  # the learner is still starting
+                    assert time.monotonic() < deadline and learner.poll() is None, "the learner never answered"
+        assert learner.poll() is None and not list(tmp_path.glob("*/spec.json"))
+    finally:
+        rpc.close()
     first = subprocess.Popen([sys.executable, SCRIPT, "--role", "actor", "--robot", "dummy,cameras=,control_hz=50",
                               *common], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
