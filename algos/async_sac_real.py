@@ -22,12 +22,14 @@ counters, RNG state and the buffers.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import json
 import math
 import os
 import random
+import signal
 import subprocess
 import sys
 import threading
@@ -474,7 +476,8 @@ def robot_string(args: Args) -> str:
 
 
 def make_actor_env(args: Args) -> RobotEnv:
-    env = make_robot_env(robot_string(args), control_hz=None if args.control_hz < 0 else args.control_hz,
+    env = make_robot_env(robot_string(args), args.robot_index,
+                         control_hz=None if args.control_hz < 0 else args.control_hz,
                          max_episode_steps=None if args.max_episode_steps < 0 else args.max_episode_steps)
     from robot_io.sim import SimBackend, SimExpert
 
@@ -489,77 +492,83 @@ def make_actor_env(args: Args) -> RobotEnv:
 def run_actor(args: Args, run_dir: Path) -> None:
     """One robot: act at its control rate with the newest weights, stream segments to the learner, never wait."""
     torch.manual_seed(args.seed * 1000 + args.robot_index)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # (the learner's terminate()) unwinds: the robot is held
     env = make_actor_env(args)
-    spec = env.spec()
-    spec.pop("name", None)
-    endpoint = f"tcp://{args.learner_host}:{args.port}"
-    rpc = RpcClient(f"tcp://{args.learner_host}:{args.port + 2}", {"protocol": 1}, client_id=env.name)
-    deadline = time.monotonic() + 120
-    while True:  # the handshake: the learner compares our obs / action spec with its own
-        try:
-            rpc.call("register", {"spec": spec, "robot": env.name}, timeout=5.0)
-            break
-        except HandshakeError as exc:
-            raise SystemExit(f"{env.name}: {exc}") from None
-        except TransportError:
-            if time.monotonic() > deadline:
-                raise SystemExit(f"{env.name}: no learner at {endpoint} for 120 s (is it running?)") from None
-    policy = Policy(spec, args.hidden)
-    policy.eval()
-    weights = WeightSubscriber(f"tcp://{args.learner_host}:{args.port + 1}", policy)
-    spool = run_dir.parent / "actor_spool" / f"{run_dir.name}__{env.name}"  # unsent items survive a restart
-    sender = DataSender(endpoint, sender_id=env.name, spool_dir=spool, max_pending=4096, resend_after=2.0)
-    reward_model = load_reward_model(args.reward_model, spec, args.reward_threshold) if args.reward_model else None
-    backlog: list[tuple[dict, dict]] = []  # items the sender had no room for (learner gone for long)
-    progress = spool / "episodes.json"  # a restarted actor goes on (expert episodes, reset seeds) where it stopped
-    episode, dropped = json.loads(progress.read_text())["episode"] if progress.exists() else 0, 0
-    parent = int(os.environ.get("ASYNC_SAC_LEARNER_PID", 0))  # set for the local actors of --role all
-    print(f"[actor {env.name}] acting at {env.control_hz or 'unpaced'} Hz, sending to {endpoint}", flush=True)
-    while True:
-        takeover = env.intervention is not None and expert_takes_over(args, args.robot_index, episode)
-        if env.intervention is not None:
-            env.intervention.takeover = 1.0 if takeover else 0.0
-        deterministic = args.eval_every > 0 and episode % args.eval_every == args.eval_every - 1 and not takeover
-        obs, _ = env.reset(seed=args.seed * 100_000 + args.robot_index * 10_000 + episode)
-        writer, done, ret, ep_start = SegmentWriter(obs), False, 0.0, time.monotonic()
-        while not done:
-            if parent and os.getppid() != parent:  # our learner died (kill -9): stop, never act on for no one
-                raise SystemExit(f"[actor {env.name}] the learner (pid {parent}) is gone: stopping")
-            if weights.poll():  # swap weights in between steps, never inside one
-                weights.apply()
-            action = policy.act(obs, deterministic)
-            obs, reward, terminated, truncated, info = env.step(action)
-            if reward_model is not None:
-                reward, terminated = reward_model.judge(obs, terminated, info)
-            ret += reward
-            done = terminated or truncated
-            intervened = bool(info["intervened"])
-            if len(writer) and intervened != bool(writer.steps["intervention"][-1]):
-                backlog.append(({"intervened": not intervened}, writer.take()))
-            writer.add(info["executed_action"], reward, terminated, truncated, weights.version, intervened, obs)
-            if done or len(writer) >= args.segment_steps:
-                meta = {"intervened": intervened}
-                if done:
-                    meta.update(episode_done=True, success=float(info["success"]), episodic_return=ret,
-                                length=env.steps, deterministic=deterministic, human=takeover,
-                                episode_seconds=time.monotonic() - ep_start)
-                backlog.append((meta, writer.take()))
-            if len(backlog) > args.max_backlog:
-                dropped += len(backlog) - args.max_backlog
-                del backlog[:len(backlog) - args.max_backlog]
-                print(f"[actor {env.name}] learner away: {dropped} segments dropped (--max-backlog)", flush=True)
-            while backlog:
-                meta, arrays = backlog[0]
-                meta.update(sent_at=time.time(), control_hz=info["control_hz"], weights_version=weights.version,
-                            weights_applied=weights.stats["applied"], robot=env.name)
-                try:
-                    sender.send(meta, arrays, timeout=0.0)
-                except TransportTimeout:
-                    break  # keep it; the learner is away. Acting goes on.
-                backlog.pop(0)
-            sender.poll()
-        episode += 1
-        atomic_write(progress, json.dumps({"episode": episode}))
+    with contextlib.ExitStack() as cleanup:  # whatever ends the actor (learner gone, e-stop, a crash): the
+        cleanup.callback(env.close)  # robot is held and closed, sockets and the spool released
+        spec = env.spec()
+        spec.pop("name", None)
+        endpoint = f"tcp://{args.learner_host}:{args.port}"
+        rpc = RpcClient(f"tcp://{args.learner_host}:{args.port + 2}", {"protocol": 1}, client_id=env.name)
+        cleanup.callback(rpc.close)
+        deadline = time.monotonic() + 120
+        while True:  # the handshake: the learner compares our obs / action spec with its own
+            try:
+                rpc.call("register", {"spec": spec, "robot": env.name}, timeout=5.0)
+                break
+            except HandshakeError as exc:
+                raise SystemExit(f"{env.name}: {exc}") from None
+            except TransportError:
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"{env.name}: no learner at {endpoint} for 120 s (is it running?)") from None
+        policy = Policy(spec, args.hidden)
+        policy.eval()
+        weights = WeightSubscriber(f"tcp://{args.learner_host}:{args.port + 1}", policy)
+        cleanup.callback(weights.close)
+        spool = run_dir.parent / "actor_spool" / f"{run_dir.name}__{env.name}"  # unsent items survive a restart
+        sender = DataSender(endpoint, sender_id=env.name, spool_dir=spool, max_pending=4096, resend_after=2.0)
+        cleanup.callback(sender.close)
+        reward_model = load_reward_model(args.reward_model, spec, args.reward_threshold) if args.reward_model else None
+        backlog: list[tuple[dict, dict]] = []  # items the sender had no room for (learner gone for long)
+        progress = spool / "episodes.json"  # a restarted actor goes on (expert episodes, reset seeds) where it stopped
+        episode, dropped = json.loads(progress.read_text())["episode"] if progress.exists() else 0, 0
+        parent = int(os.environ.get("ASYNC_SAC_LEARNER_PID", 0))  # set for the local actors of --role all
+        print(f"[actor {env.name}] acting at {env.control_hz or 'unpaced'} Hz, sending to {endpoint}", flush=True)
+        while True:
+            takeover = env.intervention is not None and expert_takes_over(args, args.robot_index, episode)
+            if env.intervention is not None:
+                env.intervention.takeover = 1.0 if takeover else 0.0
+            deterministic = args.eval_every > 0 and episode % args.eval_every == args.eval_every - 1 and not takeover
+            obs, _ = env.reset(seed=args.seed * 100_000 + args.robot_index * 10_000 + episode)
+            writer, done, ret, ep_start = SegmentWriter(obs), False, 0.0, time.monotonic()
+            while not done:
+                if parent and os.getppid() != parent:  # our learner died (kill -9): stop, never act on for no one
+                    raise SystemExit(f"[actor {env.name}] the learner (pid {parent}) is gone: stopping")
+                if weights.poll():  # swap weights in between steps, never inside one
+                    weights.apply()
+                action = policy.act(obs, deterministic)
+                obs, reward, terminated, truncated, info = env.step(action)
+                if reward_model is not None:
+                    reward, terminated = reward_model.judge(obs, terminated, info)
+                ret += reward
+                done = terminated or truncated
+                intervened = bool(info["intervened"])
+                if len(writer) and intervened != bool(writer.steps["intervention"][-1]):
+                    backlog.append(({"intervened": not intervened}, writer.take()))
+                writer.add(info["executed_action"], reward, terminated, truncated, weights.version, intervened, obs)
+                if done or len(writer) >= args.segment_steps:
+                    meta = {"intervened": intervened}
+                    if done:
+                        meta.update(episode_done=True, success=float(info["success"]), episodic_return=ret,
+                                    length=env.steps, deterministic=deterministic, human=takeover,
+                                    episode_seconds=time.monotonic() - ep_start)
+                    backlog.append((meta, writer.take()))
+                if len(backlog) > args.max_backlog:
+                    dropped += len(backlog) - args.max_backlog
+                    del backlog[:len(backlog) - args.max_backlog]
+                    print(f"[actor {env.name}] learner away: {dropped} segments dropped (--max-backlog)", flush=True)
+                while backlog:
+                    meta, arrays = backlog[0]
+                    meta.update(sent_at=time.time(), control_hz=info["control_hz"], weights_version=weights.version,
+                                weights_applied=weights.stats["applied"], robot=env.name)
+                    try:
+                        sender.send(meta, arrays, timeout=0.0)
+                    except TransportTimeout:
+                        break  # keep it; the learner is away. Acting goes on.
+                    backlog.pop(0)
+                sender.poll()
+            episode += 1
+            atomic_write(progress, json.dumps({"episode": episode}))
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -616,6 +625,13 @@ def main(args: Args) -> None:
     if args.role == "actor":
         run_actor(args, run_dir)
         return
+    with contextlib.ExitStack() as cleanup:  # however the learner ends (done, an error, a dead actor): local actors
+        # stopped, sync-mode robots held and closed, sockets closed, in reverse order of opening
+        learn(args, run_dir, resumed, cleanup)
+
+
+def learn(args: Args, run_dir: Path, resumed: bool, cleanup: contextlib.ExitStack) -> None:
+    """The learner (and with --role all its local actors, or in --mode sync the robots themselves)."""
     if not resumed and run_dir.exists():
         raise SystemExit(f"run directory {run_dir} exists: continue it with --resume {run_dir}, or pick another "
                          f"--exp-name / --seed (nothing was overwritten)")
@@ -624,6 +640,7 @@ def main(args: Args) -> None:
         atomic_write(run_dir / "args.json", json.dumps(asdict(args), indent=1))
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     writer = SummaryWriter(str(run_dir))
+    cleanup.callback(writer.close)
     if args.track:
         import wandb
 
@@ -685,12 +702,24 @@ def main(args: Args) -> None:
 
     rpc = RpcServer(f"tcp://{args.bind_host}:{args.port + 2}", {"protocol": 1}, {"register": register},
                     peer_timeout=float("inf")).start()  # handshakes only: liveness is the data channel's job
+    cleanup.callback(rpc.close)
     actors: list[subprocess.Popen] = []
     if args.role == "all" and args.mode == "async":  # local robots: actors read this run's args.json
         for i in range(args.num_robots):
             actors.append(subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--role", "actor",
                                             "--resume", str(run_dir), "--robot-index", str(i)],
                                            env={**os.environ, "ASYNC_SAC_LEARNER_PID": str(os.getpid())}))
+
+    def stop_actors() -> None:  # SIGTERM: each holds and closes its robot and sends what it has
+        for proc in actors:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in actors:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    cleanup.callback(stop_actors)
 
     def check_actors() -> None:  # a local actor that died leaves the learner without data: stop, and say why
         dead = [(i, p.returncode) for i, p in enumerate(actors) if p.poll() is not None]
@@ -701,7 +730,10 @@ def main(args: Args) -> None:
                              f"their output above); fix the cause and continue with --resume {run_dir}")
     sync_reward_model = None
     if args.mode == "sync":
-        spec_envs = [make_actor_env(Args(**{**asdict(args), "robot_index": i})) for i in range(args.num_robots)]
+        spec_envs = []
+        for i in range(args.num_robots):
+            spec_envs.append(make_actor_env(Args(**{**asdict(args), "robot_index": i})))
+            cleanup.callback(spec_envs[-1].close)
         spec_box["spec"] = spec_box["spec"] or {k: v for k, v in spec_envs[0].spec().items() if k != "name"}
         if args.reward_model:  # the same success classifier as the async actors use
             sync_reward_model = load_reward_model(args.reward_model, spec_envs[0].spec(), args.reward_threshold)
@@ -720,6 +752,7 @@ def main(args: Args) -> None:
         seen = [m.get("weights_version", 0) for b in (online, demo) for m in b.seg_meta.values()]
         learner.version = max([learner.version + -(-args.checkpoint_every // args.sync_every), *seen]) + 1
     publisher = WeightPublisher(f"tcp://{args.bind_host}:{args.port + 1}", learner.policy)
+    cleanup.callback(publisher.close)
     learner.version = max(learner.version, 1)
     publisher.publish(learner.version)
 
@@ -768,6 +801,12 @@ def main(args: Args) -> None:
         receiver = DataReceiver(f"tcp://{args.bind_host}:{args.port}", delivered=delivered)
         receive_thread = threading.Thread(target=receive_loop, args=(receiver,), daemon=True)
         receive_thread.start()
+
+        def stop_receiving() -> None:  # the thread first: a ZMQ socket must not be closed while another uses it
+            stop.set()
+            receive_thread.join(timeout=5)
+            receiver.close()
+        cleanup.callback(stop_receiving)
 
     # TRY NOT TO MODIFY: the training loop
     start_time, minutes_before = time.time(), counters["minutes"]
@@ -884,27 +923,13 @@ def main(args: Args) -> None:
             break
     counters["minutes"] = minutes_before + (time.time() - start_time) / 60
     save_checkpoint(ckpt, learner, counters, sample_rng)
-    stop.set()
-    if receive_thread is not None:
-        receive_thread.join(timeout=5)
-    for proc in actors:
-        proc.terminate()
-    for proc in actors:
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    cleanup.close()  # (the receiver, the actors, the sockets: before the summary that says the run is done)
     summary = {"transitions": online.total_added, "demo_transitions": demo.total_added, "updates": learner.updates,
                "version": learner.version, "minutes": counters["minutes"], "episodes": counters["episodes"],
                "args": asdict(args)}
     atomic_write(run_dir / "summary.json", json.dumps(summary, indent=1))
     print(f"done: {summary['transitions']} transitions, {learner.updates} updates, policy v{learner.version}, "
           f"{summary['minutes']:.1f} min; run dir {run_dir}", flush=True)
-    publisher.close()
-    rpc.close()
-    if receiver is not None:
-        receiver.close()
-    writer.close()
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ class LatestFrameCamera:
         self._stop = threading.Event()
         self._error: BaseException | None = None
         self.frames = 0
+        self.errors = 0  # failed grabs (each retried)
         self._thread = threading.Thread(target=self._loop, name=f"camera-{name}", daemon=True)
 
     def start(self) -> "LatestFrameCamera":
@@ -33,12 +34,16 @@ class LatestFrameCamera:
         raise NotImplementedError
 
     def _loop(self) -> None:
+        failures = 0
         while not self._stop.is_set():
             try:
                 frame = self.grab()
-            except BaseException as exc:  # reported by read()
-                self._error = exc
-                return
+            except Exception as exc:  # a dropped frame or a USB hiccup: try again, backing off; read() reports it
+                self._error, failures = exc, failures + 1
+                self.errors += 1
+                self._stop.wait(min(0.01 * 2 ** failures, 1.0))
+                continue
+            self._error, failures = None, 0
             if self.image_size and frame.shape[:2] != (self.image_size, self.image_size):
                 frame = resize_center(frame, self.image_size)
             with self._lock:
@@ -50,12 +55,13 @@ class LatestFrameCamera:
         while True:
             with self._lock:
                 frame, stamp = self._frame, self._stamp
-            if self._error is not None:
-                raise RuntimeError(f"camera {self.name} stopped: {self._error}") from self._error
             if frame is not None and (max_age is None or time.monotonic() - stamp <= max_age):
                 return frame
             if time.monotonic() > deadline:
-                raise TimeoutError(f"camera {self.name}: no frame within {timeout:.1f} s")
+                error = self._error
+                raise TimeoutError(f"camera {self.name}: no frame" + ("" if max_age is None else
+                                   f" newer than {max_age:.2f} s") + f" within {timeout:.1f} s" +
+                                   (f" (grabbing fails: {type(error).__name__}: {error})" if error else ""))
             time.sleep(0.002)
 
     def close(self) -> None:

@@ -18,6 +18,7 @@ Spaces travel as a JSON-able spec (`space_spec` / `spaces_from_spec`): the hands
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -116,6 +117,9 @@ class SafetyBox:
         if self.position_low is not None and tcp is not None and position_scale:
             target = np.clip(tcp + out[:3] * position_scale, self.position_low, self.position_high)
             out[:3] = (target - tcp) / position_scale
+            if self.action_low is not None or self.action_high is not None:  # a tool outside the box goes back at
+                # no more than the action limits allow, never faster
+                out = np.clip(out, self.action_low, self.action_high).astype(np.float32)
         return out, bool(np.any(np.abs(out - action) > 1e-6))
 
 
@@ -146,6 +150,10 @@ class RobotEnv(gym.Env):
         self.observation_space, self.action_space = backend.observation_space, backend.action_space
         self.control_hz = backend.control_hz if control_hz is None else control_hz
         self.max_episode_steps = max_episode_steps or backend.max_episode_steps
+        if not (math.isfinite(self.control_hz) and self.control_hz >= 0):  # (a negative rate would run unpaced)
+            raise ValueError(f"{backend.name}: control_hz must be >= 0 (0: unpaced), got {self.control_hz}")
+        if not self.max_episode_steps or self.max_episode_steps < 1:
+            raise ValueError(f"{backend.name}: max_episode_steps must be >= 1, got {self.max_episode_steps}")
         self.safety = safety or SafetyBox(backend.action_space.low, backend.action_space.high)
         self.intervention = intervention
         self.rate = RateKeeper(self.control_hz)
@@ -269,11 +277,13 @@ def unflatten_obs(flat: dict) -> dict:
     return obs
 
 
-def make_robot_env(text: str, **env_kwargs) -> RobotEnv:
-    """'sim:PickCube' / 'dummy' / 'franka:IP' -> a RobotEnv (env-var autofill, validation unless disabled)."""
+def make_robot_env(text: str, robot_index: int = 0, **env_kwargs) -> RobotEnv:
+    """'sim:PickCube' / 'dummy' / 'franka:IP' -> a RobotEnv (env-var autofill, validation unless disabled). Robot
+    `robot_index` of the node takes the index-th value of each environment variable that lists one per robot
+    (`ROBOT_IP=10.0.0.2,10.0.0.3`)."""
     from robot_io.registry import fill_from_env, parse_robot
 
     rtype, config = parse_robot(text)
-    fill_from_env(config)
+    fill_from_env(config, robot_index)
     rtype.enumerate([config])  # validates (or skips with disable_validate); raises RobotValidationError
     return RobotEnv(rtype.make(config), **env_kwargs)

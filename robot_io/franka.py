@@ -82,10 +82,12 @@ class FrankaConfig:
 
 
 def reachable(ip: str, timeout: float = 1.0) -> bool:
-    """ICMP ping when the `ping` tool is there, else a TCP probe (a refused connection also proves the host is up)."""
+    """ICMP ping when the `ping` tool can run, else a TCP probe (a refused connection also proves the host is up)."""
     try:
-        return subprocess.run(["ping", "-c", "2", "-W", str(max(1, int(timeout))), ip], capture_output=True,
-                              timeout=3 * timeout + 2).returncode == 0
+        code = subprocess.run(["ping", "-c", "2", "-W", str(max(1, int(timeout))), ip], capture_output=True,
+                              timeout=3 * timeout + 2).returncode
+        if code in (0, 1):  # 1: no reply. Anything else is ping's own failure (no raw-socket permission in a
+            return code == 0  # container, ...): the TCP probe decides
     except (FileNotFoundError, PermissionError, subprocess.TimeoutExpired):
         pass
     try:
@@ -150,7 +152,7 @@ class FrankaBackend(RobotBackend):
         self.robot.recover_from_errors()
         self.robot.relative_dynamics_factor = config.dynamics_factor
         self.gripper = self.franky.Gripper(config.robot_ip)
-        serials = config.camera_serials or []
+        serials = (config.camera_serials or []) if config.camera_type == "realsense" else []  # camera_type=none
         names = config.camera_names or (["wrist", "front"] + [f"cam{i}" for i in range(2, len(serials))])[:len(serials)]
         self.cameras = {}
         try:  # a camera that fails to start (busy, wrong serial) stops those already streaming

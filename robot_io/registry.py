@@ -6,7 +6,8 @@ A robot type registers a config dataclass and a class with
 Config fields left unset (None), and the fields a config class lists in `ENV_FIELDS` while they are at their default
 (real hardware: `GRIPPER_TYPE`, `CONTROL_HZ`, ...), fill from upper-cased environment variables (`ROBOT_IP`,
 `CAMERA_SERIALS`, ...) unless the robot string names them; list items convert to the field's element type. Only
-those: a stray `SEED` or `TASK` in a shell must not reconfigure a simulated robot.
+those: a stray `SEED` or `TASK` in a shell must not reconfigure a simulated robot, and a robot's `name` never
+comes from the environment.
 Several robots on one node: comma-separated values (`ROBOT_IP=10.0.0.2,10.0.0.3`); for a list field such as camera
 serials, robots are separated by `;` and items by `,` (`CAMERA_SERIALS=111,222;333,444`). With no configs at all,
 `configs_from_env` makes one robot per value of the type's `count_var` (e.g. `ROBOT_IP`).
@@ -152,6 +153,11 @@ def _default(f):
     return dataclasses.MISSING
 
 
+# Never from the environment: a robot's name comes from its robot string or its type's default (`NAME` is set in
+# some shells, e.g. WSL, and would give every robot of a node the same name).
+NEVER_FROM_ENV = frozenset({"name"})
+
+
 def fill_from_env(config, index: int = 0, environ: dict | None = None):
     """Fill every field that is None, or listed in the class's `ENV_FIELDS` and still at its default, and that the
     robot string did not name, from the environment variable of its upper-cased name (a robot string option wins over
@@ -162,12 +168,16 @@ def fill_from_env(config, index: int = 0, environ: dict | None = None):
     env_fields = getattr(type(config), "ENV_FIELDS", ())
     for f in fields(config):
         var, value = f.name.upper(), getattr(config, f.name)
-        if var not in environ or f.name in given or \
+        if f.name in NEVER_FROM_ENV or var not in environ or f.name in given or \
                 not (value is None or f.name in env_fields and value == _default(f)):
             continue
         kind = _field_kind(type(config), f)
         raw = environ[var]
         groups = raw.split(";") if kind[0] == "list" else raw.split(",")
+        if len(groups) > 1 and not all(g.strip() for g in groups):  # (the robot count skips blanks: indices would
+            # no longer match it)
+            raise RobotValidationError(f"{var}={raw!r} has an empty value between its separators; give one value "
+                                       f"per robot")
         if len(groups) == 1:
             value = groups[0]
         elif index < len(groups):

@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m robot_io.serve", description=__doc__.split("\n")[0])
     parser.add_argument("--robot", required=True, help="dummy | sim:TASK | franka:IP, with ,key=value options")
     parser.add_argument("--learner", required=True, help="the learner's RobotHub endpoint, e.g. tcp://HOST:5600")
+    parser.add_argument("--robot-index", type=int, default=0,
+                        help="which robot of this node, where environment variables list one value per robot "
+                             "(ROBOT_IP=10.0.0.2,10.0.0.3: 1 is the second)")
     parser.add_argument("--name", help="robot name (default from the robot)")
     parser.add_argument("--control-hz", type=float, help="override the robot's control frequency (0: unpaced)")
     parser.add_argument("--max-episode-steps", type=int, help="override the episode cap")
@@ -47,14 +50,15 @@ def main(argv: list[str] | None = None) -> int:
         if path and not os.path.isfile(path):
             parser.error(f"{flag} {path}: no such file (make key pairs with python -m common.transport keygen)")
     if args.control_hz is not None and args.control_hz < 0 or args.max_episode_steps is not None and \
-            args.max_episode_steps < 1 or args.heartbeat <= 0 or args.hold_after <= 0:
+            args.max_episode_steps < 1 or args.heartbeat <= 0 or args.hold_after <= 0 or args.robot_index < 0:
         parser.error("--control-hz must be >= 0 (0: unpaced), --max-episode-steps >= 1, --heartbeat and --hold-after "
-                     "> 0")
+                     "> 0, --robot-index >= 0")
     port = args.beacon.rpartition(":")[2]
     if args.beacon and not (":" in args.beacon and port.isdigit() and 0 < int(port) < 65536):
         parser.error(f"--beacon takes HOST:PORT (or '' for none), got {args.beacon!r}")
     try:
-        env = make_robot_env(args.robot, control_hz=args.control_hz, max_episode_steps=args.max_episode_steps)
+        env = make_robot_env(args.robot, args.robot_index, control_hz=args.control_hz,
+                             max_episode_steps=args.max_episode_steps)
     except (RobotValidationError, MissingDependencyError, KeyError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

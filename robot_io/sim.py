@@ -100,7 +100,10 @@ class SimBackend(RobotBackend):
         return self._reward, self._success
 
     def tcp_position(self, obs):
-        return self.sim.env.agent.tcp.pose.p[0].numpy().astype(np.float32)
+        # in the robot's base frame, as a SafetyBox's position box (ManiSkill places the base away from the origin:
+        # PickCube at x = -0.615 m)
+        agent = self.sim.env.agent
+        return (agent.robot.pose.inv() * agent.tcp.pose).p[0].numpy().astype(np.float32)
 
     def close(self):
         self.sim.close()

@@ -80,18 +80,27 @@ class SpaceMouseIntervention:
         self.action_dim, self.dead_zone, self.scale = action_dim, dead_zone, scale
         self.estop_requested, self.gripper = False, 1.0
         self._state, self._lock, self._stop = None, threading.Lock(), threading.Event()
+        self._error: Exception | None = None
         self._thread = threading.Thread(target=self._loop, name="spacemouse", daemon=True)
         self._thread.start()
 
     def _loop(self) -> None:
-        while not self._stop.is_set():
-            state = self.spacemouse.read()
+        # pyspacemouse reads non-blocking: at 200 Hz (the control loop runs at 10-20) the thread leaves the core and
+        # the interpreter lock to the control loop instead of spinning
+        try:
+            while not self._stop.wait(0.005):
+                state = self.spacemouse.read()
+                with self._lock:
+                    self._state = state
+        except Exception as exc:  # unplugged: poll() says so rather than replaying the last motion
             with self._lock:
-                self._state = state
+                self._state, self._error = None, exc
 
     def poll(self) -> np.ndarray | None:
         with self._lock:
-            s = self._state
+            s, error = self._state, self._error
+        if error is not None:
+            raise RuntimeError(f"SpaceMouse stopped: {type(error).__name__}: {error}") from error
         if s is None:
             return None
         axes = np.array([s.y, -s.x, s.z, -s.roll, -s.pitch, -s.yaw], np.float32) * self.scale
@@ -111,4 +120,5 @@ class SpaceMouseIntervention:
 
     def close(self) -> None:
         self._stop.set()
+        self._thread.join(timeout=1.0)
         self.spacemouse.close()

@@ -153,6 +153,24 @@ def test_the_td_target_draws_the_next_action_from_the_current_policy(monkeypatch
     assert torch.allclose(seen[0], current), "the next action must come from the current encoder's features"
 
 
+def test_an_actor_that_stops_closes_its_robot(monkeypatch, tmp_path):
+    sac = _load_script()
+    args = sac.Args(robot="dummy,cameras=,control_hz=0", port=free_port(3))
+    env = sac.make_actor_env(args)
+    closed = []
+    monkeypatch.setattr(env, "close", lambda: closed.append(True))
+    monkeypatch.setattr(sac, "make_actor_env", lambda a: env)
+    monkeypatch.setattr(sac.signal, "signal", lambda *a: None)  # (the actor's SIGTERM handler: not in pytest's process)
+
+    def refuse(self, method, meta=None, arrays=None, timeout=5.0):
+        raise HandshakeError("refused: spec mismatch")
+
+    monkeypatch.setattr(sac.RpcClient, "call", refuse)
+    with pytest.raises(SystemExit, match="refused"):
+        sac.run_actor(args, tmp_path / "run")
+    assert closed == [True]  # a real arm is held and its cameras stopped, however the actor ends
+
+
 def test_the_demo_half_of_a_batch_is_uniform_over_interventions_and_prior_demos_together():
     from common.replay_buffer import ReplayBuffer, sample_mixed
 

@@ -51,6 +51,39 @@ def test_registry_and_env_var_autofill():
         registry.parse_robot("dummy,control_hz=fast")
 
 
+def test_a_robot_takes_its_own_value_of_each_per_robot_variable_and_never_its_name(monkeypatch):
+    monkeypatch.setitem(sys.modules, "franky", make_fake_franky())
+    monkeypatch.setenv("ROBOT_IP", "10.0.0.2,10.0.0.3")
+    monkeypatch.setenv("CAMERA_SERIALS", "111;222")  # ignored: camera_type=none
+    monkeypatch.setenv("NAME", "my-laptop")  # set by some shells (WSL): no robot's name
+    envs = [make_robot_env("franka,camera_type=none,disable_validate=true", i, control_hz=0) for i in range(2)]
+    try:
+        assert [e.name for e in envs] == ["franka-10.0.0.2", "franka-10.0.0.3"]
+        assert all("images" not in e.observation_space.spaces for e in envs)
+    finally:
+        for e in envs:
+            e.close()
+    with pytest.raises(registry.RobotValidationError, match="empty value"):
+        registry.fill_from_env(FrankaConfig(), 1, {"ROBOT_IP": "10.0.0.2,,10.0.0.3"})
+    assert registry.fill_from_env(registry.parse_robot("sim")[1], 0, {"NAME": "x"}).name is None
+    with pytest.raises(ValueError, match="control_hz must be >= 0"):
+        make_robot_env("dummy,control_hz=-5")
+
+
+def test_reachable_falls_back_to_tcp_when_ping_itself_fails(monkeypatch):
+    from robot_io import franka
+
+    monkeypatch.setattr(franka.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 2))  # no CAP_NET_RAW
+
+    def refused(*a, **k):
+        raise ConnectionRefusedError  # the host answered: it is up
+
+    monkeypatch.setattr(franka.socket, "create_connection", refused)
+    assert franka.reachable("127.0.0.1")
+    monkeypatch.setattr(franka.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 1))  # no reply
+    assert not franka.reachable("127.0.0.1")
+
+
 def test_list_options_take_their_element_type_and_env_fills_what_the_string_leaves(monkeypatch):
     _, config = registry.parse_robot("franka:127.0.0.1,camera_type=none,position_low=0.3;-0.3;0.05,control_hz=10")
     assert config.position_low == [0.3, -0.3, 0.05] and all(type(v) is float for v in config.position_low)
@@ -163,6 +196,11 @@ def test_safety_box_clips_actions_and_poses():
     for _ in range(29):
         _, _, _, truncated, _ = env.step(np.zeros(4, np.float32))
     assert truncated  # episode cap
+    backend.reset = lambda seed=None: {"state": np.array([0.45, 0.0, -0.2], np.float32)}  # the tool below the box
+    env.reset()  # (moved there by hand): it goes back no faster than the action limits allow
+    _, _, _, _, info = env.step(np.zeros(4, np.float32))
+    assert info["safety_clipped"] and np.allclose(info["executed_action"], [0, 0, 0.5, 0])
+    assert env.action_space.contains(info["executed_action"])
 
 
 def test_intervention_flag_executed_action_and_estop():
@@ -739,6 +777,11 @@ def test_sim_robots_with_images_behind_the_same_interface(task):
     obs, reward, terminated, truncated, info = env.step(env.action_space.sample())
     assert obs["state"].dtype == np.float32 and np.isfinite(obs["state"]).all()
     assert env.spec()["observation"]["dict"]["images"]["dict"]["main"]["box"] == [32, 32, 3]
+    # the safety box's frame is the robot base's: ManiSkill places the base away from the world origin
+    agent = env.backend.sim.env.agent
+    base, tcp = agent.robot.pose.p[0].numpy(), agent.tcp.pose.p[0].numpy()
+    assert np.linalg.norm(base) > 0.3 and np.allclose(agent.robot.pose.q[0].numpy(), [1, 0, 0, 0], atol=1e-6)
+    assert np.allclose(env.backend.tcp_position(obs), tcp - base, atol=1e-5)
     env.close()
 
 
@@ -768,6 +811,61 @@ def test_latest_frame_camera_keeps_only_the_newest_frame():
         cam.close()
     with pytest.raises(TimeoutError):
         LatestFrameCamera("silent").read(timeout=0.1)  # never started: no frame, a clear timeout
+
+
+def test_a_camera_that_drops_a_frame_keeps_streaming():
+    from robot_io.cameras import LatestFrameCamera
+
+    class Flaky(LatestFrameCamera):
+        def __init__(self, fail):
+            super().__init__("flaky")
+            self.calls, self.fail = 0, fail
+
+        def grab(self):
+            self.calls += 1
+            if self.fail(self.calls):
+                raise RuntimeError("Frame didn't arrive within 2000")
+            time.sleep(0.002)
+            return np.full((8, 8, 3), 7, np.uint8)
+
+    cam = Flaky(lambda n: n == 1).start()  # one timeout (a RealSense hiccup), then frames again
+    try:
+        assert cam.read(timeout=5.0, max_age=1.0)[0, 0, 0] == 7 and cam.errors == 1
+    finally:
+        cam.close()
+    dead = Flaky(lambda n: True).start()  # never a frame: read() times out naming the grab's error
+    try:
+        with pytest.raises(TimeoutError, match="grabbing fails: RuntimeError: Frame didn't arrive"):
+            dead.read(timeout=0.3)
+    finally:
+        dead.close()
+
+
+def test_spacemouse_reads_at_a_bounded_rate_and_an_unplugged_one_stops_the_episode(monkeypatch):
+    from robot_io.teleop import SpaceMouseIntervention
+
+    reads, unplugged = [], threading.Event()
+
+    def read():
+        if unplugged.is_set():
+            raise OSError("device disconnected")
+        reads.append(1)
+        return types.SimpleNamespace(x=0.0, y=0.0, z=0.0, roll=0.0, pitch=0.0, yaw=0.0, buttons=[0, 0])
+
+    fake = types.ModuleType("pyspacemouse")
+    fake.open, fake.read, fake.close = (lambda: True), read, (lambda: None)
+    monkeypatch.setitem(sys.modules, "pyspacemouse", fake)
+    device = SpaceMouseIntervention()
+    try:
+        time.sleep(0.2)
+        assert 5 <= len(reads) <= 100, len(reads)  # ~200 Hz, not a spinning core (pyspacemouse reads non-blocking)
+        assert device.poll() is None  # no motion, no buttons: the policy acts
+        unplugged.set()
+        time.sleep(0.1)
+        with pytest.raises(RuntimeError, match="SpaceMouse stopped: OSError"):
+            device.poll()
+    finally:
+        device.close()
 
 
 def test_discover_cli_bad_option_is_a_clear_error(capsys, monkeypatch):
