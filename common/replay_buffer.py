@@ -75,6 +75,9 @@ def _flatten(segment: dict) -> tuple[dict[str, np.ndarray], int]:
     for key, value in (segment.get("extras") or {}).items():
         flat[f"extras/{key}"] = np.asarray(value)
     for key, value in flat.items():
+        if value.dtype.kind not in "biufcS":  # checked before the first segment fixes the buffer's schema
+            raise BufferError(f"segment key {key!r} has dtype {value.dtype}, which HDF5 cannot store as is: use "
+                              f"numbers, bools or fixed-length bytes (text: np.char.encode(a, 'utf-8'))")
         want = T + 1 if key.startswith("obs/") else T
         if value.ndim == 0 or value.shape[0] != want:
             raise BufferError(f"segment key {key!r} has {value.shape[0] if value.ndim else 0} rows, expected {want} "

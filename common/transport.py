@@ -69,6 +69,15 @@ class FrameError(TransportError):
     """A message that does not decode: truncated, wrong version, wrong dtype or shape, oversized, garbage."""
 
 
+class ProtocolMismatch(FrameError):
+    """A well-formed message of another protocol version: an RPC server answers it with a refusal that names both
+    versions (instead of dropping it as garbage, which would leave the peer to time out)."""
+
+    def __init__(self, theirs, seq):
+        super().__init__(f"protocol version {theirs!r}, expected {PROTOCOL_VERSION}")
+        self.theirs, self.seq = theirs, seq if isinstance(seq, int) and 0 <= seq < 2**63 else 0
+
+
 class TransportTimeout(TransportError):
     """A blocking call ran past its deadline."""
 
@@ -141,6 +150,25 @@ def encode(msg_type: str, meta: dict | None = None, arrays: dict | None = None, 
     return [encode_header(msg_type, meta, specs, seq), *frames]
 
 
+def checked_meta(meta: dict | None) -> tuple[dict, int]:
+    """(a copy of `meta` as a receiver will decode it, its packed size), or ValueError saying why a receiver would
+    refuse it: a sender that queued it would resend a message that is dropped every time. msgpack types only (no
+    numpy scalars), string keys, strings and bytes up to 1 MiB, lists and maps up to 65,536 entries."""
+    try:
+        packed = msgpack.packb(meta or {}, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ValueError(f"meta cannot travel: {exc} (msgpack types only: convert numpy scalars with float() / "
+                         f"int() / .tolist())") from None
+    try:
+        copy = msgpack.unpackb(packed, raw=False, **_HEADER_LIMITS)
+    except Exception as exc:
+        raise ValueError(f"meta a receiver would refuse: {type(exc).__name__}: {exc} (map keys must be strings; "
+                         f"strings and bytes up to 1 MiB, lists and maps up to 65,536 entries)") from None
+    if not isinstance(copy, dict):
+        raise ValueError(f"meta must be a dict, got {type(meta).__name__}")
+    return copy, len(packed)
+
+
 def encode_header(msg_type: str, meta: dict | None, specs: list, seq: int = 0) -> bytes:
     """The header frame: protocol version, type, sequence id, meta, and [name, dtype, shape] per array frame."""
     return msgpack.packb({"v": PROTOCOL_VERSION, "t": msg_type, "s": int(seq), "m": meta or {}, "a": specs},
@@ -181,8 +209,8 @@ class VersionedHeader:
         if not raw.endswith(tail):
             return None
         stem, other = raw[:-len(tail)], seq + 2**40
-        probe = msgpack.packb(other)
-        try:
+        try:  # (a version near 2**64 has no such neighbour: no stem, every check instead)
+            probe = msgpack.packb(other)
             check = msgpack.unpackb(stem + probe + _SEQ_KEY + probe)
         except Exception:
             return None
@@ -214,16 +242,19 @@ def decode(frames: list, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, as_torch: b
     return Message(header["t"], header["s"], header["m"], arrays)
 
 
+_HEADER_LIMITS = dict(strict_map_key=True, max_bin_len=1 << 20, max_str_len=1 << 20, max_array_len=1 << 16,
+                      max_map_len=1 << 16)
+
+
 def _parse_header(raw0, array_frames: int) -> dict:
     try:
-        header = msgpack.unpackb(bytes(raw0), raw=False, strict_map_key=True, max_bin_len=1 << 20,
-                                 max_str_len=1 << 20, max_array_len=1 << 16, max_map_len=1 << 16)
+        header = msgpack.unpackb(bytes(raw0), raw=False, **_HEADER_LIMITS)
     except Exception as exc:
         raise FrameError(f"header is not valid msgpack ({type(exc).__name__})") from None
     if not isinstance(header, dict) or not {"v", "t", "s", "m", "a"} <= header.keys():
         raise FrameError("header lacks the fields v, t, s, m, a")
     if header["v"] != PROTOCOL_VERSION:
-        raise FrameError(f"protocol version {header['v']!r}, expected {PROTOCOL_VERSION}")
+        raise ProtocolMismatch(header["v"], header["s"])
     if not isinstance(header["t"], str) or not isinstance(header["s"], int) or not isinstance(header["m"], dict):
         raise FrameError("header fields have the wrong types")
     specs = header["a"]
@@ -652,6 +683,13 @@ def make_keypair(directory: str | Path, name: str) -> tuple[Path, Path]:
     return Path(public), Path(secret)
 
 
+def wire_limit(max_message_bytes: int) -> int:
+    """ZMQ's own cap on one incoming frame (MAXMSGSIZE) for a receiver of `max_message_bytes`: a frame over it is
+    never read into memory (ZMQ drops the connection; the peer reconnects). Twice the limit plus 1 MiB, so that a
+    message modestly over the limit still arrives and is refused, counted and logged as a bad frame."""
+    return 2 * max_message_bytes + (1 << 20)
+
+
 def make_socket(kind: int, endpoint: str, bind: bool, curve: CurveConfig | None, ctx: zmq.Context | None = None,
             **opts) -> zmq.Socket:
     sock = (ctx or zmq.Context.instance()).socket(kind)
@@ -701,7 +739,8 @@ class DataSender:
     def __init__(self, endpoint: str, *, sender_id: str = "robot", max_pending: int = 1024, resend_after: float = 2.0,
                  peer_timeout: float = 10.0, spool_dir: str | Path | None = None, curve: CurveConfig | None = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, max_batch: int = 64, linger: float = 0.002):
-        self.sock = make_socket(zmq.DEALER, endpoint, bind=False, curve=curve, SNDHWM=max_pending + 16)
+        self.sock = make_socket(zmq.DEALER, endpoint, bind=False, curve=curve, SNDHWM=max_pending + 16,
+                                MAXMSGSIZE=wire_limit(max_message_bytes))
         self.sender_id, self.max_pending, self.resend_after = sender_id, max_pending, resend_after
         self.peer_timeout, self.max_message_bytes = peer_timeout, max_message_bytes
         self.max_batch, self.linger = max_batch, linger
@@ -769,14 +808,16 @@ class DataSender:
                 raise TransportTimeout(f"{len(self.pending)} items unacknowledged for {timeout:.1f} s "
                                        f"(receiver down or slow)")
         arrays = {k: _frameable(v) for k, v in (arrays or {}).items()}  # bad dtypes fail here, not in a later call
+        meta, meta_bytes = checked_meta(meta)  # (our copy: the caller may change its dict after)
         size = sum(v.numel() * v.element_size() if hasattr(v, "numel") else v.nbytes for v in arrays.values())
-        if size + (1 << 16) > self.max_message_bytes:
-            raise ValueError(f"item of {size} bytes exceeds max_message_bytes={self.max_message_bytes}")
+        if size + meta_bytes + (1 << 16) > self.max_message_bytes:
+            raise ValueError(f"item of {size} bytes and {meta_bytes} bytes of meta exceeds max_message_bytes="
+                             f"{self.max_message_bytes}")
         seq = self.next_seq
         self.next_seq += 1
         if not self._open:
             self._open_since = time.monotonic()
-        self._open.append((seq, meta or {}, self._copy_in(arrays)))
+        self._open.append((seq, meta, self._copy_in(arrays)))
         self.stats.sent += 1
         if self.spool or not self.pending or len(self._open) >= self.max_batch or \
                 time.monotonic() - self._open_since >= self.linger:
@@ -851,9 +892,13 @@ class DataSender:
                 except FrameError as exc:
                     log.warning("bad ack frame dropped: %s", exc)
                     continue
+                seqs = msg.meta.get("seqs", [])
+                if not (isinstance(seqs, list) and all(type(seq) is int for seq in seqs)):
+                    log.warning("bad ack dropped: seqs %r", seqs if len(repr(seqs)) < 200 else type(seqs))
+                    continue
                 if msg.type == "ack" and msg.meta.get("session") == self.session:
                     got_ack = True
-                    for seq in msg.meta.get("seqs", []):
+                    for seq in seqs:
                         batch_id = self.pending.pop(seq, None)
                         if batch_id is None:
                             continue
@@ -959,7 +1004,8 @@ class DataReceiver:
         self.seen: dict[str, _SeqSet] = {}  # delivered to the consumer (stored, or being stored)
         for session, seq in delivered:  # (before the bind: a malformed pair raises with nothing to release)
             self.seen.setdefault(session, _SeqSet()).add(int(seq))
-        self.sock = make_socket(zmq.ROUTER, endpoint, bind=True, curve=curve, ROUTER_HANDOVER=1)
+        self.sock = make_socket(zmq.ROUTER, endpoint, bind=True, curve=curve, ROUTER_HANDOVER=1,
+                                MAXMSGSIZE=wire_limit(max_message_bytes))
         self.auto_ack, self.max_message_bytes, self.as_torch = auto_ack, max_message_bytes, as_torch
         self._unacked: set[tuple[str, int]] = set()
         self._acks: dict[tuple[bytes, str], list[int]] = {}
@@ -1100,7 +1146,8 @@ class Publisher:
 class Subscriber:
     def __init__(self, endpoint: str, *, curve: CurveConfig | None = None, ctx: zmq.Context | None = None,
                  max_message_bytes: int = 16 * 2**30, as_torch: bool = False):
-        self.sock = make_socket(zmq.SUB, endpoint, bind=False, curve=curve, ctx=ctx, CONFLATE=1, SUBSCRIBE=b"")
+        self.sock = make_socket(zmq.SUB, endpoint, bind=False, curve=curve, ctx=ctx, CONFLATE=1, SUBSCRIBE=b"",
+                                MAXMSGSIZE=wire_limit(max_message_bytes))
         self.max_message_bytes, self.as_torch = max_message_bytes, as_torch
         self._decode = PackedDecoder(max_message_bytes, as_torch)
         self.stats = _Counters("received", "superseded", "skipped_versions", "bad_frames")
@@ -1152,7 +1199,8 @@ class RpcServer:
                  peer_timeout: float = 10.0, curve: CurveConfig | None = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
         self.spec, self.spec_hash = spec, spec_hash(spec)  # (before the bind: a spec that cannot hash releases nothing)
-        self.sock = make_socket(zmq.ROUTER, endpoint, bind=True, curve=curve, ROUTER_HANDOVER=1)
+        self.sock = make_socket(zmq.ROUTER, endpoint, bind=True, curve=curve, ROUTER_HANDOVER=1,
+                                MAXMSGSIZE=wire_limit(max_message_bytes))
         self.handlers = dict(handlers or {})
         self.peer_timeout, self.max_message_bytes = peer_timeout, max_message_bytes
         self.last_seen: dict[str, float] = {}
@@ -1177,6 +1225,13 @@ class RpcServer:
         peer = parts[0].bytes
         try:
             msg = decode(parts[1:], self.max_message_bytes)
+        except ProtocolMismatch as exc:  # refused in so many words (this reply's own version tells the peer ours)
+            self.stats.refused += 1
+            log.warning("RPC from %s refused: %s", peer.hex(), exc)
+            self.sock.send_multipart([peer, *encode("error", {
+                "error": f"HandshakeError: refused: protocol version {exc.theirs!r}; this server speaks "
+                         f"{PROTOCOL_VERSION}", "protocol": PROTOCOL_VERSION}, None, exc.seq)], copy=False)
+            return True
         except FrameError as exc:
             self.stats.bad_frames += 1
             log.warning("bad RPC frame from %s dropped: %s", peer.hex(), exc)
@@ -1248,7 +1303,8 @@ class RpcClient:
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
         # IMMEDIATE: requests are not queued for a server that is not connected, so an outage cannot pile them up
         # (and then block a later send); call() retries the send until its own deadline.
-        self.sock = make_socket(zmq.DEALER, endpoint, bind=False, curve=curve, IMMEDIATE=1, SNDHWM=64)
+        self.sock = make_socket(zmq.DEALER, endpoint, bind=False, curve=curve, IMMEDIATE=1, SNDHWM=64,
+                                MAXMSGSIZE=wire_limit(max_message_bytes))
         self.spec, self.client_id = spec, client_id or uuid.uuid4().hex[:8]
         self.max_message_bytes = max_message_bytes
         self._seq = 0
@@ -1276,6 +1332,9 @@ class RpcClient:
                 raise TransportTimeout(f"RPC {method!r} got no reply within {timeout:.1f} s (server down?)")
             try:
                 reply = decode(self.sock.recv_multipart(copy=False), self.max_message_bytes)
+            except ProtocolMismatch as exc:
+                raise HandshakeError(f"{method}: the server speaks protocol version {exc.theirs!r}, this client "
+                                     f"{PROTOCOL_VERSION}: run the same version of this code on both sides") from None
             except FrameError as exc:
                 log.warning("bad RPC reply dropped: %s", exc)
                 continue

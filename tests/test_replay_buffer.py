@@ -103,7 +103,12 @@ def test_bad_input_errors(tmp_path):
     buf = ReplayBuffer(tmp_path)
     with pytest.raises(BufferError, match="T\\+1 rows"):
         buf.add({"obs": {"x": np.zeros((5, 1))}, "actions": np.zeros((5, 1))})
+    text = make_segment(0)
+    text["extras"]["note"] = np.array(["grasp"] * len(text["actions"]))  # HDF5 stores no numpy unicode: refused
+    with pytest.raises(BufferError, match="note.*np.char.encode"):  # before it fixes the schema on disk
+        buf.add(text)
     buf.add(make_segment(0))
+    assert ReplayBuffer.open(tmp_path).total_added == len(make_segment(0)["actions"])
     seg = make_segment(1)
     seg["obs"]["image"] = seg["obs"]["image"][:, :8]
     with pytest.raises(BufferError, match="schema"):

@@ -173,6 +173,8 @@ def test_packed_decoder_agrees_with_decode_on_good_bad_and_look_alike_messages(a
     _same_result(decoder, bytes(corrupt))
     for seq in (127, 128, 255, 256, 65535, 65536, 2**32, 2**63 - 1):  # versions whose encodings change length
         assert _same_result(decoder, good(seq)).seq == seq
+    for seq in (2**64 - 2**40, 2**64 - 1):  # the stem's probe (seq + 2**40) would not pack: an OverflowError
+        assert _same_result(PackedDecoder(max_bytes=2**20, as_torch=as_torch), good(seq)).seq == seq
 
 
 @pytest.mark.parametrize("with_views", [False, True])
@@ -373,6 +375,72 @@ def test_latest_only_broadcast():
 
 
 SPEC = {"obs": {"state": [8], "main": [128, 128, 3]}, "action": [7], "control_hz": 10}
+
+
+def test_a_peer_of_another_protocol_version_is_refused_in_so_many_words():
+    endpoint = free_endpoint()
+    server = RpcServer(endpoint, SPEC).start()
+    future = zmq.Context.instance().socket(zmq.DEALER)  # a client of the next protocol version
+    future.setsockopt(zmq.LINGER, 0)
+    future.connect(endpoint)
+    try:
+        header = msgpack.packb({"v": PROTOCOL_VERSION + 1, "t": "hello", "s": 7, "m": {}, "a": []})
+        future.send_multipart([header])
+        assert future.poll(5000), "no answer: the client would only see a timeout"
+        reply = decode(future.recv_multipart())  # in our version: that itself tells the peer which we speak
+        assert reply.type == "error" and reply.seq == 7 and reply.meta["protocol"] == PROTOCOL_VERSION
+        assert f"protocol version {PROTOCOL_VERSION + 1}" in reply.meta["error"] and server.stats.refused == 1
+    finally:
+        future.close()
+        server.close()
+    old_server = zmq.Context.instance().socket(zmq.ROUTER)  # and a server of another version, seen by our client
+    old_server.setsockopt(zmq.LINGER, 0)
+    port = old_server.bind_to_random_port("tcp://127.0.0.1")
+    client = RpcClient(f"tcp://127.0.0.1:{port}", SPEC)
+    try:
+        answer = threading.Thread(target=lambda: old_server.send_multipart(
+            [old_server.recv_multipart()[0], msgpack.packb({"v": 0, "t": "ok", "s": 1, "m": {}, "a": []})]))
+        answer.start()
+        with pytest.raises(HandshakeError, match="server speaks protocol version 0"):
+            client.hello(timeout=5.0)
+        answer.join(5)
+    finally:
+        client.close()
+        old_server.close()
+
+
+def test_malformed_acks_are_dropped_and_the_sender_goes_on():
+    rx = zmq.Context.instance().socket(zmq.ROUTER)
+    rx.setsockopt(zmq.LINGER, 0)
+    port = rx.bind_to_random_port("tcp://127.0.0.1")
+    tx = DataSender(f"tcp://127.0.0.1:{port}")
+    try:
+        tx.send({"i": 0}, {"x": np.arange(3)})
+        assert rx.poll(5000)
+        peer = rx.recv_multipart()[0]
+        for seqs in (5, [[0]], ["0"], [0]):  # the last one is good
+            rx.send_multipart([peer, *encode("ack", {"session": tx.session, "seqs": seqs})])
+        deadline = time.monotonic() + 5
+        while tx.pending and time.monotonic() < deadline:
+            tx.poll(0.05)
+        assert not tx.pending and tx.stats.acked == 1
+    finally:
+        tx.close()
+        rx.close()
+
+
+def test_receivers_cap_the_frame_size_zmq_reads_into_memory():
+    endpoint = free_endpoint()
+    rx = DataReceiver(endpoint, max_message_bytes=1 << 20)
+    server = RpcServer(free_endpoint(), SPEC, max_message_bytes=1 << 20)
+    sub = Subscriber(free_endpoint(), max_message_bytes=1 << 20)
+    client = RpcClient(endpoint, SPEC, max_message_bytes=1 << 20)
+    try:
+        for sock in (rx.sock, server.sock, sub.sock, client.sock):
+            assert sock.getsockopt(zmq.MAXMSGSIZE) == 3 << 20
+    finally:
+        for closable in (rx, server, sub, client):
+            closable.close()
 
 
 def test_rpc_handshake_calls_deadlines_and_heartbeats():
@@ -617,7 +685,17 @@ def test_bad_items_fail_in_send_and_lose_nothing_queued():
             tx.send({"i": 1}, {"x": np.zeros(1 << 20, np.uint8)})
         with pytest.raises(TypeError, match="cannot be framed"):
             tx.send({"i": 2}, {"x": np.array(["text"])})
-        tx.send({"i": 3}, {"x": torch.ones(2, dtype=torch.bfloat16)})
+        # meta the receiver would refuse (then every resend of its batch, and every item batched with it, is lost),
+        # or that cannot be packed at all (which jammed the sender): refused in send, nothing queued
+        for bad, said in (({"i": 4, "per_joint": {3: 0.5}}, "keys must be strings"),
+                          ({"i": 5, "note": "x" * (1 << 20 | 1)}, "would refuse"),
+                          ({"i": 6, "score": np.float32(0.5)}, "numpy scalars"),
+                          ({"i": 7, "blob": b"x" * (1000 << 10)}, "bytes of meta exceeds")):
+            with pytest.raises(ValueError, match=said):
+                tx.send(bad, {"x": np.arange(3)})
+        meta = {"i": 3}
+        tx.send(meta, {"x": torch.ones(2, dtype=torch.bfloat16)})
+        meta["i"] = 99  # the sender keeps its own copy
         got = []
         deadline = time.monotonic() + 5
         while len(got) < 2 and time.monotonic() < deadline:
@@ -625,7 +703,7 @@ def test_bad_items_fail_in_send_and_lose_nothing_queued():
             msg = rx.recv(0.01)
             if msg is not None:
                 got.append(msg.meta["i"])
-        assert got == [0, 3] and tx.flush(5)
+        assert got == [0, 3] and tx.flush(5) and rx.stats.bad_frames == 0
     finally:
         tx.close()
         rx.close()
