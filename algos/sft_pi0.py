@@ -23,7 +23,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +38,7 @@ from common.envs import (check_task, default_eval_envs, eval_initial_states, mak
 from common.fsutil import atomic_write
 from common.pi0 import Pi0Config, Pi0Model
 from common.pi0_io import (NormStats, Pi0Processor, check_prompts, existing_checkpoint, instruction_tokens, load_pi0,
-                           make_tokenizer, save_pi0)
+                           make_tokenizer, openpi_delta_action_dims, save_pi0)
 
 
 @dataclass
@@ -288,7 +288,12 @@ if __name__ == "__main__":
         start_step, results = meta["extra"]["step"], meta["extra"].get("results", [])
         print(f"resuming {run_name} at step {start_step}")
     elif args.init_from:
-        model, loaded_stats, _ = load_pi0(args.init_from, device)
+        model, loaded_stats, meta = load_pi0(args.init_from, device)
+        if meta["format"] == "openpi":  # its config.json does not say which action dims are deltas (as the RL start)
+            model.cfg = replace(model.cfg, delta_action_dims=openpi_delta_action_dims(model.cfg, args.env))
+            if model.cfg.delta_action_dims and loaded_stats is None:
+                raise SystemExit(f"--init-from {args.init_from}: an openpi π0 LIBERO checkpoint predicts delta actions, "
+                                 f"normalised with its own statistics, and has no assets/**/norm_stats.json here")
         norm_stats = loaded_stats or norm_stats
     else:
         width = args.action_dim or max(32, state_dim, env_action_dim)

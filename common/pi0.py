@@ -554,7 +554,8 @@ class Pi0Model(nn.Module):
         if (H, W) != (S, S):
             ratio = max(H / S, W / S)
             h, w = int(H / ratio), int(W / ratio)
-            x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False).clamp(-1, 1)
+            # antialiased as PIL's BILINEAR, which openpi's clients resize with (LIBERO renders at 256 px)
+            x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True).clamp(-1, 1)
             ph, pw = S - h, S - w  # pad with -1 (black), split as openpi (more at the end)
             x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), value=-1.0)
         return x

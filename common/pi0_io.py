@@ -527,6 +527,13 @@ class Pi0Processor:
         return self._delta(self._norm("actions", actions[..., : self.env_action_dim].float(), inverse=True), state, 1)
 
 
+def openpi_delta_action_dims(cfg: Pi0Config, env: str) -> int:
+    """How many leading action dims an openpi checkpoint for `env` predicts as deltas from the state: openpi's π0
+    LIBERO config trains the end-effector pose (6 dims) as deltas, π0.5's does not. Which one it is shows in the
+    weights (openpi's config.json does not say)."""
+    return 6 if env == "libero" and not cfg.is_pi05 else 0
+
+
 def load_pi0_policy(init: str, *, env: str, obs_mode: str = "state", preset: str = "tiny", device="cpu",
                     instructions=(), tokenizer=None):
     """A policy to start RL from: "sft:PATH" (our checkpoint), "openpi:PATH" or "scratch" (a `preset` model sized for
@@ -554,9 +561,11 @@ def _load_pi0_policy(init: str, *, env: str, obs_mode: str, preset: str, device,
         return model, stats, env_dim, cams[: model.cfg.num_cameras]
     if kind == "openpi":
         model, stats, report = load_openpi(path, device=device)
-        # openpi's π0 LIBERO config trains the end-effector pose (6 dims) as deltas from the state; π0.5's does not.
-        # Which one it is shows in the weights (openpi's config.json does not say)
-        delta = 6 if env == "libero" and not model.cfg.is_pi05 else 0
+        if stats is None:  # (openpi itself refuses to run without them)
+            raise ValueError(f"{path}: no assets/<asset_id>/norm_stats.json: an openpi checkpoint ships the statistics "
+                             f"its inputs and outputs are normalised with; without them the policy sees raw states "
+                             f"and its actions are never unnormalised. Copy the checkpoint's assets folder along")
+        delta = openpi_delta_action_dims(model.cfg, env)
         model.cfg = replace(model.cfg, delta_action_dims=delta)
         print(f"loaded openpi checkpoint {path}: {report}" + ("; actions 0..5 are deltas from the state (openpi's "
                                                              "pi0_libero)" if delta else ""))

@@ -205,6 +205,20 @@ def test_mlp_expert_conditions_on_state_noise_time_and_visible_prefix(tmp_path):
     assert bf16.expert.net[0].weight.dtype == torch.float32
 
 
+def test_images_are_resized_as_openpis_clients_do():
+    """openpi's clients resize camera frames with PIL's BILINEAR (antialiased when shrinking): LIBERO renders at 256
+    px, the models take 224."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    frame = np.clip(rng.normal(128, 60, (256, 256, 3)), 0, 255).astype(np.uint8)  # texture: aliasing would show
+    model = Pi0Model(Pi0Config.tiny(image_size=224))
+    ours = (model.prepare_images(torch.as_tensor(frame)[None])[0].permute(1, 2, 0).numpy() + 1.0) * 127.5
+    pil = np.asarray(Image.fromarray(frame).resize((224, 224), Image.BILINEAR), np.float32)
+    diff = np.abs(ours - pil)
+    assert diff.mean() < 0.5 and diff.max() < 2.0, (diff.mean(), diff.max())
+
+
 def test_prompt_prefix_cache_equals_encoding_each_batch():
     cfg = Pi0Config.tiny(num_cameras=0)
     model = randomised(cfg)
@@ -465,7 +479,11 @@ def test_openpi_libero_delta_actions_follow_the_weights_not_our_config_key(tmp_p
     actions are deltas (π0) or absolute (π0.5) is read from its weights."""
     from common.pi0_io import load_pi0_policy
 
-    save_openpi(tmp_path / "ckpt", randomised(cfg))
+    with pytest.raises(ValueError, match="norm_stats.json"):  # openpi's own code refuses to run without them too
+        save_openpi(tmp_path / "bare", randomised(cfg))
+        load_pi0_policy(f"openpi:{tmp_path / 'bare'}", env="libero")
+    stats = NormStats.from_data({"state": np.random.randn(50, 8), "actions": np.random.randn(50, 7)})
+    save_openpi(tmp_path / "ckpt", randomised(cfg), stats)
     conf = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     del conf["pi05"]  # as openpi writes it; the sizes stay in pi0_config (the tiny model is no Gemma variant)
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps(conf))

@@ -171,3 +171,13 @@ def test_libero_task_subset_sft_keeps_every_instruction_whole(tmp_path):
     out = subprocess.run(SCRIPT + flags + ["--init-from", str(tmp_path / "short"), "--exp-name", "short"], cwd=ROOT,
                          capture_output=True, text=True, timeout=400)
     assert out.returncode != 0 and "cuts the instructions of different tasks" in out.stderr, out.stderr[-1000:]
+    # an openpi π0 start predicts LIBERO's end-effector pose as deltas from the state, as the RL scripts load it
+    # (its config.json does not say so): fine-tuning keeps that, with the checkpoint's own statistics
+    from common.pi0_io import save_openpi
+
+    stats = NormStats.from_data({"state": rng.normal(size=(4, 8)), "actions": rng.normal(size=(4, 7))})
+    save_openpi(tmp_path / "openpi", Pi0Model(Pi0Config.tiny(num_cameras=2, image_size=32, max_tokens=96)), stats)
+    out = subprocess.run(SCRIPT + flags + ["--init-from", str(tmp_path / "openpi"), "--exp-name", "openpi",
+                                           "--no-eval-at-end"], cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert load_pi0(tmp_path / "runs" / "libero_spatial_1,6__openpi__1" / "final")[0].cfg.delta_action_dims == 6
