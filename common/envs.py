@@ -81,15 +81,17 @@ def rlinf_libero_values(suite: str) -> dict:
 
 def rlinf_pi05_values(env: str, suite: str, noise_level: bool) -> dict:
     """Where RLinf's π0.5 PPO configs differ from the π0 ones (pirl.md §3.5): denoising steps, Flow-SDE noise level
-    (`noise_level`: for a script that has one) and epochs per LIBERO suite; ManiSkill's epochs and chunk-level ratios.
+    (`noise_level`: for a script that has one), epochs and gradient clip (1.0 on every suite) per LIBERO suite;
+    ManiSkill's epochs and chunk-level ratios.
     (libero_10's cosine lr schedule is not reproduced.)"""
     if env != "libero":
         return dict(update_epochs=5, logprob_type="chunk")
+    # every π0.5 LIBERO config clips at 1.0 (the π0 libero_10 config's 2.0 is its own)
     values = {"libero_spatial": dict(num_denoise_steps=3, update_epochs=1),
               "libero_object": dict(num_denoise_steps=5, noise_level=0.3, update_epochs=1),
               "libero_goal": dict(num_denoise_steps=5, noise_level=0.3),
               "libero_10": dict(num_denoise_steps=5)}.get(suite, {})
-    return {k: v for k, v in values.items() if noise_level or k != "noise_level"}
+    return {k: v for k, v in {**values, "max_grad_norm": 1.0}.items() if noise_level or k != "noise_level"}
 
 
 def flags_given(argv: list[str]) -> set[str]:

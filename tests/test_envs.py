@@ -106,3 +106,14 @@ def test_a_preset_fills_only_the_flags_not_given():
     kept = fill_defaults(args, preset, argv=["--num-envs", "16", "--reward-mode=sparse", "--no-capture-video"])
     assert (args.num_envs, args.reward_mode, args.capture_video, args.lr) == (16, "sparse", False, 5e-6)
     assert kept == ["--num-envs 16", "--reward-mode sparse"]
+
+
+def test_pi05_libero_presets_clip_gradients_at_1_where_pi0s_libero_10_clips_at_2():
+    """pirl.md §3.5: clip_grad 1.0 (π0 libero_10: 2.0) for π0, 1.0 on every suite for π0.5; the scripts merge the π0.5
+    values over the π0 ones."""
+    from common.envs import rlinf_libero_values, rlinf_pi05_values
+
+    assert rlinf_libero_values("libero_10")["max_grad_norm"] == 2.0
+    for suite in ("libero_spatial", "libero_object", "libero_goal", "libero_10"):
+        merged = {**rlinf_libero_values(suite), **rlinf_pi05_values("libero", suite, noise_level=True)}
+        assert merged["max_grad_norm"] == 1.0, suite
