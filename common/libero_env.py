@@ -332,10 +332,15 @@ def make_libero_env(
     split = split_tasks(list(dict.fromkeys(t for t, _ in table)), num_envs) if task_split and not eval_mode else None
     if split is not None:
         reset_id_sets = [[rid for rid, (t, _) in enumerate(table) if t in own] for own in split]
-    pool = WorkerPool(LiberoSingle, [kwargs] * num_envs, start_method=start_method, name=suite)
-    return BatchedEnv(
-        SubprocBackend(pool, ACTION_DIM), max_episode_steps=max_episode_steps or MAX_EPISODE_STEPS[suite],
-        num_reset_ids=len(table), auto_reset=auto_reset, ignore_terminations=ignore_terminations,
-        relative_reward=True, eval_mode=eval_mode, num_eval_episodes=num_eval_episodes, seed=seed,
-        action_low=-1.0, action_high=1.0, reset_id_sets=reset_id_sets,
-    )
+    backend = SubprocBackend(WorkerPool(LiberoSingle, [kwargs] * num_envs, start_method=start_method, name=suite),
+                             ACTION_DIM)
+    try:
+        return BatchedEnv(
+            backend, max_episode_steps=max_episode_steps or MAX_EPISODE_STEPS[suite],
+            num_reset_ids=len(table), auto_reset=auto_reset, ignore_terminations=ignore_terminations,
+            relative_reward=True, eval_mode=eval_mode, num_eval_episodes=num_eval_episodes, seed=seed,
+            action_low=-1.0, action_high=1.0, reset_id_sets=reset_id_sets,
+        )
+    except BaseException:  # a bad argument: the workers just started go too
+        backend.close()
+        raise

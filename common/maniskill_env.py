@@ -261,8 +261,12 @@ def make_maniskill_env(
             raise
         backend = SubprocBackend(pool, spec["action_dim"])
         low, high = spec["low"], spec["high"]
-    return BatchedEnv(
-        backend, max_episode_steps=max_episode_steps, num_reset_ids=NUM_RESET_IDS, auto_reset=auto_reset,
-        ignore_terminations=ignore_terminations, relative_reward=relative_reward, eval_mode=eval_mode,
-        num_eval_episodes=num_eval_episodes, seed=seed, action_low=low, action_high=high,
-    )
+    try:
+        return BatchedEnv(
+            backend, max_episode_steps=max_episode_steps, num_reset_ids=NUM_RESET_IDS, auto_reset=auto_reset,
+            ignore_terminations=ignore_terminations, relative_reward=relative_reward, eval_mode=eval_mode,
+            num_eval_episodes=num_eval_episodes, seed=seed, action_low=low, action_high=high,
+        )
+    except BaseException:  # a bad argument: the workers (or the GPU simulator) just started go too
+        backend.close()
+        raise

@@ -133,6 +133,11 @@ def test_bad_input_errors():
         make_maniskill_env("PickCube-v1", sim_backend="tpu")
     with pytest.raises(ValueError, match=r"no 'sparse' reward; it supports \['normalized_dense', 'dense'\]"):
         make_maniskill_env("MS-AntRun-v1", sim_backend="cpu")  # before: a NotImplementedError from a worker
+    import multiprocessing
+
+    with pytest.raises(ValueError, match="num_eval_episodes"):  # refused once the workers run: they are closed
+        make_maniskill_env("PushCube-v1", num_envs=1, sim_backend="cpu", eval_mode=True, num_eval_episodes=0)
+    assert not multiprocessing.active_children()  # (not left to the garbage collector)
 
 
 def test_a_task_without_a_success_condition_steps_and_never_succeeds():
