@@ -221,6 +221,20 @@ class LiberoSingle:
         if ctx is not None:
             ctx.gl_ctx.make_current()
 
+    def _render_cameras(self) -> dict:
+        """The cameras' frames rendered now, leaving every sampling clock as it was (a forced update of all the
+        observables would move the state's samples, here and in every later step: the state an episode ends with, and
+        under ignore_terminations all that follow, would depend on where in a chunk it ended)."""
+        self._render_here()
+        frames = {}
+        for name, observable in self._env.env._observables.items():
+            if self.cameras and observable.modality == "image" and observable.is_enabled():
+                saved = observable._time_since_last_sample, observable._sampled, observable._current_delay
+                observable.update(0, {}, force=True)
+                observable._time_since_last_sample, observable._sampled, observable._current_delay = saved
+                frames[name] = observable.obs
+        return frames
+
     def _fresh_observation(self) -> dict:
         # Two forced updates, as ever: each advances the observables' sampling clocks, whose phase decides at which
         # physics substep later observations are taken (one fewer would shift every later observation). Only the
@@ -272,7 +286,8 @@ class LiberoSingle:
     def step(self, action: np.ndarray, observe: bool = True):
         """One env step. `observe=False` (a step inside a chunk) skips rendering the cameras, the dominant cost on a
         CPU; the images returned are then the last rendered ones, unless the step succeeds (the episode may end
-        here), which renders a fresh observation."""
+        here), which renders the cameras at the end of the step (an observed step takes them at its first physics
+        substep); the state is the same either way."""
         action = np.asarray(action, dtype=np.float64)
         if observe:
             self._render_here()
@@ -281,8 +296,8 @@ class LiberoSingle:
         else:
             with self._cameras_off():
                 raw, _, done, _ = self._env.step(action)
-            if done:  # the episode may end here: render its last observation now (at the end of the step)
-                raw = self._fresh_observation()
+            if done:  # the episode may end here: its state as this step sampled it (as an observed step's), and
+                raw = {**raw, **self._render_cameras()}  # its frames rendered now
         success = bool(done)  # LIBERO's done is its BDDL goal check
         return self._process(raw), self.reward_coef * float(success), success, success
 

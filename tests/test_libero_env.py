@@ -108,6 +108,31 @@ def test_success_from_the_goal_predicate(single):
     assert success and terminated and reward == 1.0
 
 
+def test_an_episode_that_ends_inside_a_chunk_ends_as_an_observed_step_would(single):
+    """A success on an unobserved step (inside a chunk) renders the frames, but the state it returns, and every state
+    after it (an eval that ignores terminations goes on), are those of the same steps observed."""
+    def run(observe_success_step: bool):
+        single.reset(0)
+        single.step(np.zeros(7))
+        sim = single._env.sim
+        basket = sim.data.site_xpos[sim.model.site_name2id("basket_1_contain_region")].copy()
+        start, _ = sim.model.get_joint_qpos_addr("alphabet_soup_1_joint0")
+        sim.data.qpos[start:start + 3] = basket + np.array([0.0, 0.0, 0.01])
+        sim.forward()
+        obs, _, _, success = single.step(np.zeros(7), observe=observe_success_step)
+        later = [single.step(np.full(7, 0.1), observe=True)[0] for _ in range(2)]
+        return success, obs, later
+
+    (ok_seen, seen, seen_later), (ok_skipped, skipped, skipped_later) = run(True), run(False)
+    assert ok_seen and ok_skipped and np.array_equal(seen["state"], skipped["state"])
+    for a, b in zip(seen_later, skipped_later):
+        assert np.array_equal(a["state"], b["state"])
+        for cam in ("main", "wrist"):
+            assert np.array_equal(a["images"][cam], b["images"][cam])
+    for cam in ("main", "wrist"):  # fresh frames, taken a few substeps later than an observed step's
+        assert np.abs(seen["images"][cam].astype(int) - skipped["images"][cam].astype(int)).mean() < 2.0
+
+
 def test_steps_inside_a_chunk_skip_rendering_without_changing_anything(single):
     actions = np.random.default_rng(0).uniform(-1, 1, (4, 7))
     single.reset(5)
