@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> None:
         info = discover(args.robot, args.wait, args.port, args.listen)
     except ValueError as exc:  # a malformed --listen endpoint (or a port in use)
         parser.error(str(exc))
+    except OSError as exc:  # the beacon port taken by another listener (a second discover, say)
+        parser.error(f"cannot listen for beacons on UDP port {args.port}: {exc.strerror or exc} (another discover "
+                     f"running? pick another --port, the one the robot servers' --beacon names)")
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return

@@ -106,6 +106,10 @@ def validate(config: FrankaConfig) -> dict:
     if not config.robot_ip:
         raise RobotValidationError("franka: robot_ip is not set. Give franka:<ip> or set ROBOT_IP "
                                    "(comma-separated for several arms on this node)")
+    low, high = np.asarray(config.position_low, float), np.asarray(config.position_high, float)
+    if low.shape != (3,) or high.shape != (3,) or not np.all(low < high):
+        raise RobotValidationError(f"franka: the position box needs 3 values each with position_low < position_high, "
+                                   f"got {config.position_low} and {config.position_high}")
     if not reachable(config.robot_ip):
         raise RobotValidationError(
             f"franka: robot {config.robot_ip} is not reachable. Check the cable / network, that the arm is powered "

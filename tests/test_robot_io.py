@@ -126,6 +126,8 @@ def test_validation_errors_say_what_to_fix(monkeypatch):
         franka.enumerate([FrankaConfig(robot_ip="127.0.0.1", camera_serials=["111", "999"])])
     (info,) = franka.enumerate([FrankaConfig(robot_ip="127.0.0.1")])  # unset serials take what is connected
     assert info.config.camera_serials == ["111", "222"] and info.details["validated"]
+    with pytest.raises(registry.RobotValidationError, match="position_low < position_high"):
+        franka.enumerate([FrankaConfig(robot_ip="127.0.0.1", position_low=[0.7, -0.3, 0.02])])
     (skipped,) = franka.enumerate([FrankaConfig(robot_ip="192.0.2.1", disable_validate=True)])
     assert skipped.details == {"validated": False}
     with pytest.raises(registry.RobotValidationError, match="obs_mode"):
@@ -880,6 +882,13 @@ def test_discover_cli_bad_option_is_a_clear_error(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         discover.main(["--robot", "franka:127.0.0.1,camera_type=none", "--wait", "0"])
     assert "environment variable CONTROL_HZ='abc' is not a valid float" in capsys.readouterr().err
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:  # the beacon port held by another listener
+        taken.bind(("", 0))
+        with pytest.raises(SystemExit) as exit_info:  # used to be an OSError traceback
+            discover.main(["--wait", "0.2", "--port", str(taken.getsockname()[1])])
+    assert exit_info.value.code == 2 and "cannot listen for beacons on UDP port" in capsys.readouterr().err
 
 
 def test_a_remote_env_whose_robot_never_comes_releases_its_hub():
