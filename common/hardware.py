@@ -46,6 +46,12 @@ def memory_info() -> dict:
     return {"total_gib": round(vm.total / 2**30, 1), "available_gib": round(vm.available / 2**30, 1)}
 
 
+def _uuid(value) -> str:
+    """torch's `props.uuid` and NVML's 'GPU-...' string in one form."""
+    text = value.decode() if isinstance(value, bytes) else str(value)
+    return text.lower().removeprefix("gpu-")
+
+
 def gpu_info() -> list[dict]:
     gpus: list[dict] = []
     try:
@@ -56,7 +62,7 @@ def gpu_info() -> list[dict]:
                 p = torch.cuda.get_device_properties(i)
                 gpus.append({"index": i, "name": p.name, "memory_gib": round(p.total_memory / 2**30, 1),
                              "compute_capability": f"{p.major}.{p.minor}", "sm_count": p.multi_processor_count,
-                             "source": "torch.cuda"})
+                             "source": "torch.cuda", **({"uuid": _uuid(p.uuid)} if hasattr(p, "uuid") else {})})
     except Exception as exc:  # a broken CUDA install should not hide the rest
         gpus.append({"error": f"torch.cuda: {exc}"})
     try:
@@ -68,17 +74,30 @@ def gpu_info() -> list[dict]:
     except Exception:
         return gpus  # no NVIDIA driver: nothing to add
     try:
+        driver = pynvml.nvmlSystemGetDriverVersion()
         for i in range(pynvml.nvmlDeviceGetCount()):
-            h = pynvml.nvmlDeviceGetHandle_by_index(i) if hasattr(pynvml, "nvmlDeviceGetHandle_by_index") \
-                else pynvml.nvmlDeviceGetHandleByIndex(i)
-            mem = pynvml.nvmlDeviceGetMemoryInfo(h)
-            util = pynvml.nvmlDeviceGetUtilizationRates(h)
-            entry = next((g for g in gpus if g.get("index") == i), None)
-            if entry is None:
-                entry = {"index": i, "name": pynvml.nvmlDeviceGetName(h), "source": "nvml"}
-                gpus.append(entry)
-            entry.update(memory_used_gib=round(mem.used / 2**30, 1), utilization_pct=util.gpu,
-                         driver=pynvml.nvmlSystemGetDriverVersion())
+            # NVML counts every GPU of the machine in its own order; torch's indices follow CUDA_VISIBLE_DEVICES:
+            # the two meet by UUID, and a GPU torch does not see is listed by its NVML index
+            entry = None
+            try:
+                h = pynvml.nvmlDeviceGetHandleByIndex(i)
+                uuid = _uuid(pynvml.nvmlDeviceGetUUID(h))
+                entry = next((g for g in gpus if g.get("uuid") == uuid), None)
+                if entry is None:
+                    entry = {"nvml_index": i, "name": pynvml.nvmlDeviceGetName(h), "uuid": uuid, "source": "nvml",
+                             "visible_to_torch": False}
+                    gpus.append(entry)
+                mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+                entry.update(memory_used_gib=round(mem.used / 2**30, 1), driver=driver)
+                entry["utilization_pct"] = pynvml.nvmlDeviceGetUtilizationRates(h).gpu
+            except Exception as exc:  # e.g. NotSupported for utilisation on a MIG slice: the rest still counts
+                error = f"{type(exc).__name__}: {exc}"
+                if entry is None:
+                    gpus.append({"nvml_index": i, "error": f"nvml: {error}"})
+                else:
+                    entry["nvml_error"] = error
+    except Exception as exc:
+        gpus.append({"error": f"nvml: {type(exc).__name__}: {exc}"})
     finally:
         pynvml.nvmlShutdown()
     return gpus

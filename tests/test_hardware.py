@@ -36,3 +36,38 @@ def test_cli_table_and_json():
     table = subprocess.run([sys.executable, "-m", "common.hardware"], cwd=ROOT, capture_output=True, text=True,
                            check=True, timeout=120).stdout
     assert "memory" in table and "cpu" in table
+
+
+def test_nvml_details_go_to_the_gpu_torch_sees_by_uuid_and_nvml_errors_are_reported(monkeypatch):
+    """CUDA_VISIBLE_DEVICES=1 on a 2-GPU machine: torch's GPU 0 is NVML's GPU 1. A query NVML does not support there
+    (utilisation on a MIG slice) is reported, not raised."""
+    import types
+
+    import torch
+
+    props = types.SimpleNamespace(name="H100", total_memory=80 * 2**30, major=9, minor=0, multi_processor_count=132,
+                                  uuid="bbbb-2222")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props)
+
+    def utilization(h):
+        if h == 1:
+            raise RuntimeError("NVML_ERROR_NOT_SUPPORTED")
+        return types.SimpleNamespace(gpu=50)
+
+    nvml = types.ModuleType("pynvml")
+    nvml.nvmlInit = nvml.nvmlShutdown = lambda: None
+    nvml.nvmlSystemGetDriverVersion = lambda: "550.0"
+    nvml.nvmlDeviceGetCount = lambda: 2
+    nvml.nvmlDeviceGetHandleByIndex = lambda i: i
+    nvml.nvmlDeviceGetUUID = lambda h: ["GPU-AAAA-1111", "GPU-BBBB-2222"][h]
+    nvml.nvmlDeviceGetName = lambda h: ["A100", "H100"][h]
+    nvml.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(used=[10, 20][h] * 2**30)
+    nvml.nvmlDeviceGetUtilizationRates = utilization
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    seen, hidden = hardware.gpu_info()
+    assert seen["index"] == 0 and seen["name"] == "H100" and seen["memory_used_gib"] == 20.0
+    assert "NOT_SUPPORTED" in seen["nvml_error"]
+    assert hidden["nvml_index"] == 0 and hidden["name"] == "A100" and hidden["visible_to_torch"] is False
+    assert hidden["utilization_pct"] == 50 and "index" not in hidden
