@@ -200,11 +200,9 @@ class ShmPublisher:
         self.name, self.path, self.max_readers = name, _path(name), max_readers
         self.slots = 3 * max_readers + 2
         self._owner = os.open(f"{self.path}.owner", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(self._owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _lock_within(self._owner, 0.2):  # (a reader's publisher_alive() probe holds it for microseconds)
             os.close(self._owner)
-            raise ShmError(f"shared-memory channel {name!r} ({self.path}) is owned by a live publisher") from None
+            raise ShmError(f"shared-memory channel {name!r} ({self.path}) is owned by a live publisher")
         self._map: _Mapping | None = None
         self._reserved: set[int] = set()  # slots whose pages fallocate has reserved
         self._recent = list(range(self.slots))  # slots, the most recently written first: reuse the warmest
@@ -477,6 +475,11 @@ class ShmSubscriber:
         if self._map is not None and s is not None:
             self._set_held(1 << s)
 
+    def views(self, tensor) -> bool:
+        """Whether `tensor` views a slot of the file this subscriber reads now."""
+        m = self._map
+        return m is not None and m.base_ptr <= tensor.data_ptr() < m.base_ptr + m.slots * m.slot_bytes
+
     def publisher_alive(self) -> bool:
         """Whether a publisher owns the channel now (probes its owner lock)."""
         try:
@@ -502,8 +505,30 @@ def _free_entry(m: _Mapping, entry: int) -> None:
     if m.fd < 0:
         return
     try:
-        with m.lock():
+        # A garbage collection may run this in a thread that holds the file's lock through another mapping (inside
+        # an acquire or a take), where waiting for it would never end: after a second without it, the entry is
+        # cleared without the lock, which giving slots back allows (the publisher reads the masks only under it, and
+        # a stale read just keeps them a moment longer); the masks go before the pid, which frees the entry
+        locked = _lock_within(m.fd, 1.0)
+        try:
             if m.entries[entry, 0] == os.getpid():
-                m.entries[entry] = 0
+                m.entries[entry, 1:] = 0
+                m.entries[entry, 0] = 0
+        finally:
+            if locked:
+                flock(m.fd, LOCK_UN)
     finally:
         m.close()
+
+
+def _lock_within(fd: int, seconds: float) -> bool:
+    """Take the exclusive lock on `fd` if it comes within `seconds`; whether it did."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            flock(fd, LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.002)

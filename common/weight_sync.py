@@ -27,8 +27,10 @@ the file is readable by the same user only).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import operator
+import weakref
 import threading
 import time
 import torch
@@ -187,7 +189,7 @@ class WeightPublisher:
         self.flatten = flatten and not only_changed
         self._flat: _FlatTensors | None = None
         self._sent = _SentTensors(model, mode)
-        self._stream = torch.cuda.Stream() if torch.cuda.is_available() else None  # (before the endpoint is taken)
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}  # a side stream per GPU the weights live on
         self.shm = ShmPublisher(name, max_readers=max_readers) if name is not None else None
         self.pub = Publisher(endpoint, curve=curve, ctx=ctx) if name is None else None
         self._inproc = endpoint.startswith("inproc://")  # sends land in the receiver's queue at once, no I/O thread
@@ -214,19 +216,15 @@ class WeightPublisher:
         if cuda and not self.only_changed:
             return {k: t.detach() for k, t in tensors.items()}, {}  # publish copies D2H straight into the send buffer
         if cuda:
-            # D2H on a side stream into reusable pinned buffers; training's stream waits only for these copies.
-            main = torch.cuda.current_stream()
-            self._stream.wait_stream(main)
-            with torch.cuda.stream(self._stream):
+            # D2H on a side stream of each GPU into reusable pinned buffers; training's streams wait only for these
+            def copy():
                 for k, t in cuda.items():
                     buf = self._pinned.get(k)
                     if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
                         buf = self._pinned[k] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
                     buf.copy_(t.detach(), non_blocking=True)
                     tensors[k] = buf
-            done = self._stream.record_event()
-            main.wait_event(done)
-            done.synchronize()
+            self._on_side_streams({t.device for t in cuda.values()}, copy)
         tensors = {k: t.detach() for k, t in tensors.items()}
         if not self.only_changed:
             return tensors, {}
@@ -261,26 +259,26 @@ class WeightPublisher:
         # Packing is the one host copy: the snapshot, taken here while the weights are consistent. It goes into a
         # send buffer that no receiver still holds (ZMQ tracks zero-copy sends), reused when the size fits.
         if flat is not None:
-            on_gpu = flat.on_gpu
+            gpus = {flat.block.device} if flat.on_gpu else set()
             header = flat.header(self.version)
             pack = lambda out, pinned=False: pack_block(header, flat.lengths, flat.block, out=out, pinned=pinned,
                                                         views=self.shm.views if self.shm is not None else None)
             size = lambda: flat.packed_size(len(header))
         else:
             tensors, delta_meta = self._host_tensors(tensors)
-            on_gpu = any(t.is_cuda for t in tensors.values())
+            gpus = {t.device for t in tensors.values() if t.is_cuda}
             frames = encode("update", {"version": self.version, "mode": self.mode, **delta_meta}, tensors,
-                            self.version, device_frames=on_gpu)
+                            self.version, device_frames=bool(gpus))
             pack = lambda out, pinned=False: pack_frames(frames, out=out, pinned=pinned)
             size = lambda: packed_size([frame_nbytes(f) for f in frames])
         if self.shm is not None:
-            return self._publish_shm(pack, size(), on_gpu, start)
+            return self._publish_shm(pack, size(), gpus, start)
         with self._cond:  # the most recently sent free buffer: its pages are the warmest in the cache
             pending = self._pending[1] if self._pending else None
             free = [i for i, (buf, tracker) in enumerate(self._buffers)
                     if (tracker is None or tracker.done) and buf is not pending]
             reuse = self._buffers.pop(free[-1])[0] if free else None
-        packed = self._snapshot(pack, reuse, on_gpu)
+        packed = self._snapshot(pack, reuse, gpus)
         with self._cond:
             self.stats["requested"] += 1
             if self.max_bytes_per_s is None and self._pending is None and not self._busy:
@@ -293,27 +291,37 @@ class WeightPublisher:
         self.stats["last_publish_s"] = time.perf_counter() - start
         return self.version
 
-    def _snapshot(self, pack, out, on_gpu: bool):
-        """Run `pack(out)`, the one copy of the weights. From the GPU: device-to-host straight into the (pinned)
-        buffer, on a side stream that waits for training's pending work; training's stream then waits only for these
-        copies."""
-        if not on_gpu:
+    def _snapshot(self, pack, out, gpus: set):
+        """Run `pack(out)`, the one copy of the weights. From the GPUs `gpus` (empty: CPU weights): device-to-host
+        straight into the (pinned) buffer, on side streams that wait for training's pending work; training's streams
+        then wait only for these copies."""
+        if not gpus:
             return pack(out)
-        main = torch.cuda.current_stream()
-        self._stream.wait_stream(main)
-        with torch.cuda.stream(self._stream):
-            packed = pack(out, pinned=True)
-        done = self._stream.record_event()
-        main.wait_event(done)
-        done.synchronize()
-        return packed
+        return self._on_side_streams(gpus, lambda: pack(out, pinned=True))
 
-    def _publish_shm(self, pack, nbytes: int, on_gpu: bool, start: float) -> int:
+    def _on_side_streams(self, gpus: set, copy):
+        """`copy()` with a side stream current on each GPU of `gpus` (a device-to-host copy runs on its source
+        device's current stream, which need not be the current device's), after training's pending work there and
+        before its next; returns once the copies are done."""
+        sides = []
+        for device in gpus:
+            if device not in self._streams:
+                self._streams[device] = torch.cuda.Stream(device=device)
+            sides.append((self._streams[device], torch.cuda.current_stream(device)))
+        with contextlib.ExitStack() as current:
+            for side, main in sides:
+                side.wait_stream(main)
+                current.enter_context(torch.cuda.stream(side))
+            result = copy()
+        for side, main in sides:
+            done = side.record_event()
+            main.wait_event(done)
+            done.synchronize()
+        return result
+
+    def _publish_shm(self, pack, nbytes: int, gpus: set, start: float) -> int:
         out = self.shm.acquire(nbytes)  # a slot no reader holds: the snapshot goes straight into shared memory
-        if on_gpu:
-            self._snapshot(pack, out, on_gpu)
-        else:
-            pack(out)
+        self._snapshot(pack, out, gpus)
         return self._committed(nbytes, start)
 
     def _committed(self, nbytes: int, start: float) -> int:
@@ -410,6 +418,12 @@ class WeightSubscriber:
         self._plan: dict = {}  # for that layout: name -> (target tensor, apply by viewing the received bytes)
         self._views_only = self._views_all = False  # every tensor of that layout is applied by viewing (all tensors)
         self._in_order: list = []  # that layout's targets in the order of its arrays
+        # A zero-copy shared-memory subscriber dropped without close() would give its slots back while the model's
+        # parameters still view one, which the publisher would then rewrite: first they get their own memory
+        self._finalizer = weakref.finalize(self, _own_memory_then_close, list(self._targets.values()), self.sub) \
+            if self.shm and zero_copy else None
+        if self._finalizer is not None:
+            self._finalizer.atexit = False  # (at exit nothing publishes into this process any more)
 
     def poll(self, timeout: float = 0.0) -> bool:
         """Take in what has arrived; keep only the newest. Returns whether an update is waiting to be applied."""
@@ -435,8 +449,15 @@ class WeightSubscriber:
             problems = [k for k, v in msg.arrays.items()
                         if k not in targets or tuple(targets[k].shape) != tuple(v.shape)]
             if problems:
+                self.sub.release(msg)  # (a shared-memory slot: back to the publisher, which would run out of them)
                 raise ValueError(f"weight update v{msg.seq} does not fit this model: {problems[:5]} "
                                  f"(unknown names or other shapes)")
+            if self.shm and self.zero_copy:  # tensors this layout no longer sends (a trainable set that shrank)
+                # stop viewing the slots they were last sent in, which would stay held: each reader holds at most
+                # three slots (see common.shm_broadcast)
+                for k, t in targets.items():
+                    if k not in msg.arrays and self.sub.views(t):
+                        t.data = t.data.clone()
             self._fits = msg.layout
             # per name: the target, and whether it can view the received bytes (CPU, same dtype)
             self._plan = {k: (targets[k], self.zero_copy and targets[k].dtype == v.dtype
@@ -485,7 +506,20 @@ class WeightSubscriber:
     @torch.no_grad()
     def close(self) -> None:
         """Zero-copy parameters get their own memory first: once closed, the buffer they viewed may be rewritten."""
+        if self._finalizer is not None:
+            self._finalizer()  # (shared memory: the same, once)
+            return
         if self.zero_copy and self.version > 0:
             for target in self._targets.values():
                 target.data = target.data.clone()
         self.sub.close()
+
+
+@torch.no_grad()
+def _own_memory_then_close(targets: list, sub: ShmSubscriber) -> None:
+    """A zero-copy shared-memory subscriber's end (its close(), or its garbage collection): the parameters that view
+    a slot get their own memory, then the slots go back."""
+    for target in targets:
+        if sub.views(target):
+            target.data = target.data.clone()
+    sub.close()

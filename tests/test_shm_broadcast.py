@@ -377,3 +377,97 @@ def test_closing_a_zero_copy_reader_keeps_its_weights(name):
         assert all(bool((p == 1.0).all()) for p in actor.parameters())
     finally:
         pub.close()
+
+
+def test_a_zero_copy_reader_dropped_without_close_keeps_its_weights(name):
+    """Garbage-collected instead of closed: the parameters still view a slot, which would be rewritten once the
+    reader's entry is freed; they get their own memory first."""
+    import gc
+
+    learner, actor = Policy(), Policy()
+    pub = WeightPublisher(f"shm://{name}", learner)
+    sub = WeightSubscriber(f"shm://{name}", actor, zero_copy=True)
+    try:
+        perturb(learner, 1.0)
+        pub.publish()
+        assert sub.poll(2) and sub.apply() == 1
+        del sub
+        gc.collect()
+        for v in (2.0, 3.0, 4.0, 5.0, 6.0, 7.0):  # more publishes than there are slots
+            perturb(learner, v)
+            pub.publish()
+        assert all(bool((p == 1.0).all()) for p in actor.parameters())
+    finally:
+        pub.close()
+
+
+def test_a_misfit_update_and_a_shrinking_trainable_set_give_their_slots_back(name):
+    """A reader whose model does not fit an update (apply raises, the actor may go on) and one whose trainable set
+    shrinks (the tensors no longer sent kept viewing old slots) must not starve the publisher of slots."""
+    learner, actor = Policy(), Policy()
+    pub = WeightPublisher(f"shm://{name}", learner, mode="trainable", max_readers=1)
+    misfit = Policy()
+    misfit.expert = torch.nn.Linear(16, 5)
+    bad = WeightSubscriber(f"shm://{name}", misfit, zero_copy=True)
+    try:
+        for v in range(1, 12):  # 5 slots for one reader
+            perturb(learner, float(v))
+            pub.publish()
+            assert bad.poll(2)
+            with pytest.raises(ValueError, match="does not fit"):
+                bad.apply()
+    finally:
+        bad.close()
+    sub = WeightSubscriber(f"shm://{name}", actor, zero_copy=True)
+    try:
+        for v, frozen in enumerate(("", "vlm.weight", "vlm.bias", "expert.weight", "", ""), start=20):
+            if frozen:
+                learner.get_parameter(frozen).requires_grad_(False)
+            perturb(learner, float(v))
+            pub.publish()
+            assert sub.poll(2) and sub.apply() == pub.version
+            assert held_slots(pub) <= 2
+        assert [float(actor.vlm.weight[0, 0]), float(actor.vlm.bias[0]), float(actor.expert.weight[0, 0]),
+                float(actor.expert.bias[0])] == [20.0, 21.0, 22.0, 25.0]  # each as last sent
+    finally:
+        sub.close()
+        pub.close()
+
+
+def test_a_publisher_starts_while_a_reader_probes_it(name):
+    """publisher_alive() takes the owner lock shared for a moment: a publisher starting then is not refused."""
+    import fcntl
+    import threading
+
+    probe = os.open(shm_dir() / f"rlx-{name}.owner", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(probe, fcntl.LOCK_SH)
+    threading.Timer(0.05, lambda: os.close(probe)).start()  # (closing drops the probe's lock)
+    ShmPublisher(name).close()
+
+
+def test_freeing_a_reader_entry_never_waits_forever_on_its_own_lock(name):
+    """A garbage collection can free a reader's entry inside a locked section of the same thread (through another
+    mapping of the file); the entry is then cleared without the lock, after a bounded wait."""
+    from common.shm_broadcast import _free_entry
+
+    pub = ShmPublisher(name)
+    pub.acquire(64)
+    pub.commit(1)
+    sub = ShmSubscriber(name)
+    try:
+        assert sub._attach()  # (what a first latest() does)
+        m, entry = sub._map, sub._entry
+        assert pub._map.entries[entry, 0] == os.getpid()
+        with pub._map.lock():  # held through the publisher's mapping (a flock of another open file: so in any
+            # thread of this process, as in this one); a regression would wait, not hang the test run
+            import threading
+
+            freeing = threading.Thread(target=_free_entry, args=(m, entry), daemon=True)
+            freeing.start()
+            freeing.join(5.0)
+            assert not freeing.is_alive(), "freeing the entry waits for a lock its own thread holds"
+        sub._finalizer.detach()
+        with pub._map.lock():
+            assert pub._map.entries[entry].tolist() == [0, 0, 0]
+    finally:
+        pub.close()
