@@ -114,7 +114,7 @@ def main(args: Args) -> None:
             assert buf.stats["cache_misses"] == 0
             # reopened with room for one segment: RAM holds the newest (warmed on open), so nearly every draw reads
             # the files; the share of draws served from RAM is reported (files_hit_share)
-            cold = ReplayBuffer.open(tmp / "buf", cache_transitions=T + 1)
+            cold = ReplayBuffer.open(tmp / "buf", cache_transitions=T + 1, readonly=True)
             miss_rate = sample_rate(lambda: cold.sample(args.batch_size, srng), max(10, args.sample_batches // 10))
             hit_share = cold.stats["cache_hits"] / max(1, cold.stats["cache_hits"] + cold.stats["cache_misses"])
         finally:

@@ -26,12 +26,14 @@ their files, `eviction="keep"` keeps them on disk (an earlier run or demos stay 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import queue
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterator
@@ -110,10 +112,30 @@ class ReplayBuffer:
         self._window_cache = None
         self._ring_pos = 0
         self.stats = {"cache_hits": 0, "cache_misses": 0, "files_read": 0}
+        self._writer_lock = None
         if self.dir is not None:
             (self.dir / "segments").mkdir(parents=True, exist_ok=True)
+            if not readonly:
+                self._take_writer_lock()
             self._recover()
             self._warm_cache()
+
+    def _take_writer_lock(self) -> None:
+        """One writer per directory: a second would remove the first's half-written files when it opens and append
+        segments under the same ids. Held (flock) while this object lives; a killed process's goes with it."""
+        fd = os.open(self.dir / "writer.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise BufferError(f"{self.dir} is open for writing elsewhere (another process, or another ReplayBuffer "
+                              f"object here): close that one, or open this one with readonly=True") from None
+        self._writer_lock = weakref.finalize(self, os.close, fd)
+
+    def close(self) -> None:
+        """Let another writer open the directory (also done when this object is garbage-collected)."""
+        if self._writer_lock is not None:
+            self._writer_lock()
 
     @classmethod
     def open(cls, directory: str | Path, **kwargs) -> "ReplayBuffer":

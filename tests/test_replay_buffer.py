@@ -73,6 +73,7 @@ def test_reopen_restores_counters_and_eviction(tmp_path):
     for s in range(6):
         buf.add(make_segment(s))
     assert buf.ids == [2, 3, 4, 5] and not (tmp_path / "segments/seg_000000000.h5").exists()
+    buf.close()  # (one writer at a time: as a process that ended)
     again = ReplayBuffer.open(tmp_path, capacity_segments=4)
     assert again.ids == [2, 3, 4, 5] and again.next_id == 6
     assert again.num_transitions == buf.num_transitions and again.add(make_segment(9)) == 6
@@ -82,6 +83,7 @@ def test_reopen_restores_counters_and_eviction(tmp_path):
     for s in range(4):
         keep.add(make_segment(s))
     assert keep.ids == [2, 3] and len(list((keep_dir / "segments").glob("*.h5"))) == 4
+    keep.close()
     assert ReplayBuffer.open(keep_dir, capacity_segments=10).ids == [0, 1, 2, 3]  # an earlier run, reusable
 
 
@@ -93,6 +95,7 @@ def test_recovery_from_torn_index_and_unindexed_files(tmp_path):
     lines = index.read_bytes().split(b"\n")
     index.write_bytes(b"\n".join(lines[:1]) + b"\n" + lines[1][:7])  # torn second line, third missing
     (tmp_path / "segments" / "seg_000000003.h5.tmp").write_bytes(b"half a file")
+    buf.close()
     again = ReplayBuffer.open(tmp_path)
     assert again.ids == [0, 1, 2] and not list(tmp_path.glob("**/*.tmp"))
     assert_segment_equal(again.read_segment(2), make_segment(2))
@@ -108,7 +111,11 @@ def test_bad_input_errors(tmp_path):
     with pytest.raises(BufferError, match="note.*np.char.encode"):  # before it fixes the schema on disk
         buf.add(text)
     buf.add(make_segment(0))
-    assert ReplayBuffer.open(tmp_path).total_added == len(make_segment(0)["actions"])
+    assert ReplayBuffer.open(tmp_path, readonly=True).total_added == len(make_segment(0)["actions"])
+    with pytest.raises(BufferError, match="open for writing elsewhere"):  # a second writer would remove the first's
+        ReplayBuffer.open(tmp_path)  # half-written files and append under the same ids
+    buf.close()
+    ReplayBuffer.open(tmp_path).add(make_segment(1))
     seg = make_segment(1)
     seg["obs"]["image"] = seg["obs"]["image"][:, :8]
     with pytest.raises(BufferError, match="schema"):
@@ -145,6 +152,7 @@ def test_sigkill_at_random_moments_never_loses_a_durable_segment(tmp_path):
             assert buf.read_segment(seg_id)["meta"]["seed"] >= 0
             checked.add(seg_id)
         buf.sample(64)
+        buf.close()  # the next writer's turn
     assert len(durable) >= 20
     buf = ReplayBuffer.open(tmp_path)
     for seg_id, s in durable.items():
@@ -219,7 +227,8 @@ def test_mixed_batches_and_prefetch(tmp_path):
 def test_counters_and_edge_cases(tmp_path):
     buf = ReplayBuffer(tmp_path, capacity_segments=2, eviction="delete")
     total = sum(buf.lengths[buf.add(make_segment(s))] for s in range(4))
-    assert buf.total_added == total and ReplayBuffer.open(tmp_path).total_added == total  # evicted ones count too
+    assert buf.total_added == total and ReplayBuffer.open(tmp_path, readonly=True).total_added == total  # evicted
+    # ones count too
     with pytest.raises(BufferError, match="evicted"):  # its file is gone: said, not an OSError from h5py
         buf.read_segment(0)
     assert ReplayBuffer.open(tmp_path, capacity_segments=0, readonly=True).ids == []  # 0 keeps none, as on add
@@ -251,6 +260,7 @@ def test_reopened_buffer_samples_from_a_warm_cache_and_nested_keys_read_back(tmp
                "actions": rng.normal(size=(10, 2)).astype(np.float32), "rewards": np.ones(10, np.float32)}
         segments.append(seg)
         buf.add(seg)
+    buf.close()
     reopened = ReplayBuffer.open(tmp_path / "b", cache_transitions=1000)
     batch = reopened.sample(64)
     assert reopened.stats["files_read"] == 0  # every row came from the RAM ring, warmed at open
@@ -259,7 +269,7 @@ def test_reopened_buffer_samples_from_a_warm_cache_and_nested_keys_read_back(tmp
     assert_segment_equal(got, {**segments[3], "extras": {}, "terminated": np.zeros(10, bool),
                                "truncated": np.zeros(10, bool), "policy_version": np.zeros(10, np.int64),
                                "intervention": np.zeros(10, bool)})
-    small = ReplayBuffer.open(tmp_path / "b", cache_transitions=25)  # only the newest two fit
+    small = ReplayBuffer.open(tmp_path / "b", cache_transitions=25, readonly=True)  # only the newest two fit
     assert list(small._cached) == [3, 4]
 
 
@@ -269,9 +279,11 @@ def test_an_index_whose_last_line_lost_its_newline_still_takes_appends(tmp_path)
         buf.add(make_segment(s))
     index = tmp_path / "index.jsonl"
     index.write_bytes(index.read_bytes().rstrip(b"\n"))  # e.g. a power loss between the line and its newline
+    buf.close()
     again = ReplayBuffer.open(tmp_path)
     assert len(again.lengths) == 3 and index.read_bytes().endswith(b"\n")  # well formed again, before any append
     again.add(make_segment(3))
+    again.close()
     reopened = ReplayBuffer.open(tmp_path)  # the appended line was glued onto the last one before
     assert len(reopened.lengths) == 4 and reopened.total_added == again.total_added
     assert (tmp_path / "index.jsonl").read_bytes().count(b"\n") == 4
