@@ -205,6 +205,22 @@ def test_mlp_expert_conditions_on_state_noise_time_and_visible_prefix(tmp_path):
     assert bf16.expert.net[0].weight.dtype == torch.float32
 
 
+def test_pi05_adaptive_norm_is_openpis_scale_shift_gate():
+    """openpi's π0.5 adaptive RMSNorm: Dense(cond) gives (scale, shift, gate) in that order, y = rms(x)(1 + scale) +
+    shift, and the residual adds y * gate. Pinned on chosen values: a swap of the three passes every self-consistency
+    test (cached = joint, time matters)."""
+    from common.pi0 import RMSNorm, gated_residual
+
+    norm = RMSNorm(4, cond_dim=3)
+    with torch.no_grad():
+        norm.dense.bias.copy_(torch.tensor([0.5] * 4 + [-0.25] * 4 + [2.0] * 4))  # (the dense's weight: zeros)
+    x = torch.randn(2, 5, 4)
+    y, gate = norm(x, torch.randn(2, 3))
+    rms = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    assert torch.allclose(y, rms * 1.5 - 0.25, atol=1e-6) and torch.allclose(gate, torch.full_like(gate, 2.0))
+    assert torch.allclose(gated_residual(x, y, gate), x + 2.0 * y)
+
+
 def test_images_are_resized_as_openpis_clients_do():
     """openpi's clients resize camera frames with PIL's BILINEAR (antialiased when shrinking): LIBERO renders at 256
     px, the models take 224."""
