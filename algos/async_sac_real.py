@@ -268,7 +268,8 @@ def spec_problem(spec, hidden: int) -> str | None:
                 or not (np.all(np.isfinite(action.low)) and np.all(np.isfinite(action.high))
                         and np.all(action.low < action.high)):
             return "the action must be a non-empty 1-D box with finite low < high"
-        Policy(spec, hidden)
+        with torch.device("meta"):  # shapes only: no memory, and no draw from the RNG a run checkpoints
+            Policy(spec, hidden)
     except Exception as exc:  # a malformed spec from the network, whatever part of it is wrong
         return f"{type(exc).__name__}: {str(exc)[:300]}"
     return None

@@ -260,6 +260,8 @@ class ReplayBuffer:
         """Store one segment; returns its id once it is durable (or in RAM, for a buffer without a directory)."""
         if self.readonly:
             raise BufferError("this buffer was opened read-only")
+        if self._writer_lock is not None and not self._writer_lock.alive:
+            raise BufferError(f"this buffer was closed: another writer may have {self.dir} now")
         flat, T = _flatten(segment)
         meta = dict(meta or {})
         if self.dir is None and T + 1 > self.cache_transitions:  # refuse before any state changes

@@ -200,7 +200,7 @@ class ShmPublisher:
         self.name, self.path, self.max_readers = name, _path(name), max_readers
         self.slots = 3 * max_readers + 2
         self._owner = os.open(f"{self.path}.owner", os.O_RDWR | os.O_CREAT, 0o600)
-        if not _lock_within(self._owner, 0.2):  # (a reader's publisher_alive() probe holds it for microseconds)
+        if not _lock_within(self._owner, 1.0):  # (a reader's publisher_alive() probe holds it for microseconds)
             os.close(self._owner)
             raise ShmError(f"shared-memory channel {name!r} ({self.path}) is owned by a live publisher")
         self._map: _Mapping | None = None

@@ -452,7 +452,8 @@ class WeightSubscriber:
                 self.sub.release(msg)  # (a shared-memory slot: back to the publisher, which would run out of them)
                 raise ValueError(f"weight update v{msg.seq} does not fit this model: {problems[:5]} "
                                  f"(unknown names or other shapes)")
-            if self.shm and self.zero_copy:  # tensors this layout no longer sends (a trainable set that shrank)
+            if self.shm and self.zero_copy and "base" not in msg.meta:  # tensors a full update no longer sends (a
+                # trainable set that shrank; a delta leaves unchanged ones out by design, viewing the keyframe's slot)
                 # stop viewing the slots they were last sent in, which would stay held: each reader holds at most
                 # three slots (see common.shm_broadcast)
                 for k, t in targets.items():

@@ -39,7 +39,7 @@ class LatestFrameCamera:
             try:
                 frame = self.grab()
             except Exception as exc:  # a dropped frame or a USB hiccup: try again, backing off; read() reports it
-                self._error, failures = exc, failures + 1
+                self._error, failures = exc, min(failures + 1, 7)  # backing off to 1 s at most
                 self.errors += 1
                 self._stop.wait(min(0.01 * 2 ** failures, 1.0))
                 continue

@@ -286,4 +286,9 @@ def make_robot_env(text: str, robot_index: int = 0, **env_kwargs) -> RobotEnv:
     rtype, config = parse_robot(text)
     fill_from_env(config, robot_index)
     rtype.enumerate([config])  # validates (or skips with disable_validate); raises RobotValidationError
-    return RobotEnv(rtype.make(config), **env_kwargs)
+    backend = rtype.make(config)
+    try:
+        return RobotEnv(backend, **env_kwargs)
+    except BaseException:  # a bad control_hz / max_episode_steps: the arm and its cameras, just opened, close again
+        backend.close()
+        raise

@@ -153,6 +153,22 @@ def test_the_td_target_draws_the_next_action_from_the_current_policy(monkeypatch
     assert torch.allclose(seen[0], current), "the next action must come from the current encoder's features"
 
 
+def test_checking_a_robots_spec_draws_nothing_from_the_rng():
+    """The learner checks each registering robot's spec by building the networks: shapes only, so a resumed run's
+    restored RNG stream (and the training thread's draws) are untouched."""
+    import torch
+
+    sac = _load_script()
+    env = sac.make_actor_env(sac.Args(robot="dummy,cameras=main,image_size=16,control_hz=0"))
+    spec = env.spec()
+    env.close()
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    assert sac.spec_problem(spec, 32) is None and sac.spec_problem({"observation": {}}, 32)
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_an_actor_that_stops_closes_its_robot(monkeypatch, tmp_path):
     sac = _load_script()
     args = sac.Args(robot="dummy,cameras=,control_hz=0", port=free_port(3))

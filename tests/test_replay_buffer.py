@@ -115,7 +115,10 @@ def test_bad_input_errors(tmp_path):
     with pytest.raises(BufferError, match="open for writing elsewhere"):  # a second writer would remove the first's
         ReplayBuffer.open(tmp_path)  # half-written files and append under the same ids
     buf.close()
-    ReplayBuffer.open(tmp_path).add(make_segment(1))
+    with pytest.raises(BufferError, match="closed"):  # it no longer holds the lock: another writer may
+        buf.add(make_segment(2))
+    buf = ReplayBuffer.open(tmp_path)
+    buf.add(make_segment(1))
     seg = make_segment(1)
     seg["obs"]["image"] = seg["obs"]["image"][:, :8]
     with pytest.raises(BufferError, match="schema"):

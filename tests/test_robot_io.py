@@ -66,8 +66,11 @@ def test_a_robot_takes_its_own_value_of_each_per_robot_variable_and_never_its_na
     with pytest.raises(registry.RobotValidationError, match="empty value"):
         registry.fill_from_env(FrankaConfig(), 1, {"ROBOT_IP": "10.0.0.2,,10.0.0.3"})
     assert registry.fill_from_env(registry.parse_robot("sim")[1], 0, {"NAME": "x"}).name is None
+    closed = []
+    monkeypatch.setattr(DummyBackend, "close", lambda self: closed.append(True))
     with pytest.raises(ValueError, match="control_hz must be >= 0"):
         make_robot_env("dummy,control_hz=-5")
+    assert closed == [True]  # the robot just opened is closed again
 
 
 def test_reachable_falls_back_to_tcp_when_ping_itself_fails(monkeypatch):

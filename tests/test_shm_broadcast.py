@@ -109,6 +109,8 @@ def test_only_changed_deltas_over_shm_keep_few_slots(name):
             assert torch.equal(actor.expert.weight, learner.expert.weight)
             assert torch.equal(actor.expert.bias, learner.expert.bias)
             assert held_slots(pub) <= 2  # deltas are cloned: the parameters view at most the keyframe's slot
+            # the unchanged bias, left out of every delta, still views its keyframe's slot (zero-copy, no clone)
+            assert sub.sub.views(actor.expert.bias)
     finally:
         pub.close()
         sub.close()
