@@ -26,7 +26,6 @@ their files, `eviction="keep"` keeps them on disk (an earlier run or demos stay 
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -41,7 +40,7 @@ from typing import Any, Iterator
 import h5py
 import numpy as np
 
-from common.fsutil import atomic_write, fsync_path
+from common.fsutil import atomic_write, exclusive_lock, fsync_path
 
 log = logging.getLogger("replay_buffer")
 
@@ -123,11 +122,8 @@ class ReplayBuffer:
     def _take_writer_lock(self) -> None:
         """One writer per directory: a second would remove the first's half-written files when it opens and append
         segments under the same ids. Held (flock) while this object lives; a killed process's goes with it."""
-        fd = os.open(self.dir / "writer.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+        fd = exclusive_lock(self.dir / "writer.lock")
+        if fd is None:
             raise BufferError(f"{self.dir} is open for writing elsewhere (another process, or another ReplayBuffer "
                               f"object here): close that one, or open this one with readonly=True") from None
         self._writer_lock = weakref.finalize(self, os.close, fd)

@@ -25,7 +25,6 @@ in its allow-list directory. Make keys with `python -m common.transport keygen D
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import hashlib
 import json
@@ -47,7 +46,7 @@ import msgpack
 import numpy as np
 import zmq
 
-from common.fsutil import atomic_write
+from common.fsutil import atomic_write, exclusive_lock
 
 log = logging.getLogger("transport")
 
@@ -772,12 +771,8 @@ class DataSender:
         self.spool.mkdir(parents=True, exist_ok=True)
         # one sender per spool: two (an orphaned process and its restart) would share a session and sequence ids,
         # and the receiver would drop one's items as the other's duplicates
-        self._spool_lock = os.open(self.spool / "lock", os.O_CREAT | os.O_RDWR, 0o600)
-        try:
-            fcntl.flock(self._spool_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._spool_lock)
-            self._spool_lock = None
+        self._spool_lock = exclusive_lock(self.spool / "lock")
+        if self._spool_lock is None:
             raise TransportError(f"spool {self.spool} is in use by another DataSender (is an earlier process of "
                                  f"this sender still running?)") from None
         state = self.spool / "session.json"
