@@ -144,6 +144,9 @@ class Args:
     full_slot_reward: bool = False
     """with release_slot: the learned variants keep the slot term at full weight while a ball flies (else 0.2 of it):
     a departure"""
+    lr_restart: bool = True
+    """the learned variants start the lr decay again at each curriculum period (the script's default, as the paper's
+    new run per period); --no-lr-restart: one decay across the curriculum"""
     device: str = "cpu"
     """cpu or cuda: where the runs train"""
     workers: int = 1
@@ -165,12 +168,13 @@ def run_name(variant: str) -> str:
     return "bench_" + variant.replace(" ", "_").lower()
 
 
-# The learned variants' env options passed on to the script (off by default): (Args field, default, run-directory
+# The learned variants' env and training options passed on to the script: (Args field, default, run-directory
 # suffix, formatted with the value). A set one is a setting of its own (record, run directory, the script's flag); one
 # at its default adds nothing, so the records of runs from before it existed keep their names.
 LEARNED_OPTIONS = (("relative_self_pos", False, "_relpos"), ("static_mode", "sdf9", "_{}"),
                    ("static_top_k", 0, "_top{}"), ("formation_reward", "simple", "_{}_form"),
-                   ("full_height_reward", False, "_fullheight"), ("full_slot_reward", False, "_fullslot"))
+                   ("full_height_reward", False, "_fullheight"), ("full_slot_reward", False, "_fullslot"),
+                   ("lr_restart", True, "_nolrrestart"))
 
 
 def set_options(args: Args) -> dict:
@@ -296,7 +300,7 @@ def train_one(args: Args, variant: str, seed: int) -> dict:
                "--torch-threads", str(args.threads), *VARIANTS[variant]]
         for name, value in set_options(args).items():
             flag = "--" + name.replace("_", "-")
-            cmd += [flag] if value is True else [flag, str(value)]
+            cmd += [flag] if value is True else ["--no-" + flag[2:]] if value is False else [flag, str(value)]
         if args.device == "cpu":
             cmd.append("--no-cuda")
         if (run / "checkpoint.pt").exists():
@@ -468,6 +472,8 @@ def main(args: Args) -> None:
              + (". The learned variants keep the slot term at full weight while a ball flies (c = 1 for it; a "
                 "departure, --full-slot-reward): a rigid shift of the formation is a free dodge, a drone leaving its "
                 "slot is not" if args.full_slot_reward else "")
+             + (". The learned variants decay the lr once across the curriculum (--no-lr-restart; the script's "
+                "default, as the paper, starts the decay again at each period)" if not args.lr_restart else "")
              + ".\n\n"
              + "Where each run trained (`train_min` is its wall time there): "
              + "; ".join(f"{v} seed {s}: {r['date']}, {r['machine']['cpu']}, {r['threads']} thread(s), {r['workers']} "

@@ -198,6 +198,12 @@ def test_uav_runs_with_side_walls_are_other_runs_and_those_without_keep_their_re
     assert bench.run_settings(rigid) == {**bench.run_settings(height), "full_slot_reward": True}
     assert bench.exp_name(rigid, "ours") == "bench_ours_relpos_tokens_top3_release_slot_form_fullheight_fullslot"
     assert bench.record_path(rigid, "ours", 1).name != bench.record_path(height, "ours", 1).name
+    # and one lr decay across the curriculum (--no-lr-restart): an option on by default, sent as its negation
+    once = dataclasses.replace(rigid, lr_restart=False)
+    assert "lr_restart" not in bench.run_settings(rigid)
+    assert bench.run_settings(once) == {**bench.run_settings(rigid), "lr_restart": False}
+    assert bench.exp_name(once, "ours") == bench.exp_name(rigid, "ours") + "_nolrrestart"
+    assert bench.record_path(once, "ours", 1).name != bench.record_path(rigid, "ours", 1).name
     # and the flags reach the script
     sent, real_run = [], subprocess.run
 
@@ -210,19 +216,21 @@ def test_uav_runs_with_side_walls_are_other_runs_and_those_without_keep_their_re
         return subprocess.CompletedProcess(cmd, 0)
 
     monkeypatch.setattr(bench.subprocess, "run", fake_training)
-    for args in (walled, relative, diff, release, top3, slot, height, rigid):
+    for args in (walled, relative, diff, release, top3, slot, height, rigid, once):
         bench.train_one(dataclasses.replace(args, seeds=[1], run_dir=str(tmp_path / "runs"),
                                             out_dir=str(tmp_path / "out"), records=False), "ours", 1)
-    assert [cmd[cmd.index("--corridor-walls") + 1] for cmd in sent] == ["2.0", "2.0"] + ["0.0"] * 6
-    assert ["--relative-self-pos" in cmd for cmd in sent] == [False] + [True] * 7
-    assert ["--full-height-reward" in cmd for cmd in sent] == [False] * 6 + [True] * 2
-    assert ["--full-slot-reward" in cmd for cmd in sent] == [False] * 7 + [True]
+    assert [cmd[cmd.index("--corridor-walls") + 1] for cmd in sent] == ["2.0", "2.0"] + ["0.0"] * 7
+    assert ["--relative-self-pos" in cmd for cmd in sent] == [False] + [True] * 8
+    assert ["--full-height-reward" in cmd for cmd in sent] == [False] * 6 + [True] * 3
+    assert ["--full-slot-reward" in cmd for cmd in sent] == [False] * 7 + [True] * 2
+    assert ["--no-lr-restart" in cmd for cmd in sent] == [False] * 8 + [True]
+    assert not any("--lr-restart" in cmd for cmd in sent)
     assert [cmd[cmd.index("--static-mode") + 1] if "--static-mode" in cmd else None for cmd in sent] == [
-        None, None, "sdf9_diff", "sdf9_diff", "tokens", "tokens", "tokens", "tokens"]
+        None, None, "sdf9_diff", "sdf9_diff"] + ["tokens"] * 5
     assert [cmd[cmd.index("--static-top-k") + 1] if "--static-top-k" in cmd else None for cmd in sent] == [
-        None, None, None, None, "3", "3", "3", "3"]
+        None, None, None, None] + ["3"] * 5
     assert [cmd[cmd.index("--formation-reward") + 1] if "--formation-reward" in cmd else None for cmd in sent] == [
-        None, None, None, "release", "release", "release_slot", "release_slot", "release_slot"]
+        None, None, None, "release", "release"] + ["release_slot"] * 4
     assert [cmd[cmd.index("--exp-name") + 1] for cmd in sent] == ["bench_ours_walls2", "bench_ours_walls2_relpos",
                                                                   "bench_ours_relpos_sdf9_diff",
                                                                   "bench_ours_relpos_sdf9_diff_release_form",
@@ -231,7 +239,9 @@ def test_uav_runs_with_side_walls_are_other_runs_and_those_without_keep_their_re
                                                                   "bench_ours_relpos_tokens_top3_release_slot_form"
                                                                   "_fullheight",
                                                                   "bench_ours_relpos_tokens_top3_release_slot_form"
-                                                                  "_fullheight_fullslot"]
+                                                                  "_fullheight_fullslot",
+                                                                  "bench_ours_relpos_tokens_top3_release_slot_form"
+                                                                  "_fullheight_fullslot_nolrrestart"]
 
 
 def test_weight_sync_benchmark_runs_every_variant(tmp_path):
