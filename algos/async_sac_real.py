@@ -208,13 +208,24 @@ class EnsembleLinear(nn.Module):
         return torch.baddbmm(self.bias, x, self.weight)
 
 
+class EnsembleLayerNorm(nn.Module):
+    """E independent LayerNorms (each head its own scale and shift, as RLPD's independent critics): (E, B, d)."""
+
+    def __init__(self, num: int, d: int):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(num, 1, d)), nn.Parameter(torch.zeros(num, 1, d))
+
+    def forward(self, x):
+        return F.layer_norm(x, x.shape[-1:]) * self.weight + self.bias
+
+
 class Critic(nn.Module):
     def __init__(self, d_in: int, action_dim: int, num_q: int, hidden: int, layer_norm: bool):
         super().__init__()
         self.num_q, layers, d = num_q, [], d_in + action_dim
         for _ in range(2):
-            layers += [EnsembleLinear(num_q, d, hidden), nn.LayerNorm(hidden) if layer_norm else nn.Identity(),
-                       nn.ReLU()]
+            layers += [EnsembleLinear(num_q, d, hidden), EnsembleLayerNorm(num_q, hidden) if layer_norm else
+                       nn.Identity(), nn.ReLU()]
             d = hidden
         self.net = nn.Sequential(*layers, EnsembleLinear(num_q, d, 1))
 
@@ -245,6 +256,7 @@ class Policy(nn.Module):
         u = mean if deterministic else mean + log_std.exp() * torch.randn_like(mean)
         log_prob = (-0.5 * ((u - mean) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
         log_prob = log_prob - (2 * (math.log(2) - u - F.softplus(-2 * u))).sum(-1)  # tanh change of variables
+        log_prob = log_prob - self.scale.log().sum()  # and the box's: the density of the action the robot gets
         return torch.tanh(u) * self.scale + self.offset, log_prob
 
     @torch.no_grad()
@@ -273,6 +285,21 @@ def spec_problem(spec, hidden: int) -> str | None:
     except Exception as exc:  # a malformed spec from the network, whatever part of it is wrong
         return f"{type(exc).__name__}: {str(exc)[:300]}"
     return None
+
+
+def prior_problem(prior: ReplayBuffer, spec: dict) -> str | None:
+    """Why a --demos buffer cannot be mixed into this robot's batches (its observations or actions are laid out
+    otherwise), or None; an empty one mixes in nothing."""
+    if prior.schema is None:
+        return None
+    obs = spaces_from_spec(spec["observation"])
+    want = {"obs/state": obs["state"].shape, "actions": spaces_from_spec(spec["action"]).shape,
+            **{f"obs/images/{cam}": box.shape for cam, box in (obs.spaces["images"].spaces.items()
+                                                                if "images" in obs.spaces else ())}}
+    have = {k: shape for k, (_, shape) in prior.schema.items() if k.startswith("obs/") or k == "actions"}
+    diff = {k: {"demos": have.get(k), "robot": want.get(k)} for k in sorted(set(want) | set(have))
+            if have.get(k) != want.get(k)}
+    return f"shapes differ (None: absent): {diff}" if diff else None
 
 
 def random_shift(images: torch.Tensor, pad: int = 4) -> torch.Tensor:
@@ -430,7 +457,8 @@ def save_checkpoint(path: Path, learner: Learner, counters: dict, sample_rng: np
     buf = io.BytesIO()
     name, keys, pos, has_gauss, cached = np.random.get_state()
     torch.save({"learner": learner.state_dict(), "counters": counters, "spec": learner.spec,
-                "torch_rng": torch.get_rng_state(), "numpy_rng": [name, keys.tolist(), pos, has_gauss, cached],
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [], "numpy_rng": [name, keys.tolist(), pos, has_gauss, cached],
                 "py_rng": json.dumps(random.getstate())}, buf)
     atomic_write(path, buf.getvalue())
 
@@ -577,8 +605,9 @@ def main(args: Args) -> None:
     for name, choices in (("role", ("all", "learner", "actor")), ("mode", ("async", "sync"))):
         if getattr(args, name) not in (*choices, "" if name == "role" else None):  # role "": all, or the saved one
             raise SystemExit(f"--{name} must be one of {choices}, got {getattr(args, name)!r}")
-    if not 0 <= args.demo_fraction < 1 or args.critic_subsample > args.num_q:
-        raise SystemExit("--demo-fraction must be in [0, 1) and --critic-subsample <= --num-q")
+    if not 0 <= args.demo_fraction < 1 or not 1 <= args.critic_subsample <= args.num_q:
+        raise SystemExit(f"--demo-fraction must be in [0, 1) and 1 <= --critic-subsample <= --num-q, got "
+                         f"{args.demo_fraction}, {args.critic_subsample} and {args.num_q}")
     if not 0 < args.reward_threshold < 1:
         raise SystemExit(f"--reward-threshold must be in (0, 1), got {args.reward_threshold}")
     if args.utd < 0 or (args.mode == "sync" and args.utd == 0):
@@ -668,6 +697,8 @@ def learn(args: Args, run_dir: Path, resumed: bool, cleanup: contextlib.ExitStac
         if "sample_rng" in counters:
             sample_rng.bit_generator.state = counters["sample_rng"]
         torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") and torch.cuda.is_available():  # the GPU learner's draws (heads, a', shifts)
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         name, keys, pos, has_gauss, cached = state["numpy_rng"]
         np.random.set_state((name, np.asarray(keys, np.uint32), pos, has_gauss, cached))
         version, internal, gauss = json.loads(state["py_rng"])
@@ -745,13 +776,17 @@ def learn(args: Args, run_dir: Path, resumed: bool, cleanup: contextlib.ExitStac
         time.sleep(0.05)
     if not spec_path.exists():
         atomic_write(spec_path, json.dumps(spec_box["spec"], indent=1))
+    if prior is not None and (problem := prior_problem(prior, spec_box["spec"])):  # now, not in the first batch
+        raise SystemExit(f"--demos {args.demos} does not fit this robot: {problem}")
     if learner is None:
         learner = Learner(args, spec_box["spec"], device)
     if resumed:  # actors ignore versions they are past: continue above any version published before the crash,
-        # i.e. the checkpoint's plus the syncs that can follow it before the next checkpoint (a version an actor
-        # applied need not be named by a stored segment), and any a stored segment names
+        # i.e. the checkpoint's (at least the first one a run publishes) plus the syncs that can follow it before the
+        # next checkpoint (a version an actor applied need not be named by a stored segment), and any a stored
+        # segment names; saved at once, so a second crash before the next checkpoint goes above this one's too
         seen = [m.get("weights_version", 0) for b in (online, demo) for m in b.seg_meta.values()]
-        learner.version = max([learner.version + -(-args.checkpoint_every // args.sync_every), *seen]) + 1
+        learner.version = max([max(learner.version, 1) + -(-args.checkpoint_every // args.sync_every), *seen]) + 1
+        save_checkpoint(ckpt, learner, counters, sample_rng)
     publisher = WeightPublisher(f"tcp://{args.bind_host}:{args.port + 1}", learner.policy)
     cleanup.callback(publisher.close)
     learner.version = max(learner.version, 1)

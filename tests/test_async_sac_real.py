@@ -351,7 +351,8 @@ def test_bad_input_fails_before_a_run_directory_exists(tmp_path):
              (["--demos", "/nonexistent_demos"], "--demos /nonexistent_demos: no such directory"),
              (["--reward-model", "/nonexistent.safetensors"], "no such file"),
              (["--reward-threshold", "1.5"], "--reward-threshold must be in (0, 1)"),
-             (["--total-minutes", "-1"], "--total-minutes must be >= 0")]
+             (["--total-minutes", "-1"], "--total-minutes must be >= 0"),
+             (["--critic-subsample", "0"], "1 <= --critic-subsample <= --num-q")]
     outs = run_each([[sys.executable, SCRIPT, "--run-dir", str(tmp_path), *flags] for flags, _ in cases], cwd=ROOT,
                     timeout=120)
     for (flags, says), out in zip(cases, outs):
@@ -417,3 +418,108 @@ def test_local_actors_die_with_their_learner_and_a_dead_actor_stops_the_learner(
                           str(tmp_path / "junk.safetensors"),
                           *SMALL], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "local actor(s) exited: #0 with code 1" in out.stderr
+
+
+def test_each_q_head_has_its_own_layer_norm():
+    """RLPD's critics are independent networks: no parameter is shared across the ensemble's heads."""
+    import torch
+
+    sac = _load_script()
+    critic = sac.Critic(6, 2, 4, 16, True)
+    assert all(p.shape[0] == 4 for p in critic.parameters()), [tuple(p.shape) for p in critic.parameters()]
+    critic(torch.randn(5, 6), torch.randn(5, 2))[0].sum().backward()  # head 0 alone
+    for name, p in critic.named_parameters():
+        assert p.grad[1:].abs().sum() == 0 and p.grad[0].abs().sum() > 0, name
+
+
+def test_the_log_prob_is_the_density_of_the_action_the_robot_gets():
+    """tanh-Gaussian scaled to the robot's box [-2, 2] x [0, 3]: the log-prob counts the box's Jacobian too, so the
+    entropy the temperature tunes against --target-entropy is the action's."""
+    import torch
+    from torch.distributions import Normal, TransformedDistribution
+    from torch.distributions.transforms import AffineTransform, TanhTransform
+
+    sac = _load_script()
+    spec = {"observation": {"dict": {"state": {"dtype": "float32", "box": [3], "low": -1.0, "high": 1.0}}},
+            "action": {"dtype": "float32", "box": [2], "low": [-2.0, 0.0], "high": [2.0, 3.0]}}
+    torch.manual_seed(0)
+    policy = sac.Policy(spec, 16)
+    feats = torch.randn(64, policy.encoder.out_dim)
+    actions, logp = policy.head(feats)
+    h = policy.trunk(feats)
+    base = Normal(policy.mean(h), policy.log_std(h).clamp(-5, 2).exp())
+    dist = TransformedDistribution(base, [TanhTransform(), AffineTransform(policy.offset, policy.scale)])
+    inside = (actions[:, 0].abs() < 1.99) & (actions[:, 1] > 0.01) & (actions[:, 1] < 2.99)  # tanh's inverse
+    assert inside.sum() > 32
+    torch.testing.assert_close(logp[inside], dist.log_prob(actions).sum(-1)[inside], rtol=1e-4, atol=1e-3)
+
+
+def test_demos_of_another_layout_are_refused_before_training(tmp_path):
+    """A --demos buffer whose observations differ from the robot's (another state size) stops the learner as soon as
+    the robot's spec is known, saying what differs, not in the first mixed batch after --learning-starts."""
+    from common.replay_buffer import ReplayBuffer
+
+    demos = ReplayBuffer(tmp_path / "demos")
+    T = 5
+    demos.add({"obs": {"state": np.zeros((T + 1, 3), np.float32)}, "actions": np.zeros((T, 7), np.float32),
+               "rewards": np.zeros(T, np.float32), "terminated": np.zeros(T, bool), "truncated": np.zeros(T, bool),
+               "policy_version": np.zeros(T, np.int64), "intervention": np.ones(T, bool)})
+    demos.close()
+    sac = _load_script()
+    spec = {"observation": {"dict": {"state": {"dtype": "float32", "box": [4], "low": -1.0, "high": 1.0}}},
+            "action": {"dtype": "float32", "box": [7], "low": -1.0, "high": 1.0}}
+    problem = sac.prior_problem(ReplayBuffer.open(tmp_path / "demos", readonly=True), spec)
+    assert "obs/state" in problem and "actions" not in problem
+    out = subprocess.run([sys.executable, SCRIPT, "--mode", "sync", "--robot", "dummy,cameras=,control_hz=0",
+                          "--demos", str(tmp_path / "demos"), "--run-dir", str(tmp_path / "runs"),
+                          "--total-env-steps", "100000", "--port", str(free_port(3)), *SMALL],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "does not fit this robot" in out.stderr and "obs/state" in out.stderr, \
+        out.stderr[-2000:]
+    assert not list((tmp_path / "runs").glob("*/buffer/segments/*"))  # no robot time spent
+
+
+def test_a_resumed_learner_saves_its_new_version_at_once(tmp_path):
+    """Killed again before its first checkpoint, a resumed learner must not come back with the version numbers it
+    has already published: the version it jumps to on resume is on disk before it trains."""
+    import torch
+
+    port = free_port(3)
+    never = ["--checkpoint-every", "1000000", "--checkpoint-seconds", "1000000"]
+    common = ["--run-dir", str(tmp_path), "--port", str(port), "--robot", "dummy,cameras=,control_hz=100", *SMALL,
+              *never]
+    run_dir = tmp_path / "dummy__async_sac_real__1"
+    learner = subprocess.Popen([sys.executable, SCRIPT, "--role", "learner", "--total-env-steps", "100000", *common],
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    actor = subprocess.Popen([sys.executable, SCRIPT, "--role", "actor", *common], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    resumed = None
+    try:
+        deadline = time.monotonic() + 120
+        while not ((run_dir / "buffer" / "index.jsonl").exists()
+                   and sum(1 for _ in (run_dir / "buffer" / "index.jsonl").open()) >= 3):
+            assert time.monotonic() < deadline, "the learner did not get going"
+            time.sleep(0.2)
+        learner.kill()
+        learner.wait()
+        assert not (run_dir / "learner.pt").exists()  # never checkpointed
+        resumed = subprocess.Popen([sys.executable, SCRIPT, "--resume", str(run_dir), "--role", "learner",
+                                    "--total-env-steps", "100000"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 90
+        while not (run_dir / "learner.pt").exists() and time.monotonic() < deadline and resumed.poll() is None:
+            time.sleep(0.2)
+        resumed.kill()  # kill -9 before any checkpoint of its own
+        resumed.wait()
+        assert (run_dir / "learner.pt").exists(), "the resumed learner's version was not saved"
+        seen = [json.loads(line)["meta"].get("weights_version", 0)
+                for line in (run_dir / "buffer" / "index.jsonl").read_text().splitlines()]
+        version = torch.load(run_dir / "learner.pt", weights_only=False)["learner"]["version"]
+        # above the first run's start (1) and every sync it could make before a checkpoint, and all it stored
+        assert version == max([1 + 1_000_000 // 5, *seen]) + 1
+    finally:
+        os.killpg(actor.pid, signal.SIGKILL)
+        actor.wait()
+        for proc in (learner, resumed):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
