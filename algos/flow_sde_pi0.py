@@ -444,7 +444,7 @@ def make_sft_checkpoint(args: Args, path: Path) -> None:
     demos = sft_demo_count(args)
     cmd = [sys.executable, str(ROOT / "algos" / "sft_pi0.py"), "--env", args.env, "--task", args.task,
            "--num-demos", str(demos), "--run-dir", str(path.parent.parent), "--exp-name", sft_exp_name(args),
-           "--seed", "1",
+           "--seed", "1", "--resume",  # a first try killed mid-SFT continues from its checkpoint
            "--obs-mode", args.obs_mode, "--image-size", str(args.image_size), "--eval-episodes", "10",
            "--total-steps", "2000" if args.env == "libero" else "1500", "--eval-every", "100000",
            *(["--expert", "mlp", "--expert-width", "256"] if sft_expert(args) == "mlp" else [])]
@@ -457,7 +457,7 @@ def load_policy(args: Args, tokenizer, device):
     kind, _, path = args.init.partition(":")
     if kind == "sft" and path in ("", "auto"):
         path = str(sft_auto_path(args))
-        if not (Path(path) / "pi0_config.json").exists():
+        if existing_checkpoint(path) is None:  # (or its .old copy, where a kill came between SFT's two renames)
             make_sft_checkpoint(args, Path(path))
     try:
         return load_pi0_policy(f"{kind}:{path}" if kind != "scratch" else kind, env=args.env, obs_mode=args.obs_mode,
@@ -505,7 +505,7 @@ if __name__ == "__main__":
         if getattr(args, name) not in choices:
             raise SystemExit(f"--{name.replace('_', '-')} must be one of {choices}, got {getattr(args, name)!r}")
     for name, low in (("num_envs", 1), ("num_steps", 1), ("update_epochs", 1), ("minibatch_size", 1),
-                      ("group_size", 1), ("action_chunk", 1), ("total_iterations", 0), ("total_minutes", 0),
+                      ("group_size", 2), ("action_chunk", 1), ("total_iterations", 0), ("total_minutes", 0),
                       ("eval_episodes", 0), ("num_eval_envs", 0), ("sft_demos", 0), ("max_episode_steps", 0),
                       ("actor_warmup", 0), ("learning_rate", 0), ("value_lr", 0), ("keep_prefix_gib", 0)):
         if getattr(args, name) < low:  # now, not after the model, an SFT run or the first rollout

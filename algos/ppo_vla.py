@@ -274,7 +274,7 @@ if __name__ == "__main__":
     for name, low in (("action_bins", 2), ("action_chunk", 1), ("head_hidden", 1), ("num_envs", 1), ("num_steps", 1),
                       ("update_epochs", 1), ("minibatch_size", 1), ("bc_batch_size", 1), ("bc_steps", 0),
                       ("total_iterations", 0), ("eval_every", 1), ("checkpoint_every", 1), ("num_eval_envs", 1),
-                      ("group_size", 2), ("total_minutes", 0)):
+                      ("group_size", 2), ("total_minutes", 0), ("actor_warmup", 0)):
         if getattr(args, name) < low:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
     if args.temperature <= 0:

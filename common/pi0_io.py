@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -294,6 +295,8 @@ def save_pi0(directory: str | Path, model: Pi0Model, norm_stats: NormStats | Non
 
     target = Path(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(glob.escape(target.name) + ".tmp*"):  # a save killed before its rename: a
+        shutil.rmtree(stale, ignore_errors=True)  # whole model's worth of files that nothing else would remove
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=target.parent))
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     atomic_write(tmp / "model.safetensors", save(state))

@@ -163,7 +163,8 @@ def test_bad_flags_are_refused(tmp_path):
              (["--probe-every", "-1"], "--probe-every"),
              (["--ema-decay", "1"], "--ema-decay"),
              (["--minibatch-size", "0"], "--minibatch-size must be >= 1"),
-             (["--eval-episodes", "-1"], "--eval-episodes must be >= 0")]
+             (["--eval-episodes", "-1"], "--eval-episodes must be >= 0"),
+             (["--adv-type", "grpo", "--group-size", "1", "--num-envs", "1"], "--group-size must be >= 2")]
     assert_each_refused(cases, lambda flags: [sys.executable, str(ROOT / "algos" / "flow_noise_pi0.py"), "--run-dir",
                                               str(tmp_path), "--env", "maniskill", *flags], cwd=ROOT)
 

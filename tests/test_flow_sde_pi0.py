@@ -292,7 +292,7 @@ def test_bad_flags_are_refused(tmp_path):
              (["--env", "libero", "--task", "libero_foo/0"], "with a suite of"),
              (["--env", "libero", "--task", "libero_object/99"], "out of range"),
              (["--task", "NoSuchTask-v1"], "unknown ManiSkill task"),
-             (["--adv-type", "grpo", "--group-size", "0"], "--group-size must be >= 1"),
+             (["--adv-type", "grpo", "--group-size", "1", "--num-envs", "1"], "--group-size must be >= 2"),
              (["--num-envs", "0"], "--num-envs must be >= 1"),
              (["--total-minutes", "-1"], "--total-minutes must be >= 0"),
              (["--noise-level", "0"], "--noise-level must be > 0")]
@@ -412,3 +412,29 @@ def test_reward_mode_flag():
     assert fs.PAPER["maniskill"]["reward_mode"] == "normalized_dense"
     out = run("--env", "maniskill", "--preset", "paper", "--reward-mode", "sparse")
     assert out.returncode != 0 and "keeping the flags given (--reward-mode sparse)" in out.stdout
+
+
+@pytest.mark.parametrize("script", ["flow_sde_pi0", "flow_noise_pi0"])
+def test_sft_auto_continues_a_killed_sft_run(script, tmp_path, monkeypatch):
+    """--init sft:auto after a kill during the SFT it started: the SFT run is continued (--resume; a fresh start
+    refused its own half-made run directory), and a kill between SFT's two final renames (only final.old left) is a
+    finished start, not a reason to train again."""
+    spec = importlib.util.spec_from_file_location(script, ROOT / "algos" / f"{script}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    from common.pi0_io import save_pi0
+
+    final = tmp_path / "sft" / "PushCube-v1__x__1" / "final"
+    monkeypatch.setattr(mod, "sft_auto_path", lambda args: final)
+    calls = []
+    monkeypatch.setattr(mod.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+    args = mod.Args(env="maniskill", task="PushCube-v1", init="sft:auto")
+    with pytest.raises(SystemExit):  # the stub made no checkpoint: the load that follows fails, saying how to make one
+        mod.load_policy(args, None, torch.device("cpu"))
+    (cmd,) = calls
+    assert "--resume" in cmd and cmd[cmd.index("--run-dir") + 1] == str(final.parent.parent)
+    save_pi0(final.with_name("final.old"), Pi0Model(Pi0Config.tiny(expert="mlp")))
+    calls.clear()
+    from common.pi0_io import make_tokenizer
+    policy = mod.load_policy(args, make_tokenizer("bytes"), torch.device("cpu"))
+    assert not calls and policy is not None

@@ -413,7 +413,10 @@ def test_rename_table_covers_lerobot_and_hf5_layouts():
 def test_our_checkpoint_round_trip_and_crash_safety(tmp_path):
     model = randomised(Pi0Config.tiny(variant="pi05", discrete_state_input=True))
     save_pi0(tmp_path / "sft", model, None, extra={"step": 3})
-    save_pi0(tmp_path / "sft", model, None, extra={"step": 4})  # replaces the old one
+    (tmp_path / "sft.tmpk1ll3d").mkdir()  # a save killed before its rename left a whole model's files
+    (tmp_path / "sft.tmpk1ll3d" / "model.safetensors").write_bytes(b"x" * 1000)
+    save_pi0(tmp_path / "sft", model, None, extra={"step": 4})  # replaces the old one, and clears that
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sft"]
     loaded, stats, meta = load_pi0(tmp_path / "sft")
     assert meta["extra"] == {"step": 4} and loaded.cfg == model.cfg and stats is None
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))

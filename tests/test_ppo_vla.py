@@ -100,6 +100,7 @@ def test_bad_flags_are_refused(tmp_path):
              (["--init", "vla:/nonexistent"], "vla.pt missing"), (["--backbone", "hf:x"], "--backbone"),
              (["--action-bins", "1"], "--action-bins must be >= 2"),
              (["--adv-type", "grpo", "--num-envs", "3"], "multiple of --group-size"),
-             (["--temperature", "0"], "--temperature"), (["--logprob-type", "seq"], "--logprob-type")]
+             (["--temperature", "0"], "--temperature"), (["--logprob-type", "seq"], "--logprob-type"),
+             (["--actor-warmup", "-1"], "--actor-warmup must be >= 0")]
     assert_each_refused(cases, lambda flags: SCRIPT + flags + ["--run-dir", str(tmp_path / "r")], cwd=ROOT)
     assert not (tmp_path / "r").exists()  # none of them made its run directory
