@@ -134,11 +134,13 @@ def test_sigkill_at_random_moments_never_loses_a_durable_segment(tmp_path):
     durable: dict[int, int] = {}
     checked: set[int] = set()  # segments already read whole after a reopen (files never change once renamed in)
     seed = 0
+    mid_write = 0  # rounds whose kill left a half-written file behind (the recovery's hard case)
     for round_ in range(20):
         proc = subprocess.Popen([sys.executable, "-m", "tests.helpers.buffer_writer", str(tmp_path), str(seed),
                                  "gzip" if round_ % 2 else ""], cwd=ROOT, stdout=subprocess.PIPE, text=True,
                                 env={**os.environ, "PYTHONPATH": str(ROOT)})
         line = proc.stdout.readline()  # wait for the first durable segment, then kill at a random moment
+        assert line.startswith("durable"), f"round {round_}: the writer did not start"
         time.sleep(rng.uniform(0.0, 0.4))
         proc.send_signal(signal.SIGKILL)
         out = line + proc.stdout.read()
@@ -147,32 +149,45 @@ def test_sigkill_at_random_moments_never_loses_a_durable_segment(tmp_path):
             _, seg_id, s = l.split()
             durable[int(seg_id)] = int(s)
             seed = max(seed, int(s) + 1)
+        mid_write += bool(list(tmp_path.glob("**/*.tmp")))
         buf = ReplayBuffer.open(tmp_path)
         assert set(durable) <= set(buf.ids), f"round {round_}: durable segments lost"
+        assert not (tmp_path / "corrupt").exists(), f"round {round_}: a renamed-in file was torn"
         for seg_id in rng.choice(list(durable), size=min(5, len(durable)), replace=False):
             assert_segment_equal(buf.read_segment(int(seg_id)), make_segment(durable[int(seg_id)]))
         for seg_id in set(buf.ids) - checked:  # whatever came is whole (also a segment added but not yet reported)
-            assert buf.read_segment(seg_id)["meta"]["seed"] >= 0
+            seg = buf.read_segment(seg_id)
+            assert_segment_equal(seg, make_segment(seg["meta"]["seed"]))
             checked.add(seg_id)
         buf.sample(64)
         buf.close()  # the next writer's turn
     assert len(durable) >= 20
+    print(f"kills that left a half-written file: {mid_write} of 20")
+    assert mid_write >= 2  # the kills did land mid-write, not only between segments
     buf = ReplayBuffer.open(tmp_path)
     for seg_id, s in durable.items():
         assert_segment_equal(buf.read_segment(seg_id), make_segment(s))
 
 
 def test_concurrent_add_and_sample(tmp_path):
-    buf = ReplayBuffer(tmp_path, cache_transitions=200, sample_window=0)
+    """Two threads sample while segments are added and the oldest evicted (files deleted under the samplers): every
+    row is the stored transition, bit for bit."""
+    buf = ReplayBuffer(tmp_path, cache_transitions=200, sample_window=0, capacity_segments=5, eviction="delete")
     buf.add(make_segment(0))
-    errors, stop = [], threading.Event()
+    errors, stop, samples = [], threading.Event(), [0]
+    want = {s: make_segment(s) for s in range(40)}  # segment s is make_segment(s): its id is its seed here
 
     def sampler():
         try:
             while not stop.is_set():
                 b = buf.sample(32)
-                # every row is internally consistent: policy_version was set to the segment's seed = its id here
-                assert (b["policy_version"] == b["segment_id"]).all()
+                for i, (seg_id, step) in enumerate(zip(b["segment_id"].tolist(), b["step"].tolist())):
+                    seg = want[seg_id]
+                    assert b["policy_version"][i] == seg_id and np.array_equal(b["actions"][i], seg["actions"][step])
+                    for key in seg["obs"]:
+                        assert np.array_equal(b["obs"][key][i], seg["obs"][key][step])
+                        assert np.array_equal(b["next_obs"][key][i], seg["obs"][key][step + 1])
+                samples[0] += 1
         except Exception as exc:  # surfaced below
             errors.append(exc)
 
@@ -180,11 +195,13 @@ def test_concurrent_add_and_sample(tmp_path):
     for t in threads:
         t.start()
     for s in range(1, 40):
-        assert buf.add(make_segment(s)) == s
+        assert buf.add(want[s]) == s
+        time.sleep(0.005)  # let the samplers in between adds
     stop.set()
     for t in threads:
         t.join()
     assert not errors, errors[0]
+    assert samples[0] >= 50 and buf.ids == list(range(35, 40)), (samples[0], buf.ids)
 
 
 def test_mixed_batches_give_each_source_its_share_in_expectation():

@@ -233,14 +233,21 @@ READER = textwrap.dedent("""
     from tests.test_weight_sync import Policy
     actor = Policy()
     sub = WeightSubscriber("shm://{name}", actor, zero_copy=True)
-    deadline = time.monotonic() + 60
-    checks = 0
+    deadline = time.monotonic() + 90
+    while sub.version < 1:  # attached: the publisher's burst starts once every reader says so
+        if time.monotonic() > deadline:
+            sys.exit("no first version")
+        if sub.poll(0.05):
+            sub.apply()
+    print("READY", flush=True)
+    applied = checks = 0
     while time.monotonic() < deadline:
         if sub.poll(0.01):
             sub.apply()
-        for _ in range(3):  # the applied weights stay whole and unchanged while we use them
+            applied += 1
+        for _ in range(3):  # the applied weights are whole (every value is the version's) and stay so while used
             values = torch.cat([p.reshape(-1) for p in actor.parameters()])
-            if not (values == float(min(sub.version, {last}))).all():
+            if not (values == float(sub.version)).all():
                 print("TORN", sub.version, values.unique()[:5].tolist(), flush=True)
                 sys.exit(1)
             checks += 1
@@ -248,31 +255,32 @@ READER = textwrap.dedent("""
             break
         if {hold_s}:
             time.sleep({hold_s})
-    print("OK", sub.version, checks, flush=True)
+    print("OK", sub.version, applied, checks, flush=True)
 """)
 
 
 def test_readers_in_other_processes_never_see_a_torn_update(name):
-    """A publisher thread publishes as fast as it can; two reader processes (one slow, holding each version for a
-    while) check that the weights they apply are whole and do not change under them."""
+    """A publisher publishes as fast as it can, each version's values equal to its number; two reader processes
+    (one slow, holding each version for a while), attached before the burst, check that the weights they apply are
+    whole and do not change under them, over many versions each."""
     learner = Policy()
     pub = WeightPublisher(f"shm://{name}", learner, flatten=True, max_readers=2)
     last = 400
+    perturb(learner, 1.0)
+    pub.publish(version=1)
     readers = [subprocess.Popen([sys.executable, "-c", READER.format(root=str(ROOT), name=name, last=last,
                                                                        hold_s=hold)],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                for hold in (0, 0.02)]
     try:
-        for v in range(1, last + 1):
-            perturb(learner, float(v))
-            pub.publish()
-            time.sleep(0.001 if v < last else 0)
-        for v in range(last + 1, last + 2000):  # keep the newest coming until both readers are done
-            if all(r.poll() is not None for r in readers):
+        for r in readers:  # (a reader that cannot attach exits on its own deadline: readline returns)
+            assert r.stdout.readline().startswith("READY"), r.communicate(timeout=30)
+        for v in range(2, last + 2000):  # then keep the newest coming until both readers are done
+            if v > last and all(r.poll() is not None for r in readers):
                 break
-            perturb(learner, float(last))
-            pub.publish(version=v)  # values stay at `last`: a reader that sees any newer version stops
-            time.sleep(0.005)
+            perturb(learner, float(v))
+            pub.publish(version=v)
+            time.sleep(0.001 if v < last else 0.005)
         outs = [r.communicate(timeout=120) for r in readers]
     finally:
         for r in readers:
@@ -281,6 +289,8 @@ def test_readers_in_other_processes_never_see_a_torn_update(name):
         pub.close()
     for r, (out, err) in zip(readers, outs):
         assert r.returncode == 0 and out.startswith("OK"), (out, err[-2000:])
+        _, version, applied, checks = out.split()
+        assert int(version) >= last and int(applied) >= 10 and int(checks) >= 30, out
 
 
 def test_a_reader_killed_while_holding_slots_frees_them(name):

@@ -47,15 +47,24 @@ def terminates(ctx: zmq.Context, within_s: float = 5.0) -> bool:
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_round_trip_every_dtype_and_shape(dtype):
     rng = np.random.default_rng(0)
-    arrays = {f"a{i}": (rng.random(shape) * 100).astype(dtype) for i, shape in enumerate(SHAPES)}
-    arrays["strided"] = (rng.random((6, 8)) * 100).astype(dtype)[::2, ::3]
+
+    def any_bits(shape):  # every bit pattern: negatives, extremes, NaN payloads, infinities, -0; bools 0 / 1
+        if dtype == "bool":
+            return rng.integers(0, 2, shape).astype(bool)
+        count = int(np.prod(shape))
+        return np.frombuffer(rng.bytes(count * np.dtype(dtype).itemsize), dtype).reshape(shape).copy()
+
+    arrays = {f"a{i}": any_bits(shape) for i, shape in enumerate(SHAPES)}
+    arrays["strided"] = any_bits((6, 8))[::2, ::3]
+    big = arrays["a7"]
+    assert dtype == "bool" and big.any() and not big.all() or dtype != "bool" and np.unique(big).size > 1
     for frames in (encode("t", {"k": [1, "x"]}, arrays, seq=42),
                    unpack_frames(pack_frames(encode("t", {"k": [1, "x"]}, arrays, seq=42)))):
         msg = decode(frames)
         assert (msg.type, msg.seq, msg.meta) == ("t", 42, {"k": [1, "x"]})
         for name, value in arrays.items():
             assert msg.arrays[name].dtype == value.dtype and msg.arrays[name].shape == value.shape
-            assert np.array_equal(msg.arrays[name], value)
+            assert msg.arrays[name].tobytes() == value.tobytes()  # bit-exact (NaN payloads included)
 
 
 def test_round_trip_torch_tensors_including_bfloat16():
@@ -249,12 +258,21 @@ def test_receiver_rejects_1000_malformed_frames_and_keeps_serving():
     raw = zmq.Context.instance().socket(zmq.DEALER)
     raw.connect(endpoint)
     try:
-        for frames in malformed_messages(random.Random(1), 1000):
+        # after each bad frame a good item of the same session (a fresh seq): the receiver still serves, and the bad
+        # frame marked nothing as delivered
+        for i, frames in enumerate(malformed_messages(random.Random(1), 1000)):
             raw.send_multipart(frames)
-        raw.send_multipart(encode("data", {"session": "raw", "items": [[5, {"hello": 1}]]}, {"0.x": np.arange(3)}))
-        msg = rx.recv(timeout=20)  # one peer's messages arrive in order: the good one comes after all the bad ones
-        assert msg is not None and msg.seq == 5 and msg.meta["hello"] == 1
-        assert rx.stats.bad_frames == 1000 and rx.stats.received == 1
+            raw.send_multipart(encode("data", {"session": "s", "items": [[100 + i, {"i": i}]]},
+                                      {"0.x": np.arange(3) + i}))
+            msg = rx.recv(timeout=20)  # one peer's messages arrive in order: the good one after the bad one
+            assert msg is not None and (msg.seq, msg.meta["i"]) == (100 + i, i)
+            assert (msg.arrays["x"] == np.arange(3) + i).all()
+            assert rx.stats.bad_frames == i + 1, i
+        # the seq the malformed frames carried was never taken for delivered
+        raw.send_multipart(encode("data", {"session": "s", "items": [[1, {"hello": 1}]]}, {"0.x": np.arange(3)}))
+        msg = rx.recv(timeout=20)
+        assert msg is not None and msg.seq == 1 and msg.meta["hello"] == 1
+        assert rx.stats.bad_frames == 1000 and rx.stats.received == 1001
         tx = DataSender(endpoint)
         seq = tx.send({"hello": 2}, {"x": np.arange(3)})
         assert rx.recv(timeout=5).seq == seq and tx.flush(5)
@@ -329,21 +347,31 @@ def test_kill_9_either_side_loses_no_acked_item_and_duplicates_none(tmp_path, vi
     log, acked, spool = tmp_path / "consumer.log", tmp_path / "acked.txt", tmp_path / "spool"
     rx = _peer("receiver", endpoint, log)
     tx = _peer("sender", endpoint, spool, acked, n)
+    progress_file = log if victim == "receiver" else acked  # items stored / acknowledged so far
+
+    def progress() -> int:
+        return progress_file.read_text().count("\n") if progress_file.exists() else 0
+
     try:
         rng = random.Random(victim)
-        for _ in range(3):
-            time.sleep(rng.uniform(0.4, 0.9))
+        kills = []
+        for target in sorted(rng.sample(range(n // 10, 8 * n // 10), 3)):  # mid-stream, at random points
+            deadline = time.monotonic() + 120
+            while progress() < target:
+                assert time.monotonic() < deadline, f"stuck at {progress()} of {target} items"
+                time.sleep(0.002)
             proc = rx if victim == "receiver" else tx
-            if proc.poll() is not None:
-                break
+            assert proc.poll() is None, "the victim ended before its kill"
             proc.send_signal(signal.SIGKILL)
             proc.wait()
+            kills.append(progress())
             time.sleep(0.3)
             if victim == "receiver":
                 rx = _peer("receiver", endpoint, log)
             else:
                 tx = _peer("sender", endpoint, spool, acked, n)
         assert tx.wait(timeout=120) == 0
+        assert len(kills) == 3 and all(0 < k < n for k in kills), kills  # three kills, each mid-stream
     finally:
         for p in (rx, tx):
             if p.poll() is None:
