@@ -1,6 +1,7 @@
 """common.hardware: discovery, the robot hook, the CLI."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,10 +12,28 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_discover_reports_cpu_memory_gpus():
+    import psutil
+    import torch
+
     info = hardware.discover()
-    assert info["cpu"]["logical_cores"] >= 1 and info["cpu"]["usable_cores"] >= 1
-    assert info["memory"]["total_gib"] > 0
-    assert isinstance(info["gpus"], list)
+    assert info["cpu"]["logical_cores"] == os.cpu_count()
+    assert info["cpu"]["usable_cores"] == len(os.sched_getaffinity(0))  # what a taskset / cgroup leaves this process
+    assert abs(info["memory"]["total_gib"] - psutil.virtual_memory().total / 2**30) < 0.1
+    assert 0 < info["memory"]["available_gib"] <= info["memory"]["total_gib"]
+    cuda = [g for g in info["gpus"] if "index" in g]
+    assert len(cuda) == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
+
+
+def test_a_failing_cuda_query_is_reported_and_the_rest_still_is(monkeypatch):
+    import torch
+
+    def broken():
+        raise RuntimeError("CUDA driver initialization failed")
+
+    monkeypatch.setattr(torch.cuda, "is_available", broken)
+    info = hardware.discover()
+    assert any("CUDA driver initialization failed" in g.get("error", "") for g in info["gpus"]), info["gpus"]
+    assert info["cpu"]["logical_cores"] >= 1 and info["memory"]["total_gib"] > 0
 
 
 def test_robot_discoverers_plug_in_and_failures_are_reported():
@@ -32,10 +51,11 @@ def test_robot_discoverers_plug_in_and_failures_are_reported():
 def test_cli_table_and_json():
     out = subprocess.run([sys.executable, "-m", "common.hardware", "--json"], cwd=ROOT, capture_output=True,
                          text=True, check=True, timeout=120).stdout
-    assert json.loads(out)["cpu"]["logical_cores"] >= 1
+    assert json.loads(out)["cpu"] == hardware.cpu_info()
     table = subprocess.run([sys.executable, "-m", "common.hardware"], cwd=ROOT, capture_output=True, text=True,
-                           check=True, timeout=120).stdout
-    assert "memory" in table and "cpu" in table
+                           check=True, timeout=120, env={**os.environ, "COLUMNS": "200"}).stdout
+    c = hardware.cpu_info()
+    assert f"{c['usable_cores']} usable / {c['logical_cores']} logical cores" in table and "GiB available" in table
 
 
 def test_nvml_details_go_to_the_gpu_torch_sees_by_uuid_and_nvml_errors_are_reported(monkeypatch):

@@ -146,6 +146,37 @@ def test_missing_optional_package_names_the_install(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------ the env
+def test_rate_keeper_on_a_fake_clock(monkeypatch):
+    """Deterministic pacing (the wall-clock tests below stay as smoke checks): steps that take less than the period
+    run exactly at the rate on absolute ticks (no drift from the work's jitter); an overrun is counted and restarts
+    the grid instead of bursting to catch up."""
+    import robot_io.env as robot_env
+
+    clock = [100.0]
+    monkeypatch.setattr(robot_env.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(robot_env.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + max(s, 0.0)))
+    keeper = robot_env.RateKeeper(50.0, window=20)
+    keeper.reset()
+    rng = np.random.default_rng(0)
+    ticks = []
+    for _ in range(40):
+        clock[0] += rng.uniform(0.0, 0.015)  # the step's work, under the 20 ms period
+        keeper.wait()
+        ticks.append(clock[0])
+    assert np.allclose(np.diff(ticks), 0.02) and keeper.rate == pytest.approx(50.0) and keeper.overruns == 0
+    clock[0] += 0.1  # one step takes five periods
+    keeper.wait()
+    after = clock[0]
+    for _ in range(3):
+        clock[0] += 0.001
+        keeper.wait()
+    assert keeper.overruns == 1 and clock[0] - after == pytest.approx(3 * 0.02)  # paced again, no burst
+    unpaced = robot_env.RateKeeper(0.0)
+    before = clock[0]
+    unpaced.wait()
+    assert clock[0] == before  # 0 Hz: never sleeps
+
+
 @pytest.mark.parametrize("hz", [10, 50])
 def test_dummy_pacing_within_5_percent(hz):
     env = RobotEnv(DummyBackend(DummyConfig(cameras=[], control_hz=hz)))

@@ -395,8 +395,12 @@ def test_latest_only_broadcast():
         skipped = sub.stats.skipped_versions
         pub.publish(51, {}, {"w": np.zeros(2, np.float32)})
         assert sub.latest(2).seq == 51 and sub.stats.skipped_versions == skipped
+        received = sub.stats.received
         pub.publish(49, {}, {"w": np.zeros(2, np.float32)})  # an older version (e.g. a restarted publisher)
-        assert sub.latest(0.5) is None
+        deadline = time.monotonic() + 5
+        while sub.stats.received == received:  # it did arrive, and was ignored
+            assert sub.latest(0.05) is None and time.monotonic() < deadline
+        assert sub.last_version == 51
     finally:
         pub.close()
         sub.close()
@@ -513,6 +517,8 @@ def test_curve_rejects_unknown_clients_and_accepts_known_ones(tmp_path):
         with pytest.raises(TransportTimeout):
             client("strangers", "intruder").hello(timeout=1.0)
         assert client("allowed", "robot").hello(timeout=5.0)["protocol"] == PROTOCOL_VERSION
+        with pytest.raises(TransportTimeout):  # and again now that the server is shown to answer
+            client("strangers", "intruder").hello(timeout=1.0)
         with pytest.raises(TransportTimeout):  # no keys at all: plain TCP to a Curve server goes nowhere
             RpcClient(endpoint, SPEC).hello(timeout=1.0)
         # a second server in the same process with its own allow-list: each checks its own list
@@ -533,6 +539,43 @@ def test_curve_rejects_unknown_clients_and_accepts_known_ones(tmp_path):
             second.close()
     finally:
         server.close()
+
+
+def test_curve_weights_reach_known_subscribers_only(tmp_path):
+    """The weight broadcast under CurveZMQ: a subscriber with an allowed key gets the versions, one with an unknown
+    key (or none) gets nothing."""
+    make_keypair(tmp_path / "server", "learner")
+    make_keypair(tmp_path / "allowed", "robot")
+    make_keypair(tmp_path / "strangers", "intruder")
+    endpoint = free_endpoint()
+    pub = Publisher(endpoint, curve=CurveConfig(secret_key_file=str(tmp_path / "server/learner.key_secret"),
+                                                allowed_clients_dir=str(tmp_path / "allowed")))
+
+    def subscriber(keydir, name):
+        return Subscriber(endpoint, curve=CurveConfig(secret_key_file=str(tmp_path / keydir / f"{name}.key_secret"),
+                                                      server_public_key_file=str(tmp_path / "server/learner.key")))
+
+    known, stranger, plain = subscriber("allowed", "robot"), subscriber("strangers", "intruder"), Subscriber(endpoint)
+    try:
+        got = {"known": None, "stranger": None, "plain": None}
+        deadline = time.monotonic() + 10
+        version = 0
+        while got["known"] is None and time.monotonic() < deadline:
+            version += 1
+            pub.publish(version, arrays={"x": np.arange(3)})
+            got = {name: sub.latest(timeout=0.1) or got[name]
+                   for name, sub in (("known", known), ("stranger", stranger), ("plain", plain))}
+        assert got["known"] is not None and (got["known"].arrays["x"] == np.arange(3)).all()
+        for _ in range(10):  # the others keep getting nothing while the known one is served
+            version += 1
+            pub.publish(version, arrays={"x": np.arange(3)})
+            assert known.latest(timeout=0.2) is not None
+            assert stranger.latest(timeout=0.05) is None and plain.latest(timeout=0.05) is None
+        assert got["stranger"] is None and got["plain"] is None
+    finally:
+        for sub in (known, stranger, plain):
+            sub.close()
+        pub.close()
 
 
 def test_a_context_that_hosted_curve_servers_terminates_once_they_are_closed(tmp_path):
@@ -665,9 +708,11 @@ def test_hostile_shapes_and_floods_do_not_stop_servers():
     finally:
         raw.close(linger=0)
         server.close()
-    rx = DataReceiver(free_endpoint())
+    endpoint = free_endpoint()
+    rx = DataReceiver(endpoint)
     flood = zmq.Context.instance().socket(zmq.DEALER)
-    flood.connect(rx.sock.getsockopt_string(zmq.LAST_ENDPOINT))
+    flood.connect(endpoint)
+    tx = None
     try:
         for _ in range(3000):
             flood.send_multipart([b"junk"])
@@ -675,8 +720,17 @@ def test_hostile_shapes_and_floods_do_not_stop_servers():
         start = time.monotonic()
         assert rx.recv(timeout=0.05) is None
         assert time.monotonic() - start < 0.5  # the deadline holds under a flood of bad frames
+        assert rx.stats.bad_frames > 0  # the flood did arrive
+        tx = DataSender(endpoint)  # and a good sender is served behind it
+        seq = tx.send({"after": "flood"}, {"x": np.arange(3)})
+        deadline, msg = time.monotonic() + 20, None
+        while msg is None and time.monotonic() < deadline:
+            msg = rx.recv(timeout=0.5)
+        assert msg is not None and msg.seq == seq and msg.meta["after"] == "flood"
     finally:
         flood.close(linger=0)
+        if tx is not None:
+            tx.close()
         rx.close()
 
 
