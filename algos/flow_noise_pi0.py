@@ -349,6 +349,20 @@ def expert_value(value_head, hidden, detach: bool):
     return value_head(feats.detach() if detach else feats).mean(1)
 
 
+def gae(rewards, values, dones, next_value, gamma: float, lam: float) -> torch.Tensor:
+    """Generalised advantage estimation over (T, N) chunk steps; `dones[t]`: the episode ended at step t (its next
+    value, an auto-reset env's, belongs to a new episode); `next_value`: the value after the last step."""
+    advantages = torch.zeros(rewards.shape)
+    lastgaelam = torch.zeros(rewards.shape[1:])
+    for t in reversed(range(len(rewards))):
+        nv = next_value if t == len(rewards) - 1 else values[t + 1]
+        nonterminal = 1.0 - dones[t]
+        delta = rewards[t] + gamma * nv * nonterminal - values[t]
+        lastgaelam = delta + gamma * lam * nonterminal * lastgaelam
+        advantages[t] = lastgaelam
+    return advantages
+
+
 def actor_loss(logratio, advantages, clip: float, weights):
     """PPO clipped surrogate, averaged over the executed elements (`weights` 1/0); no dual clip (RLinf does not pass
     clip_ratio_c for openpi policies)."""
@@ -800,14 +814,7 @@ if __name__ == "__main__":
             if args.adv_type == "gae":
                 values = torch.stack([r["value"].cpu() for r in records])
                 next_value = value_of(obs).cpu()
-                advantages = torch.zeros(T, args.num_envs)
-                lastgaelam = torch.zeros(args.num_envs)
-                for t in reversed(range(T)):
-                    nv = next_value if t == T - 1 else values[t + 1]
-                    nonterminal = 1.0 - dones_t[t]  # an auto-reset env's next value belongs to a new episode
-                    delta = rewards_t[t] + args.gamma * nv * nonterminal - values[t]
-                    lastgaelam = delta + args.gamma * args.gae_lambda * nonterminal * lastgaelam
-                    advantages[t] = lastgaelam
+                advantages = gae(rewards_t, values, dones_t, next_value, args.gamma, args.gae_lambda)
                 returns = advantages + values
             else:
                 values = torch.zeros(T, args.num_envs)
@@ -919,7 +926,8 @@ if __name__ == "__main__":
             writer.add_scalar("losses/ref_penalty", np.mean(ref_losses), global_step)
         writer.add_scalar("losses/approx_kl", np.mean(approx_kls) if approx_kls else 0.0, global_step)
         writer.add_scalar("losses/clipfrac", np.mean(clipfracs) if clipfracs else 0.0, global_step)
-        writer.add_scalar("losses/first_ratio_error", first_ratio_err or 0.0, global_step)
+        writer.add_scalar("losses/first_ratio_error", float("nan") if first_ratio_err is None else first_ratio_err,
+                          global_step)  # NaN: no minibatch trained this iteration (not a perfect ratio)
         if args.adv_type == "gae" and n_samples > 1:  # how much of the return the rollout's values explained
             var_returns = float(ret_flat.var())
             writer.add_scalar("losses/explained_variance", float("nan") if var_returns == 0 else

@@ -25,6 +25,14 @@ def test_noise_std_is_bounded_for_any_input():
     for scale in (0.0, 1.0, 1e3, -1e3):
         std = head(torch.randn(4, 5, 16) * scale + scale)
         assert std.shape == (4, 5, 8) and (std >= 0.08 - 1e-6).all() and (std <= 0.16 + 1e-6).all()
+    # and it spans the range: the last layer driven to either end gives std_min / std_max, the middle their
+    # geometric mean (a bounded log-variance)
+    last = head.net[-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        for bias, want in ((-50.0, 0.08), (50.0, 0.16), (0.0, (0.08 * 0.16) ** 0.5)):
+            last.bias.fill_(bias)
+            torch.testing.assert_close(head(torch.randn(3, 2, 16)), torch.full((3, 2, 8), want))
 
 
 def test_noise_head_runs_once_on_a_chunk_state_expanded_over_the_actions():
@@ -114,7 +122,12 @@ def test_a_few_iterations_run_with_an_exact_first_ratio(tmp_path, critic, ref_co
     # float32 rounding of log-probs summed over the chunk, batched differently: ~1e-5 (a wrong chain gives order 1)
     assert all(v < 1e-4 for v in logs["losses/first_ratio_error"])
     assert logs["charts/train_samples"] == [2 * 4, 2 * 4]  # nothing masked after a done
-    assert all(-2.0 < v < 1.5 for v in logs["losses/entropy"])
+    # the entropy of a Gaussian per chain element, 0.5 log(2 pi e std^2), averaged: the K noise steps' std is in
+    # [0.08, 0.16], x_1's is 1 (4 steps by default): between the two ends' averages
+    K = 4
+    low, high = [(K * (0.5 * math.log(2 * math.pi * math.e * sd ** 2)) + 0.5 * math.log(2 * math.pi * math.e)) / (K + 1)
+                 for sd in (0.08, 0.16)]
+    assert all(low - 1e-4 <= v <= high + 1e-4 for v in logs["losses/entropy"]), (low, high, logs["losses/entropy"])
     if ref_coef != "0":  # the reference is the loaded policy: no distance before the actor first moves, some after
         penalty = logs["losses/ref_penalty"]
         assert penalty[0] == 0 and penalty[1] > 0

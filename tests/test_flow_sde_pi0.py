@@ -161,10 +161,11 @@ def test_expert_value_is_averaged_over_steps_and_no_dual_clip():
 
 def test_actions_never_executed_stay_out_of_the_ppo_loss():
     # token log-probs: 2 samples x 3 elements; sample 0 ran only its first element (its episode ended mid-chunk)
-    logratio = torch.tensor([[0.1, 5.0, -5.0], [0.1, 0.1, 0.1]], requires_grad=True)
+    # (the unexecuted entries inside the clip range, where they would get a gradient if the loss counted them)
+    logratio = torch.tensor([[0.1, 0.05, -0.05], [0.1, 0.1, 0.1]], requires_grad=True)
     executed = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
     adv = torch.tensor([[1.0], [1.0]])
-    loss = fs.actor_loss(logratio * executed, adv, 0.2, executed)
+    loss = fs.actor_loss(logratio, adv, 0.2, executed)
     loss.backward()
     # the mean runs over the 4 executed elements; the unexecuted ones get no gradient
     assert loss.item() == pytest.approx(-4 * torch.tensor(0.1).exp().item() / 4)
@@ -438,3 +439,30 @@ def test_sft_auto_continues_a_killed_sft_run(script, tmp_path, monkeypatch):
     from common.pi0_io import make_tokenizer
     policy = mod.load_policy(args, make_tokenizer("bytes"), torch.device("cpu"))
     assert not calls and policy is not None
+
+
+@pytest.mark.parametrize("script", ["flow_sde_pi0", "flow_noise_pi0", "ppo_vla"])
+def test_gae_against_the_sum_it_stands_for(script):
+    """Each script's GAE against its definition written out: A_t = sum_l (gamma lambda)^l delta_{t+l}, stopped at the
+    end of t's episode (an auto-reset env's next value is a new episode's), delta_k = r_k + gamma V_{k+1} (1 - d_k)
+    - V_k, V_T the value after the rollout."""
+    spec = importlib.util.spec_from_file_location(script, ROOT / "algos" / f"{script}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    g = torch.Generator().manual_seed(0)
+    T, N, gamma, lam = 9, 5, 0.99, 0.95
+    rewards, values = torch.randn(T, N, generator=g), torch.randn(T, N, generator=g)
+    next_value = torch.randn(N, generator=g)
+    dones = (torch.rand(T, N, generator=g) < 0.25).float()
+    dones[3, 0] = dones[8, 1] = 1.0  # mid-rollout and at the last step
+    dones[:, 2] = 0.0  # one env with no episode end
+    want = torch.zeros(T, N)
+    for n in range(N):
+        for t in range(T):
+            for k in range(t, T):
+                v_next = next_value[n] if k == T - 1 else values[k + 1, n]
+                delta = rewards[k, n] + gamma * v_next * (1 - dones[k, n]) - values[k, n]
+                want[t, n] += (gamma * lam) ** (k - t) * delta
+                if dones[k, n]:
+                    break
+    torch.testing.assert_close(mod.gae(rewards, values, dones, next_value, gamma, lam), want)

@@ -135,9 +135,28 @@ def test_flow_loss_follows_openpi():
     x_t = t[:, None, None] * noise + (1 - t[:, None, None]) * actions
     v = model.forward_joint(images, img_masks, tokens, tok_masks, state, x_t, t)
     assert loss.shape == actions.shape and torch.allclose(loss, (v - (noise - actions)) ** 2, atol=1e-6)
-    torch.manual_seed(0)  # the default time draw: Beta(1.5, 1) * 0.999 + 0.001, in [0.001, 1]
-    ts = torch.distributions.Beta(1.5, 1.0).sample((20000,)) * 0.999 + 0.001
-    assert ts.min() >= 0.001 and abs(ts.mean().item() - (0.6 * 0.999 + 0.001)) < 0.01
+    # the default time draw, as flow_loss makes it: Beta(1.5, 1) * 0.999 + 0.001, in [0.001, 1]
+    seen = []
+    model.forward_joint = lambda *a: (seen.append(a[-1]), torch.zeros_like(a[-2]))[1]
+    n = 20000
+    torch.manual_seed(0)
+    model.flow_loss(images[:1].expand(n, *images.shape[1:]), img_masks[:1].expand(n, *img_masks.shape[1:]),
+                    tokens[:1].expand(n, -1), tok_masks[:1].expand(n, -1), state[:1].expand(n, -1),
+                    actions[:1].expand(n, -1, -1))
+    (ts,) = seen
+    assert ts.shape == (n,) and ts.min() >= 0.001 and ts.max() <= 1.0
+    assert abs(ts.mean().item() - (0.6 * 0.999 + 0.001)) < 0.01  # Beta(1.5, 1): mean 0.6, P(t < 0.5) = 0.354
+    assert abs((ts < 0.5).float().mean().item() - 0.5 ** 1.5 * 1.0) < 0.015
+
+
+def test_gaussian_log_prob_is_the_normal_density():
+    """Against torch's Normal: every Flow-SDE / Flow-Noise likelihood is built from it; std 0 (a deterministic step)
+    contributes 0."""
+    torch.manual_seed(0)
+    x, mean, std = torch.randn(64, 5), torch.randn(64, 5), torch.rand(64, 5) * 2 + 0.01
+    torch.testing.assert_close(gaussian_log_prob(x, mean, std), torch.distributions.Normal(mean, std).log_prob(x))
+    std[:, 0] = 0
+    assert (gaussian_log_prob(x, mean, std)[:, 0] == 0).all()
 
 
 def test_sampling_is_euler_from_noise_to_data_with_a_hook():
