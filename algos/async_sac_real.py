@@ -167,7 +167,8 @@ class Args:
     sync_steps: int = 200
     """--mode sync: env steps per collection phase"""
     eval_every: int = 5
-    """every N-th actor episode is deterministic (eval/success_rate)"""
+    """every N-th actor episode is deterministic (eval/success_rate); async mode only (--mode sync collects
+    stochastic episodes)"""
     max_backlog: int = 2000
     """segments an actor keeps in RAM beyond its sender's spool while the learner is away (the oldest go first)"""
 
