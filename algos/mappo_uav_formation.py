@@ -162,6 +162,10 @@ class Args:
     decay across the whole curriculum; at the paper's budget that leaves the mixed period near 1e-5"""
     clip_coef: float = 0.1
     """policy and value clip"""
+    value_clip_centre: str = "rollout"
+    """what the value clip centres on: rollout (the critic's normalised output at rollout time, as the release's
+    MAPPO) or renormalised (the rollout value re-expressed in the value normalisation just updated: the update
+    before 2026-12-07)"""
     ent_coef: float = 0.001
     """entropy bonus"""
     gamma: float = 0.995
@@ -488,8 +492,10 @@ def train(args: Args, agent, optimizer, vnorm, weights, preset: str, frames: flo
         b_act, b_logp = torch.cat(buf["act"]), torch.cat(buf["logp"])
         b_adv, b_ret = adv.flatten(), vnorm.normalize(returns.flatten())
         b_adv = (b_adv - b_adv.mean()) / (b_adv.std() + 1e-8)  # once per batch (the spec, MAPPO)
-        b_val = torch.cat(buf["vpred"])  # the critic's raw outputs: the clip centre (as the release's MAPPO, which
-        # also normalises the returns with the statistics just updated)
+        if args.value_clip_centre == "rollout":  # the critic's raw outputs (as the release's MAPPO, which also
+            b_val = torch.cat(buf["vpred"])      # normalises the returns with the statistics just updated)
+        else:
+            b_val = vnorm.normalize(vals.flatten())
         n = b_act.shape[0]
         mb = n // args.num_minibatches
         actor_params, critic_params = agent.actor_parameters(), agent.critic_parameters()
@@ -558,7 +564,7 @@ def pick_winner(rows: list[dict]) -> int:
 def main(args: Args) -> None:
     for name, choices in (("encoder", ("attention", "mlp")), ("critic", ("obs", "state")),
                           ("dynamics", ("ctbr", "pointmass")), ("static_mode", ("sdf9", "sdf9_diff", "tokens")),
-                          ("formation_reward", FORMATION_REWARDS),
+                          ("formation_reward", FORMATION_REWARDS), ("value_clip_centre", ("rollout", "renormalised")),
                           ("search_scenario", ("free_ball", "static4"))):
         if getattr(args, name) not in choices:
             raise SystemExit(f"--{name.replace('_', '-')} must be one of {choices}, got {getattr(args, name)!r}")

@@ -55,6 +55,10 @@ CODE_FILES = ("algos/mappo_uav_formation.py", "common/uav_formation_env.py")  # 
 # (agent.pt and summary.json of the same toy run of each variant under both) when the code changed.
 ALL_VARIANTS = tuple(VARIANTS)
 SAME_TRAINING: dict[str, dict[str, tuple[str, ...]]] = {
+    # 2026-12-07: --value-clip-centre added (an option, the default as before): toy runs (seed 5, 16 envs; default, no
+    # curriculum, MLP encoder, state critic, top-3 release, top-3 release_slot with both full-weight options,
+    # sdf9_diff, walls at 2 m, --no-lr-restart) give the same agent.pt and summary.json (but for the new argument)
+    "4f71e97d66c2901b": {"db03b464bd45872e": ALL_VARIANTS},
     # 2026-12-07: the script's docstrings made precise (stage 1's "same initial states", Adam's moments carry over a
     # restart): toy runs (seed 5, 16 envs; default, no curriculum, MLP encoder, state critic, top-3 release, top-3
     # release_slot with both full-weight options, sdf9_diff, walls at 2 m, --no-lr-restart) give the same agent.pt and
@@ -147,6 +151,9 @@ class Args:
     lr_restart: bool = True
     """the learned variants start the lr decay again at each curriculum period (the script's default, as the paper's
     new run per period); --no-lr-restart: one decay across the curriculum"""
+    value_clip_centre: str = "rollout"
+    """the learned variants' value-clip centre (the script's --value-clip-centre): rollout (its default) or
+    renormalised (the update before 2026-12-07)"""
     device: str = "cpu"
     """cpu or cuda: where the runs train"""
     workers: int = 1
@@ -174,7 +181,7 @@ def run_name(variant: str) -> str:
 LEARNED_OPTIONS = (("relative_self_pos", False, "_relpos"), ("static_mode", "sdf9", "_{}"),
                    ("static_top_k", 0, "_top{}"), ("formation_reward", "simple", "_{}_form"),
                    ("full_height_reward", False, "_fullheight"), ("full_slot_reward", False, "_fullslot"),
-                   ("lr_restart", True, "_nolrrestart"))
+                   ("lr_restart", True, "_nolrrestart"), ("value_clip_centre", "rollout", "_vclip{}"))
 
 
 def set_options(args: Args) -> dict:
@@ -474,6 +481,10 @@ def main(args: Args) -> None:
                 "slot is not" if args.full_slot_reward else "")
              + (". The learned variants decay the lr once across the curriculum (--no-lr-restart; the script's "
                 "default, as the paper, starts the decay again at each period)" if not args.lr_restart else "")
+             + (". The learned variants' value clip centres on the rollout value re-expressed in the value "
+                "normalisation just updated (--value-clip-centre renormalised, the update before 2026-12-07; the "
+                "script's default centres on the critic's output at rollout time, as the release's MAPPO)"
+                if args.value_clip_centre != "rollout" else "")
              + ".\n\n"
              + "Where each run trained (`train_min` is its wall time there): "
              + "; ".join(f"{v} seed {s}: {r['date']}, {r['machine']['cpu']}, {r['threads']} thread(s), {r['workers']} "

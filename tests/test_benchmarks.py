@@ -204,6 +204,11 @@ def test_uav_runs_with_side_walls_are_other_runs_and_those_without_keep_their_re
     assert bench.run_settings(once) == {**bench.run_settings(rigid), "lr_restart": False}
     assert bench.exp_name(once, "ours") == bench.exp_name(rigid, "ours") + "_nolrrestart"
     assert bench.record_path(once, "ours", 1).name != bench.record_path(rigid, "ours", 1).name
+    # and the value clip centred as before 2026-12-07 (--value-clip-centre renormalised)
+    renorm = dataclasses.replace(once, value_clip_centre="renormalised")
+    assert bench.run_settings(renorm) == {**bench.run_settings(once), "value_clip_centre": "renormalised"}
+    assert bench.exp_name(renorm, "ours") == bench.exp_name(once, "ours") + "_vclip" + "renormalised"
+    assert bench.record_path(renorm, "ours", 1).name != bench.record_path(once, "ours", 1).name
     # and the flags reach the script
     sent, real_run = [], subprocess.run
 
@@ -216,21 +221,23 @@ def test_uav_runs_with_side_walls_are_other_runs_and_those_without_keep_their_re
         return subprocess.CompletedProcess(cmd, 0)
 
     monkeypatch.setattr(bench.subprocess, "run", fake_training)
-    for args in (walled, relative, diff, release, top3, slot, height, rigid, once):
+    for args in (walled, relative, diff, release, top3, slot, height, rigid, once, renorm):
         bench.train_one(dataclasses.replace(args, seeds=[1], run_dir=str(tmp_path / "runs"),
                                             out_dir=str(tmp_path / "out"), records=False), "ours", 1)
-    assert [cmd[cmd.index("--corridor-walls") + 1] for cmd in sent] == ["2.0", "2.0"] + ["0.0"] * 7
-    assert ["--relative-self-pos" in cmd for cmd in sent] == [False] + [True] * 8
-    assert ["--full-height-reward" in cmd for cmd in sent] == [False] * 6 + [True] * 3
-    assert ["--full-slot-reward" in cmd for cmd in sent] == [False] * 7 + [True] * 2
-    assert ["--no-lr-restart" in cmd for cmd in sent] == [False] * 8 + [True]
+    assert [cmd[cmd.index("--corridor-walls") + 1] for cmd in sent] == ["2.0", "2.0"] + ["0.0"] * 8
+    assert ["--relative-self-pos" in cmd for cmd in sent] == [False] + [True] * 9
+    assert ["--full-height-reward" in cmd for cmd in sent] == [False] * 6 + [True] * 4
+    assert ["--full-slot-reward" in cmd for cmd in sent] == [False] * 7 + [True] * 3
+    assert ["--no-lr-restart" in cmd for cmd in sent] == [False] * 8 + [True] * 2
     assert not any("--lr-restart" in cmd for cmd in sent)
+    assert [cmd[cmd.index("--value-clip-centre") + 1] if "--value-clip-centre" in cmd else None for cmd in sent] == [
+        None] * 9 + ["renormalised"]
     assert [cmd[cmd.index("--static-mode") + 1] if "--static-mode" in cmd else None for cmd in sent] == [
-        None, None, "sdf9_diff", "sdf9_diff"] + ["tokens"] * 5
+        None, None, "sdf9_diff", "sdf9_diff"] + ["tokens"] * 6
     assert [cmd[cmd.index("--static-top-k") + 1] if "--static-top-k" in cmd else None for cmd in sent] == [
-        None, None, None, None] + ["3"] * 5
+        None, None, None, None] + ["3"] * 6
     assert [cmd[cmd.index("--formation-reward") + 1] if "--formation-reward" in cmd else None for cmd in sent] == [
-        None, None, None, "release", "release"] + ["release_slot"] * 4
+        None, None, None, "release", "release"] + ["release_slot"] * 5
     assert [cmd[cmd.index("--exp-name") + 1] for cmd in sent] == ["bench_ours_walls2", "bench_ours_walls2_relpos",
                                                                   "bench_ours_relpos_sdf9_diff",
                                                                   "bench_ours_relpos_sdf9_diff_release_form",
@@ -241,7 +248,10 @@ def test_uav_runs_with_side_walls_are_other_runs_and_those_without_keep_their_re
                                                                   "bench_ours_relpos_tokens_top3_release_slot_form"
                                                                   "_fullheight_fullslot",
                                                                   "bench_ours_relpos_tokens_top3_release_slot_form"
-                                                                  "_fullheight_fullslot_nolrrestart"]
+                                                                  "_fullheight_fullslot_nolrrestart",
+                                                                  "bench_ours_relpos_tokens_top3_release_slot_form"
+                                                                  "_fullheight_fullslot_nolrrestart_vclip"
+                                                                  "renormalised"]
 
 
 def test_weight_sync_benchmark_runs_every_variant(tmp_path):

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -316,27 +317,37 @@ def test_actor_and_critic_parameters_split_the_agent_for_their_own_clips():
             assert not set(actor) & set(crit) and set(actor) | set(crit) == {id(p) for p in agent.parameters()}
 
 
-def test_the_value_clip_centres_on_the_critics_rollout_output(monkeypatch, tmp_path):
+@pytest.mark.parametrize("centre", ["rollout", "renormalised"])
+def test_the_value_clip_centres_on_the_critics_rollout_output(monkeypatch, tmp_path, centre):
     """MAPPO clips the new value around the critic's output stored at rollout time. With a clip of 0 the clipped value
     is that centre, and at the first minibatch the critic is unchanged, so it equals the value itself, sample for
     sample; a centre re-expressed in the statistics updated after the rollout (the code before 2026-12-07) or taken
-    in another order is not."""
+    in another order is not. `--value-clip-centre renormalised` is that earlier centre: the value's denormalised
+    rollout output normalised again with the statistics just updated."""
+    import copy
+
     from torch.utils.tensorboard import SummaryWriter
 
     torch.manual_seed(0)
     args = mu.Args(num_envs=8, num_steps=8, num_minibatches=2, update_epochs=1, max_steps=50, dynamics="pointmass",
-                   torch_threads=1, clip_coef=0.0)
+                   torch_threads=1, clip_coef=0.0, value_clip_centre=centre)
     ref_obs = mu.make_env(args, "mixed", 2, 0, "cpu").reset()
     agent = mu.Agent(args, mu.flat_obs(ref_obs), ref_obs["state"].shape[-1], 3)
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
     vnorm = mu.ValueNorm(args.value_norm_beta)
     vnorm.update(torch.full((4,), 50.0))  # statistics far from this rollout's returns: the update moves them
+    before = copy.deepcopy(vnorm)
     seen, real_huber = [], mu.F.huber_loss
     monkeypatch.setattr(mu.F, "huber_loss", lambda x, y, **k: seen.append(x.detach().clone()) or real_huber(x, y, **k))
     mu.train(args, agent, optimizer, vnorm, mu.PAPER_WEIGHTS, "free", 64 / 1e6, ref_obs, "cpu",
              SummaryWriter(str(tmp_path)), "p", {"global_step": 0, "iterations": 0})
     value, clipped = seen[0], seen[1]  # the first minibatch: huber(v, ret), then huber(v_clip, ret)
-    assert value.std() > 1e-3 and torch.allclose(value, clipped, atol=1e-6)
+    assert value.std() > 1e-3
+    if centre == "rollout":
+        assert torch.allclose(value, clipped, atol=1e-6)
+    else:  # one iteration ran: `vnorm` holds the statistics updated once after the rollout
+        assert not torch.allclose(value, clipped, atol=1e-3)
+        assert torch.allclose(clipped, vnorm.normalize(before.denormalize(value)), atol=1e-4)
 
 
 def test_stage1_compares_every_candidate_on_the_same_episodes(monkeypatch, tmp_path):
