@@ -14,7 +14,7 @@ x_t - d*v and its std comes from a noise network on the action expert's hidden s
 bounded in [0.08, 0.16]. The chain's log-likelihood is exact; RLinf averages its K+1 terms (N(0, I) of x_1, then each
 transition) instead of summing them, sliced to the executed [chunk, env action dims] (and to the actions that ran where
 an episode ended mid-chunk). An entropy bonus (0.005) on
-0.5*log(2*pi*e*std^2) pushes the std up. Eval runs the plain ODE (the noise network is not called).
+0.5*log(2*pi*e*std^2), averaged over the same elements, pushes the std up. Eval runs the plain ODE (the noise network is not called).
 PPO as in flow_sde_pi0.py: chunk-level GAE (γ 0.99, λ 0.95), clip 0.2, Huber value loss with value clipping, no KL;
 critic on what the policy observes (prefix mean + state; RLinf's expert / VLM placements as options, see
 flow_sde_pi0.py); the noise head trains with the actor.
@@ -321,12 +321,13 @@ def chain_log_prob(chain, means, stds) -> torch.Tensor:
 
 
 def chain_entropy(stds, chunk: int, action_dim: int) -> torch.Tensor:
-    """Mean Gaussian entropy 0.5*log(2*pi*e*std^2) over the K transitions and x_1 (std 1, a constant RLinf keeps),
-    over the executed chunk and dims -> (B,)."""
+    """Gaussian entropy 0.5*log(2*pi*e*std^2) of each action element of the chunk's [chunk, action_dim] part, averaged
+    over the K transitions and x_1 (std 1, a constant RLinf keeps) -> (B, chunk * action_dim), laid out as the
+    log-probs (the loss averages it over the executed elements)."""
     B = stds.shape[0]
     init = torch.ones(B, 1, *stds.shape[2:], device=stds.device)
     all_stds = torch.cat([init, stds], 1)[:, :, :chunk, :action_dim]
-    return (0.5 * torch.log(2 * math.pi * math.e * all_stds ** 2)).mean(dim=(1, 2, 3))
+    return (0.5 * torch.log(2 * math.pi * math.e * all_stds ** 2)).mean(dim=1).reshape(B, -1)
 
 
 def recompute_chain(model, noise_head, prefix, state, chain):
@@ -656,7 +657,8 @@ if __name__ == "__main__":
             return prefix_and_value(batch, grad=False)[1]
 
     def recompute(batch, chain, k):
-        """Log-probs (B, chunk*A), values (B,) and entropies (B,) of stored chains under the current parameters."""
+        """Log-probs (B, chunk*A), values (B,) and entropies (B, chunk*A) of stored chains under the current
+        parameters."""
         prefix, value = prefix_and_value(batch, grad=True)
         means, stds, hidden = recompute_chain(model, noise_head, prefix, batch["state"], chain)
         logp = chain_log_prob(chain, means, stds)
@@ -873,6 +875,8 @@ if __name__ == "__main__":
                 k_mb = ks[mb].clamp(min=0)
                 new_logp, new_value = recompute(mb_batch, chains[mb], k_mb)
                 mb_executed = executed_mask[mb]
+                # the spec's masked mean: elements an episode's end cut from the chunk never ran
+                entropy = (recompute.entropy * mb_executed).sum() / mb_executed.sum().clamp(min=1.0)
                 logratio = (new_logp - logp_old[mb]) * mb_executed
                 if args.logprob_type == "chunk":
                     logratio, mb_executed = logratio.sum(-1, keepdim=True), mb_executed.amax(-1, keepdim=True)
@@ -881,7 +885,6 @@ if __name__ == "__main__":
                     first_ratio_err = float((ratio.detach() - 1).abs().max())
                 mb_adv = adv_flat[mb][:, None]
                 pg_loss = actor_loss(logratio, mb_adv, args.clip_coef, mb_executed)
-                entropy = recompute.entropy.mean()
                 loss = pg_loss - args.entropy_bonus * entropy
                 entropies.append(entropy.item())
                 if args.adv_type == "gae":

@@ -102,9 +102,12 @@ def test_obs_ode_critic_reads_the_noiseless_chunk_of_the_same_x1():
 
 def test_entropy_includes_the_unit_initial_term_and_is_averaged():
     stds = torch.full((2, 4, 8, 6), 0.1)
+    stds[1, :, 2, 1] = 0.2  # one element of the second sample: its own entropy, laid out as the log-probs
     ent = fn.chain_entropy(stds, chunk=5, action_dim=3)
-    one, tenth = 0.5 * math.log(2 * math.pi * math.e), 0.5 * math.log(2 * math.pi * math.e * 0.01)
-    assert ent.shape == (2,) and torch.allclose(ent, torch.full((2,), (one + 4 * tenth) / 5))
+    one, tenth, fifth = (0.5 * math.log(2 * math.pi * math.e * sd ** 2) for sd in (1.0, 0.1, 0.2))
+    expected = torch.full((2, 15), (one + 4 * tenth) / 5)
+    expected[1, 2 * 3 + 1] = (one + 4 * fifth) / 5
+    assert ent.shape == (2, 15) and torch.allclose(ent, expected)
 
 
 @pytest.mark.parametrize("critic,ref_coef", [("obs", "0"), ("obs_ode", "5")])
