@@ -424,6 +424,21 @@ def plot_tracks(track: torch.Tensor, columns: torch.Tensor | None, radius: float
 
 
 # ------------------------------------------------------------------------------------------------ training
+def gae(rewards, values, dones, next_value, gamma: float, lam: float) -> torch.Tensor:
+    """Generalised advantage estimation over (T, agents) steps, each agent its own value; `dones[t]`: the agent's
+    env ended its episode at step t (its next value, an auto-reset env's, belongs to a new episode); `next_value`:
+    the value after the last step."""
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[0])
+    for t in reversed(range(len(rewards))):
+        nv = next_value if t == len(rewards) - 1 else values[t + 1]
+        nonterminal = 1.0 - dones[t]
+        delta = rewards[t] + gamma * nv * nonterminal - values[t]
+        last = delta + gamma * lam * nonterminal * last
+        advantages[t] = last
+    return advantages
+
+
 def train(args: Args, agent, optimizer, vnorm, weights, preset: str, frames: float, ref_obs, device, writer, tag: str,
           state: dict, save_fn=None) -> dict:
     """PPO on `preset` for `frames` million env steps (continues `agent`); returns rolling episode statistics."""
@@ -476,15 +491,8 @@ def train(args: Args, agent, optimizer, vnorm, weights, preset: str, frames: flo
         with torch.no_grad():  # ALGO LOGIC: GAE over agents (each agent its own value, env-level dones)
             fo = flat_obs(obs)
             next_value = vnorm.denormalize(agent.value(fo, state_ids(obs, N) if args.critic == "state" else None))
-            adv = torch.zeros(T, E * N, device=device)
-            last = torch.zeros(E * N, device=device)
             vals, rews, dones = torch.stack(buf["val"]), torch.stack(buf["rew"]), torch.stack(buf["done"])
-            for t in reversed(range(T)):
-                nv = next_value if t == T - 1 else vals[t + 1]
-                nonterminal = 1.0 - dones[t]
-                delta = rews[t] + args.gamma * nv * nonterminal - vals[t]
-                last = delta + args.gamma * args.gae_lambda * nonterminal * last
-                adv[t] = last
+            adv = gae(rews, vals, dones, next_value, args.gamma, args.gae_lambda)
             returns = adv + vals
             vnorm.update(returns)
         b_obs = {k: torch.cat([o[k] for o in buf["obs"]]) for k in buf["obs"][0]}
