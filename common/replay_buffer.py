@@ -20,7 +20,9 @@ segments live in a preallocated RAM ring of `cache_transitions` rows; cache hits
 key, misses are read from their files, one read per file per batch. `add` and `sample` are safe from different
 threads; `prefetch` samples in a background thread.
 Capacity: beyond `capacity_segments`, the oldest segments leave the sampling set; `eviction="delete"` also deletes
-their files, `eviction="keep"` keeps them on disk (an earlier run or demos stay reusable).
+their files, `eviction="keep"` keeps them on disk (an earlier run or demos stay reusable). A buffer opened with more
+segments on disk than its capacity (a smaller capacity than before, or a kill between an add and its eviction) leaves
+the oldest out of the sampling set and, with "delete", deletes their files at its first add: opening deletes nothing.
 `sample_mixed` draws one batch from several buffers at fixed fractions (RLPD's 50/50 online/demo batches).
 """
 
@@ -102,6 +104,7 @@ class ReplayBuffer:
         self._lock = threading.RLock()
         self.schema: dict[str, tuple[str, tuple]] | None = None
         self.ids: list[int] = []  # segments in the sampling set, oldest first
+        self._stale: list[int] = []  # segments on disk beyond capacity when opened (see _recover)
         self.lengths: dict[int, int] = {}
         self.seg_meta: dict[int, dict] = {}
         self.next_id = 0
@@ -192,6 +195,9 @@ class ReplayBuffer:
         self.next_id = max(list(index) + list(on_disk) + [-1]) + 1
         self.total_added = sum(entry["length"] for entry in index.values())  # evicted segments count too
         self.ids = present[max(0, len(present) - self.capacity_segments):]
+        # beyond capacity on disk: a kill between an add's index line and its eviction's delete, or a reopen with a
+        # smaller capacity. With eviction="delete" their files go at the next add (opening alone deletes nothing)
+        self._stale = present[:max(0, len(present) - self.capacity_segments)]
         self.lengths = {i: index[i]["length"] for i in self.ids}
         self.seg_meta = {i: index[i].get("meta", {}) for i in self.ids}
 
@@ -226,11 +232,11 @@ class ReplayBuffer:
     def _check_schema(self, flat: dict[str, np.ndarray]) -> None:
         schema = {k: (v.dtype.str, tuple(v.shape[1:])) for k, v in flat.items()}
         if self.schema is None:
-            self.schema = schema
-            if self.dir is not None:
+            if self.dir is not None:  # written first: a failed write leaves no schema that meta.json lacks
                 atomic_write(self.dir / "meta.json", json.dumps({
                     "format": FORMAT_VERSION, "schema": {k: [d, list(s)] for k, (d, s) in schema.items()},
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=1))
+            self.schema = schema
         elif schema != self.schema:
             diff = {k: {"buffer": self.schema.get(k), "segment": schema.get(k)}
                     for k in set(schema) | set(self.schema) if schema.get(k) != self.schema.get(k)}
@@ -279,6 +285,11 @@ class ReplayBuffer:
             self._cache_put(seg_id, flat, T)
             while len(self.ids) > self.capacity_segments:
                 self._evict(self.ids.pop(0))
+            if self._stale and self.eviction == "delete":
+                log.info("deleting %d segment files beyond capacity left by an earlier run", len(self._stale))
+                for stale_id in self._stale:
+                    self._path(stale_id).unlink(missing_ok=True)
+            self._stale = []
         return seg_id
 
     def _evict(self, seg_id: int) -> None:

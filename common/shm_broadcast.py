@@ -199,9 +199,8 @@ class ShmPublisher:
             raise ValueError(f"max_readers must be in 1..{MAX_READERS}, got {max_readers}")
         self.name, self.path, self.max_readers = name, _path(name), max_readers
         self.slots = 3 * max_readers + 2
-        self._owner = os.open(f"{self.path}.owner", os.O_RDWR | os.O_CREAT, 0o600)
-        if not _lock_within(self._owner, 1.0):  # (a reader's publisher_alive() probe holds it for microseconds)
-            os.close(self._owner)
+        self._owner = _lock_owner(Path(f"{self.path}.owner"), 1.0)
+        if self._owner < 0:
             raise ShmError(f"shared-memory channel {name!r} ({self.path}) is owned by a live publisher")
         self._map: _Mapping | None = None
         self._reserved: set[int] = set()  # slots whose pages fallocate has reserved
@@ -262,6 +261,9 @@ class ShmPublisher:
         words, fd = m.words, m.fd
         flock(fd, LOCK_EX)  # (not `with m.lock()`: on this path each Python call counts)
         try:
+            if words[W_RETIRED]:  # another publisher replaced our file: its readers have moved on and released
+                raise ShmError(f"shared-memory channel {self.name!r} was taken over by another publisher (pid "
+                               f"{_owner_pid(self.path)}): this one can no longer publish")
             latest = words[W_LATEST_SLOT]
             latest_bit = 1 << latest if latest >= 0 else 0
             busy = m.held_mask(check_alive=False) | latest_bit
@@ -519,6 +521,33 @@ def _free_entry(m: _Mapping, entry: int) -> None:
                 flock(m.fd, LOCK_UN)
     finally:
         m.close()
+
+
+def _lock_owner(path: Path, seconds: float) -> int:
+    """Open and exclusively lock the owner file `path`, waiting up to `seconds`: the locked fd, or -1 if a live
+    publisher holds it. The lock must be on the file that is at `path` when it is taken: a closing publisher unlinks
+    its owner file, and a lock on that unlinked file would let a third publisher lock a new one beside ours."""
+    deadline = time.monotonic() + seconds
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        if not _lock_within(fd, max(0.0, deadline - time.monotonic())):
+            os.close(fd)
+            return -1
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # (our lock goes with it) the file was unlinked while we waited: lock the one there now
+
+
+def _owner_pid(path: Path) -> int:
+    """The pid recorded in a channel file's control page (0 if unreadable)."""
+    try:
+        with open(path, "rb") as f:
+            return int.from_bytes(f.read(8 * (W_PID + 1))[8 * W_PID:], "little", signed=True)
+    except OSError:
+        return 0
 
 
 def _lock_within(fd: int, seconds: float) -> bool:

@@ -14,7 +14,9 @@ Cost control, our analogue of RLinf's SM-aware sync: `publish` takes one snapsho
 on CUDA that copy is the device-to-host one, on a side stream, straight into a pinned send buffer) and returns. ZMQ sends the buffer zero-copy
 from its own I/O thread, and its queues conflate: only the newest version waits for a slow link, so a backlog never
 builds and training is never blocked. `max_bytes_per_s` caps the average bandwidth: then one sender thread paces the
-sends, and a publish during a wait replaces the waiting snapshot (counted as coalesced).
+sends, and a publish during a wait replaces the waiting snapshot (counted as coalesced). With `only_changed`, every
+publish is a keyframe until the last keyframe has left (sent, or committed to shared memory): a delta never replaces
+the keyframe it is taken against, and a publish that failed is followed by a keyframe.
 Counters: publisher `requested / sent / coalesced / bytes`; subscriber `received / applied / coalesced` (versions that
 arrived or were published but were superseded before being applied).
 
@@ -198,6 +200,7 @@ class WeightPublisher:
         self.keyframe_every = keyframe_every
         self._base: dict[str, torch.Tensor] = {}  # what the last keyframe sent (only_changed)
         self._keyframe, self._since_keyframe = 0, 0
+        self._keyframe_out = -1  # the last keyframe that left (sent to ZMQ, or committed to shared memory)
         self._changed: set[str] = set()  # tensors that differed from the keyframe in a delta since it
         self._pinned: dict[str, torch.Tensor] = {}
         self._pending: tuple | None = None
@@ -230,10 +233,12 @@ class WeightPublisher:
             return tensors, {}
         # Deltas are taken against the last keyframe, not the last message: latest-only delivery may drop any
         # message, and each delta must be complete on its own. A receiver that missed the keyframe waits for the next.
-        if not self._base or self._since_keyframe >= self.keyframe_every:
+        # A keyframe also while the last one has not left: a paced link replaces a waiting message with a newer one,
+        # and a failed publish sends nothing, so a delta against it could reach nobody who holds it.
+        if not self._base or self._since_keyframe >= self.keyframe_every or self._keyframe != self._keyframe_out:
             self._base = {k: t.clone() for k, t in tensors.items()}
-            self._keyframe, self._since_keyframe, self._changed = self.version, 0, set()
-            return tensors, {"keyframe": True}
+            self._keyframe, self._since_keyframe, self._changed = self.version, 1, set()  # (it counts: one in
+            return tensors, {"keyframe": True}                                           # every keyframe_every)
         self._since_keyframe += 1
         # A tensor that changed once since the keyframe goes in every later delta, even when it is back to its
         # keyframe value: a receiver may hold an earlier delta's value of it.
@@ -264,15 +269,17 @@ class WeightPublisher:
             pack = lambda out, pinned=False: pack_block(header, flat.lengths, flat.block, out=out, pinned=pinned,
                                                         views=self.shm.views if self.shm is not None else None)
             size = lambda: flat.packed_size(len(header))
+            key = None
         else:
             tensors, delta_meta = self._host_tensors(tensors)
+            key = self.version if delta_meta.get("keyframe") else None  # (only_changed: a keyframe's version)
             gpus = {t.device for t in tensors.values() if t.is_cuda}
             frames = encode("update", {"version": self.version, "mode": self.mode, **delta_meta}, tensors,
                             self.version, device_frames=bool(gpus))
             pack = lambda out, pinned=False: pack_frames(frames, out=out, pinned=pinned)
             size = lambda: packed_size([frame_nbytes(f) for f in frames])
         if self.shm is not None:
-            return self._publish_shm(pack, size(), gpus, start)
+            return self._publish_shm(pack, size(), gpus, start, key)
         with self._cond:  # the most recently sent free buffer: its pages are the warmest in the cache
             pending = self._pending[1] if self._pending else None
             free = [i for i, (buf, tracker) in enumerate(self._buffers)
@@ -282,11 +289,11 @@ class WeightPublisher:
         with self._cond:
             self.stats["requested"] += 1
             if self.max_bytes_per_s is None and self._pending is None and not self._busy:
-                self._send(packed)  # ZMQ sends zero-copy from its own I/O thread: no need to wake ours
+                self._send(packed, key)  # ZMQ sends zero-copy from its own I/O thread: no need to wake ours
             else:
                 if self._pending is not None:
                     self.stats["coalesced"] += 1
-                self._pending = (self.version, packed)
+                self._pending = (self.version, packed, key)
                 self._cond.notify()
         self.stats["last_publish_s"] = time.perf_counter() - start
         return self.version
@@ -319,10 +326,13 @@ class WeightPublisher:
             done.synchronize()
         return result
 
-    def _publish_shm(self, pack, nbytes: int, gpus: set, start: float) -> int:
+    def _publish_shm(self, pack, nbytes: int, gpus: set, start: float, key: int | None = None) -> int:
         out = self.shm.acquire(nbytes)  # a slot no reader holds: the snapshot goes straight into shared memory
         self._snapshot(pack, out, gpus)
-        return self._committed(nbytes, start)
+        version = self._committed(nbytes, start)
+        if key is not None:
+            self._keyframe_out = key
+        return version
 
     def _committed(self, nbytes: int, start: float) -> int:
         """Publish the slot just packed (shared memory) and count it."""
@@ -342,23 +352,25 @@ class WeightPublisher:
                     self._cond.wait()
                 if self._closed and self._pending is None:
                     return
-                version, packed = self._pending
+                version, packed, key = self._pending
                 self._pending = None
                 self._busy = True
             with self._cond:  # pace the link; close() cuts the wait short (the newest weights still go out)
                 self._cond.wait_for(lambda: self._closed, max(0.0, next_allowed - time.monotonic()))
-                if self._pending is not None:  # a newer snapshot came during the wait: it replaces this one
-                    version, packed = self._pending
+                if self._pending is not None:  # a newer snapshot came during the wait: it replaces this one (a
+                    version, packed, key = self._pending  # keyframe is replaced only by a keyframe: see above)
                     self._pending = None
                     self.stats["coalesced"] += 1
-                self._send(packed)
+                self._send(packed, key)
                 self._busy = False
                 self._cond.notify_all()
             if self.max_bytes_per_s:
                 next_allowed = time.monotonic() + len(packed) / self.max_bytes_per_s
 
-    def _send(self, packed) -> None:  # under self._cond
+    def _send(self, packed, key: int | None) -> None:  # under self._cond; `key`: the keyframe's version, if one
         tracker = self.pub.send_packed(packed)
+        if key is not None:
+            self._keyframe_out = key
         self._buffers = (self._buffers + [(packed, tracker)])[-2:]  # keep two send buffers for reuse
         self.stats["sent"] += 1
         self.stats["bytes"] += len(packed)

@@ -78,6 +78,16 @@ def test_reopen_restores_counters_and_eviction(tmp_path):
     assert again.ids == [2, 3, 4, 5] and again.next_id == 6
     assert again.num_transitions == buf.num_transitions and again.add(make_segment(9)) == 6
 
+    again.close()
+    # more on disk than the capacity (a smaller capacity, or a kill between an add's index line and its eviction's
+    # delete): opening deletes nothing, the first add deletes the files beyond capacity, so they never come back
+    small = ReplayBuffer.open(tmp_path, capacity_segments=2, eviction="delete")
+    assert small.ids == [5, 6] and len(list((tmp_path / "segments").glob("*.h5"))) == 4  # 3 4 5 6
+    assert small.add(make_segment(10)) == 7
+    assert sorted(p.name for p in (tmp_path / "segments").glob("*.h5")) == ["seg_000000006.h5", "seg_000000007.h5"]
+    small.close()
+    assert ReplayBuffer.open(tmp_path, capacity_segments=100).ids == [6, 7]
+
     keep_dir = tmp_path / "keep"
     keep = ReplayBuffer(keep_dir, capacity_segments=2, eviction="keep")
     for s in range(4):
@@ -307,3 +317,25 @@ def test_an_index_whose_last_line_lost_its_newline_still_takes_appends(tmp_path)
     reopened = ReplayBuffer.open(tmp_path)  # the appended line was glued onto the last one before
     assert len(reopened.lengths) == 4 and reopened.total_added == again.total_added
     assert (tmp_path / "index.jsonl").read_bytes().count(b"\n") == 4
+
+
+def test_a_failed_schema_write_leaves_no_schema_behind(tmp_path, monkeypatch):
+    """The first add writes meta.json (the schema). If that write fails (a full disk), the add fails and the buffer
+    must not keep the schema in memory only: the next add writes it, and a reopened buffer can sample."""
+    import common.replay_buffer as rb
+
+    real_write = rb.atomic_write
+
+    def full_disk(path, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(rb, "atomic_write", full_disk)
+    buf = ReplayBuffer(tmp_path)
+    with pytest.raises(OSError):
+        buf.add(make_segment(0))
+    monkeypatch.setattr(rb, "atomic_write", real_write)
+    assert buf.schema is None
+    buf.add(make_segment(1))
+    buf.close()
+    again = ReplayBuffer.open(tmp_path)
+    assert again.schema is not None and len(again.sample(4, rng=np.random.default_rng(0))["actions"]) == 4

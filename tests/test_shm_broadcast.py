@@ -154,6 +154,46 @@ def test_second_publisher_is_refused_and_a_dead_ones_file_is_replaced(name):
         sub.close()
 
 
+def test_a_publisher_waiting_for_a_closing_one_owns_the_name_alone(name):
+    """B waits for the owner lock while A closes (A unlinks its owner file as it goes): B must end up holding the
+    lock of the file at the path, so that a third publisher C is refused while B lives and readers see B alive.
+    Before, B locked A's unlinked file: C was accepted, retired B's file, and B went on writing into it, over a slot
+    a zero-copy reader still viewed."""
+    import threading
+
+    a = ShmPublisher(name, max_readers=1)
+    got = {}
+    waiter = threading.Thread(target=lambda: got.__setitem__("b", ShmPublisher(name, max_readers=1)))
+    waiter.start()
+    time.sleep(0.2)  # B is waiting for the lock
+    a.close()
+    waiter.join(10)
+    b = got["b"]
+    sub = ShmSubscriber(name)
+    try:
+        assert sub.publisher_alive()
+        with pytest.raises(ShmError, match="owned by a live publisher"):
+            ShmPublisher(name, max_readers=1)
+    finally:
+        sub.close()
+        b.close()
+
+
+def test_a_publisher_whose_file_was_taken_over_stops_publishing(name):
+    """A publisher whose file another one has retired (its readers moved to the new file and let go of their
+    slots) must not write into it again: acquire refuses, naming the takeover."""
+    pub = ShmPublisher(name, max_readers=1)
+    try:
+        pub.acquire(64)[:] = 0
+        pub.commit(1)
+        with pub._map.lock():  # what a publisher replacing this one does to the old file
+            pub._map.ctl[5] = 1  # W_RETIRED
+        with pytest.raises(ShmError, match="taken over by another publisher"):
+            pub.acquire(64)
+    finally:
+        pub.close()
+
+
 def test_a_message_that_outgrows_the_slots_moves_readers_to_a_new_file(name):
     pub = ShmPublisher(name, max_readers=1)
     sub = ShmSubscriber(name)

@@ -6,6 +6,7 @@ import pytest
 import torch
 import zmq
 
+from common.transport import PackedDecoder
 from common.weight_sync import WeightPublisher, WeightSubscriber
 from tests.test_transport import free_endpoint
 
@@ -208,17 +209,82 @@ def test_only_changed_survives_dropped_messages_and_late_subscribers():
         assert torch.equal(actor.expert.weight, learner.expert.weight)
         assert torch.equal(actor.expert.bias, learner.expert.bias)
 
+        pub.publish()  # v4: the next keyframe (every 3rd publish, the keyframe counted)
+        pub.wait_sent()
+        assert poll_until(sub, 4) and sub.apply() == 4
         late = WeightSubscriber(pub.pub.sock.getsockopt_string(zmq.LAST_ENDPOINT), Policy())
         time.sleep(0.3)
-        pub.publish()  # v4: a delta; the late subscriber has no keyframe to apply it to
+        pub.publish()  # v5: a delta; the late subscriber has no keyframe to apply it to
         pub.wait_sent()
         assert not late.poll(1) and late.stats["waiting_keyframe"] == 1
-        pub.publish()  # v5: the next keyframe (every 3rd publish)
+        pub.publish()  # v5: a delta against v4
         pub.wait_sent()
-        assert late.poll(2) and late.apply() == 5
+        assert not late.poll(1) and late.stats["waiting_keyframe"] == 2
+        pub.publish()  # v7: the next keyframe (every 3rd publish: v1, v4, v7)
+        pub.wait_sent()
+        assert late.poll(2) and late.apply() == 7
         for a, b in zip(late.model.state_dict().values(), learner.state_dict().values()):
             assert torch.equal(a, b)
         late.close()
+    finally:
+        pub.close()
+        sub.close()
+
+
+def test_a_paced_link_never_drops_a_keyframe_its_deltas_need():
+    """With a bandwidth cap, a message waiting for the link is replaced by the next publish. A keyframe must not be
+    replaced by a delta against it (that keyframe would reach no one, nor would any delta until the next keyframe):
+    while the last keyframe has not gone out, each publish is a keyframe. Publishing faster than the link allows,
+    every delta sent is based on a keyframe sent before it, and the actor ends with the learner's weights."""
+    torch.manual_seed(0)
+    endpoint = free_endpoint()
+    learner, actor = torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)
+    pub = WeightPublisher(endpoint, learner, only_changed=True, keyframe_every=4, max_bytes_per_s=100_000.0)
+    sub = WeightSubscriber(endpoint, actor)
+    sent, real_send = [], pub.pub.send_packed
+    decoder = PackedDecoder()
+
+    def record(packed):
+        msg = decoder(packed)
+        sent.append((msg.seq, msg.meta.get("keyframe", False), msg.meta.get("base")))
+        return real_send(packed)
+
+    pub.pub.send_packed = record
+    time.sleep(0.3)
+    try:
+        for _ in range(30):  # ~17 KB messages at 100 KB/s: a send every ~0.17 s, a publish every 0.01 s
+            with torch.no_grad():
+                learner.weight.add_(0.01)
+            pub.publish()
+            sub.maybe_apply(0.01)
+        assert pub.wait_sent(10)
+        keyframes_sent = {seq for seq, key, _ in sent if key}
+        assert len(sent) < 30 and pub.stats["coalesced"] > 0  # the link did coalesce
+        assert all(base in keyframes_sent and base < seq for seq, key, base in sent if not key), sent
+        deadline = time.monotonic() + 5
+        while sub.version != pub.version and time.monotonic() < deadline:
+            sub.maybe_apply(0.05)
+        assert sub.version == pub.version and torch.equal(actor.weight, learner.weight)
+    finally:
+        pub.close()
+        sub.close()
+
+
+def test_a_failed_publish_makes_the_next_one_a_keyframe(monkeypatch):
+    """A keyframe whose publish fails (here the send raises) never left: the next publish must be a keyframe again,
+    not a delta against one no subscriber has."""
+    learner, actor, pub, sub = pair(only_changed=True, keyframe_every=5)
+    try:
+        real_send = pub.pub.send_packed
+        monkeypatch.setattr(pub.pub, "send_packed", lambda packed: (_ for _ in ()).throw(OSError("link down")))
+        with pytest.raises(OSError):
+            pub.publish()  # v1, a keyframe: lost
+        monkeypatch.setattr(pub.pub, "send_packed", real_send)
+        perturb(learner, 3.0)
+        pub.publish()  # v2: a keyframe again
+        pub.wait_sent()
+        assert poll_until(sub, 2) and sub._pending.meta.get("keyframe") and sub.apply() == 2
+        assert _same(actor, learner)
     finally:
         pub.close()
         sub.close()
