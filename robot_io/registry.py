@@ -166,6 +166,8 @@ def fill_from_env(config, index: int = 0, environ: dict | None = None):
     environ = os.environ if environ is None else environ
     given = getattr(config, _GIVEN_ATTR, frozenset())
     env_fields = getattr(type(config), "ENV_FIELDS", ())
+    # a type's count_var is each robot's identity (its arm's address): never shared between robots of a node
+    identity_vars = {t.count_var for t in ROBOT_TYPES.values() if t.count_var and isinstance(config, t.config_cls)}
     for f in fields(config):
         var, value = f.name.upper(), getattr(config, f.name)
         if f.name in NEVER_FROM_ENV or var not in environ or f.name in given or \
@@ -178,6 +180,9 @@ def fill_from_env(config, index: int = 0, environ: dict | None = None):
             # no longer match it)
             raise RobotValidationError(f"{var}={raw!r} has an empty value between its separators; give one value "
                                        f"per robot")
+        if len(groups) == 1 and index > 0 and var in identity_vars:  # (one IP for two robots: both would drive one arm)
+            raise RobotValidationError(f"{var}={raw!r} names one robot, but robot #{index} was asked for: each robot "
+                                       f"needs its own {var} (comma-separated, one per robot)")
         if len(groups) == 1:
             value = groups[0]
         elif index < len(groups):

@@ -15,8 +15,11 @@ A hub with an `expected_spec` refuses robots whose obs/action spec or protocol d
 robot server exits.
 
 Outages: `RemoteRobotEnv.step` waits at most `step_timeout`; past it, it raises `RobotUnavailable`, counts the outage
-and logs it; `reset()` waits (up to `reconnect_timeout`) for the robot to announce again, then starts a new episode.
-A robot that restarted (new session) also raises `RobotUnavailable` on step: its episode is gone, reset.
+and logs it, and refuses further steps until a reset (the unanswered step may still run on the robot: a retry would
+move it twice); `reset()` waits (up to `reconnect_timeout`) for the robot to announce again, then starts a new episode.
+A robot that restarted (new session) also raises `RobotUnavailable` on step: its episode is gone, reset; one that came
+back with another obs/action spec than the env's spaces is refused at reset (`HandshakeError`, saying what differs).
+A robot and a hub of different protocol versions refuse each other with both versions named.
 A robot is never declared out while a request to it is pending (a homing reset may take a minute), and any reply
 brings it back online.
 
@@ -44,8 +47,9 @@ import msgpack
 import numpy as np
 import zmq
 
-from common.transport import (PROTOCOL_VERSION, CurveConfig, FrameError, HandshakeError, Message, TransportError,
-                              close_socket, decode, encode, make_socket, spec_diff, spec_hash)
+from common.transport import (DEFAULT_MAX_MESSAGE_BYTES, PROTOCOL_VERSION, CurveConfig, FrameError, HandshakeError,
+                              Message, ProtocolMismatch, TransportError, close_socket, decode, encode, make_socket,
+                              spec_diff, spec_hash, wire_limit)
 from robot_io.env import RobotEnv, flatten_obs, spaces_from_spec, unflatten_obs
 
 log = logging.getLogger("robot_io.remote")
@@ -71,6 +75,8 @@ class RobotServer:
 
     def __init__(self, env: RobotEnv, learner: str, *, name: str | None = None, heartbeat: float = 1.0,
                  hold_after: float = 2.0, curve: CurveConfig | None = None, beacon: str | None = None):
+        if not 0 < 2 * heartbeat <= hold_after:  # acks come once per heartbeat: slower reads a live learner as silent
+            raise ValueError(f"heartbeat {heartbeat:g} s must be > 0 and at most half of hold_after {hold_after:g} s")
         self.env, self.learner = env, learner
         self.name = name or env.name
         self.heartbeat, self.hold_after = heartbeat, hold_after
@@ -80,7 +86,8 @@ class RobotServer:
         self.beacon = _beacon_socket(beacon) if beacon else None
         try:
             self.sock = make_socket(zmq.DEALER, learner, bind=False, curve=curve, IMMEDIATE=1, SNDHWM=16,
-                                    ROUTING_ID=f"{self.session}/{self.name}".encode()[:255])  # ZMQ's limit
+                                    ROUTING_ID=f"{self.session}/{self.name}".encode()[:255],  # ZMQ's limit
+                                    MAXMSGSIZE=wire_limit(DEFAULT_MAX_MESSAGE_BYTES))
         except BaseException:
             if self.beacon is not None:
                 self.beacon[0].close()
@@ -164,6 +171,9 @@ class RobotServer:
             return
         try:
             msg = decode(self.sock.recv_multipart(copy=False))
+        except ProtocolMismatch as exc:  # (the hub's refusal of our announce comes in its own version too)
+            raise HandshakeError(f"{self.name}: the learner speaks protocol version {exc.theirs!r}, this robot "
+                                 f"{PROTOCOL_VERSION}: run the same version of this code on both sides") from None
         except FrameError as exc:
             self.stats["bad_frames"] += 1
             log.warning("%s: bad frame from the learner dropped: %s", self.name, exc)
@@ -205,7 +215,11 @@ class RobotServer:
 
 def _beacon_socket(target: str):
     host, _, port = target.rpartition(":")
-    address = (host or "255.255.255.255", int(port or BEACON_PORT))  # (a malformed port raises before the socket)
+    port = int(port or BEACON_PORT)  # (a malformed port raises before the socket)
+    try:  # resolved once, here: a name looked up at every beacon would put DNS (no deadline) in the control loop
+        address = (socket.gethostbyname(host or "255.255.255.255"), port)
+    except OSError as exc:
+        raise ValueError(f"beacon host {host!r} does not resolve ({exc}); give an IP address") from None
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
     return sock, address
@@ -257,7 +271,7 @@ class RobotRecord:
 
 class _Pending:
     def __init__(self, robot: str):
-        self.robot, self.event, self.reply = robot, threading.Event(), None
+        self.robot, self.event, self.reply, self.unsent = robot, threading.Event(), None, False
 
 
 class RobotHub:
@@ -266,7 +280,8 @@ class RobotHub:
 
     def __init__(self, endpoint: str, *, expected_spec: dict | None = None, peer_timeout: float = 3.0,
                  curve: CurveConfig | None = None):
-        self.sock = make_socket(zmq.ROUTER, endpoint, bind=True, curve=curve, ROUTER_HANDOVER=1, ROUTER_MANDATORY=1)
+        self.sock = make_socket(zmq.ROUTER, endpoint, bind=True, curve=curve, ROUTER_HANDOVER=1, ROUTER_MANDATORY=1,
+                                MAXMSGSIZE=wire_limit(DEFAULT_MAX_MESSAGE_BYTES))
         self.endpoint = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
         self.expected_spec, self.peer_timeout = expected_spec, peer_timeout
         self.records: dict[str, RobotRecord] = {}
@@ -300,6 +315,7 @@ class RobotHub:
                 self.sock.send_multipart([address, *frames], copy=False, flags=zmq.NOBLOCK)
             except zmq.ZMQError:  # ROUTER_MANDATORY: that robot is not connected, or its queue is full
                 if pending is not None:
+                    pending.unsent = True
                     pending.event.set()
         self._check_outages()
         if not self.sock.poll(5, zmq.POLLIN):
@@ -307,6 +323,12 @@ class RobotHub:
         address, *frames = self.sock.recv_multipart(copy=False)
         try:
             msg = decode(frames)
+        except ProtocolMismatch as exc:  # refused in so many words (the refusal's own version tells the robot ours)
+            self.stats["refused"] += 1
+            reason = f"protocol version {exc.theirs!r}; this learner speaks {PROTOCOL_VERSION}"
+            log.warning("robot hub: refused %r: %s", address.bytes, reason)
+            self._send_to(address.bytes, "refuse", {"reason": reason})
+            return
         except FrameError as exc:
             self.stats["bad_frames"] += 1
             log.warning("robot hub: bad frame from %r dropped: %s", address.bytes, exc)
@@ -428,12 +450,21 @@ class RobotHub:
             raise RobotUnavailable(f"robot {name} is not connected")
         with self._lock:
             self._seq += 1
-            seq, pending = self._seq, _Pending(name)
+            seq = self._seq
+        try:  # before the request is registered: a pending entry that is never sent would hold off outages forever
+            frames = encode(method, meta, arrays, seq)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise ValueError(f"robot {name}: {method!r} request cannot be sent: {exc} (meta: {meta!r})") from None
+        pending = _Pending(name)
+        with self._lock:
             self._pending[seq] = pending
-        self._outbox.put((rec.address, encode(method, meta, arrays, seq), pending))
+        self._outbox.put((rec.address, frames, pending))
         if not pending.event.wait(timeout) or pending.reply is None:
             with self._lock:
                 self._pending.pop(seq, None)
+            if pending.unsent:
+                raise RobotUnavailable(f"robot {name}: {method!r} could not be sent (the robot is not connected, or "
+                                       f"its queue is full)")
             raise RobotUnavailable(f"robot {name}: no reply to {method!r} within {timeout:.1f} s")
         reply = pending.reply
         if reply.type == "error":
@@ -473,6 +504,7 @@ class RemoteRobotEnv(gym.Env):
         self.session: str | None = None
         self.stats = {"outages": 0, "outage_seconds": 0.0, "steps": 0}
         self._outage_since: float | None = None
+        self._unanswered_step = False  # a step timed out: it may still run on the robot, so none until a reset
 
     def _outage(self, exc: Exception) -> None:
         if self._outage_since is None:
@@ -483,12 +515,17 @@ class RemoteRobotEnv(gym.Env):
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
         rec = self.hub.wait_for(self.name, self.reconnect_timeout)
+        diff = spec_diff(self.spec, rec.spec)  # a robot restarted under this name may not be the one we sized for
+        diff.pop("name", None)
+        if diff:
+            raise HandshakeError(f"robot {self.name} came back with another spec than this env's spaces: {diff}; "
+                                 f"make a new RemoteRobotEnv for it")
         reply = self.hub.request(self.name, "reset", {"seed": seed}, timeout=self.reset_timeout)
         if self._outage_since is not None:
             self.stats["outage_seconds"] += time.monotonic() - self._outage_since
             log.info("robot %s: back after %.1f s", self.name, time.monotonic() - self._outage_since)
             self._outage_since = None
-        self.session = rec.session
+        self.session, self._unanswered_step = rec.session, False
         return unflatten_obs(reply.arrays), dict(reply.meta.get("info") or {})
 
     def step(self, action):
@@ -497,10 +534,14 @@ class RemoteRobotEnv(gym.Env):
             exc = RobotUnavailable(f"robot {self.name} restarted since the last reset: call reset()")
             self._outage(exc)
             raise exc
+        if self._unanswered_step:  # retrying would send a second action computed from the same stale observation
+            raise RobotUnavailable(f"robot {self.name}: the last step got no reply and may still have run: steps are "
+                                   f"refused until the next reset")
         try:
             reply = self.hub.request(self.name, "step", arrays={"action": np.asarray(action, np.float32)},
                                      timeout=self.step_timeout)
         except RobotUnavailable as exc:
+            self._unanswered_step = True
             self._outage(exc)
             raise
         arrays = dict(reply.arrays)

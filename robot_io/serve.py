@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
             args.max_episode_steps < 1 or args.heartbeat <= 0 or args.hold_after <= 0 or args.robot_index < 0:
         parser.error("--control-hz must be >= 0 (0: unpaced), --max-episode-steps >= 1, --heartbeat and --hold-after "
                      "> 0, --robot-index >= 0")
+    if args.heartbeat * 2 > args.hold_after:  # the learner's acks come once per heartbeat: any slower and a live
+        # learner that thinks between steps reads as silent, and the arm is held mid-episode
+        parser.error(f"--heartbeat {args.heartbeat:g} must be at most half of --hold-after {args.hold_after:g}")
     port = args.beacon.rpartition(":")[2]
     if args.beacon and not (":" in args.beacon and port.isdigit() and 0 < int(port) < 65536):
         parser.error(f"--beacon takes HOST:PORT (or '' for none), got {args.beacon!r}")

@@ -178,6 +178,9 @@ class Sim:
                 raise RobotValidationError(f"sim:{c.task}: obs_mode must be state or rgb, got {c.obs_mode!r}")
             try:
                 check_task(_task_id(c.task))
+            except ImportError as exc:  # ManiSkill itself is imported here, lazily
+                raise MissingDependencyError(f"sim robots need ManiSkill ({exc}); pip install mani-skill==3.0.1") \
+                    from exc
             except Exception as exc:
                 raise RobotValidationError(f"sim:{c.task}: {exc}") from exc
             found.append(RobotInfo("sim", c.name or f"sim-{_task_id(c.task).removesuffix('-v1')}", c,

@@ -65,6 +65,10 @@ def test_a_robot_takes_its_own_value_of_each_per_robot_variable_and_never_its_na
             e.close()
     with pytest.raises(registry.RobotValidationError, match="empty value"):
         registry.fill_from_env(FrankaConfig(), 1, {"ROBOT_IP": "10.0.0.2,,10.0.0.3"})
+    # one IP names one arm: robot #1 must not be given robot #0's (both would drive it); shared settings may be one
+    assert registry.fill_from_env(FrankaConfig(), 0, {"ROBOT_IP": "10.0.0.2"}).robot_ip == "10.0.0.2"
+    with pytest.raises(registry.RobotValidationError, match="names one robot.*robot #1"):
+        registry.fill_from_env(FrankaConfig(), 1, {"ROBOT_IP": "10.0.0.2"})
     assert registry.fill_from_env(registry.parse_robot("sim")[1], 0, {"NAME": "x"}).name is None
     closed = []
     monkeypatch.setattr(DummyBackend, "close", lambda self: closed.append(True))
@@ -143,6 +147,16 @@ def test_missing_optional_package_names_the_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "pyspacemouse", None)
     with pytest.raises(registry.MissingDependencyError, match="pip install pyspacemouse"):
         SpaceMouseIntervention()
+    # a sim robot without ManiSkill (imported lazily, when the task is checked): the install, not a validation error
+    import common.maniskill_env
+
+    def no_maniskill(task):
+        raise ModuleNotFoundError("No module named 'mani_skill'")
+
+    monkeypatch.setattr(common.maniskill_env, "check_task", no_maniskill)
+    sim = registry.get_type("sim")
+    with pytest.raises(registry.MissingDependencyError, match="pip install mani-skill"):
+        sim.enumerate([sim.config_cls(task="PickCube")])
 
 
 # ------------------------------------------------------------------------------------------------ the env
@@ -515,7 +529,9 @@ def test_a_step_that_waited_out_an_outage_is_refused_until_a_reset():
         stop.clear()
         thread = threading.Thread(target=serve, daemon=True)
         thread.start()
-        with pytest.raises(RobotUnavailable, match="refused until the next reset"):
+        with pytest.raises(RobotUnavailable, match="arm was held"):  # the server refuses a step of the cut episode
+            hub.request("dummy0", "step", arrays={"action": np.zeros(7, np.float32)})
+        with pytest.raises(RobotUnavailable, match="refused until the next reset"):  # (the env does not even send)
             remote.step(np.zeros(7, np.float32))
         remote.reset()
         remote.step(np.zeros(7, np.float32))
@@ -524,6 +540,171 @@ def test_a_step_that_waited_out_an_outage_is_refused_until_a_reset():
         stop.set()
         thread.join(5)
         server.sock.close(linger=0)
+        hub.close()
+
+
+def test_a_step_retried_after_a_timeout_is_refused_until_a_reset():
+    """One slow step (past step_timeout, well within hold_after) still runs on the robot: a retry by the caller would
+    move the robot a second time, with an action from the same stale observation. The env refuses steps until a
+    reset; the robot ran the one action it was sent."""
+    class SlowOnce(DummyBackend):
+        sent = 0
+
+        def send_action(self, action):
+            SlowOnce.sent += 1
+            if SlowOnce.sent == 1:
+                time.sleep(0.6)
+            return super().send_action(action)
+
+    hub = RobotHub("tcp://127.0.0.1:0")
+    env = RobotEnv(SlowOnce(DummyConfig(cameras=[], control_hz=0)))
+    server, thread = start_server(env, hub.endpoint, heartbeat=0.1, hold_after=5.0)
+    try:
+        remote = RemoteRobotEnv(hub, connect_timeout=10, step_timeout=0.3)
+        remote.reset()
+        SlowOnce.sent = 0
+        with pytest.raises(RobotUnavailable, match="no reply"):
+            remote.step(np.full(7, 0.5, np.float32))
+        with pytest.raises(RobotUnavailable, match="may still have run.*refused until the next reset"):
+            remote.step(np.full(7, -0.5, np.float32))
+        time.sleep(0.5)
+        assert SlowOnce.sent == 1  # the slow step ran; the retry never reached the robot
+        remote.reset()
+        remote.step(np.zeros(7, np.float32))
+        assert SlowOnce.sent == 2
+    finally:
+        server.stop()
+        thread.join(5)
+        hub.close()
+
+
+def test_a_robot_back_with_another_spec_is_refused_at_reset():
+    """A robot server restarted under the same name with another obs/action spec (a camera that failed to enumerate):
+    the env's spaces no longer describe it, so reset refuses, saying what differs, instead of returning observations
+    its observation_space does not contain."""
+    hub = RobotHub("tcp://127.0.0.1:0", peer_timeout=0.5)
+    first = RobotEnv(DummyBackend(DummyConfig(cameras=["wrist", "front"], image_size=16, control_hz=0)))
+    server, thread = start_server(first, hub.endpoint, heartbeat=0.1)
+    try:
+        remote = RemoteRobotEnv(hub, "dummy0", connect_timeout=10, reconnect_timeout=10)
+        remote.reset()
+        server.stop()
+        thread.join(5)
+        time.sleep(1.0)  # past peer_timeout: the hub takes the next session as a restart
+        again = RobotEnv(DummyBackend(DummyConfig(cameras=["wrist"], image_size=16, control_hz=0)))
+        server, thread = start_server(again, hub.endpoint, heartbeat=0.1)
+        deadline = time.monotonic() + 5
+        while hub.records["dummy0"].spec == remote.spec and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(HandshakeError, match="another spec"):
+            remote.reset()
+    finally:
+        server.stop()
+        thread.join(5)
+        hub.close()
+
+
+def test_a_request_that_cannot_be_encoded_is_a_clear_error_and_leaves_nothing_pending():
+    """A seed msgpack cannot carry (gymnasium takes any int) fails at once with a ValueError, and leaves no pending
+    entry behind: one would mark the robot busy for ever and hide its later outages."""
+    hub = RobotHub("tcp://127.0.0.1:0", peer_timeout=0.5)
+    env = RobotEnv(DummyBackend(DummyConfig(cameras=[], control_hz=0)))
+    server, thread = start_server(env, hub.endpoint, heartbeat=0.1)
+    try:
+        remote = RemoteRobotEnv(hub, connect_timeout=10)
+        with pytest.raises(ValueError, match="cannot be sent"):
+            remote.reset(seed=2**70)
+        assert not hub._pending
+        server.stop()
+        thread.join(5)
+        deadline = time.monotonic() + 5
+        while hub.robots() and time.monotonic() < deadline:  # the robot's outage is still seen
+            time.sleep(0.05)
+        assert not hub.robots() and hub.stats["outages"] == 1
+    finally:
+        server.stop()
+        hub.close()
+
+
+def test_a_heartbeat_too_slow_for_the_hold_delay_is_refused():
+    env = RobotEnv(DummyBackend(DummyConfig(cameras=[], control_hz=0)))
+    with pytest.raises(ValueError, match="at most half of hold_after"):
+        RobotServer(env, "tcp://127.0.0.1:1", heartbeat=1.5, hold_after=2.0)
+
+
+def test_a_beacon_host_is_resolved_once_at_start(monkeypatch):
+    """Beacons go out once per heartbeat from the control loop: a host name is looked up when the server starts
+    (an unknown one is a clear error there), never per beacon (DNS has no deadline)."""
+    import socket
+
+    looked_up, real = [], socket.gethostbyname
+    monkeypatch.setattr(socket, "gethostbyname", lambda host: looked_up.append(host) or real("127.0.0.1"))
+    hub = RobotHub("tcp://127.0.0.1:0")
+    server = RobotServer(RobotEnv(DummyBackend(DummyConfig(cameras=[], control_hz=0))), hub.endpoint, heartbeat=0.05,
+                         beacon=f"monitor.invalid:{free_port()}")
+    try:
+        server.serve(max_seconds=0.4)
+        assert server.stats["announces"] >= 2 and looked_up == ["monitor.invalid"]
+    finally:
+        hub.close()
+    monkeypatch.setattr(socket, "gethostbyname", lambda host: (_ for _ in ()).throw(socket.gaierror(-2, "unknown")))
+    with pytest.raises(ValueError, match="does not resolve"):
+        RobotServer(RobotEnv(DummyBackend(DummyConfig(cameras=[], control_hz=0))), hub.endpoint,
+                    beacon="monitor.invalid:50555")
+
+
+def test_robot_sockets_cap_incoming_frames():
+    """The hub (bound in the learner) and the robot server cap what ZMQ reads for one frame, as every other receiver:
+    a multi-GB frame from a stray peer is cut off by ZMQ, not read into memory."""
+    from common.transport import DEFAULT_MAX_MESSAGE_BYTES, wire_limit
+
+    hub = RobotHub("tcp://127.0.0.1:0")
+    server = RobotServer(RobotEnv(DummyBackend(DummyConfig(cameras=[], control_hz=0))), hub.endpoint)
+    try:
+        assert server.sock.getsockopt(zmq.MAXMSGSIZE) == wire_limit(DEFAULT_MAX_MESSAGE_BYTES)
+        assert hub.sock.getsockopt(zmq.MAXMSGSIZE) == wire_limit(DEFAULT_MAX_MESSAGE_BYTES)  # (a read of an option)
+    finally:
+        server.sock.close(linger=0)
+        hub.close()
+
+
+def test_a_robot_of_another_protocol_version_is_refused_with_both_versions():
+    """An announce in another protocol version is answered with a refusal naming both versions (it was dropped as a
+    bad frame: the robot served forever unconnected, the learner timed out with no reason)."""
+    import msgpack
+
+    hub = RobotHub("tcp://127.0.0.1:0")
+    robot = zmq.Context.instance().socket(zmq.DEALER)
+    robot.connect(hub.endpoint)
+    try:
+        header = msgpack.packb({"v": 99, "t": "announce", "s": 0, "m": {"name": "arm", "session": "s2",
+                                                                         "protocol": 99}, "a": []}, use_bin_type=True)
+        robot.send_multipart([header])
+        assert robot.poll(3000)
+        reply = robot.recv_multipart()
+        assert b"refuse" in reply[0] and b"99" in reply[0] and hub.stats["refused"] == 1
+    finally:
+        robot.close(linger=0)
+        hub.close()
+
+
+def test_a_robot_of_another_protocol_version_exits_saying_so(monkeypatch):
+    """The robot side of the same: a hub message in another version ends serve() with a HandshakeError naming
+    both versions."""
+    import robot_io.remote as remote_module
+    from common.transport import ProtocolMismatch
+
+    hub = RobotHub("tcp://127.0.0.1:0")
+    server = RobotServer(RobotEnv(DummyBackend(DummyConfig(cameras=[], control_hz=0))), hub.endpoint, heartbeat=0.1)
+
+    def other_version(frames):
+        raise ProtocolMismatch(99, 0)
+
+    monkeypatch.setattr(remote_module, "decode", other_version)  # every hub message reads as version 99
+    try:
+        with pytest.raises(HandshakeError, match="protocol version 99"):
+            server.serve(max_seconds=5)
+    finally:
         hub.close()
 
 
@@ -786,7 +967,9 @@ def test_serve_cli_bad_robot_is_a_clear_error(capsys):
     for flags, said in ((["--beacon", "nonsense"], "--beacon takes HOST:PORT"),
                         (["--curve-secret", "/nonexistent.key", "--curve-server-key", "/x.key"], "no such file"),
                         (["--max-episode-steps", "-1"], "--max-episode-steps >= 1"),
-                        (["--control-hz", "-5"], "--control-hz must be >= 0")):
+                        (["--control-hz", "-5"], "--control-hz must be >= 0"),
+                        # acks come once per heartbeat: at or above the hold delay a live learner would read silent
+                        (["--heartbeat", "3", "--hold-after", "2"], "at most half of --hold-after")):
         with pytest.raises(SystemExit) as exit_info:
             serve.main(["--robot", "dummy", "--learner", "tcp://127.0.0.1:1", *flags])
         assert exit_info.value.code == 2 and said in capsys.readouterr().err, flags
