@@ -512,10 +512,11 @@ def make_actor_env(args: Args) -> RobotEnv:
     from robot_io.sim import SimBackend, SimExpert
 
     if isinstance(env.backend, SimBackend) and (args.expert_episodes or args.expert_takeover):
-        if env.backend.task in SimExpert.TASKS:
+        if env.backend.task in SimExpert.TASKS and env.backend.config.control_mode.startswith("pd_ee_delta_pos"):
             env.intervention = SimExpert(env.backend, takeover=1.0, seed=args.seed * 1000 + args.robot_index)
         else:
-            print(f"no scripted expert for {env.backend.task}: no expert episodes (give --demos)", flush=True)
+            print(f"no scripted expert for {env.backend.task} with {env.backend.config.control_mode} control: no "
+                  f"expert episodes (give --demos)", flush=True)
     return env
 
 
@@ -647,6 +648,10 @@ def main(args: Args) -> None:
         args = Args(**{**saved, **keep})
     else:
         args.role = args.role or "all"
+        if args.num_robots > 1 and ("name=" in args.robot or args.robot.startswith("franka:")):
+            raise SystemExit(f"--num-robots {args.num_robots} with --robot {args.robot!r}: every actor would take the "
+                             f"same {'name' if 'name=' in args.robot else 'arm'}; leave the name out (each gets one of "
+                             f"its own) and give Franka arms as ROBOT_IP=ip0,ip1,...")
         try:  # a bad robot string fails here, before a run directory exists, not in an actor the learner waits for
             parse_robot(robot_string(args))
         except (RobotValidationError, KeyError, ValueError) as exc:  # what parse_robot raises for a bad string

@@ -355,7 +355,9 @@ def test_bad_input_fails_before_a_run_directory_exists(tmp_path):
              (["--reward-model", "/nonexistent.safetensors"], "no such file"),
              (["--reward-threshold", "1.5"], "--reward-threshold must be in (0, 1)"),
              (["--total-minutes", "-1"], "--total-minutes must be >= 0"),
-             (["--critic-subsample", "0"], "1 <= --critic-subsample <= --num-q")]
+             (["--critic-subsample", "0"], "1 <= --critic-subsample <= --num-q"),
+             (["--robot", "dummy,name=arm", "--num-robots", "2"], "every actor would take the same name"),
+             (["--robot", "franka:10.0.0.2", "--num-robots", "2"], "every actor would take the same arm")]
     outs = run_each([[sys.executable, SCRIPT, "--run-dir", str(tmp_path), *flags] for flags, _ in cases], cwd=ROOT,
                     timeout=120)
     for (flags, says), out in zip(cases, outs):
@@ -526,3 +528,15 @@ def test_a_resumed_learner_saves_its_new_version_at_once(tmp_path):
         for proc in (learner, resumed):
             if proc is not None and proc.poll() is None:
                 proc.kill()
+
+
+def test_a_sim_task_the_expert_cannot_drive_runs_without_expert_episodes(capsys):
+    """The scripted expert drives end-effector deltas only: a sim robot in joint control gets no expert (and says
+    so) instead of an actor that dies constructing one."""
+    sac = _load_script()
+    env = sac.make_actor_env(sac.Args(robot="sim:PickCube,control_mode=pd_joint_delta_pos", expert_episodes=10))
+    try:
+        assert env.intervention is None or type(env.intervention).__name__ != "SimExpert"
+        assert "no scripted expert for PickCube-v1 with pd_joint_delta_pos control" in capsys.readouterr().out
+    finally:
+        env.close()
