@@ -34,7 +34,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import gymnasium as gym
@@ -648,14 +648,18 @@ def main(args: Args) -> None:
         args = Args(**{**saved, **keep})
     else:
         args.role = args.role or "all"
-        if args.num_robots > 1 and ("name=" in args.robot or args.robot.startswith("franka:")):
-            raise SystemExit(f"--num-robots {args.num_robots} with --robot {args.robot!r}: every actor would take the "
-                             f"same {'name' if 'name=' in args.robot else 'arm'}; leave the name out (each gets one of "
-                             f"its own) and give Franka arms as ROBOT_IP=ip0,ip1,...")
         try:  # a bad robot string fails here, before a run directory exists, not in an actor the learner waits for
-            parse_robot(robot_string(args))
+            rtype, first = parse_robot(robot_string(args))
+            second = parse_robot(robot_string(replace(args, robot_index=args.robot_index + 1)))[1]
         except (RobotValidationError, KeyError, ValueError) as exc:  # what parse_robot raises for a bad string
             raise SystemExit(f"--robot {args.robot!r}: {exc}") from None
+        arm = rtype.target_field if rtype.count_var else None  # (a type whose robots are told apart by an address)
+        same = [f for f in ("name", arm)
+                if f and getattr(first, f) is not None and getattr(first, f) == getattr(second, f)]
+        if args.num_robots > 1 and (args.role == "all" or args.mode == "sync") and same:
+            raise SystemExit(f"--num-robots {args.num_robots} with --robot {args.robot!r}: every robot would take the "
+                             f"same {' and '.join(same)}; leave it out of --robot (names are made per robot) and give "
+                             f"arms' addresses in the environment, one per robot (e.g. ROBOT_IP=ip0,ip1)")
         task = args.robot.split(",")[0].replace(":", "-")
         run_dir = Path(args.run_dir) / f"{task}__{args.exp_name}__{args.seed}"
     if args.role == "actor":

@@ -255,6 +255,9 @@ class ShmPublisher:
         """A free slot of exactly `nbytes` (uint8) to write the next message into; `commit` publishes it."""
         if nbytes <= 0:
             raise ValueError("a message has at least one byte")
+        if self._map is not None and self._map.words[W_RETIRED]:  # (before a larger file would replace the taker's)
+            raise ShmError(f"shared-memory channel {self.name!r} was taken over by another publisher (pid "
+                           f"{_owner_pid(self.path)}): this one can no longer publish")
         if self._map is None or nbytes > self._map.slot_bytes:
             self._create(nbytes)  # also when a message outgrows the slots: readers move to the new file
         m = self._map

@@ -15,8 +15,9 @@ on CUDA that copy is the device-to-host one, on a side stream, straight into a p
 from its own I/O thread, and its queues conflate: only the newest version waits for a slow link, so a backlog never
 builds and training is never blocked. `max_bytes_per_s` caps the average bandwidth: then one sender thread paces the
 sends, and a publish during a wait replaces the waiting snapshot (counted as coalesced). With `only_changed`, every
-publish is a keyframe until the last keyframe has left (sent, or committed to shared memory): a delta never replaces
-the keyframe it is taken against, and a publish that failed is followed by a keyframe.
+publish is a keyframe until the last keyframe has left (sent, or committed to shared memory): in the publisher a
+delta never replaces the keyframe it is taken against, and a publish that failed is followed by a keyframe (ZMQ's
+conflating queues may still drop one on the way: that subscriber waits for the next keyframe).
 Counters: publisher `requested / sent / coalesced / bytes`; subscriber `received / applied / coalesced` (versions that
 arrived or were published but were superseded before being applied).
 

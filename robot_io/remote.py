@@ -65,6 +65,10 @@ class RobotUnavailable(TransportError):
     """The robot did not answer within the deadline, is not connected, or restarted (its episode is gone)."""
 
 
+class RobotNoReply(RobotUnavailable):
+    """A request was sent and no reply came within its deadline: it may still run on the robot."""
+
+
 class RemoteRobotError(RuntimeError):
     """The robot answered with an error (e.g. it is emergency-stopped)."""
 
@@ -465,7 +469,7 @@ class RobotHub:
             if pending.unsent:
                 raise RobotUnavailable(f"robot {name}: {method!r} could not be sent (the robot is not connected, or "
                                        f"its queue is full)")
-            raise RobotUnavailable(f"robot {name}: no reply to {method!r} within {timeout:.1f} s")
+            raise RobotNoReply(f"robot {name}: no reply to {method!r} within {timeout:.1f} s")
         reply = pending.reply
         if reply.type == "error":
             if reply.meta.get("needs_reset"):  # an outage cut the episode on the robot's side
@@ -515,9 +519,8 @@ class RemoteRobotEnv(gym.Env):
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
         rec = self.hub.wait_for(self.name, self.reconnect_timeout)
-        diff = spec_diff(self.spec, rec.spec)  # a robot restarted under this name may not be the one we sized for
-        diff.pop("name", None)
-        if diff:
+        diff = {k: v for k, v in spec_diff(self.spec, rec.spec).items() if k in ("observation", "action")}
+        if diff:  # a robot restarted under this name may not be the one our spaces were made for
             raise HandshakeError(f"robot {self.name} came back with another spec than this env's spaces: {diff}; "
                                  f"make a new RemoteRobotEnv for it")
         reply = self.hub.request(self.name, "reset", {"seed": seed}, timeout=self.reset_timeout)
@@ -541,7 +544,7 @@ class RemoteRobotEnv(gym.Env):
             reply = self.hub.request(self.name, "step", arrays={"action": np.asarray(action, np.float32)},
                                      timeout=self.step_timeout)
         except RobotUnavailable as exc:
-            self._unanswered_step = True
+            self._unanswered_step = isinstance(exc, RobotNoReply)  # (not sent at all: nothing can still run)
             self._outage(exc)
             raise
         arrays = dict(reply.arrays)

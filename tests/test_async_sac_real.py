@@ -356,8 +356,9 @@ def test_bad_input_fails_before_a_run_directory_exists(tmp_path):
              (["--reward-threshold", "1.5"], "--reward-threshold must be in (0, 1)"),
              (["--total-minutes", "-1"], "--total-minutes must be >= 0"),
              (["--critic-subsample", "0"], "1 <= --critic-subsample <= --num-q"),
-             (["--robot", "dummy,name=arm", "--num-robots", "2"], "every actor would take the same name"),
-             (["--robot", "franka:10.0.0.2", "--num-robots", "2"], "every actor would take the same arm")]
+             (["--robot", "dummy,name=arm", "--num-robots", "2"], "every robot would take the same name"),
+             (["--robot", "franka:10.0.0.2", "--num-robots", "2"], "every robot would take the same robot_ip"),
+             (["--robot", "franka,robot_ip=10.0.0.2", "--num-robots", "2"], "the same robot_ip")]
     outs = run_each([[sys.executable, SCRIPT, "--run-dir", str(tmp_path), *flags] for flags, _ in cases], cwd=ROOT,
                     timeout=120)
     for (flags, says), out in zip(cases, outs):

@@ -19,7 +19,7 @@ from robot_io import registry
 from robot_io.dummy import DummyBackend, DummyConfig
 from robot_io.env import RobotBackend, RobotEnv, SafetyBox, make_robot_env
 from robot_io.franka import FrankaConfig
-from robot_io.remote import RemoteRobotEnv, RobotHub, RobotServer, RobotUnavailable, listen_beacons
+from robot_io.remote import RemoteRobotEnv, RobotHub, RobotNoReply, RobotServer, RobotUnavailable, listen_beacons
 from robot_io.teleop import KeyboardIntervention
 from tests.helpers.ports import free_port
 
@@ -563,7 +563,7 @@ def test_a_step_retried_after_a_timeout_is_refused_until_a_reset():
         remote = RemoteRobotEnv(hub, connect_timeout=10, step_timeout=0.3)
         remote.reset()
         SlowOnce.sent = 0
-        with pytest.raises(RobotUnavailable, match="no reply"):
+        with pytest.raises(RobotNoReply, match="no reply"):
             remote.step(np.full(7, 0.5, np.float32))
         with pytest.raises(RobotUnavailable, match="may still have run.*refused until the next reset"):
             remote.step(np.full(7, -0.5, np.float32))

@@ -190,6 +190,8 @@ def test_a_publisher_whose_file_was_taken_over_stops_publishing(name):
             pub._map.ctl[5] = 1  # W_RETIRED
         with pytest.raises(ShmError, match="taken over by another publisher"):
             pub.acquire(64)
+        with pytest.raises(ShmError, match="taken over by another publisher"):  # nor a larger file over the taker's
+            pub.acquire(1 << 20)
     finally:
         pub.close()
 

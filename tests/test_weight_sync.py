@@ -217,7 +217,7 @@ def test_only_changed_survives_dropped_messages_and_late_subscribers():
         pub.publish()  # v5: a delta; the late subscriber has no keyframe to apply it to
         pub.wait_sent()
         assert not late.poll(1) and late.stats["waiting_keyframe"] == 1
-        pub.publish()  # v5: a delta against v4
+        pub.publish()  # v6: a delta against v4
         pub.wait_sent()
         assert not late.poll(1) and late.stats["waiting_keyframe"] == 2
         pub.publish()  # v7: the next keyframe (every 3rd publish: v1, v4, v7)
