@@ -256,8 +256,7 @@ class ShmPublisher:
         if nbytes <= 0:
             raise ValueError("a message has at least one byte")
         if self._map is not None and self._map.words[W_RETIRED]:  # (before a larger file would replace the taker's)
-            raise ShmError(f"shared-memory channel {self.name!r} was taken over by another publisher (pid "
-                           f"{_owner_pid(self.path)}): this one can no longer publish")
+            raise self._taken_over()
         if self._map is None or nbytes > self._map.slot_bytes:
             self._create(nbytes)  # also when a message outgrows the slots: readers move to the new file
         m = self._map
@@ -265,8 +264,7 @@ class ShmPublisher:
         flock(fd, LOCK_EX)  # (not `with m.lock()`: on this path each Python call counts)
         try:
             if words[W_RETIRED]:  # another publisher replaced our file: its readers have moved on and released
-                raise ShmError(f"shared-memory channel {self.name!r} was taken over by another publisher (pid "
-                               f"{_owner_pid(self.path)}): this one can no longer publish")
+                raise self._taken_over()
             latest = words[W_LATEST_SLOT]
             latest_bit = 1 << latest if latest >= 0 else 0
             busy = m.held_mask(check_alive=False) | latest_bit
@@ -290,6 +288,11 @@ class ShmPublisher:
             self._reserved.add(s)
         self._writing = s
         return m.slot(s, nbytes)
+
+    def _taken_over(self) -> ShmError:
+        """The error of a publisher whose file another one retired (its readers moved on and released its slots)."""
+        return ShmError(f"shared-memory channel {self.name!r} was taken over by another publisher (pid "
+                        f"{_owner_pid(self.path)}): this one can no longer publish")
 
     @property
     def views(self) -> dict | None:
