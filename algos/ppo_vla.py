@@ -141,7 +141,8 @@ class Args:
     value_lr: float = 1e-3
     """critic learning rate"""
     actor_warmup: int = 3
-    """RL iterations over which the actor lr ramps from 0 (the critic learns the BC policy's values first)"""
+    """RL iterations over which the actor lr ramps from 0 (the critic learns the BC policy's values first); gae
+    only: under grpo, which has no critic, the actor trains at the full lr from the first iteration"""
     gamma: float = 0.99
     """discount over chunk steps"""
     gae_lambda: float = 0.95
@@ -229,6 +230,19 @@ def gae(rewards, values, dones, next_value, gamma: float, lam: float) -> torch.T
         lastgaelam = delta + gamma * lam * nonterminal * lastgaelam
         advantages[t] = lastgaelam
     return advantages
+
+
+def grpo_advantages(episode_return, episode_success, group_size: int, filter_rewards: bool):
+    """GRPO over (N,) episodes in groups of `group_size` consecutive envs: each return minus its group's mean, over
+    the group's standard deviation (a group of equal returns gets 0); and which episodes to keep: with
+    `filter_rewards` only groups whose mean success is in [0.1, 0.9] (all failing or all succeeding teaches nothing)."""
+    returns = episode_return.view(-1, group_size)
+    advantages = ((returns - returns.mean(1, keepdim=True)) / (returns.std(1, keepdim=True) + 1e-6)).view(-1)
+    keep = torch.ones_like(advantages, dtype=torch.bool)
+    if filter_rewards:
+        success = episode_success.view(-1, group_size).mean(1)  # success, whatever the reward
+        keep = ((success >= 0.1) & (success <= 0.9)).repeat_interleave(group_size)
+    return advantages, keep
 
 
 def actor_loss(logratio, advantages, clip: float, weights):
@@ -563,13 +577,10 @@ if __name__ == "__main__":
                 returns = advantages + values
             else:
                 values = torch.zeros(T, args.num_envs)
-                episode_return = (rewards_t * masks_t).sum(0).view(-1, args.group_size)
-                mean, std = episode_return.mean(1, keepdim=True), episode_return.std(1, keepdim=True)
-                advantages = ((episode_return - mean) / (std + 1e-6)).view(-1)[None].expand(T, -1).clone()
-                if args.filter_rewards:  # success in [0.1, 0.9]: groups that all fail or all succeed teach nothing
-                    success = episode_success.view(-1, args.group_size).mean(1)  # success, whatever the reward
-                    keep = ((success >= 0.1) & (success <= 0.9)).repeat_interleave(args.group_size)
-                    masks_t = masks_t * keep[None].float()
+                advantages, keep = grpo_advantages((rewards_t * masks_t).sum(0), episode_success, args.group_size,
+                                                   args.filter_rewards)
+                advantages = advantages[None].expand(T, -1).clone()  # each of an episode's chunk steps
+                masks_t = masks_t * keep[None].float()
                 returns = advantages
 
         flat_mask = masks_t.reshape(-1).bool().to(device)
@@ -587,8 +598,9 @@ if __name__ == "__main__":
         rollout_time = time.time() - it_start
 
         # PPO update
-        optimizer.param_groups[0]["lr"] = args.learning_rate * min(1.0, iteration / args.actor_warmup) \
-            if args.actor_warmup else args.learning_rate
+        warmup = args.actor_warmup if args.adv_type == "gae" else 0  # (GRPO has no critic to give a head start)
+        optimizer.param_groups[0]["lr"] = args.learning_rate * min(1.0, iteration / warmup) if warmup \
+            else args.learning_rate
         writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
         clipfracs, approx_kls, pg_losses, v_losses, entropies, first_ratio_err = [], [], [], [], [], None
         for epoch in range(args.update_epochs if n_samples else 0):
@@ -632,13 +644,14 @@ if __name__ == "__main__":
             writer.add_scalar("charts/episodic_return", np.mean([e[0] for e in episode_stats]), global_step)
             writer.add_scalar("charts/success_rate", np.mean([e[1] for e in episode_stats]), global_step)
         writer.add_scalar("charts/SPS", int(global_step / max(elapsed, 1e-6)), global_step)
-        writer.add_scalar("losses/policy_loss", np.mean(pg_losses) if pg_losses else 0.0, global_step)
-        writer.add_scalar("losses/value_loss", np.mean(v_losses) if v_losses else 0.0, global_step)
-        writer.add_scalar("losses/entropy", np.mean(entropies) if entropies else 0.0, global_step)
-        writer.add_scalar("losses/approx_kl", np.mean(approx_kls) if approx_kls else 0.0, global_step)
-        writer.add_scalar("losses/clipfrac", np.mean(clipfracs) if clipfracs else 0.0, global_step)
+        # NaN where no minibatch trained this iteration (GRPO's filter kept no group): not a loss of 0
+        for key, values_logged in (("policy_loss", pg_losses), ("value_loss", v_losses), ("entropy", entropies),
+                                   ("approx_kl", approx_kls), ("clipfrac", clipfracs)):
+            if values_logged or key != "value_loss" or args.adv_type == "gae":
+                writer.add_scalar(f"losses/{key}", np.mean(values_logged) if values_logged else float("nan"),
+                                  global_step)
         writer.add_scalar("losses/first_ratio_error", float("nan") if first_ratio_err is None else first_ratio_err,
-                          global_step)  # NaN: no minibatch trained this iteration (not a perfect ratio)
+                          global_step)
         if args.adv_type == "gae" and n_samples > 1:  # how much of the return the rollout's values explained
             var_returns = float(ret_flat.var())
             writer.add_scalar("losses/explained_variance", float("nan") if var_returns == 0 else

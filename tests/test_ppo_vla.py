@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers.tensorboard import scalar_values
+from tests.helpers.tensorboard import all_scalars, scalar_values
 from tests.helpers.cli import assert_each_refused
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,7 +66,7 @@ def test_bc_then_ppo_resume_and_grpo(demos, tmp_path):
     assert summary["env_steps"] > 0 and [h["iteration"] for h in summary["history"]] == [0, 1]
     assert {"vla.pt", "trainer.pt", "norm_stats.json"} <= {p.name for p in (run_dir / "checkpoint").iterdir()}
     trainer = torch.load(run_dir / "checkpoint" / "trainer.pt", weights_only=True)
-    assert trainer["cuda_rng"] == [] and "np_rng" in trainer  # the GPU's generators too, where there is one
+    assert len(trainer["cuda_rng"]) == torch.cuda.device_count() and "np_rng" in trainer  # the GPUs' too, if any
 
     # a kill -9 between save_pi0's two renames leaves only checkpoint.old: it still counts, and --resume goes on from it
     (run_dir / "checkpoint").rename(run_dir / "checkpoint.old")
@@ -83,16 +83,42 @@ def test_bc_then_ppo_resume_and_grpo(demos, tmp_path):
     assert "at iteration 2" in out.stdout and again["history"] == summary["history"]
     assert again["env_steps"] == summary["env_steps"]
 
-    # GRPO from that checkpoint (its head shape, bins and norm stats), no BC, no critic
+    # GRPO from that checkpoint (its head shape, bins and norm stats), no BC, no critic. Without the success filter
+    # every episode is kept, and the first iteration trains at the full lr (no critic warm-up: there is no critic).
+    # The entropy bonus moves the head even where both episodes of the group returned the same (advantages 0)
     out = run(small + ["--exp-name", "grpo", "--init", f"vla:{run_dir / 'checkpoint'}", "--adv-type", "grpo",
-                       "--group-size", "2", "--action-chunk", "8", "--total-iterations", "1"])
+                       "--group-size", "2", "--action-chunk", "8", "--total-iterations", "1", "--no-filter-rewards",
+                       "--ent-coef", "0.01"])
     assert "keeping its --action-chunk 4 (given 8)" in out.stdout
+    grpo_dir = tmp_path / "PushCube-v1__grpo__1"
+    assert scalar_values(grpo_dir, "charts/learning_rate") == [pytest.approx(pv.Args.learning_rate)]
+    logged = all_scalars(grpo_dir)
+    assert logged["losses/policy_loss"] and "losses/value_loss" not in logged  # (no critic)
+    before = torch.load(run_dir / "checkpoint" / "vla.pt", weights_only=True)
+    after = torch.load(grpo_dir / "checkpoint" / "vla.pt", weights_only=True)
+    assert any(not torch.equal(v, after["head"][k]) for k, v in before["head"].items()), "GRPO trained nothing"
     other = subprocess.run(SCRIPT + small + ["--exp-name", "x", "--init", f"vla:{run_dir / 'checkpoint'}", "--task",
                                              "PickCube-v1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert other.returncode != 0 and "was trained on" in other.stderr, other.stderr[-500:]
-    grpo = json.loads((tmp_path / "PushCube-v1__grpo__1" / "summary.json").read_text())
+    grpo = json.loads((grpo_dir / "summary.json").read_text())
     assert grpo["algorithm"] == "ppo_vla_grpo" and grpo["args"]["action_chunk"] == 4  # the checkpoint's head
     assert grpo["start_success"] == summary["final_success"]  # the same greedy policy on the same eval episodes
+
+
+def test_grpo_advantages_within_groups_and_the_success_filter():
+    """Each episode's return against its own group's (consecutive envs) mean and standard deviation; a group of equal
+    returns gets 0, not NaN; the filter keeps the groups whose mean success is in [0.1, 0.9]."""
+    g = torch.Generator().manual_seed(0)
+    returns = torch.randn(12, generator=g)
+    returns[3:6] = 0.5  # a group whose episodes all returned the same
+    success = torch.tensor([1, 0, 0, 1, 1, 1, 0, 0, 0, 1, 1, 0], dtype=torch.float32)
+    advantages, keep = pv.grpo_advantages(returns, success, 3, filter_rewards=True)
+    for group in range(4):
+        r = returns[3 * group:3 * group + 3]
+        torch.testing.assert_close(advantages[3 * group:3 * group + 3], (r - r.mean()) / (r.std() + 1e-6))
+    assert torch.equal(advantages[3:6], torch.zeros(3))
+    assert keep.tolist() == [True] * 3 + [False] * 6 + [True] * 3  # the second group all succeeds, the third all fails
+    assert pv.grpo_advantages(returns, success, 3, filter_rewards=False)[1].all()
 
 
 def test_bad_flags_are_refused(tmp_path):
