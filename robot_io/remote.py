@@ -18,7 +18,9 @@ Outages: `RemoteRobotEnv.step` waits at most `step_timeout`; past it, it raises 
 and logs it, and refuses further steps until a reset (the unanswered step may still run on the robot: a retry would
 move it twice); `reset()` waits (up to `reconnect_timeout`) for the robot to announce again, then starts a new episode.
 A robot that restarted (new session) also raises `RobotUnavailable` on step: its episode is gone, reset; one that came
-back with another obs/action spec than the env's spaces is refused at reset (`HandshakeError`, saying what differs).
+back with another obs/action spec than the env's spaces is refused at reset (`HandshakeError`, saying what differs);
+one back with the same spaces and other settings (another `control_hz`) is taken as it is now, with a warning, and
+a step deadline derived from its new rate.
 A robot and a hub of different protocol versions refuse each other with both versions named.
 A robot is never declared out while a request to it is pending (a homing reset may take a minute), and any reply
 brings it back online.
@@ -502,13 +504,18 @@ class RemoteRobotEnv(gym.Env):
                 self.hub.close()
             raise
         self.name, self.spec = rec.name, rec.spec
-        hz = float(rec.spec.get("control_hz") or 0)
-        self.step_timeout = step_timeout or max(2.0, 5.0 / hz if hz else 0.0)
+        self._step_timeout_given = step_timeout
+        self.step_timeout = self._step_timeout_for(rec.spec)
         self.reconnect_timeout, self.reset_timeout = reconnect_timeout, reset_timeout
         self.session: str | None = None
         self.stats = {"outages": 0, "outage_seconds": 0.0, "steps": 0}
         self._outage_since: float | None = None
         self._unanswered_step = False  # a step timed out: it may still run on the robot, so none until a reset
+
+    def _step_timeout_for(self, spec: dict) -> float:
+        """The given step timeout, else five control periods of the robot's spec (at least 2 s)."""
+        hz = float(spec.get("control_hz") or 0)
+        return self._step_timeout_given or max(2.0, 5.0 / hz if hz else 0.0)
 
     def _outage(self, exc: Exception) -> None:
         if self._outage_since is None:
@@ -519,10 +526,15 @@ class RemoteRobotEnv(gym.Env):
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
         rec = self.hub.wait_for(self.name, self.reconnect_timeout)
-        diff = {k: v for k, v in spec_diff(self.spec, rec.spec).items() if k in ("observation", "action")}
-        if diff:  # a robot restarted under this name may not be the one our spaces were made for
-            raise HandshakeError(f"robot {self.name} came back with another spec than this env's spaces: {diff}; "
+        diff = spec_diff(self.spec, rec.spec)
+        spaces = {k: v for k, v in diff.items() if k in ("observation", "action")}
+        if spaces:  # a robot restarted under this name may not be the one our spaces were made for
+            raise HandshakeError(f"robot {self.name} came back with another spec than this env's spaces: {spaces}; "
                                  f"make a new RemoteRobotEnv for it")
+        if diff:  # the same spaces, other settings (a restart at another control rate): those of the robot now
+            log.warning("robot %s came back with other settings: %s", self.name,
+                        {k: (v["server"], v["client"]) for k, v in diff.items()})
+            self.spec, self.step_timeout = rec.spec, self._step_timeout_for(rec.spec)
         reply = self.hub.request(self.name, "reset", {"seed": seed}, timeout=self.reset_timeout)
         if self._outage_since is not None:
             self.stats["outage_seconds"] += time.monotonic() - self._outage_since

@@ -267,6 +267,8 @@ def test_weight_sync_benchmark_runs_every_variant(tmp_path):
         assert row[f"{variant}_publish_apply_ms"] > 0 and row[f"{variant}_vs_memcpy"] > 0, variant
     assert row["memcpy_ms"] == row["shm_flat_zero_copy_memcpy_ms"]
     assert row["shm_floor_ms"] > 0 and row["inproc_zmq_floor_ms"] > 0
+    header = (tmp_path / "weight_sync.md").read_text().split("\n| params")[1].split("\n")[0]
+    assert "shm_floor_vs_memcpy" in header and "zmq_floor_vs_memcpy" in header  # the md table as the json
     assert (tmp_path / "weight_sync.png").stat().st_size > 1000
 
 

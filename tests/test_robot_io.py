@@ -604,6 +604,35 @@ def test_a_robot_back_with_another_spec_is_refused_at_reset():
         hub.close()
 
 
+def test_a_robot_back_at_another_control_rate_is_taken_with_its_new_settings(caplog):
+    """The same spaces, another control rate after a restart (0.5 Hz instead of 10): reset goes on, logs what changed,
+    and the env takes the robot's settings as they are now: its spec, and a step deadline of five of the new, longer
+    periods (kept at the old rate's 2 s, every 2-s step at 0.5 Hz would be an outage)."""
+    hub = RobotHub("tcp://127.0.0.1:0", peer_timeout=0.5)
+    first = RobotEnv(DummyBackend(DummyConfig(cameras=[], control_hz=10)))
+    server, thread = start_server(first, hub.endpoint, heartbeat=0.1)
+    try:
+        remote = RemoteRobotEnv(hub, "dummy0", connect_timeout=10, reconnect_timeout=10)
+        remote.reset()
+        assert remote.step_timeout == 2.0  # max(2 s, 5 periods of 0.1 s)
+        server.stop()
+        thread.join(5)
+        time.sleep(1.0)  # past peer_timeout: the hub takes the next session as a restart
+        again = RobotEnv(DummyBackend(DummyConfig(cameras=[], control_hz=0.5)))
+        server, thread = start_server(again, hub.endpoint, heartbeat=0.1)
+        deadline = time.monotonic() + 5
+        while hub.records["dummy0"].spec == remote.spec and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with caplog.at_level("WARNING", logger="robot_io"):
+            remote.reset()
+        assert remote.spec["control_hz"] == 0.5 and remote.step_timeout == 10.0
+        assert any("other settings" in r.getMessage() and "control_hz" in r.getMessage() for r in caplog.records)
+    finally:
+        server.stop()
+        thread.join(5)
+        hub.close()
+
+
 def test_a_request_that_cannot_be_encoded_is_a_clear_error_and_leaves_nothing_pending():
     """A seed msgpack cannot carry (gymnasium takes any int) fails at once with a ValueError, and leaves no pending
     entry behind: one would mark the robot busy for ever and hide its later outages."""
