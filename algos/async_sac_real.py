@@ -34,6 +34,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -300,7 +301,10 @@ def prior_problem(prior: ReplayBuffer, spec: dict) -> str | None:
     have = {k: shape for k, (_, shape) in prior.schema.items() if k.startswith("obs/") or k == "actions"}
     diff = {k: {"demos": have.get(k), "robot": want.get(k)} for k in sorted(set(want) | set(have))
             if have.get(k) != want.get(k)}
-    return f"shapes differ (None: absent): {diff}" if diff else None
+    if diff:
+        return f"shapes differ (None: absent): {diff}"
+    extras = sorted(k[len("extras/"):] for k in prior.schema if k.startswith("extras/"))
+    return f"its steps carry extras the robot's do not (a batch mixes the same keys): {extras}" if extras else None
 
 
 def random_shift(images: torch.Tensor, pad: int = 4) -> torch.Tensor:
@@ -520,6 +524,21 @@ def make_actor_env(args: Args) -> RobotEnv:
     return env
 
 
+def set_aside_other_runs_spool(spool: Path, run_id: str, robot: str) -> None:
+    """A spool (unsent segments, the episode count) is the learner run's that it was made for: one a deleted or
+    other run left under this name is moved aside (kept, not sent: it would put that run's transitions into this
+    run's buffer, and its episode count would skip this run's expert episodes), and this run's id written into
+    the new one."""
+    mark = spool / "run_id"
+    if spool.exists() and (not mark.exists() or mark.read_text().strip() != run_id):
+        aside = spool.with_name(f"{spool.name}.other-run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+        spool.rename(aside)
+        print(f"[actor {robot}] {spool} belonged to another learner run: moved to {aside} (not sent)", flush=True)
+    if not mark.exists():
+        spool.mkdir(parents=True, exist_ok=True)
+        atomic_write(mark, run_id)
+
+
 def run_actor(args: Args, run_dir: Path) -> None:
     """One robot: act at its control rate with the newest weights, stream segments to the learner, never wait."""
     torch.manual_seed(args.seed * 1000 + args.robot_index)
@@ -535,18 +554,23 @@ def run_actor(args: Args, run_dir: Path) -> None:
         deadline = time.monotonic() + 120
         while True:  # the handshake: the learner compares our obs / action spec with its own
             try:
-                rpc.call("register", {"spec": spec, "robot": env.name}, timeout=5.0)
+                learner_run = rpc.call("register", {"spec": spec, "robot": env.name}, timeout=5.0).meta
                 break
             except HandshakeError as exc:
                 raise SystemExit(f"{env.name}: {exc}") from None
             except TransportError:
                 if time.monotonic() > deadline:
                     raise SystemExit(f"{env.name}: no learner at {endpoint} for 120 s (is it running?)") from None
-        policy = Policy(spec, args.hidden)
+        hidden = int(learner_run.get("hidden", args.hidden))  # the learner's network, whatever our --hidden says
+        if hidden != args.hidden:
+            print(f"[actor {env.name}] the learner's networks have {hidden} hidden units (--hidden {args.hidden} "
+                  f"here): using {hidden}", flush=True)
+        policy = Policy(spec, hidden)
         policy.eval()
         weights = WeightSubscriber(f"tcp://{args.learner_host}:{args.port + 1}", policy)
         cleanup.callback(weights.close)
         spool = run_dir.parent / "actor_spool" / f"{run_dir.name}__{env.name}"  # unsent items survive a restart
+        set_aside_other_runs_spool(spool, str(learner_run.get("run_id", "")), env.name)
         sender = DataSender(endpoint, sender_id=env.name, spool_dir=spool, max_pending=4096, resend_after=2.0)
         cleanup.callback(sender.close)
         reward_model = load_reward_model(args.reward_model, spec, args.reward_threshold) if args.reward_model else None
@@ -646,6 +670,9 @@ def main(args: Args) -> None:
             print(f"--resume continues the run as it was: ignoring {' '.join(ignored)} (budgets and --role may "
                   f"change)", flush=True)
         args = Args(**{**saved, **keep})
+        budgets = {k: keep[k] for k in ("total_env_steps", "total_minutes") if k in keep}
+        if budgets and args.role != "actor":  # kept for the next --resume too (after a crash of this one)
+            atomic_write(run_dir / "args.json", json.dumps({**saved, **budgets}, indent=1))
     else:
         args.role = args.role or "all"
         try:  # a bad robot string fails here, before a run directory exists, not in an actor the learner waits for
@@ -678,6 +705,10 @@ def learn(args: Args, run_dir: Path, resumed: bool, cleanup: contextlib.ExitStac
     run_dir.mkdir(parents=True, exist_ok=True)
     if not resumed:
         atomic_write(run_dir / "args.json", json.dumps(asdict(args), indent=1))
+    run_id_path = run_dir / "run_id"  # what tells this run's actor spools from a deleted run's of the same name
+    if not run_id_path.exists():
+        atomic_write(run_id_path, uuid.uuid4().hex)
+    run_id = run_id_path.read_text().strip()
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     writer = SummaryWriter(str(run_dir))
     cleanup.callback(writer.close)
@@ -740,7 +771,7 @@ def learn(args: Args, run_dir: Path, resumed: bool, cleanup: contextlib.ExitStac
         if diff:
             raise HandshakeError(f"robot {msg.meta.get('robot')} differs from this learner's robots: {diff} "
                                  f"(heterogeneous robots need one learner per obs/action spec)")
-        return {"version": learner.version if learner else 0}
+        return {"version": learner.version if learner else 0, "run_id": run_id, "hidden": args.hidden}
 
     rpc = RpcServer(f"tcp://{args.bind_host}:{args.port + 2}", {"protocol": 1}, {"register": register},
                     peer_timeout=float("inf")).start()  # handshakes only: liveness is the data channel's job
@@ -770,6 +801,9 @@ def learn(args: Args, run_dir: Path, resumed: bool, cleanup: contextlib.ExitStac
                 proc.kill()
             raise SystemExit(f"local actor(s) exited: {', '.join(f'#{i} with code {rc}' for i, rc in dead)} (see "
                              f"their output above); fix the cause and continue with --resume {run_dir}")
+    if args.reward_model and args.role == "learner" and args.mode == "async":
+        print("note: --reward-model judges rewards where the robots act: give it to each --role actor (this "
+              "learner does not use it)", flush=True)
     sync_reward_model = None
     if args.mode == "sync":
         spec_envs = []

@@ -5,6 +5,7 @@ the handshake refusing a different robot, a run directory never overwritten."""
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -277,9 +278,11 @@ def test_kill_9_learner_then_resume_loses_nothing(tmp_path, checkpointed):
         stored_before = stored_seqs(run_dir / "buffer")
         time.sleep(2.0)  # the actor keeps acting meanwhile, holding what it cannot send
         assert actor.poll() is None
-        out = run(["--resume", str(run_dir), "--role", "learner", "--total-env-steps",
-                   str(sum(len(v) for v in stored_before.values()) * 10 + 400)], timeout=240)
+        budget = sum(len(v) for v in stored_before.values()) * 10 + 400
+        out = run(["--resume", str(run_dir), "--role", "learner", "--total-env-steps", str(budget)], timeout=240)
         assert "resumed" in out.stdout
+        # the new budget is the run's now: a further --resume (after a crash of this one) keeps it
+        assert json.loads((run_dir / "args.json").read_text())["total_env_steps"] == budget
         after = torch.load(run_dir / "learner.pt", weights_only=False)
         assert after["learner"]["updates"] > before["learner"]["updates"]
         assert after["learner"]["version"] > max([before["learner"]["version"], *seen_versions])
@@ -476,6 +479,15 @@ def test_demos_of_another_layout_are_refused_before_training(tmp_path):
             "action": {"dtype": "float32", "box": [7], "low": -1.0, "high": 1.0}}
     problem = sac.prior_problem(ReplayBuffer.open(tmp_path / "demos", readonly=True), spec)
     assert "obs/state" in problem and "actions" not in problem
+    # the same layout, but steps that carry extras the robot's segments do not: the mixed batch would fail
+    with_extras = ReplayBuffer(tmp_path / "demos_extras")
+    with_extras.add({"obs": {"state": np.zeros((T + 1, 4), np.float32)}, "actions": np.zeros((T, 7), np.float32),
+                     "rewards": np.zeros(T, np.float32), "terminated": np.zeros(T, bool),
+                     "truncated": np.zeros(T, bool), "policy_version": np.zeros(T, np.int64),
+                     "intervention": np.ones(T, bool), "extras": {"logp": np.zeros(T, np.float32)}})
+    with_extras.close()
+    problem = sac.prior_problem(ReplayBuffer.open(tmp_path / "demos_extras", readonly=True), spec)
+    assert problem is not None and "extras" in problem and "logp" in problem
     out = subprocess.run([sys.executable, SCRIPT, "--mode", "sync", "--robot", "dummy,cameras=,control_hz=0",
                           "--demos", str(tmp_path / "demos"), "--run-dir", str(tmp_path / "runs"),
                           "--total-env-steps", "100000", "--port", str(free_port(3)), *SMALL],
@@ -483,6 +495,61 @@ def test_demos_of_another_layout_are_refused_before_training(tmp_path):
     assert out.returncode != 0 and "does not fit this robot" in out.stderr and "obs/state" in out.stderr, \
         out.stderr[-2000:]
     assert not list((tmp_path / "runs").glob("*/buffer/segments/*"))  # no robot time spent
+
+
+def test_a_spool_left_by_another_run_is_set_aside(tmp_path):
+    """An actor's spool (unsent segments, episode count) belongs to the learner run it was made for: one left by a
+    deleted run of the same name is moved aside, contents intact, not sent into the new run; this run's is kept."""
+    sac = _load_script()
+    spool = tmp_path / "actor_spool" / "run__robot"
+    sac.set_aside_other_runs_spool(spool, "first", "robot")
+    (spool / "episodes.json").write_text('{"episode": 11}')
+    sac.set_aside_other_runs_spool(spool, "first", "robot")  # the same run (an actor restart): kept
+    assert (spool / "episodes.json").exists()
+    sac.set_aside_other_runs_spool(spool, "second", "robot")
+    (aside,) = (tmp_path / "actor_spool").glob("run__robot.other-run-*")
+    assert (aside / "episodes.json").read_text() == '{"episode": 11}' and (aside / "run_id").read_text() == "first"
+    assert sorted(p.name for p in spool.iterdir()) == ["run_id"] and (spool / "run_id").read_text() == "second"
+
+
+def test_a_fresh_run_after_a_deleted_one_starts_its_actors_afresh(tmp_path):
+    """Deleting a run and starting it again (the learner refuses an existing directory): the new run's actor starts
+    its episode count at 0, so it drives its expert episodes again (they went on from the deleted run's count, and
+    the demo buffer stayed empty), and sends nothing the deleted run's actor had spooled."""
+    common = ["--robot", "sim:PickCube", "--run-dir", str(tmp_path), "--total-env-steps", "150",
+              "--expert-episodes", "2", *SMALL]
+    run([*common, "--port", str(free_port(3))])
+    (run_dir,) = run_dirs(tmp_path)
+    assert json.loads((run_dir / "summary.json").read_text())["demo_transitions"] > 0
+    (spool,) = (tmp_path / "actor_spool").iterdir()
+    shutil.rmtree(run_dir)
+    started = time.time()
+    run([*common, "--port", str(free_port(3))])
+    (aside,) = (tmp_path / "actor_spool").glob(f"{spool.name}.other-run-*")
+    assert (spool / "run_id").read_text() == (run_dir / "run_id").read_text() != (aside / "run_id").read_text()
+    assert json.loads((run_dir / "summary.json").read_text())["demo_transitions"] > 0
+    sent = [json.loads(line)["meta"]["sent_at"] for buffer in ("buffer", "demo_buffer")
+            for line in (run_dir / buffer / "index.jsonl").read_text().splitlines()]
+    assert min(sent) >= started
+
+
+def test_a_remote_actor_takes_the_learners_network_width(tmp_path):
+    """A remote actor started with another --hidden than its learner builds the learner's network (told in the
+    handshake) instead of dying at the first weight update."""
+    port = free_port(3)
+    common = ["--run-dir", str(tmp_path), "--port", str(port), "--robot", "dummy,cameras=,control_hz=0", *SMALL]
+    actor = subprocess.Popen([sys.executable, SCRIPT, "--role", "actor", *common, "--hidden", "16"], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out = run(["--role", "learner", "--total-env-steps", "200", *common, "--hidden", "48"])
+        summary = json.loads((tmp_path / "dummy__async_sac_real__1" / "summary.json").read_text())
+        assert summary["version"] >= 2 and summary["transitions"] >= 200, out.stdout[-2000:]
+        assert actor.poll() is None or actor.returncode == 0
+    finally:
+        os.killpg(actor.pid, signal.SIGTERM)
+        text = actor.communicate(timeout=30)[0]
+    assert "learner's networks have 48 hidden units (--hidden 16 here)" in text, text[-2000:]
+    assert "does not fit this model" not in text
 
 
 def test_a_resumed_learner_saves_its_new_version_at_once(tmp_path):
