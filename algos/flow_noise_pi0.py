@@ -12,9 +12,10 @@ The denoising chain x_1 -> x_0 (K Euler steps) becomes a Gaussian Markov chain: 
 x_t - d*v and its std comes from a noise network on the action expert's hidden states (not detached, as RLinf),
     l = tanh(MLP(h)),  logvar = logvar_min + (logvar_max - logvar_min) * (l + 1) / 2,  std = exp(logvar / 2)
 bounded in [0.08, 0.16]. The chain's log-likelihood is exact; RLinf averages its K+1 terms (N(0, I) of x_1, then each
-transition) instead of summing them, sliced to the executed [chunk, env action dims] (and to the actions that ran where
-an episode ended mid-chunk). An entropy bonus (0.005) on
-0.5*log(2*pi*e*std^2), averaged over the same elements, pushes the std up. Eval runs the plain ODE (the noise network is not called).
+transition) instead of summing them, sliced to the executed [chunk, env action dims]; where an episode ended mid-chunk,
+the actions that never ran keep their earlier transitions' terms (those draws moved the executed actions through the
+later steps) and lose only their last one's. An entropy bonus (0.005) on
+0.5*log(2*pi*e*std^2), averaged over the actions that ran, pushes the std up. Eval runs the plain ODE (the noise network is not called).
 PPO as in flow_sde_pi0.py: chunk-level GAE (γ 0.99, λ 0.95), clip 0.2, Huber value loss with value clipping, no KL;
 critic on what the policy observes (prefix mean + state; RLinf's expert / VLM placements as options, see
 flow_sde_pi0.py); the noise head trains with the actor.
@@ -311,13 +312,24 @@ def make_step_fn(noise_head, stochastic: bool, noise_mask: torch.Tensor | None =
     return step_fn
 
 
-def chain_log_prob(chain, means, stds) -> torch.Tensor:
+def chain_log_prob(chain, means, stds) -> tuple[torch.Tensor, torch.Tensor]:
     """Element-wise (B, H, A) mean over the K+1 terms [log N(x_1 | 0, I)] + [log N(x_{i+1} | mean_i, std_i)]
-    (RLinf's joint_logprob: the exact chain log-density divided by K+1)."""
+    (RLinf's joint_logprob: the exact chain log-density divided by K+1), and the last transition's share of it."""
     x1 = chain[:, 0]
     terms = [gaussian_log_prob(x1, torch.zeros_like(x1), torch.ones_like(x1))]
     terms += [gaussian_log_prob(chain[:, i + 1], means[:, i], stds[:, i]) for i in range(means.shape[1])]
-    return torch.stack(terms, 1).mean(1)
+    terms = torch.stack(terms, 1)
+    return terms.mean(1), terms[:, -1] / terms.shape[1]
+
+
+def cut_chunk_log_ratio(new_logp, new_last, old_logp, old_last, executed, num_steps: int):
+    """Per-element log-ratio (B, chunk*A) and loss weights where an episode ended mid-chunk (`executed` 0 for the
+    actions that never ran). Such an element's draws at the earlier denoising steps still moved the executed
+    elements (through the later steps' velocities), so their terms stay; only its last transition, which moved
+    nothing but itself, is left out. With one step there is nothing earlier (x_1's term has no parameters)."""
+    cut = 1.0 - executed
+    logratio = (new_logp - cut * new_last) - (old_logp - cut * old_last)
+    return logratio, executed + cut * float(num_steps > 1)
 
 
 def chain_entropy(stds, chunk: int, action_dim: int) -> torch.Tensor:
@@ -511,6 +523,8 @@ if __name__ == "__main__":
     if K < 1 or not 0 < args.noise_std_min <= args.noise_std_max:
         raise SystemExit(f"need --num-denoise-steps >= 1 and 0 < --noise-std-min <= --noise-std-max, got {K}, "
                          f"{args.noise_std_min} and {args.noise_std_max}")
+    if args.eval_live and not args.ema_decay:
+        raise SystemExit("--eval-live evaluates the live weights beside the EMA's: give --ema-decay too")
 
     run_name = f"{args.task.replace('/', '_')}__{args.exp_name}__{args.seed}"
     run_dir = Path(args.run_dir) / run_name
@@ -552,6 +566,9 @@ if __name__ == "__main__":
     # the policy the --ref-coef penalty pulls toward: the one loaded by --init (also when resuming), frozen
     ref_model = copy.deepcopy(model).requires_grad_(False).eval() if args.ref_coef else None
     critic_on = ("vlm" if cfg.is_pi05 else "expert") if args.critic == "auto" else args.critic
+    if not args.detach_critic_input and critic_on != "expert":
+        raise SystemExit(f"--no-detach-critic-input lets the expert critic's gradients into the action expert; the "
+                         f"{critic_on} critic reads the prefix, always detached")
     critic_width = {"vlm": cfg.vlm_width, "obs": cfg.vlm_width + cfg.action_dim,
                     "obs_ode": cfg.vlm_width + cfg.action_dim + args.action_chunk * env_action_dim}.get(critic_on,
                                                                                                 cfg.expert_width)
@@ -578,6 +595,10 @@ if __name__ == "__main__":
         actor_params = [p for p in model.parameters() if p.requires_grad] + list(noise_head.parameters())
         optimizer.param_groups[0]["params"] = actor_params
         state = torch.load(io.BytesIO((resume_dir / "trainer.pt").read_bytes()), weights_only=True)
+        bounds = state.get("noise_std_bounds")  # (the noise head's weights mean other stds under other bounds)
+        if bounds is not None and tuple(bounds) != (args.noise_std_min, args.noise_std_max):
+            raise SystemExit(f"--resume: this run's noise head was trained with std in [{bounds[0]}, {bounds[1]}]; "
+                             f"give --noise-std-min {bounds[0]} --noise-std-max {bounds[1]}")
         value_head.load_state_dict(state["value_head"])
         noise_head.load_state_dict(state["noise_head"])
         optimizer.load_state_dict(state["optimizer"])
@@ -639,12 +660,14 @@ if __name__ == "__main__":
                 value = obs_value(prefix, batch)  # the prefix is already there: not encoded again
             if critic_on == "expert":
                 value = expert_value(value_head, out.hidden, args.detach_critic_input)
-            logp = chain_log_prob(out.chain, out.means, out.stds) if not deterministic else torch.zeros_like(noise)
+            logp, last = chain_log_prob(out.chain, out.means, out.stds) if not deterministic else \
+                (torch.zeros_like(noise), torch.zeros_like(noise))
         if not deterministic:
             keep_prefix(batch, prefix)
         actions = processor.actions_to_env(out.actions[:, :chunk], obs["state"])
         record = {"batch": batch, "chain": out.chain, "k": torch.zeros(B, dtype=torch.long, device=device),
-                  "logp": logp[:, :chunk, :A].reshape(B, -1), "value": value}
+                  "logp": logp[:, :chunk, :A].reshape(B, -1), "logp_last": last[:, :chunk, :A].reshape(B, -1),
+                  "value": value}
         return actions, record
 
     def value_of(obs):
@@ -657,15 +680,16 @@ if __name__ == "__main__":
             return prefix_and_value(batch, grad=False)[1]
 
     def recompute(batch, chain, k):
-        """Log-probs (B, chunk*A), values (B,) and entropies (B, chunk*A) of stored chains under the current
-        parameters."""
+        """Log-probs (B, chunk*A) and their last transitions' shares, values (B,) and entropies (B, chunk*A) of
+        stored chains under the current parameters."""
         prefix, value = prefix_and_value(batch, grad=True)
         means, stds, hidden = recompute_chain(model, noise_head, prefix, batch["state"], chain)
-        logp = chain_log_prob(chain, means, stds)
+        logp, last = chain_log_prob(chain, means, stds)
         if critic_on == "expert":
             value = expert_value(value_head, hidden, args.detach_critic_input)
         recompute.entropy = chain_entropy(stds, chunk, A)
-        return logp[:, :chunk, :A].reshape(chain.shape[0], -1), value
+        B = chain.shape[0]
+        return logp[:, :chunk, :A].reshape(B, -1), last[:, :chunk, :A].reshape(B, -1), value
 
     def ode_actions(batch, noise):
         """The deterministic (ODE) policy's executed actions (B, chunk, A) from the given initial noise, model units."""
@@ -728,6 +752,7 @@ if __name__ == "__main__":
         buf = io.BytesIO()
         torch.save({"value_head": value_head.state_dict(), "noise_head": noise_head.state_dict(),
                     "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                    "noise_std_bounds": [args.noise_std_min, args.noise_std_max],
                     **({"ema": ema_params} if ema_params is not None else {}), **rng_states()}, buf)
         save_pi0(ckpt_dir, model, norm_stats, processor.tokenizer.name,
                  extra={"iteration": iteration, "global_step": global_step, "history": history,
@@ -782,7 +807,8 @@ if __name__ == "__main__":
             reward = reward.sum(1).cpu()  # chunk-level reward: the executed steps' sum
             executed = info["executed_steps"].cpu()
             global_step += int(executed.sum())
-            # an episode that ended mid-chunk never ran the chunk's later actions: they stay out of the log-prob
+            # an episode that ended mid-chunk never ran the chunk's later actions: their last transitions' terms stay
+            # out of the log-prob (see cut_chunk_log_ratio)
             rec["executed"] = (torch.arange(chunk)[None, :, None] < executed[:, None, None]).expand(-1, -1, A) \
                 .reshape(len(executed), -1).to(device)
             if args.adv_type == "gae" and done.any() and args.bootstrap != "none":
@@ -840,6 +866,7 @@ if __name__ == "__main__":
         for r in records:  # the update reads `data`: the rollout's copies (and kept prefixes) can go
             del r["batch"]
         chains, ks, logp_old = cat("chain")[flat_mask.to(device)], cat("k")[flat_mask.to(device)], cat("logp")[flat_mask.to(device)]
+        last_old = cat("logp_last")[flat_mask.to(device)]
         executed_mask = cat("executed")[flat_mask.to(device)].float()
         adv_flat, ret_flat = advantages.reshape(-1)[flat_mask].to(device), returns.reshape(-1)[flat_mask].to(device)
         val_flat = values.reshape(-1)[flat_mask].to(device)
@@ -873,18 +900,18 @@ if __name__ == "__main__":
                 mb = perm[start:start + args.minibatch_size]
                 mb_batch = {k: v[mb] for k, v in data.items()}
                 k_mb = ks[mb].clamp(min=0)
-                new_logp, new_value = recompute(mb_batch, chains[mb], k_mb)
+                new_logp, new_last, new_value = recompute(mb_batch, chains[mb], k_mb)
                 mb_executed = executed_mask[mb]
                 # the spec's masked mean: elements an episode's end cut from the chunk never ran
                 entropy = (recompute.entropy * mb_executed).sum() / mb_executed.sum().clamp(min=1.0)
-                logratio = (new_logp - logp_old[mb]) * mb_executed
+                logratio, weights = cut_chunk_log_ratio(new_logp, new_last, logp_old[mb], last_old[mb], mb_executed, K)
                 if args.logprob_type == "chunk":
-                    logratio, mb_executed = logratio.sum(-1, keepdim=True), mb_executed.amax(-1, keepdim=True)
+                    logratio, weights = logratio.sum(-1, keepdim=True), weights.amax(-1, keepdim=True)
                 ratio = logratio.exp()
                 if epoch == 0 and start == 0:
                     first_ratio_err = float((ratio.detach() - 1).abs().max())
                 mb_adv = adv_flat[mb][:, None]
-                pg_loss = actor_loss(logratio, mb_adv, args.clip_coef, mb_executed)
+                pg_loss = actor_loss(logratio, mb_adv, args.clip_coef, weights)
                 loss = pg_loss - args.entropy_bonus * entropy
                 entropies.append(entropy.item())
                 if args.adv_type == "gae":

@@ -13,8 +13,10 @@ by the whole batch (RLinf's behaviour), uses the marginal-preserving reverse SDE
     sigma_i = a*sqrt(t_i / (1 - t_i))   (t = 1 uses t_1 in the denominator: sigma_0 = a*sqrt(K))
     mean = x0_hat*(1 - (t - d)) + x1_hat*(t - d - sigma_i^2 * d / (2t)),  std = sqrt(d)*sigma_i
 with x0_hat = x_t - t*v and x1_hat = x_t + (1 - t)*v; all other steps are deterministic ODE steps. The action's
-log-prob is that transition's Gaussian, sliced to the executed [chunk, env action dims] (and, where an episode ended
-mid-chunk, to the actions that ran; the PPO loss averages over those). `--joint` makes every step
+log-prob is that transition's Gaussian, sliced to the executed [chunk, env action dims]. Where an episode ended
+mid-chunk, the actions that never ran still count when the SDE step came before the last (their draw moved the
+executed actions through the later ODE steps); a last step's draw moved nothing but its own action, and is left out
+for those. `--joint` makes every step
 stochastic and uses the mean over the K+1 terms (N(0, I) of x_1, then each transition), RLinf's joint_logprob.
 PPO: samples are chunk steps (rewards summed over the chunk), GAE (γ 0.99, λ 0.95) over chunk steps, clip 0.2,
 Huber value loss (δ 10) with value clipping 0.2, no KL, no dual clip. Critic (`--critic`): by default on what the
@@ -340,20 +342,34 @@ def draw_stochastic_steps(rng: random.Random, num_steps: int, joint: bool, ignor
     return {rng.randrange(num_steps - 1 if ignore_last else num_steps)}
 
 
-def chain_log_prob(out, stochastic: set[int], num_steps: int, joint: bool) -> torch.Tensor:
+def chain_log_prob(out, stochastic: set[int], num_steps: int, joint: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Element-wise log-prob (B, H, A) of a sampled chain: the one SDE step's Gaussian, or with `joint` the mean over
-    the K+1 terms [log N(x_1 | 0, I)] + [each transition] (RLinf's joint_logprob: a mean, not a sum)."""
+    the K+1 terms [log N(x_1 | 0, I)] + [each transition] (RLinf's joint_logprob: a mean, not a sum); and the last
+    transition's share of it (all of it when the SDE step is the last, else none)."""
     if joint:
         x1 = out.chain[:, 0]
         terms = [gaussian_log_prob(x1, torch.zeros_like(x1), torch.ones_like(x1))]
         terms += [gaussian_log_prob(out.chain[:, i + 1], out.means[:, i], out.stds[:, i]) for i in range(num_steps)]
-        return torch.stack(terms, 1).mean(1)
+        terms = torch.stack(terms, 1)
+        return terms.mean(1), terms[:, -1] / terms.shape[1]
     (k,) = stochastic
-    return gaussian_log_prob(out.chain[:, k + 1], out.means[:, k], out.stds[:, k])
+    logp = gaussian_log_prob(out.chain[:, k + 1], out.means[:, k], out.stds[:, k])
+    return logp, logp if k == num_steps - 1 else torch.zeros_like(logp)
+
+
+def cut_chunk_log_ratio(new_logp, new_last, old_logp, old_last, executed, earlier_terms):
+    """Per-element log-ratio (B, chunk*A) and loss weights where an episode ended mid-chunk (`executed` 0 for the
+    actions that never ran). Such an element's draw at an earlier denoising step still moved the executed elements
+    (through the later steps' velocities), so its term stays; only a last transition's, which moved nothing but the
+    element itself, is left out. `earlier_terms` (B, 1): whether a sample has terms before its last transition."""
+    cut = 1.0 - executed
+    logratio = (new_logp - cut * new_last) - (old_logp - cut * old_last)
+    return logratio, executed + cut * earlier_terms
 
 
 def recompute_log_prob(model, prefix, state, chain, k, sigmas, joint: bool, from_x1: bool = False):
-    """Log-prob (B, H, A) of stored chains under the current parameters, and the expert hidden states visited
+    """Log-prob (B, H, A) of stored chains under the current parameters, its last transition's share (as
+    `chain_log_prob`), and the expert hidden states visited
     (B, steps, H, we). SDE: each sample's own step k (one batched forward, t per sample), its input x_k the stored
     one or, `from_x1`, re-made by the ODE steps from the stored x_1 under the current weights; joint: all K steps."""
     K = chain.shape[1] - 1
@@ -367,7 +383,8 @@ def recompute_log_prob(model, prefix, state, chain, k, sigmas, joint: bool, from
             mean, std = sde_transition(chain[:, i], v, ts[i], ts[i] - ts[i + 1], sigmas[i])
             terms.append(gaussian_log_prob(chain[:, i + 1], mean, std))
             hidden.append(h)
-        return torch.stack(terms, 1).mean(1), torch.stack(hidden, 1)
+        terms = torch.stack(terms, 1)
+        return terms.mean(1), terms[:, -1] / terms.shape[1], torch.stack(hidden, 1)
     B = chain.shape[0]
     idx = torch.arange(B, device=chain.device)
     x_t, x_next = chain[idx, k], chain[idx, k + 1]
@@ -379,7 +396,8 @@ def recompute_log_prob(model, prefix, state, chain, k, sigmas, joint: bool, from
     v, h = model.velocity(prefix, state, x_t, ts[k])
     view = (B, 1, 1)
     mean, std = sde_transition(x_t, v, ts[k].view(view), (ts[k] - ts[k + 1]).view(view), sigmas[k].view(view))
-    return gaussian_log_prob(x_next, mean, std), h[:, None]
+    logp = gaussian_log_prob(x_next, mean, std)
+    return logp, logp * (k == K - 1).view(view), h[:, None]
 
 
 def expert_value(value_head, hidden, detach: bool):
@@ -551,6 +569,11 @@ if __name__ == "__main__":
                          f"got {args.sde_steps!r}")
     if args.chain_from_x1 and args.joint:
         raise SystemExit("--chain-from-x1 re-makes the input of the one SDE step; --joint stores every step's input")
+    if args.ignore_last and args.joint:
+        raise SystemExit("--ignore-last keeps the one SDE step off the last denoising step; --joint makes every step "
+                         "stochastic")
+    if args.eval_live and not args.ema_decay:
+        raise SystemExit("--eval-live evaluates the live weights beside the EMA's: give --ema-decay too")
     if args.eval_every < 1 or args.checkpoint_every < 1:
         raise SystemExit(f"--eval-every and --checkpoint-every are iteration counts >= 1 (the start and the end "
                          f"are always evaluated and saved), got {args.eval_every} and {args.checkpoint_every}")
@@ -602,6 +625,9 @@ if __name__ == "__main__":
     # the policy the --ref-coef penalty pulls toward: the one loaded by --init (also when resuming), frozen
     ref_model = copy.deepcopy(model).requires_grad_(False).eval() if args.ref_coef else None
     critic_on = ("vlm" if cfg.is_pi05 else "expert") if args.critic == "auto" else args.critic
+    if not args.detach_critic_input and critic_on != "expert":
+        raise SystemExit(f"--no-detach-critic-input lets the expert critic's gradients into the action expert; the "
+                         f"{critic_on} critic reads the prefix, always detached")
     critic_width = {"vlm": cfg.vlm_width, "obs": cfg.vlm_width + cfg.action_dim,
                     "obs_ode": cfg.vlm_width + cfg.action_dim + args.action_chunk * env_action_dim}.get(critic_on,
                                                                                                 cfg.expert_width)
@@ -690,13 +716,15 @@ if __name__ == "__main__":
                 value = obs_value(prefix, batch)  # the prefix is already there: not encoded again
             if critic_on == "expert":
                 value = expert_value(value_head, out.hidden, args.detach_critic_input)
-            logp = chain_log_prob(out, stochastic, K, args.joint) if stochastic else torch.zeros_like(noise)
+            logp, last = chain_log_prob(out, stochastic, K, args.joint) if stochastic else \
+                (torch.zeros_like(noise), torch.zeros_like(noise))
         if not deterministic:
             keep_prefix(batch, prefix)
         actions = processor.actions_to_env(out.actions[:, :chunk], obs["state"])
         k = -1 if args.joint or not stochastic else next(iter(stochastic))
         record = {"batch": batch, "chain": out.chain, "k": torch.full((B,), k, dtype=torch.long, device=device),
-                  "logp": logp[:, :chunk, :A].reshape(B, -1), "value": value}
+                  "logp": logp[:, :chunk, :A].reshape(B, -1), "logp_last": last[:, :chunk, :A].reshape(B, -1),
+                  "value": value}
         return actions, record
 
     def value_of(obs):
@@ -709,13 +737,15 @@ if __name__ == "__main__":
             return prefix_and_value(batch, grad=False)[1]
 
     def recompute(batch, chain, k):
-        """Log-probs (B, chunk*A) and values (B,) of stored transitions under the current parameters."""
+        """Log-probs (B, chunk*A), their last transitions' shares and values (B,) of stored transitions under the
+        current parameters."""
         prefix, value = prefix_and_value(batch, grad=True)
-        logp, hidden = recompute_log_prob(model, prefix, batch["state"], chain, k, sigmas, args.joint,
-                                          args.chain_from_x1)
+        logp, last, hidden = recompute_log_prob(model, prefix, batch["state"], chain, k, sigmas, args.joint,
+                                                args.chain_from_x1)
         if critic_on == "expert":
             value = expert_value(value_head, hidden, args.detach_critic_input)
-        return logp[:, :chunk, :A].reshape(chain.shape[0], -1), value
+        B = chain.shape[0]
+        return logp[:, :chunk, :A].reshape(B, -1), last[:, :chunk, :A].reshape(B, -1), value
 
     def ode_actions(batch, noise):
         """The deterministic (ODE) policy's executed actions (B, chunk, A) from the given initial noise, model units."""
@@ -833,7 +863,8 @@ if __name__ == "__main__":
             reward = reward.sum(1).cpu()  # chunk-level reward: the executed steps' sum
             executed = info["executed_steps"].cpu()
             global_step += int(executed.sum())
-            # an episode that ended mid-chunk never ran the chunk's later actions: they stay out of the log-prob
+            # an episode that ended mid-chunk never ran the chunk's later actions: their last transitions' terms stay
+            # out of the log-prob (see cut_chunk_log_ratio)
             rec["executed"] = (torch.arange(chunk)[None, :, None] < executed[:, None, None]).expand(-1, -1, A) \
                 .reshape(len(executed), -1).to(device)
             if args.adv_type == "gae" and done.any() and args.bootstrap != "none":
@@ -891,6 +922,7 @@ if __name__ == "__main__":
         for r in records:  # the update reads `data`: the rollout's copies (and kept prefixes) can go
             del r["batch"]
         chains, ks, logp_old = cat("chain")[flat_mask.to(device)], cat("k")[flat_mask.to(device)], cat("logp")[flat_mask.to(device)]
+        last_old = cat("logp_last")[flat_mask.to(device)]
         executed_mask = cat("executed")[flat_mask.to(device)].float()
         adv_flat, ret_flat = advantages.reshape(-1)[flat_mask].to(device), returns.reshape(-1)[flat_mask].to(device)
         val_flat = values.reshape(-1)[flat_mask].to(device)
@@ -923,16 +955,17 @@ if __name__ == "__main__":
                 mb = perm[start:start + args.minibatch_size]
                 mb_batch = {k: v[mb] for k, v in data.items()}
                 k_mb = ks[mb].clamp(min=0)
-                new_logp, new_value = recompute(mb_batch, chains[mb], k_mb)
-                mb_executed = executed_mask[mb]
-                logratio = (new_logp - logp_old[mb]) * mb_executed
+                new_logp, new_last, new_value = recompute(mb_batch, chains[mb], k_mb)
+                earlier = (torch.full_like(k_mb, K > 1) if args.joint else k_mb < K - 1).float()[:, None]
+                logratio, weights = cut_chunk_log_ratio(new_logp, new_last, logp_old[mb], last_old[mb],
+                                                        executed_mask[mb], earlier)
                 if args.logprob_type == "chunk":
-                    logratio, mb_executed = logratio.sum(-1, keepdim=True), mb_executed.amax(-1, keepdim=True)
+                    logratio, weights = logratio.sum(-1, keepdim=True), weights.amax(-1, keepdim=True)
                 ratio = logratio.exp()
                 if epoch == 0 and start == 0:
                     first_ratio_err = float((ratio.detach() - 1).abs().max())
                 mb_adv = adv_flat[mb][:, None]
-                pg_loss = actor_loss(logratio, mb_adv, args.clip_coef, mb_executed)
+                pg_loss = actor_loss(logratio, mb_adv, args.clip_coef, weights)
                 loss = pg_loss
                 if args.adv_type == "gae":
                     v_loss = value_loss(new_value, val_flat[mb], ret_flat[mb], args.value_clip, args.huber_delta)

@@ -141,7 +141,7 @@ def measure(variant: str, args: Args, device) -> dict:
             stochastic = fsde.draw_stochastic_steps(rng, K, False, False)
             out = model.sample(prefix, state, noise, K, fsde.make_step_fn(stochastic, sigmas))
             chains.append(out.chain)
-            logps.append(fsde.chain_log_prob(out, stochastic, K, False)[:, :chunk, :A].float())
+            logps.append(fsde.chain_log_prob(out, stochastic, K, False)[0][:, :chunk, :A].float())
             ks.append(torch.full((B,), next(iter(stochastic)), device=device))
     chain, k, logp_old = torch.cat(chains), torch.cat(ks), torch.cat(logps)
     big = lambda x: torch.cat([x, x])  # noqa: E731  the prefix of the two calls' observations
@@ -150,7 +150,7 @@ def measure(variant: str, args: Args, device) -> dict:
 
     def sde_update():
         p = model.encode_prefix(big(images), big(img_masks), big(tokens), big(tok_masks))
-        logp, _ = fsde.recompute_log_prob(model, p, big(state), chain, k, sigmas, False)
+        logp = fsde.recompute_log_prob(model, p, big(state), chain, k, sigmas, False)[0]
         logratio = (logp[:, :chunk, :A].float() - logp_old).sum((1, 2))
         loss = fsde.actor_loss(logratio, torch.randn_like(logratio), 0.2)
         opt.zero_grad(set_to_none=True)
@@ -160,7 +160,7 @@ def measure(variant: str, args: Args, device) -> dict:
 
     with torch.no_grad():
         p = model.encode_prefix(big(images), big(img_masks), big(tokens), big(tok_masks))
-        logp, _ = fsde.recompute_log_prob(model, p, big(state), chain, k, sigmas, False)
+        logp = fsde.recompute_log_prob(model, p, big(state), chain, k, sigmas, False)[0]
         row["sde_first_logratio_max"] = float((logp[:, :chunk, :A].float() - logp_old).sum((1, 2)).abs().max())
     peak_gib(device, reset=True)
     row["sde_update_ms"] = 1e3 * timed(sde_update, args.repeats, device)
@@ -170,16 +170,16 @@ def measure(variant: str, args: Args, device) -> dict:
     head = fnoise.NoiseHead(cfg.expert_width, cfg.action_dim, 0.08, 0.16).to(device)
     with torch.no_grad():
         out = model.sample(prefix, state, noise, K, fnoise.make_step_fn(head, True))
-        logp_old = fnoise.chain_log_prob(out.chain, out.means, out.stds)[:, :chunk, :A].float()
+        logp_old = fnoise.chain_log_prob(out.chain, out.means, out.stds)[0][:, :chunk, :A].float()
         means, stds, _ = fnoise.recompute_chain(model, head, prefix, state, out.chain)
-        logp = fnoise.chain_log_prob(out.chain, means, stds)[:, :chunk, :A].float()
+        logp = fnoise.chain_log_prob(out.chain, means, stds)[0][:, :chunk, :A].float()
         row["noise_first_logratio_max"] = float((logp - logp_old).sum((1, 2)).abs().max())
     opt = torch.optim.AdamW(params + list(head.parameters()), lr=1e-6)
 
     def noise_update():
         p = model.encode_prefix(images, img_masks, tokens, tok_masks)
         means, stds, _ = fnoise.recompute_chain(model, head, p, state, out.chain)
-        logratio = (fnoise.chain_log_prob(out.chain, means, stds)[:, :chunk, :A].float() - logp_old).sum((1, 2))
+        logratio = (fnoise.chain_log_prob(out.chain, means, stds)[0][:, :chunk, :A].float() - logp_old).sum((1, 2))
         loss = fnoise.actor_loss(logratio, torch.randn_like(logratio), 0.2)
         opt.zero_grad(set_to_none=True)
         loss.backward()

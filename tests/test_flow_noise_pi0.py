@@ -69,14 +69,16 @@ def test_every_step_is_stochastic_and_the_log_prob_is_a_mean_over_k_plus_1_terms
     K = 4
     with torch.no_grad():
         out = model.sample(prefix, state, noise, K, fn.make_step_fn(head, True))
-        logp = fn.chain_log_prob(out.chain, out.means, out.stds)
+        logp, last = fn.chain_log_prob(out.chain, out.means, out.stds)
         means, stds, hidden = fn.recompute_chain(model, head, prefix, state, out.chain)
     assert (out.stds > 0).all()  # all K steps, the last one included
     total = fn.gaussian_log_prob(out.chain[:, 0], torch.zeros_like(noise), torch.ones_like(noise))
     for i in range(K):
         total = total + fn.gaussian_log_prob(out.chain[:, i + 1], out.means[:, i], out.stds[:, i])
     assert torch.allclose(logp, total / (K + 1), atol=1e-5)
-    assert torch.allclose(fn.chain_log_prob(out.chain, means, stds), logp, atol=1e-5)  # first PPO ratio is 1
+    assert torch.allclose(fn.chain_log_prob(out.chain, means, stds)[0], logp, atol=1e-5)  # first PPO ratio is 1
+    final = fn.gaussian_log_prob(out.chain[:, K], out.means[:, K - 1], out.stds[:, K - 1]) / (K + 1)
+    assert torch.allclose(last, final, atol=1e-6)  # the last transition's share, left out where its action never ran
     assert hidden.shape[1] == K
 
 
@@ -110,21 +112,40 @@ def test_entropy_includes_the_unit_initial_term_and_is_averaged():
     assert ent.shape == (2, 15) and torch.allclose(ent, expected)
 
 
+def test_an_action_cut_by_the_episode_end_keeps_its_earlier_transitions_in_the_ratio():
+    """Every Flow-Noise step draws, so an action that never ran (its episode ended mid-chunk) moved the executed ones
+    through its draws at the earlier steps: those terms stay (gradient, weight 1); its last transition's share,
+    which moved nothing but itself, is left out (no gradient). With one step nothing earlier has parameters."""
+    old_logp, old_last = torch.zeros(1, 2), torch.zeros(1, 2)
+    executed = torch.tensor([[1.0, 0.0]])
+    early, final = torch.zeros((), requires_grad=True), torch.zeros((), requires_grad=True)
+    new_logp = old_logp + torch.stack([torch.zeros(()), early + final])[None]
+    new_last = old_last + torch.stack([torch.zeros(()), final])[None]
+    logratio, weights = fn.cut_chunk_log_ratio(new_logp, new_last, old_logp, old_last, executed, num_steps=4)
+    assert torch.equal(weights, torch.ones(1, 2))
+    fn.actor_loss(logratio, torch.ones(1, 1), 0.2, weights).backward()
+    assert early.grad != 0 and final.grad == 0
+    assert torch.equal(fn.cut_chunk_log_ratio(new_logp, new_last, old_logp, old_last, executed, num_steps=1)[1],
+                       executed)
+
+
 @pytest.mark.parametrize("critic,ref_coef", [("obs", "0"), ("obs_ode", "5")])
 def test_a_few_iterations_run_with_an_exact_first_ratio(tmp_path, critic, ref_coef):
     out = subprocess.run([sys.executable, str(ROOT / "algos" / "flow_noise_pi0.py"), "--run-dir", str(tmp_path),
                           "--env", "maniskill", "--init", "scratch", "--num-envs", "2", "--num-steps", "4",
                           "--total-iterations", "2", "--eval-episodes", "2", "--num-eval-envs", "1", "--eval-every", "2",
-                          "--minibatch-size", "4", "--max-episode-steps", "24", "--critic", critic,
+                          "--minibatch-size", "4", "--max-episode-steps", "20", "--critic", critic,
                           "--ref-coef", ref_coef], cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     run_dir = tmp_path / "PushCube-v1__flow_noise_pi0__1"
     assert json.loads((run_dir / "summary.json").read_text())["algorithm"] == "flow_noise"
     logs = all_scalars(run_dir)
-    # float32 rounding of log-probs summed over the chunk, batched differently: ~1e-5 (a wrong chain gives order 1)
+    # float32 rounding of log-probs summed over the chunk, batched differently: ~1e-5 (a wrong chain gives order 1);
+    # the 20-step episodes end mid-chunk, whose actions that never ran keep their draws before the last transition
     assert all(v < 1e-4 for v in logs["losses/first_ratio_error"])
     assert logs["charts/train_samples"] == [2 * 4, 2 * 4]  # nothing masked after a done
+    assert json.loads((run_dir / "summary.json").read_text())["env_steps"] == 2 * 56  # per env 8+8+4, 8+8+4, 8+8
     # the entropy of a Gaussian per chain element, 0.5 log(2 pi e std^2), averaged: the K noise steps' std is in
     # [0.08, 0.16], x_1's is 1 (4 steps by default): between the two ends' averages
     K = 4
@@ -180,7 +201,9 @@ def test_bad_flags_are_refused(tmp_path):
              (["--ema-decay", "1"], "--ema-decay"),
              (["--minibatch-size", "0"], "--minibatch-size must be >= 1"),
              (["--eval-episodes", "-1"], "--eval-episodes must be >= 0"),
-             (["--adv-type", "grpo", "--group-size", "1", "--num-envs", "1"], "--group-size must be >= 2")]
+             (["--adv-type", "grpo", "--group-size", "1", "--num-envs", "1"], "--group-size must be >= 2"),
+             (["--eval-live"], "give --ema-decay too"),
+             (["--init", "scratch", "--critic", "obs", "--no-detach-critic-input"], "always detached")]
     assert_each_refused(cases, lambda flags: [sys.executable, str(ROOT / "algos" / "flow_noise_pi0.py"), "--run-dir",
                                               str(tmp_path), "--env", "maniskill", *flags], cwd=ROOT)
 
@@ -288,6 +311,11 @@ def test_ema_weights_average_the_live_ones_and_survive_resume(tmp_path, script):
     assert all(h["episodic_return"] != h["live_episodic_return"] for h in summary["history"][1:])  # two policies ran
     # the policy the evals scored, as a checkpoint of its own
     assert all(torch.equal(a, b) for a, b in zip(trained(tmp_path / f"PushCube-v1__{script}__1" / "ema_policy"), ema2))
+    if script == "flow_noise_pi0":  # the noise head's weights mean other stds under other bounds: refused on resume
+        out = subprocess.run([sys.executable, str(ROOT / "algos" / f"{script}.py"), "--run-dir", str(tmp_path), *flags,
+                              "--total-iterations", "3", "--resume", "--noise-std-max", "0.3"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode != 0 and "--noise-std-max 0.16" in out.stderr, out.stderr[-2000:]
 
 
 @pytest.mark.parametrize("script", ["flow_sde_pi0", "flow_noise_pi0"])

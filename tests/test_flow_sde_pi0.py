@@ -82,12 +82,13 @@ def test_one_shared_stochastic_step_and_its_log_prob_recomputes_exactly():
     stochastic = {2}
     with torch.no_grad():
         out = model.sample(prefix, state, noise, K, fs.make_step_fn(stochastic, sig))
-        logp = fs.chain_log_prob(out, stochastic, K, joint=False)
+        logp, last = fs.chain_log_prob(out, stochastic, K, joint=False)
     assert (out.stds[:, 2] > 0).all() and (out.stds[:, [0, 1, 3]] == 0).all()  # shared by all 6 samples
+    assert torch.equal(last, torch.zeros_like(logp))  # not the last step: no share of it to leave out
     k = torch.full((6,), 2)
     with torch.no_grad():
-        again, _ = fs.recompute_log_prob(model, prefix, state, out.chain, k, sig, joint=False)
-    assert torch.allclose(again, logp, atol=1e-5)  # PPO's first ratio is 1
+        again, again_last, _ = fs.recompute_log_prob(model, prefix, state, out.chain, k, sig, joint=False)
+    assert torch.allclose(again, logp, atol=1e-5) and torch.equal(again_last, last)  # PPO's first ratio is 1
 
 
 def test_chain_from_x1_remakes_the_sde_input_and_sees_early_weight_changes():
@@ -101,13 +102,15 @@ def test_chain_from_x1_remakes_the_sde_input_and_sees_early_weight_changes():
         outs = [model.sample(prefix, state, noise, K, fs.make_step_fn({k}, sig)) for k in range(K)]
         rows = torch.arange(6)
         chain = torch.stack([outs[k].chain[j] for j, k in enumerate(ks.tolist())])
-        logp = torch.stack([fs.chain_log_prob(outs[k], {k}, K, False)[j] for j, k in enumerate(ks.tolist())])
-        again, _ = fs.recompute_log_prob(model, prefix, state, chain, ks, sig, joint=False, from_x1=True)
-        assert torch.allclose(again, logp, atol=1e-5)
+        logp = torch.stack([fs.chain_log_prob(outs[k], {k}, K, False)[0][j] for j, k in enumerate(ks.tolist())])
+        last = torch.stack([fs.chain_log_prob(outs[k], {k}, K, False)[1][j] for j, k in enumerate(ks.tolist())])
+        assert torch.equal(last[ks == K - 1], logp[ks == K - 1]) and not last[ks < K - 1].any()
+        again, again_last, _ = fs.recompute_log_prob(model, prefix, state, chain, ks, sig, joint=False, from_x1=True)
+        assert torch.allclose(again, logp, atol=1e-5) and torch.allclose(again_last, last, atol=1e-5)
         for p in model.parameters():  # other weights
             p.add_(0.01 * torch.randn_like(p))
-        stored, _ = fs.recompute_log_prob(model, prefix, state, chain, ks, sig, joint=False)
-        remade, _ = fs.recompute_log_prob(model, prefix, state, chain, ks, sig, joint=False, from_x1=True)
+        stored = fs.recompute_log_prob(model, prefix, state, chain, ks, sig, joint=False)[0]
+        remade = fs.recompute_log_prob(model, prefix, state, chain, ks, sig, joint=False, from_x1=True)[0]
         assert torch.equal(stored[ks == 0], remade[ks == 0])  # k = 0: x_1 is the input either way
         for j in rows[ks > 0].tolist():
             assert not torch.allclose(stored[j], remade[j], atol=1e-4)
@@ -139,12 +142,15 @@ def test_joint_log_prob_is_the_mean_over_k_plus_1_terms():
     stochastic = fs.draw_stochastic_steps(random.Random(0), K, True, False)
     with torch.no_grad():
         out = model.sample(prefix, state, noise, K, fs.make_step_fn(stochastic, sig))
-        logp = fs.chain_log_prob(out, stochastic, K, joint=True)
+        logp, last = fs.chain_log_prob(out, stochastic, K, joint=True)
         total = fs.gaussian_log_prob(out.chain[:, 0], torch.zeros_like(noise), torch.ones_like(noise))
         for i in range(K):
             total = total + fs.gaussian_log_prob(out.chain[:, i + 1], out.means[:, i], out.stds[:, i])
-        again, hidden = fs.recompute_log_prob(model, prefix, state, out.chain, torch.full((6,), -1), sig, joint=True)
+        again, again_last, hidden = fs.recompute_log_prob(model, prefix, state, out.chain, torch.full((6,), -1), sig,
+                                                          joint=True)
     assert torch.allclose(logp, total / (K + 1), atol=1e-5) and torch.allclose(again, logp, atol=1e-5)
+    final = fs.gaussian_log_prob(out.chain[:, K], out.means[:, K - 1], out.stds[:, K - 1]) / (K + 1)
+    assert torch.allclose(last, final, atol=1e-6) and torch.allclose(again_last, last, atol=1e-5)
     assert hidden.shape[1] == K
 
 
@@ -172,6 +178,26 @@ def test_actions_never_executed_stay_out_of_the_ppo_loss():
     assert logratio.grad[0, 1] == 0 and logratio.grad[0, 2] == 0 and logratio.grad[0, 0] != 0
 
 
+def test_an_action_cut_by_the_episode_end_keeps_its_earlier_draws_in_the_ratio():
+    """Sample 0's episode ended after its first action. Its second element's SDE draw came at an earlier step, and
+    moved the executed element through the later steps: its term stays in the ratio and gets a gradient. Its third
+    element's term is a last transition's (it moved nothing but that element): left out, no gradient, weight 0
+    where that is all the sample has (the SDE step was the last)."""
+    old_logp, old_last = torch.zeros(2, 3), torch.zeros(2, 3)
+    executed = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    theta = torch.zeros(2, requires_grad=True)  # moves sample 0's element 1 (earlier share), element 2 (last share)
+    shift = torch.zeros(2, 3).index_put((torch.tensor([0]), torch.tensor([1])), theta[0]) \
+        .index_put((torch.tensor([0]), torch.tensor([2])), theta[1])
+    last_shift = torch.zeros(2, 3).index_put((torch.tensor([0]), torch.tensor([2])), theta[1])
+    new_logp, new_last = old_logp + 0.1 + shift, old_last + last_shift
+    logratio, weights = fs.cut_chunk_log_ratio(new_logp, new_last, old_logp, old_last, executed, torch.ones(2, 1))
+    assert torch.equal(weights, torch.ones(2, 3))
+    fs.actor_loss(logratio, torch.ones(2, 1), 0.2, weights).backward()
+    assert theta.grad[0] != 0 and theta.grad[1] == 0
+    _, weights = fs.cut_chunk_log_ratio(new_logp, new_last, old_logp, old_last, executed, torch.zeros(2, 1))
+    assert torch.equal(weights, executed)  # the SDE step was the last: the cut actions have no term left
+
+
 def run(args, tmp_path, timeout=600):
     out = subprocess.run([sys.executable, str(ROOT / "algos" / "flow_sde_pi0.py"), "--run-dir", str(tmp_path), *args],
                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
@@ -183,16 +209,18 @@ def run(args, tmp_path, timeout=600):
 def test_few_iterations_on_maniskill_with_exact_first_ratio(tmp_path, critic, ref_coef):
     out = run(["--env", "maniskill", "--init", "scratch", "--num-envs", "2", "--num-steps", "4", "--total-iterations",
                "2", "--eval-episodes", "2", "--num-eval-envs", "1", "--eval-every", "2", "--minibatch-size", "4",
-               "--max-episode-steps", "24", "--critic", critic, "--ref-coef", ref_coef, "--probe-every", "1"],
+               "--max-episode-steps", "20", "--critic", critic, "--ref-coef", ref_coef, "--probe-every", "1"],
               tmp_path)
     run_dir = tmp_path / "PushCube-v1__flow_sde_pi0__1"
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert [h["iteration"] for h in summary["history"]] == [0, 2] and summary["env_steps"] == 2 * 2 * 4 * 8
+    # 20-step episodes end in the middle of their third 8-action chunk: per env 8 + 8 + 4, 8 + 8 + 4, 8 + 8 steps
+    assert [h["iteration"] for h in summary["history"]] == [0, 2] and summary["env_steps"] == 2 * 56
     logs = all_scalars(run_dir)
     # float32 rounding of a log-prob summed over the chunk's 64 entries, batched differently: ~1e-5 (a wrong chain
     # or step gives errors of order 1)
     assert all(v < 1e-4 for v in logs["losses/first_ratio_error"])
-    # auto-reset (GAE) rollouts: every chunk step trains, also those after an episode ended (24-step episodes)
+    # auto-reset (GAE) rollouts: every chunk step trains, also those where an episode ended (mid-chunk: the actions
+    # that never ran keep only their draws before the last transition, which the first ratio checks above too)
     assert logs["charts/train_samples"] == [2 * 4, 2 * 4]
     # the eval policy's actions: unmoved by the first update (actor lr 0 at warm-up step 0), moved by the second
     change = logs["losses/ode_action_change"]
@@ -296,7 +324,9 @@ def test_bad_flags_are_refused(tmp_path):
              (["--adv-type", "grpo", "--group-size", "1", "--num-envs", "1"], "--group-size must be >= 2"),
              (["--num-envs", "0"], "--num-envs must be >= 1"),
              (["--total-minutes", "-1"], "--total-minutes must be >= 0"),
-             (["--noise-level", "0"], "--noise-level must be > 0")]
+             (["--noise-level", "0"], "--noise-level must be > 0"),
+             (["--joint", "--ignore-last"], "--ignore-last keeps"), (["--eval-live"], "give --ema-decay too"),
+             (["--init", "scratch", "--critic", "obs", "--no-detach-critic-input"], "always detached")]
     assert_each_refused(cases, lambda flags: [sys.executable, str(ROOT / "algos" / "flow_sde_pi0.py"), "--run-dir",
                                               str(tmp_path), "--env", "maniskill", *flags], cwd=ROOT)
 
