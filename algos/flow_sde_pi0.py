@@ -980,9 +980,10 @@ if __name__ == "__main__":
                 loss.backward()
                 nn.utils.clip_grad_norm_(actor_params + list(value_head.parameters()), args.max_grad_norm)
                 optimizer.step()
-                with torch.no_grad():
-                    approx_kls.append(float(((ratio - 1) - logratio).mean()))
-                    clipfracs.append(float(((ratio - 1).abs() > args.clip_coef).float().mean()))
+                with torch.no_grad():  # over the elements the loss counts (a left-out one has ratio 1 by construction)
+                    counted = weights.sum().clamp(min=1)
+                    approx_kls.append(float((((ratio - 1) - logratio) * weights).sum() / counted))
+                    clipfracs.append(float((((ratio - 1).abs() > args.clip_coef) * weights).sum() / counted))
                 pg_losses.append(pg_loss.item())
 
         if ema_params is not None:
