@@ -7,13 +7,19 @@
 Observations: `state` is ManiSkill's flat state vector in `obs_mode="state"`; in `obs_mode="rgb"` it is the flattened
 proprioception and task extras (`agent` + `extra`), next to `images`. Cameras are named after ManiSkill's sensors,
 except that the first sensor is called `main` and a `hand_camera` is called `wrist` (the names LIBERO uses too).
-Reset ids are episode seeds: the same id gives the same initial state.
+Reset ids are episode seeds: the same id gives the same initial state. A task that draws part of its scene when it
+builds it (PegInsertionSide's peg sizes, RotateValve's valves, SO100GraspCube's lighting: `scene_is_randomised`)
+rebuilds it at every reset of a one-env simulator (the CPU workers), from the reset's seed, as ManiSkill's own default
+for one env does (~0.2 s a reset): otherwise every worker and every episode would keep one scene. Other tasks draw
+only poses at reset and skip the rebuild. A GPU simulator's parallel scenes draw theirs once, at construction (also
+ManiSkill's default).
 `reward_mode` is ManiSkill's (`sparse`, `dense`, `normalized_dense`); with `relative_reward` the per-step reward is the
 change of that level, so an episode's rewards add up to its final level (RLinf's convention).
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 from pathlib import Path
@@ -80,13 +86,39 @@ def task_description(task: str) -> str:
     return " ".join(w.lower() for w in re.findall(r"[A-Z][a-z]*|\d+", name))
 
 
+_SCENE_DRAW = re.compile(r"episode_rng|np\.random|torch\.rand|random\.")
+
+
+def scene_is_randomised(task: str) -> bool:
+    """Whether `task` draws randomness while it builds its scene (any of its `_load_*` methods, ManiSkill's base
+    ones aside), read from the task's source: such a scene must be rebuilt at each reset to cover the task's
+    distribution. A method whose source cannot be read counts as drawing."""
+    import mani_skill.envs  # noqa: F401
+    from mani_skill.envs.sapien_env import BaseEnv
+    from mani_skill.utils.registration import REGISTERED_ENVS
+
+    cls = REGISTERED_ENVS[task].cls
+    for name in dir(cls):
+        method = getattr(cls, name)
+        if not name.startswith("_load_") or getattr(BaseEnv, name, None) is method:
+            continue
+        try:
+            source = inspect.getsource(method)
+        except (OSError, TypeError):
+            return True
+        if _SCENE_DRAW.search("\n".join(line.split("#")[0] for line in source.splitlines())):
+            return True
+    return False
+
+
 def _make_raw_env(task, num_envs, sim_backend, obs_mode, control_mode, reward_mode, image_size):
     import gymnasium as gym
     import mani_skill.envs  # noqa: F401
 
     kwargs: dict[str, Any] = dict(
         num_envs=num_envs, obs_mode=obs_mode, sim_backend=sim_backend, reward_mode=reward_mode,
-        reconfiguration_freq=0,
+        # one env: rebuild a scene that is drawn at build time at every reset (see the module docstring)
+        reconfiguration_freq=1 if num_envs == 1 and scene_is_randomised(task) else 0,
     )
     if control_mode is not None:
         kwargs["control_mode"] = control_mode

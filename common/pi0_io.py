@@ -310,32 +310,48 @@ def save_pi0(directory: str | Path, model: Pi0Model, norm_stats: NormStats | Non
     return target
 
 
-def load_pi0(directory: str | Path, device: str | torch.device = "cpu"):
-    """-> (model, norm_stats or None, meta). Reads our format, or openpi's (delegates to `load_openpi`)."""
+def _read_json(path: Path):
+    """A checkpoint's JSON file; a corrupt one is a ValueError that names it."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): a partial copy?") from None
+
+
+def _read_weights(path: Path) -> dict:
+    """A checkpoint's safetensors file; a missing or corrupt one is an error that names it."""
     from safetensors.torch import load_file
 
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} missing") from None
+    except Exception as e:  # safetensors' own error type derives from Exception only
+        raise ValueError(f"{path} is unreadable ({e}): a partial copy?") from None
+
+
+def _read_norm_stats(path: Path) -> "NormStats":
+    try:
+        return NormStats.from_json(path.read_text())
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not readable norm stats ({type(e).__name__}: {e}): a partial copy?") from None
+
+
+def load_pi0(directory: str | Path, device: str | torch.device = "cpu"):
+    """-> (model, norm_stats or None, meta). Reads our format, or openpi's (delegates to `load_openpi`)."""
     path = _resolve_dir(Path(directory))
     if not (path / "pi0_config.json").is_file():
         if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
             model, stats, report = load_openpi(path, device=device)
             return model, stats, {"format": "openpi", "report": str(report)}
         raise FileNotFoundError(f"{directory}: no pi0_config.json (ours) or config.json + model.safetensors (openpi)")
-    try:
-        meta = json.loads((path / "pi0_config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path / 'pi0_config.json'} is not valid JSON ({e}): a partial copy?") from None
+    meta = _read_json(path / "pi0_config.json")
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: checkpoint format {meta.get('format')!r}, this code reads {FORMAT!r}")
     model = Pi0Model(Pi0Config(**meta["config"]))
-    try:
-        weights = load_file(str(path / "model.safetensors"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: model.safetensors missing") from None
-    except Exception as e:  # safetensors' own error type derives from Exception only
-        raise ValueError(f"{path / 'model.safetensors'} is unreadable ({e}): a partial copy?") from None
-    load_state_strict(model, weights)
+    load_state_strict(model, _read_weights(path / "model.safetensors"))
     stats_file = path / "norm_stats.json"
-    stats = NormStats.from_json(stats_file.read_text()) if stats_file.is_file() else None
+    stats = _read_norm_stats(stats_file) if stats_file.is_file() else None
     return model.to(device), stats, meta
 
 
@@ -411,11 +427,9 @@ def load_openpi(directory: str | Path, config: Pi0Config | None = None, asset_id
     """Load an openpi PyTorch checkpoint into our module (fp32). -> (model, norm_stats or None, LoadReport).
     `delta_action_dims`: the action dims trained as deltas from the state (openpi's pi0_libero: 6); the checkpoint
     does not say, so the caller does (None keeps the config's)."""
-    from safetensors.torch import load_file
-
     path = Path(directory)
-    conf = json.loads((path / "config.json").read_text())
-    state, dropped = rename_openpi(load_file(str(path / "model.safetensors")))
+    conf = _read_json(path / "config.json")
+    state, dropped = rename_openpi(_read_weights(path / "model.safetensors"))
     if config is None:
         pi05 = conf.get("pi05", any(k.startswith("time_mlp_in.") for k in state))
         if "pi0_config" in conf:
@@ -442,7 +456,7 @@ def load_openpi(directory: str | Path, config: Pi0Config | None = None, asset_id
     if len(stats_files) > 1:
         raise ValueError(f"{path}: several norm stats {[str(f) for f in stats_files]}; pass asset_id")
     if stats_files:
-        stats = NormStats.from_json(stats_files[0].read_text())
+        stats = _read_norm_stats(stats_files[0])
     return model.to(device), stats, report
 
 
@@ -556,7 +570,7 @@ def load_pi0_policy(init: str, *, env: str, obs_mode: str = "state", preset: str
 def _load_pi0_policy(init: str, *, env: str, obs_mode: str, preset: str, device, prompt_tokens: int):
     kind, _, path = init.partition(":")
     if kind == "sft":
-        if not (Path(path) / "pi0_config.json").exists() and not Path(path + ".old").exists():
+        if not (Path(path) / "pi0_config.json").exists() and not Path(path).with_name(Path(path).name + ".old").exists():
             raise FileNotFoundError(f"no SFT checkpoint at {path}")
         model, stats, meta = load_pi0(path, device)
         env_dim = len(stats.stats["actions"]["mean"]) if stats else model.cfg.action_dim

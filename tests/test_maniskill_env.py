@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from common.maniskill_env import (
-    OFFLINE_TASKS, ManiSkillBatchedBackend, MissingAssetError, make_maniskill_env, task_description,
+    OFFLINE_TASKS, ManiSkillBatchedBackend, ManiSkillSingle, MissingAssetError, make_maniskill_env,
+    scene_is_randomised, task_description,
 )
 from common.vec_env import BatchedEnv
 
@@ -111,15 +112,37 @@ def test_success_detected_on_a_known_good_action_sequence():
 
 
 def test_relative_dense_reward_sums_to_final_level():
-    env = make_maniskill_env("PushCube-v1", 1, reward_mode="normalized_dense", relative_reward=True,
-                             sim_backend="cpu", max_episode_steps=5)
+    """The relative reward's steps add up to the level the same actions reach at the end, which the plain reward
+    pays at its last step."""
+    actions = torch.rand(1, 5, 7, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    rewards = {}
+    for relative in (True, False):
+        env = make_maniskill_env("PushCube-v1", 1, reward_mode="normalized_dense", relative_reward=relative,
+                                 sim_backend="cpu", max_episode_steps=5)
+        try:
+            env.reset(reset_ids=[0])
+            _, rewards[relative], _, _, info = env.step(actions)
+        finally:
+            env.close()
+    assert abs(rewards[True].sum().item() - rewards[False][0, -1].item()) < 1e-5
+    assert not torch.allclose(rewards[True], rewards[False])  # (the level changes along the way)
+
+
+def test_a_task_that_draws_its_scene_rebuilds_it_at_each_reset():
+    """PegInsertionSide draws its peg's size when it builds its scene: a CPU worker rebuilds it at every reset,
+    from the reset's seed (another id, another peg; the same id, the same peg). PushCube draws only poses at reset
+    and keeps its scene (a rebuild costs ~0.2 s)."""
+    assert scene_is_randomised("PegInsertionSide-v1") and scene_is_randomised("RotateValveLevel2-v1")
+    assert not scene_is_randomised("PushCube-v1") and not scene_is_randomised("PickCube-v1")
+    env = ManiSkillSingle("PegInsertionSide-v1", "state", None, "sparse", 64)
     try:
-        env.reset(reset_ids=[0])
-        _, r, _, _, info = env.step(torch.rand(1, 5, 7, generator=torch.Generator().manual_seed(0)) * 2 - 1)
-        assert abs(r.sum().item() - info["episode"]["return"].item()) < 1e-5
-        assert r.abs().sum() > 0
+        sizes = []
+        for reset_id in (0, 1, 2, 0):
+            env.reset(reset_id)
+            sizes.append(env.env.peg_half_sizes[0].clone())
     finally:
         env.close()
+    assert torch.equal(sizes[0], sizes[3]) and len({tuple(s.tolist()) for s in sizes[:3]}) == 3
 
 
 def test_bad_input_errors():

@@ -409,6 +409,18 @@ def test_openpi_checkpoint_round_trip_is_strict(tmp_path, cfg):
         load_openpi(tmp_path / "ckpt")
     _, _, report = load_openpi(tmp_path / "ckpt", strict=False)
     assert report.missing == ["action_out_proj.bias"]
+    # a half-copied openpi checkpoint: errors that name the file, through load_pi0 as through load_openpi
+    (stats_file,) = (tmp_path / "ckpt" / "assets").glob("**/norm_stats.json")
+    stats_file.write_text('{"norm_stats": {"state": ')
+    with pytest.raises(ValueError, match="norm_stats.json is not readable norm stats"):
+        load_openpi(tmp_path / "ckpt", strict=False)
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="model.safetensors is unreadable"):
+        load_pi0(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "config.json").write_text('{"paligemma_variant": ')
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        load_pi0(tmp_path / "ckpt")
 
 
 def test_rename_table_covers_lerobot_and_hf5_layouts():
@@ -454,6 +466,22 @@ def test_our_checkpoint_round_trip_and_crash_safety(tmp_path):
     (tmp_path / "sft.old" / "pi0_config.json").write_text('{"format": ')
     with pytest.raises(ValueError, match="pi0_config.json is not valid JSON"):
         load_pi0(tmp_path / "sft")
+
+
+@pytest.mark.parametrize("variant", ["pi0", "pi05"])
+def test_the_state_is_normalised_by_quantiles_for_pi05_and_by_z_scores_for_pi0(variant):
+    """openpi: π0 z-scores its inputs, π0.5 maps the 1st..99th percentiles to [-1, 1] (its checkpoints' norm
+    stats are read so)."""
+    cfg = Pi0Config.tiny(variant=variant, num_cameras=0)
+    rng = np.random.default_rng(0)
+    stats = NormStats.from_data({"state": rng.normal(1, 2, size=(200, 5)), "actions": rng.normal(size=(200, 7))})
+    proc = Pi0Processor(cfg, ByteTokenizer(), stats, env_action_dim=7)
+    state = rng.normal(1, 2, size=(2, 5))
+    got = proc.batch(state, {}, ["push", "push"])["state"][:, :5].double().numpy()
+    s = stats.stats["state"]
+    want = (state - s["q01"]) / (s["q99"] - s["q01"] + 1e-6) * 2 - 1 if variant == "pi05" else \
+        (state - s["mean"]) / (s["std"] + 1e-6)
+    np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def test_processor_pads_masks_and_round_trips_actions():
