@@ -92,6 +92,7 @@ class WorkerPool:
         ctx = mp.get_context(start_method)
         self.name, self.timeout = name, timeout
         self.broken: str | None = None
+        self.hung: set[int] = set()  # workers that missed a deadline: close() kills them without waiting
         self.conns, self.procs = [], []
         try:  # a worker that fails to start or construct stops the ones already started
             for i, kwargs in enumerate(kwargs_per_worker):
@@ -140,6 +141,7 @@ class WorkerPool:
                     self.broken = self._death_message(i, method)
                     raise WorkerError(self.broken)
                 if time.monotonic() >= deadline:
+                    self.hung.add(i)
                     self.broken = f"{self.name} worker {i} did not answer '{method}' within {timeout:.0f} s"
                     raise WorkerError(self.broken)
             try:
@@ -166,8 +168,8 @@ class WorkerPool:
                 except (BrokenPipeError, OSError):
                     pass
         deadline = time.monotonic() + timeout
-        for conn, proc in zip(self.conns, self.procs):
-            proc.join(timeout=max(0.1, deadline - time.monotonic()))
+        for i, (conn, proc) in enumerate(zip(self.conns, self.procs)):
+            proc.join(timeout=0.0 if i in self.hung else max(0.1, deadline - time.monotonic()))
             if proc.is_alive():
                 proc.kill()
                 proc.join(timeout=5.0)

@@ -119,6 +119,9 @@ class BatchedEnv:
         self.num_eval_episodes = num_reset_ids if num_eval_episodes is None else num_eval_episodes
         if eval_mode and not 1 <= self.num_eval_episodes <= num_reset_ids:
             raise ValueError(f"num_eval_episodes must be in [1, {num_reset_ids}], got {self.num_eval_episodes}")
+        if eval_mode and self.num_eval_episodes < self.num_envs:  # (a worker never reset has no observation to give)
+            raise ValueError(f"an eval of {self.num_eval_episodes} episodes on {self.num_envs} envs leaves an env "
+                             f"without an episode: use at most {self.num_eval_episodes} envs")
         self.action_low, self.action_high = action_low, action_high
         if reset_id_sets is not None:
             reset_id_sets = [np.asarray(ids, dtype=np.int64) for ids in reset_id_sets]

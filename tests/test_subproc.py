@@ -68,6 +68,9 @@ def test_dead_worker_and_deadline():
         # the late answers are still in the pipes: the pool refuses further calls instead of returning them
         with pytest.raises(WorkerError, match="unusable after an earlier failure"):
             pool.call([0, 1], "echo", [(1,), (2,)])
+        procs, start = list(pool.procs), time.monotonic()
+        pool.close(timeout=20)  # the worker that missed its deadline is killed, not waited for
+        assert time.monotonic() - start < 5 and not any(p.is_alive() for p in procs)
     finally:
         pool.close(timeout=2)
 

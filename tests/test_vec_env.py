@@ -123,6 +123,11 @@ def test_eval_mode_walks_each_reset_id_once_in_order():
     assert info["executed_steps"].tolist() == [0, 0]
 
 
+def test_an_eval_with_fewer_episodes_than_envs_is_refused():
+    with pytest.raises(ValueError, match="an eval of 1 episodes on 2 envs.*at most 1 envs"):
+        make(term_after=(1, 1), eval_mode=True, num_eval_episodes=1)
+
+
 def test_random_reset_ids_are_seeded():
     a, _ = make()
     b, _ = make()
