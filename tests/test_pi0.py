@@ -240,6 +240,51 @@ def test_pi05_adaptive_norm_is_openpis_scale_shift_gate():
     assert torch.allclose(gated_residual(x, y, gate), x + 2.0 * y)
 
 
+def test_pi05_action_expert_against_openpis_wiring_written_out():
+    """π0.5's action expert, written out from openpi's pi0.py / gemma.py (the parity test covers π0 only; there is
+    no π0.5 in transformers): the time MLP in -> swish -> out -> swish conditions every adaptive RMSNorm; each
+    layer's attention and MLP outputs are added through their norms' gates; the action tokens, one bidirectional
+    block, see every real prefix token and each other, at positions after the prefix's real tokens; the final norm is
+    adaptive too. The VLM's cached keys and values (checked against transformers for π0) are taken as they are."""
+    import torch.nn.functional as F
+
+    cfg = Pi0Config.tiny(variant="pi05")
+    model = randomised(cfg)
+    images, img_masks, tokens, tok_masks, state, x_t, t = inputs(cfg)
+    with torch.no_grad():
+        prefix = model.encode_prefix(images, img_masks, tokens, tok_masks)
+        got = model.velocity(prefix, state, x_t, t)[0]
+
+        def adaptive_norm(norm, x, cond):
+            scale, shift, gate = (cond @ norm.dense.weight.T + norm.dense.bias).chunk(3, dim=-1)
+            rms = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+            return rms * (1 + scale[:, None]) + shift[:, None], gate[:, None]
+
+        B, H, D = x_t.shape[0], cfg.horizon, cfg.head_dim
+        temb = sincos_time(t, cfg.expert_width, cfg.min_period, cfg.max_period).float()
+        cond = F.silu(model.time_mlp_out(F.silu(model.time_mlp_in(temb))))
+        x = model.action_in_proj(x_t)
+        real = prefix.pad_mask.sum(-1)  # the prefix's real tokens; the actions come after them
+        pos = real[:, None] + torch.arange(H)[None]
+        for layer, (past_k, past_v) in zip(model.expert.layers, prefix.kv):
+            h, gate = adaptive_norm(layer.input_layernorm, x, cond)
+            att = layer.self_attn
+            q = rope(att.q_proj(h).view(B, H, cfg.heads, D), pos, cfg.rope_theta)
+            k = rope(att.k_proj(h).view(B, H, cfg.kv_heads, D), pos, cfg.rope_theta)
+            v = att.v_proj(h).view(B, H, cfg.kv_heads, D)
+            keys = torch.cat([past_k, k.transpose(1, 2)], 2).repeat_interleave(cfg.heads // cfg.kv_heads, 1)
+            values = torch.cat([past_v, v.transpose(1, 2)], 2).repeat_interleave(cfg.heads // cfg.kv_heads, 1)
+            scores = q.transpose(1, 2) @ keys.transpose(2, 3) / D ** 0.5  # (B, heads, H, P + H)
+            visible = torch.cat([prefix.pad_mask, torch.ones(B, H, dtype=torch.bool)], 1)[:, None, None]
+            weights = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+            out = (weights @ values).transpose(1, 2).reshape(B, H, cfg.heads * D)
+            x = x + att.o_proj(out) * gate
+            h, gate = adaptive_norm(layer.post_attention_layernorm, x, cond)
+            x = x + layer.mlp(h) * gate
+        want = model.action_out_proj(adaptive_norm(model.expert.norm, x, cond)[0])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_images_are_resized_as_openpis_clients_do():
     """openpi's clients resize camera frames with PIL's BILINEAR (antialiased when shrinking): LIBERO renders at 256
     px, the models take 224."""
