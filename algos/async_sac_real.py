@@ -528,9 +528,9 @@ def set_aside_other_runs_spool(spool: Path, run_id: str, robot: str) -> None:
     """A spool (unsent segments, the episode count) is the learner run's that it was made for: one a deleted or
     other run left under this name is moved aside (kept, not sent: it would put that run's transitions into this
     run's buffer, and its episode count would skip this run's expert episodes), and this run's id written into
-    the new one."""
+    the new one. A spool without an id (made before runs had ids) is taken as this run's."""
     mark = spool / "run_id"
-    if spool.exists() and (not mark.exists() or mark.read_text().strip() != run_id):
+    if spool.exists() and mark.exists() and mark.read_text().strip() != run_id:
         aside = spool.with_name(f"{spool.name}.other-run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
         spool.rename(aside)
         print(f"[actor {robot}] {spool} belonged to another learner run: moved to {aside} (not sent)", flush=True)

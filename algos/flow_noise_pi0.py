@@ -377,7 +377,7 @@ def gae(rewards, values, dones, next_value, gamma: float, lam: float) -> torch.T
 
 
 def actor_loss(logratio, advantages, clip: float, weights):
-    """PPO clipped surrogate, averaged over the executed elements (`weights` 1/0); no dual clip (RLinf does not pass
+    """PPO clipped surrogate, averaged over the elements the loss counts (`weights` 1/0: see cut_chunk_log_ratio); no dual clip (RLinf does not pass
     clip_ratio_c for openpi policies)."""
     ratio = logratio.exp()
     loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip))

@@ -117,8 +117,8 @@ def _make_raw_env(task, num_envs, sim_backend, obs_mode, control_mode, reward_mo
 
     kwargs: dict[str, Any] = dict(
         num_envs=num_envs, obs_mode=obs_mode, sim_backend=sim_backend, reward_mode=reward_mode,
-        # one env: rebuild a scene that is drawn at build time at every reset (see the module docstring)
-        reconfiguration_freq=1 if num_envs == 1 and scene_is_randomised(task) else 0,
+        # one CPU env: rebuild a scene that is drawn at build time at every reset (see the module docstring)
+        reconfiguration_freq=1 if num_envs == 1 and "cuda" not in sim_backend and scene_is_randomised(task) else 0,
     )
     if control_mode is not None:
         kwargs["control_mode"] = control_mode

@@ -501,6 +501,11 @@ def test_a_spool_left_by_another_run_is_set_aside(tmp_path):
     """An actor's spool (unsent segments, episode count) belongs to the learner run it was made for: one left by a
     deleted run of the same name is moved aside, contents intact, not sent into the new run; this run's is kept."""
     sac = _load_script()
+    old = tmp_path / "actor_spool" / "old__robot"  # made before runs had ids: taken as the run's (a --resume)
+    old.mkdir(parents=True)
+    (old / "episodes.json").write_text('{"episode": 4}')
+    sac.set_aside_other_runs_spool(old, "resumed", "robot")
+    assert (old / "episodes.json").exists() and (old / "run_id").read_text() == "resumed"
     spool = tmp_path / "actor_spool" / "run__robot"
     sac.set_aside_other_runs_spool(spool, "first", "robot")
     (spool / "episodes.json").write_text('{"episode": 11}')

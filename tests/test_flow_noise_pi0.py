@@ -268,7 +268,7 @@ def test_a_resumed_run_trains_bit_for_bit_as_one_that_was_never_stopped(tmp_path
     flags = ["--env", "maniskill", "--init", "scratch", "--num-envs", "2", "--group-size", "2", "--adv-type", "grpo",
              "--reward-mode", "normalized_dense", "--no-filter-rewards", "--actor-warmup", "0", "--max-episode-steps",
              "16", "--minibatch-size", "4", "--eval-episodes", "1", "--num-eval-envs", "1", "--checkpoint-every", "1",
-             "--no-capture-video"]
+             "--no-capture-video", "--no-cuda"]  # (CPU on a GPU machine too: its kernels need not repeat bit for bit)
 
     def train(run_dir, *extra):
         out = subprocess.run([sys.executable, str(ROOT / "algos" / f"{script}.py"), "--run-dir", str(run_dir), *flags,

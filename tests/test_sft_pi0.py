@@ -67,7 +67,8 @@ def test_short_sft_lowers_the_flow_loss_and_writes_a_checkpoint(demos, tmp_path)
 def test_resume_after_kill_9(demos, tmp_path):
     """Killed with SIGKILL after its first checkpoint, then resumed: the run ends where it was headed, with the
     same weights, bit for bit, as a run never stopped (optimizer, schedule, draws: all from the checkpoint)."""
-    common = {"--total-steps": "200", "--checkpoint-every": "20", "--eval-every": "1000000"}
+    common = {"--total-steps": "200", "--checkpoint-every": "20", "--eval-every": "1000000",
+              "--no-cuda": None}  # (CPU on a GPU machine too: its kernels need not repeat bit for bit)
     cmd = SCRIPT + sft_args(demos, tmp_path, **common, **{"--exp-name": "killed"})
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = tmp_path / "runs" / "PushCube-v1__killed__1" / "checkpoint"
