@@ -647,9 +647,9 @@ if __name__ == "__main__":
         # NaN where no minibatch trained this iteration (GRPO's filter kept no group): not a loss of 0
         for key, values_logged in (("policy_loss", pg_losses), ("value_loss", v_losses), ("entropy", entropies),
                                    ("approx_kl", approx_kls), ("clipfrac", clipfracs)):
-            if values_logged or key != "value_loss" or args.adv_type == "gae":
-                writer.add_scalar(f"losses/{key}", np.mean(values_logged) if values_logged else float("nan"),
-                                  global_step)
+            if key == "value_loss" and args.adv_type != "gae":
+                continue  # GRPO has no critic
+            writer.add_scalar(f"losses/{key}", np.mean(values_logged) if values_logged else float("nan"), global_step)
         writer.add_scalar("losses/first_ratio_error", float("nan") if first_ratio_err is None else first_ratio_err,
                           global_step)
         if args.adv_type == "gae" and n_samples > 1:  # how much of the return the rollout's values explained
