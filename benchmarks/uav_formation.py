@@ -173,6 +173,12 @@ class Args:
     records: bool = True
     """read runs back from their records when their run directory is gone (same settings and code), and write
     records of finished runs"""
+    apf_only: bool = False
+    """evaluate the APF controller alone (no learned runs; --variants and --seeds are ignored): its rows on the same
+    evaluation episodes as every table's, e.g. to set beside a committed table after the controller changed"""
+
+
+APF_EVAL_SEED = 20_000  # the script's evaluation seed: every method flies the same initial states
 
 
 def run_name(variant: str) -> str:
@@ -367,7 +373,9 @@ def main(args: Args) -> None:
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     args.variants, args.seeds = list(dict.fromkeys(args.variants)), list(dict.fromkeys(args.seeds))
-    if not args.variants or not args.seeds:
+    if args.apf_only:
+        args.variants, args.seeds = [], [APF_EVAL_SEED]
+    elif not args.variants or not args.seeds:
         raise SystemExit("give at least one --variants and one --seeds")
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", args.name) or args.name.startswith("."):
         raise SystemExit(f"--name {args.name!r}: use letters, digits, '_', '-' and '.' (a file name, no path)")
@@ -381,13 +389,13 @@ def main(args: Args) -> None:
     jobs = [(v, s) for v in args.variants for s in args.seeds]
     with ThreadPoolExecutor(max_workers=max(1, args.workers)) as pool:
         results = dict(zip(jobs, pool.map(lambda job: train_one(args, *job), jobs)))
-    presets = list(next(iter(results.values()))["eval"])
+    presets = list(next(iter(results.values()))["eval"]) if results else targs.eval_presets.split(",")
 
     # the APF controller on the same evaluation episodes (the script's evaluate, seed 20000)
     device = torch.device("cuda" if args.device == "cuda" and torch.cuda.is_available() else "cpu")
     ref_obs = mu.make_env(targs, "mixed", 2, 0, device).reset()
     apf = {p: mu.evaluate(lambda env, obs: APFController(env).act(), targs, p, mu.PAPER_WEIGHTS, ref_obs, device,
-                          seed=20_000) for p in presets}
+                          seed=APF_EVAL_SEED) for p in presets}
 
     rows, per_method = [], {}
     for preset in presets:
@@ -490,12 +498,17 @@ def main(args: Args) -> None:
                 "script's default centres on the critic's output at rollout time, as the release's MAPPO)"
                 if args.value_clip_centre != "rollout" else "")
              + ".\n\n"
-             + "Where each run trained (`train_min` is its wall time there): "
-             + "; ".join(f"{v} seed {s}: {r['date']}, {r['machine']['cpu']}, {r['threads']} thread(s), {r['workers']} "
-                         "run(s) at a time" for (v, s), r in results.items())
-             + ".\n\nTargets:\n" + "\n".join(f"- {c}" for c in checks))
+             + ("Where each run trained (`train_min` is its wall time there): "
+                + "; ".join(f"{v} seed {s}: {r['date']}, {r['machine']['cpu']}, {r['threads']} thread(s), "
+                            f"{r['workers']} run(s) at a time" for (v, s), r in results.items())
+                + ".\n\nTargets:\n" + "\n".join(f"- {c}" for c in checks) if results else ""))
+    if args.apf_only:
+        notes = (f"The APF controller alone (`--apf-only`; seeds: the evaluation's, {APF_EVAL_SEED}), on the "
+                 "evaluation episodes of the tables with these settings; the rest describes those tables' learned "
+                 "runs, none of which ran here. " + notes)
     cols = ["preset", "method", *METRICS, "ended_by", "env_steps_M", "train_min"]
-    write_results(args.name, "Multi-UAV formation: ours vs APF and ablations", cols, rows, seeds=args.seeds,
+    title = "Multi-UAV formation: the APF controller" if args.apf_only else "Multi-UAV formation: ours vs APF and ablations"
+    write_results(args.name, title, cols, rows, seeds=args.seeds,
                   notes=notes, out_dir=args.out_dir, figure=fig)
     print("\n".join(checks))
 

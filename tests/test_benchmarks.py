@@ -37,6 +37,17 @@ def test_bad_flag_is_a_clear_error():
     assert res.returncode != 0 and "no-such-flag" in (res.stderr + res.stdout)
 
 
+def test_uav_formation_apf_only_trains_nothing(tmp_path):
+    """`--apf-only`: the APF rows alone, on the evaluation's episodes (its seed), and no run trained."""
+    cmd = [sys.executable, str(ROOT / "benchmarks/uav_formation.py"), "--apf-only", "--eval-envs", "8", "--dynamics",
+           "pointmass", "--run-dir", str(tmp_path / "runs"), "--out-dir", str(tmp_path), "--name", "apf"]
+    out = subprocess.run(cmd, check=True, timeout=300, cwd=ROOT, capture_output=True, text=True).stdout
+    assert "mappo_uav_formation.py" not in out and not (tmp_path / "runs").exists()
+    data = json.loads((tmp_path / "apf.json").read_text())
+    assert [(r["preset"], r["method"]) for r in data["rows"]] == [(p, "APF") for p in ("static", "dynamic", "mixed")]
+    assert data["seeds"] == [20_000] and "APF controller alone" in (tmp_path / "apf.md").read_text()
+
+
 def test_uav_formation_table_runs_resumes_and_writes_its_results(tmp_path):
     """Tiny budget (point-mass drones): the learned rows come from real runs of the script, APF from the same
     evaluation; a second call reads the finished runs back instead of training again, and so does a call without
