@@ -639,9 +639,13 @@ def main(args: Args) -> None:
     if args.utd < 0 or (args.mode == "sync" and args.utd == 0):
         raise SystemExit(f"--utd must be > 0 (or 0 for an uncapped async learner), got {args.utd} in --mode {args.mode}")
     small = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ("sync_every", "checkpoint_every", "num_robots",
-             "critic_actor_ratio", "segment_steps", "batch_size", "sync_steps", "max_backlog") if getattr(args, k) < 1]
+             "critic_actor_ratio", "segment_steps", "batch_size", "sync_steps", "max_backlog", "hidden")
+             if getattr(args, k) < 1]
     if small:
         raise SystemExit(f"{', '.join(small)}: must be >= 1")
+    if not (args.learning_rate > 0 and 0 <= args.gamma <= 1 and 0 < args.tau <= 1 and args.torch_threads >= 0):
+        raise SystemExit(f"--learning-rate must be > 0, --gamma in [0, 1], --tau in (0, 1] and --torch-threads >= 0; "
+                         f"got {args.learning_rate}, {args.gamma}, {args.tau} and {args.torch_threads}")
     if args.total_env_steps < 0 or args.total_minutes < 0:
         raise SystemExit(f"--total-env-steps and --total-minutes must be >= 0 (0 minutes: no time limit), got "
                          f"{args.total_env_steps} and {args.total_minutes}")

@@ -57,7 +57,7 @@ from common.fsutil import atomic_write
 from common.pi0 import (Pi0Model, PromptPrefixCache, RolloutPrefixKeeper, gaussian_log_prob, pooled_prefix,
                         prefix_from)
 from common.pi0_io import (Pi0Processor, existing_checkpoint, init_expert, init_variant, load_pi0,
-                           load_pi0_policy, make_tokenizer, save_pi0)
+                           load_pi0_policy, make_tokenizer, read_torch_state, save_pi0)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -533,13 +533,15 @@ if __name__ == "__main__":
     for name, choices in (("bootstrap", ("truncation", "always", "none")), ("logprob_type", ("chunk", "token")),
                           ("noise_on", ("executed", "all")),
                           ("critic", ("auto", "expert", "vlm", "obs", "obs_ode")), ("adv_type", ("gae", "grpo")),
-                          ("reward_mode", REWARD_MODES), ("sft_expert", ("auto", "gemma", "mlp"))):
+                          ("reward_mode", REWARD_MODES), ("sft_expert", ("auto", "gemma", "mlp")),
+                          ("obs_mode", ("state", "rgb"))):
         if getattr(args, name) not in choices:
             raise SystemExit(f"--{name.replace('_', '-')} must be one of {choices}, got {getattr(args, name)!r}")
     for name, low in (("num_envs", 1), ("num_steps", 1), ("update_epochs", 1), ("minibatch_size", 1),
                       ("group_size", 2), ("action_chunk", 1), ("total_iterations", 0), ("total_minutes", 0),
                       ("eval_episodes", 0), ("num_eval_envs", 0), ("sft_demos", 0), ("max_episode_steps", 0),
-                      ("actor_warmup", 0), ("learning_rate", 0), ("value_lr", 0), ("keep_prefix_gib", 0)):
+                      ("actor_warmup", 0), ("learning_rate", 0), ("value_lr", 0), ("keep_prefix_gib", 0),
+                      ("image_size", 1), ("torch_threads", 0)):
         if getattr(args, name) < low:  # now, not after the model, an SFT run or the first rollout
             raise SystemExit(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
     if args.noise_level <= 0:  # sigma 0: every step deterministic, no log-prob to train on
@@ -653,7 +655,10 @@ if __name__ == "__main__":
             freeze_all_but_head(model)
         actor_params = [p for p in model.parameters() if p.requires_grad]
         optimizer.param_groups[0]["params"] = actor_params
-        state = torch.load(io.BytesIO((resume_dir / "trainer.pt").read_bytes()), weights_only=True)
+        try:
+            state = read_torch_state(resume_dir / "trainer.pt")
+        except ValueError as e:
+            raise SystemExit(f"--resume: {e}") from None
         value_head.load_state_dict(state["value_head"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])

@@ -45,7 +45,7 @@ from common.fsutil import atomic_write
 from common.libero_env import MAX_EPISODE_STEPS
 from common.pi0 import PromptPrefixCache, pooled_prefix
 from common.pi0_io import (NormStats, Pi0Processor, existing_checkpoint, load_pi0, load_pi0_policy, make_tokenizer,
-                           save_pi0)
+                           read_torch_state, save_pi0)
 
 
 @dataclass
@@ -302,7 +302,8 @@ if __name__ == "__main__":
     for name, low in (("action_bins", 2), ("action_chunk", 1), ("head_hidden", 1), ("num_envs", 1), ("num_steps", 1),
                       ("update_epochs", 1), ("minibatch_size", 1), ("bc_batch_size", 1), ("bc_steps", 0),
                       ("total_iterations", 0), ("eval_every", 1), ("checkpoint_every", 1), ("num_eval_envs", 1),
-                      ("group_size", 2), ("total_minutes", 0), ("actor_warmup", 0)):
+                      ("group_size", 2), ("total_minutes", 0), ("actor_warmup", 0), ("image_size", 1),
+                      ("torch_threads", 0)):
         if getattr(args, name) < low:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
     if args.temperature <= 0:
@@ -396,7 +397,10 @@ if __name__ == "__main__":
     value_head = mlp(feat_dim, args.head_hidden, 1, last_std=0.02).to(device)
     centres = bin_centres(bins, device)
     if start_from is not None:
-        heads = torch.load(io.BytesIO((start_from / "vla.pt").read_bytes()), weights_only=True)
+        try:
+            heads = read_torch_state(start_from / "vla.pt")
+        except ValueError as e:
+            raise SystemExit(f"cannot start from {start_from}: {e}") from None
         head.load_state_dict(heads["head"])
         value_head.load_state_dict(heads["value_head"])
     if not args.train_vlm:
@@ -408,7 +412,10 @@ if __name__ == "__main__":
     start_iter, global_step, history, bc_done = 0, 0, [], init_kind != "bc"
     trainer = None
     if resuming:
-        trainer = torch.load(io.BytesIO((resume_dir / "trainer.pt").read_bytes()), weights_only=True)
+        try:
+            trainer = read_torch_state(resume_dir / "trainer.pt")
+        except ValueError as e:
+            raise SystemExit(f"--resume: {e}") from None
         optimizer.load_state_dict(trainer["optimizer"])
         torch.set_rng_state(trainer["torch_rng"])
         if trainer.get("cuda_rng") and torch.cuda.is_available():  # sampling and shuffling draw on the GPU's

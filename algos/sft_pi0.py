@@ -38,7 +38,7 @@ from common.envs import (check_task, default_eval_envs, eval_initial_states, mak
 from common.fsutil import atomic_write
 from common.pi0 import Pi0Config, Pi0Model
 from common.pi0_io import (NormStats, Pi0Processor, check_prompts, existing_checkpoint, instruction_tokens, load_pi0,
-                           make_tokenizer, openpi_delta_action_dims, save_pi0)
+                           make_tokenizer, openpi_delta_action_dims, read_torch_state, save_pi0)
 
 
 @dataclass
@@ -284,7 +284,10 @@ if __name__ == "__main__":
         print(f"--resume: no checkpoint in {run_dir}, starting a new run", flush=True)
     if args.resume and resume_dir:
         model, norm_stats, meta = load_pi0(resume_dir, device)
-        trainer_state = torch.load(io.BytesIO((resume_dir / "trainer.pt").read_bytes()), weights_only=True)
+        try:
+            trainer_state = read_torch_state(resume_dir / "trainer.pt")
+        except ValueError as e:
+            raise SystemExit(f"--resume: {e}") from None
         start_step, results = meta["extra"]["step"], meta["extra"].get("results", [])
         print(f"resuming {run_name} at step {start_step}")
     elif args.init_from:

@@ -252,10 +252,10 @@ def add_raw(path: Path, raw: dict) -> None:
 def main(args: Args) -> None:
     root = ROOT / args.run_dir
     out_dir = Path(args.out_dir)
-    seeds = args.seeds if "learn" in args.parts else [1]
+    unknown = [part for part in args.parts if part not in ("profile", "learn", "resume")]
+    if unknown or not args.parts:  # all checked before any part's directory is cleared
+        raise SystemExit(f"unknown parts {unknown}; choose from profile, learn, resume")
     for part in args.parts:
-        if part not in ("profile", "learn", "resume"):
-            raise SystemExit(f"unknown part {part!r}; choose from profile, learn, resume")
         part_root = root / (part if part != "learn" else "learn_" + "_".join(args.learn_obs))
         if part_root.exists():
             import shutil

@@ -136,6 +136,10 @@ def wrapped(sim: str, cfg: dict, workers: int, steps: int, rng, seed: int) -> tu
 def main(args: Args) -> None:
     rng = np.random.default_rng(args.seed)
     settings = [s for s in SETTINGS if not args.only or any(o.lower() in s[0].lower() for o in args.only)]
+    if not settings:
+        raise SystemExit(f"nothing to run: --only {args.only} matches none of {[s[0] for s in SETTINGS]}")
+    if not args.workers or min(args.workers) < 1:
+        raise SystemExit(f"--workers takes counts >= 1, got {args.workers}")
     rows = []
     jobs = [(s, None) for s in settings] + [(s, w) for s in settings for w in args.workers]
     jobs.sort(key=lambda j: settings.index(j[0]))

@@ -136,6 +136,10 @@ def run(kind: str, endpoint: str, n: int, rate: float, seed: int) -> tuple[float
 
 
 def main(args: Args) -> None:
+    small = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ("items", "latency_items", "repeats")
+             if getattr(args, k) < 1]
+    if small:
+        raise SystemExit(f"{', '.join(small)}: must be >= 1")
     item_bytes = sum(np.asarray(v).nbytes for v in payload(np.random.default_rng(0)).values())
     rows, port = [], args.port
 

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import glob
+import io
 import json
 import os
 import re
@@ -316,6 +317,22 @@ def _read_json(path: Path):
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}): a partial copy?") from None
+
+
+def read_torch_state(path: Path) -> Any:
+    """A run's own torch file (trainer.pt, vla.pt: optimizer states, counters, RNG states), loaded with
+    `weights_only=True` (a file handed over from elsewhere runs no code). A missing, truncated or foreign one is a
+    ValueError that names it."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ValueError(f"{path} missing: not a checkpoint directory of this script, or a partial copy") from None
+    try:
+        return torch.load(io.BytesIO(data), weights_only=True)
+    except Exception as e:  # torch raises several kinds (UnpicklingError, RuntimeError, EOFError, ...)
+        raise ValueError(f"{path} is not a torch file these scripts write ({type(e).__name__}): a partial or "
+                         f"damaged copy?") from None
 
 
 def _read_weights(path: Path) -> dict:

@@ -150,10 +150,18 @@ class ReplayBuffer:
     def _recover(self) -> None:
         meta_path = self.dir / "meta.json"
         if meta_path.exists():
-            meta = json.loads(meta_path.read_text())
-            if meta.get("format") != FORMAT_VERSION:
-                raise BufferError(f"{self.dir}: buffer format {meta.get('format')}, this code reads {FORMAT_VERSION}")
-            self.schema = {k: (v[0], tuple(v[1])) for k, v in meta["schema"].items()}
+            try:
+                meta = json.loads(meta_path.read_text())
+                fmt = meta.get("format")
+            except (ValueError, AttributeError):  # (meta.json is written atomically: damaged after the fact)
+                raise BufferError(f"{meta_path}: not a buffer's meta.json (unreadable JSON: a damaged or partial "
+                                  f"copy?)") from None
+            if fmt != FORMAT_VERSION:
+                raise BufferError(f"{self.dir}: buffer format {fmt}, this code reads {FORMAT_VERSION}")
+            try:
+                self.schema = {k: (v[0], tuple(v[1])) for k, v in meta["schema"].items()}
+            except (KeyError, TypeError, IndexError, AttributeError):
+                raise BufferError(f"{meta_path}: no usable schema (a damaged copy?)") from None
         for tmp in self.dir.glob("**/*.tmp"):
             if not self.readonly:
                 tmp.unlink()

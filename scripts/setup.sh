@@ -48,7 +48,7 @@ stamp="$VENV/.requirements.sha256"
 want=$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[setup] installing requirements.txt into $VENV (about 2 minutes the first time)"
-  "$VENV/bin/python" -m pip install -q --upgrade pip
+  "$VENV/bin/python" -m pip install -q pip==26.3  # pinned too: a new pip may resolve the set differently
   "$VENV/bin/python" -m pip install -q -r requirements.txt
   "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e .
   # A CUDA torch here means something pulled it in: stop rather than run on the wrong build.
