@@ -263,6 +263,13 @@ def test_resume_goes_on_where_the_run_stopped(tmp_path):
     run([*flags, "--total-iterations", "3", "--resume"], tmp_path)
     third = json.loads((run_dir / "summary.json").read_text())
     assert third["env_steps"] > second["env_steps"] and third["sim_seconds"] is None
+    # a torn trainer.pt: a clear refusal naming the file, not torch's unpickling advice
+    trainer_pt = run_dir / "checkpoint" / "trainer.pt"
+    trainer_pt.write_bytes(trainer_pt.read_bytes()[:100])
+    torn = subprocess.run([sys.executable, str(ROOT / "algos" / "flow_sde_pi0.py"), "--run-dir", str(tmp_path), *flags,
+                           "--total-iterations", "4", "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert torn.returncode != 0 and "trainer.pt is not a torch file" in torn.stderr, torn.stderr[-2000:]
+    assert "Traceback" not in torn.stderr
 
 
 def test_few_iterations_on_libero_grpo_with_images(tmp_path):

@@ -84,6 +84,7 @@ def test_stage1_winner_maximises_the_worst_normalised_objective():
     assert mu.pick_winner(rows) == 1
     tie = [dict(rows[1]), {**rows[1], "collision_free": 0.8}]
     assert mu.pick_winner(tie) == 1  # equal objectives: the higher collision-free rate
+    assert mu.pick_winner(tie[::-1]) == 0  # wherever it stands
 
 
 def test_pipeline_at_toy_scale_and_resume(tmp_path):
@@ -133,6 +134,10 @@ def test_column_observation_modes_train_and_evaluate(tmp_path):
         assert summary["args"]["static_mode"] == mode and summary["args"]["formation_reward"] == reward
         assert summary["args"]["static_top_k"] == top_k
         assert set(summary["eval"]) == {"static", "dynamic", "mixed"}
+        # the flags reach the env the script builds (a summary repeats its args whether or not they did)
+        env_cfg = mu.make_env(mu.Args(static_mode=mode, formation_reward=reward, static_top_k=top_k), "mixed", 2, 0,
+                              "cpu").cfg
+        assert (env_cfg.static_mode, env_cfg.formation_reward, env_cfg.static_top_k) == (mode, reward, top_k)
     bad = subprocess.run(base + ["--static-mode", "sdf9_grad"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "sdf9_diff" in bad.stderr
     bad = subprocess.run(base + ["--formation-reward", "laplacian"], cwd=ROOT, capture_output=True, text=True,

@@ -513,6 +513,21 @@ def test_our_checkpoint_round_trip_and_crash_safety(tmp_path):
         load_pi0(tmp_path / "sft")
 
 
+def test_a_run_s_torch_file_loads_and_a_damaged_one_is_named(tmp_path):
+    from common.pi0_io import read_torch_state
+
+    path = tmp_path / "trainer.pt"
+    torch.save({"step": 3, "rng": torch.get_rng_state()}, path)
+    assert read_torch_state(path)["step"] == 3
+    whole = path.read_bytes()
+    for damaged in (whole[:len(whole) // 2], b"garbage"):
+        path.write_bytes(damaged)
+        with pytest.raises(ValueError, match="trainer.pt is not a torch file"):
+            read_torch_state(path)
+    with pytest.raises(ValueError, match="vla.pt missing"):
+        read_torch_state(tmp_path / "vla.pt")
+
+
 @pytest.mark.parametrize("variant", ["pi0", "pi05"])
 def test_the_state_is_normalised_by_quantiles_for_pi05_and_by_z_scores_for_pi0(variant):
     """openpi: π0 z-scores its inputs, π0.5 maps the 1st..99th percentiles to [-1, 1] (its checkpoints' norm

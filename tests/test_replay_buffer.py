@@ -137,6 +137,13 @@ def test_bad_input_errors(tmp_path):
         ReplayBuffer.open(tmp_path / "nope")
     with pytest.raises(BufferError, match="empty"):
         ReplayBuffer(tmp_path / "empty").sample(4)
+    buf.close()
+    meta = (tmp_path / "meta.json").read_text()
+    for damaged, says in ((meta[:len(meta) // 2], "unreadable JSON"), ('["a list"]', "unreadable JSON"),
+                          (json.dumps({**json.loads(meta), "schema": 3}), "no usable schema")):
+        (tmp_path / "meta.json").write_text(damaged)
+        with pytest.raises(BufferError, match=says):
+            ReplayBuffer.open(tmp_path, readonly=True)
 
 
 def test_sigkill_at_random_moments_never_loses_a_durable_segment(tmp_path):

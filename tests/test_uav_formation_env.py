@@ -391,6 +391,8 @@ def test_relative_self_position_is_centred_on_the_formation():
     moved = env._obs()
     assert torch.allclose(moved["self"], obs["self"], atol=1e-5)
     assert torch.allclose(moved["self"][..., 2], env.p[..., 2])  # the height stays absolute
+    centred = env.p[..., :2] - env.p[..., :2].mean(1, keepdim=True)  # x, y from the centroid, not from one drone
+    assert torch.allclose(moved["self"][..., :2], centred, atol=1e-5)
 
 
 def test_relative_self_position_with_walls_keeps_x_absolute():

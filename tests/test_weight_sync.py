@@ -168,7 +168,13 @@ def test_zero_copy_apply_points_parameters_at_the_received_buffer(transport):
     """inproc: the received frames are the publisher's own send buffers, so a reused buffer would rewrite the
     actor's weights; over TCP they are the subscriber's copies."""
     endpoint = free_endpoint() if transport == "tcp" else f"inproc://zero-copy-{time.monotonic_ns()}"
-    learner, actor = Policy(), Policy()
+
+    def big_policy():  # > 64 kB a message: pyzmq copies smaller ones even when asked not to
+        model = Policy()
+        model.vlm, model.expert = torch.nn.Linear(16, 1100), torch.nn.Linear(1100, 4)
+        return model
+
+    learner, actor = big_policy(), big_policy()
     pub = WeightPublisher(endpoint, learner)
     sub = WeightSubscriber(endpoint, actor, zero_copy=True)
     time.sleep(0.3)
@@ -177,8 +183,14 @@ def test_zero_copy_apply_points_parameters_at_the_received_buffer(transport):
             perturb(learner, v)
             pub.publish()
             pub.wait_sent()
-            assert sub.poll(2) and sub.apply()
+            assert sub.poll(2)
+            received = sub._pending.arrays["vlm.weight"]
+            assert sub.apply()
             assert torch.equal(actor.expert.weight, learner.expert.weight) and actor.expert.weight[0, 0] == v
+            assert actor.vlm.weight.data_ptr() == received.data_ptr()  # viewed, not copied
+            if transport == "inproc":  # ... and in-process, what it views is the publisher's own send buffer
+                ptr = received.data_ptr()
+                assert any(buf.ctypes.data <= ptr < buf.ctypes.data + buf.nbytes for buf, _ in pub._buffers)
         held = [p.clone() for p in actor.parameters()]
         for v in (9.0, 10.0, 11.0):  # new snapshots go into other buffers: the actor's weights stay as applied
             perturb(learner, v)
