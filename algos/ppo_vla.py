@@ -310,6 +310,8 @@ if __name__ == "__main__":
         raise SystemExit(f"--temperature must be > 0, got {args.temperature}")
     if args.env == "maniskill" and args.obs_mode not in ("state", "rgb"):
         raise SystemExit(f"--obs-mode must be state or rgb, got {args.obs_mode!r}")
+    if args.demos and Path(args.demos).exists() and not Path(args.demos).is_dir():
+        raise SystemExit(f"--demos {args.demos} is a file, not a demo directory")
     if args.adv_type == "grpo" and args.num_envs % args.group_size:
         raise SystemExit(f"--num-envs {args.num_envs} must be a multiple of --group-size {args.group_size}")
 

@@ -187,6 +187,8 @@ if __name__ == "__main__":
         raise SystemExit(f"--task {args.task}: {e}")
     if args.env == "maniskill" and args.obs_mode not in ("state", "rgb"):  # a typo must not train a state policy
         raise SystemExit(f"--obs-mode must be state or rgb, got {args.obs_mode!r}")
+    if args.demos and Path(args.demos).exists() and not Path(args.demos).is_dir():
+        raise SystemExit(f"--demos {args.demos} is a file, not a demo directory")
     if args.env == "libero":
         from common.libero_env import DEMO_INIT_STATES, eval_episode_count
 

@@ -117,6 +117,8 @@ def ensure_demos(env: str, task: str, num_demos: int, directory: str | Path | No
     `task`, made with the same observations, is topped up (with the demos a fresh generation of `num_demos` would
     hold: the seeds go on in order)."""
     path = Path(directory or f"data/demos/{task.replace('/', '_')}")
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"demos: {path} is a file, not a demo directory")
     interrupted = (path / GENERATING).exists()
     if (path / "segments").is_dir() and not interrupted:
         report = json.loads((path / "report.json").read_text()) if (path / "report.json").exists() else {}

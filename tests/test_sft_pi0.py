@@ -191,3 +191,18 @@ def test_libero_task_subset_sft_keeps_every_instruction_whole(tmp_path):
                                            "--no-eval-at-end"], cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stderr[-3000:]
     assert load_pi0(tmp_path / "runs" / "libero_spatial_1,6__openpi__1" / "final")[0].cfg.delta_action_dims == 6
+
+
+def test_a_demo_path_that_is_a_file_is_refused(tmp_path):
+    """Not generated into, not a FileExistsError from deep in pathlib: the library says what is wrong and the
+    scripts refuse it before they start."""
+    from common.demos import ensure_demos
+
+    path = tmp_path / "demos.bin"
+    path.write_bytes(b"not a directory")
+    with pytest.raises(ValueError, match="is a file, not a demo directory"):
+        ensure_demos("maniskill", "PushCube-v1", 1, path)
+    out = subprocess.run([sys.executable, str(ROOT / "algos" / "sft_pi0.py"), "--demos", str(path), "--run-dir",
+                          str(tmp_path / "runs")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "is a file, not a demo directory" in out.stderr and "Traceback" not in out.stderr
+    assert path.read_bytes() == b"not a directory"
