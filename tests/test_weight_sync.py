@@ -383,6 +383,7 @@ def test_cuda_learner_publishes_straight_from_the_gpu_to_a_cpu_actor(flatten):
         time.sleep(0.2)
         for v in (1, 2, 3):
             with torch.no_grad():
+                torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time ahead of the adds: they are surely unfinished
                 for p in learner.parameters():
                     p.add_(torch.randn_like(p))  # queued on the default stream, not yet finished: publish must wait
             assert pub.publish() == v and pub.wait_sent()
