@@ -534,9 +534,11 @@ if __name__ == "__main__":
                           ("noise_on", ("executed", "all")),
                           ("critic", ("auto", "expert", "vlm", "obs", "obs_ode")), ("adv_type", ("gae", "grpo")),
                           ("reward_mode", REWARD_MODES), ("sft_expert", ("auto", "gemma", "mlp")),
-                          ("obs_mode", ("state", "rgb"))):
+                          ("obs_mode", ("state", "rgb")), ("model", ("tiny", "pi0", "pi05"))):
         if getattr(args, name) not in choices:
             raise SystemExit(f"--{name.replace('_', '-')} must be one of {choices}, got {getattr(args, name)!r}")
+    if args.init.partition(":")[0] not in ("sft", "openpi", "scratch") or args.init in ("openpi", "openpi:"):
+        raise SystemExit(f"--init must be sft:PATH, sft:auto, openpi:PATH or scratch; got {args.init!r}")
     for name, low in (("num_envs", 1), ("num_steps", 1), ("update_epochs", 1), ("minibatch_size", 1),
                       ("group_size", 2), ("action_chunk", 1), ("total_iterations", 0), ("total_minutes", 0),
                       ("eval_episodes", 0), ("num_eval_envs", 0), ("sft_demos", 0), ("max_episode_steps", 0),

@@ -280,7 +280,7 @@ if __name__ == "__main__":
     if not args.max_episode_steps:
         args.max_episode_steps = MAX_EPISODE_STEPS[suite] if args.env == "libero" else 100
     for name, choices in (("bootstrap", ("truncation", "always", "none")), ("logprob_type", ("chunk", "token")),
-                          ("adv_type", ("gae", "grpo"))):
+                          ("adv_type", ("gae", "grpo")), ("model", ("tiny", "pi0", "pi05"))):
         if getattr(args, name) not in choices:
             raise SystemExit(f"--{name.replace('_', '-')} must be one of {choices}, got {getattr(args, name)!r}")
     init_kind, _, init_path = args.init.partition(":")

@@ -204,7 +204,9 @@ def test_bad_flags_are_refused(tmp_path):
              (["--eval-episodes", "-1"], "--eval-episodes must be >= 0"),
              (["--adv-type", "grpo", "--group-size", "1", "--num-envs", "1"], "--group-size must be >= 2"),
              (["--eval-live"], "give --ema-decay too"),
-             (["--init", "scratch", "--critic", "obs", "--no-detach-critic-input"], "always detached")]
+             (["--init", "scratch", "--critic", "obs", "--no-detach-critic-input"], "always detached"),
+             (["--init", "openpi"], "--init must be"), (["--model", "huge"], "--model must be one of"),
+             (["--obs-mode", "foo"], "--obs-mode must be one of")]
     assert_each_refused(cases, lambda flags: [sys.executable, str(ROOT / "algos" / "flow_noise_pi0.py"), "--run-dir",
                                               str(tmp_path), "--env", "maniskill", *flags], cwd=ROOT)
 

@@ -333,7 +333,10 @@ def test_bad_flags_are_refused(tmp_path):
              (["--total-minutes", "-1"], "--total-minutes must be >= 0"),
              (["--noise-level", "0"], "--noise-level must be > 0"),
              (["--joint", "--ignore-last"], "--ignore-last keeps"), (["--eval-live"], "give --ema-decay too"),
-             (["--init", "scratch", "--critic", "obs", "--no-detach-critic-input"], "always detached")]
+             (["--init", "scratch", "--critic", "obs", "--no-detach-critic-input"], "always detached"),
+             (["--init", "foo"], "got 'foo'"), (["--model", "huge"], "--model must be one of"),
+             (["--obs-mode", "rbg"], "--obs-mode must be one of"), (["--image-size", "0"], "--image-size must be >= 1"),
+             (["--torch-threads", "-3"], "--torch-threads must be >= 0")]
     assert_each_refused(cases, lambda flags: [sys.executable, str(ROOT / "algos" / "flow_sde_pi0.py"), "--run-dir",
                                               str(tmp_path), "--env", "maniskill", *flags], cwd=ROOT)
 

@@ -127,6 +127,7 @@ def test_bad_flags_are_refused(tmp_path):
              (["--action-bins", "1"], "--action-bins must be >= 2"),
              (["--adv-type", "grpo", "--num-envs", "3"], "multiple of --group-size"),
              (["--temperature", "0"], "--temperature"), (["--logprob-type", "seq"], "--logprob-type"),
-             (["--actor-warmup", "-1"], "--actor-warmup must be >= 0")]
+             (["--actor-warmup", "-1"], "--actor-warmup must be >= 0"), (["--model", "huge"], "--model must be one of"),
+             (["--torch-threads", "-3"], "--torch-threads must be >= 0"), (["--image-size", "0"], "--image-size")]
     assert_each_refused(cases, lambda flags: SCRIPT + flags + ["--run-dir", str(tmp_path / "r")], cwd=ROOT)
     assert not (tmp_path / "r").exists()  # none of them made its run directory
