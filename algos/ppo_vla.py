@@ -288,6 +288,8 @@ if __name__ == "__main__":
         raise SystemExit(f"--init must be bc, vla:PATH or scratch, got {args.init!r}")
     if init_kind == "vla" and not (Path(init_path) / "vla.pt").exists():
         raise SystemExit(f"--init {args.init}: no checkpoint of this script there (vla.pt missing)")
+    if init_kind == "vla" and not (Path(init_path) / "pi0_config.json").exists():  # (before the run dir is made)
+        raise SystemExit(f"--init {args.init}: not a checkpoint of this script (vla.pt without pi0_config.json)")
     if args.backbone.partition(":")[0] not in ("scratch", "sft", "openpi"):
         raise SystemExit(f"--backbone must be scratch, sft:PATH or openpi:PATH, got {args.backbone!r}")
     if args.env == "libero":
@@ -347,9 +349,12 @@ if __name__ == "__main__":
     episodes, meta = None, {"extra": {}}
     tokenizer = make_tokenizer(args.tokenizer)
     if start_from is not None:
-        model, norm_stats, meta = load_pi0(start_from, device)
-        env_action_dim, camera_keys = meta["extra"]["env_action_dim"], tuple(meta["extra"]["camera_keys"])
-        saved_args = meta["extra"]["args"]
+        try:
+            model, norm_stats, meta = load_pi0(start_from, device)
+            env_action_dim, camera_keys = meta["extra"]["env_action_dim"], tuple(meta["extra"]["camera_keys"])
+            saved_args = meta["extra"]["args"]
+        except (ValueError, FileNotFoundError, KeyError) as e:  # KeyError: another script's checkpoint
+            raise SystemExit(f"{start_from}: not a checkpoint of this script ({type(e).__name__}: {e})") from None
         made_for = {k: saved_args[k] for k in ("env", "task", "obs_mode", "control_mode")}
         if made_for != {k: getattr(args, k) for k in made_for}:
             raise SystemExit(f"{start_from} was trained on {made_for}: pass the same --env / --task / --obs-mode / "

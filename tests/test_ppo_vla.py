@@ -129,5 +129,8 @@ def test_bad_flags_are_refused(tmp_path):
              (["--temperature", "0"], "--temperature"), (["--logprob-type", "seq"], "--logprob-type"),
              (["--actor-warmup", "-1"], "--actor-warmup must be >= 0"), (["--model", "huge"], "--model must be one of"),
              (["--torch-threads", "-3"], "--torch-threads must be >= 0"), (["--image-size", "0"], "--image-size")]
+    (tmp_path / "heads_only").mkdir()
+    (tmp_path / "heads_only" / "vla.pt").write_bytes(b"")  # a vla.pt without the model beside it
+    cases.append((["--init", f"vla:{tmp_path / 'heads_only'}"], "not a checkpoint of this script"))
     assert_each_refused(cases, lambda flags: SCRIPT + flags + ["--run-dir", str(tmp_path / "r")], cwd=ROOT)
     assert not (tmp_path / "r").exists()  # none of them made its run directory
