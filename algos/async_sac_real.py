@@ -643,9 +643,12 @@ def main(args: Args) -> None:
              if getattr(args, k) < 1]
     if small:
         raise SystemExit(f"{', '.join(small)}: must be >= 1")
-    if not (args.learning_rate > 0 and 0 <= args.gamma <= 1 and 0 < args.tau <= 1 and args.torch_threads >= 0):
-        raise SystemExit(f"--learning-rate must be > 0, --gamma in [0, 1], --tau in (0, 1] and --torch-threads >= 0; "
-                         f"got {args.learning_rate}, {args.gamma}, {args.tau} and {args.torch_threads}")
+    ranges = [f"--{flag} must be {bound}, got {value}" for flag, value, ok, bound in (
+        ("learning-rate", args.learning_rate, args.learning_rate > 0, "> 0"),
+        ("gamma", args.gamma, 0 <= args.gamma <= 1, "in [0, 1]"), ("tau", args.tau, 0 < args.tau <= 1, "in (0, 1]"),
+        ("torch-threads", args.torch_threads, args.torch_threads >= 0, ">= 0")) if not ok]
+    if ranges:
+        raise SystemExit("; ".join(ranges))
     if args.total_env_steps < 0 or args.total_minutes < 0:
         raise SystemExit(f"--total-env-steps and --total-minutes must be >= 0 (0 minutes: no time limit), got "
                          f"{args.total_env_steps} and {args.total_minutes}")

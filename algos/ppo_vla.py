@@ -351,10 +351,13 @@ if __name__ == "__main__":
     if start_from is not None:
         try:
             model, norm_stats, meta = load_pi0(start_from, device)
-            env_action_dim, camera_keys = meta["extra"]["env_action_dim"], tuple(meta["extra"]["camera_keys"])
-            saved_args = meta["extra"]["args"]
-        except (ValueError, FileNotFoundError, KeyError) as e:  # KeyError: another script's checkpoint
-            raise SystemExit(f"{start_from}: not a checkpoint of this script ({type(e).__name__}: {e})") from None
+        except (ValueError, FileNotFoundError) as e:
+            raise SystemExit(f"{start_from}: {e}") from None
+        extra = meta.get("extra", {})
+        if not {"env_action_dim", "camera_keys", "args"} <= set(extra):
+            raise SystemExit(f"{start_from}: not a checkpoint of this script (another script's: no env_action_dim, "
+                             f"camera_keys or args in its metadata)")
+        env_action_dim, camera_keys, saved_args = extra["env_action_dim"], tuple(extra["camera_keys"]), extra["args"]
         made_for = {k: saved_args[k] for k in ("env", "task", "obs_mode", "control_mode")}
         if made_for != {k: getattr(args, k) for k in made_for}:
             raise SystemExit(f"{start_from} was trained on {made_for}: pass the same --env / --task / --obs-mode / "

@@ -254,7 +254,8 @@ def main(args: Args) -> None:
     out_dir = Path(args.out_dir)
     unknown = [part for part in args.parts if part not in ("profile", "learn", "resume")]
     if unknown or not args.parts:  # all checked before any part's directory is cleared
-        raise SystemExit(f"unknown parts {unknown}; choose from profile, learn, resume")
+        raise SystemExit(f"unknown parts {unknown}; choose from profile, learn, resume" if unknown else
+                         "--parts: give at least one of profile, learn, resume")
     for part in args.parts:
         part_root = root / (part if part != "learn" else "learn_" + "_".join(args.learn_obs))
         if part_root.exists():

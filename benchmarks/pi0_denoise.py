@@ -53,8 +53,10 @@ def time_calls(fn, repeats: int) -> float:
 def main(args: Args) -> None:
     small = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ("batch_size", "num_steps", "repeats")
              if getattr(args, k) < 1]
-    if small or args.threads < 0:
-        raise SystemExit(f"{', '.join(small) or f'--threads {args.threads}'}: must be >= 1 (threads >= 0)")
+    if small:
+        raise SystemExit(f"{', '.join(small)}: must be >= 1")
+    if args.threads < 0:
+        raise SystemExit(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = [("LIBERO model: 2 cameras 64 px", dict(num_cameras=2, image_size=64)),

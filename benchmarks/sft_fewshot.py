@@ -71,12 +71,12 @@ def run_sft(args: Args, env: str, task: str, demos: int, steps: int, episodes: i
 
 
 def main(args: Args) -> None:
-    empty = [flag for flag, values in (("--seeds", args.seeds), ("--pushcube-demos", args.pushcube_demos),
+    bad = [flag for flag, values in (("--seeds", args.seeds), ("--pushcube-demos", args.pushcube_demos),
                                        ("--libero-seeds", args.libero_seeds if args.libero_task else [1]),
                                        ("--libero-demos", args.libero_demos if args.libero_task else [1]))
              if not values or min(values) < (0 if "seeds" in flag else 1)]
-    if empty:
-        raise SystemExit(f"{', '.join(empty)}: give at least one value (demo counts >= 1, seeds >= 0)")
+    if bad:
+        raise SystemExit(f"{', '.join(bad)}: give at least one value (demo counts >= 1, seeds >= 0)")
     rows = []
     settings = [("maniskill", "PushCube-v1", n, args.pushcube_steps, args.pushcube_eval_episodes,
                  ["--demos", str(args.demo_dir / "PushCube-v1")]) for n in args.pushcube_demos]

@@ -178,7 +178,8 @@ class Args:
     evaluation episodes as every table's, e.g. to set beside a committed table after the controller changed"""
 
 
-APF_EVAL_SEED = 20_000  # the script's evaluation seed: every method flies the same initial states
+EVAL_SEED = 20_000  # the seed of the script's final evaluation (its evaluate calls): every method, APF too, flies
+# the same initial states
 
 
 def run_name(variant: str) -> str:
@@ -374,7 +375,7 @@ def main(args: Args) -> None:
         raise SystemExit(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     args.variants, args.seeds = list(dict.fromkeys(args.variants)), list(dict.fromkeys(args.seeds))
     if args.apf_only:
-        args.variants, args.seeds = [], [APF_EVAL_SEED]
+        args.variants, args.seeds = [], [EVAL_SEED]
     elif not args.variants or not args.seeds:
         raise SystemExit("give at least one --variants and one --seeds")
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", args.name) or args.name.startswith("."):
@@ -395,7 +396,7 @@ def main(args: Args) -> None:
     device = torch.device("cuda" if args.device == "cuda" and torch.cuda.is_available() else "cpu")
     ref_obs = mu.make_env(targs, "mixed", 2, 0, device).reset()
     apf = {p: mu.evaluate(lambda env, obs: APFController(env).act(), targs, p, mu.PAPER_WEIGHTS, ref_obs, device,
-                          seed=APF_EVAL_SEED) for p in presets}
+                          seed=EVAL_SEED) for p in presets}
 
     rows, per_method = [], {}
     for preset in presets:
@@ -503,9 +504,9 @@ def main(args: Args) -> None:
                             f"{r['workers']} run(s) at a time" for (v, s), r in results.items())
                 + ".\n\nTargets:\n" + "\n".join(f"- {c}" for c in checks) if results else ""))
     if args.apf_only:
-        notes = (f"The APF controller alone (`--apf-only`; seeds: the evaluation's, {APF_EVAL_SEED}), on the "
-                 "evaluation episodes of the tables with these settings; the rest describes those tables' learned "
-                 "runs, none of which ran here. " + notes)
+        notes = (f"The APF controller alone (`--apf-only`; `Seeds` is the evaluation's seed, {EVAL_SEED}, not a "
+                 "training seed), on the evaluation episodes of the tables with these settings; the budget and the "
+                 "learned variants' settings below describe those tables' runs, none of which ran here. " + notes)
     cols = ["preset", "method", *METRICS, "ended_by", "env_steps_M", "train_min"]
     title = "Multi-UAV formation: the APF controller" if args.apf_only else "Multi-UAV formation: ours vs APF and ablations"
     write_results(args.name, title, cols, rows, seeds=args.seeds,

@@ -150,12 +150,15 @@ class ReplayBuffer:
     def _recover(self) -> None:
         meta_path = self.dir / "meta.json"
         if meta_path.exists():
-            try:
+            try:  # (meta.json is written atomically: damaged after the fact)
                 meta = json.loads(meta_path.read_text())
-                fmt = meta.get("format")
-            except (ValueError, AttributeError):  # (meta.json is written atomically: damaged after the fact)
+            except ValueError:
                 raise BufferError(f"{meta_path}: not a buffer's meta.json (unreadable JSON: a damaged or partial "
                                   f"copy?)") from None
+            if not isinstance(meta, dict):
+                raise BufferError(f"{meta_path}: not a buffer's meta.json (a JSON {type(meta).__name__}, not an "
+                                  f"object)")
+            fmt = meta.get("format")
             if fmt != FORMAT_VERSION:
                 raise BufferError(f"{self.dir}: buffer format {fmt}, this code reads {FORMAT_VERSION}")
             try:

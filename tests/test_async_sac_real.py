@@ -360,8 +360,8 @@ def test_bad_input_fails_before_a_run_directory_exists(tmp_path):
              (["--total-minutes", "-1"], "--total-minutes must be >= 0"),
              (["--critic-subsample", "0"], "1 <= --critic-subsample <= --num-q"),
              (["--hidden", "0"], "--hidden 0: must be >= 1"),
-             (["--learning-rate", "-1"], "--learning-rate must be > 0"), (["--gamma", "-1"], "--gamma in [0, 1]"),
-             (["--tau", "5"], "--tau in (0, 1]"),
+             (["--learning-rate", "-1"], "--learning-rate must be > 0"),
+             (["--gamma", "-1"], "--gamma must be in [0, 1]"), (["--tau", "5"], "--tau must be in (0, 1]"),
              (["--robot", "dummy,name=arm", "--num-robots", "2"], "every robot would take the same name"),
              (["--robot", "franka:10.0.0.2", "--num-robots", "2"], "every robot would take the same robot_ip"),
              (["--robot", "franka,robot_ip=10.0.0.2", "--num-robots", "2"], "the same robot_ip")]

@@ -139,7 +139,7 @@ def test_bad_input_errors(tmp_path):
         ReplayBuffer(tmp_path / "empty").sample(4)
     buf.close()
     meta = (tmp_path / "meta.json").read_text()
-    for damaged, says in ((meta[:len(meta) // 2], "unreadable JSON"), ('["a list"]', "unreadable JSON"),
+    for damaged, says in ((meta[:len(meta) // 2], "unreadable JSON"), ('["a list"]', "not an object"),
                           (json.dumps({**json.loads(meta), "schema": 3}), "no usable schema")):
         (tmp_path / "meta.json").write_text(damaged)
         with pytest.raises(BufferError, match=says):
