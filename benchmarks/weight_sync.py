@@ -13,6 +13,8 @@ The reference is `torch.Tensor.copy_` of one flat tensor of the same size, preal
 
 `shm` variants go through shared memory (`shm://` endpoints): in the same process, and to an actor in another
 process (`xproc`: publish() here plus poll() + apply() there, the child told over a pipe when to look).
+`shm_in_place` variants publish in place (`WeightPublisher(..., in_place=True)`, common/shm_inplace.py): the
+learner's tensors live in the shared file and the actor copies them out, one copy between two fixed buffers.
 `--flush-caches` evicts the caches before every timed copy and sync (the learner's working set, optimizer states and
 activations, is far larger than the last-level cache): results go to weight_sync_cold.{md,json,png}.
 
@@ -242,7 +244,7 @@ def time_shm_floor(n: int, parts: int, repeats: int, seed: int, flush: bool = Fa
 def publish_round(learner, pub: WeightPublisher, memcpy: Memcpy, flush: bool, device: str):
     """One timed round's learner side: change the weights, time the memcpy reference, then publish. Returns (memcpy
     seconds, when publish started, how long it blocked, version)."""
-    with torch.no_grad():
+    with torch.no_grad(), pub.writing():  # (announced: in place, readers wait for the next publish)
         learner.w0.add_(1.0)
     copy_s = memcpy()
     flush_caches(flush)
@@ -253,11 +255,12 @@ def publish_round(learner, pub: WeightPublisher, memcpy: Memcpy, flush: bool, de
 
 
 def time_sync(n: int, parts: int, endpoint: str, repeats: int, seed: int, zero_copy: bool = False,
-              flatten: bool = False, device: str = "cpu", flush: bool = False) -> tuple[float, float, float]:
+              flatten: bool = False, device: str = "cpu", flush: bool = False,
+              in_place: bool = False) -> tuple[float, float, float]:
     """Medians of (publish+apply seconds, seconds that publish() blocked the learner, memcpy seconds)."""
     ctx = zmq.Context()
     learner, actor = make_model(n, parts, seed, device), make_model(n, parts, seed + 1)
-    pub = WeightPublisher(endpoint, learner, ctx=ctx, flatten=flatten)
+    pub = WeightPublisher(endpoint, learner, ctx=ctx, flatten=flatten, in_place=in_place)
     sub = WeightSubscriber(endpoint, actor, ctx=ctx, zero_copy=zero_copy)
     memcpy = Memcpy(n, device, flush)
     time.sleep(0.3)
@@ -286,29 +289,34 @@ import os, struct, sys, time, torch
 sys.path.insert(0, {root!r})
 from benchmarks.weight_sync import make_model
 from common.weight_sync import WeightSubscriber
+from benchmarks.weight_sync import Memcpy
+torch.set_num_threads(1)  # an actor colocated with its learner: one intra-op thread (no pool to wake per round)
 actor = make_model({n}, {parts}, {seed} + 1)
 sub = WeightSubscriber({endpoint!r}, actor, zero_copy=True)
+memcpy = Memcpy({n})  # in place, the copy is made here: its reference is timed here too, right before
 os.write({out_fd}, b"ready")
 while True:
     go = os.read({in_fd}, 8)
     if len(go) < 8:
         break
+    copy_s = memcpy()
     start = time.perf_counter()
     if not sub.poll(0.0):
         raise SystemExit("published version not visible")
     sub.apply()
-    os.write({out_fd}, struct.pack("<qdf", sub.version, time.perf_counter() - start, float(actor.w0[0].detach())))
+    os.write({out_fd}, struct.pack("<qdfd", sub.version, time.perf_counter() - start, float(actor.w0[0].detach()),
+                                   copy_s))
 sub.close()
 """
 
 
 def time_sync_xproc(n: int, parts: int, endpoint: str, repeats: int, seed: int, device: str = "cpu",
-                    flush: bool = False) -> tuple[float, float, float]:
+                    flush: bool = False, in_place: bool = False) -> tuple[float, float, float]:
     """`time_sync` with the (zero-copy) actor in a child process: the time publish() takes here plus the time the
     child's poll() + apply() take there, told to go over a pipe once publish() has returned (the actor's own loop
     decides when it looks; this times the work, not a wake-up)."""
     learner = make_model(n, parts, seed, device)
-    pub = WeightPublisher(endpoint, learner, flatten=True)
+    pub = WeightPublisher(endpoint, learner, flatten=True, in_place=in_place)
     go_read, go_write = os.pipe()
     out_read, out_write = os.pipe()
     code = ACTOR_PROCESS.format(root=str(Path(__file__).resolve().parents[1]), n=n, parts=parts, seed=seed,
@@ -331,12 +339,12 @@ def time_sync_xproc(n: int, parts: int, endpoint: str, repeats: int, seed: int, 
         for r in range(repeats + 2):
             copy_s, start, blocked, version = publish_round(learner, pub, memcpy, flush, device)
             os.write(go_write, struct.pack("<q", version))
-            got, apply_s, first = struct.unpack("<qdf", read(20))
+            got, apply_s, first, child_copy_s = struct.unpack("<qdfd", read(28))
             assert got == version and first == float(learner.w0[0].detach()), (got, version, first)
             if r >= 2:
                 totals.append(blocked + apply_s)
                 blocks.append(blocked)
-                copies.append(copy_s)
+                copies.append(child_copy_s if in_place else copy_s)  # the reference where the copy is made
         os.close(go_write)  # the child reads end-of-file and exits
         go_write = -1
         child.wait(timeout=60)
@@ -440,7 +448,10 @@ VARIANTS = (("inproc", "inproc://weights-{n}", False, False),
             ("inproc_flat_zero_copy", "inproc://weights-flat-zc-{n}", True, True),
             ("shm_flat_zero_copy", "shm://bench-weights-{pid}-{n}", True, True),
             ("xproc_shm_flat_zero_copy", "shm://bench-weights-x-{pid}-{n}", True, True),
+            ("shm_in_place", "shm://bench-weights-ip-{pid}-{n}", True, False),
+            ("xproc_shm_in_place", "shm://bench-weights-ipx-{pid}-{n}", True, False),
             ("tcp_flat_zero_copy", "tcp://127.0.0.1:{port}", True, True))
+IN_PLACE = ("shm_in_place", "xproc_shm_in_place")  # CPU learners only
 
 
 def main(args: Args) -> None:
@@ -456,13 +467,15 @@ def main(args: Args) -> None:
         row = {"params": f"{n / 1e6:g}M" if n >= 100_000 else f"{n / 1e3:g}k", "MB": round(n * 4 / 1e6, 3)}
         repeats = args.repeats * (SMALL_REPEATS if n <= 1_000_000 else 1)
         for name, endpoint, flatten, zero_copy in VARIANTS:
+            if cuda and name in IN_PLACE:
+                continue
             endpoint = endpoint.format(n=n, port=free_port(), pid=os.getpid())
             if name.startswith("xproc"):
                 total, blocked, copy_s = time_sync_xproc(n, args.tensors, endpoint, repeats, args.seed,
-                                                         device, args.flush_caches)
+                                                         device, args.flush_caches, name in IN_PLACE)
             else:
                 total, blocked, copy_s = time_sync(n, args.tensors, endpoint, repeats, args.seed, zero_copy,
-                                                   flatten, device, args.flush_caches)
+                                                   flatten, device, args.flush_caches, name in IN_PLACE)
             row[f"{name}_publish_apply_ms"] = round(total * 1e3, 3)
             row[f"{name}_vs_memcpy"] = round(total / copy_s, 2)
             row[f"{name}_memcpy_ms"] = round(copy_s * 1e3, 3)
@@ -491,9 +504,12 @@ def main(args: Args) -> None:
             ("inproc_flat_zero_copy_publish_apply_ms", "ours, inproc, flattened, zero-copy apply"),
             ("shm_flat_zero_copy_publish_apply_ms", "ours, shared memory, flattened, zero-copy apply"),
             ("xproc_shm_flat_zero_copy_publish_apply_ms", "ours, shared memory to another process"),
+            ("shm_in_place_publish_apply_ms", "ours, shared memory, published in place"),
+            ("xproc_shm_in_place_publish_apply_ms", "ours, in place, to another process"),
             ("tcp_flat_zero_copy_publish_apply_ms", "ours, TCP loopback, flattened, zero-copy apply"))
+    bars = [(key, label) for key, label in bars if key in rows[0]]
     for i, (key, label) in enumerate(bars):
-        ax.bar(x + (i - 3) * 0.12, [r[key] for r in rows], 0.12, label=label)
+        ax.bar(x + (i - len(bars) / 2) * 0.1, [r[key] for r in rows], 0.1, label=label)
     ax.set_xticks(x, [r["params"] + " fp32" for r in rows])
     ax.set_yscale("log")
     ax.set_ylabel("ms (log)")
@@ -514,10 +530,19 @@ def main(args: Args) -> None:
              "shared-memory variant's). Target: <= 2x memcpy. `shm`: an `shm://` endpoint, the publisher packs "
              "straight into a free slot of a file in /dev/shm and the actor's parameters view that slot (one copy "
              "in all, no socket); `xproc_shm`: the same to an actor in another process: `publish()` here plus "
-             "`poll()` + `apply()` there (the child told over a pipe when to look). Over TCP the bytes cross the "
+             "`poll()` + `apply()` there (the child told over a pipe when to look; it runs one intra-op thread, as "
+             "an actor colocated with its learner would). Over TCP the bytes cross the "
              "kernel's loopback, whose own limit is `tcp_raw_pyzmq_ms` (raw pyzmq PUSH -> PULL of the same bytes, "
              "measured in the same run): `tcp_vs_raw` is our overhead over it.")
     if not cuda:
+        notes += (" `shm_in_place` (`WeightPublisher(..., in_place=True)`, common/shm_inplace.py): the learner's "
+                  "tensors themselves live in the shared file, `publish()` only marks them as the new version, and "
+                  "the actor copies them into its own parameters (moved once into one buffer laid out like the "
+                  "learner's, so one copy of the whole block) under a reader-writer lock: one copy in all, between "
+                  "two fixed buffers, as the memcpy. The round's change to the learner's weights is announced "
+                  "(`pub.writing()`, as `optimizer.step()` does by itself). Its copy is made by the actor, so "
+                  "`xproc_shm_in_place`'s memcpy reference is timed in the actor process (one thread), right before "
+                  "each apply: `xproc_shm_in_place_memcpy_ms`.")
         notes += (" `inproc_zmq_floor_ms` is the least a ZMQ zero-copy handoff costs here, with none of our code: "
                   "per round one copy into one of two send buffers (a zero-copy receiver holds the last), a tracked "
                   "zero-copy PUB -> SUB send and receive, and the actor's parameters re-pointed at the bytes; no "
@@ -543,6 +568,9 @@ def main(args: Args) -> None:
                           "shm_flat_zero_copy_publish_apply_ms", "shm_flat_zero_copy_vs_memcpy",
                           "xproc_shm_flat_zero_copy_publish_apply_ms", "xproc_shm_flat_zero_copy_vs_memcpy",
                           "shm_flat_zero_copy_publish_blocks_ms",
+                          *([] if cuda else ["shm_in_place_publish_apply_ms", "shm_in_place_vs_memcpy",
+                                                 "xproc_shm_in_place_publish_apply_ms", "xproc_shm_in_place_vs_memcpy",
+                                                 "xproc_shm_in_place_memcpy_ms", "shm_in_place_publish_blocks_ms"]),
                           *([] if cuda else ["inproc_zmq_floor_ms", "zmq_floor_vs_memcpy", "shm_floor_ms",
                                                  "shm_floor_vs_memcpy"]),
                           "tcp_flat_zero_copy_publish_apply_ms",

@@ -58,6 +58,7 @@ from common.transport import FrameError, Message, PackedDecoder, TransportError
 log = logging.getLogger("transport")
 
 MAGIC = 0x726C785F73686D31  # "rlx_shm1"
+INPLACE_MAGIC = 0x726C785F696E7031  # "rlx_inp1": a channel of common.shm_inplace (the weights published in place)
 LAYOUT_VERSION = 1
 CONTROL_BYTES = 4096
 W_MAGIC, W_LAYOUT, W_SLOTS, W_SLOT_BYTES, W_MAX_READERS, W_RETIRED, W_LATEST_SLOT, W_LATEST_VERSION, W_HEARTBEAT, \
@@ -71,6 +72,15 @@ NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
 
 class ShmError(TransportError):
     """A shared-memory channel that cannot be used: name taken, no free reader entry, a malformed file."""
+
+
+class ShmKindError(ShmError):
+    """The channel's file is of the other kind (slots here, weights published in place in `common.shm_inplace`):
+    `kind` is the file's, "slots" or "in_place". `WeightSubscriber` switches reader on it."""
+
+    def __init__(self, path: Path, kind: str):
+        super().__init__(f"{path} is a shared-memory channel of kind {kind!r}")
+        self.kind = kind
 
 
 def shm_dir() -> Path:
@@ -132,6 +142,8 @@ class _Mapping:
         self.words = memoryview(self.mm)[:CONTROL_BYTES].cast("q")
         magic, layout, slots, slot_bytes, readers = (int(self.ctl[w]) for w in
                                                      (W_MAGIC, W_LAYOUT, W_SLOTS, W_SLOT_BYTES, W_MAX_READERS))
+        if magic == INPLACE_MAGIC:
+            raise ShmKindError(path, "in_place")
         if magic != MAGIC or layout != LAYOUT_VERSION:
             raise ShmError(f"{path} is not a shared-memory channel of layout {LAYOUT_VERSION} "
                            f"(magic {magic:#x}, layout {layout})")
@@ -241,7 +253,8 @@ class ShmPublisher:
                 return
             try:
                 old = _Mapping(fd, self.path)
-            except ShmError:  # not ours to read: just replace it
+            except ShmError:  # not ours to read (or the other kind's, whose readers are told): just replace it
+                mark_retired(fd)
                 os.close(fd)
                 self.path.unlink(missing_ok=True)
                 return
@@ -490,22 +503,51 @@ class ShmSubscriber:
 
     def publisher_alive(self) -> bool:
         """Whether a publisher owns the channel now (probes its owner lock)."""
-        try:
-            fd = os.open(f"{self.path}.owner", os.O_RDONLY)
-        except FileNotFoundError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                return True
-            raise
-        finally:
-            os.close(fd)  # closing drops our probe lock too
-        return False
+        return owner_alive(self.path)
 
     def close(self) -> None:
         self._detach()
+
+
+def owner_alive(path: Path) -> bool:
+    """Whether a live publisher holds the owner lock of the channel file `path`."""
+    try:
+        fd = os.open(f"{path}.owner", os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return True
+        raise
+    finally:
+        os.close(fd)  # closing drops our probe lock too
+    return False
+
+
+def mark_retired(fd: int) -> None:
+    """Set the retired word of a channel file of either kind (both keep it at W_RETIRED), so that its readers move
+    to the file that replaces it; files of neither kind are left as they are."""
+    try:
+        if os.fstat(fd).st_size < CONTROL_BYTES:
+            return
+        with mmap.mmap(fd, CONTROL_BYTES) as mm:
+            words = memoryview(mm).cast("q")
+            try:
+                if words[W_MAGIC] in (MAGIC, INPLACE_MAGIC):
+                    # (the lock is a memory barrier; a reader stuck holding it must not hold this up: after a
+                    # second the word is set without it, which readers read without the lock anyway)
+                    locked = _lock_within(fd, 1.0)
+                    try:
+                        words[W_RETIRED] = 1
+                    finally:
+                        if locked:
+                            flock(fd, LOCK_UN)
+            finally:
+                words.release()
+    except OSError:
+        pass
 
 
 def _free_entry(m: _Mapping, entry: int) -> None:
@@ -556,12 +598,12 @@ def _owner_pid(path: Path) -> int:
         return 0
 
 
-def _lock_within(fd: int, seconds: float) -> bool:
-    """Take the exclusive lock on `fd` if it comes within `seconds`; whether it did."""
+def _lock_within(fd: int, seconds: float, mode: int = LOCK_EX) -> bool:
+    """Take the lock on `fd` (exclusive, or `mode`) if it comes within `seconds`; whether it did."""
     deadline = time.monotonic() + seconds
     while True:
         try:
-            flock(fd, LOCK_EX | fcntl.LOCK_NB)
+            flock(fd, mode | fcntl.LOCK_NB)
             return True
         except BlockingIOError:
             if time.monotonic() >= deadline:

@@ -25,7 +25,10 @@ Same host: `shm://NAME` endpoints (both sides) go through shared memory (`common
 `publish` packs straight into a free slot of a file in /dev/shm, and a `zero_copy` subscriber's parameters view that
 slot, which stays held (never rewritten) while they do. One copy per update and no socket: for actors colocated
 with the learner. `max_readers` (publisher) bounds the subscribers; no bandwidth cap or CurveZMQ there (no network;
-the file is readable by the same user only).
+the file is readable by the same user only). `in_place=True` (publisher; `common.shm_inplace`) puts the learner's CPU
+tensors themselves in the shared file: `publish` copies nothing, each subscriber copies them out under a
+reader-writer lock, and changes to them are announced first (optimizer steps, loads and training-mode forwards of
+modules with sent buffers by hooks; anything else in `with pub.writing():`). A subscriber follows either kind.
 """
 
 from __future__ import annotations
@@ -40,9 +43,10 @@ import torch
 import zmq
 from torch.utils.hooks import RemovableHandle
 
-from common.shm_broadcast import ShmPublisher, ShmSubscriber, shm_name
-from common.transport import (CurveConfig, Publisher, Subscriber, VersionedHeader, encode, frame_spec, frame_nbytes,
-                              pack_block, pack_frames, packed_block_layout, packed_size)
+from common.shm_broadcast import ShmKindError, ShmPublisher, ShmSubscriber, shm_name
+from common.shm_inplace import InPlacePublisher, InPlaceSubscriber
+from common.transport import (CurveConfig, Publisher, Subscriber, VersionedHeader, encode, encode_header, frame_spec,
+                              frame_nbytes, pack_block, pack_frames, packed_block_layout, packed_size)
 
 log = logging.getLogger("weight_sync")
 
@@ -74,6 +78,32 @@ def _watch_registrations() -> None:
         _hooks.extend(register(_count_registration) for register in (
             nn_module.register_module_parameter_registration_hook, nn_module.register_module_buffer_registration_hook,
             nn_module.register_module_module_registration_hook))
+
+
+# Publishers with in_place=True: a global optimizer pre-step hook tells them before any optimizer changes tensors
+_IN_PLACE: "weakref.WeakSet[WeightPublisher]" = weakref.WeakSet()
+_optimizer_hook: list = []
+
+
+def _watch_optimizers() -> None:
+    if not _optimizer_hook:
+        from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+        _optimizer_hook.append(register_optimizer_step_pre_hook(_before_optimizer_step))
+
+
+def _before_optimizer_step(optimizer, args, kwargs) -> None:
+    for pub in list(_IN_PLACE):
+        pub._before_step(optimizer)
+
+
+def _announcer(pub_ref, training_only: bool = False):
+    """A module hook that announces a change to the publisher's in-place tensors (in training mode only, if so)."""
+    def hook(module, *args) -> None:
+        pub = pub_ref()
+        if pub is not None and (module.training or not training_only):
+            pub.begin_write()
+    return hook
 
 
 class _SentTensors:
@@ -136,13 +166,16 @@ class _FlatTensors:
     a view of its slot (`.data` reassigned: same objects, same values, so the model and its optimizer go on as
     before). A snapshot is then one copy of the whole buffer instead of one per tensor."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor], mode: str):
+    def __init__(self, tensors: dict[str, torch.Tensor], mode: str, alloc=None):
+        """`alloc(span, specs)`: where the buffer goes (a zeroed uint8 tensor of `span` bytes; default: a new
+        tensor on the tensors' device)."""
         self.names, self.source = list(tensors), tensors  # (the kept dict of `_SentTensors`: its names never change)
         self.specs = [frame_spec(k, t) for k, t in tensors.items()]
         self.lengths = [t.numel() * t.element_size() for t in tensors.values()]
         offsets, span = packed_block_layout(self.lengths)
         device = next(iter(tensors.values())).device
-        self.block = torch.zeros(span, dtype=torch.uint8, device=device)  # zeros: the padding travels too
+        self.block = (torch.zeros(span, dtype=torch.uint8, device=device) if alloc is None
+                      else alloc(span, self.specs))  # zeros: the padding travels too
         with torch.no_grad():
             for t, off, n in zip(tensors.values(), offsets, self.lengths):
                 slot = self.block[off:off + n].view(t.dtype).view(t.shape)
@@ -178,26 +211,50 @@ class _FlatTensors:
 class WeightPublisher:
     def __init__(self, endpoint: str, model: torch.nn.Module, *, mode: str = "full", only_changed: bool = False,
                  keyframe_every: int = 20, max_bytes_per_s: float | None = None, curve: CurveConfig | None = None,
-                 ctx: zmq.Context | None = None, flatten: bool = False, max_readers: int = 4):
+                 ctx: zmq.Context | None = None, flatten: bool = False, max_readers: int = 4,
+                 in_place: bool = False, stall_s: float = 5.0):
         """`flatten=True` moves the sent tensors into one contiguous buffer (each stays a view of it; see
         `_FlatTensors`) so that every snapshot is one copy: for models with many small tensors. Replacing a tensor
         later (`.to()`, a new `.data`) is detected and flattens again. Not with `only_changed`. `max_readers`: how
-        many subscribers an `shm://` endpoint admits."""
+        many subscribers an `shm://` endpoint admits.
+
+        `in_place=True` (`shm://` endpoints, CPU weights; see `common.shm_inplace`): the sent tensors move into
+        shared memory at the first publish and readers copy them from there; `publish()` copies nothing. Every
+        change to them must be announced before it starts: `optimizer.step()` of any optimizer holding them and
+        `model.load_state_dict()` do it by themselves (hooks); anything else goes in `with pub.writing():`.
+        `stall_s`: how long such a change waits for a reader's copy before the tensors move to a new file."""
         if mode not in MODES:
             raise ValueError(f"unknown weight-sync mode {mode!r}; choose one of {MODES}")
         name = shm_name(endpoint)
         if name is not None and (max_bytes_per_s is not None or curve is not None):
             raise ValueError("an shm:// endpoint has no network link: max_bytes_per_s and curve do not apply")
+        if in_place and (name is None or only_changed):
+            raise ValueError("in_place=True needs an shm:// endpoint and sends whole tensors (not only_changed)"
+                             if name is None else "in_place=True publishes every tensor in place: not with "
+                                                  "only_changed")
         self.model, self.mode, self.only_changed, self.max_bytes_per_s = model, mode, only_changed, max_bytes_per_s
-        self.flatten = flatten and not only_changed
+        self.in_place = in_place
+        self.flatten = (flatten or in_place) and not only_changed
         self._flat: _FlatTensors | None = None
         self._sent = _SentTensors(model, mode)
         self._streams: dict[torch.device, torch.cuda.Stream] = {}  # a side stream per GPU the weights live on
-        self.shm = ShmPublisher(name, max_readers=max_readers) if name is not None else None
+        self.shm = (InPlacePublisher(name, stall_s=stall_s) if in_place else
+                    ShmPublisher(name, max_readers=max_readers) if name is not None else None)
         self.pub = Publisher(endpoint, curve=curve, ctx=ctx) if name is None else None
         self._inproc = endpoint.startswith("inproc://")  # sends land in the receiver's queue at once, no I/O thread
         self.version = 0
         self.stats = {"requested": 0, "sent": 0, "coalesced": 0, "bytes": 0, "last_publish_s": 0.0}
+        if in_place:
+            self.stats.update(relocations=0, unguarded_writes=0)
+            self._written_at: list[int] = []  # the tensors' torch version counters at the last publish
+            self._overlaps: dict[int, tuple] = {}  # id(optimizer) -> (parameter count, id(param_groups), holds ours)
+            self._forward_hooks: list = []
+            _watch_optimizers()
+            _IN_PLACE.add(self)
+            # load_state_dict on the model or any submodule announces itself; so does the forward of a module in
+            # training mode that holds sent buffers (batch norm's running statistics change there)
+            announce = _announcer(weakref.ref(self))
+            self._hooks = [m.register_load_state_dict_pre_hook(announce) for m in model.modules()]
         self.keyframe_every = keyframe_every
         self._base: dict[str, torch.Tensor] = {}  # what the last keyframe sent (only_changed)
         self._keyframe, self._since_keyframe = 0, 0
@@ -252,6 +309,8 @@ class WeightPublisher:
         start = time.perf_counter()
         self.version = self.version + 1 if version is None else int(version)
         tensors = self._sent.get(copy=not self.flatten)
+        if self.in_place:
+            return self._publish_in_place(tensors, start)
         if self.flatten and (self._flat is None or not self._flat.holds(tensors)):
             self._flat = _FlatTensors(tensors, self.mode) if _FlatTensors.possible(tensors) else None
         flat = self._flat
@@ -298,6 +357,96 @@ class WeightPublisher:
                 self._cond.notify()
         self.stats["last_publish_s"] = time.perf_counter() - start
         return self.version
+
+    # ------------------------------------------------------------------------------------------- in place
+    def _publish_in_place(self, tensors: dict[str, torch.Tensor], start: float) -> int:
+        flat = self._flat
+        if flat is None or not flat.holds(tensors):
+            self._move_in_place(tensors)  # the first publish, or the model's tensors were replaced (`.to()`, ...)
+        else:
+            self._check_guarded()
+        if not self.shm.publish(self.version):  # a reader stuck in a copy of the version before a publish with no
+            self._move_in_place(self._flat.source, stalled=True)  # write in between: leave it that file
+            self.shm.publish(self.version)
+        self._written_at = [t._version for t in self._flat.source.values()]
+        stats = self.stats
+        stats["requested"] += 1
+        stats["sent"] += 1
+        stats["bytes"] += self._flat.block.numel()
+        stats["last_publish_s"] = time.perf_counter() - start
+        return self.version
+
+    def _move_in_place(self, tensors: dict[str, torch.Tensor], stalled: bool = False) -> None:
+        """Move the tensors into a new shared file (readers of the old one move over once it is retired)."""
+        if not tensors:
+            raise ValueError(f"nothing to publish: the model has no tensors to send in mode {self.mode!r}")
+        if not _FlatTensors.possible(tensors) or next(iter(tensors.values())).is_cuda:
+            raise ValueError("in_place=True needs CPU tensors that are contiguous and do not share memory (no tied "
+                             "weights); publish such a model with in_place=False")
+        for other in list(_IN_PLACE):
+            if other is not self and other._flat is not None and any(map(other._in_block, tensors.values())):
+                raise ValueError(f"these tensors are published in place by another publisher already "
+                                 f"({other.shm.path}): one in-place publisher per model")
+        header = lambda specs: encode_header("in_place", {"mode": self.mode}, specs)
+        old = self._flat
+        if old is not None:  # tensors no longer sent (a shrinking trainable set) stop viewing the old file
+            with torch.no_grad():
+                for k, t in old.source.items():
+                    if tensors.get(k) is not t and self._in_block(t):
+                        t.data = t.data.clone()
+        if stalled:
+            log.warning("a reader of %s held its copy for over %.1f s: the weights move to a new file",
+                        self.shm.path, self.shm.stall_s)
+            self.stats["relocations"] += 1
+        self._flat = _FlatTensors(tensors, self.mode, alloc=lambda span, specs: self.shm.create(header(specs), span))
+        self._overlaps.clear()
+        for hook in self._forward_hooks:
+            hook.remove()
+        sent = {id(t) for t in tensors.values()}
+        announce = _announcer(weakref.ref(self), training_only=True)  # (weak: the model must not keep us alive)
+        self._forward_hooks = [m.register_forward_pre_hook(announce) for m in self.model.modules()
+                               if any(id(b) in sent for b in m._buffers.values() if b is not None)]
+
+    def _in_block(self, t: torch.Tensor) -> bool:
+        lo = self._flat.block.data_ptr()
+        return lo <= t.data_ptr() < lo + self._flat.block.numel()
+
+    def _check_guarded(self) -> None:
+        """Warn about (and count) changes to the tensors since the last publish that torch's version counters show
+        but nobody announced: readers may have copied them half-done."""
+        if self._written_at and [t._version for t in self._flat.source.values()] != self._written_at:
+            self.stats["unguarded_writes"] += 1
+            log.warning("weights published in place were changed without optimizer.step() or pub.writing(): a "
+                        "reader may have copied them half-changed")
+
+    def begin_write(self) -> None:
+        """Announce a change to the weights (in place: readers stop copying them until the next publish)."""
+        if not self.in_place or self._flat is None or self.shm.writing:
+            return
+        self._check_guarded()
+        if not self.shm.begin_write():  # a reader stopped inside its copy: leave it the old file, write a new one
+            self._move_in_place(self._flat.source, stalled=True)
+            self.shm.begin_write()
+        self._written_at = []
+
+    @contextlib.contextmanager
+    def writing(self):
+        """`with pub.writing(): ...` around changes to the weights other than `optimizer.step()` and
+        `load_state_dict()` (no-op unless in_place)."""
+        self.begin_write()
+        yield
+
+    def _before_step(self, optimizer) -> None:
+        flat = self._flat
+        if flat is None or self.shm.writing:
+            return
+        count = sum(len(group["params"]) for group in optimizer.param_groups)
+        known = self._overlaps.get(id(optimizer))
+        if known is None or known[0] != count or known[1] != id(optimizer.param_groups):
+            holds = any(self._in_block(p) for group in optimizer.param_groups for p in group["params"])
+            known = self._overlaps[id(optimizer)] = (count, id(optimizer.param_groups), holds)
+        if known[2]:
+            self.begin_write()
 
     def _snapshot(self, pack, out, gpus: set):
         """Run `pack(out)`, the one copy of the weights. From the GPUs `gpus` (empty: CPU weights): device-to-host
@@ -388,6 +537,15 @@ class WeightPublisher:
         return True
 
     def close(self) -> None:
+        if self.in_place and self.shm._fds[0] >= 0:
+            _IN_PLACE.discard(self)
+            for hook in self._hooks + self._forward_hooks:
+                hook.remove()
+            if self._flat is not None:  # the learner's tensors get ordinary memory back; the file goes
+                with torch.no_grad():
+                    for t in self._flat.source.values():
+                        t.data = t.data.clone()
+                self._flat = None
         with self._cond:
             self._closed = True
             self._cond.notify_all()
@@ -421,7 +579,8 @@ class WeightSubscriber:
             raise ValueError("an shm:// endpoint has no network link: curve does not apply")
         self.sub = (ShmSubscriber(name, as_torch=True) if name is not None
                     else Subscriber(endpoint, curve=curve, ctx=ctx, as_torch=True))
-        self.shm = name is not None
+        self.shm, self._name = name is not None, name
+        self._holder = [self.sub]  # (what the finalizer closes: the reader changes with the channel's kind)
         self.version = 0  # applied
         self._pending = None
         self.stats = {"received": 0, "applied": 0, "coalesced": 0, "waiting_keyframe": 0}
@@ -431,16 +590,22 @@ class WeightSubscriber:
         self._plan: dict = {}  # for that layout: name -> (target tensor, apply by viewing the received bytes)
         self._views_only = self._views_all = False  # every tensor of that layout is applied by viewing (all tensors)
         self._in_order: list = []  # that layout's targets in the order of its arrays
+        self._sent_targets: dict = {}  # (in place) the targets of that layout, by name
+        self._flat_targets: _FlatTensors | None = None  # (in place) those moved into one buffer like the learner's
         # A zero-copy shared-memory subscriber dropped without close() would give its slots back while the model's
         # parameters still view one, which the publisher would then rewrite: first they get their own memory
-        self._finalizer = weakref.finalize(self, _own_memory_then_close, list(self._targets.values()), self.sub) \
+        self._finalizer = weakref.finalize(self, _own_memory_then_close, list(self._targets.values()), self._holder) \
             if self.shm and zero_copy else None
         if self._finalizer is not None:
             self._finalizer.atexit = False  # (at exit nothing publishes into this process any more)
 
     def poll(self, timeout: float = 0.0) -> bool:
         """Take in what has arrived; keep only the newest. Returns whether an update is waiting to be applied."""
-        msg = self.sub.latest(timeout)
+        try:
+            msg = self.sub.latest(timeout)
+        except ShmKindError as exc:  # the channel is of the other shared-memory kind (slots / in place): switch
+            self._switch_reader(exc.kind)
+            msg = self.sub.latest(timeout)
         if msg is not None and msg.seq > self.version:
             self.stats["received"] += 1
             base = msg.meta.get("base")
@@ -452,11 +617,30 @@ class WeightSubscriber:
             self.sub.release(msg)
         return self._pending is not None
 
+    @torch.no_grad()
+    def _switch_reader(self, kind: str) -> None:
+        old = self.sub
+        for t in self._targets.values():  # nothing may view the old reader's slots once it lets them go
+            if old.views(t):
+                t.data = t.data.clone()
+        if self._pending is not None:
+            old.release(self._pending)
+            self._pending = None
+        old.close()
+        self.sub = self._holder[0] = (InPlaceSubscriber(self._name) if kind == "in_place"
+                                      else ShmSubscriber(self._name, as_torch=True))
+        self._fits = None
+        log.info("weight channel %s is of kind %s now", self._name, kind)
+
     def apply(self) -> int | None:
-        """Copy the waiting update into the model (at a boundary the caller chose); returns its version."""
+        """Copy the waiting update into the model (at a boundary the caller chose); returns its version. None if
+        none is waiting, or (weights published in place) the learner started changing them after `poll()`: poll
+        again."""
         msg, self._pending = self._pending, None
         if msg is None:
             return None
+        if msg.meta.get("in_place"):
+            return self._apply_in_place(msg)
         targets = self._targets
         if msg.layout is None or msg.layout is not self._fits:  # names and shapes checked once per layout
             problems = [k for k, v in msg.arrays.items()
@@ -502,6 +686,50 @@ class WeightSubscriber:
             self._keyframe = msg.seq
         return msg.seq
 
+    def _check_layout(self, msg) -> None:
+        """Names and shapes against the model, once per layout (ValueError if they do not fit)."""
+        targets = self._targets
+        problems = [k for k, v in msg.arrays.items() if k not in targets or tuple(targets[k].shape) != tuple(v.shape)]
+        if problems:
+            raise ValueError(f"weight update v{msg.seq} does not fit this model: {problems[:5]} "
+                             f"(unknown names or other shapes)")
+        self._fits = msg.layout
+        self._in_order = [targets[k] for k in msg.arrays]
+
+    def _apply_in_place(self, msg) -> int | None:
+        """Copy from the learner's own tensors, under the channel's shared lock (never a view: they change). Where
+        the model's tensors allow it (CPU, contiguous, the sent dtypes, no shared memory) they are first moved into
+        one buffer laid out like the learner's block, so that every later update is a single copy of it."""
+        if msg.layout is not self._fits:
+            self._check_layout(msg)
+            sent = {k: self._targets[k] for k in msg.arrays}
+            self._sent_targets, self._flat_targets = sent, None
+            if (all(t.device.type == "cpu" and t.dtype == v.dtype for t, v in zip(sent.values(), msg.arrays.values()))
+                    and _FlatTensors.possible(sent)):
+                self._flat_targets = _FlatTensors(sent, self.mode_of(msg))
+        flat, sub = self._flat_targets, self.sub
+        version = sub.begin_read(msg)
+        if version is None:
+            return None
+        try:
+            if flat is not None and flat.holds(self._sent_targets) and flat.block.numel() == sub.block.numel():
+                flat.block.copy_(sub.block)  # (a plain uint8 tensor: no autograd to switch off)
+            else:
+                with torch.no_grad():
+                    for target, src in zip(self._in_order, msg.arrays.values()):
+                        target.copy_(src)
+        finally:
+            sub.end_read()
+        if self.version > 0:
+            self.stats["coalesced"] += max(0, version - self.version - 1)
+        self.stats["applied"] += 1
+        self.version = version
+        return version
+
+    @staticmethod
+    def mode_of(msg) -> str:
+        return msg.meta.get("mode", "full")
+
     def _load(self, msg) -> None:
         plan = self._plan
         clone = self.shm and "base" in msg.meta
@@ -530,9 +758,10 @@ class WeightSubscriber:
 
 
 @torch.no_grad()
-def _own_memory_then_close(targets: list, sub: ShmSubscriber) -> None:
+def _own_memory_then_close(targets: list, holder: list) -> None:
     """A zero-copy shared-memory subscriber's end (its close(), or its garbage collection): the parameters that view
-    a slot get their own memory, then the slots go back."""
+    a slot get their own memory, then the slots go back. `holder[0]`: the subscriber's reader."""
+    sub = holder[0]
     for target in targets:
         if sub.views(target):
             target.data = target.data.clone()
