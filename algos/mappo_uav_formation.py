@@ -577,9 +577,18 @@ def main(args: Args) -> None:
         if getattr(args, name) not in choices:
             raise SystemExit(f"--{name.replace('_', '-')} must be one of {choices}, got {getattr(args, name)!r}")
     for name, low in (("num_envs", 1), ("eval_envs", 1), ("num_drones", 2), ("num_steps", 1), ("update_epochs", 1),
-                      ("num_minibatches", 1), ("num_candidates", 1), ("plot_episodes", 0), ("max_steps", 1)):
+                      ("num_minibatches", 1), ("num_candidates", 1), ("plot_episodes", 0), ("max_steps", 1),
+                      ("attention_dim", 1)):
         if getattr(args, name) < low:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+    for name, ok, rule in (("learning_rate", args.learning_rate > 0, "> 0"), ("lr_decay", 0 < args.lr_decay <= 1,
+                           "in (0, 1]"), ("clip_coef", args.clip_coef > 0, "> 0"), ("ent_coef", args.ent_coef >= 0,
+                           ">= 0"), ("gamma", 0 <= args.gamma <= 1, "in [0, 1]"), ("gae_lambda",
+                           0 <= args.gae_lambda <= 1, "in [0, 1]"), ("huber_delta", args.huber_delta > 0, "> 0"),
+                           ("max_grad_norm", args.max_grad_norm > 0, "> 0"),
+                           ("value_norm_beta", 0 < args.value_norm_beta < 1, "in (0, 1)")):
+        if not ok:  # (NaN fails every rule too)
+            raise SystemExit(f"--{name.replace('_', '-')} must be {rule}, got {getattr(args, name)}")
     if args.num_minibatches > args.num_envs * args.num_steps * args.num_drones:
         raise SystemExit(f"--num-minibatches {args.num_minibatches} exceeds the batch of --num-envs x --num-steps x "
                          f"--num-drones = {args.num_envs * args.num_steps * args.num_drones} samples")

@@ -55,6 +55,11 @@ CODE_FILES = ("algos/mappo_uav_formation.py", "common/uav_formation_env.py")  # 
 # (agent.pt and summary.json of the same toy run of each variant under both) when the code changed.
 ALL_VARIANTS = tuple(VARIANTS)
 SAME_TRAINING: dict[str, dict[str, tuple[str, ...]]] = {
+    # 2026-12-08: bad PPO flags refused up front (--attention-dim 0, lr <= 0, gamma / lambda outside [0, 1], ...):
+    # toy runs (seed 5, 16 envs; default, no curriculum, MLP encoder, state critic, top-3 release, top-3 release_slot
+    # with both full-weight options, sdf9_diff, walls at 2 m, --no-lr-restart with --value-clip-centre renormalised)
+    # give the same agent.pt and summary.json (but for the run directory)
+    "c32d09bec51141b9": {"490c77d03544a958": ALL_VARIANTS},
     # 2026-12-07: GAE written as a function (`gae`, tested against its definition), the same operations in the same
     # order: toy runs (seed 5, 16 envs; the nine variants of the last link, and --no-lr-restart with
     # --value-clip-centre renormalised) give the same agent.pt and summary.json

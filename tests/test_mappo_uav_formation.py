@@ -214,7 +214,14 @@ def test_bad_flags_fail_before_training_and_plots_can_be_off(tmp_path):
                        (dict(num_drones=1), "--num-drones must be >= 2"), (dict(gate_rate=0.0), "--gate-rate"),
                        (dict(corridor_walls=-1.0), "corridor_walls is a half-width"),
                        (dict(corridor_walls=0.9), "spawns across a wall"),
-                       (dict(num_envs=2, num_steps=2), "--num-minibatches 16 exceeds the batch")):
+                       (dict(num_envs=2, num_steps=2), "--num-minibatches 16 exceeds the batch"),
+                       (dict(attention_dim=0), "--attention-dim must be >= 1"),
+                       (dict(learning_rate=-1e-4), "--learning-rate must be > 0"),
+                       (dict(learning_rate=float("nan")), "--learning-rate must be > 0"),
+                       (dict(lr_decay=1.5), "--lr-decay must be in"), (dict(gamma=1.2), "--gamma must be in"),
+                       (dict(gae_lambda=-0.1), "--gae-lambda"), (dict(clip_coef=0.0), "--clip-coef"),
+                       (dict(ent_coef=-0.01), "--ent-coef"), (dict(huber_delta=0.0), "--huber-delta"),
+                       (dict(max_grad_norm=-1.0), "--max-grad-norm"), (dict(value_norm_beta=1.0), "--value-norm-beta")):
         with pytest.raises(SystemExit, match=said):
             mu.main(mu.Args(run_dir=str(tmp_path / "bad"), **flag))
         assert not (tmp_path / "bad").exists()  # refused before a run directory exists
