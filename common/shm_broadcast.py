@@ -526,9 +526,10 @@ def owner_alive(path: Path) -> bool:
     return False
 
 
-def mark_retired(fd: int) -> None:
+def mark_retired(fd: int, wait_s: float = 1.0) -> None:
     """Set the retired word of a channel file of either kind (both keep it at W_RETIRED), so that its readers move
-    to the file that replaces it; files of neither kind are left as they are."""
+    to the file that replaces it; files of neither kind are left as they are. `wait_s`: how long to wait for the
+    file's lock (a memory barrier) before setting the word without it."""
     try:
         if os.fstat(fd).st_size < CONTROL_BYTES:
             return
@@ -536,9 +537,9 @@ def mark_retired(fd: int) -> None:
             words = memoryview(mm).cast("q")
             try:
                 if words[W_MAGIC] in (MAGIC, INPLACE_MAGIC):
-                    # (the lock is a memory barrier; a reader stuck holding it must not hold this up: after a
-                    # second the word is set without it, which readers read without the lock anyway)
-                    locked = _lock_within(fd, 1.0)
+                    # (the lock is a memory barrier; a reader stuck holding it must not hold this up: after
+                    # `wait_s` the word is set without it, which readers also read without the lock)
+                    locked = _lock_within(fd, wait_s)
                     try:
                         words[W_RETIRED] = 1
                     finally:

@@ -100,7 +100,7 @@ class InPlacePublisher:
         # [owner lock fd, file fd]: a publisher dropped without close() still retires its file (readers stop
         # reading tensors that nobody announces changes of any more) and gives up the name
         self._fds = [owner, -1]
-        self._finalizer = weakref.finalize(self, _retire_and_close, self.path, self._fds)
+        self._finalizer = weakref.finalize(self, _retire_and_close, self.path, self._fds, os.getpid())
         self._words = None
         self.stats = {"files": 0, "stalls": 0}
 
@@ -116,7 +116,7 @@ class InPlacePublisher:
             raise RuntimeError("create() after close()")
         header_span, tmp = _aligned(len(header)), self.path.with_name(f"{self.path.name}.{os.getpid()}.new")
         size = CONTROL_BYTES + header_span + _aligned(block_bytes)
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd, old = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600), -1
         try:
             os.ftruncate(fd, size)
             try:
@@ -138,10 +138,12 @@ class InPlacePublisher:
             os.replace(tmp, self.path)  # readers never see a half-made file
         except BaseException:
             os.close(fd)
+            if old >= 0 and old != self._fds[1]:
+                os.close(old)
             tmp.unlink(missing_ok=True)
             raise
-        if old >= 0:  # after the replace: readers that see it retired find the new file at the path
-            mark_retired(old)
+        if old >= 0:  # after the replace: readers that see it retired find the new file at the path (no wait for
+            mark_retired(old, wait_s=0.01)  # the lock: a stuck reader holds it, and readers read the word under it)
             os.close(old)
         self._fds[1], self._words = fd, memoryview(mm)[:CONTROL_BYTES].cast("q")
         self.stats["files"] += 1
@@ -189,11 +191,13 @@ class InPlacePublisher:
         self._finalizer()
 
 
-def _retire_and_close(path: Path, fds: list) -> None:
+def _retire_and_close(path: Path, fds: list, pid: int) -> None:
+    if os.getpid() != pid:  # a forked child's exit: the file and the name are its parent's
+        return
     owner, fd = fds
     fds[:] = [-1, -1]
     if fd >= 0:
-        mark_retired(fd)
+        mark_retired(fd, wait_s=0.01)
         path.unlink(missing_ok=True)
         os.close(fd)
     if owner >= 0:

@@ -248,13 +248,9 @@ class WeightPublisher:
             self.stats.update(relocations=0, unguarded_writes=0)
             self._written_at: list[int] = []  # the tensors' torch version counters at the last publish
             self._overlaps: dict[int, tuple] = {}  # id(optimizer) -> (parameter count, id(param_groups), holds ours)
-            self._forward_hooks: list = []
             _watch_optimizers()
             _IN_PLACE.add(self)
-            # load_state_dict on the model or any submodule announces itself; so does the forward of a module in
-            # training mode that holds sent buffers (batch norm's running statistics change there)
-            announce = _announcer(weakref.ref(self))
-            self._hooks = [m.register_load_state_dict_pre_hook(announce) for m in model.modules()]
+            self._hooks: list = []  # set at each move into a file (`_move_in_place`), with the model's modules then
         self.keyframe_every = keyframe_every
         self._base: dict[str, torch.Tensor] = {}  # what the last keyframe sent (only_changed)
         self._keyframe, self._since_keyframe = 0, 0
@@ -266,8 +262,9 @@ class WeightPublisher:
         self._closed = False
         self._busy = False
         self._buffers: list[tuple] = []  # (send buffer, zmq MessageTracker) of past sends
-        self._thread = threading.Thread(target=self._sender, name="weight-sender", daemon=True)
-        if self.shm is None:  # shared memory is written in publish() itself: nothing to send later
+        self._thread = None  # shared memory is written in publish() itself: nothing to send later (and no thread
+        if self.shm is None:  # holding a reference to us, so that a dropped in-place publisher goes at once)
+            self._thread = threading.Thread(target=self._sender, name="weight-sender", daemon=True)
             self._thread.start()
 
     # -------------------------------------------------------------------------------------------- snapshot
@@ -400,12 +397,16 @@ class WeightPublisher:
             self.stats["relocations"] += 1
         self._flat = _FlatTensors(tensors, self.mode, alloc=lambda span, specs: self.shm.create(header(specs), span))
         self._overlaps.clear()
-        for hook in self._forward_hooks:
+        # load_state_dict on the model or any submodule announces itself; so does the forward of a module in training
+        # mode that holds sent buffers (batch norm's running statistics change there). Weak: the model must not keep
+        # the publisher alive
+        for hook in self._hooks:
             hook.remove()
-        sent = {id(t) for t in tensors.values()}
-        announce = _announcer(weakref.ref(self), training_only=True)  # (weak: the model must not keep us alive)
-        self._forward_hooks = [m.register_forward_pre_hook(announce) for m in self.model.modules()
-                               if any(id(b) in sent for b in m._buffers.values() if b is not None)]
+        sent, modules = {id(t) for t in tensors.values()}, list(self.model.modules())
+        announce, in_training = _announcer(weakref.ref(self)), _announcer(weakref.ref(self), training_only=True)
+        self._hooks = [m.register_load_state_dict_pre_hook(announce) for m in modules] + [
+            m.register_forward_pre_hook(in_training) for m in modules
+            if any(id(b) in sent for b in m._buffers.values() if b is not None)]
 
     def _in_block(self, t: torch.Tensor) -> bool:
         lo = self._flat.block.data_ptr()
@@ -539,7 +540,7 @@ class WeightPublisher:
     def close(self) -> None:
         if self.in_place and self.shm._fds[0] >= 0:
             _IN_PLACE.discard(self)
-            for hook in self._hooks + self._forward_hooks:
+            for hook in self._hooks:
                 hook.remove()
             if self._flat is not None:  # the learner's tensors get ordinary memory back; the file goes
                 with torch.no_grad():
@@ -549,7 +550,7 @@ class WeightPublisher:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        if self._thread.is_alive():
+        if self._thread is not None and self._thread.is_alive():
             self._thread.join(timeout=10)
         if self.shm is not None:
             self.shm.close()

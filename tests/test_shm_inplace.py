@@ -132,7 +132,7 @@ def test_a_reader_stuck_in_its_copy_holds_the_learner_up_for_stall_s_then_the_we
         start = time.monotonic()
         step_towards(learner, opt, 2.0)
         waited = time.monotonic() - start
-        assert 0.3 <= waited < 3.0, waited
+        assert 0.3 <= waited < 1.0, waited
         assert pub.stats["relocations"] == 1 and pub.shm.stats["stalls"] == 1
         assert old_words[W_RETIRED] == 1 and old_words[W_SEQ] == 2  # the old file: retired, version 1, whole
         assert (old_vlm == 1.0).all() and not in_block(pub, old_vlm)  # left whole to the stuck reader
@@ -308,8 +308,11 @@ def test_a_publisher_dropped_without_close_retires_its_file(name):
     try:
         pub.publish()
         assert sub.poll(1.0)  # version 1 waiting to be applied
-        del pub
-        gc.collect()
+        gc.disable()  # nothing may hold the publisher in a reference cycle: it goes when its last reference does
+        try:
+            del pub
+        finally:
+            gc.enable()
         step_towards(learner, opt, 2.0)
         assert sub.apply() is None and not sub.poll(0.0) and sub.version == 0
         pub = WeightPublisher(f"shm://{name}", learner, in_place=True)  # the name is free
@@ -332,6 +335,11 @@ def test_batch_norm_statistics_and_submodule_loads_are_announced(name):
         assert pub.shm.writing
         pub.publish()
         learner[2].load_state_dict(torch.nn.Linear(8, 2).state_dict())  # a submodule's load
+        assert pub.shm.writing
+        pub.publish()
+        learner.append(torch.nn.Linear(2, 2))  # a submodule added later: its loads are announced too
+        pub.publish()
+        learner[3].load_state_dict(torch.nn.Linear(2, 2).state_dict())
         assert pub.shm.writing
         pub.publish()
         assert pub.stats["unguarded_writes"] == 0
@@ -452,3 +460,24 @@ def test_a_shrinking_trainable_set_and_a_second_publisher(name):
     finally:
         pub.close()
         (shm_dir() / f"rlx-{name}-b.owner").unlink(missing_ok=True)
+
+
+def test_a_forked_child_that_exits_leaves_the_learners_file(name):
+    code = textwrap.dedent(f"""
+        import os, sys, torch
+        sys.path.insert(0, {str(ROOT)!r})
+        from common.weight_sync import WeightPublisher
+        from common.shm_broadcast import shm_dir
+        from tests.test_weight_sync import Policy
+        pub = WeightPublisher("shm://{name}", Policy(), in_place=True)
+        pub.publish()
+        child = os.fork()
+        if child == 0:
+            sys.exit(0)  # a normal interpreter exit in the child: finalizers run there
+        os.waitpid(child, 0)
+        path = str(shm_dir() / "rlx-{name}")
+        print("file", os.path.exists(path), "owner", os.path.exists(path + ".owner"), "version", pub.publish())
+        pub.close()
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "file True owner True version 2" in out.stdout, (out.stdout, out.stderr[-2000:])
