@@ -220,8 +220,9 @@ class WeightPublisher:
 
         `in_place=True` (`shm://` endpoints, CPU weights; see `common.shm_inplace`): the sent tensors move into
         shared memory at the first publish and readers copy them from there; `publish()` copies nothing. Every
-        change to them must be announced before it starts: `optimizer.step()` of any optimizer holding them and
-        `model.load_state_dict()` do it by themselves (hooks); anything else goes in `with pub.writing():`.
+        change to them must be announced before it starts: `optimizer.step()` of any optimizer holding them,
+        `load_state_dict()` of the model or a submodule and the training-mode forward of a module whose buffers are
+        sent do it by themselves (hooks); anything else goes in `with pub.writing():`.
         `stall_s`: how long such a change waits for a reader's copy before the tensors move to a new file."""
         if mode not in MODES:
             raise ValueError(f"unknown weight-sync mode {mode!r}; choose one of {MODES}")
@@ -707,7 +708,7 @@ class WeightSubscriber:
             self._sent_targets, self._flat_targets = sent, None
             if (all(t.device.type == "cpu" and t.dtype == v.dtype for t, v in zip(sent.values(), msg.arrays.values()))
                     and _FlatTensors.possible(sent)):
-                self._flat_targets = _FlatTensors(sent, self.mode_of(msg))
+                self._flat_targets = _FlatTensors(sent, msg.meta.get("mode", "full"))
         flat, sub = self._flat_targets, self.sub
         version = sub.begin_read(msg)
         if version is None:
@@ -726,10 +727,6 @@ class WeightSubscriber:
         self.stats["applied"] += 1
         self.version = version
         return version
-
-    @staticmethod
-    def mode_of(msg) -> str:
-        return msg.meta.get("mode", "full")
 
     def _load(self, msg) -> None:
         plan = self._plan
